@@ -1,0 +1,7 @@
+"""User-facing errors. The CLI prints them without a traceback and exits with code 2."""
+
+
+class UserError(Exception):
+    """Bad input or environment the user can fix. The message says what is wrong and how to fix it."""
+
+    exit_code = 2

@@ -1,0 +1,159 @@
+"""Hook points, resolved by module role, and a forward pass that captures them (with early exit).
+
+Hook points (per decoder layer):
+- ``mlp_out``     output of the layer's MLP block (what the reference student project hooked);
+- ``mlp_neurons`` the MLP's intermediate activations, i.e. the input of ``down_proj`` (the paper's neurons);
+- ``resid``       the decoder layer's output hidden state (the residual stream after the layer).
+
+Works for decoder-only models whose layers have an ``mlp`` with a ``down_proj`` (Llama, Mistral, Qwen2,
+Qwen3, Gemma3 and most of their relatives).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+HOOK_POINTS: dict[str, str] = {
+    "mlp_out": "output of each layer's MLP block (width = hidden size)",
+    "mlp_neurons": "MLP intermediate activations, the input of down_proj (width = MLP width)",
+    "resid": "each decoder layer's output hidden state (width = hidden size)",
+}
+
+_LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers", "layers",
+                "transformer.h", "gpt_neox.layers")
+
+
+def check_hook_point(hook_point: str) -> str:
+    if hook_point not in HOOK_POINTS:
+        raise UserError(f"Unknown hook point {hook_point!r}. Choose one of: {', '.join(HOOK_POINTS)}.")
+    return hook_point
+
+
+def _get(obj: nn.Module, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers, each with ``mlp.down_proj``. Clear error otherwise."""
+    for path in _LAYER_PATHS:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            first = layers[0]
+            mlp = getattr(first, "mlp", None)
+            if mlp is not None and isinstance(getattr(mlp, "down_proj", None), nn.Linear):
+                return layers
+            found = ", ".join(n for n, _ in first.named_children())
+            mlp_found = ", ".join(n for n, _ in mlp.named_children()) if mlp is not None else "none"
+            raise UserError(
+                f"Unsupported architecture {type(model).__name__}: its decoder layers ({path}) have modules "
+                f"[{found}] and MLP modules [{mlp_found}], but safetyneurons needs an `mlp` with a `down_proj` "
+                f"linear layer (Llama, Mistral, Qwen2, Qwen3, Gemma3 style)."
+            )
+    top = ", ".join(n for n, _ in model.named_children())
+    raise UserError(
+        f"Unsupported architecture {type(model).__name__}: no decoder layer list found (top-level modules: "
+        f"[{top}]). Supported: Llama, Mistral, Qwen2, Qwen3, Gemma3 style models with model.layers[i].mlp.down_proj."
+    )
+
+
+def hook_width(model: nn.Module, hook_point: str) -> int:
+    """Number of neurons per layer at a hook point."""
+    check_hook_point(hook_point)
+    down = decoder_layers(model)[0].mlp.down_proj
+    return down.in_features if hook_point == "mlp_neurons" else down.out_features
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+class _EarlyExit(Exception):
+    pass
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left and right padding give the same activations."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def forward_with_hooks(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    hook_point: str,
+    callback: Callable[[int, torch.Tensor], None],
+    layers: Sequence[int] | None = None,
+    early_exit: bool = True,
+) -> None:
+    """Run `model` and call ``callback(layer, activation)`` for each requested layer, in order.
+
+    ``activation`` is the hook point's tensor ``[batch, seq, width]`` (model dtype, still on the model's
+    device). Pad positions hold unspecified values: mask them with ``torch.where`` (not multiplication,
+    which lets a NaN through). With ``early_exit`` the forward pass stops right after the deepest
+    requested layer has been captured, so later layers and the LM head never run.
+    """
+    check_hook_point(hook_point)
+    blocks = decoder_layers(model)
+    wanted = sorted(set(range(len(blocks)) if layers is None else (int(i) for i in layers)))
+    if not wanted:
+        raise UserError("No layers requested for the hook point.")
+    if wanted[0] < 0 or wanted[-1] >= len(blocks):
+        raise UserError(f"Layer index out of range: the model has {len(blocks)} layers (0..{len(blocks) - 1}).")
+    deepest = wanted[-1]
+
+    def make(i: int):
+        def emit(t: torch.Tensor) -> None:
+            callback(i, t)
+            if early_exit and i == deepest:
+                raise _EarlyExit
+
+        if hook_point == "mlp_neurons":
+            def pre(_mod, args, kwargs=None):
+                emit(args[0])
+            return blocks[i].mlp.down_proj.register_forward_pre_hook(pre)
+        if hook_point == "mlp_out":
+            def post(_mod, _args, out):
+                emit(out[0] if isinstance(out, tuple) else out)
+            return blocks[i].mlp.register_forward_hook(post)
+
+        def post_layer(_mod, _args, out):
+            emit(out[0] if isinstance(out, tuple) else out)
+        return blocks[i].register_forward_hook(post_layer)
+
+    handles = [make(i) for i in wanted]
+    device = next(model.parameters()).device
+    try:
+        # the bare decoder stack (no LM head) when the model exposes it
+        body = model.get_decoder() if hasattr(model, "get_decoder") else model
+        body(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids_from_mask(attention_mask).to(device),
+            use_cache=False,
+        )
+    except _EarlyExit:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture(model, input_ids, attention_mask, hook_point, layers=None, early_exit=True) -> dict[int, torch.Tensor]:
+    """Convenience: ``{layer: activation [batch, seq, width]}`` as float32 on CPU."""
+    out: dict[int, torch.Tensor] = {}
+
+    def keep(i, t):
+        out[i] = t.detach().float().cpu()
+
+    forward_with_hooks(model, input_ids, attention_mask, hook_point, keep, layers=layers, early_exit=early_exit)
+    return out

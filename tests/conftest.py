@@ -1,0 +1,17 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """An empty, private safetyneurons cache for tests that must not touch the user's cache."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("SAFETYNEURONS_CACHE", str(d))
+    return d
