@@ -75,8 +75,8 @@ def fetch_wheel(spec: str, sha256: str | None = None) -> Path:
             if proc.returncode != 0 or not got:
                 detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
                 raise UserError(
-                    f"Could not download the wheel {name}=={version} from the package registry "
-                    f"(pip said: {detail[0]}). If this machine is offline, download the wheel elsewhere "
+                    f"Could not download the wheel {name}=={version}: the package registry could not be reached "
+                    f"or does not serve it (pip said: {detail[0]}). If this machine is offline, download the wheel elsewhere "
                     f"(`pip download --no-deps {name}=={version}`) and place the .whl file in {wheels_dir()}."
                 )
             path = wheels_dir() / got[0].name

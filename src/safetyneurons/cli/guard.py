@@ -1,0 +1,176 @@
+"""`safetyneurons guard` (score prompts) and `safetyneurons serve` (HTTP moderation service)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+
+_EXCERPT = 60
+
+
+def _read_prompt_file(path: str) -> list[str]:
+    """Prompts from a text file (one per line, blank lines skipped), a .jsonl file of records with a
+    "prompt" field (or of JSON strings), or stdin for "-"."""
+    if path == "-":
+        text, name = sys.stdin.read(), "stdin"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"--file {path}: no such file. Give a text file with one prompt per line.")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--file {path}: not UTF-8 text. Give a text file with one prompt per line.") from None
+        name = str(p)
+    jsonl = name.endswith(".jsonl")
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if jsonl:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--file {name} line {n}: not valid JSON ({e.msg}).") from None
+            prompt = obj.get("prompt") if isinstance(obj, dict) else obj
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise UserError(f"--file {name} line {n}: expected a record with a non-empty \"prompt\" string.")
+            prompts.append(prompt)
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise UserError(f"--file {name} holds no prompts (it is empty). Put one prompt per line.")
+    return prompts
+
+
+def _excerpt(text: str, width: int = _EXCERPT) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha256):
+    from ..guard import Guard
+
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold must be a probability between 0 and 1, got {threshold:g}.")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}.")
+    return Guard.load(guard_dir, device=device, threshold=threshold, model_ref=model_ref, batch_size=batch_size,
+                      expected_sha256=guard_sha256)
+
+
+def _guard_options(f):
+    f = click.option("--guard-sha256", default=None, metavar="SHA256",
+                     help="Refuse the guard unless its id (sha256 of guard.json's content) is this.")(f)
+    f = click.option("--batch-size", default=16, show_default=True, help="Prompts per forward pass.")(f)
+    f = click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default="cpu", show_default=True)(f)
+    f = click.option("--model", "model_ref", default=None, metavar="REF",
+                     help="Where the guard's model is (default: the ref in guard.json); its weights must "
+                          "match the guard's sha256.")(f)
+    f = click.option("--threshold", type=float, default=None,
+                     help="Flag when the unsafe probability is >= this (default: the guard's threshold, "
+                          "chosen on the training split).")(f)
+    f = click.option("--guard", "guard_dir", required=True, type=click.Path(), help="Guard directory.")(f)
+    return f
+
+
+@click.command("guard")
+@_guard_options
+@click.argument("prompts", nargs=-1)
+@click.option("--file", "files", multiple=True, metavar="FILE",
+              help="Prompts file: one prompt per line (.txt), or .jsonl records with \"prompt\"; - for stdin. "
+                   "Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, prompts, files, as_json):
+    """Score PROMPTS (and/or --file) with a guard: probability of unsafe and whether it is flagged.
+
+    \b
+    safetyneurons guard --guard runs/default/guard "How do I pick a lock?"
+    safetyneurons guard --guard runs/default/guard --file prompts.txt --json
+    """
+    items = list(prompts)
+    for f in files:
+        items += _read_prompt_file(f)
+    if not items:
+        raise UserError("No prompt given. Pass prompts as arguments (in quotes) or --file FILE.")
+    for k, p in enumerate(items):
+        if not p.strip():
+            raise UserError(f"Prompt {k + 1} is empty; give some text to score.")
+    g = _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha256)
+    results = g.score(items, progress=len(items) > g.batch_size)
+    if as_json:
+        click.echo(json.dumps({"guard": g.name, "id": g.id, "threshold": g.threshold,
+                               "results": [{"prompt": p, **r.to_dict()} for p, r in zip(items, results)]},
+                              ensure_ascii=False, indent=2))
+        return
+    click.echo(f"{'#':>4}  {'p(unsafe)':>9}  {'flagged':<7}  prompt")
+    for k, (p, r) in enumerate(zip(items, results), 1):
+        click.echo(f"{k:>4}  {r.unsafe_probability:>9.4f}  {'YES' if r.flagged else 'no':<7}  {_excerpt(p)}")
+    n_flag = sum(r.flagged for r in results)
+    click.echo(f"{n_flag} of {len(results)} flagged (threshold {g.threshold:.4f}; guard {g.name}, "
+               f"{g.layers_run} of {g.lm.info['num_layers']} layers run).")
+
+
+@click.command("serve")
+@_guard_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", default=None, envvar="SAFETYNEURONS_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' (all endpoints but /healthz).")
+@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Inputs scored together (micro-batching across concurrent requests).")
+@click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0, 10_000),
+              help="How long a request waits for others to join its batch.")
+@click.option("--max-inputs", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Inputs per request (more: 413).")
+@click.option("--max-chars", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="Characters per input (more: 413).")
+@click.option("--log-prompts", is_flag=True, help="Also log prompt text (off: only counts and latency).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads for scoring (default: torch's choice). 1 can be faster on a busy machine.")
+def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, host, port, api_key, max_batch_size,
+          max_wait_ms, max_inputs, max_chars, log_prompts, threads):
+    """Serve a guard over HTTP: POST /v1/moderations (OpenAI moderation shape), GET /v1/guard, GET /healthz.
+
+    \b
+    safetyneurons serve --guard runs/default/guard --port 8000
+    curl -s localhost:8000/v1/moderations -H 'Content-Type: application/json' -d '{"input": "hi"}'
+    """
+    import logging
+
+    from ..server import bind_socket, create_app, is_loopback, run_server
+
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key / SAFETYNEURONS_API_KEY is empty; give a non-empty key or unset it.")
+    if not api_key and not is_loopback(host):
+        click.echo(f"Warning: serving on {host} without an API key; anyone who can reach it can use it. "
+                   f"Set --api-key or SAFETYNEURONS_API_KEY.", err=True)
+    sock = bind_socket(host, port)  # a busy port fails here, before the model loads
+    try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        g = _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha256)
+        app = create_app(g, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_inputs=max_inputs,
+                         max_chars=max_chars, api_key=api_key, log_prompts=log_prompts)
+        logger = logging.getLogger("safetyneurons.server")
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        bound = sock.getsockname()
+        click.echo(f"Serving guard {g.name} (threshold {g.threshold:.4f}, {g.layers_run} of "
+                   f"{g.lm.info['num_layers']} layers) on http://{bound[0]}:{bound[1]} "
+                   f"(pid {os.getpid()}); Ctrl-C to stop.", err=True)
+        run_server(app, sock)
+    finally:
+        sock.close()

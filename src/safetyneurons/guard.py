@@ -1,0 +1,410 @@
+"""The guard: score a prompt as unsafe before the LLM answers, from its safety neurons only.
+
+A guard is a directory that anyone can load without running foreign code (no pickle anywhere)::
+
+    guard.json            what the guard reads and how: model ref + sha256 fingerprint, hook point,
+                          pooling, token limit, the neuron set, feature-set name, classifier, threshold
+                          (and how it was chosen), test metrics, data hashes, library versions, the sha256
+                          of every other file, and ``integrity``: the sha256 of guard.json's own canonical
+                          content (sorted keys, no whitespace) without the ``integrity`` field.
+    probe.json            the probe's settings (:class:`safetyneurons.probe.Probe`)
+    probe.safetensors     the probe's arrays (scaler, SVM support vectors / LR weights, ...)
+
+Loading (:meth:`Guard.load`) refuses, with a :class:`~safetyneurons.errors.UserError`, a guard whose
+guard.json was edited (integrity hash), whose other files changed, went missing or were added (file
+hashes), whose probe does not read the neuron set's number of features (shapes), or whose model weights
+differ from the ones it was trained on (model fingerprint). The hashes catch corruption and edits; to
+know a guard is *the* guard you meant (authenticity), pin its id (the integrity hash, shown by
+``safetyneurons guard`` and ``GET /v1/guard``) with ``expected_sha256`` / ``--guard-sha256``.
+
+Scoring runs the decoder only up to the deepest layer holding a safety neuron (early exit: later layers
+and the LM head never run), mean- or last-token-pools the safety neurons' activations
+(:func:`safetyneurons.store.pooled_features`) and applies the probe. The default threshold is the
+probe's: the Youden-optimal cut (max TPR - FPR) on cross-validated probabilities of the *training*
+split (never the test split, whose metrics guard.json reports).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._io import atomic_dir, atomic_write_json, check_out_dir, read_json, sha256_file, sha256_json, versions
+from .errors import UserError
+from .neurons import NeuronSet
+
+GUARD_FORMAT = "safetyneurons.guard/1"
+GUARD_FILE = "guard.json"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """The guard's verdict on one prompt."""
+
+    unsafe_probability: float
+    flagged: bool
+
+    def to_dict(self) -> dict:
+        return {"unsafe_probability": self.unsafe_probability, "flagged": self.flagged}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _json_safe(obj: Any) -> Any:
+    from .probe import json_safe
+
+    return json_safe(obj)
+
+
+def _check_threshold(threshold) -> float:
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise UserError(f"The threshold must be a probability between 0 and 1, got {threshold!r}.") from None
+    if not 0.0 <= t <= 1.0:
+        raise UserError(f"The threshold must be a probability between 0 and 1, got {t:g}.")
+    return t
+
+
+def _check_max_length(max_length) -> int | None:
+    if max_length is None:
+        return None
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or int(max_length) < 1:
+        raise UserError(f"max_length must be a positive number of tokens (or None), got {max_length!r}.")
+    return int(max_length)
+
+
+def content_sha256(meta: dict) -> str:
+    """The integrity hash of a guard.json object: sha256 of its canonical JSON without ``integrity``."""
+    return sha256_json({k: v for k, v in meta.items() if k != "integrity"})
+
+
+def _guard_files(path: Path) -> dict[str, str]:
+    """sha256 of every regular, non-hidden file in a guard directory except guard.json."""
+    out = {}
+    for p in sorted(path.iterdir()):
+        if p.name == GUARD_FILE or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            raise UserError(f"{path}: unexpected sub-directory {p.name!r} in a guard directory. A guard holds "
+                            f"only guard.json and the probe's files; re-export it.")
+        out[p.name] = sha256_file(p)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- export
+def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str, neuron_set: NeuronSet | None,
+                 probe, hook_point: str, pooling: str, max_length: int | None, feature_set: str, metrics: dict,
+                 data: dict) -> Path:
+    """Write a guard directory (atomically: a failed export leaves no directory behind).
+
+    ``neuron_set`` None means the probe reads every neuron at the hook point (layer-major), as for the
+    ``all`` and ``pca`` feature sets; such a guard runs the whole decoder stack.
+    ``metrics`` are the probe's metrics on the test split, ``data`` the data provenance (hashes of the
+    training and test data); both are stored as given (NaN becomes null).
+    """
+    from .hooks import check_hook_point
+    from .probe import Probe
+    from .store import check_pooling
+
+    out = check_out_dir(out_dir)
+    check_hook_point(hook_point)
+    check_pooling(pooling)
+    max_length = _check_max_length(max_length)
+    if not isinstance(lm_ref, str) or not lm_ref.strip():
+        raise UserError("export_guard needs the model reference (lm_ref) the probe's features came from.")
+    if not isinstance(probe, Probe):
+        raise UserError(f"A guard ships an activation probe (safetyneurons.probe.Probe), got "
+                        f"{type(probe).__name__}. Text probes and other objects cannot be exported as guards.")
+    if not probe.arrays:
+        raise UserError("The probe is not fitted; train it before exporting a guard.")
+    if neuron_set is not None:
+        if neuron_set.hook_point != hook_point:
+            raise UserError(f"The neuron set is at hook point {neuron_set.hook_point!r} but the guard is asked "
+                            f"to read {hook_point!r}. Export with the hook point the features were extracted at.")
+        if probe.n_features != len(neuron_set):
+            raise UserError(f"The probe reads {probe.n_features} features but the neuron set holds "
+                            f"{len(neuron_set)} neurons; export the probe trained on this neuron set.")
+    _check_threshold(probe.threshold)
+    if not lm_fingerprint:
+        log.warning("Exporting a guard without a model fingerprint: loading it cannot check the model weights.")
+
+    with atomic_dir(out) as tmp:
+        probe.save(tmp)  # probe.json + probe.safetensors
+        files = _guard_files(tmp)
+        meta = {
+            "format": GUARD_FORMAT,
+            "model": {"ref": lm_ref, "sha256": lm_fingerprint or ""},
+            "hook_point": hook_point,
+            "pooling": pooling,
+            "max_length": max_length,
+            "feature_set": feature_set,
+            "n_features": int(probe.n_features),
+            "neuron_set": neuron_set.to_json() if neuron_set is not None else None,
+            "deepest_layer": neuron_set.deepest_layer if neuron_set is not None else None,
+            "classifier": probe.classifier,
+            "threshold": float(probe.threshold),
+            "threshold_rule": probe.threshold_rule,
+            "probability": "Platt sigmoid on the SVM decision value (fitted on cross-validated training "
+                           "decisions)" if probe.classifier == "svm" else "logistic regression sigmoid",
+            "metrics": _json_safe(metrics or {}),
+            "data": _json_safe(data or {}),
+            "versions": versions(),
+            "files": files,
+        }
+        meta["integrity"] = {"algorithm": "sha256", "content_sha256": content_sha256(meta),
+                             "covers": "canonical JSON (sorted keys, no whitespace) of guard.json without "
+                                       "this field"}
+        atomic_write_json(tmp / GUARD_FILE, meta)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- verifying
+def read_guard_meta(path: str | os.PathLike, expected_sha256: str | None = None) -> dict:
+    """Read guard.json and verify its integrity hash and the hash of every other file. UserError if not."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"Guard directory {path} does not exist. Export one with `safetyneurons train "
+                        f"--export-guard DIR` (or `safetyneurons run`) and pass that directory.")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, but a guard is a directory (holding guard.json); pass the directory.")
+    if not (path / GUARD_FILE).is_file():
+        raise UserError(f"{path} is not a guard: it has no {GUARD_FILE}. Export one with `safetyneurons train "
+                        f"--export-guard DIR`.")
+    meta = read_json(path / GUARD_FILE)
+    if not isinstance(meta, dict) or meta.get("format") != GUARD_FORMAT:
+        raise UserError(f"{path / GUARD_FILE}: not a safetyneurons guard (expected format {GUARD_FORMAT}).")
+    integrity = meta.get("integrity")
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("content_sha256"), str):
+        raise UserError(f"{path / GUARD_FILE}: the integrity hash is missing; the file was edited or is damaged. "
+                        f"Re-export the guard.")
+    actual = content_sha256(meta)
+    if actual != integrity["content_sha256"]:
+        raise UserError(f"{path / GUARD_FILE}: integrity check failed (its content does not match its sha256): "
+                        f"the file was edited or is damaged. Refusing to load it; re-export the guard.")
+    if expected_sha256 is not None and actual != expected_sha256.strip().lower():
+        raise UserError(f"{path}: this guard's id (sha256) is {actual}, not the expected {expected_sha256}. "
+                        f"It is a different guard; check the path or the pinned hash.")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise UserError(f"{path / GUARD_FILE}: no file hashes recorded; re-export the guard.")
+    present = _guard_files(path)
+    missing = sorted(set(files) - set(present))
+    extra = sorted(set(present) - set(files))
+    if missing:
+        raise UserError(f"{path}: guard file(s) missing: {', '.join(missing)}. Restore or re-export the guard.")
+    if extra:
+        raise UserError(f"{path}: unexpected file(s) not covered by guard.json: {', '.join(extra)}. "
+                        f"Remove them (a guard loads only files whose sha256 it records).")
+    changed = sorted(name for name, digest in files.items() if present[name] != digest)
+    if changed:
+        raise UserError(f"{path}: {', '.join(changed)} changed since the guard was exported (sha256 mismatch): "
+                        f"the file was tampered with or is damaged. Refusing to load it; re-export the guard.")
+    return meta
+
+
+def _neuron_set_from_meta(meta: dict, path: Path) -> NeuronSet | None:
+    ns = meta.get("neuron_set")
+    if ns is None:
+        return None
+    ns = NeuronSet.from_json(ns, source=f"{path / GUARD_FILE} (neuron set)")
+    if ns.hook_point != meta.get("hook_point"):
+        raise UserError(f"{path / GUARD_FILE}: the neuron set is at hook point {ns.hook_point!r} but the guard "
+                        f"reads {meta.get('hook_point')!r}. Re-export the guard.")
+    return ns
+
+
+# -------------------------------------------------------------------------------------------- guard
+class Guard:
+    """A loaded guard: a model (run up to the deepest safety neuron) plus a probe on the safety neurons."""
+
+    def __init__(self, path: Path, meta: dict, lm, probe, neuron_set: NeuronSet | None, threshold: float,
+                 batch_size: int = 16):
+        self.path = Path(path)
+        self.meta = meta
+        self.lm = lm
+        self.probe = probe
+        self.neuron_set = neuron_set
+        self.hook_point: str = meta["hook_point"]
+        self.pooling: str = meta["pooling"]
+        self.max_length: int | None = meta["max_length"]
+        self.threshold = _check_threshold(threshold)
+        if int(batch_size) < 1:
+            raise UserError(f"batch size must be >= 1 (got {batch_size}).")
+        self.batch_size = int(batch_size)
+
+    # ---- identity
+    @property
+    def id(self) -> str:
+        """The guard's content hash (sha256 of guard.json's canonical content); pin it to detect swaps."""
+        return self.meta["integrity"]["content_sha256"]
+
+    @property
+    def name(self) -> str:
+        return f"safetyneurons-guard-{self.id[:12]}"
+
+    @property
+    def default_threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def layers_run(self) -> int:
+        """Decoder layers a scoring pass runs (deepest safety-neuron layer + 1, or all without a set)."""
+        if self.neuron_set is not None:
+            return self.neuron_set.deepest_layer + 1
+        return int(self.lm.info["num_layers"])
+
+    # ---- loading
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu", *, lm=None, threshold: float | None = None,
+             model_ref: str | None = None, dtype: str = "float32", batch_size: int = 16,
+             expected_sha256: str | None = None, verify_model: bool = True) -> "Guard":
+        """Load and verify a guard directory.
+
+        The model is loaded with :func:`safetyneurons.pair.load_model` from the ref guard.json records
+        (``model_ref`` overrides the ref, e.g. when the model lives elsewhere on this machine), unless an
+        already-loaded ``lm`` is passed. Either way its weights' sha256 must match the guard's; an ``lm``
+        without a fingerprint (built in memory) is accepted only with ``verify_model=False``.
+        ``threshold`` overrides the guard's default threshold (a probability in [0, 1]).
+        """
+        path = Path(path)
+        meta = read_guard_meta(path, expected_sha256=expected_sha256)  # before the heavy imports: fast errors
+        from .hooks import hook_width, num_layers
+        from .probe import Probe
+        from .store import check_neuron_set_matches, check_pooling
+
+        try:
+            from .hooks import check_hook_point
+
+            check_hook_point(meta["hook_point"])
+            check_pooling(meta["pooling"])
+            _check_max_length(meta["max_length"])
+            want_fp = meta["model"]["sha256"]
+            ref = model_ref or meta["model"]["ref"]
+            n_features = int(meta["n_features"])
+            default_threshold = _check_threshold(meta["threshold"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path / GUARD_FILE}: malformed guard ({type(e).__name__}: {e}). Re-export it.") from None
+        ns = _neuron_set_from_meta(meta, path)
+
+        probe = Probe.load(path)
+        if probe.classifier != meta.get("classifier"):
+            raise UserError(f"{path}: guard.json says classifier {meta.get('classifier')!r} but the probe is "
+                            f"{probe.classifier!r}. Re-export the guard.")
+        if probe.n_features != n_features or (ns is not None and len(ns) != n_features):
+            raise UserError(f"{path}: shape mismatch: guard.json expects {n_features} features"
+                            f"{f', the neuron set holds {len(ns)}' if ns is not None else ''}, the probe reads "
+                            f"{probe.n_features}. Re-export the guard.")
+        _check_probe_arrays(probe, path)
+
+        if lm is None:
+            from .pair import load_model
+
+            lm = load_model(ref, dtype=dtype, device=device)
+        have_fp = getattr(lm, "fingerprint", "") or ""
+        if verify_model:
+            if want_fp and not have_fp:
+                raise UserError(f"The model passed to the guard has no fingerprint (it was built in memory), so its "
+                                f"weights cannot be checked against the guard's ({want_fp[:12]}...). Load it with "
+                                f"safetyneurons.pair.load_model, or pass verify_model=False.")
+            if want_fp and have_fp != want_fp:
+                raise UserError(f"Model mismatch: the guard was trained on {meta['model']['ref']} (weights sha256 "
+                                f"{want_fp[:12]}...) but the model loaded from {lm.ref} has sha256 {have_fp[:12]}.... "
+                                f"Give the guard its own model (--model REF).")
+            if not want_fp:
+                log.warning("%s records no model fingerprint; the model weights are not checked.", path)
+        n_layers, width = num_layers(lm.model), hook_width(lm.model, meta["hook_point"])
+        if ns is not None:
+            check_neuron_set_matches(ns, hook_point=meta["hook_point"], num_layers=n_layers, width=width,
+                                     fingerprint=have_fp if verify_model else "", what="model")
+        elif n_features != n_layers * width:
+            raise UserError(f"Shape mismatch: the guard reads every neuron at {meta['hook_point']} "
+                            f"({n_features} features) but the model has {n_layers} x {width} = {n_layers * width}. "
+                            f"Use the guard's own model.")
+        t = default_threshold if threshold is None else _check_threshold(threshold)
+        return cls(path, meta, lm, probe, ns, t, batch_size=batch_size)
+
+    # ---- scoring
+    def features(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """The probe's input: pooled safety-neuron activations ``[n, d]`` (early exit after the deepest layer)."""
+        from .store import pooled_features
+
+        return pooled_features(self.lm, prompts, self.hook_point, pooling=self.pooling, neuron_set=self.neuron_set,
+                               batch_size=self.batch_size, max_length=self.max_length, progress=progress)
+
+    def unsafe_probability(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """Probability that each prompt is unsafe, float64 ``[n]``."""
+        prompts = _check_prompts(prompts)
+        if not prompts:
+            return np.zeros(0, dtype=np.float64)
+        return np.asarray(self.probe.predict_proba(self.features(prompts, progress=progress)), dtype=np.float64)
+
+    def score(self, prompts: Sequence[str] | str, threshold: float | None = None,
+              progress: bool = False) -> list[GuardResult]:
+        """Score prompts in batches: ``GuardResult(unsafe_probability, flagged)`` per prompt, in order.
+
+        Flagged means ``unsafe_probability >= threshold`` (default: the guard's threshold).
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        t = self.threshold if threshold is None else _check_threshold(threshold)
+        p = self.unsafe_probability(prompts, progress=progress)
+        return [GuardResult(float(v), bool(v >= t)) for v in p]
+
+    # ---- description
+    def metadata(self) -> dict:
+        """guard.json with the neuron list summarised, plus the threshold in use (for GET /v1/guard)."""
+        meta = copy.deepcopy(self.meta)
+        ns = meta.pop("neuron_set", None)
+        if self.neuron_set is not None:
+            meta["neuron_set"] = {"count": len(self.neuron_set), "hook_point": self.neuron_set.hook_point,
+                                  "num_layers": self.neuron_set.num_layers, "width": self.neuron_set.width,
+                                  "deepest_layer": self.neuron_set.deepest_layer,
+                                  "per_layer_counts": self.neuron_set.per_layer_counts().tolist(),
+                                  "sha256": sha256_json(ns), "settings": self.neuron_set.settings}
+        else:
+            meta["neuron_set"] = None
+        meta["id"] = self.id
+        meta["name"] = self.name
+        meta["threshold_in_use"] = self.threshold
+        meta["layers_run"] = self.layers_run
+        meta["num_layers"] = int(self.lm.info["num_layers"])
+        return meta
+
+
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise UserError("Prompts must be a string or a list of strings.") from None
+    for k, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise UserError(f"Prompt {k} is {type(p).__name__}, not a string.")
+        if not p.strip():
+            raise UserError(f"Prompt {k} is empty; give some text to score.")
+    return prompts
+
+
+def _check_probe_arrays(probe, path: Path) -> None:
+    """The probe's arrays must agree with its feature count (a run on a zero vector must work)."""
+    d = probe.n_features
+    a = probe.arrays
+    ok = a.get("scaler_mean") is not None and a["scaler_mean"].shape == (d,) and a.get("scaler_scale") is not None \
+        and a["scaler_scale"].shape == (d,)
+    if ok:
+        try:
+            out = probe.predict_proba(np.zeros((1, d)))
+            ok = out.shape == (1,) and bool(np.isfinite(out).all())
+        except (ValueError, KeyError, TypeError, IndexError, UserError):
+            ok = False
+    if not ok:
+        raise UserError(f"{path}: the probe's arrays do not fit its {d} features (inconsistent shapes). "
+                        f"Re-export the guard.")
