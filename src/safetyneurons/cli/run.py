@@ -1,0 +1,57 @@
+"""`safetyneurons run`: the whole seed pipeline on the offline default (or your own pair and data)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("run")
+@click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for every result of the run (contrast/, store/, probes/, guard/, run.json).")
+@click.option("--quick", is_flag=True,
+              help="Subsample train/test/held-out to a few hundred prompts (about 5 minutes once the twin is cached).")
+@click.option("--paper", "paper", is_flag=True,
+              help="Use the paper's setting (hook point mlp_neurons, last prompt token) instead of the reference "
+                   "project's (mlp_out, mean over prompt tokens).")
+@click.option("--hook-point", type=click.Choice(["mlp_out", "mlp_neurons", "resid"]), default=None,
+              help="Hook point for contrasting and probing [default: mlp_out, or mlp_neurons with --paper].")
+@click.option("--pooling", type=click.Choice(["mean", "last"]), default=None,
+              help="How a prompt's token activations are pooled for the probes [default: mean, or last with --paper].")
+@click.option("--positions", type=click.Choice(["prompt", "prompt_last", "completion"]), default="prompt",
+              show_default=True, help="Token positions whose activation change is scored.")
+@click.option("--top-percent", type=float, default=5.0, show_default=True,
+              help="Share of all neurons kept as safety neurons, in (0, 100].")
+@click.option("--base", default=None, help="Base model reference [default: bundled SmolLM2-135M-Instruct].")
+@click.option("--aligned", default=None,
+              help="Aligned model reference [default: the default twin, built on first run and cached].")
+@click.option("--splits", type=click.Path(file_okay=False), default=None,
+              help="A splits directory from `safetyneurons data build` [default: the default mix].")
+@click.option("--features-from", type=click.Choice(["base", "aligned"]), default="base", show_default=True,
+              help="Which model's activations the probes read (the reference project used the base model).")
+@click.option("--guard-classifier", type=click.Choice(["svm", "logreg"]), default="logreg", show_default=True,
+              help="Classifier of the exported guard (always on the safety neurons).")
+@click.option("--random-draws", type=int, default=5, show_default=True,
+              help="Random layer-matched neuron sets averaged for the control.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per forward pass.")
+@click.option("--max-length", type=int, default=256, show_default=True, help="Token limit per prompt.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for data splits, draws and bootstraps.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def run(out, quick, paper, hook_point, pooling, positions, top_percent, base, aligned, splits, features_from,
+        guard_classifier, random_draws, batch_size, max_length, seed, no_progress):
+    """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
+    controls (random layer-matched neurons, PCA, all features, text-only), held-out benchmark, guard."""
+    from ..pipeline import PAPER, REFERENCE, RunSettings, run as run_pipeline
+    from ..report import results_table as _seed_table
+
+    preset = PAPER if paper else REFERENCE
+    settings = RunSettings(out=out, quick=quick, hook_point=hook_point or preset["hook_point"],
+                           pooling=pooling or preset["pooling"], positions=positions, top_percent=top_percent,
+                           base=base, aligned=aligned, splits=splits, features_from=features_from,
+                           guard_classifier=guard_classifier, random_draws=random_draws, batch_size=batch_size,
+                           max_length=max_length, seed=seed)
+    summary = run_pipeline(settings, progress=not no_progress)
+    click.echo("\nTest split:\n" + _seed_table(summary["results"]))
+    if summary.get("heldout"):
+        click.echo("Held-out benchmark:\n" + _seed_table(summary["heldout"]))
+    click.echo(f"Report: {summary['report']}")
+    click.echo(f"Guard:  {settings.out}/guard  (try: safetyneurons guard --guard {settings.out}/guard \"your prompt\")")

@@ -1,0 +1,304 @@
+"""The seed pipeline end to end (`safetyneurons run`): data -> twin -> contrast -> safety neurons -> heatmap
+-> activation stores -> probes with controls -> held-out benchmark -> guard -> report.
+
+Every step is also its own CLI command and Python function; this module only wires them together and
+records what ran (settings, hashes, versions, timings) in ``run.json`` next to the results.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ._io import atomic_write_json, atomic_write_text, check_out_dir, sha256_file, versions
+from .errors import UserError
+
+REFERENCE = {"hook_point": "mlp_out", "positions": "prompt", "pooling": "mean"}  # reference student project
+PAPER = {"hook_point": "mlp_neurons", "positions": "prompt", "pooling": "last"}  # Chen et al. 2025
+
+
+@dataclass
+class RunSettings:
+    out: str = "runs/default"
+    base: str | None = None  # None -> pair.DEFAULT_BASE
+    aligned: str | None = None  # None -> the default twin, built on first run
+    hook_point: str = REFERENCE["hook_point"]
+    positions: str = REFERENCE["positions"]
+    pooling: str = REFERENCE["pooling"]
+    top_percent: float = 5.0
+    features_from: str = "base"  # which model's activations the probes read: base | aligned
+    classifiers: Sequence[str] = ("svm", "logreg")
+    feature_sets: Sequence[str] = ("safety", "pca", "all", "random", "text")
+    random_draws: int = 5
+    guard_classifier: str = "logreg"
+    quick: bool = False
+    quick_train: int = 300  # --quick: prompts per split (stratified subsample)
+    quick_test: int = 150
+    quick_heldout: int = 150
+    batch_size: int = 16
+    max_length: int = 256
+    store_dtype: str = "float16"
+    seed: int = 0
+    n_boot: int = 1000
+    splits: str | None = None  # a splits dir from `safetyneurons data build`; None -> the default mix
+
+    def validate(self) -> "RunSettings":
+        from .contrast import check_positions
+        from .hooks import check_hook_point
+        from .neurons import check_selection
+        from .store import check_pooling
+
+        check_hook_point(self.hook_point)
+        check_positions(self.positions)
+        check_pooling(self.pooling)
+        check_selection(self.top_percent, None)
+        if self.features_from not in ("base", "aligned"):
+            raise UserError(f"--features-from must be base or aligned, got {self.features_from!r}.")
+        if self.guard_classifier not in self.classifiers:
+            raise UserError(f"--guard-classifier {self.guard_classifier} must be one of the trained classifiers "
+                            f"({', '.join(self.classifiers)}).")
+        if "safety" not in self.feature_sets:
+            raise UserError("The run needs the `safety` feature set (the guard is built from it).")
+        return self
+
+
+def _subsample(records: list[dict], n: int, seed: int) -> list[dict]:
+    """Deterministic stratified subsample of at most n records (keeps the class ratio)."""
+    if n >= len(records):
+        return records
+    rng = np.random.default_rng(seed)
+    y = np.array([r["label"] for r in records])
+    keep: list[int] = []
+    for label in (0, 1):
+        idx = np.flatnonzero(y == label)
+        k = int(round(n * len(idx) / len(records)))
+        keep += sorted(rng.choice(idx, size=min(k, len(idx)), replace=False).tolist())
+    return [records[i] for i in sorted(keep)]
+
+
+class _Steps:
+    """One overall progress bar over the pipeline's steps; each step may show its own bar below it."""
+
+    def __init__(self, names: list[str], progress: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(names), desc="safetyneurons run", unit="step", file=sys.stderr,
+                        disable=not progress, position=0, leave=True,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed} {postfix}")
+        self.timings: dict[str, float] = {}
+        self._name: str | None = None
+        self._t0 = 0.0
+
+    def start(self, name: str) -> None:
+        self._name, self._t0 = name, time.perf_counter()
+        self.bar.set_postfix_str(name)
+        self.bar.refresh()
+
+    def done(self) -> None:
+        self.timings[self._name] = round(time.perf_counter() - self._t0, 2)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+STEP_NAMES = ["data", "twin", "load pair", "contrast", "select + heatmap", "extract train", "extract test",
+              "extract heldout", "train probes", "heldout benchmark", "guard", "report"]
+
+
+def _heldout_metrics(result, heldout_store, n_boot: int, seed: int) -> list[dict]:
+    """Score every trained probe (all draws) on the held-out store, without retraining."""
+    from .metrics import binary_metrics, bootstrap_ci, mean_metrics
+    from .probe import TextProbe
+
+    y = np.asarray(heldout_store.labels, dtype=np.int64)
+    rows = []
+    for run in result.runs:
+        per, probas = [], []
+        for probe, ns in zip(run.probes, run.neuron_sets):
+            if isinstance(probe, TextProbe):
+                X = heldout_store.prompts
+            elif ns is None:
+                X = heldout_store.features
+            else:
+                X = heldout_store.select(ns)
+            proba = probe.predict_proba(X)
+            probas.append(proba)
+            per.append(binary_metrics(y, proba, probe.predict(X), n_boot=n_boot if len(run.probes) == 1 else 0,
+                                      seed=seed))
+        if len(per) == 1:
+            m = per[0]
+        else:
+            m = mean_metrics(per)
+            m["auroc_ci"] = list(bootstrap_ci(y, probas, n_boot=n_boot, seed=seed)) if n_boot else [None, None]
+        rows.append({"feature_set": run.feature_set, "classifier": run.classifier, "n_features": run.n_features,
+                     "metrics": m})
+    return rows
+
+
+def _seed_table(results: list[dict]) -> str:
+    from .report import results_table
+
+    return results_table(results)
+
+
+def run(settings: RunSettings | None = None, progress: bool = True) -> dict:
+    """Run the whole pipeline; returns the summary written to ``<out>/run.json``."""
+    from . import data as data_mod
+    from .contrast import contrast
+    from .neurons import neuron_stats, select, write_report as write_neuron_report
+    from .pair import DEFAULT_BASE, check_symmetry, load_model
+    from .probe import compare_feature_sets, json_safe
+    from .report import write_report
+    from .store import extract
+
+    s = (settings or RunSettings()).validate()
+    out = check_out_dir(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(STEP_NAMES, progress)
+    summary: dict = {"format": "safetyneurons.run/1", "settings": json_safe(asdict(s)), "versions": versions()}
+    try:
+        # 1. data
+        steps.start("data")
+        splits = Path(s.splits) if s.splits else data_mod.default_splits_dir(seed=s.seed)
+        need = ["contrast.jsonl", "train.jsonl", "test.jsonl"]
+        missing = [n for n in need if not (splits / n).is_file()]
+        if missing:
+            raise UserError(f"--splits {splits} lacks {', '.join(missing)}; build it with `safetyneurons data build`.")
+        split_records = {name: data_mod.read_records(splits / f"{name}.jsonl")
+                         for name in ("contrast", "train", "test", "heldout") if (splits / f"{name}.jsonl").is_file()}
+        if s.quick:
+            split_records["train"] = _subsample(split_records["train"], s.quick_train, s.seed)
+            split_records["test"] = _subsample(split_records["test"], s.quick_test, s.seed + 1)
+            if "heldout" in split_records:
+                split_records["heldout"] = _subsample(split_records["heldout"], s.quick_heldout, s.seed + 2)
+        summary["data"] = {"splits": str(splits),
+                           "files": {n: {"sha256": sha256_file(splits / f"{n}.jsonl"), "used": len(r)}
+                                     for n, r in split_records.items()}}
+        steps.done()
+
+        # 2. twin
+        steps.start("twin")
+        base_ref = s.base or DEFAULT_BASE
+        if s.aligned:
+            aligned_ref = s.aligned
+        else:
+            if s.base and s.base != DEFAULT_BASE:
+                raise UserError("With a custom --base, give --aligned too (or build a twin for it with "
+                                "`safetyneurons twin --base REF --out DIR` and pass --aligned DIR).")
+            from .twin import ensure_default_twin
+
+            aligned_ref = str(ensure_default_twin(progress=progress))
+        steps.done()
+
+        # 3. pair
+        steps.start("load pair")
+        base = load_model(base_ref)
+        aligned = load_model(aligned_ref)
+        check_symmetry(base, aligned)
+        summary["pair"] = {"base": base.describe(), "aligned": aligned.describe()}
+        steps.done()
+
+        # 4. contrast on the contrast split
+        steps.start("contrast")
+        prompts = [r["prompt"] for r in split_records["contrast"] if int(r["label"]) == 1]
+        if not prompts:
+            raise UserError(f"The contrast split in {splits} has no harmful prompts.")
+        scores = contrast(base, aligned, prompts, hook_point=s.hook_point, positions=s.positions,
+                          batch_size=s.batch_size, max_length=s.max_length, progress=progress)
+        scores.save(out / "contrast")
+        steps.done()
+
+        # 5. safety neurons + heatmap
+        steps.start("select + heatmap")
+        neuron_set = select(scores, top_percent=s.top_percent)
+        neuron_set.save(out / "contrast" / "neuron_set.json")
+        write_neuron_report(scores, neuron_set, out / "contrast")
+        summary["neurons"] = {"count": len(neuron_set), "deepest_layer": neuron_set.deepest_layer,
+                              "stats": neuron_stats(scores, neuron_set)}
+        steps.done()
+
+        # 6-8. activation stores (all neurons: one extraction serves every feature set)
+        feat_lm = base if s.features_from == "base" else aligned
+        if feat_lm is not aligned:
+            del aligned  # free memory before the long extraction
+        stores = {}
+        for split in ("train", "test", "heldout"):
+            steps.start(f"extract {split}")
+            if split in split_records:
+                stores[split] = extract(feat_lm, split_records[split], out / "store" / split,
+                                        hook_point=s.hook_point, pooling=s.pooling, dtype=s.store_dtype,
+                                        batch_size=s.batch_size, max_length=s.max_length, progress=progress,
+                                        data_info={"split": split, "splits_dir": str(splits),
+                                                   "quick": s.quick})
+            steps.done()
+
+        # 9. probes with controls
+        steps.start("train probes")
+        result = compare_feature_sets(stores["train"], stores["test"], neuron_set, classifiers=s.classifiers,
+                                      feature_sets=s.feature_sets, random_draws=s.random_draws, seed=s.seed,
+                                      n_boot=s.n_boot, progress=progress)
+        steps.done()
+
+        # 10. held-out benchmark (whole sources never seen in training)
+        steps.start("heldout benchmark")
+        if "heldout" in stores:
+            result.report["heldout"] = {"store": str(stores["heldout"].path),
+                                        "results": _heldout_metrics(result, stores["heldout"], s.n_boot, s.seed)}
+        steps.done()
+
+        # 11. guard from the safety-neuron probe
+        steps.start("guard")
+        from .guard import export_guard
+
+        run_ = result.run("safety", s.guard_classifier)
+        export_guard(out / "guard", lm_ref=feat_lm.ref, lm_fingerprint=feat_lm.fingerprint, neuron_set=neuron_set,
+                     probe=run_.probes[0], hook_point=s.hook_point, pooling=s.pooling, max_length=s.max_length,
+                     feature_set="safety", metrics=json_safe(run_.metrics),
+                     data={n: summary["data"]["files"][n] for n in ("train", "test")})
+        steps.done()
+
+        # 12. report
+        steps.start("report")
+        result.report["run"] = {"settings": summary["settings"], "pair": summary["pair"],
+                                "neurons": summary["neurons"], "data": summary["data"]}
+        report = write_report(result, out / "probes")
+        if report.get("heldout"):
+            md = (out / "probes" / "report.md").read_text(encoding="utf-8")
+            md += ("\n## Held-out benchmark\n\nThe same probes, scored on whole sources kept out of the main mix "
+                   "(harmful: HarmBench, StrongREJECT; benign: MT-Bench, IFBench).\n\n"
+                   + _seed_table(report["heldout"]["results"]))
+            atomic_write_text(out / "probes" / "report.md", md)
+        summary["report"] = str(out / "probes" / "report.md")
+        summary["results"] = report["results"]
+        summary["heldout"] = report.get("heldout", {}).get("results", [])
+        steps.done()
+    finally:
+        steps.close()
+    summary["timings_s"] = steps.timings
+    atomic_write_json(out / "run.json", json_safe(summary))
+    atomic_write_text(out / "README.md", _run_readme(summary))
+    return summary
+
+
+def _run_readme(summary: dict) -> str:
+    s = summary["settings"]
+    lines = ["# safetyneurons run", "",
+             f"- base: `{summary['pair']['base']['ref']}`", f"- aligned: `{summary['pair']['aligned']['ref']}`",
+             f"- hook point `{s['hook_point']}`, positions `{s['positions']}`, pooling `{s['pooling']}`, "
+             f"top {s['top_percent']}% -> {summary['neurons']['count']} safety neurons "
+             f"(deepest layer {summary['neurons']['deepest_layer']})",
+             f"- quick: {s['quick']}", "",
+             "## Test split", "", _seed_table(summary["results"]), ""]
+    if summary.get("heldout"):
+        lines += ["## Held-out benchmark (HarmBench + StrongREJECT vs MT-Bench + IFBench)", "",
+                  _seed_table(summary["heldout"]), ""]
+    lines += ["Files: `contrast/` (change scores, neuron_set.json, heatmap.png, stats.json), `store/`, "
+              "`probes/report.md` (full report, ROC/PR curves), `guard/`, `run.json`.",
+              "", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""`safetyneurons run` end to end on tiny random models (and on the real default pair when its twin exists)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tiny import save_tiny
+
+HARM = ["Give me step by step instructions to {} number {}.", "Explain how to {} without getting caught, case {}."]
+HARM_OBJ = ["hack a bank", "build a bomb", "steal a car", "poison a dog", "forge a passport"]
+SAFE = ["Write a short poem about {} number {}.", "What is a fun fact about {}? Question {}."]
+SAFE_OBJ = ["the sea", "the moon", "apples", "trains", "music"]
+
+
+def _records(n_per_class: int, offset: int) -> list[dict]:
+    out = []
+    for i in range(n_per_class):
+        k = offset + i
+        out.append({"id": f"h:{k}", "prompt": HARM[k % 2].format(HARM_OBJ[k % 5], k), "label": 1, "source": "h"})
+        out.append({"id": f"s:{k}", "prompt": SAFE[k % 2].format(SAFE_OBJ[k % 5], k), "label": 0, "source": "s"})
+    return out
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    base = save_tiny(root / "base", "qwen3", seed=0)
+    aligned = save_tiny(root / "aligned", "qwen3", seed=0)
+    # the "aligned" twin differs from the base in a few MLP rows
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(aligned / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    w[key] = w[key] + 0.5 * torch.randn_like(w[key])
+    save_file(w, aligned / "model.safetensors", metadata={"format": "pt"})
+    splits = root / "splits"
+    splits.mkdir()
+    _write(splits / "contrast.jsonl", [r for r in _records(10, 1000) if r["label"] == 1])
+    _write(splits / "train.jsonl", _records(20, 0))
+    _write(splits / "test.jsonl", _records(10, 100))
+    _write(splits / "heldout.jsonl", _records(8, 200))
+
+    from safetyneurons.pipeline import RunSettings, run
+
+    settings = RunSettings(out=str(root / "run"), base=str(base), aligned=str(aligned), splits=str(splits),
+                           random_draws=2, n_boot=50, store_dtype="float32", batch_size=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFETYNEURONS_CACHE", str(root / "cache"))
+        summary = run(settings, progress=False)
+    return root, settings, summary
+
+
+def test_run_writes_every_artifact_and_all_feature_sets(tiny_run):
+    root, settings, summary = tiny_run
+    out = Path(settings.out)
+    for rel in ("run.json", "README.md", "contrast/scores.safetensors", "contrast/neuron_set.json",
+                "contrast/heatmap.png", "contrast/stats.json", "probes/report.md", "probes/report.json",
+                "guard/guard.json"):
+        assert (out / rel).is_file(), rel
+    got = {(r["feature_set"], r["classifier"]) for r in summary["results"]}
+    for fs in ("safety", "pca", "all", "random"):
+        assert {(fs, "svm"), (fs, "logreg")} <= got
+    assert any(fs == "text" for fs, _ in got)
+    held = {(r["feature_set"], r["classifier"]) for r in summary["heldout"]}
+    assert held == got
+    assert all(r["metrics"]["n"] == 16 for r in summary["heldout"])
+    md = (out / "probes" / "report.md").read_text()
+    assert "Held-out benchmark" in md
+    recorded = json.loads((out / "run.json").read_text())
+    assert recorded["data"]["files"]["train"]["used"] == 40
+    assert recorded["versions"]["torch"] == torch.__version__
+    assert recorded["pair"]["aligned"]["sha256"] != recorded["pair"]["base"]["sha256"]
+
+
+def test_safety_neurons_are_the_top_five_percent_and_sit_in_the_changed_layer(tiny_run):
+    _, settings, summary = tiny_run
+    from safetyneurons.neurons import NeuronSet
+
+    ns = NeuronSet.load(Path(settings.out) / "contrast" / "neuron_set.json")
+    from safetyneurons.neurons import count_for_percent
+
+    assert len(ns) == count_for_percent(5.0, 3 * 32)
+    # only layer 1's MLP was changed: mlp_out differs from layer 1 on (layer 0 is untouched)
+    assert ns.layers.min() >= 1
+    assert summary["neurons"]["count"] == len(ns)
+
+
+def test_exported_guard_agrees_with_the_trained_safety_probe(tiny_run):
+    _, settings, _ = tiny_run
+    from safetyneurons.guard import Guard
+    from safetyneurons.store import Store
+
+    guard = Guard.load(Path(settings.out) / "guard")
+    held = Store.load(Path(settings.out) / "store" / "heldout")
+    probs = np.array([r.unsafe_probability for r in guard.score(held.prompts)])
+    # the guard's probe is the trained safety/logreg probe: re-score the stored features with it
+    from safetyneurons.probe import Probe
+
+    probe = Probe.load(Path(settings.out) / "guard")
+    np.testing.assert_allclose(probs, probe.predict_proba(held.select(guard.neuron_set)), atol=1e-5)
+
+
+def _cli(*args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "safetyneurons", "run", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-percent", "0"], "top"),
+    (["--top-percent", "150"], "top"),
+    (["--base", "/nonexistent/model"], "With a custom --base, give --aligned"),
+    (["--splits", "/nonexistent/splits"], "lacks"),
+])
+def test_run_bad_input_exits_2_without_traceback(tmp_path, args, message):
+    out = tmp_path / "out"
+    r = _cli("--out", str(out), "--no-progress", *args, env_extra={"SAFETYNEURONS_CACHE": str(tmp_path / "c")})
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and message in r.stderr
+    assert not (out / "run.json").exists()
+
+
+@pytest.mark.e2e
+def test_default_pair_quick_pipeline(tmp_path):
+    """The real default pair (when its twin is built) on a small slice of the default splits."""
+    from safetyneurons import data
+    from safetyneurons.errors import UserError
+    from safetyneurons.pipeline import RunSettings, run
+    from safetyneurons.twin import resolve_twin_ref
+
+    try:
+        resolve_twin_ref("twin:default")
+    except UserError as e:
+        pytest.skip(f"default twin not built: {e}")
+    d = data.default_splits_dir()
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for name, n in (("contrast", 24), ("train", 60), ("test", 30), ("heldout", 30)):
+        recs = data.read_records(d / f"{name}.jsonl")
+        if name != "contrast":
+            recs = [r for r in recs if r["label"] == 1][: n // 2] + [r for r in recs if r["label"] == 0][: n // 2]
+        _write(splits / f"{name}.jsonl", recs[:n])
+    summary = run(RunSettings(out=str(tmp_path / "run"), splits=str(splits), random_draws=2, n_boot=50,
+                              max_length=96), progress=False)
+    assert summary["pair"]["base"]["num_layers"] == 30
+    from safetyneurons.neurons import count_for_percent
+
+    assert summary["neurons"]["count"] == count_for_percent(5.0, 30 * 576)
+    safety = [r for r in summary["results"] if r["feature_set"] == "safety"]
+    assert safety and all(r["metrics"]["auroc"] > 0.5 for r in safety)
