@@ -1,0 +1,139 @@
+"""Probe quality on the default data: the feature-set table for the reference setting and the paper's.
+
+For each setting (``reference``: hook point mlp_out, mean pooling; ``paper``: mlp_neurons, last prompt token)
+this script finds the safety neurons of the default pair (base vs its aligned twin, change scores on the
+harmful prompts of the contrast split, top ``--top-percent``%), extracts all-neuron activation stores of the
+train / test (and held-out, when the splits have one) prompts, and trains and scores every feature set
+(safety, PCA, all, random, text) with both classifiers. It prints the table of test metrics, the
+safety-vs-random AUROC difference and, when there is a held-out split, the held-out AUROC of each probe.
+
+Needs the default twin (built on first use, slow) and the default splits. Keep runs small with the limits::
+
+    python benchmarks/bench_quality.py --limit-train 200 --limit-test 100 --limit-heldout 100 \
+        [--settings reference,paper] [--aligned REF] [--features-from base|aligned] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SETTINGS = {"reference": {"hook_point": "mlp_out", "pooling": "mean"},
+            "paper": {"hook_point": "mlp_neurons", "pooling": "last"}}
+
+
+def stratified(records, limit, seed):
+    import numpy as np
+
+    if not limit or limit >= len(records):
+        return list(records)
+    rng = np.random.default_rng(seed)
+    by = {0: [r for r in records if int(r["label"]) == 0], 1: [r for r in records if int(r["label"]) == 1]}
+    take = {1: round(limit * len(by[1]) / len(records))}
+    take[0] = limit - take[1]
+    out = []
+    for lab, rs in by.items():
+        idx = sorted(rng.choice(len(rs), size=min(take[lab], len(rs)), replace=False).tolist())
+        out += [rs[i] for i in idx]
+    order = {r["id"]: k for k, r in enumerate(records)}
+    return sorted(out, key=lambda r: order[r["id"]])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", default="reference,paper")
+    ap.add_argument("--base", default=None, help="base model ref (default: pair.DEFAULT_BASE)")
+    ap.add_argument("--aligned", default=None, help="aligned model ref (default: the default twin)")
+    ap.add_argument("--features-from", choices=("base", "aligned"), default="base")
+    ap.add_argument("--splits", default=None, help="splits directory (default: the default splits)")
+    ap.add_argument("--limit-contrast", type=int, default=0, help="harmful contrast prompts (0: all)")
+    ap.add_argument("--limit-train", type=int, default=0, help="train prompts, stratified (0: all)")
+    ap.add_argument("--limit-test", type=int, default=0)
+    ap.add_argument("--limit-heldout", type=int, default=0)
+    ap.add_argument("--top-percent", type=float, default=5.0)
+    ap.add_argument("--classifiers", default="svm,logreg")
+    ap.add_argument("--feature-sets", default="safety,pca,all,random,text")
+    ap.add_argument("--random-draws", type=int, default=5)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="keep stores and reports here (default: a temp dir)")
+    args = ap.parse_args()
+
+    from safetyneurons import data as data_mod
+    from safetyneurons.contrast import contrast
+    from safetyneurons.metrics import auroc
+    from safetyneurons.neurons import select
+    from safetyneurons.pair import DEFAULT_BASE, check_symmetry, load_model
+    from safetyneurons.probe import TextProbe, compare_feature_sets
+    from safetyneurons.report import results_table, write_report
+    from safetyneurons.store import extract
+
+    t_start = time.perf_counter()
+    splits = Path(args.splits) if args.splits else data_mod.default_splits_dir(seed=args.seed)
+    recs = {n: data_mod.read_records(splits / f"{n}.jsonl") for n in ("contrast", "train", "test", "heldout")
+            if (splits / f"{n}.jsonl").is_file()}
+    limits = {"train": args.limit_train, "test": args.limit_test, "heldout": args.limit_heldout}
+    for n, lim in limits.items():
+        if n in recs:
+            recs[n] = stratified(recs[n], lim, args.seed + len(n))
+    harmful = [r["prompt"] for r in recs["contrast"] if int(r["label"]) == 1]
+    if args.limit_contrast:
+        harmful = harmful[: args.limit_contrast]
+
+    base_ref = args.base or DEFAULT_BASE
+    if args.aligned:
+        aligned_ref = args.aligned
+    else:
+        from safetyneurons.twin import ensure_default_twin
+
+        aligned_ref = str(ensure_default_twin(progress=True))
+    base, aligned = load_model(base_ref), load_model(aligned_ref)
+    check_symmetry(base, aligned)
+    feat_lm = base if args.features_from == "base" else aligned
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_quality_"))
+    print(f"splits {splits}; prompts: contrast {len(harmful)} harmful, "
+          + ", ".join(f"{n} {len(r)}" for n, r in recs.items() if n != "contrast")
+          + f"; features from {args.features_from} ({feat_lm.ref}); output {out}", file=sys.stderr)
+
+    summary = []
+    for name in args.settings.split(","):
+        cfg = SETTINGS[name]
+        hp, pooling = cfg["hook_point"], cfg["pooling"]
+        t0 = time.perf_counter()
+        scores = contrast(base, aligned, harmful, hook_point=hp, positions="prompt", batch_size=args.batch_size,
+                          max_length=args.max_length, progress=True)
+        ns = select(scores, top_percent=args.top_percent)
+        stores = {n: extract(feat_lm, recs[n], out / name / "store" / n, hook_point=hp, pooling=pooling,
+                             batch_size=args.batch_size, max_length=args.max_length, progress=True,
+                             data_info={"split": n, "splits_dir": str(splits)})
+                  for n in ("train", "test", "heldout") if n in recs}
+        res = compare_feature_sets(stores["train"], stores["test"], ns, classifiers=args.classifiers,
+                                   feature_sets=args.feature_sets, random_draws=args.random_draws, seed=args.seed,
+                                   n_boot=args.bootstrap, progress=True)
+        report = write_report(res, out / name / "report")
+        print(f"\n## {name}: hook point {hp}, {pooling} pooling, {len(ns)} safety neurons "
+              f"(top {args.top_percent}%, deepest layer {ns.deepest_layer}); train {len(stores['train'])}, "
+              f"test {len(stores['test'])} prompts; {time.perf_counter() - t0:.0f} s\n")
+        print(results_table(report["results"]))
+        for clf, d in report["safety_vs_random"].items():
+            print(f"AUROC safety - random ({clf}): {d['diff']:+.4f} [95% CI {d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")
+        if "heldout" in stores:
+            h = stores["heldout"]
+            print(f"\nheld-out sources ({len(h)} prompts, {int(h.labels.sum())} unsafe), AUROC:")
+            for run in res.runs:
+                vals = []
+                for probe, rns in zip(run.probes, run.neuron_sets):
+                    X = h.prompts if isinstance(probe, TextProbe) else (h.features if rns is None else h.select(rns))
+                    vals.append(auroc(h.labels, probe.predict_proba(X)))
+                print(f"  {run.feature_set:7s} {run.classifier:13s} {sum(vals) / len(vals):.4f}")
+        summary.append((name, report))
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s; reports under {out}")
+
+
+if __name__ == "__main__":
+    main()

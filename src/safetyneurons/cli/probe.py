@@ -1,0 +1,258 @@
+"""`safetyneurons extract`, `train` and `evaluate`: activation stores and safety-neuron probes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+
+_POOLINGS = ("mean", "last")
+_HOOKS = ("mlp_out", "mlp_neurons", "resid")
+
+
+def read_labelled(arg: str) -> tuple[list[dict], dict]:
+    """Records of a split name, file or named dataset (via safetyneurons.data), plus provenance."""
+    from .._io import sha256_file
+    from ..data import read_records
+
+    records = read_records(arg)
+    info = {"source": str(arg)}
+    path = Path(arg).expanduser()
+    if path.is_file():
+        info["file_sha256"] = sha256_file(path)
+    return records, info
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise UserError(f"--{name} must be >= 1 (got {value}).")
+    return value
+
+
+@click.command("extract")
+@click.option("--model", "model_ref", default=None, metavar="REF",
+              help="Model whose activations are stored (default: the default base model).")
+@click.option("--data", required=True, metavar="SPLIT_OR_FILE",
+              help="Labelled split name (train, test, heldout...), JSONL file or named dataset.")
+@click.option("--hook-point", type=click.Choice(_HOOKS), default=None,
+              help="Where to read activations (default: the neuron set's hook point, else mlp_out).")
+@click.option("--pooling", type=click.Choice(_POOLINGS), default="mean", show_default=True,
+              help="mean over prompt tokens (reference project) or last prompt token (paper).")
+@click.option("--neurons", "neurons_file", type=click.Path(dir_okay=False), default=None,
+              help="Neuron set JSON: keep only its neurons (with early exit). Default: keep all neurons.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store directory (resumable).")
+@click.option("--dtype", type=click.Choice(("float16", "float32")), default="float16", show_default=True,
+              help="Storage dtype of the features.")
+@click.option("--shard-size", default=256, show_default=True, help="Prompts per shard.")
+@click.option("--batch-size", default=16, show_default=True, help="Prompts per forward pass.")
+@click.option("--max-length", default=256, show_default=True, help="Truncate prompts to this many tokens.")
+@click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default="cpu", show_default=True)
+@click.option("--model-dtype", type=click.Choice(("float32", "bfloat16", "float16")), default="float32",
+              show_default=True, help="Dtype the model runs in.")
+def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shard_size, batch_size, max_length,
+            device, model_dtype):
+    """Cache pooled activations of a model over a labelled split (safetensors shards + manifest).
+
+    Rerunning the same command after an interruption resumes from the last finished shard.
+    """
+    from ..neurons import NeuronSet
+    from ..pair import DEFAULT_BASE, load_model
+    from ..store import extract as run_extract
+
+    for name, v in (("shard-size", shard_size), ("batch-size", batch_size), ("max-length", max_length)):
+        _positive(name, v)
+    ns = NeuronSet.load(neurons_file) if neurons_file else None
+    if ns is not None and hook_point and hook_point != ns.hook_point:
+        raise UserError(f"--hook-point {hook_point} differs from the neuron set's hook point {ns.hook_point}; "
+                        f"leave --hook-point out or use a neuron set found at {hook_point}.")
+    hook_point = hook_point or (ns.hook_point if ns is not None else "mlp_out")
+    from ..store import check_records, check_store_out
+
+    check_store_out(Path(out))
+    records, info = read_labelled(data)
+    check_records(records, what=f"--data {data}")
+    lm = load_model(model_ref or DEFAULT_BASE, dtype=model_dtype, device=device)
+    store = run_extract(lm, records, out, hook_point=hook_point, pooling=pooling, neuron_set=ns,
+                        shard_size=shard_size, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                        progress=True, data_info=info)
+    m = store.manifest
+    click.echo(f"Wrote store {out}: {m['n']} prompts x {m['d']} features ({m['layout']}, {hook_point}, "
+               f"{pooling} pooling, {dtype}) in {len(m['shards'])} shard(s).")
+
+
+@click.command("train")
+@click.option("--train", "train_dir", required=True, type=click.Path(), help="Store of the training split.")
+@click.option("--test", "test_dir", required=True, type=click.Path(), help="Store of the test split.")
+@click.option("--neurons", "neurons_file", type=click.Path(dir_okay=False), default=None,
+              help="Safety neuron set JSON (default: the one the stores were extracted with).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report + probes directory.")
+@click.option("--classifiers", default="svm,logreg", show_default=True, help="Comma list of: svm, logreg.")
+@click.option("--feature-sets", default="safety,pca,all,random,text", show_default=True,
+              help="Comma list of: safety, pca, all, random, text.")
+@click.option("--random-draws", default=5, show_default=True, help="Random-neuron draws to average.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples for CIs (0: none).")
+@click.option("--cv", default=5, show_default=True, help="CV folds on the training split (calibration, threshold).")
+@click.option("--save-probes", default="safety,text", show_default=True,
+              help="Feature sets whose probes are saved under OUT/probes (random: draw 1).")
+@click.option("--export-guard", "guard_dir", type=click.Path(file_okay=False), default=None,
+              help="Also export a guard from the probe below into this directory.")
+@click.option("--guard-feature-set", type=click.Choice(("safety", "pca", "all")), default="safety",
+              show_default=True, help="Which probe --export-guard ships.")
+@click.option("--guard-classifier", type=click.Choice(("svm", "logreg")), default=None,
+              help="Classifier of the exported guard (default: the first of --classifiers).")
+def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, random_draws, seed, n_boot, cv,
+          save_probes, guard_dir, guard_feature_set, guard_classifier):
+    """Train probes on safety neurons and controls, and report test metrics (report.json/.md, curves)."""
+    from .._io import atomic_dir, check_out_dir
+    from ..neurons import NeuronSet
+    from ..probe import CLASSIFIERS, FEATURE_SETS, compare_feature_sets, parse_list
+    from ..report import reference_printout, results_table, write_report
+    from ..store import Store
+
+    check_out_dir(out)
+    if n_boot < 0 or cv < 0:
+        raise UserError("--bootstrap and --cv must be >= 0.")
+    clfs = parse_list(classifiers, CLASSIFIERS, "classifier")
+    sets = parse_list(feature_sets, FEATURE_SETS, "feature set")
+    keep = parse_list(save_probes, FEATURE_SETS, "feature set to save") if save_probes.strip() else []
+    if guard_dir:
+        guard_classifier = guard_classifier or clfs[0]
+        if guard_classifier not in clfs or guard_feature_set not in sets:
+            raise UserError(f"--export-guard ships the {guard_feature_set}/{guard_classifier} probe, which is not "
+                            f"trained: add it to --feature-sets and --classifiers.")
+    train_store, test_store = Store.load(train_dir), Store.load(test_dir)
+    ns = NeuronSet.load(neurons_file) if neurons_file else None
+    with atomic_dir(out) as tmp:
+        result = compare_feature_sets(train_store, test_store, ns, classifiers=clfs, feature_sets=sets,
+                                      random_draws=random_draws, seed=seed, n_boot=n_boot, cv=cv, progress=True)
+        report = write_report(result, tmp)
+        for run in result.runs:
+            if run.feature_set in keep:
+                run.probes[0].save(tmp / "probes" / f"{run.feature_set}-{run.classifier}")
+    for r in report["results"]:
+        if r["feature_set"] in ("safety", "text"):
+            click.echo(reference_printout(f"{r['feature_set']} / {r['classifier']}", r["metrics"]))
+    click.echo(results_table(report["results"]))
+    for clf, d in report["safety_vs_random"].items():
+        ci = d["ci"]
+        click.echo(f"AUROC safety - random ({clf}): {d['diff']:+.4f} [95% CI {ci[0]:+.4f}, {ci[1]:+.4f}]"
+                   if ci[0] is not None else f"AUROC safety - random ({clf}): {d['diff']}")
+    click.echo(f"Report: {Path(out) / 'report.md'}")
+    if guard_dir:
+        _export_guard(guard_dir, result, report, train_store, test_store, guard_feature_set, guard_classifier)
+
+
+def _export_guard(guard_dir, result, report, train_store, test_store, feature_set, classifier):
+    try:
+        from ..guard import export_guard
+    except ModuleNotFoundError as e:
+        if e.name != "safetyneurons.guard":
+            raise
+        raise UserError("--export-guard needs the safetyneurons.guard module, which is not installed; the "
+                        "probes and report were written, retrain with --export-guard once it is.") from None
+    from ..store import describe_store
+
+    run = result.run(feature_set, classifier)
+    entry = next(r for r in report["results"] if r["feature_set"] == feature_set and r["classifier"] == classifier)
+    m = train_store.manifest
+    export_guard(guard_dir, lm_ref=m["model"]["ref"], lm_fingerprint=m["model"].get("sha256") or "",
+                 neuron_set=run.neuron_sets[0], probe=run.probes[0], hook_point=m["hook_point"],
+                 pooling=m["pooling"], max_length=m["max_length"], feature_set=feature_set,
+                 metrics=entry["metrics"],
+                 data={"train": describe_store(train_store), "test": describe_store(test_store)})
+    click.echo(f"Guard exported to {guard_dir} ({feature_set} / {classifier}).")
+
+
+@click.command("evaluate")
+@click.option("--probe", "probe_dir", required=True, type=click.Path(), help="Saved probe directory.")
+@click.option("--data", required=True, metavar="FILE_OR_NAME",
+              help="Labelled file, split or named dataset (e.g. heldout), or an activation store directory.")
+@click.option("--model", "model_ref", default=None, metavar="REF",
+              help="Model to read activations from (default: the one the probe was trained on).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples for the AUROC CI.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default="cpu", show_default=True)
+def evaluate(probe_dir, data, model_ref, out, batch_size, n_boot, seed, device):
+    """Score a trained probe on any labelled data (e.g. the held-out sources) and write a report."""
+    import json
+
+    from .._io import atomic_dir, atomic_write_text, check_out_dir, versions
+    from ..probe import TextProbe, evaluate_probe, json_safe, load_probe
+    from ..report import reference_printout, write_evaluation
+
+    check_out_dir(out)
+    _positive("batch-size", batch_size)
+    if n_boot < 0:
+        raise UserError("--bootstrap must be >= 0.")
+    probe = load_probe(probe_dir)
+    meta = probe.meta
+    features = None
+    lm = None
+    data_path = Path(data).expanduser()
+    if data_path.is_dir() and (data_path / "manifest.json").is_file():
+        from ..store import Store
+
+        store = Store.load(data_path)
+        records, info = store.records, {"source": str(data_path), "store": True,
+                                        "records_sha256": store.manifest["records_sha256"]}
+        if not isinstance(probe, TextProbe):
+            features = _store_features(store, probe)
+    else:
+        records, info = read_labelled(data)
+    from ..store import check_records
+
+    records = check_records(records, what=f"--data {data}")
+    if not isinstance(probe, TextProbe) and features is None:
+        from ..pair import load_model
+
+        ref = model_ref or (meta.get("model") or {}).get("ref")
+        if not ref:
+            raise UserError("The probe does not record its model; pass --model REF.")
+        lm = load_model(ref, device=device, chat_template=(meta.get("model") or {}).get("chat_template"))
+    res = evaluate_probe(probe, records, lm=lm, features=features, n_boot=n_boot, seed=seed, batch_size=batch_size)
+    label = f"{meta.get('feature_set', 'text')} / {probe.name}"
+    report = {"format": "safetyneurons.probe_evaluation/1",
+              "probe": {"path": str(probe_dir), "feature_set": meta.get("feature_set", "text"),
+                        "classifier": probe.name, "threshold": probe.threshold, "model": meta.get("model")},
+              "data": {**info, "n": len(records)}, "model": lm.describe() if lm is not None else None,
+              "metrics": res["metrics"], "versions": versions()}
+    with atomic_dir(out) as tmp:
+        write_evaluation(tmp, report, res["labels"], res["proba"], label)
+        lines = [json.dumps(json_safe({"id": str(r["id"]), "label": int(r["label"]), "p_unsafe": float(p),
+                                       "pred": int(q)}), sort_keys=True)
+                 for r, p, q in zip(records, res["proba"], res["pred"])]
+        atomic_write_text(tmp / "predictions.jsonl", "\n".join(lines) + "\n")
+    m = res["metrics"]
+    click.echo(reference_printout(label, m))
+    ci = m["auroc_ci"]
+    click.echo(f"accuracy {m['accuracy']:.4f}  F1 {m['f1']:.4f}  AUROC {m['auroc']:.4f}"
+               + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci[0] is not None else "")
+               + f"  AUPRC {m['auprc']:.4f}  TPR@1%FPR {m['tpr_at_1pct_fpr']:.4f}")
+    click.echo(f"Report: {Path(out) / 'report.md'}")
+
+
+def _store_features(store, probe):
+    """The probe's input columns from an activation store (checked against the probe's settings)."""
+    from ..neurons import NeuronSet
+
+    meta = probe.meta
+    for key in ("hook_point", "pooling", "max_length"):
+        if store.manifest.get(key) != meta.get(key):
+            raise UserError(f"Store {store.path} has {key} {store.manifest.get(key)!r} but the probe was trained "
+                            f"with {meta.get(key)!r}. Extract the data with the probe's settings, or pass a "
+                            f"labelled file instead of a store.")
+    want = (meta.get("model") or {}).get("sha256") or ""
+    if want and store.fingerprint and want != store.fingerprint:
+        raise UserError(f"Store {store.path} comes from model {store.fingerprint[:12]}... but the probe was trained "
+                        f"on {want[:12]}.... Extract the data with the probe's model.")
+    if meta.get("neuron_set"):
+        return store.select(NeuronSet.from_json(meta["neuron_set"], source="probe metadata"))
+    if store.layout != "all":
+        raise UserError(f"The probe reads all neurons but store {store.path} holds only a neuron set's. "
+                        f"Extract without --neurons.")
+    return store.features

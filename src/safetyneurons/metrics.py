@@ -1,0 +1,128 @@
+"""Binary classification metrics for probes (label 1 = unsafe is the positive class).
+
+Threshold metrics (accuracy, precision, recall, F1, confusion matrix, scikit-learn classification report)
+use the probe's predictions; ranking metrics (AUROC, AUPRC = average precision, TPR at 1% FPR) use its
+scores. Confidence intervals come from a seeded percentile bootstrap over test prompts; the difference
+between two score sets on the same prompts (safety vs random neurons) from a paired bootstrap.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+TARGET_NAMES = ["safe", "unsafe"]
+
+
+def auroc(y: np.ndarray, s: np.ndarray) -> float:
+    """Area under the ROC curve via the Mann-Whitney statistic (ties count one half). NaN if one class."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(s, dtype=np.float64))
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def tpr_at_fpr(y: np.ndarray, s: np.ndarray, fpr: float = 0.01) -> float:
+    """Highest true-positive rate reachable with a false-positive rate of at most ``fpr``."""
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(y)
+    if y.min() == y.max():
+        return float("nan")
+    f, t, _ = roc_curve(y, s)
+    ok = f <= fpr + 1e-12
+    return float(t[ok].max()) if ok.any() else 0.0
+
+
+def _bootstrap_indices(n: int, y: np.ndarray, n_boot: int, seed: int):
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        yb = y[idx]
+        if yb.min() == yb.max():
+            continue  # AUROC undefined on a one-class resample
+        yield idx
+
+
+def bootstrap_ci(y: np.ndarray, scores: Sequence[np.ndarray] | np.ndarray, n_boot: int = 1000, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap CI of AUROC. ``scores`` may be several score vectors (e.g. random draws):
+    then the statistic is their mean AUROC on each resample."""
+    y = np.asarray(y)
+    score_list = [np.asarray(scores)] if np.ndim(scores) == 1 else [np.asarray(s) for s in scores]
+    stats = [np.mean([auroc(y[idx], s[idx]) for s in score_list])
+             for idx in _bootstrap_indices(len(y), y, n_boot, seed)]
+    if not stats:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def paired_bootstrap_diff(y: np.ndarray, scores_a: np.ndarray, scores_b: Sequence[np.ndarray] | np.ndarray,
+                          n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """AUROC(a) - mean AUROC(b...) on the same prompts, with a paired percentile bootstrap CI.
+
+    ``p_le_0`` is the share of resamples where the difference is <= 0 (a one-sided bootstrap p-value).
+    """
+    y = np.asarray(y)
+    a = np.asarray(scores_a)
+    bs = [np.asarray(scores_b)] if np.ndim(scores_b) == 1 else [np.asarray(s) for s in scores_b]
+    diff = auroc(y, a) - float(np.mean([auroc(y, b) for b in bs]))
+    stats = np.array([auroc(y[idx], a[idx]) - np.mean([auroc(y[idx], b[idx]) for b in bs])
+                      for idx in _bootstrap_indices(len(y), y, n_boot, seed)])
+    if len(stats) == 0:
+        return {"diff": diff, "ci": [float("nan"), float("nan")], "p_le_0": float("nan"), "n_boot": 0}
+    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    return {"diff": float(diff), "ci": [float(lo), float(hi)], "p_le_0": float((stats <= 0).mean()),
+            "n_boot": int(len(stats))}
+
+
+def binary_metrics(y: np.ndarray, scores: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """All metrics for one probe on one labelled set, JSON-ready.
+
+    ``scores``: higher = more unsafe (decision values or probabilities); ``pred``: 0/1 predictions.
+    """
+    from sklearn.metrics import (accuracy_score, average_precision_score, classification_report,
+                                 confusion_matrix, f1_score, precision_score, recall_score)
+
+    y = np.asarray(y).astype(np.int64)
+    pred = np.asarray(pred).astype(np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    two = y.min() != y.max()
+    out = {
+        "n": int(len(y)), "n_unsafe": int(y.sum()), "n_safe": int(len(y) - y.sum()),
+        "accuracy": float(accuracy_score(y, pred)),
+        "precision": float(precision_score(y, pred, zero_division=0)),
+        "recall": float(recall_score(y, pred, zero_division=0)),
+        "f1": float(f1_score(y, pred, zero_division=0)),
+        "confusion_matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
+        "auroc": auroc(y, scores),
+        "auroc_ci": list(bootstrap_ci(y, scores, n_boot=n_boot, seed=seed)) if two and n_boot else [None, None],
+        "auprc": float(average_precision_score(y, scores)) if two else float("nan"),
+        "tpr_at_1pct_fpr": tpr_at_fpr(y, scores, 0.01),
+        "classification_report": classification_report(y, pred, labels=[0, 1], target_names=TARGET_NAMES,
+                                                       digits=4, zero_division=0),
+    }
+    return out
+
+
+def mean_metrics(runs: list[dict]) -> dict:
+    """Average numeric metrics over several runs (random draws); keeps per-draw values and std."""
+    out: dict = {"draws": len(runs)}
+    for key in ("accuracy", "precision", "recall", "f1", "auroc", "auprc", "tpr_at_1pct_fpr"):
+        vals = np.array([r[key] for r in runs], dtype=np.float64)
+        out[key] = float(np.nanmean(vals))
+        out[f"{key}_std"] = float(np.nanstd(vals))
+        out[f"{key}_per_draw"] = vals.tolist()
+    out["confusion_matrix_per_draw"] = [r["confusion_matrix"] for r in runs]
+    # a single draw's report/matrix, for the reference-style printout
+    out["shown_draw"] = 1
+    for key in ("n", "n_unsafe", "n_safe", "confusion_matrix", "classification_report"):
+        out[key] = runs[0][key]
+    return out

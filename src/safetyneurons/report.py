@@ -1,0 +1,165 @@
+"""Probe reports: report.json, a readable report.md, and ROC / precision-recall curve PNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ._io import atomic_write_json, atomic_write_text
+from .probe import TEXT_CLASSIFIER, CompareResult, json_safe
+
+LABELS = {"safety": "safety neurons", "pca": "PCA (95% var.) of all", "all": "all neurons",
+          "random": "random neurons", "text": "text only (TF-IDF)"}
+
+
+def _f(v, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _ci(ci) -> str:
+    if not ci or ci[0] is None or (isinstance(ci[0], float) and not np.isfinite(ci[0])):
+        return ""
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def results_table(results: Sequence[dict]) -> str:
+    """Markdown table: feature set x classifier x metrics."""
+    head = ("| feature set | classifier | n features | accuracy | F1 | AUROC [95% CI] | AUPRC | TPR@1%FPR |\n"
+            "|---|---|---:|---:|---:|---|---:|---:|\n")
+    rows = []
+    for r in results:
+        m = r["metrics"]
+        fs = r["feature_set"]
+        extra = f" (mean of {m['draws']} draws)" if "draws" in m else ""
+        if "pca_components" in m:
+            extra = f" ({m['pca_components']} comp.)"
+        pm = lambda k: _f(m[k]) + (f" ± {m[k + '_std']:.3f}" if f"{k}_std" in m else "")  # noqa: E731
+        rows.append(f"| {LABELS.get(fs, fs)}{extra} | {r['classifier']} | {r['n_features']} | {pm('accuracy')} | "
+                    f"{pm('f1')} | {pm('auroc')}{_ci(m.get('auroc_ci'))} | {pm('auprc')} | {pm('tpr_at_1pct_fpr')} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def reference_printout(title: str, m: dict) -> str:
+    """Classification report and confusion matrix, laid out like the reference project's printout."""
+    cm = m["confusion_matrix"]
+    return (f"=== {title} ===\n{m['classification_report']}\nConfusion matrix (rows true safe/unsafe, "
+            f"cols predicted safe/unsafe):\n[[{cm[0][0]} {cm[0][1]}]\n [{cm[1][0]} {cm[1][1]}]]\n")
+
+
+def render_markdown(report: dict) -> str:
+    tr, te = report["train"], report["test"]
+    lines = ["# Safety-neuron probe report", "",
+             f"- model: `{tr['model'].get('ref')}` (sha256 {str(tr['model'].get('sha256') or '')[:12]}...)",
+             f"- hook point `{tr['hook_point']}`, pooling `{tr['pooling']}`, max length {tr['max_length']}",
+             f"- train: {tr['n']} prompts ({tr['data'].get('n_unsafe')} unsafe) from `{tr['path']}`",
+             f"- test: {te['n']} prompts ({te['data'].get('n_unsafe')} unsafe) from `{te['path']}`"]
+    ns = report.get("neuron_set")
+    if ns:
+        lines.append(f"- safety neurons: {ns['count']} at `{ns['hook_point']}` (neuron set sha256 {ns['sha256'][:12]}...)")
+    s = report["settings"]
+    lines += [f"- seed {s['seed']}, {s['bootstrap_resamples']} bootstrap resamples for CIs, threshold rule: "
+              f"{report['results'][0]['threshold_rule'] if report['results'] else ''}", "",
+              "## Test metrics", "", results_table(report["results"])]
+    if report.get("safety_vs_random"):
+        lines += ["## Safety neurons vs random neurons (AUROC difference, paired bootstrap)", "",
+                  "| classifier | AUROC(safety) - mean AUROC(random) | 95% CI | share of resamples <= 0 |",
+                  "|---|---:|---|---:|"]
+        for clf, d in report["safety_vs_random"].items():
+            lines.append(f"| {clf} | {_f(d['diff'])} |{_ci(d['ci'])} | {_f(d['p_le_0'])} |")
+        lines.append("")
+    lines += ["## Classification reports", ""]
+    for r in report["results"]:
+        title = f"{LABELS.get(r['feature_set'], r['feature_set'])} / {r['classifier']}"
+        if "draws" in r["metrics"]:
+            title += f" (draw {r['metrics']['shown_draw']} of {r['metrics']['draws']})"
+        lines += ["```", reference_printout(title, r["metrics"]).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(path_roc: Path, path_pr: Path, y: np.ndarray, curves: list[tuple[str, list[np.ndarray]]],
+                title: str) -> None:
+    """ROC and PR curves of several probes on one labelled set (several score vectors = thin draws)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from .metrics import auroc
+
+    y = np.asarray(y)
+    if y.min() == y.max():
+        return
+    for kind, path in (("roc", path_roc), ("pr", path_pr)):
+        fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
+        for k, (label, scores) in enumerate(curves):
+            color = f"C{k}"
+            for j, s in enumerate(scores):
+                lw, alpha = (1.8, 1.0) if len(scores) == 1 else (0.8, 0.6)
+                if kind == "roc":
+                    fx, fy, _ = roc_curve(y, s)
+                else:
+                    p, r, _ = precision_recall_curve(y, s)
+                    fx, fy = r, p
+                lab = None
+                if j == 0:
+                    a = np.mean([auroc(y, t) for t in scores])
+                    lab = f"{label} (AUROC {a:.3f})" + (f", {len(scores)} draws" if len(scores) > 1 else "")
+                ax.plot(fx, fy, color=color, lw=lw, alpha=alpha, label=lab,
+                        drawstyle="steps-post" if kind == "pr" else "default")
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+            ax.set_xlabel("false positive rate")
+            ax.set_ylabel("true positive rate")
+        else:
+            ax.axhline(y.mean(), color="grey", lw=0.8, ls="--")
+            ax.set_xlabel("recall")
+            ax.set_ylabel("precision")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{'ROC' if kind == 'roc' else 'Precision-recall'}: {title}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+        plt.close(fig)
+
+
+def write_report(result: CompareResult, out_dir: str | Path) -> dict:
+    """report.json, report.md, roc_<classifier>.png and pr_<classifier>.png into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = json_safe(result.report)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", render_markdown(report))
+    text = [r for r in result.runs if r.classifier == TEXT_CLASSIFIER]
+    for clf in report["settings"]["classifiers"]:
+        curves = [(f"{LABELS[r.feature_set]}", r.test_proba) for r in result.runs if r.classifier == clf]
+        curves += [(LABELS["text"], r.test_proba) for r in text]
+        if curves:
+            plot_curves(out / f"roc_{clf}.png", out / f"pr_{clf}.png", result.y_test, curves,
+                        f"{clf}, {report['test']['hook_point']} / {report['test']['pooling']}")
+    if not report["settings"]["classifiers"] or not any(r.classifier != TEXT_CLASSIFIER for r in result.runs):
+        if text:
+            plot_curves(out / "roc.png", out / "pr.png", result.y_test, [(LABELS["text"], r.test_proba) for r in text],
+                        "text baseline")
+    return report
+
+
+def write_evaluation(out_dir: str | Path, report: dict, y: np.ndarray, proba: np.ndarray, label: str) -> None:
+    """Outputs of `safetyneurons evaluate`: report.json, report.md, roc.png, pr.png."""
+    out = Path(out_dir)
+    report = json_safe(report)
+    atomic_write_json(out / "report.json", report)
+    m = report["metrics"]
+    md = ["# Probe evaluation", "", f"- probe: `{report['probe']['path']}` ({report['probe']['feature_set']} / "
+          f"{report['probe']['classifier']}, threshold {report['probe']['threshold']:.4f})",
+          f"- data: `{report['data']['source']}` ({m['n']} prompts, {m['n_unsafe']} unsafe)", "",
+          "| accuracy | precision | recall | F1 | AUROC [95% CI] | AUPRC | TPR@1%FPR |",
+          "|---:|---:|---:|---:|---|---:|---:|",
+          f"| {_f(m['accuracy'])} | {_f(m['precision'])} | {_f(m['recall'])} | {_f(m['f1'])} | "
+          f"{_f(m['auroc'])}{_ci(m.get('auroc_ci'))} | {_f(m['auprc'])} | {_f(m['tpr_at_1pct_fpr'])} |", "",
+          "```", reference_printout(label, m).rstrip(), "```", ""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    plot_curves(out / "roc.png", out / "pr.png", y, [(label, [proba])], label)
