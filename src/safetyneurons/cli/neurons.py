@@ -1,0 +1,68 @@
+"""`safetyneurons neurons select|plot`: pick safety neurons from change scores and plot where they sit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+
+
+@click.group("neurons")
+def neurons():
+    """Select safety neurons from `contrast` change scores, and plot them."""
+
+
+@neurons.command("select", context_settings={"show_default": True})
+@click.option("--scores", "scores_dir", required=True, type=click.Path(path_type=Path),
+              help="Output directory of `safetyneurons contrast` (scores.safetensors + contrast.json).")
+@click.option("--top-percent", type=float, default=None,
+              help="Select the top K% of neurons by change score, K in (0, 100]. [default: 5]")
+@click.option("--top-n", type=int, default=None, help="Select the top N neurons instead of a percentage.")
+@click.option("--per-layer", is_flag=True, help="Apply the rule within each layer instead of globally.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Neuron-set JSON file to write (format safetyneurons.neuron_set/1).")
+def select(scores_dir, top_percent, top_n, per_layer, out):
+    """Write the neurons with the highest change scores as a neuron set (ties: lower layer, lower index)."""
+    from .. import neurons as lib
+
+    top_percent, top_n = lib.check_selection(top_percent, top_n)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file path such as {out / 'neuron_set.json'}.")
+    from ..contrast import ChangeScores
+
+    scores = ChangeScores.load(scores_dir)
+    neuron_set = lib.select(scores, top_percent=top_percent, top_n=top_n, per_layer=per_layer)
+    neuron_set.save(out)
+    counts = neuron_set.per_layer_counts()
+    busiest = int(counts.argmax())
+    click.echo(f"Selected {len(neuron_set)} of {scores.num_layers * scores.width} neurons at {scores.hook_point} "
+               f"(most in layer {busiest}: {int(counts[busiest])}). Wrote {out}")
+
+
+@neurons.command("plot")
+@click.option("--scores", "scores_dir", required=True, type=click.Path(path_type=Path),
+              help="Output directory of `safetyneurons contrast`.")
+@click.option("--neurons", "neurons_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Neuron-set JSON to mark on the heatmap. [default: SCORES/neuron_set.json if present, "
+                   "else the top 5%]")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write heatmap.png, layer_counts.png and stats.json into (created if needed; "
+                   "other files in it are left alone).")
+def plot(scores_dir, neurons_file, out):
+    """Heatmap of change scores (layers x neurons, safety neurons marked), per-layer counts, sparsity stats."""
+    from .. import neurons as lib
+    from .._io import check_out_dir
+    from ..contrast import ChangeScores
+
+    check_out_dir(out)
+    scores = ChangeScores.load(scores_dir)
+    if neurons_file is not None:
+        neuron_set = lib.NeuronSet.load(neurons_file)
+    elif (Path(scores_dir) / "neuron_set.json").is_file():
+        neuron_set = lib.NeuronSet.load(Path(scores_dir) / "neuron_set.json")
+    else:
+        neuron_set = lib.select(scores)
+    written = lib.write_report(scores, neuron_set, out)
+    click.echo(f"Wrote {', '.join(str(p) for p in written.values())}")

@@ -1,0 +1,408 @@
+"""Inference-time activation contrasting: a change score for every neuron of a base/aligned pair.
+
+Chen et al. 2025 ("Finding Safety Neurons in Large Language Models", arXiv 2406.14144): run the same
+prompts through the base model and its safety-aligned twin, and score each neuron (layer l, index i) at a
+hook point by
+
+    change score = sqrt( mean over the selected tokens of (a_base - a_aligned)^2 )
+
+The neurons with the largest change scores are the safety neurons (see ``neurons.select``).
+
+Token positions (which tokens count):
+
+- ``prompt``       every token of the (chat-formatted) prompt;
+- ``prompt_last``  only the last prompt token, where the answer starts;
+- ``completion``   the aligned model answers greedily (``max_new_tokens``); both models then read the same
+                   prompt + answer token ids and only the answer tokens count, up to and including the
+                   first EOS (anything after it is padding).
+
+Padding never counts. Scores are accumulated batch by batch as float64 sums of squared differences plus a
+token count, so memory stays O(layers x width) whatever the number of prompts, and the result does not
+depend on batch size, prompt order or padding side.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ._io import atomic_write_json, read_json, save_tensors_atomic, sha256_bytes, sha256_json, versions
+from .errors import UserError
+from .hooks import HOOK_POINTS, check_hook_point, forward_with_hooks, hook_width, num_layers
+from .hooks import position_ids_from_mask
+from .pair import LoadedModel, check_symmetry
+
+CHANGE_SCORES_FORMAT = "safetyneurons.change_scores/1"
+SCORES_FILE = "scores.safetensors"
+META_FILE = "contrast.json"
+
+POSITIONS: dict[str, str] = {
+    "prompt": "every prompt token (chat template included); padding never counts",
+    "prompt_last": "the last prompt token of each prompt, where the answer starts",
+    "completion": "the tokens the aligned model generates greedily, up to and including the first EOS; "
+                  "both models read the same prompt + answer ids, prompt and padding tokens do not count",
+}
+PADDING_SIDES = ("right", "left")
+
+
+def check_positions(positions: str) -> str:
+    if positions not in POSITIONS:
+        raise UserError(f"Unknown token positions {positions!r}. Choose one of: {', '.join(POSITIONS)}.")
+    return positions
+
+
+# --------------------------------------------------------------------------------------- the result
+@dataclass
+class ChangeScores:
+    """Change scores of every neuron at one hook point: ``scores[layer, index]``.
+
+    ``sum_sq`` holds the float64 sums over tokens of (a_base - a_aligned)^2 and ``token_count`` the number
+    of tokens summed, so two runs over disjoint prompt sets can be merged exactly (``merge``).
+    """
+
+    hook_point: str
+    positions: str
+    sum_sq: np.ndarray  # float64 [num_layers, width]
+    token_count: int
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.sum_sq = np.asarray(self.sum_sq, dtype=np.float64)
+        if self.sum_sq.ndim != 2:
+            raise UserError(f"Change scores must be a [num_layers, width] matrix, got shape {self.sum_sq.shape}.")
+        self.token_count = int(self.token_count)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """float64 [num_layers, width]: sqrt(mean squared activation difference)."""
+        if self.token_count <= 0:
+            return np.zeros_like(self.sum_sq)
+        return np.sqrt(self.sum_sq / self.token_count)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.sum_sq.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.sum_sq.shape[1])
+
+    @property
+    def model(self) -> dict:
+        """The base model's description (what a neuron set found on these scores refers to)."""
+        return dict(self.meta.get("base", {}))
+
+    def fingerprint(self) -> str:
+        """sha256 of the accumulated sums and token count (identifies these scores in provenance)."""
+        data = np.ascontiguousarray(self.sum_sq).tobytes() + str(self.token_count).encode()
+        return sha256_bytes(data)
+
+    def merge(self, other: "ChangeScores") -> "ChangeScores":
+        """Scores over the union of two disjoint prompt sets (same pair, hook point and positions)."""
+        if (other.hook_point, other.positions, other.sum_sq.shape) != (self.hook_point, self.positions,
+                                                                        self.sum_sq.shape):
+            raise UserError("Cannot merge change scores of different hook points, positions or shapes.")
+        meta = dict(self.meta)
+        meta["prompt_count"] = self.meta.get("prompt_count", 0) + other.meta.get("prompt_count", 0)
+        meta["token_count"] = self.token_count + other.token_count
+        return ChangeScores(self.hook_point, self.positions, self.sum_sq + other.sum_sq,
+                            self.token_count + other.token_count, meta)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``scores.safetensors`` (scores float32, sum_sq float64, token_count) and ``contrast.json``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "scores": torch.from_numpy(self.scores.astype(np.float32)),
+            "sum_sq": torch.from_numpy(self.sum_sq.copy()),
+            "token_count": torch.tensor([self.token_count], dtype=torch.int64),
+        }
+        save_tensors_atomic(out_dir / SCORES_FILE, tensors,
+                            metadata={"format": CHANGE_SCORES_FORMAT, "hook_point": self.hook_point,
+                                      "positions": self.positions})
+        meta = dict(self.meta)
+        meta.update(format=CHANGE_SCORES_FORMAT, hook_point=self.hook_point, positions=self.positions,
+                    num_layers=self.num_layers, width=self.width, token_count=self.token_count,
+                    scores_sha256=self.fingerprint())
+        atomic_write_json(out_dir / META_FILE, meta)
+        return out_dir
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ChangeScores":
+        """Read scores written by ``save`` (a ``contrast`` output directory)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise UserError(f"{directory}: no such directory. Give the --out directory of `safetyneurons contrast`.")
+        tensor_path = directory / SCORES_FILE
+        if not tensor_path.is_file() or not (directory / META_FILE).is_file():
+            raise UserError(f"{directory} holds no change scores ({SCORES_FILE} and {META_FILE} expected). "
+                            f"Give the --out directory of `safetyneurons contrast`.")
+        meta = read_json(directory / META_FILE)
+        if not isinstance(meta, dict) or meta.get("format") != CHANGE_SCORES_FORMAT:
+            raise UserError(f"{directory / META_FILE}: not a safetyneurons contrast record "
+                            f"(expected format {CHANGE_SCORES_FORMAT}).")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(tensor_path))
+            sum_sq, count = tensors["sum_sq"], tensors["token_count"]
+        except (SafetensorError, KeyError, OSError) as e:
+            raise UserError(f"{tensor_path}: unreadable or incomplete change scores ({e}). "
+                            f"Re-run `safetyneurons contrast`.") from None
+        if meta.get("hook_point") not in HOOK_POINTS or meta.get("positions") not in POSITIONS or sum_sq.ndim != 2:
+            raise UserError(f"{directory}: damaged change scores (hook point, positions or shape). "
+                            f"Re-run `safetyneurons contrast`.")
+        return cls(hook_point=meta["hook_point"], positions=meta["positions"], sum_sq=sum_sq.double().numpy(),
+                   token_count=int(count.reshape(-1)[0]), meta=meta)
+
+
+# ------------------------------------------------------------------------------------ token choice
+def _select_prompt(attention_mask: torch.Tensor, positions: str) -> torch.Tensor:
+    """Bool [batch, seq]: the prompt tokens that count (never padding)."""
+    real = attention_mask.bool()
+    if positions == "prompt":
+        return real
+    # prompt_last: the last real token of each row, whatever the padding side
+    seq = attention_mask.shape[1]
+    last = (real.long() * torch.arange(1, seq + 1)).argmax(dim=1)
+    select = torch.zeros_like(real)
+    select[torch.arange(len(last)), last] = True
+    return select & real  # a row without tokens selects nothing
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[r, sl] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, sl] = 1
+    return ids, mask
+
+
+def eos_token_ids(lm: LoadedModel) -> list[int]:
+    """The ids that end an answer: the generation config's EOS id(s) and the tokenizer's EOS."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, lm.tokenizer.eos_token_id):
+        if value is None:
+            continue
+        ids.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate_completions(aligned: LoadedModel, prompts: Sequence[str], max_length: int | None,
+                         max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """Greedy answers of ``aligned``: per prompt (prompt token ids, answer ids up to and including the first EOS)."""
+    from transformers import GenerationConfig
+
+    eos = eos_token_ids(aligned)
+    pad_id = aligned.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = eos[0] if eos else 0
+    enc = aligned.encode(prompts, max_length=max_length, padding_side="left")  # generation needs left padding
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
+                              pad_token_id=pad_id)
+    device = aligned.device
+    out = aligned.model.generate(input_ids=enc["input_ids"].to(device),
+                                 attention_mask=enc["attention_mask"].to(device), generation_config=config)
+    answers = out[:, enc["input_ids"].shape[1]:].cpu().tolist()
+    eos_set = set(eos)
+    result = []
+    for ids, mask, answer in zip(enc["input_ids"], enc["attention_mask"], answers):
+        cut = next((k + 1 for k, t in enumerate(answer) if t in eos_set), len(answer))
+        result.append((ids[mask.bool()].tolist(), answer[:cut]))
+    return result
+
+
+def completion_batch(aligned: LoadedModel, prompts: Sequence[str], max_length: int | None, max_new_tokens: int,
+                     padding_side: str = "right") -> dict:
+    """Prompt + greedy answer of ``aligned``, padded; ``select`` marks the answer tokens only.
+
+    Returns ``{"input_ids", "attention_mask", "select", "stopped_at_eos"}``.
+    """
+    pairs = generate_completions(aligned, prompts, max_length, max_new_tokens)
+    pad_id = aligned.tokenizer.pad_token_id if aligned.tokenizer.pad_token_id is not None else 0
+    ids, mask = _pad([p + a for p, a in pairs], pad_id, padding_side)
+    starts = torch.tensor([len(p) for p, _ in pairs]).unsqueeze(1)
+    select = mask.bool() & (position_ids_from_mask(mask) >= starts)
+    eos = set(eos_token_ids(aligned))
+    stopped = sum(1 for _, a in pairs if a and a[-1] in eos)
+    return {"input_ids": ids, "attention_mask": mask, "select": select, "stopped_at_eos": stopped}
+
+
+# ----------------------------------------------------------------------------------- accumulation
+def _accumulate(base: LoadedModel, aligned: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                select: torch.Tensor, hook_point: str, sum_sq: torch.Tensor) -> int:
+    """Add sum over selected tokens of (a_base - a_aligned)^2 into ``sum_sq`` [L, W]; return the token count."""
+    n_tokens = int(select.sum())
+    if n_tokens == 0:
+        return 0
+    layers = sum_sq.shape[0]
+    kept: dict[int, torch.Tensor] = {}
+    # flat positions of the tokens that count, computed once per batch (index_select avoids re-deriving a
+    # boolean mask's nonzero entries, a device sync on GPU, at every layer)
+    rows = {select.device: select.reshape(-1).nonzero().squeeze(1)}
+
+    def gather(act: torch.Tensor) -> torch.Tensor:  # [batch, seq, W] -> [n_tokens, W]
+        if act.device not in rows:  # layers may sit on several devices (device_map="auto")
+            rows[act.device] = next(iter(rows.values())).to(act.device)
+        return act.reshape(-1, act.shape[-1]).index_select(0, rows[act.device])
+
+    def keep(layer: int, act: torch.Tensor) -> None:
+        kept[layer] = gather(act)
+
+    forward_with_hooks(base.model, input_ids, attention_mask, hook_point, keep)
+    if len(kept) != layers:
+        raise RuntimeError(f"hook captured {len(kept)} of {layers} layers in the base model")
+    seen = []
+
+    def add(layer: int, act: torch.Tensor) -> None:
+        a_aligned = gather(act).float()
+        diff = kept.pop(layer).to(a_aligned.device).float().sub_(a_aligned)  # float32: exact for close values
+        # squares summed in float64, so long prompt sets do not lose precision
+        sum_sq[layer] += torch.sum(diff.square_(), dim=0, dtype=torch.float64).to(sum_sq.device)
+        seen.append(layer)
+
+    forward_with_hooks(aligned.model, input_ids, attention_mask, hook_point, add)
+    if len(seen) != layers:
+        raise RuntimeError(f"hook captured {len(seen)} of {layers} layers in the aligned model")
+    return n_tokens
+
+
+def _check_same_tokens(base: LoadedModel, aligned: LoadedModel) -> None:
+    """Both models read the aligned model's token ids, so their vocabularies must agree."""
+    if base.tokenizer.get_vocab() != aligned.tokenizer.get_vocab():
+        raise UserError(
+            f"The models are not a symmetric pair: the tokenizers of base {base.ref} and aligned {aligned.ref} "
+            f"map tokens to different ids. Contrasting needs two checkpoints that share a tokenizer."
+        )
+
+
+def _length_order(lm: LoadedModel, prompts: Sequence[str], max_length: int | None) -> list[int]:
+    """Prompt indices, longest first (stable), so batches hold prompts of similar length (less padding)."""
+    lengths: list[int] = []
+    for start in range(0, len(prompts), 512):
+        enc = lm.encode(prompts[start:start + 512], max_length=max_length)
+        lengths.extend(enc["attention_mask"].sum(dim=1).tolist())
+    return sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+
+
+def _check_prompts(prompts: Iterable[str]) -> list[str]:
+    if isinstance(prompts, str):
+        raise UserError("`prompts` must be a list of prompt strings, not a single string.")
+    prompts = list(prompts)
+    if not prompts:
+        raise UserError("No prompts to contrast: the prompt set is empty. Give at least one non-empty prompt.")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise UserError(f"Prompt #{i + 1} is empty or not a string; every prompt must be non-empty text.")
+    return prompts
+
+
+def contrast(
+    base: LoadedModel,
+    aligned: LoadedModel,
+    prompts: Sequence[str],
+    hook_point: str = "mlp_out",
+    positions: str = "prompt",
+    batch_size: int = 8,
+    max_length: int | None = 256,
+    max_new_tokens: int = 32,
+    padding_side: str = "right",
+    progress: bool = True,
+) -> ChangeScores:
+    """Change score of every neuron at ``hook_point`` between ``base`` and ``aligned`` over ``prompts``.
+
+    Prompts are formatted and tokenized by the aligned model (its chat template when on) and both models
+    read the same token ids. ``max_length`` truncates prompts (in tokens); ``max_new_tokens`` bounds the
+    answer for ``positions="completion"``. Raises UserError on bad input or a mismatched pair.
+    """
+    check_hook_point(hook_point)
+    check_positions(positions)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch size must be a positive integer, got {batch_size!r}.")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise UserError(f"max length must be a positive number of tokens (or None), got {max_length!r}.")
+    if positions == "completion" and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        raise UserError(f"max new tokens must be a positive integer, got {max_new_tokens!r}.")
+    if padding_side not in PADDING_SIDES:
+        raise UserError(f"padding side must be one of {', '.join(PADDING_SIDES)}, got {padding_side!r}.")
+    prompts = _check_prompts(prompts)
+    check_symmetry(base, aligned)
+    _check_same_tokens(base, aligned)
+
+    layers, width = num_layers(base.model), hook_width(base.model, hook_point)
+    if (layers, width) != (num_layers(aligned.model), hook_width(aligned.model, hook_point)):
+        raise UserError(f"The models are not a symmetric pair at hook point {hook_point}: base has "
+                        f"{layers}x{width} neurons, aligned {num_layers(aligned.model)}x"
+                        f"{hook_width(aligned.model, hook_point)}.")
+    sum_sq = torch.zeros(layers, width, dtype=torch.float64, device=aligned.device)
+    token_count, stopped_at_eos = 0, 0
+    order = _length_order(aligned, prompts, max_length)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(prompts), desc=f"contrast {hook_point}/{positions}", unit="prompt", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = [prompts[i] for i in order[start:start + batch_size]]
+            if positions == "completion":
+                cb = completion_batch(aligned, batch, max_length, max_new_tokens, padding_side)
+                ids, mask, select = cb["input_ids"], cb["attention_mask"], cb["select"]
+                stopped_at_eos += cb["stopped_at_eos"]
+            else:
+                enc = aligned.encode(batch, max_length=max_length, padding_side=padding_side)
+                ids, mask = enc["input_ids"], enc["attention_mask"]
+                select = _select_prompt(mask, positions)
+            token_count += _accumulate(base, aligned, ids, mask, select, hook_point, sum_sq)
+            bar.update(len(batch))
+            bar.set_postfix(tokens=token_count, refresh=False)
+    finally:
+        bar.close()
+    if token_count == 0:
+        raise UserError("No tokens were selected from the prompts, so no change score can be computed. "
+                        "Check that the prompts are not empty after tokenization.")
+
+    meta = {
+        "format": CHANGE_SCORES_FORMAT,
+        "method": "inference-time activation contrasting (Chen et al. 2025, arXiv 2406.14144)",
+        "change_score": "sqrt(mean over selected tokens of (a_base - a_aligned)^2)",
+        "base": base.describe(),
+        "aligned": aligned.describe(),
+        "tokenized_with": "aligned",
+        "hook_point": hook_point,
+        "hook_point_doc": HOOK_POINTS[hook_point],
+        "positions": positions,
+        "positions_doc": POSITIONS[positions],
+        "num_layers": layers,
+        "width": width,
+        "prompt_count": len(prompts),
+        "prompts_sha256": sha256_json(prompts),
+        "token_count": token_count,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "max_new_tokens": max_new_tokens if positions == "completion" else None,
+        "padding_side": padding_side,
+        "dtype": str(next(base.model.parameters()).dtype).replace("torch.", ""),
+        "device": str(aligned.device),
+        "versions": versions(),
+    }
+    if positions == "completion":
+        meta["generation"] = {"model": "aligned", "decoding": "greedy", "eos_token_ids": eos_token_ids(aligned),
+                              "answers_stopped_at_eos": stopped_at_eos,
+                              "mean_answer_tokens": token_count / len(prompts)}
+    result = ChangeScores(hook_point, positions, sum_sq.cpu().numpy(), token_count, meta)
+    if not math.isfinite(float(result.sum_sq.sum())):
+        raise UserError("The change scores are not finite (NaN/inf activations). Try --dtype float32.")
+    return result
