@@ -79,6 +79,7 @@ class TwinSettings:
     lr: float = 3e-4              # AdamW peak learning rate (linear warmup, then linear decay to 10%)
     steps: int = 60               # optimizer steps
     batch_size: int = 8           # examples per step
+    benign_share: float = 0.5     # fraction of each batch drawn from benign examples (the rest harmful)
     max_length: int = 128         # tokens per training example (prompt + reply), longer ones are cut
     max_new_tokens: int = 24      # length of the base model's self-distilled reply to benign prompts
     warmup_steps: int = 5
@@ -98,6 +99,7 @@ class TwinSettings:
             ("lr", 0 < self.lr <= 1, "in (0, 1]", "--lr"),
             ("steps", self.steps >= 1, "an integer >= 1", "--steps"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1", "--batch-size"),
+            ("benign_share", 0 < self.benign_share < 1, "in (0, 1)", "--benign-share"),
             ("max_length", self.max_length >= 16, "an integer >= 16", "--max-length"),
             ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1", "--max-new-tokens"),
             ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0", "warmup_steps"),
@@ -116,8 +118,15 @@ class TwinSettings:
         return dataclasses.asdict(self)
 
     def key_dict(self) -> dict:
-        """The settings that change the weights (the cache key); evaluation-only settings are left out."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.EVAL_ONLY}
+        """The settings that change the weights (the cache key); evaluation-only settings are left out.
+
+        ``benign_share`` 0.5 gives exactly the batches made before the setting existed (classes alternate), so
+        it is left out of the key at that value and twins built then keep their cache entry.
+        """
+        out = {k: v for k, v in self.to_dict().items() if k not in self.EVAL_ONLY}
+        if out.get("benign_share") == 0.5:
+            del out["benign_share"]
+        return out
 
 
 # -------------------------------------------------------------------------------------- data helpers
@@ -383,9 +392,14 @@ def _lr_lambda(settings: TwinSettings):
     return f
 
 
-def balanced_batches(labels: Sequence[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Indices for `steps` class-balanced batches: harmful (1) and benign (0) alternate within the run, and
-    each class is drawn from its own seeded shuffle, reshuffled once every item has been used."""
+def balanced_batches(labels: Sequence[int], batch_size: int, steps: int, seed: int,
+                     benign_share: float = 0.5) -> list[list[int]]:
+    """Indices for `steps` class-balanced batches.
+
+    Over the run, a fraction `benign_share` of the slots is benign (0) and the rest harmful (1), spread
+    evenly (0.5: the classes alternate). Each class is drawn from its own seeded shuffle, reshuffled once
+    every item has been used.
+    """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -395,7 +409,8 @@ def balanced_batches(labels: Sequence[int], batch_size: int, steps: int, seed: i
     for step in range(steps):
         batch = []
         for k in range(batch_size):
-            c = 1 - (step * batch_size + k) % 2
+            i = step * batch_size + k
+            c = 0 if math.floor((i + 1) * benign_share) > math.floor(i * benign_share) else 1
             if not by_class[c]:
                 c = 1 - c
             if not orders[c]:
@@ -422,7 +437,8 @@ def train_lora(lm, examples: Sequence[dict], settings: TwinSettings, progress: b
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else end_of_turn_id(lm)
-    batches = balanced_batches([e["label"] for e in examples], settings.batch_size, settings.steps, settings.seed)
+    batches = balanced_batches([e["label"] for e in examples], settings.batch_size, settings.steps, settings.seed,
+                               settings.benign_share)
     losses: list[float] = []
     model.train()
     with _bar(total=settings.steps, desc="LoRA fine-tune", unit="step", disable=not progress) as bar:
