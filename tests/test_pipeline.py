@@ -67,7 +67,7 @@ def test_run_writes_every_artifact_and_all_feature_sets(tiny_run):
     out = Path(settings.out)
     for rel in ("run.json", "README.md", "contrast/scores.safetensors", "contrast/neuron_set.json",
                 "contrast/heatmap.png", "contrast/stats.json", "probes/report.md", "probes/report.json",
-                "guard/guard.json"):
+                "guard/guard.json", "probes/probes/safety-svm/probe.json", "probes/probes/text-tfidf-logreg/probe.json"):
         assert (out / rel).is_file(), rel
     got = {(r["feature_set"], r["classifier"]) for r in summary["results"]}
     for fs in ("safety", "pca", "all", "random"):

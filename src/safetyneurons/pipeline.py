@@ -268,6 +268,9 @@ def run(settings: RunSettings | None = None, progress: bool = True) -> dict:
         result.report["run"] = {"settings": summary["settings"], "pair": summary["pair"],
                                 "neurons": summary["neurons"], "data": summary["data"]}
         report = write_report(result, out / "probes")
+        for r in result.runs:  # keep the probes `safetyneurons evaluate` can rescore (as `train` does)
+            if r.feature_set in ("safety", "text"):
+                r.probes[0].save(out / "probes" / "probes" / f"{r.feature_set}-{r.classifier}")
         if report.get("heldout"):
             md = (out / "probes" / "report.md").read_text(encoding="utf-8")
             md += ("\n## Held-out benchmark\n\nThe same probes, scored on whole sources kept out of the main mix "
