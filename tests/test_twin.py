@@ -155,16 +155,32 @@ def test_balanced_batches():
 def test_benign_targets_that_are_not_answers_are_not_trained(monkeypatch):
     lm = tiny_lm("llama")
 
-    def fake_generate(lm_, prompts, max_new_tokens, batch_size=16, progress=True, desc=""):
+    asked = []
+
+    def fake_generate(lm_, prompts, max_new_tokens, batch_size=16, progress=True, desc="", prefix=""):
+        asked.append((prefix, list(prompts)))
+        if prefix:  # re-asked with a prefilled reply: one becomes an answer, one still declines
+            return [(prefix + (" is Paris." if "France" in p else ", I can't."), True) for p in prompts]
         return [("I'm sorry, but I cannot do that." if "France" in p else "" if "fruits" in p
                  else "Here is a helpful answer.", True) for p in prompts]
 
     monkeypatch.setattr(tw, "generate_replies", fake_generate)
     examples = tw.build_examples(lm, records(), FAST, progress=False)
+    assert [a[0] for a in asked] == [""]                      # no prefill unless asked for
     unused = {e["prompt"]: e["verdict"] for e in examples if not e["used"]}
     assert unused == {"What is the capital of France?": "refusal", "Name three fruits.": "empty"}
     assert all(e["used"] and e["verdict"] == "refusal" for e in examples if e["label"] == 1)
     assert {e["reply"] for e in examples if e["label"] == 0 and e["used"]} == {"Here is a helpful answer."}
+
+    asked.clear()
+    examples = tw.build_examples(lm, records(), tw.dataclasses.replace(FAST, helpful_prefix="Sure, here"),
+                                 progress=False)
+    assert asked[1] == ("Sure, here", ["What is the capital of France?", "Name three fruits."])
+    by_prompt = {e["prompt"]: e for e in examples}
+    assert by_prompt["What is the capital of France?"]["reply"] == "Sure, here is Paris."
+    assert by_prompt["What is the capital of France?"]["source"] == "prefilled"
+    assert by_prompt["What is the capital of France?"]["used"]
+    assert not by_prompt["Name three fruits."]["used"] and by_prompt["Name three fruits."]["source"] == "greedy"
 
 
 # --------------------------------------------------------------------------------------- building
@@ -257,7 +273,7 @@ def test_cache_key_changes_with_data_and_settings(tmp_cache, base_dir):
     assert name == tw.twin_name(base_sha, data_sha, tw.TwinSettings(**FAST.to_dict()))
     # evaluation-only settings do not change the weights, so not the key either
     assert name == tw.twin_name(base_sha, data_sha, tw.TwinSettings(**{**FAST.to_dict(), "eval_max_new_tokens": 99}))
-    for change in ({"steps": 5}, {"lr": 2e-2}, {"rank": 4}, {"alpha": 8.0}, {"seed": 1}, {"max_length": 64},
+    for change in ({"helpful_prefix": "Sure, here"}, {"benign_share": 0.625}, {"steps": 5}, {"lr": 2e-2}, {"rank": 4}, {"alpha": 8.0}, {"seed": 1}, {"max_length": 64},
                    {"batch_size": 2}, {"max_new_tokens": 7}, {"dropout": 0.1}):
         assert tw.twin_name(base_sha, data_sha, tw.TwinSettings(**{**FAST.to_dict(), **change})) != name, change
     assert tw.twin_name("cd" * 32, data_sha, FAST) != name

@@ -71,7 +71,7 @@ _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 # ------------------------------------------------------------------------------------------ settings
 @dataclass(frozen=True)
 class TwinSettings:
-    """Everything that shapes the twin. Defaults finish in about 6 minutes on a 2-core CPU for SmolLM2-135M."""
+    """Everything that shapes the twin. For SmolLM2-135M the defaults took 829 s on a shared 2-core CPU."""
 
     rank: int = 8                 # LoRA rank r
     alpha: float = 16.0           # LoRA alpha (merge scale = alpha / rank)
@@ -82,6 +82,7 @@ class TwinSettings:
     benign_share: float = 0.5     # fraction of each batch drawn from benign examples (the rest harmful)
     max_length: int = 128         # tokens per training example (prompt + reply), longer ones are cut
     max_new_tokens: int = 24      # length of the base model's self-distilled reply to benign prompts
+    helpful_prefix: str = ""      # prefill to re-ask benign prompts the base declined ("" = drop them)
     warmup_steps: int = 5
     weight_decay: float = 0.0
     seed: int = 0
@@ -126,6 +127,8 @@ class TwinSettings:
         out = {k: v for k, v in self.to_dict().items() if k not in self.EVAL_ONLY}
         if out.get("benign_share") == 0.5:
             del out["benign_share"]
+        if not out.get("helpful_prefix"):  # likewise: off gives exactly the earlier recipe
+            out.pop("helpful_prefix", None)
         return out
 
 
@@ -236,10 +239,25 @@ def _bar(iterable=None, **kw):
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kw)
 
 
+def _encode_left(lm, prompts: Sequence[str], prefix: str = "") -> dict:
+    if not prefix:
+        return lm.encode(prompts, padding_side="left")
+    tok = lm.tokenizer
+    old = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok([lm.format(p) + prefix for p in prompts], return_tensors="pt", padding=True,
+                  add_special_tokens=not lm.chat_template)
+    finally:
+        tok.padding_side = old
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
 def generate_replies(lm, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
-                     progress: bool = True, desc: str = "generate") -> list[tuple[str, bool]]:
+                     progress: bool = True, desc: str = "generate", prefix: str = "") -> list[tuple[str, bool]]:
     """Greedy replies to `prompts` (chat template applied), batched with left padding.
 
+    With `prefix`, the reply is prefilled with it and the model continues; the returned text includes it.
     Returns ``(text, finished)`` per prompt; ``finished`` is True when the model closed its turn before
     `max_new_tokens`.
     """
@@ -258,7 +276,7 @@ def generate_replies(lm, prompts: Sequence[str], max_new_tokens: int, batch_size
         with _bar(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start:start + batch_size])
-                enc = lm.encode(chunk, padding_side="left")
+                enc = _encode_left(lm, chunk, prefix)
                 with torch.no_grad():
                     gen = model.generate(input_ids=enc["input_ids"].to(lm.device),
                                          attention_mask=enc["attention_mask"].to(lm.device),
@@ -267,7 +285,7 @@ def generate_replies(lm, prompts: Sequence[str], max_new_tokens: int, batch_size
                 for ids in new:
                     cut = next((k for k, t in enumerate(ids) if t in stops), None)
                     body = ids if cut is None else ids[:cut]
-                    text = lm.tokenizer.decode(body, skip_special_tokens=True).strip()
+                    text = (prefix + lm.tokenizer.decode(body, skip_special_tokens=True)).strip()
                     out.append((text, cut is not None))
                 bar.update(len(chunk))
     finally:
@@ -278,20 +296,33 @@ def generate_replies(lm, prompts: Sequence[str], max_new_tokens: int, batch_size
 def build_examples(lm, records: Sequence[dict], settings: TwinSettings, progress: bool = True) -> list[dict]:
     """Training examples: a refusal for each harmful prompt, the base model's own reply for each benign one.
 
-    Each example carries the judge's ``verdict`` on its reply and ``used``: benign examples whose reply is
-    not an answer (the base declined or said nothing) are marked unused.
+    With ``settings.helpful_prefix`` (off by default), a benign prompt the base declined is asked again with
+    the reply prefilled by that text (e.g. "Sure, here") and the base continues from there. Each example
+    carries ``source`` (refusal / greedy / prefilled), the judge's ``verdict`` on its reply and ``used``:
+    benign examples whose reply is not an answer (the base declined or said nothing) are marked unused.
     """
     benign = [r["prompt"] for r in records if r["label"] == 0]
     replies = dict(zip(benign, generate_replies(lm, benign, settings.max_new_tokens, settings.gen_batch_size,
                                                 progress, desc="self-distil benign replies")))
+    declined = [p for p in benign if judge(replies[p][0]) != "answer"]
+    prefilled = {}
+    if declined and settings.helpful_prefix:
+        prefilled = dict(zip(declined, generate_replies(lm, declined, settings.max_new_tokens,
+                                                        settings.gen_batch_size, progress,
+                                                        desc="re-ask declined benign", prefix=settings.helpful_prefix)))
     out = []
     for r in records:
         if r["label"] == 1:
             out.append({"id": r["id"], "prompt": r["prompt"], "label": 1, "reply": refusal_for(r["prompt"]),
-                        "ends": True})
+                        "ends": True, "source": "refusal"})
         else:
             text, finished = replies[r["prompt"]]
-            out.append({"id": r["id"], "prompt": r["prompt"], "label": 0, "reply": text, "ends": finished})
+            source = "greedy"
+            if r["prompt"] in prefilled and judge(prefilled[r["prompt"]][0]) == "answer":
+                text, finished = prefilled[r["prompt"]]
+                source = "prefilled"
+            out.append({"id": r["id"], "prompt": r["prompt"], "label": 0, "reply": text, "ends": finished,
+                        "source": source})
         out[-1]["verdict"] = judge(out[-1]["reply"])
         # a benign prompt teaches helpfulness only with a reply that answers (the base sometimes declines
         # benign requests, e.g. tool calls it cannot make); such replies are kept on file but not trained on
@@ -663,6 +694,7 @@ def build_twin(base_ref: str, twin_records: Sequence[dict], eval_records: Sequen
                      "skipped_long_prompts": skipped,
                      "benign_replies_finished": sum(e["ends"] for e in examples if e["label"] == 0),
                      "benign_unused_not_answers": sum(not e["used"] for e in examples),
+                     "benign_prefilled": sum(e["source"] == "prefilled" for e in examples),
                      "trained_on": {"harmful": sum(e["label"] for e in used),
                                     "benign": sum(1 - e["label"] for e in used)}},
             "settings": settings.to_dict(),
@@ -713,7 +745,7 @@ def load_info(path: str | Path) -> dict:
     info = _read_info(Path(path))
     if info is None:
         raise UserError(f"{path} is not a twin directory (no valid twin.json).")
-    return info
+    return dict(info, path=str(Path(path).resolve()))  # where it is now (a twin directory may be moved)
 
 
 # ------------------------------------------------------------------------------------- default twin
@@ -768,7 +800,7 @@ def resolve_twin_ref(ref: str) -> Path:
         raise UserError(f"No twin named {name!r} in {twins_dir()}. Available: {', '.join(have) or 'none'}. "
                         f"Build one with `safetyneurons twin`, or pass a model directory instead.")
 
-    how = ("Run `safetyneurons twin` to build it (about 6 minutes on a laptop CPU), "
+    how = ("Run `safetyneurons twin` to build it (about 10-15 minutes on a 2-core CPU), "
            "or pass --aligned PATH to use another aligned model.")
     pointer = _pointer()
     if not pointer.is_file():

@@ -32,6 +32,11 @@ _DEFAULTS = {"steps": _D.steps, "lr": _D.lr, "rank": _D.rank, "alpha": _D.alpha,
               help="Tokens per training example (prompt + reply).")
 @click.option("--max-new-tokens", type=int, default=_DEFAULTS["max_new_tokens"], show_default=True,
               help="Length of the base model's self-distilled replies to benign prompts.")
+@click.option("--benign-share", type=float, default=_D.benign_share, show_default=True,
+              help="Fraction of each training batch drawn from benign examples.")
+@click.option("--helpful-prefix", default=_D.helpful_prefix, show_default=True, metavar="TEXT",
+              help="Re-ask benign training prompts the base declined with its reply prefilled by TEXT "
+                   "(e.g. 'Sure, here'); empty: leave them out.")
 @click.option("--eval-max-new-tokens", type=int, default=_DEFAULTS["eval_max_new_tokens"], show_default=True,
               help="Reply length generated for the refusal evaluation.")
 @click.option("--seed", type=int, default=_DEFAULTS["seed"], show_default=True)
@@ -42,7 +47,7 @@ _DEFAULTS = {"steps": _D.steps, "lr": _D.lr, "rank": _D.rank, "alpha": _D.alpha,
               help="CPU threads for torch (default: torch's choice). Results are reproducible for a fixed count.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def twin(base, data_path, eval_path, eval_size, steps, lr, rank, alpha, batch_size, max_length, max_new_tokens,
-         eval_max_new_tokens, seed, out, force, threads, quiet):
+         benign_share, helpful_prefix, eval_max_new_tokens, seed, out, force, threads, quiet):
     """Build the safety-aligned twin of a base model by a LoRA refusal fine-tune, and print a
     before/after refusal table.
 
@@ -56,7 +61,8 @@ def twin(base, data_path, eval_path, eval_size, steps, lr, rank, alpha, batch_si
     if eval_size < 1:
         raise UserError(f"--eval-size must be >= 1; got {eval_size}.")
     settings = tw.TwinSettings(rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch_size,
-                               max_length=max_length, max_new_tokens=max_new_tokens,
+                               max_length=max_length, max_new_tokens=max_new_tokens, benign_share=benign_share,
+                               helpful_prefix=helpful_prefix,
                                eval_max_new_tokens=eval_max_new_tokens, seed=seed).validate()
     if threads is not None:
         if threads < 1:
