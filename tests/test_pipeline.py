@@ -33,9 +33,8 @@ def _write(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
+def _tiny_pair_and_splits(root: Path):
+    """A tiny base, an "aligned" copy with one changed MLP, and a splits directory."""
     base = save_tiny(root / "base", "qwen3", seed=0)
     aligned = save_tiny(root / "aligned", "qwen3", seed=0)
     # the "aligned" twin differs from the base in a few MLP rows
@@ -51,7 +50,13 @@ def tiny_run(tmp_path_factory):
     _write(splits / "train.jsonl", _records(20, 0))
     _write(splits / "test.jsonl", _records(10, 100))
     _write(splits / "heldout.jsonl", _records(8, 200))
+    return base, aligned, splits
 
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    base, aligned, splits = _tiny_pair_and_splits(root)
     from safetyneurons.pipeline import RunSettings, run
 
     settings = RunSettings(out=str(root / "run"), base=str(base), aligned=str(aligned), splits=str(splits),
@@ -130,6 +135,103 @@ def test_run_bad_input_exits_2_without_traceback(tmp_path, args, message):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and message in r.stderr
     assert not (out / "run.json").exists()
+
+
+def test_each_preset_gets_its_own_default_directory():
+    from safetyneurons.pipeline import RunSettings
+
+    assert RunSettings.for_preset("default").out_dir == Path("runs/default")
+    assert RunSettings.for_preset("paper").out_dir == Path("runs/paper")
+    assert RunSettings.for_preset("paper", quick=True).out_dir == Path("runs/paper-quick")
+    changed = RunSettings.for_preset("default", top_percent=2.0).out_dir
+    assert changed.parent == Path("runs") and changed.name.startswith("default-") and changed.name != "default"
+    assert RunSettings.for_preset("default", top_percent=3.0).out_dir != changed
+    assert RunSettings.for_preset("default", out="x/y").out_dir == Path("x/y")
+
+
+def _file_hashes(d: Path) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The pipeline run twice from one working directory, reference and paper presets, default --out."""
+    root = tmp_path_factory.mktemp("presets")
+    base, aligned, splits = _tiny_pair_and_splits(root)
+    from safetyneurons.pipeline import RunSettings, run
+
+    small = dict(base=str(base), aligned=str(aligned), splits=str(splits), random_draws=1, n_boot=20,
+                 store_dtype="float32", batch_size=8, feature_sets=("safety",), classifiers=("logreg",))
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFETYNEURONS_CACHE", str(root / "cache"))
+        mp.chdir(root)
+        for preset in ("default", "paper"):
+            s = RunSettings.for_preset(preset, **small)
+            run(s, progress=False)
+            runs[preset] = (s, root / s.out_dir, _file_hashes(root / s.out_dir))
+    return root, small, runs
+
+
+def test_two_presets_into_the_default_location_both_survive(two_runs):
+    root, _, runs = two_runs
+    (s_ref, ref_dir, ref_before), (s_pap, pap_dir, _) = runs["default"], runs["paper"]
+    assert ref_dir != pap_dir
+    assert ref_dir.parent == pap_dir.parent == root / "runs"
+    assert ref_dir.name.startswith("default") and pap_dir.name.startswith("paper")
+    assert _file_hashes(ref_dir) == ref_before  # the paper run did not touch the reference run
+    for d, s in ((ref_dir, s_ref), (pap_dir, s_pap)):
+        recorded = json.loads((d / "run.json").read_text())["settings"]
+        assert (recorded["hook_point"], recorded["pooling"]) == (s.hook_point, s.pooling)
+        assert (d / "guard" / "guard.json").is_file()
+
+
+def test_clashing_out_without_force_exits_2_and_keeps_the_old_run(two_runs, tmp_path):
+    root, small, runs = two_runs
+    _, ref_dir, ref_before = runs["default"]
+    args = ["--out", str(ref_dir), "--paper", "--base", small["base"], "--aligned", small["aligned"],
+            "--splits", small["splits"], "--no-progress"]
+    r = _cli(*args, env_extra={"SAFETYNEURONS_CACHE": str(root / "cache")})
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "other settings" in r.stderr and "hook_point" in r.stderr
+    assert "--force" in r.stderr
+    assert _file_hashes(ref_dir) == ref_before
+
+    from safetyneurons.errors import UserError
+    from safetyneurons.pipeline import RunSettings, run
+
+    # a non-empty directory that holds no run is refused too
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds no safetyneurons run"):
+        run(RunSettings.for_preset("default", out=str(tmp_path / "stuff"), **small), progress=False)
+    assert (tmp_path / "stuff" / "notes.txt").read_text() == "mine"
+
+
+def test_force_replaces_a_clashing_run_only_when_the_new_one_succeeds(two_runs, tmp_path):
+    import shutil
+
+    from safetyneurons.errors import UserError
+    from safetyneurons.pipeline import RunSettings, run
+
+    root, small, runs = two_runs
+    _, ref_dir, ref_before = runs["default"]
+    target = tmp_path / "run"
+    shutil.copytree(ref_dir, target)
+    # a forced run that fails restores the old run
+    bad = dict(small, splits=str(tmp_path / "no-splits"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFETYNEURONS_CACHE", str(root / "cache"))
+        with pytest.raises(UserError, match="lacks"):
+            run(RunSettings.for_preset("paper", out=str(target), **bad), progress=False, force=True)
+        assert _file_hashes(target) == ref_before
+        # a forced run that succeeds replaces it, and leaves no backup behind
+        run(RunSettings.for_preset("paper", out=str(target), **small), progress=False, force=True)
+    assert json.loads((target / "run.json").read_text())["settings"]["hook_point"] == "mlp_neurons"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 @pytest.mark.e2e

@@ -7,9 +7,12 @@ records what ran (settings, hashes, versions, timings) in ``run.json`` next to t
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -20,11 +23,17 @@ from .errors import UserError
 
 REFERENCE = {"hook_point": "mlp_out", "positions": "prompt", "pooling": "mean"}  # reference student project
 PAPER = {"hook_point": "mlp_neurons", "positions": "prompt", "pooling": "last"}  # Chen et al. 2025
+PRESETS: dict[str, dict] = {"default": REFERENCE, "paper": PAPER}  # name -> settings; each gets runs/<name>
+RUNS_DIR = "runs"
+SETTINGS_FILE = "settings.json"  # written first into a run directory: which settings own it
+# settings that do not change what a run computes, so they never make two runs clash
+_NOT_IDENTITY = ("out", "preset")
 
 
 @dataclass
 class RunSettings:
-    out: str = "runs/default"
+    out: str | None = None  # None -> derived from the settings: runs/<preset>[-quick][-<hash of changes>]
+    preset: str = "default"  # a name from PRESETS; fills hook point, positions and pooling in `for_preset`
     base: str | None = None  # None -> pair.DEFAULT_BASE
     aligned: str | None = None  # None -> the default twin, built on first run
     hook_point: str = REFERENCE["hook_point"]
@@ -47,6 +56,35 @@ class RunSettings:
     n_boot: int = 1000
     splits: str | None = None  # a splits dir from `safetyneurons data build`; None -> the default mix
 
+    @classmethod
+    def for_preset(cls, preset: str = "default", **changes) -> "RunSettings":
+        """Settings of a named preset (``default``: the reference project's, ``paper``: Chen et al.'s), with
+        ``changes`` on top; a change given as None keeps the preset's value."""
+        if preset not in PRESETS:
+            raise UserError(f"Unknown preset {preset!r}. Choose one of: {', '.join(PRESETS)}.")
+        values = dict(PRESETS[preset], preset=preset)
+        values.update({k: v for k, v in changes.items() if v is not None})
+        return cls(**values)
+
+    def identity(self) -> dict:
+        """The settings that decide what a run computes (everything but where it is written)."""
+        d = json.loads(json.dumps(asdict(self), default=list))
+        return {k: v for k, v in d.items() if k not in _NOT_IDENTITY}
+
+    def default_out(self) -> Path:
+        """``runs/<preset>``; ``-quick`` for a quick run; ``-<8 hex>`` when other settings differ from the preset."""
+        preset = RunSettings.for_preset(self.preset, quick=self.quick).identity()
+        mine = self.identity()
+        changed = {k: v for k, v in mine.items() if preset.get(k) != v}
+        name = self.preset + ("-quick" if self.quick else "")
+        if changed:
+            name += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+        return Path(RUNS_DIR) / name
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else self.default_out()
+
     def validate(self) -> "RunSettings":
         from .contrast import check_positions
         from .hooks import check_hook_point
@@ -64,7 +102,47 @@ class RunSettings:
                             f"({', '.join(self.classifiers)}).")
         if "safety" not in self.feature_sets:
             raise UserError("The run needs the `safety` feature set (the guard is built from it).")
+        if self.preset not in PRESETS:
+            raise UserError(f"Unknown preset {self.preset!r}. Choose one of: {', '.join(PRESETS)}.")
         return self
+
+
+def _recorded_settings(out: Path) -> dict | None:
+    """The identity settings of the run already in ``out`` (None: no run there)."""
+    from ._io import read_json
+
+    for name, pick in ((SETTINGS_FILE, lambda d: d), ("run.json", lambda d: d.get("settings"))):
+        if (out / name).is_file():
+            recorded = pick(read_json(out / name))
+            if isinstance(recorded, dict):
+                return {k: v for k, v in recorded.items() if k not in _NOT_IDENTITY}
+    return None
+
+
+def claim_out_dir(s: RunSettings, force: bool = False) -> tuple[Path, Path | None]:
+    """Check that ``s.out_dir`` may take this run; returns (out, backup of a replaced run or None).
+
+    Same settings: the run resumes there. Other settings, or a non-empty directory that holds no run: UserError
+    naming the difference, unless ``force``, which moves the old run aside (restored if the new run fails, removed
+    when it succeeds).
+    """
+    out = check_out_dir(s.out_dir)
+    if not out.is_dir() or not any(out.iterdir()):
+        return out, None
+    recorded, mine = _recorded_settings(out), s.identity()
+    if recorded == mine:
+        return out, None
+    if not force:
+        if recorded is None:
+            raise UserError(f"--out {out} is not empty and holds no safetyneurons run. Give a new or empty "
+                            f"directory, or add --force to replace its contents.")
+        diff = "; ".join(f"{k}: {recorded.get(k)!r} there, {mine.get(k)!r} now"
+                         for k in sorted(set(recorded) | set(mine)) if recorded.get(k) != mine.get(k))
+        raise UserError(f"--out {out} holds a run with other settings ({diff}). Give another --out, leave --out "
+                        f"unset (each setting gets its own runs/ directory), or add --force to replace that run.")
+    backup = out.with_name(f".{out.name}.replaced-{int(time.time())}")
+    out.rename(backup)
+    return out, backup
 
 
 def _subsample(records: list[dict], n: int, seed: int) -> list[dict]:
@@ -147,8 +225,27 @@ def _seed_table(results: list[dict]) -> str:
     return results_table(results)
 
 
-def run(settings: RunSettings | None = None, progress: bool = True) -> dict:
-    """Run the whole pipeline; returns the summary written to ``<out>/run.json``."""
+def run(settings: RunSettings | None = None, progress: bool = True, force: bool = False) -> dict:
+    """Run the whole pipeline into ``settings.out_dir``; returns the summary written to ``<out>/run.json``.
+
+    A directory that holds a run with other settings is refused (UserError) unless ``force``; then the old run is
+    replaced only once the new one has finished (it is restored if the new run fails).
+    """
+    s = (settings or RunSettings()).validate()
+    out, backup = claim_out_dir(s, force=force)
+    try:
+        summary = _run(s, out, progress)
+    except BaseException:
+        if backup is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            backup.rename(out)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return summary
+
+
+def _run(s: RunSettings, out: Path, progress: bool) -> dict:
     from . import data as data_mod
     from .contrast import contrast
     from .neurons import neuron_stats, select, write_report as write_neuron_report
@@ -157,11 +254,11 @@ def run(settings: RunSettings | None = None, progress: bool = True) -> dict:
     from .report import write_report
     from .store import extract
 
-    s = (settings or RunSettings()).validate()
-    out = check_out_dir(s.out)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / SETTINGS_FILE, s.identity())
     steps = _Steps(STEP_NAMES, progress)
-    summary: dict = {"format": "safetyneurons.run/1", "settings": json_safe(asdict(s)), "versions": versions()}
+    summary: dict = {"format": "safetyneurons.run/1", "settings": json_safe(dict(asdict(s), out=str(out))),
+                     "versions": versions()}
     try:
         # 1. data
         steps.start("data")

@@ -6,8 +6,12 @@ import click
 
 
 @click.command("run")
-@click.option("--out", default="runs/default", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for every result of the run (contrast/, store/, probes/, guard/, run.json).")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Directory for every result of the run (contrast/, store/, probes/, guard/, run.json) "
+                   "[default: runs/default, runs/paper with --paper, runs/<preset>-quick with --quick, and "
+                   "runs/<preset>-<hash> when other settings change].")
+@click.option("--force", is_flag=True,
+              help="Replace a run with other settings in --out (kept until the new run has finished).")
 @click.option("--quick", is_flag=True,
               help="Subsample train/test/held-out to a few hundred prompts (about 5 minutes once the twin is cached).")
 @click.option("--paper", "paper", is_flag=True,
@@ -17,8 +21,8 @@ import click
               help="Hook point for contrasting and probing [default: mlp_out, or mlp_neurons with --paper].")
 @click.option("--pooling", type=click.Choice(["mean", "last"]), default=None,
               help="How a prompt's token activations are pooled for the probes [default: mean, or last with --paper].")
-@click.option("--positions", type=click.Choice(["prompt", "prompt_last", "completion"]), default="prompt",
-              show_default=True, help="Token positions whose activation change is scored.")
+@click.option("--positions", type=click.Choice(["prompt", "prompt_last", "completion"]), default=None,
+              help="Token positions whose activation change is scored [default: the preset's].")
 @click.option("--top-percent", type=float, default=5.0, show_default=True,
               help="Share of all neurons kept as safety neurons, in (0, 100].")
 @click.option("--base", default=None, help="Base model reference [default: bundled SmolLM2-135M-Instruct].")
@@ -36,22 +40,23 @@ import click
 @click.option("--max-length", type=int, default=256, show_default=True, help="Token limit per prompt.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data splits, draws and bootstraps.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def run(out, quick, paper, hook_point, pooling, positions, top_percent, base, aligned, splits, features_from,
+def run(out, force, quick, paper, hook_point, pooling, positions, top_percent, base, aligned, splits, features_from,
         guard_classifier, random_draws, batch_size, max_length, seed, no_progress):
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
     controls (random layer-matched neurons, PCA, all features, text-only), held-out benchmark, guard."""
-    from ..pipeline import PAPER, REFERENCE, RunSettings, run as run_pipeline
+    from ..pipeline import RunSettings, run as run_pipeline
     from ..report import results_table as _seed_table
 
-    preset = PAPER if paper else REFERENCE
-    settings = RunSettings(out=out, quick=quick, hook_point=hook_point or preset["hook_point"],
-                           pooling=pooling or preset["pooling"], positions=positions, top_percent=top_percent,
-                           base=base, aligned=aligned, splits=splits, features_from=features_from,
-                           guard_classifier=guard_classifier, random_draws=random_draws, batch_size=batch_size,
-                           max_length=max_length, seed=seed)
-    summary = run_pipeline(settings, progress=not no_progress)
+    settings = RunSettings.for_preset("paper" if paper else "default", out=out, quick=quick, hook_point=hook_point,
+                                      pooling=pooling, positions=positions, top_percent=top_percent, base=base,
+                                      aligned=aligned, splits=splits, features_from=features_from,
+                                      guard_classifier=guard_classifier, random_draws=random_draws,
+                                      batch_size=batch_size, max_length=max_length, seed=seed)
+    click.echo(f"Run directory: {settings.out_dir}", err=True)
+    summary = run_pipeline(settings, progress=not no_progress, force=force)
     click.echo("\nTest split:\n" + _seed_table(summary["results"]))
     if summary.get("heldout"):
         click.echo("Held-out benchmark:\n" + _seed_table(summary["heldout"]))
     click.echo(f"Report: {summary['report']}")
-    click.echo(f"Guard:  {settings.out}/guard  (try: safetyneurons guard --guard {settings.out}/guard \"your prompt\")")
+    click.echo(f"Guard:  {settings.out_dir}/guard  (try: safetyneurons guard --guard {settings.out_dir}/guard "
+               f"\"your prompt\")")
