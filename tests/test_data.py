@@ -274,7 +274,7 @@ def test_splits_are_disjoint_and_sized(splits):
             assert not {r["id"] for r in loaded[a]} & {r["id"] for r in loaded[b]}, (a, b)
     twin, contrast, train, test = (loaded[n] for n in ("twin", "contrast", "train", "test"))
     assert sum(r["label"] for r in twin) == 150 and len(twin) == 300
-    assert len(contrast) == 100 and all(r["label"] == 1 for r in contrast)
+    assert len(contrast) == 200 and sum(r["label"] for r in contrast) == 100  # 100 harmful + 100 benign
     assert {r["source"] for r in train + test + twin + contrast} == {"advbench", "donotanswer", "bfcl", "helm"}
     assert {r["source"] for r in loaded["heldout"]} == {"harmbench", "strongreject", "mtbench", "ifbench"}
     assert sum(r["label"] for r in train) * 2 == len(train)  # balanced
@@ -318,16 +318,17 @@ def test_build_cli_is_byte_identical_on_rerun(tmp_path, splits):
     assert run_cli("data", "build", "--out", c, "--seed", "1", "--n-contrast", "50", "--quiet").returncode == 0
     assert (c / "train.jsonl").read_bytes() != (a / "train.jsonl").read_bytes()
     manifest = json.loads((c / "manifest.json").read_text())
-    assert manifest["seed"] == 1 and manifest["splits"]["contrast"]["count"] == 50
+    assert manifest["seed"] == 1 and manifest["splits"]["contrast"]["by_label"] == {"0": 100, "1": 50}
     # rebuilding over an existing splits directory replaces it
     data.build_splits(a, seed=1, n_contrast=50, progress=False)
     assert (a / "train.jsonl").read_bytes() == (c / "train.jsonl").read_bytes()
 
 
 def test_build_settings_and_bad_settings(tmp_path, real_wheels):
-    m = data.build_splits(tmp_path / "small", seed=3, n_twin=10, n_contrast=7, test_size=0.5, progress=False)
+    m = data.build_splits(tmp_path / "small", seed=3, n_twin=10, n_contrast=7, n_contrast_benign=0,
+                          test_size=0.5, progress=False)
     assert m["splits"]["twin"]["by_label"] == {"0": 10, "1": 10}
-    assert m["splits"]["contrast"]["count"] == 7
+    assert m["splits"]["contrast"]["count"] == 7 and m["splits"]["contrast"]["by_label"] == {"1": 7}
     assert abs(m["splits"]["test"]["count"] - m["splits"]["train"]["count"]) <= 4
     with pytest.raises(UserError, match="test-size"):
         data.build_splits(tmp_path / "x", test_size=1.5, progress=False)
@@ -353,7 +354,7 @@ def test_default_splits_dir_builds_once_and_repairs(wheel_cache):
     (d / "train.jsonl").write_text("damaged\n")
     assert data.default_splits_dir() == d
     assert data.verify_splits(d) is not None
-    assert len(data.read_prompts("split:contrast")) == 100
+    assert len(data.read_prompts("split:contrast")) == 200  # 100 harmful + 100 benign
     assert len(data.read_records("split:heldout")) > 500
     other = data.default_splits_dir(seed=1)
     assert other != d and other.name.startswith("default-seed1-")

@@ -2,6 +2,8 @@
 
 A record is ``{"id": str, "prompt": str, "label": int, "source": str}`` plus optional ``"category"`` and
 ``"long"`` (true when the prompt is longer than ``max_chars``); label 1 = unsafe/harmful, 0 = safe/benign.
+Records of the default splits also carry ``"cluster"``: their near-duplicate cluster (see
+:mod:`safetyneurons.clusters`); a cluster lies whole in one split, and the bootstrap resamples clusters.
 
 Entry points other modules use:
 
@@ -26,6 +28,8 @@ from typing import Any, Iterable, Sequence
 
 from ._io import atomic_dir, atomic_write_bytes, atomic_write_json, cache_dir, check_out_dir, sha256_bytes
 from ._io import sha256_file, sha256_json, versions
+from .clusters import THRESHOLD as CLUSTER_THRESHOLD
+from .clusters import assign_clusters, assign_splits
 from .datasets import REGISTRY, get_spec, list_datasets, load_dataset, normalise_text
 from .errors import UserError
 
@@ -37,12 +41,13 @@ __all__ = [
 
 SPLITS_FORMAT = "safetyneurons.splits/1"
 # Bump when the recipe changes in a way that changes the default split files (invalidates the cache).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SPLIT_NAMES = ("twin", "contrast", "train", "test", "heldout")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "n_twin": 150,
     "n_contrast": 100,
+    "n_contrast_benign": 100,
     "test_size": 0.2,
     "max_chars": 2000,
     "harmful": ["advbench", "donotanswer"],
@@ -247,6 +252,7 @@ def _records_from_rows(rows: list[Any], where: str, stem: str, prompt_col: str |
     keep_id = "id" in columns and pcol != "id"
     keep_source = "source" in columns and pcol != "source"
     keep_category = "category" in columns and pcol != "category"
+    keep_cluster = "cluster" in columns and pcol != "cluster"
 
     records, unknown = [], Counter()
     for i, row in enumerate(dict_rows):
@@ -263,6 +269,8 @@ def _records_from_rows(rows: list[Any], where: str, stem: str, prompt_col: str |
         cat = row.get("category") if keep_category else None
         rec = _make_record(rid, _cell_text(row.get(pcol), where, pcol), lab, src, cat if cat not in (None, "") else None,
                            row.get("long") if row.get("long") is True else None)
+        if keep_cluster and row.get("cluster") not in (None, ""):
+            rec["cluster"] = str(row["cluster"])  # near-duplicate cluster of the default splits
         records.append(rec)
     if unknown:
         shown = ", ".join(f"{v} ({n} rows)" for v, n in sorted(unknown.items())[:10])
@@ -463,9 +471,9 @@ def _load_many(names: Sequence[str], bar) -> list[dict]:
     return out
 
 
-def _check_settings(n_twin: int, n_contrast: int, test_size: float, max_chars: int) -> None:
-    if n_twin < 0 or n_contrast < 0:
-        raise UserError("--n-twin and --n-contrast must be 0 or more.")
+def _check_settings(n_twin: int, n_contrast: int, test_size: float, max_chars: int, n_contrast_benign: int = 0) -> None:
+    if n_twin < 0 or n_contrast < 0 or n_contrast_benign < 0:
+        raise UserError("--n-twin, --n-contrast and --n-contrast-benign must be 0 or more.")
     if not 0.0 < test_size < 1.0:
         raise UserError(f"--test-size must be between 0 and 1 (exclusive), got {test_size}.")
     if max_chars < 1:
@@ -486,7 +494,7 @@ def _check_out(out_dir: Path) -> None:
 
 
 def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n_contrast: int = 100,
-                 test_size: float = 0.2, max_chars: int = 2000,
+                 test_size: float = 0.2, max_chars: int = 2000, n_contrast_benign: int = 100,
                  harmful: Sequence[str] = ("advbench", "donotanswer"), benign: Sequence[str] = ("bfcl", "helm"),
                  heldout_harmful: Sequence[str] = ("harmbench", "strongreject"),
                  heldout_benign: Sequence[str] = ("mtbench", "ifbench"), progress: bool = True) -> dict:
@@ -494,18 +502,19 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
 
     Main mix = ``harmful`` + ``benign`` datasets, cleaned together (near-exact duplicates and prompts labelled
     both ways removed across classes), then balanced by downsampling the larger class so that train+test are
-    balanced (contrast prompts are harmful only, so benign = harmful - n_contrast). Disjoint splits:
-    ``twin`` (n_twin per class), ``contrast`` (n_contrast harmful), then ``train``/``test`` stratified by
-    source and label. ``heldout`` = the held-out datasets, cleaned, minus anything that near-duplicates any
+    balanced (benign = harmful - n_contrast + n_contrast_benign). Disjoint splits: ``twin`` (n_twin per
+    class), ``contrast`` (n_contrast harmful + n_contrast_benign benign, for harmful-minus-benign selection),
+    then ``train``/``test`` stratified by source and label. Near-duplicate clusters (word-set Jaccard >= 0.6,
+    :mod:`safetyneurons.clusters`) are assigned whole to one split, and every record carries its ``cluster``.
+    ``heldout`` = the held-out datasets, cleaned, minus anything that near-duplicates (same cluster as) any
     main-mix prompt. Same seed and settings -> byte-identical files.
     """
     import numpy as np
-    from sklearn.model_selection import train_test_split
     from tqdm import tqdm
 
     out_dir = Path(out_dir).expanduser()
     _check_out(out_dir)
-    _check_settings(n_twin, n_contrast, test_size, max_chars)
+    _check_settings(n_twin, n_contrast, test_size, max_chars, n_contrast_benign)
     if int(seed) != seed or seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {seed}.")
     seed = int(seed)
@@ -531,42 +540,35 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
         held_raw = _load_many(held_names, bar)
 
     main, main_report = clean(main_raw, max_chars)
+    held, held_report = clean(held_raw, max_chars)
+    clustered, cluster_report = assign_clusters(main + held, CLUSTER_THRESHOLD)
+    main, held = clustered[:len(main)], clustered[len(main):]
     harm = [r for r in main if r["label"] == 1]
     ben = [r for r in main if r["label"] == 0]
-    if len(harm) < n_twin + n_contrast + 4 or len(ben) < n_twin + 4:
+    if len(harm) < n_twin + n_contrast + 4 or len(ben) < n_twin + n_contrast_benign + 4:
         raise UserError(
             f"Not enough prompts: the main mix has {len(harm)} harmful and {len(ben)} benign after cleaning, but "
             f"n_twin={n_twin} per class and n_contrast={n_contrast} harmful leave too few for train/test. "
             f"Lower --n-twin/--n-contrast.")
 
     rng = np.random.default_rng(seed)
-    target_benign = len(harm) - n_contrast
+    target_benign = len(harm) - n_contrast + n_contrast_benign
     if len(ben) > target_benign:
         ben = _downsample(ben, target_benign, rng)
     elif len(ben) < target_benign:
-        harm = _downsample(harm, len(ben) + n_contrast, rng)
-    harm = [harm[i] for i in rng.permutation(len(harm))]
-    ben = [ben[i] for i in rng.permutation(len(ben))]
+        harm = _downsample(harm, len(ben) + n_contrast - n_contrast_benign, rng)
+    twin, contrast, train, test, cluster_report["assignment"] = assign_splits(
+        harm + ben, rng, n_twin, n_contrast, n_contrast_benign, test_size)
 
-    twin = harm[:n_twin] + ben[:n_twin]
-    twin = [twin[i] for i in rng.permutation(len(twin))]
-    contrast = harm[n_twin:n_twin + n_contrast]
-    rest = harm[n_twin + n_contrast:] + ben[n_twin:]
-    strata = [f"{r['label']}:{r['source']}" for r in rest]
-    if min(Counter(strata).values()) < 2:
-        strata = [str(r["label"]) for r in rest]
-    train, test = train_test_split(rest, test_size=test_size, random_state=seed, shuffle=True, stratify=strata)
-
-    main_keys = {near_key(r["prompt"]) for r in main}  # every cleaned main-mix prompt, sampled or not
-    held, held_report = clean(held_raw, max_chars)
-    heldout = [r for r in held if near_key(r["prompt"]) not in main_keys]
+    main_clusters = {r["cluster"] for r in main}  # every cleaned main-mix prompt, sampled or not
+    heldout = [r for r in held if r["cluster"] not in main_clusters]
     held_report["overlap_with_main_dropped"] = len(held) - len(heldout)
     held_report["overlap_by_source"] = dict(sorted(Counter(
-        r["source"] for r in held if near_key(r["prompt"]) in main_keys).items()))
+        r["source"] for r in held if r["cluster"] in main_clusters).items()))
 
     splits = {"twin": twin, "contrast": contrast, "train": list(train), "test": list(test), "heldout": heldout}
-    settings = {"n_twin": n_twin, "n_contrast": n_contrast, "test_size": test_size, "max_chars": max_chars,
-                **groups}
+    settings = {"n_twin": n_twin, "n_contrast": n_contrast, "n_contrast_benign": n_contrast_benign,
+                "test_size": test_size, "max_chars": max_chars, "cluster_threshold": CLUSTER_THRESHOLD, **groups}
     used = main_names + held_names
     manifest = {
         "format": SPLITS_FORMAT,
@@ -578,10 +580,11 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
         "sources": {n: {**get_spec(n).describe(), "parsed": sum(1 for r in main_raw + held_raw if r["source"] == n)}
                     for n in used},
         "cleaning": {"main": main_report, "heldout": held_report},
+        "clusters": cluster_report,
         "balance": {"main_after_cleaning": {"harmful": sum(r["label"] == 1 for r in main),
                                             "benign": sum(r["label"] == 0 for r in main)},
                     "main_used": {"harmful": len(harm), "benign": len(ben)},
-                    "rule": "benign = harmful - n_contrast so that train and test are balanced; "
+                    "rule": "benign = harmful - n_contrast + n_contrast_benign so that train and test are balanced; "
                             "the larger class is downsampled, spread over its sources (seeded)"},
         "versions": versions(),
     }
@@ -630,6 +633,7 @@ def default_splits_dir(seed: int = 0) -> Path:
                 shutil.rmtree(final)  # a damaged cache entry (we own this directory)
             s = DEFAULT_SETTINGS
             build_splits(final, seed=int(seed), n_twin=s["n_twin"], n_contrast=s["n_contrast"],
+                         n_contrast_benign=s["n_contrast_benign"],
                          test_size=s["test_size"], max_chars=s["max_chars"], harmful=s["harmful"],
                          benign=s["benign"], heldout_harmful=s["heldout_harmful"],
                          heldout_benign=s["heldout_benign"])

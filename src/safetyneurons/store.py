@@ -237,7 +237,7 @@ def check_records(records: Iterable[dict], what: str = "data") -> list[dict]:
 
 
 def _records_jsonl(records: Sequence[dict]) -> str:
-    keep = ("id", "prompt", "label", "source", "category")
+    keep = ("id", "prompt", "label", "source", "category", "cluster")
     lines = []
     for r in records:
         obj = {k: r[k] for k in keep if k in r}

@@ -29,7 +29,10 @@ def load_prompt_set(prompts: str | None, limit: int | None) -> tuple[list[str], 
     from .._io import sha256_file
 
     source = prompts if prompts else str(Path(data.default_splits_dir()) / "contrast.jsonl")
-    items = list(data.read_prompts(source))
+    if prompts:
+        items = list(data.read_prompts(source))
+    else:  # the contrast split holds harmful prompts and a benign part (for harmful-minus-benign selection)
+        items = [r["prompt"] for r in data.read_records(source) if r["label"] == 1]
     if not items:
         raise UserError(f"The prompt set {source} is empty (no non-blank prompts). Give a file with one prompt "
                         f"per line, a JSONL file of records with a \"prompt\" field, or a dataset name.")

@@ -57,16 +57,24 @@ def show(name, n, prompt_col, label_col, label):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling and splitting.")
 @click.option("--n-twin", default=150, show_default=True, type=int, help="Prompts per class in the twin split.")
 @click.option("--n-contrast", default=100, show_default=True, type=int, help="Harmful prompts in the contrast split.")
+@click.option("--n-contrast-benign", default=100, show_default=True, type=int,
+              help="Benign prompts in the contrast split (for harmful-minus-benign selection).")
 @click.option("--test-size", default=0.2, show_default=True, type=float, help="Test fraction of the rest.")
 @click.option("--max-chars", default=2000, show_default=True, type=int, help="Prompts longer than this are flagged.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def build(out, seed, n_twin, n_contrast, test_size, max_chars, quiet):
+def build(out, seed, n_twin, n_contrast, n_contrast_benign, test_size, max_chars, quiet):
     """Build the default splits (offline, from pinned wheels); same seed -> byte-identical files."""
     from ..data import build_splits
 
-    manifest = build_splits(out, seed=seed, n_twin=n_twin, n_contrast=n_contrast, test_size=test_size,
+    manifest = build_splits(out, seed=seed, n_twin=n_twin, n_contrast=n_contrast,
+                            n_contrast_benign=n_contrast_benign, test_size=test_size,
                             max_chars=max_chars, progress=not quiet)
     click.echo(format_manifest(manifest))
+    c = manifest.get("clusters")
+    if c:
+        click.echo(f"Near-duplicate clusters (word Jaccard >= {c['threshold']}): {c['merged_clusters']} merged "
+                   f"clusters hold {c['records_in_merged_clusters']} of {c['records']} prompts (largest "
+                   f"{c['largest_cluster']}); each cluster lies whole in one split.")
     click.echo(f"Wrote {', '.join(e['file'] for e in manifest['splits'].values())} and manifest.json to {out}")
 
 
