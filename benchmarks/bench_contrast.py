@@ -79,7 +79,8 @@ def main() -> None:
     from safetyneurons import data, pair
     from safetyneurons.contrast import _length_order, contrast
 
-    prompts = data.read_prompts(data.default_splits_dir() / "contrast.jsonl")[: args.n]
+    prompts = [r["prompt"] for r in data.read_records(data.default_splits_dir() / "contrast.jsonl")
+               if r["label"] == 1][: args.n]
     rss0 = peak_rss_mib()
     t0 = time.perf_counter()
     base = pair.load_model(pair.DEFAULT_BASE)
