@@ -177,7 +177,7 @@ def test_resume_after_a_crash_skips_finished_shards_and_is_byte_identical(lm, tm
     reference = _files(tmp_path / "ref")
     assert sorted(reference) == ["manifest.json", "records.jsonl"] + [f"shard-0000{i}.safetensors" for i in range(4)]
 
-    real = store_mod._pooled_into
+    real = store_mod._pooled_batches
     calls = []
     crash = {"at": 3}
 
@@ -187,7 +187,7 @@ def test_resume_after_a_crash_skips_finished_shards_and_is_byte_identical(lm, tm
             raise RuntimeError("simulated crash")
         return real(lm_, prompts, *a, **k)
 
-    monkeypatch.setattr(store_mod, "_pooled_into", crash_after_two_shards)
+    monkeypatch.setattr(store_mod, "_pooled_batches", crash_after_two_shards)
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract(lm, recs, tmp_path / "run", **kw)
     assert not (tmp_path / "run" / "manifest.json").exists()

@@ -39,6 +39,7 @@ from ._io import (atomic_write_bytes, atomic_write_json, atomic_write_text, read
                   sha256_json, versions)
 from .errors import UserError
 from .neurons import NeuronSet
+from .shard_writer import HostBatch, ShardWriter, to_host
 
 STORE_FORMAT = "safetyneurons.store/1"
 POOLINGS = ("mean", "last")
@@ -120,16 +121,17 @@ def _token_lengths(lm, prompts: Sequence[str], max_length: int | None) -> np.nda
     return np.array([len(ids) for ids in enc["input_ids"]], dtype=np.int64)
 
 
-def _pool_batch(lm, batch: Sequence[str], hook_point: str, pooling: str, layers, index, max_length, out: np.ndarray):
-    """Pooled features of one batch into ``out`` ([len(batch), d] float32), column blocks in layer order."""
+def _pool_batch(lm, batch: Sequence[str], hook_point: str, pooling: str, layers, index, max_length) -> HostBatch:
+    """Pooled features of one batch, float32 ``[len(batch), d]``, column blocks in layer order, on their way
+    to host memory (the device-to-host copy does not block on CUDA; see :mod:`safetyneurons.shard_writer`)."""
     import torch
 
     from .hooks import forward_with_hooks
 
     enc = lm.encode(batch, max_length=max_length, padding_side="right")
-    mask = enc["attention_mask"].to(lm.device).bool()
-    if int(mask.sum(1).min()) == 0:
+    if int(enc["attention_mask"].sum(1).min()) == 0:  # checked on the CPU copy: no device sync
         raise UserError("A prompt encodes to zero tokens; remove empty prompts from the data.")
+    mask = enc["attention_mask"].to(lm.device).bool()
     counts = mask.sum(1, keepdim=True).float()  # [b, 1]
     last = mask.sum(1) - 1  # right padding: index of the last real token
     rows = torch.arange(mask.shape[0], device=mask.device)
@@ -138,38 +140,43 @@ def _pool_batch(lm, batch: Sequence[str], hook_point: str, pooling: str, layers,
     def callback(layer: int, t: torch.Tensor) -> None:
         idx = index[layer]
         if idx is not None:
-            t = t.index_select(-1, idx)  # only this layer's neurons, before any pooling work
+            t = t.index_select(-1, idx.to(t.device))  # only this layer's neurons, before any pooling work
         if pooling == "mean":
-            masked = torch.where(mask.unsqueeze(-1), t, torch.zeros((), dtype=t.dtype, device=t.device))
-            pooled = masked.float().sum(1) / counts
+            m = mask.to(t.device)
+            masked = torch.where(m.unsqueeze(-1), t, torch.zeros((), dtype=t.dtype, device=t.device))
+            pooled = masked.float().sum(1) / counts.to(t.device)
         else:
-            pooled = t[rows, last].float()
-        pieces[layer] = pooled.cpu()
+            pooled = t[rows.to(t.device), last.to(t.device)].float()
+        pieces[layer] = pooled
 
     forward_with_hooks(lm.model, enc["input_ids"], enc["attention_mask"], hook_point, callback,
                        layers=layers, early_exit=True)
-    col = 0
-    for l in layers:
-        block = pieces[l].numpy()
-        out[:, col:col + block.shape[1]] = block
-        col += block.shape[1]
+    device = pieces[layers[0]].device  # layers may sit on several devices (device_map="auto")
+    return to_host(torch.cat([pieces[l].to(device) for l in layers], dim=1))
 
 
-def _pooled_into(lm, prompts: Sequence[str], hook_point: str, pooling: str, layers, index, d: int,
-                 batch_size: int, max_length: int | None, bar=None) -> np.ndarray:
-    """Features for ``prompts`` in their given order; batches are formed over length-sorted prompts."""
-    feats = np.empty((len(prompts), d), dtype=np.float32)
+def _pooled_batches(lm, prompts: Sequence[str], hook_point: str, pooling: str, layers, index, batch_size: int,
+                    max_length: int | None, bar=None) -> list[tuple[np.ndarray, HostBatch]]:
+    """``[(row indices, pooled batch)]`` covering ``prompts``; batches are formed over length-sorted prompts."""
     if not prompts:
-        return feats
+        return []
     lengths = _token_lengths(lm, prompts, max_length)
     order = np.argsort(-lengths, kind="stable")  # longest first: peak memory shows up at once
+    out = []
     for start in range(0, len(order), batch_size):
         sel = order[start:start + batch_size]
-        buf = np.empty((len(sel), d), dtype=np.float32)
-        _pool_batch(lm, [prompts[i] for i in sel], hook_point, pooling, layers, index, max_length, buf)
-        feats[sel] = buf
+        out.append((sel, _pool_batch(lm, [prompts[i] for i in sel], hook_point, pooling, layers, index,
+                                     max_length)))
         if bar is not None:
             bar.update(len(sel))
+    return out
+
+
+def _assemble(batches: list[tuple[np.ndarray, HostBatch]], n: int, d: int) -> np.ndarray:
+    """float32 ``[n, d]`` from ``_pooled_batches`` output (waits for pending device-to-host copies)."""
+    feats = np.empty((n, d), dtype=np.float32)
+    for sel, batch in batches:
+        feats[sel] = batch.numpy()
     return feats
 
 
@@ -205,7 +212,8 @@ def pooled_features(lm, prompts: Sequence[str], hook_point: str, pooling: str = 
     layers, index, d, _, _ = _layer_plan(lm, hook_point, neuron_set)
     bar = _progress_bar(len(prompts), progress, "pooled activations")
     try:
-        return _pooled_into(lm, prompts, hook_point, pooling, layers, index, d, int(batch_size), max_length, bar)
+        batches = _pooled_batches(lm, prompts, hook_point, pooling, layers, index, int(batch_size), max_length, bar)
+        return _assemble(batches, len(prompts), d)
     finally:
         bar.close()
 
@@ -433,12 +441,13 @@ def check_store_out(out: Path) -> None:
 def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point: str = "mlp_out",
             pooling: str = "mean", neuron_set: NeuronSet | None = None, shard_size: int = 256,
             dtype: str = "float16", batch_size: int = 16, max_length: int | None = 256, progress: bool = True,
-            data_info: dict | None = None) -> Store:
+            data_info: dict | None = None, writer_thread: bool = True) -> Store:
     """Extract pooled activations of ``lm`` over labelled ``records`` into a store at ``out_dir``.
 
     Resumable: rerunning with the same model, records and settings skips shards already written (each
     verified by its sha256) and yields a byte-identical store. Different settings start the store over.
-    ``data_info`` (e.g. the split's path and file hash) is recorded in the manifest.
+    ``data_info`` (e.g. the split's path and file hash) is recorded in the manifest. Shards are cast, hashed
+    and written on a background thread (``writer_thread=False``: in the caller; the bytes are the same).
     """
     from .hooks import check_hook_point
 
@@ -526,19 +535,27 @@ def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point:
     bar = _progress_bar(n, progress, "extract", initial=skipped)
     if progress and done:
         print(f"Resuming: {len(done)} of {len(bounds)} shards already done and verified.", file=sys.stderr)
+    def write_shard(i: int, batches) -> None:  # runs on the writer thread
+        s, e = bounds[i]
+        feats = _assemble(batches, e - s, d)
+        if not np.isfinite(feats).all():
+            raise UserError("The model produced NaN/inf activations; run it in float32 (--model-dtype float32).")
+        if dtype == "float16" and np.abs(feats).max() > np.finfo(np.float16).max:
+            raise UserError(f"Activations up to {np.abs(feats).max():.3g} overflow float16 storage; "
+                            f"rerun with --dtype float32.")
+        data = _shard_bytes(feats, labels[s:e], np.arange(s, e), dtype, plan_hash, i)
+        atomic_write_bytes(out / _shard_name(i), data)
+        done[i] = sha256_bytes(data)
+        save_progress()
+
     try:
-        for i in todo:
-            s, e = bounds[i]
-            feats = _pooled_into(lm, prompts[s:e], hook_point, pooling, layers, index, d, batch_size, max_length, bar)
-            if not np.isfinite(feats).all():
-                raise UserError("The model produced NaN/inf activations; run it in float32 (--model-dtype float32).")
-            if dtype == "float16" and np.abs(feats).max() > np.finfo(np.float16).max:
-                raise UserError(f"Activations up to {np.abs(feats).max():.3g} overflow float16 storage; "
-                                f"rerun with --dtype float32.")
-            data = _shard_bytes(feats, labels[s:e], np.arange(s, e), dtype, plan_hash, i)
-            atomic_write_bytes(out / _shard_name(i), data)
-            done[i] = sha256_bytes(data)
-            save_progress()
+        # the forward passes run here; cast, hash and write happen on the writer thread
+        with ShardWriter(max_pending=2, threaded=writer_thread) as writer:
+            for i in todo:
+                s, e = bounds[i]
+                batches = _pooled_batches(lm, prompts[s:e], hook_point, pooling, layers, index, batch_size,
+                                          max_length, bar)
+                writer.submit(lambda i=i, batches=batches: write_shard(i, batches))
     finally:
         bar.close()
 
