@@ -133,6 +133,33 @@ def test_load_pair_refuses_saved_models_of_different_width(tmp_path, tmp_cache):
     assert base.fingerprint == aligned.fingerprint
 
 
+@pytest.mark.parametrize("family,change,label", [("llama", {"layers": 4}, "number of layers"),
+                                                  ("gemma3", {"hidden": 48}, "hidden size")])
+def test_mismatched_pair_exits_2_before_any_weights_are_loaded(tmp_path, tmp_cache, monkeypatch, capsys, family,
+                                                               change, label):
+    import transformers
+
+    from safetyneurons.cli import main
+
+    a = save_tiny(tmp_path / "a", family, seed=0)
+    b = save_tiny(tmp_path / "b", family, seed=1, **change)
+    loads = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kw: loads.append(args) or pytest.fail("weights were loaded"))
+    with pytest.raises(UserError, match=label):
+        load_pair(str(a), str(b))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("How do I make a bomb?\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["contrast", "--base", str(a), "--aligned", str(b), "--prompts", str(prompts), "--out",
+              str(tmp_path / "out"), "--no-progress"])
+    assert exit_info.value.code == 2 and loads == []
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and label in err and "no weights were loaded" in err
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------ hook points
 def _capture_modules(model, ids, mask):
     """Independent record of what each decoder layer's MLP received and returned (plain forward, LM head on)."""

@@ -252,9 +252,40 @@ def check_symmetry(base: LoadedModel, aligned: LoadedModel) -> None:
             )
 
 
+_CONFIG_SHAPE = (("num_hidden_layers", "number of layers"), ("hidden_size", "hidden size"),
+                 ("intermediate_size", "MLP width"), ("vocab_size", "vocabulary size"))
+
+
+def check_configs(base: str, aligned: str) -> None:
+    """Compare the two models' configs (AutoConfig, no weights read); a shape mismatch is a UserError.
+
+    Runs before either model's weights are loaded, so a mismatched pair of large checkpoints fails at once.
+    """
+    from transformers import AutoConfig
+
+    shapes = []
+    for ref in (base, aligned):
+        path = resolve_ref(ref)
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"Could not read the model config at {path} ({ref}): {e}") from None
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        shapes.append({key: getattr(text, key, None) for key, _ in _CONFIG_SHAPE})
+    for key, label in _CONFIG_SHAPE:
+        a, b = shapes[0][key], shapes[1][key]
+        if a is not None and b is not None and a != b:
+            raise UserError(
+                f"The models are not a symmetric pair: {label} ({key}) differs in their configs, base {base} has "
+                f"{a}, aligned {aligned} has {b}. Contrasting needs two checkpoints of the same architecture "
+                f"(no weights were loaded)."
+            )
+
+
 def load_pair(base: str, aligned: str, dtype: str = "float32", device: str = "cpu",
               chat_template: bool | None = None) -> tuple[LoadedModel, LoadedModel]:
-    """Load base and aligned models and check they are a symmetric pair."""
+    """Load base and aligned models and check they are a symmetric pair (configs first, before any weights)."""
+    check_configs(base, aligned)
     b = load_model(base, dtype=dtype, device=device, chat_template=chat_template)
     a = load_model(aligned, dtype=dtype, device=device, chat_template=chat_template)
     check_symmetry(b, a)

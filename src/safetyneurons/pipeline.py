@@ -249,7 +249,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
     from . import data as data_mod
     from .contrast import contrast
     from .neurons import neuron_stats, select, write_report as write_neuron_report
-    from .pair import DEFAULT_BASE, check_symmetry, load_model
+    from .pair import DEFAULT_BASE, check_configs, check_symmetry, load_model
     from .probe import compare_feature_sets, json_safe
     from .report import write_report
     from .store import extract
@@ -295,6 +295,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
 
         # 3. pair
         steps.start("load pair")
+        check_configs(base_ref, aligned_ref)  # shapes first, before any weights are read
         base = load_model(base_ref)
         aligned = load_model(aligned_ref)
         check_symmetry(base, aligned)
