@@ -247,6 +247,35 @@ def test_cli_select(scores_dir, tmp_path, capsys):
     assert code == 0 and len(NeuronSet.load(out)) == 8  # default 5% of 160
 
 
+def test_layer_budget_keeps_the_count_and_takes_the_best_neurons_up_to_the_layer():
+    matrix = np.random.default_rng(1).gamma(0.5, 1.0, size=(6, 50))
+    matrix[5] += 10.0  # the change piles up in the last layer, as on the default model
+    s = make_scores(matrix)
+    assert select(s, top_percent=5).deepest_layer == 5
+    ns = select(s, top_percent=5, max_layer=2)
+    assert len(ns) == 15 and ns.deepest_layer <= 2 and ns.settings["max_layer"] == 2
+    best = np.argsort(-matrix[:3].ravel(), kind="stable")[:15]
+    assert set(zip(ns.layers.tolist(), ns.indices.tolist())) == {(int(i) // 50, int(i) % 50) for i in best}
+    assert (ns.num_layers, ns.width) == (6, 50) and ns.settings["total_neurons"] == 300
+    assert select(s, top_n=3, per_layer=True, max_layer=1).per_layer_counts().tolist() == [3, 3, 0, 0, 0, 0]
+    assert "max_layer" not in select(s).settings  # unconstrained sets are written as before
+    with pytest.raises(UserError, match="hold only 50"):
+        select(s, top_percent=20, max_layer=0)  # 60 neurons cannot come from one layer of 50
+
+
+def test_cli_select_with_a_layer_budget(scores_dir, tmp_path, capsys):
+    out = tmp_path / "budget.json"
+    code, stdout, err = run_cli(["neurons", "select", "--scores", scores_dir, "--max-layer", "1", "--out", out],
+                                capsys)
+    assert code == 0, err
+    ns = NeuronSet.load(out)
+    assert len(ns) == 8 and ns.deepest_layer <= 1 and "deepest layer" in stdout
+    for bad, message in (("4", "beyond the model's last layer (3)"), ("-1", ">= 0")):
+        code, _, err = run_cli(["neurons", "select", "--scores", scores_dir, "--max-layer", bad, "--out",
+                                tmp_path / "x.json"], capsys)
+        assert code == 2 and message in err and "Traceback" not in err and not (tmp_path / "x.json").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--top-percent", "0"], "(0, 100]"),
     (["--top-percent", "250"], "(0, 100]"),

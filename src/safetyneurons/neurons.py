@@ -141,16 +141,35 @@ def _ranking(values: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(values.size), -values.ravel()))
 
 
+def check_max_layer(max_layer: int | None, num_layers: int | None = None) -> int | None:
+    """Validate a layer budget (deepest layer a neuron may sit in); None means no budget."""
+    if max_layer is None:
+        return None
+    if isinstance(max_layer, bool) or int(max_layer) != max_layer or max_layer < 0:
+        raise UserError(f"--max-layer must be a layer index >= 0, got {max_layer!r}.")
+    if num_layers is not None and max_layer >= num_layers:
+        raise UserError(f"--max-layer {max_layer} is beyond the model's last layer ({num_layers - 1}); give "
+                        f"0..{num_layers - 1}, or leave it out for no layer budget.")
+    return int(max_layer)
+
+
 def select(scores, top_percent: float | None = None, top_n: int | None = None, per_layer: bool = False,
-           hook_point: str | None = None) -> NeuronSet:
+           hook_point: str | None = None, max_layer: int | None = None) -> NeuronSet:
     """The safety neurons: the highest change scores, top ``top_percent``% (default 5%) or ``top_n``.
 
     Global across layers by default; with ``per_layer`` the rule applies to every layer separately (top-n
     then means n per layer). ``scores`` is a ``contrast.ChangeScores`` or a [num_layers, width] array (then
     pass ``hook_point``). Ties are broken deterministically: lower layer, then lower index first.
+
+    ``max_layer`` is a layer budget: only neurons in layers ``0..max_layer`` are chosen, so a guard or an
+    extraction with this set stops after layer ``max_layer`` (early exit). The count stays that of the
+    unconstrained rule (top ``top_percent``% of *all* neurons, or ``top_n``), drawn from the allowed layers.
     """
     top_percent, top_n = check_selection(top_percent, top_n)
-    matrix = _score_matrix(scores)
+    full = _score_matrix(scores)
+    max_layer = check_max_layer(max_layer, full.shape[0])
+    total_layers = full.shape[0]
+    matrix = full if max_layer is None else full[:max_layer + 1]  # layer-major: flat indices stay valid
     layers, width = matrix.shape
     hook_point = hook_point or getattr(scores, "hook_point", None)
     if hook_point is None:
@@ -162,7 +181,10 @@ def select(scores, top_percent: float | None = None, top_n: int | None = None, p
             raise UserError(f"--top-n {top_n} is more neurons than {where}; give at most {pool}.")
         k = top_n
     else:
-        k = count_for_percent(top_percent, pool)
+        k = count_for_percent(top_percent, width if per_layer else total_layers * width)
+        if k > pool:
+            raise UserError(f"The top {top_percent:g}% is {k} neurons but layers 0..{max_layer} hold only {pool}; "
+                            f"raise --max-layer or lower --top-percent.")
     if per_layer:
         picked = [layer * width + _ranking(matrix[layer])[:k] for layer in range(layers)]
         flat = np.concatenate(picked)
@@ -176,15 +198,17 @@ def select(scores, top_percent: float | None = None, top_n: int | None = None, p
         "top_n": top_n,
         "per_layer": bool(per_layer),
         "selected": int(len(flat)),
-        "total_neurons": int(layers * width),
+        "total_neurons": int(total_layers * width),
         "tie_break": TIE_BREAK,
         "positions": getattr(scores, "positions", None),
         "scores_sha256": scores.fingerprint() if hasattr(scores, "fingerprint") else None,
         "aligned": meta.get("aligned", {}),
         "prompts_sha256": meta.get("prompts_sha256"),
     }
+    if max_layer is not None:
+        settings["max_layer"] = max_layer
     model = dict(meta.get("base", {}))
-    return NeuronSet(hook_point=hook_point, num_layers=layers, width=width, layers=chosen_layers,
+    return NeuronSet(hook_point=hook_point, num_layers=total_layers, width=width, layers=chosen_layers,
                      indices=chosen_indices, scores=matrix[chosen_layers, chosen_indices], model=model,
                      settings=settings)
 

@@ -28,6 +28,8 @@ RUNS_DIR = "runs"
 SETTINGS_FILE = "settings.json"  # written first into a run directory: which settings own it
 # settings that do not change what a run computes, so they never make two runs clash
 _NOT_IDENTITY = ("out", "preset")
+# optional settings added later: left out of the identity while unset, so earlier runs keep theirs
+_IDENTITY_IF_SET = ("max_layer",)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class RunSettings:
     positions: str = REFERENCE["positions"]
     pooling: str = REFERENCE["pooling"]
     top_percent: float = 5.0
+    max_layer: int | None = None  # layer budget for the safety neurons (early exit); None: no budget
     features_from: str = "base"  # which model's activations the probes read: base | aligned
     classifiers: Sequence[str] = ("svm", "logreg")
     feature_sets: Sequence[str] = ("safety", "pca", "all", "random", "text")
@@ -69,7 +72,8 @@ class RunSettings:
     def identity(self) -> dict:
         """The settings that decide what a run computes (everything but where it is written)."""
         d = json.loads(json.dumps(asdict(self), default=list))
-        return {k: v for k, v in d.items() if k not in _NOT_IDENTITY}
+        return {k: v for k, v in d.items()
+                if k not in _NOT_IDENTITY and not (k in _IDENTITY_IF_SET and v is None)}
 
     def default_out(self) -> Path:
         """``runs/<preset>``; ``-quick`` for a quick run; ``-<8 hex>`` when other settings differ from the preset."""
@@ -88,13 +92,14 @@ class RunSettings:
     def validate(self) -> "RunSettings":
         from .contrast import check_positions
         from .hooks import check_hook_point
-        from .neurons import check_selection
+        from .neurons import check_max_layer, check_selection
         from .store import check_pooling
 
         check_hook_point(self.hook_point)
         check_positions(self.positions)
         check_pooling(self.pooling)
         check_selection(self.top_percent, None)
+        check_max_layer(self.max_layer)
         if self.features_from not in ("base", "aligned"):
             raise UserError(f"--features-from must be base or aligned, got {self.features_from!r}.")
         if self.guard_classifier not in self.classifiers:
@@ -248,7 +253,7 @@ def run(settings: RunSettings | None = None, progress: bool = True, force: bool 
 def _run(s: RunSettings, out: Path, progress: bool) -> dict:
     from . import data as data_mod
     from .contrast import contrast
-    from .neurons import neuron_stats, select, write_report as write_neuron_report
+    from .neurons import check_max_layer, neuron_stats, select, write_report as write_neuron_report
     from .pair import DEFAULT_BASE, check_configs, check_symmetry, load_model
     from .probe import compare_feature_sets, json_safe
     from .report import write_report
@@ -299,6 +304,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         base = load_model(base_ref)
         aligned = load_model(aligned_ref)
         check_symmetry(base, aligned)
+        check_max_layer(s.max_layer, base.info["num_layers"])
         summary["pair"] = {"base": base.describe(), "aligned": aligned.describe()}
         steps.done()
 
@@ -314,7 +320,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
 
         # 5. safety neurons + heatmap
         steps.start("select + heatmap")
-        neuron_set = select(scores, top_percent=s.top_percent)
+        neuron_set = select(scores, top_percent=s.top_percent, max_layer=s.max_layer)
         neuron_set.save(out / "contrast" / "neuron_set.json")
         write_neuron_report(scores, neuron_set, out / "contrast")
         summary["neurons"] = {"count": len(neuron_set), "deepest_layer": neuron_set.deepest_layer,

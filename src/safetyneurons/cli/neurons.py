@@ -21,24 +21,29 @@ def neurons():
               help="Select the top K% of neurons by change score, K in (0, 100]. [default: 5]")
 @click.option("--top-n", type=int, default=None, help="Select the top N neurons instead of a percentage.")
 @click.option("--per-layer", is_flag=True, help="Apply the rule within each layer instead of globally.")
+@click.option("--max-layer", type=int, default=None,
+              help="Layer budget: choose only neurons in layers 0..L (same count as without it), so extraction "
+                   "and the guard stop after layer L (early exit). [default: no budget]")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Neuron-set JSON file to write (format safetyneurons.neuron_set/1).")
-def select(scores_dir, top_percent, top_n, per_layer, out):
+def select(scores_dir, top_percent, top_n, per_layer, max_layer, out):
     """Write the neurons with the highest change scores as a neuron set (ties: lower layer, lower index)."""
     from .. import neurons as lib
 
     top_percent, top_n = lib.check_selection(top_percent, top_n)
+    lib.check_max_layer(max_layer)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file path such as {out / 'neuron_set.json'}.")
     from ..contrast import ChangeScores
 
     scores = ChangeScores.load(scores_dir)
-    neuron_set = lib.select(scores, top_percent=top_percent, top_n=top_n, per_layer=per_layer)
+    neuron_set = lib.select(scores, top_percent=top_percent, top_n=top_n, per_layer=per_layer, max_layer=max_layer)
     neuron_set.save(out)
     counts = neuron_set.per_layer_counts()
     busiest = int(counts.argmax())
     click.echo(f"Selected {len(neuron_set)} of {scores.num_layers * scores.width} neurons at {scores.hook_point} "
-               f"(most in layer {busiest}: {int(counts[busiest])}). Wrote {out}")
+               f"(most in layer {busiest}: {int(counts[busiest])}; deepest layer {neuron_set.deepest_layer}). "
+               f"Wrote {out}")
 
 
 @neurons.command("plot")

@@ -25,6 +25,9 @@ import click
               help="Token positions whose activation change is scored [default: the preset's].")
 @click.option("--top-percent", type=float, default=5.0, show_default=True,
               help="Share of all neurons kept as safety neurons, in (0, 100].")
+@click.option("--max-layer", type=int, default=None,
+              help="Layer budget: safety neurons only from layers 0..L (same count), so the guard stops after "
+                   "layer L. [default: no budget]")
 @click.option("--base", default=None, help="Base model reference [default: bundled SmolLM2-135M-Instruct].")
 @click.option("--aligned", default=None,
               help="Aligned model reference [default: the default twin, built on first run and cached].")
@@ -40,15 +43,16 @@ import click
 @click.option("--max-length", type=int, default=256, show_default=True, help="Token limit per prompt.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data splits, draws and bootstraps.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def run(out, force, quick, paper, hook_point, pooling, positions, top_percent, base, aligned, splits, features_from,
-        guard_classifier, random_draws, batch_size, max_length, seed, no_progress):
+def run(out, force, quick, paper, hook_point, pooling, positions, top_percent, max_layer, base, aligned, splits,
+        features_from, guard_classifier, random_draws, batch_size, max_length, seed, no_progress):
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
     controls (random layer-matched neurons, PCA, all features, text-only), held-out benchmark, guard."""
     from ..pipeline import RunSettings, run as run_pipeline
     from ..report import results_table as _seed_table
 
     settings = RunSettings.for_preset("paper" if paper else "default", out=out, quick=quick, hook_point=hook_point,
-                                      pooling=pooling, positions=positions, top_percent=top_percent, base=base,
+                                      pooling=pooling, positions=positions, top_percent=top_percent,
+                                      max_layer=max_layer, base=base,
                                       aligned=aligned, splits=splits, features_from=features_from,
                                       guard_classifier=guard_classifier, random_draws=random_draws,
                                       batch_size=batch_size, max_length=max_length, seed=seed)
