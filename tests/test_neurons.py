@@ -317,3 +317,14 @@ def test_cli_plot(scores_dir, tmp_path, capsys):
     bad.write_text("{not json")
     code, _, err = run_cli(["neurons", "plot", "--scores", scores_dir, "--neurons", bad, "--out", out], capsys)
     assert code == 2 and "not valid JSON" in err
+
+
+def test_run_settings_layer_budget_is_validated_and_names_its_own_run_directory():
+    from safetyneurons.pipeline import RunSettings
+
+    plain = RunSettings.for_preset("default")
+    assert "max_layer" not in plain.identity()  # runs made before the option keep their identity
+    budget = RunSettings.for_preset("default", max_layer=19)
+    assert budget.identity()["max_layer"] == 19 and budget.default_out() != plain.default_out()
+    with pytest.raises(UserError, match=">= 0"):
+        RunSettings.for_preset("default", max_layer=-1).validate()

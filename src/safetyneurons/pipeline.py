@@ -32,6 +32,11 @@ _NOT_IDENTITY = ("out", "preset")
 _IDENTITY_IF_SET = ("max_layer",)
 
 
+def _identity_of(settings: dict) -> dict:
+    return {k: v for k, v in settings.items()
+            if k not in _NOT_IDENTITY and not (k in _IDENTITY_IF_SET and v is None)}
+
+
 @dataclass
 class RunSettings:
     out: str | None = None  # None -> derived from the settings: runs/<preset>[-quick][-<hash of changes>]
@@ -72,8 +77,7 @@ class RunSettings:
     def identity(self) -> dict:
         """The settings that decide what a run computes (everything but where it is written)."""
         d = json.loads(json.dumps(asdict(self), default=list))
-        return {k: v for k, v in d.items()
-                if k not in _NOT_IDENTITY and not (k in _IDENTITY_IF_SET and v is None)}
+        return _identity_of(d)
 
     def default_out(self) -> Path:
         """``runs/<preset>``; ``-quick`` for a quick run; ``-<8 hex>`` when other settings differ from the preset."""
@@ -120,7 +124,7 @@ def _recorded_settings(out: Path) -> dict | None:
         if (out / name).is_file():
             recorded = pick(read_json(out / name))
             if isinstance(recorded, dict):
-                return {k: v for k, v in recorded.items() if k not in _NOT_IDENTITY}
+                return _identity_of(recorded)
     return None
 
 
