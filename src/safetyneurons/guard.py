@@ -343,7 +343,11 @@ class Guard:
         prompts = _check_prompts(prompts)
         if not prompts:
             return np.zeros(0, dtype=np.float64)
-        return np.asarray(self.probe.predict_proba(self.features(prompts, progress=progress)), dtype=np.float64)
+        return self.probability(self.features(prompts, progress=progress))
+
+    def probability(self, features: np.ndarray) -> np.ndarray:
+        """The probe's unsafe probability for pooled features ``[n, d]`` (as from :meth:`features`), float64 ``[n]``."""
+        return np.asarray(self.probe.predict_proba(features), dtype=np.float64)
 
     def score(self, prompts: Sequence[str] | str, threshold: float | None = None,
               progress: bool = False) -> list[GuardResult]:

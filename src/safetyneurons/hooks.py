@@ -11,7 +11,8 @@ Qwen3, Gemma3 and most of their relatives).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -85,6 +86,49 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _check_layers(blocks: nn.ModuleList, layers: Sequence[int] | None) -> list[int]:
+    wanted = sorted(set(range(len(blocks)) if layers is None else (int(i) for i in layers)))
+    if not wanted:
+        raise UserError("No layers requested for the hook point.")
+    if wanted[0] < 0 or wanted[-1] >= len(blocks):
+        raise UserError(f"Layer index out of range: the model has {len(blocks)} layers (0..{len(blocks) - 1}).")
+    return wanted
+
+
+@contextlib.contextmanager
+def attached_hooks(model: nn.Module, hook_point: str, callback: Callable[[int, torch.Tensor], None],
+                   layers: Sequence[int] | None = None) -> Iterator[list[int]]:
+    """Hooks that call ``callback(layer, activation)`` during any forward pass run inside the block.
+
+    Yields the sorted list of hooked layers; the hooks are removed on exit (also on an exception, which
+    the callback may raise to stop the forward pass). ``activation`` is as in :func:`forward_with_hooks`.
+    """
+    check_hook_point(hook_point)
+    blocks = decoder_layers(model)
+    wanted = _check_layers(blocks, layers)
+
+    def make(i: int):
+        if hook_point == "mlp_neurons":
+            def pre(_mod, args, kwargs=None):
+                callback(i, args[0])
+            return blocks[i].mlp.down_proj.register_forward_pre_hook(pre)
+        if hook_point == "mlp_out":
+            def post(_mod, _args, out):
+                callback(i, out[0] if isinstance(out, tuple) else out)
+            return blocks[i].mlp.register_forward_hook(post)
+
+        def post_layer(_mod, _args, out):
+            callback(i, out[0] if isinstance(out, tuple) else out)
+        return blocks[i].register_forward_hook(post_layer)
+
+    handles = [make(i) for i in wanted]
+    try:
+        yield wanted
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def forward_with_hooks(
     model: nn.Module,
@@ -103,49 +147,26 @@ def forward_with_hooks(
     requested layer has been captured, so later layers and the LM head never run.
     """
     check_hook_point(hook_point)
-    blocks = decoder_layers(model)
-    wanted = sorted(set(range(len(blocks)) if layers is None else (int(i) for i in layers)))
-    if not wanted:
-        raise UserError("No layers requested for the hook point.")
-    if wanted[0] < 0 or wanted[-1] >= len(blocks):
-        raise UserError(f"Layer index out of range: the model has {len(blocks)} layers (0..{len(blocks) - 1}).")
-    deepest = wanted[-1]
+    deepest = _check_layers(decoder_layers(model), layers)[-1]
 
-    def make(i: int):
-        def emit(t: torch.Tensor) -> None:
-            callback(i, t)
-            if early_exit and i == deepest:
-                raise _EarlyExit
+    def emit(i: int, t: torch.Tensor) -> None:
+        callback(i, t)
+        if early_exit and i == deepest:
+            raise _EarlyExit
 
-        if hook_point == "mlp_neurons":
-            def pre(_mod, args, kwargs=None):
-                emit(args[0])
-            return blocks[i].mlp.down_proj.register_forward_pre_hook(pre)
-        if hook_point == "mlp_out":
-            def post(_mod, _args, out):
-                emit(out[0] if isinstance(out, tuple) else out)
-            return blocks[i].mlp.register_forward_hook(post)
-
-        def post_layer(_mod, _args, out):
-            emit(out[0] if isinstance(out, tuple) else out)
-        return blocks[i].register_forward_hook(post_layer)
-
-    handles = [make(i) for i in wanted]
     device = next(model.parameters()).device
     try:
-        # the bare decoder stack (no LM head) when the model exposes it
-        body = model.get_decoder() if hasattr(model, "get_decoder") else model
-        body(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            position_ids=position_ids_from_mask(attention_mask).to(device),
-            use_cache=False,
-        )
+        with attached_hooks(model, hook_point, emit, layers):
+            # the bare decoder stack (no LM head) when the model exposes it
+            body = model.get_decoder() if hasattr(model, "get_decoder") else model
+            body(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                position_ids=position_ids_from_mask(attention_mask).to(device),
+                use_cache=False,
+            )
     except _EarlyExit:
         pass
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def capture(model, input_ids, attention_mask, hook_point, layers=None, early_exit=True) -> dict[int, torch.Tensor]:

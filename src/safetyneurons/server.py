@@ -109,6 +109,10 @@ class MicroBatcher:
                 await self._task
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    async def call(self, fn: Callable, *args):
+        """Run ``fn(*args)`` on the scoring thread, so it never overlaps a scoring batch (the model is shared)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
     async def submit(self, texts: list[str]) -> list:
         if self._queue is None:
             raise RuntimeError("the batcher is not started")
@@ -228,15 +232,25 @@ def _parse_request(body: bytes, settings: ServerSettings) -> list[str]:
     if len(inputs) > settings.max_inputs:
         raise ApiError(413, f"Too many inputs: {len(inputs)} > {settings.max_inputs} per request. Split the "
                             f"request.", code="too_many_inputs")
+    inputs = [_input_text(x, k) for k, x in enumerate(inputs)]
     for k, text in enumerate(inputs):
-        if not isinstance(text, str):
-            raise ApiError(422, f"input[{k}] is {type(text).__name__}, not a string.", code="invalid_input")
         if not text.strip():
             raise ApiError(422, f"input[{k}] is empty; give some text to score.", code="empty_input")
         if len(text) > settings.max_chars:
             raise ApiError(413, f"input[{k}] has {len(text)} characters, more than the limit of "
                                 f"{settings.max_chars}.", code="input_too_long")
     return inputs
+
+
+def _input_text(item, k: int) -> str:
+    """A moderation input item: a string or a ``{"type": "text", "text": ...}`` part (images are refused)."""
+    if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
+        return item["text"]
+    if isinstance(item, str):
+        return item
+    kind = f"a {item.get('type')!r} part" if isinstance(item, dict) else type(item).__name__
+    raise ApiError(422, f"input[{k}] is {kind}; give a string or a {{\"type\": \"text\", \"text\": ...}} part "
+                        f"(this guard reads text only).", code="invalid_input")
 
 
 async def _read_body(request, limit: int) -> bytes:
@@ -264,6 +278,7 @@ def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max
     ``api_key``: when set, every endpoint but /healthz needs ``Authorization: Bearer <key>``.
     ``score_fn`` replaces ``guard.score`` (for instrumentation); it gets a list of texts and returns one
     ``GuardResult`` per text.
+    :func:`safetyneurons.routes.create_service` adds guarded chat completions and LiteLLM's guardrail API.
     """
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
@@ -321,6 +336,8 @@ def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max
             raise ApiError(401, "Missing or invalid API key: send the header 'Authorization: Bearer <key>'.",
                            "authentication_error", "invalid_api_key")
 
+    app.state.check_auth = check_auth  # for the routes of safetyneurons.routes
+
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "guard": guard.name}
@@ -354,7 +371,8 @@ def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max
             "id": f"modr-{uuid.uuid4().hex}",
             "model": guard.name,
             "results": [{"flagged": bool(r.flagged), "categories": {"unsafe": bool(r.flagged)},
-                         "category_scores": {"unsafe": float(r.unsafe_probability)}} for r in results],
+                         "category_scores": {"unsafe": float(r.unsafe_probability)},
+                         "category_applied_input_types": {"unsafe": ["text"]}} for r in results],
         }
 
     return app

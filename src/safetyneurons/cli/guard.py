@@ -134,17 +134,31 @@ def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, pro
 @click.option("--log-prompts", is_flag=True, help="Also log prompt text (off: only counts and latency).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads for scoring (default: torch's choice). 1 can be faster on a busy machine.")
+@click.option("--generate", is_flag=True,
+              help="Also serve the guard's model behind POST /v1/chat/completions, guarded by the same prefill.")
+@click.option("--guard-mode", type=click.Choice(("block", "monitor")), default="block", show_default=True,
+              help="With --generate: refuse flagged conversations (block) or only report the score (monitor).")
+@click.option("--refusal", default=None, metavar="TEXT",
+              help="With --generate: the reply to a flagged conversation (default: \"I can't help with that "
+                   "request.\").")
+@click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(min=1),
+              help="With --generate: the most tokens a reply may have (requests asking for more: 422).")
 def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, host, port, api_key, max_batch_size,
-          max_wait_ms, max_inputs, max_chars, log_prompts, threads):
-    """Serve a guard over HTTP: POST /v1/moderations (OpenAI moderation shape), GET /v1/guard, GET /healthz.
+          max_wait_ms, max_inputs, max_chars, log_prompts, threads, generate, guard_mode, refusal, max_tokens):
+    """Serve a guard over HTTP: POST /v1/moderations (OpenAI moderation shape), POST
+    /beta/litellm_basic_guardrail_api (LiteLLM generic guardrail), GET /v1/guard, GET /healthz; with --generate
+    also POST /v1/chat/completions (OpenAI-compatible, guarded generation, streaming) and GET /v1/models.
 
     \b
     safetyneurons serve --guard runs/default/guard --port 8000
     curl -s localhost:8000/v1/moderations -H 'Content-Type: application/json' -d '{"input": "hi"}'
+    safetyneurons serve --guard runs/default/guard --generate
     """
     import logging
 
-    from ..server import bind_socket, create_app, is_loopback, run_server
+    from ..chat import DEFAULT_REFUSAL, GuardedChat
+    from ..routes import create_service
+    from ..server import bind_socket, is_loopback, run_server
 
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key / SAFETYNEURONS_API_KEY is empty; give a non-empty key or unset it.")
@@ -158,8 +172,10 @@ def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, hos
 
             torch.set_num_threads(threads)
         g = _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha256)
-        app = create_app(g, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_inputs=max_inputs,
-                         max_chars=max_chars, api_key=api_key, log_prompts=log_prompts)
+        chat = GuardedChat(g, mode=guard_mode, refusal=refusal or DEFAULT_REFUSAL) if generate else None
+        app = create_service(g, chat=chat, max_tokens=max_tokens, max_batch_size=max_batch_size,
+                             max_wait_ms=max_wait_ms, max_inputs=max_inputs, max_chars=max_chars, api_key=api_key,
+                             log_prompts=log_prompts)
         logger = logging.getLogger("safetyneurons.server")
         if not logger.handlers:
             handler = logging.StreamHandler(sys.stderr)
@@ -169,7 +185,8 @@ def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, hos
         logger.propagate = False
         bound = sock.getsockname()
         click.echo(f"Serving guard {g.name} (threshold {g.threshold:.4f}, {g.layers_run} of "
-                   f"{g.lm.info['num_layers']} layers) on http://{bound[0]}:{bound[1]} "
+                   f"{g.lm.info['num_layers']} layers{'; chat: ' + chat.model_name if chat else ''}) on "
+                   f"http://{bound[0]}:{bound[1]} "
                    f"(pid {os.getpid()}); Ctrl-C to stop.", err=True)
         run_server(app, sock)
     finally:

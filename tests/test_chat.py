@@ -1,0 +1,149 @@
+"""Guarded generation (library): the guard reads the model's own prefill, and the model decodes from its KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safetyneurons.chat import GuardedChat, SamplingSettings, normalize_messages
+from safetyneurons.errors import UserError
+from safetyneurons.guard import Guard
+from test_guard import QUERIES, SAFE, UNSAFE, build_guard
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build_guard(tmp_path_factory.mktemp("g"))
+
+
+class Calls:
+    """Counts forward calls of the LM head and of the last decoder layer."""
+
+    def __init__(self, lm):
+        from safetyneurons.hooks import decoder_layers
+
+        self.head = self.last = 0
+        self._h = [lm.model.get_output_embeddings().register_forward_hook(lambda *a: self._inc("head")),
+                   decoder_layers(lm.model)[-1].register_forward_hook(lambda *a: self._inc("last"))]
+
+    def _inc(self, name):
+        setattr(self, name, getattr(self, name) + 1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._h:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def built_last(tmp_path_factory):
+    return build_guard(tmp_path_factory.mktemp("g"), pooling="last")
+
+
+@pytest.mark.parametrize("pooling,max_length", [("mean", 64), ("last", 64), ("mean", 12), ("last", None)])
+def test_prefill_probability_equals_guard_score(request, pooling, max_length):
+    path, lm, _, _ = request.getfixturevalue("built" if pooling == "mean" else "built_last")
+    g = Guard.load(path, lm=lm)
+    g.max_length = max_length  # 12 truncates every prompt: the guard reads only the first 12 tokens
+    chat = GuardedChat(g, mode="monitor")
+    want = [r.unsafe_probability for r in g.score(QUERIES + UNSAFE[:2])]
+    got = [chat.prefill(user(q)).unsafe_probability for q in QUERIES + UNSAFE[:2]]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert len(set(round(p, 6) for p in got)) >= 4  # not a constant (truncated prompts may share a prefix)
+
+
+def test_greedy_decoding_from_the_kv_cache_equals_transformers_generate(built):
+    path, lm, _, _ = built
+    chat = GuardedChat(Guard.load(path, lm=lm), mode="monitor")
+    for prompt in SAFE[:3]:
+        ids = chat.encode(user(prompt))
+        ref = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                do_sample=False, eos_token_id=chat.stop_ids, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        cut = next((k for k, t in enumerate(ref) if t in chat.stop_ids), len(ref))
+        want = lm.tokenizer.decode(ref[:cut], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        got = chat.complete(user(prompt), SamplingSettings(max_tokens=12, temperature=0))
+        assert got.text == want
+        assert got.finish_reason == ("stop" if cut < len(ref) else "length")
+        assert got.completion_tokens == min(cut + 1, 12) and got.prompt_tokens == ids.shape[1]
+
+
+def test_a_blocked_prompt_runs_no_later_layer_no_lm_head_and_no_decoding(built):
+    path, lm, ns, _ = built
+    g = Guard.load(path, lm=lm)
+    bad, good = UNSAFE[0], SAFE[0]
+    p_bad, p_good = (r.unsafe_probability for r in g.score([bad, good]))
+    assert p_bad > p_good  # the planted signal: the probe was fitted on these prompts
+    g.threshold = (p_bad + p_good) / 2
+    chat = GuardedChat(g, mode="block", refusal="No.")
+    assert ns.deepest_layer < lm.info["num_layers"] - 1  # so the early stop is observable
+    with Calls(lm) as calls:
+        out = chat.complete(user(bad), SamplingSettings(max_tokens=5))
+        assert (calls.head, calls.last, chat.decode_steps) == (0, 0, 0)
+        assert out.text == "No." and out.finish_reason == "content_filter" and out.blocked
+        assert out.completion_tokens == 0 and out.unsafe_probability == pytest.approx(p_bad, abs=1e-6)
+        ok = chat.complete(user(good), SamplingSettings(max_tokens=5, temperature=0))
+        assert not ok.blocked and ok.finish_reason in ("stop", "length")
+        assert calls.head == 1 + chat.decode_steps and calls.head == ok.completion_tokens - (ok.finish_reason == "stop")
+    monitor = GuardedChat(g, mode="monitor")
+    seen = monitor.complete(user(bad), SamplingSettings(max_tokens=3, temperature=0))
+    assert not seen.blocked and seen.unsafe_probability >= g.threshold and seen.finish_reason != "content_filter"
+    off = GuardedChat(g, mode="off").complete(user(good), SamplingSettings(max_tokens=5, temperature=0))
+    assert off.unsafe_probability is None and off.text == ok.text  # the guard does not change the answer
+
+
+def test_stop_strings_max_tokens_and_seeded_sampling(built):
+    path, lm, _, _ = built
+    chat = GuardedChat(Guard.load(path, lm=lm), mode="off")
+    msgs = user(SAFE[1])
+    full = chat.complete(msgs, SamplingSettings(max_tokens=20, temperature=0))
+    assert full.finish_reason == "length" and full.completion_tokens == 20  # this tiny model never ends its turn
+    stop = full.text[5:8]
+    cut = chat.complete(msgs, SamplingSettings(max_tokens=20, temperature=0, stop=("zzz-none", stop)))
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    pieces = [d.text for d in chat.generate(chat.prefill(msgs), SamplingSettings(max_tokens=20, stop=(stop,),
+                                                                                   temperature=0))]
+    assert "".join(pieces) == cut.text and all(stop not in p for p in pieces)
+    a = chat.complete(msgs, SamplingSettings(max_tokens=10, temperature=1.0, seed=3))
+    b = chat.complete(msgs, SamplingSettings(max_tokens=10, temperature=1.0, seed=3))
+    c = chat.complete(msgs, SamplingSettings(max_tokens=10, temperature=1.0, seed=4))
+    assert a.text == b.text and a.text != c.text
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    s = SamplingSettings(temperature=1.0, top_p=0.7)
+    gen = torch.Generator().manual_seed(0)
+    drawn = {GuardedChat.pick(logits, s, gen) for _ in range(300)}
+    assert drawn == {0, 1}
+    assert GuardedChat.pick(logits, SamplingSettings(temperature=0)) == 0
+
+
+def test_messages_and_settings_are_validated(built):
+    path, lm, _, _ = built
+    parts = normalize_messages([{"role": "developer", "content": "Be brief."},
+                                {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                                             {"type": "text", "text": "there"}]}])
+    assert parts == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    for bad, match in [([], "non-empty list"), ([{"role": "robot", "content": "x"}], "roles"),
+                       ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "image_url"),
+                       ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "last message"),
+                       ([{"role": "system", "content": "x"}], "no user message")]:
+        with pytest.raises(UserError, match=match):
+            normalize_messages(bad)
+    for kw, match in [({"max_tokens": 0}, "max_tokens"), ({"temperature": 3}, "temperature"),
+                      ({"top_p": 0}, "top_p"), ({"stop": ("",)}, "stop"), ({"stop": tuple("abcde")}, "stop")]:
+        with pytest.raises(UserError, match=match):
+            SamplingSettings(**kw).check()
+    with pytest.raises(UserError, match="limit of 4"):
+        SamplingSettings(max_tokens=5).check(4)
+    g = Guard.load(path, lm=lm)
+    with pytest.raises(UserError, match="guard mode"):
+        GuardedChat(g, mode="loud")
+    with pytest.raises(UserError, match="context"):
+        GuardedChat(g, context_length=8).encode(user("a long prompt " * 5))
