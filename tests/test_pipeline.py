@@ -24,7 +24,8 @@ def _records(n_per_class: int, offset: int) -> list[dict]:
     out = []
     for i in range(n_per_class):
         k = offset + i
-        out.append({"id": f"h:{k}", "prompt": HARM[k % 2].format(HARM_OBJ[k % 5], k), "label": 1, "source": "h"})
+        out.append({"id": f"h:{k}", "prompt": HARM[k % 2].format(HARM_OBJ[k % 5], k), "label": 1, "source": "h",
+                    "hazard": ("violent_crimes", "nonviolent_crimes")[k % 2]})
         out.append({"id": f"s:{k}", "prompt": SAFE[k % 2].format(SAFE_OBJ[k % 5], k), "label": 0, "source": "s"})
     return out
 
@@ -49,7 +50,11 @@ def _tiny_pair_and_splits(root: Path):
     _write(splits / "contrast.jsonl", [r for r in _records(10, 1000) if r["label"] == 1])
     _write(splits / "train.jsonl", _records(20, 0))
     _write(splits / "test.jsonl", _records(10, 100))
-    _write(splits / "heldout.jsonl", _records(8, 200))
+    _write(splits / "val.jsonl", _records(10, 300))
+    held = _records(8, 200)
+    for r in held[1::4]:  # a few benign held-out prompts from the registry's held-out hard-negative source
+        r["source"] = "overrefusal"
+    _write(splits / "heldout.jsonl", held)
     return base, aligned, splits
 
 
@@ -60,11 +65,33 @@ def tiny_run(tmp_path_factory):
     from safetyneurons.pipeline import RunSettings, run
 
     settings = RunSettings(out=str(root / "run"), base=str(base), aligned=str(aligned), splits=str(splits),
-                           random_draws=2, n_boot=50, store_dtype="float32", batch_size=4)
+                           random_draws=2, n_boot=50, store_dtype="float32", batch_size=4, target_fpr=0.1,
+                           category_min_examples=5)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFETYNEURONS_CACHE", str(root / "cache"))
         summary = run(settings, progress=False)
     return root, settings, summary
+
+
+def test_run_calibrates_on_val_and_reports_overrefusal_and_categories(tiny_run):
+    root, settings, summary = tiny_run
+    out = Path(settings.out)
+    meta = json.loads((out / "guard" / "guard.json").read_text())
+    cal = meta["calibration"]
+    assert cal["target_fpr"] == 0.1 and meta["threshold"] == cal["threshold"]
+    assert cal["validation"]["n"] == 20 and cal["validation"]["fpr_benign"] <= 0.1
+    assert "validation split" in meta["threshold_rule"]
+    # category heads ship inside the guard, hashed like every other file
+    assert meta["categories"]["names"] == ["violent_crimes", "nonviolent_crimes"]
+    assert {"categories.json", "categories.safetensors"} <= set(meta["files"])
+    table = summary["overrefusal"]
+    kinds = {r["source"]: r["kind"] for r in table["per_source"]}
+    assert kinds == {"s": "benign", "overrefusal": "hard_negative", "h": "harmful"}
+    names = {r["probe"] for r in table["summary"]}
+    assert f"safety / {settings.guard_classifier}" in names and any(n.startswith("text") for n in names)
+    md = (out / "probes" / "report.md").read_text()
+    assert md.index("Over-refusal and recall") < md.index("## Test metrics")
+    assert "## Category heads" in md and "flags hard negatives" in md
 
 
 def test_run_writes_every_artifact_and_all_feature_sets(tiny_run):

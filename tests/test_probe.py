@@ -418,3 +418,22 @@ def test_export_guard_with_the_real_guard_module(cli, tmp_path):
     mine = load_probe(tmp_path / "rep" / "probes" / "safety-svm")
     X = Store.load(cli / "st_test").select(NeuronSet.load(cli / "ns.json"))
     assert np.array_equal(shipped.predict_proba(X), mine.predict_proba(X)) and shipped.threshold == mine.threshold
+
+
+def test_cli_train_calibrates_thresholds_on_val_for_the_target_fpr(cli, tmp_path):
+    invoke("train", "--train", cli / "st_train", "--test", cli / "st_test", "--neurons", cli / "ns.json",
+           "--out", tmp_path / "rep", "--feature-sets", "safety,text", "--classifiers", "logreg", "--bootstrap", "0",
+           "--val", cli / "st_test", "--target-fpr", "0.1", "--export-guard", tmp_path / "guard",
+           cache=cli / "cache")
+    meta = json.loads((tmp_path / "guard" / "guard.json").read_text())
+    cal = meta["calibration"]
+    assert cal["target_fpr"] == 0.1 and cal["validation"]["fpr_benign"] <= 0.1
+    st = Store.load(cli / "st_test")
+    probe = load_probe(tmp_path / "rep" / "probes" / "safety-logreg")
+    proba = probe.predict_proba(st.select(NeuronSet.load(cli / "ns.json")))
+    benign = proba[st.labels == 0]
+    assert probe.threshold == meta["threshold"] == cal["threshold"]
+    assert (benign >= probe.threshold).sum() <= int(0.1 * len(benign))  # the saved probe keeps the calibrated cut
+    r = run_cli("train", "--train", cli / "st_train", "--test", cli / "st_test", "--neurons", cli / "ns.json",
+                "--out", tmp_path / "bad", "--val", cli / "st_test", "--target-fpr", "1.5", env_cache=cli / "cache")
+    assert r.returncode == 2 and "target-fpr" in r.stderr and "Traceback" not in r.stderr

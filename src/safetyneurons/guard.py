@@ -9,6 +9,8 @@ A guard is a directory that anyone can load without running foreign code (no pic
                           content (sorted keys, no whitespace) without the ``integrity`` field.
     probe.json            the probe's settings (:class:`safetyneurons.probe.Probe`)
     probe.safetensors     the probe's arrays (scaler, SVM support vectors / LR weights, ...)
+    categories.json       optional category heads on the same neurons (:mod:`safetyneurons.categories`)
+    categories.safetensors
 
 Loading (:meth:`Guard.load`) refuses, with a :class:`~safetyneurons.errors.UserError`, a guard whose
 guard.json was edited (integrity hash), whose other files changed, went missing or were added (file
@@ -50,9 +52,14 @@ class GuardResult:
 
     unsafe_probability: float
     flagged: bool
+    categories: dict | None = None  # moderation schema: {"unsafe": bool, hazard: bool, ...} with category heads
+    category_scores: dict | None = None  # {"unsafe": p, hazard: p * P(hazard | harmful), ...}
 
     def to_dict(self) -> dict:
-        return {"unsafe_probability": self.unsafe_probability, "flagged": self.flagged}
+        out = {"unsafe_probability": self.unsafe_probability, "flagged": self.flagged}
+        if self.categories is not None:
+            out.update(categories=self.categories, category_scores=self.category_scores)
+        return out
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -101,13 +108,15 @@ def _guard_files(path: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------- export
 def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str, neuron_set: NeuronSet | None,
                  probe, hook_point: str, pooling: str, max_length: int | None, feature_set: str, metrics: dict,
-                 data: dict) -> Path:
+                 data: dict, category_heads=None, calibration: dict | None = None) -> Path:
     """Write a guard directory (atomically: a failed export leaves no directory behind).
 
     ``neuron_set`` None means the probe reads every neuron at the hook point (layer-major), as for the
     ``all`` and ``pca`` feature sets; such a guard runs the whole decoder stack.
     ``metrics`` are the probe's metrics on the test split, ``data`` the data provenance (hashes of the
-    training and test data); both are stored as given (NaN becomes null).
+    training and test data); both are stored as given (NaN becomes null). ``category_heads``
+    (:class:`safetyneurons.categories.CategoryHeads` on the same features) are saved next to the probe;
+    ``calibration`` (how the threshold was set, with its validation figures) goes into guard.json.
     """
     from .hooks import check_hook_point
     from .probe import Probe
@@ -137,6 +146,11 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
 
     with atomic_dir(out) as tmp:
         probe.save(tmp)  # probe.json + probe.safetensors
+        if category_heads is not None:
+            if category_heads.n_features != probe.n_features:
+                raise UserError(f"The category heads read {category_heads.n_features} features but the probe reads "
+                                f"{probe.n_features}; train them on the same features.")
+            category_heads.save(tmp)  # categories.json + categories.safetensors
         files = _guard_files(tmp)
         meta = {
             "format": GUARD_FORMAT,
@@ -153,6 +167,8 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
             "threshold_rule": probe.threshold_rule,
             "probability": "Platt sigmoid on the SVM decision value (fitted on cross-validated training "
                            "decisions)" if probe.classifier == "svm" else "logistic regression sigmoid",
+            "calibration": _json_safe(calibration) if calibration else None,
+            "categories": category_heads.describe() if category_heads is not None else None,
             "metrics": _json_safe(metrics or {}),
             "data": _json_safe(data or {}),
             "versions": versions(),
@@ -225,8 +241,9 @@ class Guard:
     """A loaded guard: a model (run up to the deepest safety neuron) plus a probe on the safety neurons."""
 
     def __init__(self, path: Path, meta: dict, lm, probe, neuron_set: NeuronSet | None, threshold: float,
-                 batch_size: int = 16):
+                 batch_size: int = 16, category_heads=None):
         self.path = Path(path)
+        self.category_heads = category_heads
         self.meta = meta
         self.lm = lm
         self.probe = probe
@@ -302,6 +319,14 @@ class Guard:
                             f"{f', the neuron set holds {len(ns)}' if ns is not None else ''}, the probe reads "
                             f"{probe.n_features}. Re-export the guard.")
         _check_probe_arrays(probe, path)
+        heads = None
+        if meta.get("categories"):
+            from .categories import CategoryHeads
+
+            heads = CategoryHeads.load(path)  # its files' sha256 were checked above
+            if heads.n_features != n_features or heads.names != list(meta["categories"].get("names", [])):
+                raise UserError(f"{path}: the category heads do not match guard.json (features or names). "
+                                f"Re-export the guard.")
 
         if lm is None:
             from .pair import load_model
@@ -328,7 +353,7 @@ class Guard:
                             f"({n_features} features) but the model has {n_layers} x {width} = {n_layers * width}. "
                             f"Use the guard's own model.")
         t = default_threshold if threshold is None else _check_threshold(threshold)
-        return cls(path, meta, lm, probe, ns, t, batch_size=batch_size)
+        return cls(path, meta, lm, probe, ns, t, batch_size=batch_size, category_heads=heads)
 
     # ---- scoring
     def features(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
@@ -358,8 +383,21 @@ class Guard:
         if isinstance(prompts, str):
             prompts = [prompts]
         t = self.threshold if threshold is None else _check_threshold(threshold)
-        p = self.unsafe_probability(prompts, progress=progress)
-        return [GuardResult(float(v), bool(v >= t)) for v in p]
+        prompts = _check_prompts(prompts)
+        if not prompts:
+            return []
+        X = self.features(prompts, progress=progress)
+        p = np.asarray(self.probe.predict_proba(X), dtype=np.float64)
+        if self.category_heads is None:
+            return [GuardResult(float(v), bool(v >= t)) for v in p]
+        from .categories import moderation_categories
+
+        c = self.category_heads.predict_proba(X)
+        out = []
+        for v, row in zip(p, c):
+            cats, scores = moderation_categories(float(v), bool(v >= t), self.category_heads.names, row)
+            out.append(GuardResult(float(v), bool(v >= t), cats, scores))
+        return out
 
     # ---- description
     def metadata(self) -> dict:

@@ -63,6 +63,8 @@ class RunSettings:
     seed: int = 0
     n_boot: int = 1000
     splits: str | None = None  # a splits dir from `safetyneurons data build`; None -> the default mix
+    target_fpr: float = 0.05  # every probe's threshold: this false-positive rate on the val split's benign prompts
+    category_min_examples: int = 20  # a hazard needs this many labelled harmful training prompts for a head
 
     @classmethod
     def for_preset(cls, preset: str = "default", **changes) -> "RunSettings":
@@ -111,6 +113,8 @@ class RunSettings:
                             f"({', '.join(self.classifiers)}).")
         if "safety" not in self.feature_sets:
             raise UserError("The run needs the `safety` feature set (the guard is built from it).")
+        if not 0.0 <= float(self.target_fpr) < 1.0:
+            raise UserError(f"--target-fpr must be in [0, 1), got {self.target_fpr}.")
         if self.preset not in PRESETS:
             raise UserError(f"Unknown preset {self.preset!r}. Choose one of: {', '.join(PRESETS)}.")
         return self
@@ -194,8 +198,8 @@ class _Steps:
         self.bar.close()
 
 
-STEP_NAMES = ["data", "twin", "load pair", "contrast", "select + heatmap", "extract train", "extract test",
-              "extract heldout", "train probes", "heldout benchmark", "guard", "report"]
+STEP_NAMES = ["data", "twin", "load pair", "contrast", "select + heatmap", "extract train", "extract val",
+              "extract test", "extract heldout", "train probes", "calibrate", "heldout benchmark", "guard", "report"]
 
 
 def _heldout_metrics(result, heldout_store, n_boot: int, seed: int) -> list[dict]:
@@ -261,6 +265,8 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
     from .pair import DEFAULT_BASE, check_configs, check_symmetry, load_model
     from .probe import compare_feature_sets, json_safe
     from .report import write_report
+    from .categories import evaluate_on_store, fit_for_store
+    from .overrefusal import calibrate_runs, headline_report, store_overrefusal
     from .store import extract
 
     out.mkdir(parents=True, exist_ok=True)
@@ -277,10 +283,13 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         if missing:
             raise UserError(f"--splits {splits} lacks {', '.join(missing)}; build it with `safetyneurons data build`.")
         split_records = {name: data_mod.read_records(splits / f"{name}.jsonl")
-                         for name in ("contrast", "train", "test", "heldout") if (splits / f"{name}.jsonl").is_file()}
+                         for name in ("contrast", "train", "val", "test", "heldout")
+                         if (splits / f"{name}.jsonl").is_file()}
         if s.quick:
             split_records["train"] = _subsample(split_records["train"], s.quick_train, s.seed)
             split_records["test"] = _subsample(split_records["test"], s.quick_test, s.seed + 1)
+            if "val" in split_records:
+                split_records["val"] = _subsample(split_records["val"], s.quick_test, s.seed + 3)
             if "heldout" in split_records:
                 split_records["heldout"] = _subsample(split_records["heldout"], s.quick_heldout, s.seed + 2)
         summary["data"] = {"splits": str(splits),
@@ -336,7 +345,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         if feat_lm is not aligned:
             del aligned  # free memory before the long extraction
         stores = {}
-        for split in ("train", "test", "heldout"):
+        for split in ("train", "val", "test", "heldout"):
             steps.start(f"extract {split}")
             if split in split_records:
                 stores[split] = extract(feat_lm, split_records[split], out / "store" / split,
@@ -353,11 +362,19 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
                                       n_boot=s.n_boot, progress=progress)
         steps.done()
 
-        # 10. held-out benchmark (whole sources never seen in training)
+        # 9b. thresholds: the target false-positive rate on the validation split (test figures above keep the
+        # probes' training thresholds; the held-out figures below use these)
+        steps.start("calibrate")
+        calibration = calibrate_runs(result.runs, stores["val"], s.target_fpr) if "val" in stores else {}
+        result.report["calibration"] = {"target_fpr": s.target_fpr, "runs": calibration}
+        steps.done()
+
+        # 10. held-out benchmark (whole sources never seen in training), with over-refusal side by side
         steps.start("heldout benchmark")
         if "heldout" in stores:
             result.report["heldout"] = {"store": str(stores["heldout"].path),
                                         "results": _heldout_metrics(result, stores["heldout"], s.n_boot, s.seed)}
+            result.report["overrefusal"] = store_overrefusal(result.runs, stores["heldout"], seed=s.seed)
         steps.done()
 
         # 11. guard from the safety-neuron probe
@@ -365,10 +382,16 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         from .guard import export_guard
 
         run_ = result.run("safety", s.guard_classifier)
+        heads = fit_for_store(stores["train"], split_records["train"], neuron_set,
+                              min_examples=s.category_min_examples, seed=s.seed)
+        result.report["categories"] = {"heads": heads.describe() if heads else None, "evaluation": {
+            n: evaluate_on_store(heads, stores[n], split_records[n], neuron_set)
+            for n in ("test", "heldout") if heads and n in stores}}
         export_guard(out / "guard", lm_ref=feat_lm.ref, lm_fingerprint=feat_lm.fingerprint, neuron_set=neuron_set,
                      probe=run_.probes[0], hook_point=s.hook_point, pooling=s.pooling, max_length=s.max_length,
                      feature_set="safety", metrics=json_safe(run_.metrics),
-                     data={n: summary["data"]["files"][n] for n in ("train", "test")})
+                     data={n: summary["data"]["files"][n] for n in ("train", "val", "test") if n in summary["data"]["files"]},
+                     category_heads=heads, calibration=calibration.get(f"safety/{s.guard_classifier}"))
         steps.done()
 
         # 12. report
@@ -385,7 +408,11 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
                    "(harmful: HarmBench, StrongREJECT; benign: MT-Bench, IFBench).\n\n"
                    + _seed_table(report["heldout"]["results"]))
             atomic_write_text(out / "probes" / "report.md", md)
+        headline_report(out / "probes" / "report.md", report)
         summary["report"] = str(out / "probes" / "report.md")
+        summary["overrefusal"] = report.get("overrefusal")
+        summary["calibration"] = report.get("calibration")
+        summary["categories"] = report.get("categories")
         summary["results"] = report["results"]
         summary["heldout"] = report.get("heldout", {}).get("results", [])
         steps.done()

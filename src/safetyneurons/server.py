@@ -3,7 +3,8 @@
 Endpoints (see :func:`create_app`):
 
 - ``POST /v1/moderations`` ``{"input": str | [str], "model": str (optional, ignored)}`` ->
-  ``{"id", "model", "results": [{"flagged", "categories": {"unsafe"}, "category_scores": {"unsafe"}}]}``
+  ``{"id", "model", "results": [{"flagged", "categories": {"unsafe", ...}, "category_scores": {"unsafe", ...}}]}``
+  (hazard categories next to ``unsafe`` when the guard has category heads, :mod:`safetyneurons.categories`)
 - ``GET /v1/guard``: the guard's metadata (guard.json with the neuron list summarised) and server limits;
 - ``GET /healthz``: liveness, ``{"status": "ok"}`` (open without the API key, for load balancers).
 
@@ -370,12 +371,18 @@ def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max
         return {
             "id": f"modr-{uuid.uuid4().hex}",
             "model": guard.name,
-            "results": [{"flagged": bool(r.flagged), "categories": {"unsafe": bool(r.flagged)},
-                         "category_scores": {"unsafe": float(r.unsafe_probability)},
-                         "category_applied_input_types": {"unsafe": ["text"]}} for r in results],
+            "results": [_moderation_result(r) for r in results],
         }
 
     return app
+
+
+def _moderation_result(r) -> dict:
+    """One moderation result; hazard categories from the guard's category heads, if any, next to ``unsafe``."""
+    categories = getattr(r, "categories", None) or {"unsafe": bool(r.flagged)}
+    scores = getattr(r, "category_scores", None) or {"unsafe": float(r.unsafe_probability)}
+    return {"flagged": bool(r.flagged), "categories": categories, "category_scores": scores,
+            "category_applied_input_types": {k: ["text"] for k in categories}}
 
 
 def _version() -> str:

@@ -103,8 +103,13 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
               show_default=True, help="Which probe --export-guard ships.")
 @click.option("--guard-classifier", type=click.Choice(("svm", "logreg")), default=None,
               help="Classifier of the exported guard (default: the first of --classifiers).")
+@click.option("--val", "val_dir", type=click.Path(), default=None,
+              help="Store of the validation split: every probe's threshold is set on it for --target-fpr "
+                   "(default: the Youden point of cross-validated training probabilities).")
+@click.option("--target-fpr", type=float, default=0.05, show_default=True,
+              help="With --val: the false-positive rate on its benign prompts that the thresholds give.")
 def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, random_draws, seed, n_boot, cv,
-          save_probes, guard_dir, guard_feature_set, guard_classifier):
+          save_probes, guard_dir, guard_feature_set, guard_classifier, val_dir, target_fpr):
     """Train probes on safety neurons and controls, and report test metrics (report.json/.md, curves)."""
     from .._io import atomic_dir, check_out_dir
     from ..neurons import NeuronSet
@@ -123,11 +128,20 @@ def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, ran
         if guard_classifier not in clfs or guard_feature_set not in sets:
             raise UserError(f"--export-guard ships the {guard_feature_set}/{guard_classifier} probe, which is not "
                             f"trained: add it to --feature-sets and --classifiers.")
+    if not 0.0 <= target_fpr < 1.0:
+        raise UserError(f"--target-fpr must be in [0, 1), got {target_fpr}.")
     train_store, test_store = Store.load(train_dir), Store.load(test_dir)
+    val_store = Store.load(val_dir) if val_dir else None
     ns = NeuronSet.load(neurons_file) if neurons_file else None
     with atomic_dir(out) as tmp:
         result = compare_feature_sets(train_store, test_store, ns, classifiers=clfs, feature_sets=sets,
                                       random_draws=random_draws, seed=seed, n_boot=n_boot, cv=cv, progress=True)
+        calibration = {}
+        if val_store is not None:  # thresholds for the target FPR on val (the test figures keep the CV ones)
+            from ..overrefusal import calibrate_runs
+
+            calibration = calibrate_runs(result.runs, val_store, target_fpr)
+            result.report["calibration"] = {"target_fpr": target_fpr, "runs": calibration}
         report = write_report(result, tmp)
         for run in result.runs:
             if run.feature_set in keep:
@@ -142,10 +156,11 @@ def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, ran
                    if ci[0] is not None else f"AUROC safety - random ({clf}): {d['diff']}")
     click.echo(f"Report: {Path(out) / 'report.md'}")
     if guard_dir:
-        _export_guard(guard_dir, result, report, train_store, test_store, guard_feature_set, guard_classifier)
+        _export_guard(guard_dir, result, report, train_store, test_store, guard_feature_set, guard_classifier,
+                      calibration.get(f"{guard_feature_set}/{guard_classifier}"))
 
 
-def _export_guard(guard_dir, result, report, train_store, test_store, feature_set, classifier):
+def _export_guard(guard_dir, result, report, train_store, test_store, feature_set, classifier, calibration=None):
     try:
         from ..guard import export_guard
     except ModuleNotFoundError as e:
@@ -162,7 +177,8 @@ def _export_guard(guard_dir, result, report, train_store, test_store, feature_se
                  neuron_set=run.neuron_sets[0], probe=run.probes[0], hook_point=m["hook_point"],
                  pooling=m["pooling"], max_length=m["max_length"], feature_set=feature_set,
                  metrics=entry["metrics"],
-                 data={"train": describe_store(train_store), "test": describe_store(test_store)})
+                 data={"train": describe_store(train_store), "test": describe_store(test_store)},
+                 calibration=calibration)
     click.echo(f"Guard exported to {guard_dir} ({feature_set} / {classifier}).")
 
 

@@ -42,9 +42,12 @@ import click
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per forward pass.")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Token limit per prompt.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data splits, draws and bootstraps.")
+@click.option("--target-fpr", type=float, default=0.05, show_default=True,
+              help="Every probe's threshold (the guard's too) gives this false-positive rate on the benign prompts "
+                   "of the validation split.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def run(out, force, quick, paper, hook_point, pooling, positions, top_percent, max_layer, base, aligned, splits,
-        features_from, guard_classifier, random_draws, batch_size, max_length, seed, no_progress):
+        features_from, guard_classifier, random_draws, batch_size, max_length, seed, target_fpr, no_progress):
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
     controls (random layer-matched neurons, PCA, all features, text-only), held-out benchmark, guard."""
     from ..pipeline import RunSettings, run as run_pipeline
@@ -55,12 +58,16 @@ def run(out, force, quick, paper, hook_point, pooling, positions, top_percent, m
                                       max_layer=max_layer, base=base,
                                       aligned=aligned, splits=splits, features_from=features_from,
                                       guard_classifier=guard_classifier, random_draws=random_draws,
-                                      batch_size=batch_size, max_length=max_length, seed=seed)
+                                      batch_size=batch_size, max_length=max_length, seed=seed, target_fpr=target_fpr)
     click.echo(f"Run directory: {settings.out_dir}", err=True)
     summary = run_pipeline(settings, progress=not no_progress, force=force)
     click.echo("\nTest split:\n" + _seed_table(summary["results"]))
     if summary.get("heldout"):
         click.echo("Held-out benchmark:\n" + _seed_table(summary["heldout"]))
+    if summary.get("overrefusal"):
+        from ..overrefusal import render_overrefusal
+
+        click.echo(render_overrefusal(summary["overrefusal"], "Over-refusal and recall (held-out sources)"))
     click.echo(f"Report: {summary['report']}")
     click.echo(f"Guard:  {settings.out_dir}/guard  (try: safetyneurons guard --guard {settings.out_dir}/guard "
                f"\"your prompt\")")

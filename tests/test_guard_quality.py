@@ -1,0 +1,214 @@
+"""Guard quality: the threshold calibrated for a target false-positive rate, category heads (safetensors + JSON,
+moderation schema), the over-refusal table, and held-out / train-only sources."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from safetyneurons.categories import CategoryHeads, moderation_categories
+from safetyneurons.errors import UserError
+from safetyneurons.guard import Guard, export_guard
+from safetyneurons.overrefusal import overrefusal_table, render_overrefusal
+from safetyneurons.taxonomy import HAZARDS, hazard_from_garak_intents
+from safetyneurons.validation import add_train_only, carve_validation, threshold_for_fpr
+from test_guard import HOOK, SAFE, UNSAFE, build_guard
+
+
+# ------------------------------------------------------------------------------------ calibration
+def test_threshold_reaches_its_target_fpr_on_a_fixed_validation_example():
+    benign = np.linspace(0.01, 0.99, 40)  # 40 benign scores
+    harmful = np.array([0.5, 0.9, 0.97, 0.995, 0.999])
+    y = np.array([0] * 40 + [1] * 5)
+    p = np.concatenate([benign, harmful])
+    for target, flagged in ((0.05, 2), (0.10, 4), (0.0, 0), (0.5, 20)):
+        t = threshold_for_fpr(y, p, target)
+        assert int((benign >= t).sum()) == flagged, (target, t)
+        # the lowest such threshold: one notch lower would flag one more benign prompt
+        assert int((benign >= np.nextafter(benign[40 - flagged - 1], -1)).sum()) == flagged + 1
+    t = threshold_for_fpr(y, p, 0.05)
+    assert list(harmful >= t) == [False, False, True, True, True]  # cut just above the 3rd-highest benign, 0.9397
+
+
+def test_ties_never_push_the_fpr_over_the_target_and_bad_input_is_refused():
+    y = np.array([0] * 10 + [1] * 2)
+    p = np.array([0.5] * 10 + [0.9, 0.2])
+    t = threshold_for_fpr(y, p, 0.2)  # flagging any 0.5 flags all ten: none may be flagged
+    assert t > 0.5 and (p[:10] >= t).sum() == 0 and p[10] >= t
+    with pytest.raises(UserError, match="target-fpr"):
+        threshold_for_fpr(y, p, 1.5)
+    with pytest.raises(UserError, match="no benign"):
+        threshold_for_fpr(np.ones(3, int), np.ones(3), 0.05)
+
+
+def test_validation_carving_keeps_clusters_whole_and_train_only_records_stay_in_train():
+    recs = [{"id": f"r{i}", "label": i % 2, "source": "a" if i < 40 else "b", "cluster": f"c{i // 2}"}
+            for i in range(80)]
+    train, val = carve_validation(recs, 0.25, seed=0)
+    assert len(train) + len(val) == 80 and 14 <= len(val) <= 26
+    assert not {r["cluster"] for r in train} & {r["cluster"] for r in val}
+    assert {r["source"] for r in val} == {"a", "b"}
+    assert carve_validation(recs, 0.25, seed=0) == (train, val)  # deterministic
+    extra = [{"id": "t1", "cluster": "c1"}, {"id": "t2", "cluster": "new"}]
+    grown, dropped = add_train_only(train, [val], extra)
+    in_val = any(r["cluster"] == "c1" for r in val)
+    assert dropped == int(in_val) and grown[-1]["id"] == "t2"
+
+
+# ------------------------------------------------------------------------------------ category heads
+def _planted(n_per: int, names: list[str], d: int = 6, seed: int = 0):
+    """Features with a planted mean shift per hazard: head k must find direction k."""
+    rng = np.random.default_rng(seed)
+    X, y = [], []
+    for k, name in enumerate(names):
+        Z = rng.normal(size=(n_per, d))
+        Z[:, k] += 3.0
+        X.append(Z)
+        y += [name] * n_per
+    return np.vstack(X), y
+
+
+def test_category_heads_find_planted_hazards_and_skip_rare_ones(tmp_path):
+    names = ["violent_crimes", "privacy", "hate"]
+    X, y = _planted(40, names)
+    Xr, yr = _planted(3, ["self_harm"], seed=1)  # too few: skipped
+    heads = CategoryHeads.fit(np.vstack([X, Xr, np.zeros((5, 6))]), y + yr + [None] * 5, min_examples=10)
+    assert heads.names == ["violent_crimes", "privacy", "hate"]  # taxonomy order
+    assert heads.info["skipped"]["self_harm"] == 3 and heads.info["trained_on"]["privacy"] == 40
+    Xt, yt = _planted(30, names, seed=7)  # fresh rows from the same planted distribution
+    assert heads.top1_accuracy(Xt, yt)["top1_accuracy"] > 0.9
+    heads.save(tmp_path)
+    again = CategoryHeads.load(tmp_path)
+    np.testing.assert_allclose(again.predict_proba(Xt), heads.predict_proba(Xt))
+    assert json.loads((tmp_path / "categories.json").read_text())["skipped"]["self_harm"] == 3
+    with pytest.raises(UserError, match="at least two hazards"):
+        CategoryHeads.fit(X[:40], y[:40], min_examples=10)
+    with pytest.raises(UserError, match="Unknown hazard"):
+        CategoryHeads.fit(X[:2], ["violent_crimes", "weather"])
+
+
+def test_moderation_categories_keep_unsafe_as_the_overall_flag():
+    cats, scores = moderation_categories(0.8, True, ["hate", "privacy"], [0.9, 0.1])
+    assert cats == {"unsafe": True, "hate": True, "privacy": False}
+    assert scores == {"unsafe": 0.8, "hate": pytest.approx(0.72), "privacy": pytest.approx(0.08)}
+    cats, _ = moderation_categories(0.1, False, ["hate"], [0.99])
+    assert cats == {"unsafe": False, "hate": False}  # a category is only flagged with the prompt
+
+
+@pytest.fixture(scope="module")
+def guard_with_heads(tmp_path_factory):
+    from safetyneurons.store import pooled_features
+
+    root = tmp_path_factory.mktemp("gq")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFETYNEURONS_CACHE", str(root / "cache"))
+        src, lm, ns, probe = build_guard(root)
+        X = pooled_features(lm, UNSAFE, HOOK, pooling="mean", neuron_set=ns, max_length=64)
+        hazards = ["violent_crimes" if any(w in p for w in ("bomb", "hurt", "poison")) else "nonviolent_crimes"
+                   for p in UNSAFE]
+        heads = CategoryHeads.fit(X, hazards, min_examples=3)
+        out = root / "guard-cat"
+        export_guard(out, lm_ref=str(root / "model"), lm_fingerprint=lm.fingerprint, neuron_set=ns, probe=probe,
+                     hook_point=HOOK, pooling="mean", max_length=64, feature_set="safety", metrics={}, data={},
+                     category_heads=heads, calibration={"target_fpr": 0.05, "threshold": probe.threshold})
+        yield out, lm, heads
+
+
+def test_category_heads_load_from_the_guard_and_answer_in_the_moderation_schema(guard_with_heads):
+    path, lm, heads = guard_with_heads
+    meta = json.loads((path / "guard.json").read_text())
+    assert {"categories.json", "categories.safetensors"} <= set(meta["files"])
+    assert meta["categories"]["names"] == heads.names and meta["calibration"]["target_fpr"] == 0.05
+    assert not list(path.glob("*.pkl")) and not list(path.glob("*.pickle"))
+    g = Guard.load(path, lm=lm)
+    assert g.category_heads is not None and g.category_heads.names == heads.names
+    prompts = UNSAFE[:2] + SAFE[:2]
+    results = g.score(prompts)
+    probs = heads.predict_proba(g.features(prompts))
+    for r, row in zip(results, probs):
+        assert set(r.categories) == set(r.category_scores) == {"unsafe", *heads.names}
+        assert r.categories["unsafe"] == r.flagged and r.category_scores["unsafe"] == r.unsafe_probability
+        for name, p in zip(heads.names, row):
+            assert r.category_scores[name] == pytest.approx(r.unsafe_probability * p)
+            assert set(HAZARDS) >= {name}
+        assert r.to_dict()["categories"] == r.categories
+
+    from fastapi.testclient import TestClient
+
+    from safetyneurons.server import create_app
+
+    with TestClient(create_app(g)) as client:
+        body = client.post("/v1/moderations", json={"input": prompts}).json()
+    for res, r in zip(body["results"], results):
+        assert res["categories"] == r.categories
+        assert res["category_scores"] == pytest.approx(r.category_scores)
+
+
+def test_tampered_category_heads_are_refused(guard_with_heads, tmp_path):
+    path, lm, _ = guard_with_heads
+    bad = tmp_path / "g"
+    shutil.copytree(path, bad)
+    data = bytearray((bad / "categories.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (bad / "categories.safetensors").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="categories.safetensors"):
+        Guard.load(bad, lm=lm)
+
+
+# ------------------------------------------------------------------------------------ over-refusal
+def test_overrefusal_table_reads_kinds_from_the_registry_and_scores_every_probe_alike():
+    sources = ["mtbench"] * 4 + ["overrefusal"] * 4 + ["harmbench"] * 4
+    y = [0] * 8 + [1] * 4
+    guard = np.array([0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.1, 0.1, 0.9, 0.9, 0.9, 0.1])
+    never = np.zeros(12)
+    t = overrefusal_table(y, sources, {"guard": (guard, 0.5), "never": (never, 0.5)}, seed=0)
+    s = {r["probe"]: r for r in t["summary"]}
+    assert s["guard"]["flag_rate_ordinary_benign"] == 0.25 and s["guard"]["flag_rate_hard_negative"] == 0.5
+    assert s["guard"]["recall_harmful"] == 0.75 and s["never"]["recall_harmful"] == 0.0
+    # balanced hard set: the 4 hard negatives + all 4 harmful prompts: tp 3, fp 2, fn 1 -> F1 6/9
+    assert s["guard"]["f1_balanced_hard"] == pytest.approx(6 / 9) and s["never"]["f1_balanced_hard"] == 0.0
+    assert [r["kind"] for r in t["per_source"]] == ["benign", "hard_negative", "harmful"]
+    md = render_overrefusal(t, "Over-refusal")
+    assert "| guard | 0.5000 | 25.0% | 50.0% | 75.0% | 0.667 |" in md
+
+
+# ------------------------------------------------------------------------------------ data sources
+def test_garak_intents_map_onto_the_taxonomy():
+    assert hazard_from_garak_intents(["S006sh", "S002med"]) == "self_harm"
+    assert hazard_from_garak_intents(["C006", "S009personal"]) == "privacy"
+    assert hazard_from_garak_intents(["S006instructions"]) == "violent_crimes"
+    assert hazard_from_garak_intents(["C006"]) is None
+
+
+def test_a_held_out_source_never_enters_training(tmp_path):
+    """The default mix keeps the held-out hard-negative source out of every training-side split, and our own
+    templates can never be held out (they are train-only)."""
+    from safetyneurons import data
+    from safetyneurons.datasets import REGISTRY, TRAIN_ONLY
+
+    s = data.DEFAULT_SETTINGS
+    held = set(s["heldout_harmful"] + s["heldout_benign"])
+    assert "overrefusal" in held and REGISTRY["overrefusal"].kind == "hard_negative"
+    assert not held & set(s["harmful"] + s["benign"])
+    assert TRAIN_ONLY == {"templates_benign", "templates_harmful"} and not held & TRAIN_ONLY
+    with pytest.raises(UserError, match="main mix and held out"):
+        data.build_splits(tmp_path / "x", benign=["bfcl", "overrefusal"], heldout_benign=["overrefusal"],
+                          progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_default_mix_puts_templates_in_train_only_and_hard_negatives_in_val():
+    """Template prompts are written here; they never reach val, test or held-out (checked on the real splits
+    by tests/test_data.py); here: the templates themselves are well-formed and labelled."""
+    from safetyneurons.templates import template_records
+
+    benign, harmful = template_records("benign"), template_records("harmful")
+    assert len(benign) >= 100 and len(harmful) >= 40
+    assert {k for _, k in benign} == {"homonyms", "figurative_language", "safe_contexts", "definitions",
+                                      "public_figures", "fictional_groups"}
+    assert {h for _, h in harmful} <= set(HAZARDS)
+    assert len({p for p, _ in benign + harmful}) == len(benign) + len(harmful)
+    assert any("kill" in p and "process" in p for p, _ in benign)
