@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from ._io import atomic_write_json, read_json, save_tensors_atomic, sha256_bytes, sha256_json, versions
 from .errors import UserError
 from .hooks import HOOK_POINTS, check_hook_point, forward_with_hooks, hook_width, num_layers
@@ -352,10 +353,13 @@ def contrast(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(prompts), desc=f"contrast {hook_point}/{positions}", unit="prompt", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
+    # under torchrun every rank takes every world-th batch; the sums are added over ranks below
+    starts = distributed.share(list(range(0, len(order), batch_size)))
+    mine = sum(len(order[s:s + batch_size]) for s in starts)
+    bar = tqdm(total=mine, desc=f"contrast {hook_point}/{positions}", unit="prompt", file=sys.stderr,
+               disable=not progress or not distributed.is_main(), dynamic_ncols=True)
     try:
-        for start in range(0, len(order), batch_size):
+        for start in starts:
             batch = [prompts[i] for i in order[start:start + batch_size]]
             if positions == "completion":
                 cb = completion_batch(aligned, batch, max_length, max_new_tokens, padding_side)
@@ -370,6 +374,9 @@ def contrast(
             bar.set_postfix(tokens=token_count, refresh=False)
     finally:
         bar.close()
+    totals = torch.tensor([token_count, stopped_at_eos], dtype=torch.float64, device=sum_sq.device)
+    distributed.all_reduce_sum(sum_sq, totals)
+    token_count, stopped_at_eos = int(totals[0]), int(totals[1])
     if token_count == 0:
         raise UserError("No tokens were selected from the prompts, so no change score can be computed. "
                         "Check that the prompts are not empty after tokenization.")
@@ -398,6 +405,8 @@ def contrast(
         "device": str(aligned.device),
         "versions": versions(),
     }
+    if distributed.world()[1] > 1:
+        meta["data_parallel_ranks"] = distributed.world()[1]
     if positions == "completion":
         meta["generation"] = {"model": "aligned", "decoding": "greedy", "eos_token_ids": eos_token_ids(aligned),
                               "answers_stopped_at_eos": stopped_at_eos,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write_json, read_json
+from ._io import atomic_write_json, read_json, sha256_json
 from .errors import UserError
 
 NEURON_SET_FORMAT = "safetyneurons.neuron_set/1"
@@ -95,6 +95,48 @@ class NeuronSet:
     @classmethod
     def load(cls, path: str | Path) -> "NeuronSet":
         return cls.from_json(read_json(path), source=str(path))
+
+
+# ------------------------------------------------------------------------------ matching a model
+def neuron_set_key(ns: NeuronSet) -> str:
+    """sha256 identifying *which* neurons a set holds (hook point, dims, (layer, index) pairs)."""
+    return sha256_json({"hook_point": ns.hook_point, "num_layers": int(ns.num_layers), "width": int(ns.width),
+                        "layers": ns.layers.tolist(), "indices": ns.indices.tolist()})
+
+
+def neuron_set_fingerprints(ns: NeuronSet) -> set[str]:
+    """Model sha256 values a neuron set records: its ``model`` (the base model it was found on, top level or
+    one level nested) and any model descriptions nested one level in ``settings`` (e.g. the aligned twin)."""
+    out: set[str] = set()
+    m = ns.model if isinstance(ns.model, dict) else {}
+    settings = ns.settings if isinstance(ns.settings, dict) else {}
+    for key in ("sha256", "fingerprint"):
+        if isinstance(m.get(key), str) and m[key]:
+            out.add(m[key])
+    for v in list(m.values()) + list(settings.values()):
+        if isinstance(v, dict):
+            for key in ("sha256", "fingerprint"):
+                if isinstance(v.get(key), str) and v[key]:
+                    out.add(v[key])
+    return out
+
+
+def check_neuron_set_matches(ns: NeuronSet, *, hook_point: str, num_layers: int, width: int, fingerprint: str,
+                             what: str) -> None:
+    """A neuron set must come from the same hook point, dims and (when both are known) model weights."""
+    if ns.hook_point != hook_point:
+        raise UserError(f"Neuron set / {what} mismatch: the neuron set is at hook point {ns.hook_point!r} but "
+                        f"the {what} is at {hook_point!r}. Use a neuron set found at {hook_point!r}, or "
+                        f"re-extract with --hook-point {ns.hook_point}.")
+    if (ns.num_layers, ns.width) != (num_layers, width):
+        raise UserError(f"Neuron set / {what} mismatch: the neuron set is for {ns.num_layers} layers x {ns.width} "
+                        f"neurons but the {what} has {num_layers} x {width}. Use a neuron set found on the "
+                        f"same model.")
+    fps = neuron_set_fingerprints(ns)
+    if fingerprint and fps and fingerprint not in fps:
+        raise UserError(f"Neuron set / {what} mismatch: the neuron set was found on model weights "
+                        f"{', '.join(sorted(f[:12] for f in fps))}... but the {what} comes from model "
+                        f"{fingerprint[:12]}... Extract with the model the neuron set was found on.")
 
 
 # ------------------------------------------------------------------------------------------ selection

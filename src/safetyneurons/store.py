@@ -37,8 +37,10 @@ import numpy as np
 
 from ._io import (atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, sha256_bytes, sha256_file,
                   sha256_json, versions)
+from . import distributed
 from .errors import UserError
-from .neurons import NeuronSet
+# the neuron-set checks live in neurons.py; re-exported here for existing callers
+from .neurons import NeuronSet, check_neuron_set_matches, neuron_set_fingerprints, neuron_set_key  # noqa: F401
 from .shard_writer import HostBatch, ShardWriter, to_host
 
 STORE_FORMAT = "safetyneurons.store/1"
@@ -54,47 +56,6 @@ def check_pooling(pooling: str) -> str:
         raise UserError(f"Unknown pooling {pooling!r}. Choose one of: {', '.join(POOLINGS)} "
                         f"(mean over prompt tokens, or the last prompt token).")
     return pooling
-
-
-def neuron_set_key(ns: NeuronSet) -> str:
-    """sha256 identifying *which* neurons a set holds (hook point, dims, (layer, index) pairs)."""
-    return sha256_json({"hook_point": ns.hook_point, "num_layers": int(ns.num_layers), "width": int(ns.width),
-                        "layers": ns.layers.tolist(), "indices": ns.indices.tolist()})
-
-
-def neuron_set_fingerprints(ns: NeuronSet) -> set[str]:
-    """Model sha256 values a neuron set records: its ``model`` (the base model it was found on, top level or
-    one level nested) and any model descriptions nested one level in ``settings`` (e.g. the aligned twin)."""
-    out: set[str] = set()
-    m = ns.model if isinstance(ns.model, dict) else {}
-    settings = ns.settings if isinstance(ns.settings, dict) else {}
-    for key in ("sha256", "fingerprint"):
-        if isinstance(m.get(key), str) and m[key]:
-            out.add(m[key])
-    for v in list(m.values()) + list(settings.values()):
-        if isinstance(v, dict):
-            for key in ("sha256", "fingerprint"):
-                if isinstance(v.get(key), str) and v[key]:
-                    out.add(v[key])
-    return out
-
-
-def check_neuron_set_matches(ns: NeuronSet, *, hook_point: str, num_layers: int, width: int, fingerprint: str,
-                             what: str) -> None:
-    """A neuron set must come from the same hook point, dims and (when both are known) model weights."""
-    if ns.hook_point != hook_point:
-        raise UserError(f"Neuron set / {what} mismatch: the neuron set is at hook point {ns.hook_point!r} but "
-                        f"the {what} is at {hook_point!r}. Use a neuron set found at {hook_point!r}, or "
-                        f"re-extract with --hook-point {ns.hook_point}.")
-    if (ns.num_layers, ns.width) != (num_layers, width):
-        raise UserError(f"Neuron set / {what} mismatch: the neuron set is for {ns.num_layers} layers x {ns.width} "
-                        f"neurons but the {what} has {num_layers} x {width}. Use a neuron set found on the "
-                        f"same model.")
-    fps = neuron_set_fingerprints(ns)
-    if fingerprint and fps and fingerprint not in fps:
-        raise UserError(f"Neuron set / {what} mismatch: the neuron set was found on model weights "
-                        f"{', '.join(sorted(f[:12] for f in fps))}... but the {what} comes from model "
-                        f"{fingerprint[:12]}... Extract with the model the neuron set was found on.")
 
 
 def _layer_plan(lm, hook_point: str, neuron_set: NeuronSet | None):
@@ -438,6 +399,38 @@ def check_store_out(out: Path) -> None:
                             f"({', '.join(sorted(foreign)[:3])}...). Give a new or empty directory.")
 
 
+def _prepare_out(out: Path, plan_hash: str, records_text: str, data_hash: str) -> dict[int, str]:
+    """Resume: an identical finished store is kept; a matching unfinished one keeps its verified shards
+    ({shard index: sha256}); anything else this module wrote is removed. Writes records.jsonl."""
+    done: dict[int, str] = {}
+    if out.is_dir():
+        mpath, ppath = out / "manifest.json", out / PROGRESS_FILE
+        old = None
+        for p in (mpath, ppath):
+            if p.is_file():
+                try:
+                    old = json.loads(p.read_text(encoding="utf-8"))
+                    break
+                except ValueError:
+                    old = None
+        if old is not None and old.get("plan_sha256") == plan_hash:
+            for sh in old.get("shards", []):
+                i = int(sh["index"])
+                sp = out / sh["file"]
+                if sp.is_file() and sha256_file(sp) == sh["sha256"]:
+                    done[i] = sh["sha256"]
+        else:
+            _clean_dir(out)
+        if mpath.exists():  # a store being redone must not look finished meanwhile
+            mpath.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    rpath = out / "records.jsonl"
+    if not rpath.is_file() or sha256_file(rpath) != data_hash:
+        atomic_write_text(rpath, records_text)
+
+    return done
+
+
 def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point: str = "mlp_out",
             pooling: str = "mean", neuron_set: NeuronSet | None = None, shard_size: int = 256,
             dtype: str = "float16", batch_size: int = 16, max_length: int | None = 256, progress: bool = True,
@@ -497,43 +490,24 @@ def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point:
         "shards": [],
     }
 
-    # Resume: an identical finished store is kept; a matching unfinished one keeps its verified shards.
-    done: dict[int, str] = {}
-    if out.is_dir():
-        mpath, ppath = out / "manifest.json", out / PROGRESS_FILE
-        old = None
-        for p in (mpath, ppath):
-            if p.is_file():
-                try:
-                    old = json.loads(p.read_text(encoding="utf-8"))
-                    break
-                except ValueError:
-                    old = None
-        if old is not None and old.get("plan_sha256") == plan_hash:
-            for sh in old.get("shards", []):
-                i = int(sh["index"])
-                sp = out / sh["file"]
-                if sp.is_file() and sha256_file(sp) == sh["sha256"]:
-                    done[i] = sh["sha256"]
-        else:
-            _clean_dir(out)
-        if mpath.exists():  # a store being redone must not look finished meanwhile
-            mpath.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    rpath = out / "records.jsonl"
-    if not rpath.is_file() or sha256_file(rpath) != data_hash:
-        atomic_write_text(rpath, records_text)
+    # rank 0 (the only rank outside torchrun) prepares the directory; every rank learns what is done
+    rank = distributed.world()[0]
+    done = _prepare_out(out, plan_hash, records_text, data_hash) if rank == 0 else {}
+    done = {int(i): h for i, h in distributed.broadcast(sorted(done.items()))}
 
-    def save_progress():
+    def save_progress():  # rank 0 only: ranks > 0 redo their shards after a crash
+        if rank != 0:
+            return
         atomic_write_json(out / PROGRESS_FILE, {
             "plan_sha256": plan_hash,
             "shards": [{"index": i, "file": _shard_name(i), "sha256": done[i]} for i in sorted(done)]})
 
     save_progress()
-    todo = [i for i in range(len(bounds)) if i not in done]
+    todo = distributed.share([i for i in range(len(bounds)) if i not in done])  # under torchrun: this rank's
     skipped = sum(bounds[i][1] - bounds[i][0] for i in done)
-    bar = _progress_bar(n, progress, "extract", initial=skipped)
-    if progress and done:
+    bar = _progress_bar(skipped + sum(bounds[i][1] - bounds[i][0] for i in todo), progress and rank == 0,
+                        "extract", initial=skipped)
+    if progress and done and rank == 0:
         print(f"Resuming: {len(done)} of {len(bounds)} shards already done and verified.", file=sys.stderr)
     def write_shard(i: int, batches) -> None:  # runs on the writer thread
         s, e = bounds[i]
@@ -559,6 +533,15 @@ def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point:
     finally:
         bar.close()
 
+    for part in distributed.gather(sorted(done.items())):  # every rank's shards (no-op outside torchrun)
+        done.update({int(i): h for i, h in part})
+    if rank == 0:
+        _finish_store(out, manifest, bounds, done)
+    distributed.barrier()
+    return Store.load(out)
+
+
+def _finish_store(out: Path, manifest: dict, bounds, done: dict[int, str]) -> None:
     manifest["shards"] = [{"index": i, "file": _shard_name(i), "rows": [s, e], "sha256": done[i]}
                           for i, (s, e) in enumerate(bounds)]
     # leftover shards from a larger earlier plan would be confusing: drop them
@@ -568,7 +551,6 @@ def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point:
             p.unlink()
     atomic_write_json(out / "manifest.json", manifest)
     (out / PROGRESS_FILE).unlink(missing_ok=True)
-    return Store.load(out)
 
 
 def check_compatible(a: Store, b: Store, what_a: str = "train store", what_b: str = "test store") -> None:

@@ -105,15 +105,20 @@ def contrast(base, aligned, prompts, hook_point, positions, out, top_percent, to
     out = check_replaceable_out(out, "contrast.json")
     prompt_list, provenance = load_prompt_set(prompts, limit)
 
+    from .. import distributed
     from ..contrast import contrast as run_contrast
     from ..pair import DEFAULT_BASE, load_pair
 
+    distributed.init_from_env(device)  # under torchrun: join the group, each rank takes a share of the batches
     pair = load_pair(base or DEFAULT_BASE, aligned, dtype=dtype, device=device, chat_template=chat_template)
     scores = run_contrast(*pair, prompt_list, hook_point=hook_point, positions=positions, batch_size=batch_size,
                           max_length=max_length, max_new_tokens=max_new_tokens, padding_side=padding_side,
                           progress=progress)
     scores.meta.update(provenance)
     neuron_set = neurons_lib.select(scores, top_percent=top_percent, top_n=top_n, per_layer=per_layer)
+    if not distributed.is_main():  # the scores are summed over ranks; rank 0 writes them
+        distributed.barrier()
+        return
     with atomic_dir(out) as tmp:
         scores.save(tmp)
         neuron_set.save(tmp / "neuron_set.json")
@@ -124,3 +129,4 @@ def contrast(base, aligned, prompts, hook_point, positions, out, top_percent, to
                f"{len(neuron_set)} safety neurons of {stats['total_neurons']}"
                + (f", holding {share:.1%} of the total change score" if share is not None else "")
                + f"; Gini {stats['gini']:.3f}. Wrote {out}")
+    distributed.barrier()

@@ -73,13 +73,17 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
     check_store_out(Path(out))
     records, info = read_labelled(data)
     check_records(records, what=f"--data {data}")
+    from .. import distributed
+
+    distributed.init_from_env(device)  # under torchrun: each rank writes its share of the shards
     lm = load_model(model_ref or DEFAULT_BASE, dtype=model_dtype, device=device)
     store = run_extract(lm, records, out, hook_point=hook_point, pooling=pooling, neuron_set=ns,
                         shard_size=shard_size, dtype=dtype, batch_size=batch_size, max_length=max_length,
                         progress=True, data_info=info)
     m = store.manifest
-    click.echo(f"Wrote store {out}: {m['n']} prompts x {m['d']} features ({m['layout']}, {hook_point}, "
-               f"{pooling} pooling, {dtype}) in {len(m['shards'])} shard(s).")
+    if distributed.is_main():
+        click.echo(f"Wrote store {out}: {m['n']} prompts x {m['d']} features ({m['layout']}, {hook_point}, "
+                   f"{pooling} pooling, {dtype}) in {len(m['shards'])} shard(s).")
 
 
 @click.command("train")
