@@ -212,3 +212,19 @@ def test_default_mix_puts_templates_in_train_only_and_hard_negatives_in_val():
     assert {h for _, h in harmful} <= set(HAZARDS)
     assert len({p for p, _ in benign + harmful}) == len(benign) + len(harmful)
     assert any("kill" in p and "process" in p for p, _ in benign)
+
+
+def test_guard_cli_shows_the_category_heads(guard_with_heads, monkeypatch):
+    from click.testing import CliRunner
+
+    from safetyneurons.cli import app
+
+    path, lm, heads = guard_with_heads
+    monkeypatch.setenv("SAFETYNEURONS_CACHE", str(path.parent / "cache"))
+    res = CliRunner().invoke(app, ["guard", "--guard", str(path), "--threshold", "0", "--json", UNSAFE[0]])
+    assert res.exit_code == 0, res.output
+    [r] = json.loads(res.stdout[res.stdout.index("{"):])["results"]
+    assert set(r["categories"]) == {"unsafe", *heads.names} and r["flagged"]
+    res = CliRunner().invoke(app, ["guard", "--guard", str(path), "--threshold", "0", UNSAFE[0]])
+    top = max(heads.names, key=lambda n: r["category_scores"][n])
+    assert res.exit_code == 0 and f"[{top}]" in res.output

