@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from safetyneurons.chat import GuardedChat
+from safetyneurons.chat import Delta, GuardedChat
 from safetyneurons.guard import Guard
 from safetyneurons.routes import GUARDRAIL_PATH, create_service
 from test_guard import SAFE, UNSAFE, build_guard, run_cli
@@ -123,6 +123,30 @@ def test_chat_needs_the_api_key(served):
             model="m", messages=[{"role": "user", "content": "hi"}])
 
 
+class Broken(GuardedChat):
+    """Generation fails after the first piece (a bug or a device error mid-reply)."""
+
+    def generate(self, pre, settings):
+        yield Delta("a")
+        raise RuntimeError("boom in the decoder")
+
+
+def test_generation_failures_are_json_500_or_an_sse_error_and_the_server_keeps_serving(guard):
+    chat = Broken(guard, mode="monitor", context_length=40)
+    with Served(create_service(guard, chat=chat)) as s:
+        url = s.url + "/v1/chat/completions"
+        msg = {"model": "m", "messages": [{"role": "user", "content": GOOD}]}
+        r = httpx.post(url, json=msg, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error" and "boom" not in r.text
+        with httpx.stream("POST", url, json={**msg, "stream": True}, timeout=60) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+        assert events[-1]["error"]["type"] == "server_error" and events[1]["choices"][0]["delta"]["content"] == "a"
+        long = {"model": "m", "messages": [{"role": "user", "content": "tell me about the sea " * 10}]}
+        r = httpx.post(url, json=long, timeout=60)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert httpx.post(s.url + "/v1/moderations", json={"input": GOOD}, timeout=60).status_code == 200
+
+
 # -------------------------------------------------------------------------------------- moderation
 def test_openai_client_parses_moderations_of_every_input_shape(served, guard):
     want = [r.unsafe_probability for r in guard.score([BAD, GOOD])]
@@ -140,11 +164,13 @@ def test_openai_client_parses_moderations_of_every_input_shape(served, guard):
 
 # --------------------------------------------------------------------------------- LiteLLM guardrail
 def litellm_request(texts, input_type="request", **params):
-    """The body LiteLLM's generic_guardrail_api sends (GenericGuardrailAPIRequest.model_dump())."""
+    """The body LiteLLM's generic_guardrail_api sends: GenericGuardrailAPIRequest.model_dump(mode="json"), as
+    dumped from litellm 1.110.2 (older versions send a subset of these fields)."""
     return {"input_type": input_type, "litellm_call_id": "call-123", "litellm_trace_id": "trace-9",
             "structured_messages": [{"role": "user", "content": t} for t in texts], "images": None, "tools": None,
-            "texts": texts, "request_data": {"user_api_key_hash": "abc"},
-            "additional_provider_specific_params": params}
+            "texts": texts, "request_data": {"user_api_key_hash": "abc"}, "request_headers": None,
+            "litellm_version": "1.110.2", "additional_provider_specific_params": params, "tool_calls": None,
+            "model": "guarded-model"}
 
 
 def guardrail(served, body, key=KEY):

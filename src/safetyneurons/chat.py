@@ -35,7 +35,7 @@ import torch
 from .errors import UserError
 from .hooks import attached_hooks
 from .store import _layer_plan
-from .twin import end_of_turn_id
+from .twin import _stop_ids  # the one end-of-turn rule, shared with the twin's generator
 
 GUARD_MODES = ("block", "monitor", "off")
 ROLES = ("system", "developer", "user", "assistant")
@@ -148,14 +148,6 @@ def _content_text(content, where: str) -> str:
             texts.append(part["text"])
         return "".join(texts)
     raise UserError(f"{where} must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts.")
-
-
-def _stop_ids(lm) -> list[int]:
-    ids = [end_of_turn_id(lm)]
-    eos = lm.tokenizer.eos_token_id
-    if eos is not None and int(eos) not in ids:
-        ids.append(int(eos))
-    return ids
 
 
 def _cache_of(out):

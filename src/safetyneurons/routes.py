@@ -72,6 +72,17 @@ def _user_error(e: UserError, code: str = "invalid_request") -> ApiError:
     return ApiError(422, str(e), code=code)
 
 
+async def _on_model_thread(batcher, what: str, fn, *args, status: int = 422, code: str = "invalid_request"):
+    """``fn(*args)`` on the scoring thread; a UserError becomes ``status``/``code``, anything else a JSON 500."""
+    try:
+        return await batcher.call(fn, *args)
+    except UserError as e:
+        raise ApiError(status, str(e), code=code) from None
+    except Exception:  # noqa: BLE001 - logged, answered without internals
+        log.exception("%s failed", what)
+        raise ApiError(500, f"Internal error while {what}; see the server log.", "server_error") from None
+
+
 # --------------------------------------------------------------------------------------------- chat
 def _sampling(obj: dict, max_tokens: int) -> SamplingSettings:
     stop = obj.get("stop")
@@ -148,26 +159,20 @@ def add_chat_routes(app, chat: GuardedChat, *, max_tokens: int = 512) -> None:
         request.state.n_inputs = len(messages)
         if settings.log_prompts:
             request.state.prompts = [m["content"] for m in messages]
-        try:
-            ids = chat.encode(messages)
-        except UserError as e:
-            raise ApiError(413, str(e), code="context_length_exceeded") from None
-        try:
-            pre = await batcher.call(chat.prefill, ids)
-        except UserError as e:
-            raise _user_error(e) from None
-        except Exception:  # noqa: BLE001
-            log.exception("prefill failed")
-            raise ApiError(500, "Internal error while reading the prompt; see the server log.", "server_error") from None
+        # the tokenizer is shared with the scoring thread (and not thread-safe): encode there too
+        ids = await _on_model_thread(batcher, "tokenizing", chat.encode, messages, status=413,
+                                     code="context_length_exceeded")
+        pre = await _on_model_thread(batcher, "reading the prompt", chat.prefill, ids)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": chat.model_name}
         steps = chat.generate(pre, sampling)
         if obj.get("stream"):
             opts = obj.get("stream_options") or {}
             usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
-            return StreamingResponse(_stream(batcher, steps, head, chat, pre, usage), media_type="text/event-stream",
+            return StreamingResponse(_stream(batcher, steps, head, chat, pre, usage),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         parts, last = [], None
-        while (d := await batcher.call(next, steps, None)) is not None:
+        while (d := await _on_model_thread(batcher, "generating", next, steps, None)) is not None:
             parts.append(d.text)
             last = d
         text = "".join(parts)
@@ -185,14 +190,12 @@ async def _stream(batcher, steps, head: dict, chat: GuardedChat, pre, include_us
     yield chunk({"role": "assistant", "content": ""}, safetyneurons=_guard_info(chat, pre))
     try:
         last = None
-        while (d := await batcher.call(next, steps, None)) is not None:
+        while (d := await _on_model_thread(batcher, "generating", next, steps, None)) is not None:
             if d.text:
                 yield chunk({"content": d.text, **({"refusal": d.text} if pre.blocked else {})})
             last = d
-    except Exception:  # noqa: BLE001 - the status line is sent: report in the stream, then end it
-        log.exception("generation failed")
-        yield _sse({"error": {"message": "Internal error while generating; see the server log.",
-                              "type": "server_error", "code": None}})
+    except ApiError as e:  # the status line is sent: report the error in the stream, then end it
+        yield _sse({"error": {"message": e.message, "type": e.type, "code": e.code}})
         return
     yield chunk({}, last.finish_reason)
     if include_usage:
