@@ -131,18 +131,19 @@ def test_changed_neuron_in_a_middle_layer_leads_its_layer():
 
 
 # --------------------------------------------------------------------- against a manual reference
-def manual_scores(base, aligned, prompts, hook_point, positions, max_new_tokens=4):
+def manual_scores(base, aligned, prompts, hook_point, positions, max_new_tokens=4, completion_from="base"):
     """Per prompt, unpadded, whole sequences: the formula computed directly."""
+    writer = base if completion_from == "base" else aligned
     sum_sq, count = None, 0
     for p in prompts:
         enc = aligned.encode([p])
         ids, mask = enc["input_ids"], enc["attention_mask"]
         start = ids.shape[1]
         if positions == "completion":
-            out = aligned.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=aligned.tokenizer.pad_token_id)
+            out = writer.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=aligned.tokenizer.pad_token_id)
             answer = out[0, start:].tolist()
-            eos = aligned.model.generation_config.eos_token_id
+            eos = writer.model.generation_config.eos_token_id
             if eos in answer:
                 answer = answer[: answer.index(eos) + 1]
             ids = torch.tensor([ids[0].tolist() + answer])
@@ -158,14 +159,17 @@ def manual_scores(base, aligned, prompts, hook_point, positions, max_new_tokens=
     return torch.sqrt(sum_sq / count).numpy(), count
 
 
-@pytest.mark.parametrize("positions", ["prompt", "prompt_last", "completion"])
-def test_scores_match_the_formula_computed_by_hand(positions):
+@pytest.mark.parametrize("positions,completion_from", [("prompt", "base"), ("prompt_last", "base"),
+                                                       ("completion", "base"), ("completion", "aligned")])
+def test_scores_match_the_formula_computed_by_hand(positions, completion_from):
     base, aligned = perturbed_pair("qwen3", seed=4)
     prompts = PROMPTS[:7]
-    want, n = manual_scores(base, aligned, prompts, "mlp_neurons", positions)
+    want, n = manual_scores(base, aligned, prompts, "mlp_neurons", positions, completion_from=completion_from)
     got = contrast(base, aligned, prompts, hook_point="mlp_neurons", positions=positions, batch_size=3,
-                   max_new_tokens=4, progress=False)
+                   max_new_tokens=4, completion_from=completion_from, progress=False)
     assert got.token_count == n
+    if positions == "completion":
+        assert got.meta["generation"]["model"] == completion_from == got.meta["completion_from"]
     np.testing.assert_allclose(got.scores, want, atol=1e-5, rtol=1e-5)
 
 
@@ -200,7 +204,7 @@ def test_completion_counts_only_answer_tokens_up_to_the_first_eos():
     assert any(len(a) < 6 for a in expected_answers)
 
     s = contrast(base, aligned, prompts, hook_point="resid", positions="completion", max_new_tokens=6,
-                 batch_size=4, progress=False)
+                 batch_size=4, completion_from="aligned", progress=False)
     assert s.token_count == sum(len(a) for a in expected_answers)
     assert s.meta["generation"]["answers_stopped_at_eos"] == expected_stops
 
@@ -214,7 +218,7 @@ def test_save_load_round_trip_and_metadata(tmp_path):
     np.testing.assert_array_equal(back.scores, s.scores)
     assert back.token_count == s.token_count and back.fingerprint() == s.fingerprint()
     meta = json.loads((tmp_path / "c" / "contrast.json").read_text())
-    assert meta["hook_point"] == "mlp_out" and meta["positions"] == "prompt"
+    assert meta["hook_point"] == "mlp_out" and meta["positions"] == "content"
     assert meta["prompt_count"] == 5 and meta["token_count"] == s.token_count
     assert meta["batch_size"] == 2 and meta["max_length"] == 12
     assert meta["base"]["ref"] == base.ref and meta["aligned"]["ref"] == "aligned"
@@ -306,7 +310,7 @@ def test_cli_writes_every_artifact(saved_pair, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["scores.safetensors", "contrast.json", "neuron_set.json", "heatmap.png", "layer_counts.png", "stats.json"])
     assert "7 safety neurons" in stdout
-    assert "contrast mlp_neurons/prompt" in err  # the tqdm progress bar
+    assert "contrast mlp_neurons/content" in err  # the tqdm progress bar
     scores = ChangeScores.load(out)
     assert scores.meta["prompt_count"] == 12 and scores.meta["limit"] == 12
     assert len(scores.meta["prompts_file_sha256"]) == 64

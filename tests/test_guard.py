@@ -85,7 +85,7 @@ def run_cli(*args, cache=None, timeout=180, stdin=None):
 
 
 def full_pass_proba(lm, ns: NeuronSet, probe, prompts, max_length=64) -> np.ndarray:
-    """Reference: the whole model with its LM head, mlp_neurons captured with hooks, mean over real tokens."""
+    """Reference: the whole model with its LM head, mlp_neurons captured with hooks, mean over the message."""
     from safetyneurons.hooks import decoder_layers
 
     blocks = decoder_layers(lm.model)
@@ -102,7 +102,11 @@ def full_pass_proba(lm, ns: NeuronSet, probe, prompts, max_length=64) -> np.ndar
             for h in handles:
                 h.remove()
         assert out.logits.shape[:2] == enc["input_ids"].shape  # the LM head ran on every position
-        feats.append(np.array([acts[l][0].mean(0)[i].item() for l, i in zip(ns.layers, ns.indices)]))
+        # the guard pools the user's message only: the tokens between the template's prefix and suffix
+        formatted = lm.format(p)
+        start = len(lm.tokenizer(formatted[:formatted.index(p)], add_special_tokens=False)["input_ids"])
+        rows = slice(start, start + len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]))
+        feats.append(np.array([acts[l][0, rows].mean(0)[i].item() for l, i in zip(ns.layers, ns.indices)]))
     return probe.predict_proba(np.stack(feats))
 
 

@@ -66,7 +66,12 @@ def test_mean_and_last_pooling_match_a_direct_capture_of_each_prompt_alone(lm, h
     for k, p in enumerate(prompts):
         enc = lm.encode([p])  # a single prompt: no pads at all
         acts = capture(lm.model, enc["input_ids"], enc["attention_mask"], hook_point, early_exit=False)
-        mean = torch.cat([acts[l][0].mean(0) for l in sorted(acts)]).numpy()
+        # mean pooling runs over the user's message only, never the chat-template tokens around it
+        formatted = lm.format(p)
+        start = len(lm.tokenizer(formatted[:formatted.index(p)], add_special_tokens=False)["input_ids"])
+        rows = slice(start, start + len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]))
+        assert lm.tokenizer.decode(enc["input_ids"][0, rows]) == p
+        mean = torch.cat([acts[l][0, rows].mean(0) for l in sorted(acts)]).numpy()
         last = torch.cat([acts[l][0, -1] for l in sorted(acts)]).numpy()
         np.testing.assert_allclose(batched_mean[k], mean, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(batched_last[k], last, rtol=1e-4, atol=1e-6)

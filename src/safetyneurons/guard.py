@@ -41,7 +41,7 @@ from ._io import atomic_dir, atomic_write_json, check_out_dir, read_json, sha256
 from .errors import UserError
 from .neurons import NeuronSet
 
-GUARD_FORMAT = "safetyneurons.guard/1"
+GUARD_FORMAT = "safetyneurons.guard/2"  # 2: mean pooling over the content tokens only
 GUARD_FILE = "guard.json"
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,9 @@ def read_guard_meta(path: str | os.PathLike, expected_sha256: str | None = None)
         raise UserError(f"{path} is not a guard: it has no {GUARD_FILE}. Export one with `safetyneurons train "
                         f"--export-guard DIR`.")
     meta = read_json(path / GUARD_FILE)
+    if isinstance(meta, dict) and meta.get("format") == "safetyneurons.guard/1":
+        raise UserError(f"{path / GUARD_FILE}: a guard of format 1, whose features also pooled chat-template tokens; "
+                        f"this version pools the user's message only. Rebuild it (`safetyneurons run`, or `safetyneurons train --export-guard`).")
     if not isinstance(meta, dict) or meta.get("format") != GUARD_FORMAT:
         raise UserError(f"{path / GUARD_FILE}: not a safetyneurons guard (expected format {GUARD_FORMAT}).")
     integrity = meta.get("integrity")

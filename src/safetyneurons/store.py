@@ -2,8 +2,9 @@
 
 Per prompt we keep one pooled vector per layer at a hook point (see :mod:`safetyneurons.hooks`):
 
-- ``mean``: mean over the prompt's tokens (the chat-formatted prompt; pads are masked out with
-  ``torch.where``), as in the reference student project;
+- ``mean``: mean over the **content** tokens, the user's message only (never the system prompt or other
+  chat-template tokens, see :mod:`safetyneurons.positions`; pads are masked out with ``torch.where``). The
+  reference student project averaged over the whole formatted prompt; store format 1 did the same;
 - ``last``: the last prompt token (the position right before generation starts), as in the paper.
 
 Either all neurons at the hook point are kept (``[num_layers * width]``, layer-major: column
@@ -43,7 +44,7 @@ from .errors import UserError
 from .neurons import NeuronSet, check_neuron_set_matches, neuron_set_fingerprints, neuron_set_key  # noqa: F401
 from .shard_writer import HostBatch, ShardWriter, to_host
 
-STORE_FORMAT = "safetyneurons.store/1"
+STORE_FORMAT = "safetyneurons.store/2"  # 2: mean pooling over the content tokens only
 POOLINGS = ("mean", "last")
 STORE_DTYPES = ("float16", "float32")
 PROGRESS_FILE = ".extract-progress.json"
@@ -89,12 +90,16 @@ def _pool_batch(lm, batch: Sequence[str], hook_point: str, pooling: str, layers,
 
     from .hooks import forward_with_hooks
 
-    enc = lm.encode(batch, max_length=max_length, padding_side="right")
+    enc = lm.encode(batch, max_length=max_length, padding_side="right", content_mask=pooling == "mean")
     if int(enc["attention_mask"].sum(1).min()) == 0:  # checked on the CPU copy: no device sync
         raise UserError("A prompt encodes to zero tokens; remove empty prompts from the data.")
-    mask = enc["attention_mask"].to(lm.device).bool()
+    if pooling == "mean" and int(enc["content_mask"].sum(1).min()) == 0:
+        raise UserError(f"A prompt keeps none of its own tokens within --max-length {max_length} (the chat "
+                        f"template fills it); raise --max-length.")
+    real = enc["attention_mask"].to(lm.device).bool()
+    mask = enc["content_mask"].to(lm.device) if pooling == "mean" else real  # the tokens the mean runs over
     counts = mask.sum(1, keepdim=True).float()  # [b, 1]
-    last = mask.sum(1) - 1  # right padding: index of the last real token
+    last = real.sum(1) - 1  # right padding: index of the last real token (the end of the generation prompt)
     rows = torch.arange(mask.shape[0], device=mask.device)
     pieces: dict[int, torch.Tensor] = {}
 
@@ -326,6 +331,9 @@ class Store:
                     if (path / PROGRESS_FILE).exists() else "")
             raise UserError(f"{path} is not an activation store (no manifest.json).{hint}")
         manifest = read_json(mpath)
+        if isinstance(manifest, dict) and manifest.get("format") == "safetyneurons.store/1":
+            raise UserError(f"{mpath}: an activation store of format 1, whose mean pooling also counted chat-template "
+                            f"tokens; this version pools the user's message only. Re-run `safetyneurons extract`.")
         if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
             raise UserError(f"{mpath}: not a safetyneurons activation store (expected format {STORE_FORMAT}).")
         n, d = int(manifest["n"]), int(manifest["d"])

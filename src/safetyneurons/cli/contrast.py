@@ -9,7 +9,7 @@ import click
 from ..errors import UserError
 
 _HOOK_POINTS = ("mlp_out", "mlp_neurons", "resid")  # mirrors hooks.HOOK_POINTS (kept here so --help is fast)
-_POSITIONS = ("prompt", "prompt_last", "completion")  # mirrors contrast.POSITIONS
+_POSITIONS = ("content", "prompt", "prompt_last", "completion")  # mirrors contrast.POSITIONS
 
 
 def check_replaceable_out(out: Path, marker: str) -> Path:
@@ -58,10 +58,14 @@ def load_prompt_set(prompts: str | None, limit: int | None) -> tuple[list[str], 
               help="Where to read neurons: mlp_out = output of each MLP block (hidden size wide); "
                    "mlp_neurons = MLP intermediate activations, the input of down_proj (the paper's neurons); "
                    "resid = each decoder layer's output hidden state.")
-@click.option("--positions", type=click.Choice(_POSITIONS), default="prompt",
-              help="Which tokens count: prompt = every prompt token; prompt_last = the last prompt token; "
-                   "completion = the aligned model's greedy answer tokens (up to and including the first EOS). "
+@click.option("--positions", type=click.Choice(_POSITIONS), default="content",
+              help="Which tokens count: content = the user's message only (no system prompt or chat-template "
+                   "tokens); prompt = every prompt token, template included; prompt_last = the last prompt token; "
+                   "completion = a greedy answer's tokens (up to and including the first EOS). "
                    "Padding never counts.")
+@click.option("--completion-from", type=click.Choice(("base", "aligned")), default="base",
+              help="Which model writes the answer for --positions completion (the paper: the base model); both "
+                   "models then read the same ids.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory: scores.safetensors, contrast.json, neuron_set.json, heatmap.png, "
                    "layer_counts.png, stats.json. Written atomically (nothing is left on failure).")
@@ -85,7 +89,7 @@ def load_prompt_set(prompts: str | None, limit: int | None) -> tuple[list[str], 
                    "the tokenizer has one]")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
-def contrast(base, aligned, prompts, hook_point, positions, out, top_percent, top_n, per_layer, batch_size,
+def contrast(base, aligned, prompts, hook_point, positions, completion_from, out, top_percent, top_n, per_layer, batch_size,
              max_length, max_new_tokens, padding_side, dtype, device, chat_template, limit, progress):
     """Rank every neuron by how much safety alignment changed it (inference-time activation contrasting).
 
@@ -111,7 +115,8 @@ def contrast(base, aligned, prompts, hook_point, positions, out, top_percent, to
 
     distributed.init_from_env(device)  # under torchrun: join the group, each rank takes a share of the batches
     pair = load_pair(base or DEFAULT_BASE, aligned, dtype=dtype, device=device, chat_template=chat_template)
-    scores = run_contrast(*pair, prompt_list, hook_point=hook_point, positions=positions, batch_size=batch_size,
+    scores = run_contrast(*pair, prompt_list, hook_point=hook_point, positions=positions,
+                          completion_from=completion_from, batch_size=batch_size,
                           max_length=max_length, max_new_tokens=max_new_tokens, padding_side=padding_side,
                           progress=progress)
     scores.meta.update(provenance)

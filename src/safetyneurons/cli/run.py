@@ -15,14 +15,18 @@ import click
 @click.option("--quick", is_flag=True,
               help="Subsample train/test/held-out to a few hundred prompts (about 5 minutes once the twin is cached).")
 @click.option("--paper", "paper", is_flag=True,
-              help="Use the paper's setting (hook point mlp_neurons, last prompt token) instead of the reference "
-                   "project's (mlp_out, mean over prompt tokens).")
+              help="Use the paper's setting (hook point mlp_neurons, change scores on completion tokens written by "
+                   "the base model, last prompt token for the probes) instead of the reference project's (mlp_out, "
+                   "content tokens, mean over the user's message).")
 @click.option("--hook-point", type=click.Choice(["mlp_out", "mlp_neurons", "resid"]), default=None,
               help="Hook point for contrasting and probing [default: mlp_out, or mlp_neurons with --paper].")
 @click.option("--pooling", type=click.Choice(["mean", "last"]), default=None,
               help="How a prompt's token activations are pooled for the probes [default: mean, or last with --paper].")
-@click.option("--positions", type=click.Choice(["prompt", "prompt_last", "completion"]), default=None,
-              help="Token positions whose activation change is scored [default: the preset's].")
+@click.option("--positions", type=click.Choice(["content", "prompt", "prompt_last", "completion"]), default=None,
+              help="Token positions whose activation change is scored [default: content, or completion with "
+                   "--paper].")
+@click.option("--completion-from", type=click.Choice(["base", "aligned"]), default=None,
+              help="Which model writes the answer for --positions completion [default: base, as in the paper].")
 @click.option("--top-percent", type=float, default=5.0, show_default=True,
               help="Share of all neurons kept as safety neurons, in (0, 100].")
 @click.option("--max-layer", type=int, default=None,
@@ -46,16 +50,17 @@ import click
               help="Every probe's threshold (the guard's too) gives this false-positive rate on the benign prompts "
                    "of the validation split.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def run(out, force, quick, paper, hook_point, pooling, positions, top_percent, max_layer, base, aligned, splits,
-        features_from, guard_classifier, random_draws, batch_size, max_length, seed, target_fpr, no_progress):
+def run(out, force, quick, paper, hook_point, pooling, positions, completion_from, top_percent, max_layer, base,
+        aligned, splits, features_from, guard_classifier, random_draws, batch_size, max_length, seed, target_fpr,
+        no_progress):
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
     controls (random layer-matched neurons, PCA, all features, text-only), held-out benchmark, guard."""
     from ..pipeline import RunSettings, run as run_pipeline
     from ..report import results_table as _seed_table
 
     settings = RunSettings.for_preset("paper" if paper else "default", out=out, quick=quick, hook_point=hook_point,
-                                      pooling=pooling, positions=positions, top_percent=top_percent,
-                                      max_layer=max_layer, base=base,
+                                      pooling=pooling, positions=positions, completion_from=completion_from,
+                                      top_percent=top_percent, max_layer=max_layer, base=base,
                                       aligned=aligned, splits=splits, features_from=features_from,
                                       guard_classifier=guard_classifier, random_draws=random_draws,
                                       batch_size=batch_size, max_length=max_length, seed=seed, target_fpr=target_fpr)
