@@ -105,7 +105,7 @@ def default_splits(tmp_path_factory):
 
 def test_default_splits_have_no_near_duplicates_across_splits(default_splits):
     splits, manifest = default_splits
-    main = ("twin", "contrast", "train", "test", "heldout")
+    main = data.SPLIT_NAMES
     records = [(name, r) for name in main for r in splits[name]]
     assert all("cluster" in r for _, r in records)
     pairs = clusters.near_duplicate_pairs([r["prompt"] for _, r in records], 0.6)
