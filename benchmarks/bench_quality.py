@@ -4,8 +4,9 @@ For each setting (``reference``: hook point mlp_out, mean pooling; ``paper``: ml
 this script finds the safety neurons of the default pair (base vs its aligned twin, change scores on the
 harmful prompts of the contrast split, top ``--top-percent``%), extracts all-neuron activation stores of the
 train / test (and held-out, when the splits have one) prompts, and trains and scores every feature set
-(safety, PCA, all, random, text) with both classifiers. It prints the table of test metrics, the
-safety-vs-random AUROC difference and, when there is a held-out split, the held-out AUROC of each probe.
+(safety, PCA, all, the random layer-matched / global and magnitude controls, text, length) with both
+classifiers. It prints the table of test metrics, the safety set against each control (AUROC difference,
+rank p-value) and, when there is a held-out split, the held-out table and controls.
 
 Needs the default twin (built on first use, slow) and the default splits. Keep runs small with the limits::
 
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from safetyneurons.compare import DEFAULT_FEATURE_SETS, DEFAULT_RANDOM_DRAWS
 
 SETTINGS = {"reference": {"hook_point": "mlp_out", "pooling": "mean"},
             "paper": {"hook_point": "mlp_neurons", "pooling": "last"}}
@@ -55,8 +58,8 @@ def main():
     ap.add_argument("--limit-heldout", type=int, default=0)
     ap.add_argument("--top-percent", type=float, default=5.0)
     ap.add_argument("--classifiers", default="svm,logreg")
-    ap.add_argument("--feature-sets", default="safety,pca,all,random,text")
-    ap.add_argument("--random-draws", type=int, default=5)
+    ap.add_argument("--feature-sets", default=",".join(DEFAULT_FEATURE_SETS))
+    ap.add_argument("--random-draws", type=int, default=DEFAULT_RANDOM_DRAWS)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=256)
@@ -66,11 +69,10 @@ def main():
 
     from safetyneurons import data as data_mod
     from safetyneurons.contrast import contrast
-    from safetyneurons.metrics import auroc
     from safetyneurons.neurons import select
     from safetyneurons.pair import DEFAULT_BASE, check_symmetry, load_model
-    from safetyneurons.probe import TextProbe, compare_feature_sets
-    from safetyneurons.report import results_table, write_report
+    from safetyneurons.compare import compare_feature_sets, score_store
+    from safetyneurons.report import controls_section, results_table, write_report
     from safetyneurons.store import extract
 
     t_start = time.perf_counter()
@@ -120,17 +122,13 @@ def main():
               f"(top {args.top_percent}%, deepest layer {ns.deepest_layer}); train {len(stores['train'])}, "
               f"test {len(stores['test'])} prompts; {time.perf_counter() - t0:.0f} s\n")
         print(results_table(report["results"]))
-        for clf, d in report["safety_vs_random"].items():
-            print(f"AUROC safety - random ({clf}): {d['diff']:+.4f} [95% CI {d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")
+        print(controls_section(report))
         if "heldout" in stores:
             h = stores["heldout"]
-            print(f"\nheld-out sources ({len(h)} prompts, {int(h.labels.sum())} unsafe), AUROC:")
-            for run in res.runs:
-                vals = []
-                for probe, rns in zip(run.probes, run.neuron_sets):
-                    X = h.prompts if isinstance(probe, TextProbe) else (h.features if rns is None else h.select(rns))
-                    vals.append(auroc(h.labels, probe.predict_proba(X)))
-                print(f"  {run.feature_set:7s} {run.classifier:13s} {sum(vals) / len(vals):.4f}")
+            held = score_store(res, h, n_boot=args.bootstrap, seed=args.seed)
+            print(f"\nheld-out sources ({len(h)} prompts, {int(h.labels.sum())} unsafe):\n")
+            print(results_table(held["results"]))
+            print(controls_section(report, held["safety_vs_controls"], sets=False))
         summary.append((name, report))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s; reports under {out}")
 

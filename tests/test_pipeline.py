@@ -102,14 +102,18 @@ def test_run_writes_every_artifact_and_all_feature_sets(tiny_run):
                 "guard/guard.json", "probes/probes/safety-svm/probe.json", "probes/probes/text-tfidf-logreg/probe.json"):
         assert (out / rel).is_file(), rel
     got = {(r["feature_set"], r["classifier"]) for r in summary["results"]}
-    for fs in ("safety", "pca", "all", "random"):
+    for fs in ("safety", "pca", "all", "random", "random_global", "magnitude"):
         assert {(fs, "svm"), (fs, "logreg")} <= got
-    assert any(fs == "text" for fs, _ in got)
+    assert {("text", "tfidf-logreg"), ("length", "tokens-logreg")} <= got
     held = {(r["feature_set"], r["classifier"]) for r in summary["heldout"]}
     assert held == got
     assert all(r["metrics"]["n"] == 16 for r in summary["heldout"])
     md = (out / "probes" / "report.md").read_text()
-    assert "Held-out benchmark" in md
+    assert "Held-out benchmark" in md and md.count("rank p (AUROC)") == 2  # test split and held-out
+    report = json.loads((out / "probes" / "report.json").read_text())
+    assert {c["max_overlap_with_safety"] for c in report["controls"].values()} == {0}
+    assert set(report["heldout"]["safety_vs_controls"]) == {"random", "random_global", "magnitude"}
+    assert (out / "probes" / "probes" / "length-tokens-logreg" / "probe.json").is_file()
     recorded = json.loads((out / "run.json").read_text())
     assert recorded["data"]["files"]["train"]["used"] == 40
     assert recorded["versions"]["torch"] == torch.__version__

@@ -1,5 +1,6 @@
-"""Probes: numpy decision functions vs scikit-learn, save/load without pickle, random controls, metrics,
-the feature-set comparison and report, and the train / evaluate CLI (including its bad inputs)."""
+"""Probes: numpy decision functions vs scikit-learn, save/load without pickle, metrics, the feature-set
+comparison with its controls and baselines and its report, and the train / evaluate CLI (including its bad
+inputs). The control neuron sets themselves are tested in test_controls.py."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import pytest
 from safetyneurons.errors import UserError
 from safetyneurons.metrics import auroc, binary_metrics, bootstrap_ci, paired_bootstrap_diff, tpr_at_fpr
 from safetyneurons.neurons import NeuronSet
-from safetyneurons.probe import (Probe, TextProbe, compare_feature_sets, load_probe, random_neuron_set,
-                                 youden_threshold)
+from safetyneurons.compare import compare_feature_sets
+from safetyneurons.probe import Probe, TextProbe, load_probe, youden_threshold
 from safetyneurons.store import Store, extract
 from test_store import make_records, run_cli
 from tiny import save_tiny, tiny_lm
@@ -125,21 +126,6 @@ def test_youden_threshold_sits_in_the_middle_of_the_gap():
     assert min(abs(t - 0.25), abs(t - 0.6)) < 1e-9  # the two cuts with J = 2/3
 
 
-# ------------------------------------------------------------------------------------ random control
-def test_random_control_matches_per_layer_counts_and_avoids_safety_neurons():
-    ns = NeuronSet(hook_point="mlp_neurons", num_layers=6, width=50, layers=[0, 0, 0, 2, 5, 5],
-                   indices=[1, 2, 3, 10, 0, 49], scores=np.ones(6))
-    draws = [random_neuron_set(ns, seed=3, draw=d) for d in range(5)]
-    for r in draws:
-        assert np.array_equal(r.per_layer_counts(), ns.per_layer_counts())
-        assert not set(zip(r.layers, r.indices)) & set(zip(ns.layers, ns.indices))
-        assert r.hook_point == ns.hook_point and len(set(r.flat_indices())) == len(ns)
-    assert len({tuple(r.flat_indices()) for r in draws}) == 5  # draws differ
-    again = random_neuron_set(ns, seed=3, draw=2)
-    assert np.array_equal(again.flat_indices(), draws[2].flat_indices())  # seeded
-    assert not np.array_equal(random_neuron_set(ns, seed=4, draw=2).flat_indices(), draws[2].flat_indices())
-
-
 # -------------------------------------------------------------------------------------------- metrics
 def test_metrics_agree_with_sklearn_on_fixed_inputs():
     from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, f1_score,
@@ -206,15 +192,40 @@ def test_compare_feature_sets_trains_every_probe_and_reports(stores, tmp_path):
     root, lm, train, test, ns = stores
     res = compare_feature_sets(train, test, ns, random_draws=3, n_boot=100, cv=3, progress=False)
     rows = {(r["feature_set"], r["classifier"]): r for r in res.report["results"]}
-    assert set(rows) == {(f, c) for f in ("safety", "pca", "all", "random") for c in ("svm", "logreg")} | {
-        ("text", "tfidf-logreg")}
+    neuron_sets = ("safety", "pca", "all", "random", "random_global", "magnitude")
+    assert set(rows) == {(f, c) for f in neuron_sets for c in ("svm", "logreg")} | {
+        ("text", "tfidf-logreg"), ("length", "tokens-logreg")}
     assert rows[("safety", "svm")]["n_features"] == 5 and rows[("all", "logreg")]["n_features"] == 96
-    assert rows[("random", "svm")]["metrics"]["draws"] == 3
+    assert rows[("random", "svm")]["metrics"]["draws"] == 3 and rows[("random_global", "svm")]["metrics"]["draws"] == 3
+    assert rows[("magnitude", "svm")]["n_features"] == 5 and rows[("length", "tokens-logreg")]["n_features"] == 1
     assert 1 <= rows[("pca", "svm")]["metrics"]["pca_components"] < 96
     for r in res.runs:
-        if r.feature_set == "random":
+        if r.feature_set in ("random", "magnitude"):
             for d in r.neuron_sets:
                 assert np.array_equal(d.per_layer_counts(), ns.per_layer_counts())
+    controls = res.report["controls"]
+    assert set(controls) == {"random", "random_global", "magnitude"}
+    assert all(c["max_overlap_with_safety"] == 0 for c in controls.values())
+    assert controls["random"]["draws"] == 3 and controls["magnitude"]["draws"] == 0
+    # the magnitude control is the 5 non-safety neurons with the largest mean |activation| (same layers)
+    mean_abs = np.abs(train.features.astype(np.float64)).mean(0).reshape(3, 32)
+    mag = res.run("magnitude", "svm").neuron_sets[0]
+    for layer, idx in mag.by_layer().items():
+        free = np.setdiff1d(np.arange(32), ns.indices[ns.layers == layer])
+        assert set(idx) == set(free[np.argsort(-mean_abs[layer, free])[:len(idx)]])
+    # the length baseline reads the token count of each formatted prompt
+    tokens = np.array([len(lm.encode([p])["input_ids"][0]) for p in train.prompts])
+    assert np.array_equal(np.asarray(train.manifest["n_tokens"]), tokens)
+    vs = res.report["safety_vs_controls"]
+    for kind in ("random", "random_global", "magnitude"):
+        for clf in ("svm", "logreg"):
+            d = vs[kind][clf]
+            assert d["diff"] == pytest.approx(d["safety_auroc"] - d["control_auroc"])
+            assert d["unit"] == "prompt" and d["n_units"] == 24
+            if kind != "magnitude":
+                per_draw = rows[(kind, clf)]["metrics"]["auroc_per_draw"]
+                want = (1 + sum(v >= d["safety_auroc"] for v in per_draw)) / 4
+                assert d["rank_p_auroc"] == pytest.approx(want) and d["draws_resampled"]
     # the safety probe's test probabilities are what the probe gives on the selected columns
     run = res.run("safety", "logreg")
     np.testing.assert_array_equal(run.test_proba[0], run.probes[0].predict_proba(test.select(ns)))
@@ -225,6 +236,8 @@ def test_compare_feature_sets_trains_every_probe_and_reports(stores, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text()) == report
     md = (tmp_path / "report.md").read_text()
     assert "| safety neurons | svm | 5 |" in md and "Confusion matrix" in md
+    assert "| length only (token count) | tokens-logreg | 1 |" in md and "| largest-magnitude neurons | svm | 5 |" in md
+    assert "rank p (AUROC)" in md and "overlap with the safety set" in md
     for name in ("roc_svm.png", "pr_svm.png", "roc_logreg.png", "pr_logreg.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -305,11 +318,11 @@ def test_cli_train_then_evaluate_on_a_file_and_on_a_store(cli, tmp_path):
                 env_cache=cli / "cache")
     assert r.returncode == 0, r.stderr
     assert "precision    recall  f1-score   support" in r.stdout and "Confusion matrix" in r.stdout
-    assert "AUROC safety - random (svm)" in r.stdout
+    assert "rank p (AUROC)" in r.stdout
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert len(rep["results"]) == 9
+    assert len(rep["results"]) == 14
     probes = sorted(p.name for p in (tmp_path / "rep" / "probes").iterdir())
-    assert probes == ["safety-logreg", "safety-svm", "text-tfidf-logreg"]
+    assert probes == ["length-tokens-logreg", "safety-logreg", "safety-svm", "text-tfidf-logreg"]
 
     # evaluate on the labelled file re-extracts the 4 safety neurons (early exit) with the recorded model
     invoke("evaluate", "--probe", tmp_path / "rep" / "probes" / "safety-svm", "--data", cli / "test.jsonl",
@@ -330,6 +343,14 @@ def test_cli_train_then_evaluate_on_a_file_and_on_a_store(cli, tmp_path):
     invoke("evaluate", "--probe", tmp_path / "rep" / "probes" / "text-tfidf-logreg", "--data", cli / "st_test",
            "--out", tmp_path / "ev2", "--bootstrap", "0", cache=cli / "cache")
     assert (tmp_path / "ev2" / "predictions.jsonl").is_file()
+
+    # the length baseline scores the same on the store (recorded token counts) and on the file (recounted)
+    length_row = next(x for x in rep["results"] if x["feature_set"] == "length")
+    for name, data in (("ev3", cli / "st_test"), ("ev4", cli / "test.jsonl")):
+        invoke("evaluate", "--probe", tmp_path / "rep" / "probes" / "length-tokens-logreg", "--data", data,
+               "--out", tmp_path / name, "--bootstrap", "0", cache=cli / "cache")
+        got = json.loads((tmp_path / name / "report.json").read_text())["metrics"]["auroc"]
+        assert got == pytest.approx(length_row["metrics"]["auroc"], abs=1e-12)
 
 
 BAD = {

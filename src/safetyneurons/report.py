@@ -8,10 +8,13 @@ from typing import Sequence
 import numpy as np
 
 from ._io import atomic_write_json, atomic_write_text
-from .probe import TEXT_CLASSIFIER, CompareResult, json_safe
+from .compare import BASELINE_CLASSIFIERS, CompareResult
+from .probe import json_safe
 
 LABELS = {"safety": "safety neurons", "pca": "PCA (95% var.) of all", "all": "all neurons",
-          "random": "random neurons", "text": "text only (TF-IDF)"}
+          "random": "random layer-matched neurons", "random_global": "random neurons (global)",
+          "magnitude": "largest-magnitude neurons", "text": "text only (TF-IDF)",
+          "length": "length only (token count)"}
 
 
 def _f(v, digits: int = 3) -> str:
@@ -41,6 +44,45 @@ def results_table(results: Sequence[dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def controls_section(report: dict, vs: dict | None = None, sets: bool = True) -> str:
+    """Markdown: each control's draw count, per-layer counts, overlap with the safety set (with ``sets``),
+    and the safety set against it (``vs``, default the test split's: AUROC difference with paired-bootstrap
+    CI, rank p-values among the draws)."""
+    vs = report.get("safety_vs_controls", {}) if vs is None else vs
+    controls = report.get("controls", {}) if sets else {}
+    if not controls and not vs:
+        return ""
+    lines = []
+    if controls:
+        lines += ["| control | draws | neurons | overlap with the safety set (max over draws) | per-layer counts |",
+                  "|---|---:|---:|---:|---|"]
+        for kind, c in controls.items():
+            counts = ", ".join(f"L{i}: {v:.3g}" for i, v in enumerate(c["per_layer_counts"]) if v)
+            spill = "; spill " + ", ".join(f"L{x['from_layer']}->L{x['to_layer']} {x['count']}" for x in c["spill"]) \
+                if c.get("spill") else ""
+            lines.append(f"| {LABELS.get(kind, kind)} | {c['draws'] or 'fixed'} | {c['count']} | "
+                         f"{c['max_overlap_with_safety']} | {counts}{spill} |")
+        lines += ["", "Largest-magnitude neurons: the non-safety neurons with the largest mean absolute pooled "
+                      "activation on the training prompts, same count per layer as the layer-matched control.", ""]
+    if vs:
+        b = next(iter(next(iter(vs.values())).values()))
+        lines += [f"Paired bootstrap over {b.get('unit', 'prompt')}s ({b.get('n_units', '?')} units; control draws "
+                  f"resampled too). Rank p = (1 + #draws with metric >= safety) / (1 + draws).", "",
+                  "| control | classifier | AUROC safety | AUROC control (mean ± sd) | safety - control [95% CI] | "
+                  "share <= 0 | rank p (AUROC) | accuracy safety | accuracy control (mean ± sd) | rank p (accuracy) |",
+                  "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for kind, per in vs.items():
+            for clf, d in per.items():
+                ci = f" [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" if _ci(d["ci"]) else ""
+                lines.append(
+                    f"| {LABELS.get(kind, kind)} | {clf} | {_f(d['safety_auroc'], 4)} | {_f(d['control_auroc'], 4)} ± "
+                    f"{_f(d['control_auroc_sd'], 4)} | {d['diff']:+.4f}{ci} | {_f(d['p_le_0'])} | "
+                    f"{_f(d.get('rank_p_auroc'))} | {_f(d['safety_accuracy'])} | {_f(d['control_accuracy'])} ± "
+                    f"{_f(d['control_accuracy_sd'])} | {_f(d.get('rank_p_accuracy'))} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def reference_printout(title: str, m: dict) -> str:
     """Classification report and confusion matrix, laid out like the reference project's printout."""
     cm = m["confusion_matrix"]
@@ -59,16 +101,15 @@ def render_markdown(report: dict) -> str:
     if ns:
         lines.append(f"- safety neurons: {ns['count']} at `{ns['hook_point']}` (neuron set sha256 {ns['sha256'][:12]}...)")
     s = report["settings"]
-    lines += [f"- seed {s['seed']}, {s['bootstrap_resamples']} bootstrap resamples for CIs, threshold rule: "
-              f"{report['results'][0]['threshold_rule'] if report['results'] else ''}", "",
+    unit = s.get("bootstrap", {}).get("unit", "prompt")
+    lines += [f"- seed {s['seed']}, {s['bootstrap_resamples']} bootstrap resamples of {unit}s for CIs, threshold "
+              f"rule: {report['results'][0]['threshold_rule'] if report['results'] else ''}",
+              f"- controls: {s.get('random_draws')} seeded draws per random control; baselines without "
+              f"activations: text (TF-IDF) and length (token count)", "",
               "## Test metrics", "", results_table(report["results"])]
-    if report.get("safety_vs_random"):
-        lines += ["## Safety neurons vs random neurons (AUROC difference, paired bootstrap)", "",
-                  "| classifier | AUROC(safety) - mean AUROC(random) | 95% CI | share of resamples <= 0 |",
-                  "|---|---:|---|---:|"]
-        for clf, d in report["safety_vs_random"].items():
-            lines.append(f"| {clf} | {_f(d['diff'])} |{_ci(d['ci'])} | {_f(d['p_le_0'])} |")
-        lines.append("")
+    section = controls_section(report)
+    if section:
+        lines += ["## Safety neurons vs control neurons", "", section]
     lines += ["## Classification reports", ""]
     for r in report["results"]:
         title = f"{LABELS.get(r['feature_set'], r['feature_set'])} / {r['classifier']}"
@@ -133,17 +174,15 @@ def write_report(result: CompareResult, out_dir: str | Path) -> dict:
     report = json_safe(result.report)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
-    text = [r for r in result.runs if r.classifier == TEXT_CLASSIFIER]
+    baselines = [(LABELS[r.feature_set], r.test_proba) for r in result.runs
+                 if r.classifier in BASELINE_CLASSIFIERS.values()]
     for clf in report["settings"]["classifiers"]:
         curves = [(f"{LABELS[r.feature_set]}", r.test_proba) for r in result.runs if r.classifier == clf]
-        curves += [(LABELS["text"], r.test_proba) for r in text]
         if curves:
-            plot_curves(out / f"roc_{clf}.png", out / f"pr_{clf}.png", result.y_test, curves,
+            plot_curves(out / f"roc_{clf}.png", out / f"pr_{clf}.png", result.y_test, curves + baselines,
                         f"{clf}, {report['test']['hook_point']} / {report['test']['pooling']}")
-    if not report["settings"]["classifiers"] or not any(r.classifier != TEXT_CLASSIFIER for r in result.runs):
-        if text:
-            plot_curves(out / "roc.png", out / "pr.png", result.y_test, [(LABELS["text"], r.test_proba) for r in text],
-                        "text baseline")
+    if baselines and not any(r.classifier not in BASELINE_CLASSIFIERS.values() for r in result.runs):
+        plot_curves(out / "roc.png", out / "pr.png", result.y_test, baselines, "baselines")
     return report
 
 

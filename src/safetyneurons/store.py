@@ -83,6 +83,12 @@ def _token_lengths(lm, prompts: Sequence[str], max_length: int | None) -> np.nda
     return np.array([len(ids) for ids in enc["input_ids"]], dtype=np.int64)
 
 
+def token_counts(lm, prompts: Sequence[str], max_length: int | None = 256) -> np.ndarray:
+    """Token count of each chat-formatted prompt as the model reads it (after truncation to ``max_length``):
+    what the length-only baseline sees. Stores record it per prompt in ``manifest["n_tokens"]``."""
+    return _token_lengths(lm, list(prompts), max_length)
+
+
 def _pool_batch(lm, batch: Sequence[str], hook_point: str, pooling: str, layers, index, max_length) -> HostBatch:
     """Pooled features of one batch, float32 ``[len(batch), d]``, column blocks in layer order, on their way
     to host memory (the device-to-host copy does not block on CUDA; see :mod:`safetyneurons.shard_writer`)."""
@@ -492,6 +498,7 @@ def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point:
         "data": {**(data_info or {}), "n": n, "n_unsafe": int(labels.sum()), "n_safe": int(n - labels.sum())},
         "records_sha256": data_hash,
         "ids": [str(r["id"]) for r in records],
+        "n_tokens": token_counts(lm, prompts, max_length).tolist(),
         "labels": labels.tolist(),
         "plan_sha256": plan_hash,
         "versions": versions(),

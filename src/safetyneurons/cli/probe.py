@@ -93,14 +93,19 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
               help="Safety neuron set JSON (default: the one the stores were extracted with).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report + probes directory.")
 @click.option("--classifiers", default="svm,logreg", show_default=True, help="Comma list of: svm, logreg.")
-@click.option("--feature-sets", default="safety,pca,all,random,text", show_default=True,
-              help="Comma list of: safety, pca, all, random, text.")
-@click.option("--random-draws", default=5, show_default=True, help="Random-neuron draws to average.")
+@click.option("--feature-sets", default="safety,pca,all,random,random_global,magnitude,text,length",
+              show_default=True, help="Comma list of: safety, pca, all, random (layer-matched), random_global, "
+                                      "magnitude, text, length.")
+@click.option("--random-draws", default=20, show_default=True,
+              help="Seeded draws of each random neuron control (random, random_global).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples for CIs (0: none).")
 @click.option("--cv", default=5, show_default=True, help="CV folds on the training split (calibration, threshold).")
-@click.option("--save-probes", default="safety,text", show_default=True,
-              help="Feature sets whose probes are saved under OUT/probes (random: draw 1).")
+@click.option("--control-cv", default=None, type=int,
+              help="CV folds for the random draws [default: --cv, the safety probe's protocol; 0: one fit per draw, "
+                   "about 3x faster, AUROC unchanged, accuracy not comparable].")
+@click.option("--save-probes", default="safety,text,length", show_default=True,
+              help="Feature sets whose probes are saved under OUT/probes (random controls: draw 1).")
 @click.option("--export-guard", "guard_dir", type=click.Path(file_okay=False), default=None,
               help="Also export a guard from the probe below into this directory.")
 @click.option("--guard-feature-set", type=click.Choice(("safety", "pca", "all")), default="safety",
@@ -113,12 +118,13 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
 @click.option("--target-fpr", type=float, default=0.05, show_default=True,
               help="With --val: the false-positive rate on its benign prompts that the thresholds give.")
 def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, random_draws, seed, n_boot, cv,
-          save_probes, guard_dir, guard_feature_set, guard_classifier, val_dir, target_fpr):
+          control_cv, save_probes, guard_dir, guard_feature_set, guard_classifier, val_dir, target_fpr):
     """Train probes on safety neurons and controls, and report test metrics (report.json/.md, curves)."""
     from .._io import atomic_dir, check_out_dir
     from ..neurons import NeuronSet
-    from ..probe import CLASSIFIERS, FEATURE_SETS, compare_feature_sets, parse_list
-    from ..report import reference_printout, results_table, write_report
+    from ..compare import FEATURE_SETS, compare_feature_sets
+    from ..probe import CLASSIFIERS, parse_list
+    from ..report import controls_section, reference_printout, results_table, write_report
     from ..store import Store
 
     check_out_dir(out)
@@ -139,7 +145,8 @@ def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, ran
     ns = NeuronSet.load(neurons_file) if neurons_file else None
     with atomic_dir(out) as tmp:
         result = compare_feature_sets(train_store, test_store, ns, classifiers=clfs, feature_sets=sets,
-                                      random_draws=random_draws, seed=seed, n_boot=n_boot, cv=cv, progress=True)
+                                      random_draws=random_draws, seed=seed, n_boot=n_boot, cv=cv,
+                                      control_cv=control_cv, progress=True)
         calibration = {}
         if val_store is not None:  # thresholds for the target FPR on val (the test figures keep the CV ones)
             from ..overrefusal import calibrate_runs
@@ -151,13 +158,10 @@ def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, ran
             if run.feature_set in keep:
                 run.probes[0].save(tmp / "probes" / f"{run.feature_set}-{run.classifier}")
     for r in report["results"]:
-        if r["feature_set"] in ("safety", "text"):
+        if r["feature_set"] in ("safety", "text", "length"):
             click.echo(reference_printout(f"{r['feature_set']} / {r['classifier']}", r["metrics"]))
     click.echo(results_table(report["results"]))
-    for clf, d in report["safety_vs_random"].items():
-        ci = d["ci"]
-        click.echo(f"AUROC safety - random ({clf}): {d['diff']:+.4f} [95% CI {ci[0]:+.4f}, {ci[1]:+.4f}]"
-                   if ci[0] is not None else f"AUROC safety - random ({clf}): {d['diff']}")
+    click.echo(controls_section(report))
     click.echo(f"Report: {Path(out) / 'report.md'}")
     if guard_dir:
         _export_guard(guard_dir, result, report, train_store, test_store, guard_feature_set, guard_classifier,
@@ -270,6 +274,10 @@ def _store_features(store, probe):
     if want and store.fingerprint and want != store.fingerprint:
         raise UserError(f"Store {store.path} comes from model {store.fingerprint[:12]}... but the probe was trained "
                         f"on {want[:12]}.... Extract the data with the probe's model.")
+    if meta.get("feature_set") == "length":
+        from ..compare import length_features
+
+        return length_features(store)
     if meta.get("neuron_set"):
         return store.select(NeuronSet.from_json(meta["neuron_set"], source="probe metadata"))
     if store.layout != "all":

@@ -41,8 +41,8 @@ import click
               help="Which model's activations the probes read (the reference project used the base model).")
 @click.option("--guard-classifier", type=click.Choice(["svm", "logreg"]), default="logreg", show_default=True,
               help="Classifier of the exported guard (always on the safety neurons).")
-@click.option("--random-draws", type=int, default=5, show_default=True,
-              help="Random layer-matched neuron sets averaged for the control.")
+@click.option("--random-draws", type=int, default=20, show_default=True,
+              help="Seeded draws of each random neuron control (layer-matched and global).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per forward pass.")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Token limit per prompt.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data splits, draws and bootstraps.")
@@ -54,8 +54,9 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
         aligned, splits, features_from, guard_classifier, random_draws, batch_size, max_length, seed, target_fpr,
         no_progress):
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
-    controls (random layer-matched neurons, PCA, all features, text-only), held-out benchmark, guard."""
-    from ..pipeline import RunSettings, run as run_pipeline
+    controls (random layer-matched and global neurons, largest-magnitude neurons, PCA, all features, text-only,
+    length-only), held-out benchmark, guard."""
+    from ..pipeline import RunSettings, controls_markdown, run as run_pipeline
     from ..report import results_table as _seed_table
 
     settings = RunSettings.for_preset("paper" if paper else "default", out=out, quick=quick, hook_point=hook_point,
@@ -66,9 +67,10 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
                                       batch_size=batch_size, max_length=max_length, seed=seed, target_fpr=target_fpr)
     click.echo(f"Run directory: {settings.out_dir}", err=True)
     summary = run_pipeline(settings, progress=not no_progress, force=force)
-    click.echo("\nTest split:\n" + _seed_table(summary["results"]))
+    click.echo("\nTest split:\n" + _seed_table(summary["results"]) + "\n" + controls_markdown(summary, "test"))
     if summary.get("heldout"):
-        click.echo("Held-out benchmark:\n" + _seed_table(summary["heldout"]))
+        click.echo("Held-out benchmark:\n" + _seed_table(summary["heldout"]) + "\n"
+                   + controls_markdown(summary, "heldout"))
     if summary.get("overrefusal"):
         from ..overrefusal import render_overrefusal
 
