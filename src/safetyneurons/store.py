@@ -84,8 +84,7 @@ def _token_lengths(lm, prompts: Sequence[str], max_length: int | None) -> np.nda
 
 
 def token_counts(lm, prompts: Sequence[str], max_length: int | None = 256) -> np.ndarray:
-    """Token count of each chat-formatted prompt as the model reads it (after truncation to ``max_length``):
-    what the length-only baseline sees. Stores record it per prompt in ``manifest["n_tokens"]``."""
+    """Tokens of each formatted, truncated prompt: the length baseline's feature (stores: ``n_tokens``)."""
     return _token_lengths(lm, list(prompts), max_length)
 
 

@@ -103,7 +103,7 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
 @click.option("--cv", default=5, show_default=True, help="CV folds on the training split (calibration, threshold).")
 @click.option("--control-cv", default=None, type=int,
               help="CV folds for the random draws [default: --cv, the safety probe's protocol; 0: one fit per draw, "
-                   "about 3x faster, AUROC unchanged, accuracy not comparable].")
+                   "about 3x faster, but another calibration, so not comparable: exploration only].")
 @click.option("--save-probes", default="safety,text,length", show_default=True,
               help="Feature sets whose probes are saved under OUT/probes (random controls: draw 1).")
 @click.option("--export-guard", "guard_dir", type=click.Path(file_okay=False), default=None,
