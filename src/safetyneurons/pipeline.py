@@ -368,7 +368,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         export_guard(out / "guard", lm_ref=feat_lm.ref, lm_fingerprint=feat_lm.fingerprint, neuron_set=neuron_set,
                      probe=run_.probes[0], hook_point=s.hook_point, pooling=s.pooling, max_length=s.max_length,
                      feature_set="safety", metrics=json_safe(run_.metrics),
-                     data={n: summary["data"]["files"][n] for n in ("train", "val", "test") if n in summary["data"]["files"]},
+                     data={n: f for n, f in summary["data"]["files"].items() if n in ("train", "val", "test")},
                      category_heads=heads, calibration=calibration.get(f"safety/{s.guard_classifier}"))
         steps.done()
 

@@ -54,7 +54,8 @@ def carve_validation(train: Sequence[dict], val_size: float, seed: int) -> tuple
     return ([r for i, r in enumerate(train) if i not in to_val], [r for i, r in enumerate(train) if i in to_val])
 
 
-def add_train_only(train: list[dict], others: Sequence[Sequence[dict]], records: Sequence[dict]) -> tuple[list[dict], int]:
+def add_train_only(train: list[dict], others: Sequence[Sequence[dict]],
+                   records: Sequence[dict]) -> tuple[list[dict], int]:
     """``train`` plus the train-only ``records`` whose cluster is in no other split; returns (train, dropped)."""
     taken = {_cluster(r) for split in others for r in split}
     keep = [r for r in records if _cluster(r) not in taken]
