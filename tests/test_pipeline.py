@@ -88,7 +88,8 @@ def test_run_calibrates_on_val_and_reports_overrefusal_and_categories(tiny_run):
     kinds = {r["source"]: r["kind"] for r in table["per_source"]}
     assert kinds == {"s": "benign", "overrefusal": "hard_negative", "h": "harmful"}
     names = {r["probe"] for r in table["summary"]}
-    assert f"safety / {settings.guard_classifier}" in names and any(n.startswith("text") for n in names)
+    assert {f"safety / {settings.guard_classifier}", "text / tfidf-logreg", "length / tokens-logreg"} <= names
+    assert not any(n.startswith(("random", "magnitude")) for n in names)  # the neuron controls have their own tables
     md = (out / "probes" / "report.md").read_text()
     assert md.index("Over-refusal and recall") < md.index("## Test metrics")
     assert "## Category heads" in md and "flags hard negatives" in md

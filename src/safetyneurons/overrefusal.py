@@ -36,17 +36,11 @@ def hard_sources(sources: Sequence[str]) -> list[str]:
     return sorted({s for s in sources if s in REGISTRY and REGISTRY[s].kind == "hard_negative"})
 
 
-def probe_inputs(store, feature_set: str, probe, neuron_set):
+def probe_inputs(store, feature_set: str, neuron_set):
     """What a probe reads from a store: prompts (text), token counts (length) or feature columns."""
-    from .probe import TextProbe
+    from .compare import store_inputs
 
-    if isinstance(probe, TextProbe):
-        return store.prompts
-    if feature_set == "length":
-        from .compare import length_features  # the length-only baseline (when present)
-
-        return length_features(store)
-    return store.features if neuron_set is None else store.select(neuron_set)
+    return store_inputs(store, feature_set, neuron_set)
 
 
 def calibrate_runs(runs, val_store, target_fpr: float) -> dict:
@@ -60,7 +54,7 @@ def calibrate_runs(runs, val_store, target_fpr: float) -> dict:
     out = {}
     for run in runs:
         for k, (probe, ns) in enumerate(zip(run.probes, run.neuron_sets)):
-            proba = probe.predict_proba(probe_inputs(val_store, run.feature_set, probe, ns))
+            proba = probe.predict_proba(probe_inputs(val_store, run.feature_set, ns))
             t = threshold_for_fpr(y, proba, target_fpr)
             probe.threshold = t
             probe.threshold_rule = (f"false-positive rate <= {target_fpr:g} on the {int((y == 0).sum())} benign "
@@ -172,7 +166,7 @@ def headline_probes(runs, store) -> dict[str, tuple[np.ndarray, float]]:
         if run.feature_set not in HEADLINE_FEATURE_SETS or len(run.probes) != 1:
             continue
         probe, ns = run.probes[0], run.neuron_sets[0]
-        proba = np.asarray(probe.predict_proba(probe_inputs(store, run.feature_set, probe, ns)))
+        proba = np.asarray(probe.predict_proba(probe_inputs(store, run.feature_set, ns)))
         out[f"{run.feature_set} / {run.classifier}"] = (proba, float(probe.threshold))
     return out
 
