@@ -242,6 +242,21 @@ def test_compare_feature_sets_trains_every_probe_and_reports(stores, tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_bootstraps_clusters_when_the_test_records_carry_them(stores):
+    root, lm, train, test, ns = stores
+    clustered = Store.load(test.path)
+    clustered._records = [dict(r, cluster=k // 3) for k, r in enumerate(test.records)]  # 8 clusters of 3
+    res = compare_feature_sets(train, clustered, ns, feature_sets="safety,random", classifiers="logreg",
+                               random_draws=2, n_boot=50, cv=0, progress=False)
+    assert res.report["settings"]["bootstrap"] == {"unit": "cluster", "n_units": 8}
+    d = res.report["safety_vs_controls"]["random"]["logreg"]
+    assert (d["unit"], d["n_units"]) == ("cluster", 8)
+    plain = compare_feature_sets(train, test, ns, feature_sets="safety,random", classifiers="logreg",
+                                 random_draws=2, n_boot=50, cv=0, progress=False)
+    assert plain.report["settings"]["bootstrap"] == {"unit": "prompt", "n_units": 24}
+    assert plain.report["safety_vs_controls"]["random"]["logreg"]["diff"] == d["diff"]  # same point estimate
+
+
 def test_compare_rejects_mismatches_and_missing_inputs(stores, tmp_path):
     root, lm, train, test, ns = stores
     other_hook = NeuronSet(hook_point="mlp_neurons", num_layers=3, width=64, layers=[0], indices=[1], scores=[1.0])
