@@ -375,6 +375,7 @@ BAD = {
     "corrupted_shard": ["--train", "st_corrupt", "--test", "st_test", "--neurons", "ns.json"],
     "not_a_store": ["--train", "nowhere", "--test", "st_test", "--neurons", "ns.json"],
     "bad_feature_set": ["--train", "st_train", "--test", "st_test", "--neurons", "ns.json", "--feature-sets", "x"],
+    "zero_draws": ["--train", "st_train", "--test", "st_test", "--neurons", "ns.json", "--random-draws=0"],
 }
 
 
@@ -394,7 +395,8 @@ def test_cli_train_bad_inputs_exit_2_without_output(cli, tmp_path, case):
     assert "Traceback" not in r.stderr and "Error:" in r.stderr
     assert not (tmp_path / "out").exists()
     expect = {"single_class": "single class", "hook_mismatch": "hook point", "model_mismatch": "model weights",
-              "corrupted_shard": "corrupted", "not_a_store": "does not exist", "bad_feature_set": "Unknown"}[case]
+              "corrupted_shard": "corrupted", "not_a_store": "does not exist", "bad_feature_set": "Unknown",
+              "zero_draws": "--random-draws must be >= 1"}[case]
     assert expect in r.stderr
 
 

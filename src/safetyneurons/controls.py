@@ -6,7 +6,7 @@ as the safety set and **never contains a safety neuron** (the overlap is recorde
 - :func:`random_layer_matched`: uniform random neurons with the same count per layer as the safety set.
   A layer whose non-safety neurons cannot cover its count (the safety set fills most of it) keeps all of
   them and the rest *spills* to the nearest layers with room: by distance ``|layer - l|``, ties to the
-  lower layer first, each taking as many as it can spare. The spill depends only on the safety set's
+  lower layer first, each taking as many as it can spare (several full layers: the lowest spills first). The spill depends only on the safety set's
   counts, so every draw has the same per-layer counts; they and the spill are recorded in the set's
   ``settings``.
 - :func:`random_global`: uniform random neurons over every non-safety neuron at the hook point.
@@ -34,7 +34,8 @@ from .neurons import NeuronSet
 
 CONTROLS = ("random", "random_global", "magnitude")  # feature-set names of the neuron controls
 DRAWN_CONTROLS = ("random", "random_global")  # controls with seeded random draws
-SPILL_RULE = "nearest layer with room first (by |layer distance|); ties: the lower layer first"
+SPILL_RULE = ("full layers from the lowest up; each spills to the nearest layer with room first (by |layer "
+              "distance|), ties: the lower layer first")
 MAGNITUDE_SOURCE = ("mean over the training prompts of |pooled activation| (the store's pooling) in the model the "
                     "probes read (the base model by default)")
 _TAGS = {"random": 7919, "random_global": 104729}
