@@ -3,7 +3,9 @@
 All methods run on the same prompts with the same batch size and the same loaded model:
 
 - ``bare``: the decoder stack only (no LM head, no hooks), over the same length-sorted batches we use;
-- ``ours_all``: ``safetyneurons.store.extract``, every neuron at the hook point, float16 shards + manifest;
+- ``pooled``: ``safetyneurons.store.pooled_features``, every neuron at the hook point, pooled in memory;
+- ``ours_all``: ``safetyneurons.store.extract``, every neuron at the hook point, float16 shards + manifest
+  (cast, hash and write on the background writer thread);
 - ``ours_set_all_layers``: ``extract`` with a neuron set spread over all layers (5% of each layer, seeded);
 - ``ours_set_first_half``: ``extract`` with a neuron set in the first half of the layers (early exit after it);
 - ``reference``: a re-implementation of the reference student project's approach: forward hooks on every
@@ -18,10 +20,18 @@ once more in its own process, which reports its peak RSS (``ru_maxrss``) and the
 model. Bytes on disk: everything the method wrote (ours: shards + manifest.json + records.jsonl, the latter
 holding the prompt texts) and, in brackets, the feature files only (shards, or the CSV).
 
-Usage (defaults: the default model, 32 prompts of the default test split, mlp_out, batch 16)::
+Every method runs on ``--device`` in ``--dtype`` (the reference approach too: its full tensors then travel
+device-to-host). GPU times are taken after ``torch.cuda.synchronize()``.
+
+Usage (defaults: the default model, 32 prompts of the default test split, mlp_out, batch 16, CPU float32)::
 
     python benchmarks/bench_extract.py [--model REF] [--data split:test] [--limit 32] [--batch-size 16]
                                        [--hook-point mlp_out] [--repeats 3] [--methods bare,ours_all,...]
+                                       [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+                                       [--random-config qwen3-4b [--layers N]]
+
+The seed's scale on a GPU: ``--random-config qwen3-4b --device cuda --dtype bfloat16 --limit 512 --batch-size 32``
+(a Qwen3-4B-shaped model from ``from_config``, no weights needed). On a CPU add ``--layers 2`` to smoke-test.
 """
 
 from __future__ import annotations
@@ -38,7 +48,9 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("bare", "ours_all", "ours_set_all_layers", "ours_set_first_half", "reference")
+METHODS = ("bare", "pooled", "ours_all", "ours_set_all_layers", "ours_set_first_half", "reference")
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import add_model_args, build_lm, describe, model_args, sync  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -68,7 +80,7 @@ def run_method(method: str, lm, records: list[dict], tmp: Path, args) -> None:
     import torch
 
     from safetyneurons.hooks import decoder_layers, hook_width, num_layers, position_ids_from_mask
-    from safetyneurons.store import _token_lengths, extract
+    from safetyneurons.store import _token_lengths, extract, pooled_features
 
     prompts = [r["prompt"] for r in records]
     n_layers, width = num_layers(lm.model), hook_width(lm.model, args.hook_point)
@@ -79,8 +91,10 @@ def run_method(method: str, lm, records: list[dict], tmp: Path, args) -> None:
         with torch.no_grad():
             for s in range(0, len(order), args.batch_size):
                 enc = lm.encode([prompts[i] for i in order[s:s + args.batch_size]], max_length=args.max_length)
-                body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                     position_ids=position_ids_from_mask(enc["attention_mask"]), use_cache=False)
+                body(input_ids=enc["input_ids"].to(lm.device), attention_mask=enc["attention_mask"].to(lm.device),
+                     position_ids=position_ids_from_mask(enc["attention_mask"]).to(lm.device), use_cache=False)
+    elif method == "pooled":
+        pooled_features(lm, prompts, args.hook_point, "mean", batch_size=args.batch_size, max_length=args.max_length)
     elif method.startswith("ours"):
         ns = None
         if method != "ours_all":
@@ -107,7 +121,7 @@ def run_method(method: str, lm, records: list[dict], tmp: Path, args) -> None:
                                        truncation=True, max_length=args.max_length,
                                        add_special_tokens=not lm.chat_template)
                     with torch.no_grad():
-                        lm.model(**enc)
+                        lm.model(**{k: v.to(lm.device) for k, v in enc.items()})
                 finally:
                     for h in hooks:
                         h.remove()
@@ -116,6 +130,7 @@ def run_method(method: str, lm, records: list[dict], tmp: Path, args) -> None:
                     writer.writerow([r["id"], r["label"]] + row)
     else:
         raise SystemExit(f"unknown method {method}")
+    sync(args.device)
 
 
 def sizes(tmp: Path) -> tuple[int, int]:
@@ -130,8 +145,11 @@ def worker(args) -> dict:
     from safetyneurons.pair import load_model
 
     records = json.loads(Path(args.records).read_text())
-    lm = load_model(args.model)
+    lm = build_lm(args, [r["prompt"] for r in records])
     after_load = rss_mb()
+    gpu = args.device == "cuda"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     methods = args.methods.split(",")
     if args.worker == "timing":
         tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
@@ -146,19 +164,21 @@ def worker(args) -> dict:
                 times[m].append(time.perf_counter() - t0)
                 shutil.rmtree(tmp, ignore_errors=True)
                 print(f"  run {rep + 1}: {m:22s} {times[m][-1]:7.2f} s", file=sys.stderr, flush=True)
-        return {"times": times, "threads": torch.get_num_threads()}
+        return {"times": times, "threads": torch.get_num_threads(),
+                "device_name": torch.cuda.get_device_name() if gpu else "cpu"}
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     run_method(args.worker, lm, records, tmp, args)
     total, features = sizes(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mb": after_load,
-            "bytes_on_disk": total, "feature_bytes": features}
+            "bytes_on_disk": total, "feature_bytes": features,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else None}
 
 
 def spawn(args, worker_name: str, rec_path: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", worker_name, "--records", str(rec_path), "--model", args.model,
            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--hook-point",
-           args.hook_point, "--repeats", str(args.repeats), "--methods", args.methods]
+           args.hook_point, "--repeats", str(args.repeats), "--methods", args.methods, *model_args(args)]
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if out.returncode != 0:
         raise SystemExit(f"worker {worker_name} failed")
@@ -175,6 +195,7 @@ def main():
     ap.add_argument("--hook-point", default="mlp_out")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
+    add_model_args(ap)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--records", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -193,7 +214,8 @@ def main():
     tmpdir = Path(tempfile.mkdtemp(prefix="bench_extract_records_"))
     rec_path = tmpdir / "records.json"
     rec_path.write_text(json.dumps(records))
-    load_model(args.model)  # convert/cache once before measuring anything
+    if not args.random_config:
+        load_model(args.model)  # convert/cache once before measuring anything
     methods = args.methods.split(",")
     timing = spawn(args, "timing", rec_path)
     mem = {m: spawn(args, m, rec_path) for m in methods}
@@ -201,7 +223,7 @@ def main():
 
     n = len(records)
     best = {m: min(timing["times"][m]) for m in methods}
-    print(f"\nmodel {args.model}\n{n} prompts from {args.data}, batch size {args.batch_size}, max length "
+    print(f"\nmodel {describe(args)} on {timing['device_name']}\n{n} prompts from {args.data}, batch size {args.batch_size}, max length "
           f"{args.max_length}, hook point {args.hook_point}, torch threads {timing['threads']}, best of "
           f"{args.repeats} round-robin runs\n")
     print("| method | prompts/s | time vs bare forward | all runs (s) | peak RSS MiB (after load) | "
@@ -221,8 +243,17 @@ def main():
               f"{ref['bytes_on_disk'] / max(ours['bytes_on_disk'], 1):.1f}x (features only "
               f"{ref['feature_bytes'] / max(ours['feature_bytes'], 1):.1f}x), peak RSS above load "
               f"{(ref['peak_rss_mb'] - ref['rss_after_load_mb']) / max(ours['peak_rss_mb'] - ours['rss_after_load_mb'], 1):.2f}x")
-    if bare and "ours_all" in methods:
-        print(f"ours_all / bare forward: {best['ours_all'] / bare:.3f}x (goal <= 1.10x)")
+    if bare:
+        names = {"pooled": "in-memory pooling (all neurons)", "ours_all": "extract to disk (all neurons)",
+                 "ours_set_all_layers": "neuron set reaching the last layer", "ours_set_first_half":
+                 "early exit (neuron set in the first half)", "reference": "reference approach"}
+        print("\ntime vs a bare forward pass: " + ", ".join(f"{names.get(m, m)} {best[m] / bare:.2f}x"
+                                                         for m in methods if m != "bare"))
+    if "reference" in methods and "ours_all" in methods:
+        print(f"extract to disk is {best['reference'] / best['ours_all']:.2f}x faster than the reference approach "
+              f"(goal >= 5x on GPU); ours_all / bare forward {best['ours_all'] / bare:.3f}x (goal <= 1.10x)")
+    if timing["device_name"] != "cpu":
+        print("peak GPU memory MiB: " + ", ".join(f"{m} {mem[m]['peak_gpu_mb']:.0f}" for m in methods))
 
 
 if __name__ == "__main__":
