@@ -8,10 +8,18 @@ train / test (and held-out, when the splits have one) prompts, and trains and sc
 classifiers. It prints the table of test metrics, the safety set against each control (AUROC difference,
 rank p-value) and, when there is a held-out split, the held-out table and controls.
 
+With ``--curve`` it also prints the **cost-quality curve** of early exit: for a layer budget L (the deepest layer
+the model runs; ``neurons.select(..., max_layer=L)``, same neuron count) the test and held-out AUROC of the
+safety-neuron probe (``--curve-classifier``), and the one-prompt latency of pooling those neurons with early
+exit (plus the probe) against a full forward pass of the model, p50 over ``--curve-prompts`` test prompts timed
+alternately. It marks the smallest budget that keeps the test AUROC within 0.005 of the unconstrained set and
+whether it meets <= 0.6x the full pass; that is the candidate for the default guard.
+
 Needs the default twin (built on first use, slow) and the default splits. Keep runs small with the limits::
 
     python benchmarks/bench_quality.py --limit-train 200 --limit-test 100 --limit-heldout 100 \
-        [--settings reference,paper] [--aligned REF] [--features-from base|aligned] [--out DIR]
+        [--settings reference,paper] [--aligned REF] [--features-from base|aligned] [--out DIR] \
+        [--curve [--curve-layers 9,14,19,24] [--curve-classifier logreg] [--curve-prompts 32]]
 """
 
 from __future__ import annotations
@@ -45,6 +53,86 @@ def stratified(records, limit, seed):
     return sorted(out, key=lambda r: order[r["id"]])
 
 
+def _unsafe_proba(probe, X):
+    import numpy as np
+
+    p = np.asarray(probe.predict_proba(X))
+    return p[:, 1] if p.ndim == 2 else p
+
+
+def _latency_ratio(lm, probe, ns, prompts, hp, pooling, max_length) -> float:
+    """p50 one-prompt latency of (early-exit pooling of ``ns`` + probe) / a full forward pass (LM head on)."""
+    import numpy as np
+    import torch
+
+    from safetyneurons.store import pooled_features
+
+    def full(p):
+        enc = lm.encode([p], max_length=max_length)
+        with torch.inference_mode():
+            lm.model(**{k: v.to(lm.device) for k, v in enc.items()}).logits.float().sum().item()
+
+    def ours(p):
+        probe.predict_proba(pooled_features(lm, [p], hp, pooling, neuron_set=ns, batch_size=1, max_length=max_length))
+
+    for p in prompts[:2]:
+        full(p), ours(p)
+    t_full, t_ours = [], []
+    for k, p in enumerate(prompts):
+        pair = [(ours, t_ours), (full, t_full)][:: -1 if k % 2 else 1]  # alternate which runs first
+        for fn, sink in pair:
+            t0 = time.perf_counter()
+            fn(p)
+            sink.append(time.perf_counter() - t0)
+    return float(np.median(t_ours) / np.median(t_full))
+
+
+def cost_quality_curve(args, scores, stores, lm, hp, pooling) -> list[dict]:
+    """Test / held-out AUROC and latency of the safety-neuron probe against the deepest layer run."""
+    from safetyneurons.metrics import auroc
+    from safetyneurons.neurons import select
+    from safetyneurons.probe import Probe
+
+    full = select(scores, top_percent=args.top_percent)
+    n_layers = scores.num_layers
+    if args.curve_layers:
+        budgets = [int(x) for x in args.curve_layers.split(",")]
+    else:
+        budgets = sorted({max(0, round(n_layers * f) - 1) for f in (0.2, 0.33, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)})
+    budgets = sorted({b for b in budgets if b < full.deepest_layer} | {full.deepest_layer})
+    tr, te, ho = stores["train"], stores["test"], stores.get("heldout")
+    timing_prompts = te.prompts[: args.curve_prompts]
+    rows = []
+    for budget in budgets:
+        try:
+            ns = select(scores, top_percent=args.top_percent, max_layer=budget)
+        except Exception as e:  # too few neurons up to this layer for the count
+            print(f"  max layer {budget}: skipped ({e})", file=sys.stderr)
+            continue
+        probe = Probe(args.curve_classifier, seed=args.seed).fit(tr.select(ns), tr.labels)
+        row = {"max_layer": budget, "layers_run": ns.deepest_layer + 1, "neurons": len(ns),
+               "test_auroc": auroc(te.labels, _unsafe_proba(probe, te.select(ns))),
+               "heldout_auroc": auroc(ho.labels, _unsafe_proba(probe, ho.select(ns))) if ho is not None else None,
+               "latency_ratio": _latency_ratio(lm, probe, ns, timing_prompts, hp, pooling, args.max_length)}
+        rows.append(row)
+        print(f"  max layer {budget}: {row}", file=sys.stderr)
+    best = rows[-1]["test_auroc"]  # the unconstrained set (its own deepest layer)
+    print(f"\ncost-quality curve ({args.curve_classifier} on the top {args.top_percent}% safety neurons; "
+          f"{n_layers} layers; latency p50 over {len(timing_prompts)} one-prompt calls vs a full forward pass)\n")
+    print("| deepest layer run | neurons | test AUROC | vs unconstrained | held-out AUROC | latency vs full pass |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        held = f"{r['heldout_auroc']:.4f}" if r["heldout_auroc"] is not None else "-"
+        print(f"| {r['max_layer']} | {r['neurons']} | {r['test_auroc']:.4f} | {r['test_auroc'] - best:+.4f} | "
+              f"{held} | {r['latency_ratio']:.2f}x |")
+    ok = [r for r in rows if r["test_auroc"] >= best - 0.005]
+    pick = min(ok, key=lambda r: r["max_layer"])
+    verdict = "meets" if pick["latency_ratio"] <= 0.6 else "misses"
+    print(f"\nsmallest budget within 0.005 test AUROC of the unconstrained set: max layer {pick['max_layer']} "
+          f"({pick['latency_ratio']:.2f}x a full pass; {verdict} the <= 0.6x goal)")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="reference,paper")
@@ -65,6 +153,10 @@ def main():
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="keep stores and reports here (default: a temp dir)")
+    ap.add_argument("--curve", action="store_true", help="also print the early-exit cost-quality curve")
+    ap.add_argument("--curve-layers", default=None, help="comma list of layer budgets (default: ~8 spread out)")
+    ap.add_argument("--curve-classifier", choices=("logreg", "svm"), default="logreg")
+    ap.add_argument("--curve-prompts", type=int, default=32, help="test prompts timed per budget")
     args = ap.parse_args()
 
     from safetyneurons import data as data_mod
@@ -129,6 +221,8 @@ def main():
             print(f"\nheld-out sources ({len(h)} prompts, {int(h.labels.sum())} unsafe):\n")
             print(results_table(held["results"]))
             print(controls_section(report, held["safety_vs_controls"], sets=False))
+        if args.curve:
+            cost_quality_curve(args, scores, stores, feat_lm, hp, pooling)
         summary.append((name, report))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s; reports under {out}")
 
