@@ -19,7 +19,9 @@ On disk a store is a directory::
     records.jsonl              the labelled records, in store row order (for text baselines and reports)
     shard-00000.safetensors    features [rows, d] (float16/float32) + labels [rows] + rows [rows]
 
-Shards are written one at a time (memory stays bounded by ``shard_size``), each atomically. A shard's
+Shards are cast, hashed and written on a background thread behind a bounded queue (memory stays bounded by
+a few ``shard_size`` blocks; see :mod:`safetyneurons.shard_writer`), each atomically. Under ``torchrun`` every
+rank writes its share of the shards and rank 0 the manifest (:mod:`safetyneurons.distributed`). A shard's
 content depends only on its own records and the settings (prompts are sorted by length *within* a shard
 for batching), so a rerun after a crash skips finished shards (verified by checksum) and produces a
 byte-identical store. ``manifest.json`` is written last: a directory without it is an unfinished store.
