@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ from safetyneurons.chat import GuardedChat, SamplingSettings, normalize_messages
 from safetyneurons.errors import UserError
 from safetyneurons.guard import Guard
 from test_guard import QUERIES, SAFE, UNSAFE, build_guard
+from tiny import tiny_lm
 
 
 def user(text: str) -> list[dict]:
@@ -58,19 +62,44 @@ def test_prefill_probability_equals_guard_score(request, pooling, max_length):
     assert len(set(round(p, 6) for p in got)) >= 4  # not a constant (truncated prompts may share a prefix)
 
 
+def assert_greedy_equals_generate(chat: GuardedChat, prompt: str, n: int = 12) -> None:
+    """Oracle: transformers' own greedy `generate` (no KV cache of ours) gives the same reply."""
+    lm = chat.lm
+    ids = chat.encode(user(prompt))
+    ref = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                            do_sample=False, eos_token_id=chat.stop_ids, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    cut = next((k for k, t in enumerate(ref) if t in chat.stop_ids), len(ref))
+    want = lm.tokenizer.decode(ref[:cut], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    got = chat.complete(user(prompt), SamplingSettings(max_tokens=n, temperature=0))
+    assert got.text == want
+    assert got.finish_reason == ("stop" if cut < len(ref) else "length")
+    assert got.completion_tokens == min(cut + 1, n) and got.prompt_tokens == ids.shape[1]
+
+
 def test_greedy_decoding_from_the_kv_cache_equals_transformers_generate(built):
     path, lm, _, _ = built
     chat = GuardedChat(Guard.load(path, lm=lm), mode="monitor")
     for prompt in SAFE[:3]:
-        ids = chat.encode(user(prompt))
-        ref = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                do_sample=False, eos_token_id=chat.stop_ids, pad_token_id=0)[0, ids.shape[1]:].tolist()
-        cut = next((k for k, t in enumerate(ref) if t in chat.stop_ids), len(ref))
-        want = lm.tokenizer.decode(ref[:cut], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        got = chat.complete(user(prompt), SamplingSettings(max_tokens=12, temperature=0))
-        assert got.text == want
-        assert got.finish_reason == ("stop" if cut < len(ref) else "length")
-        assert got.completion_tokens == min(cut + 1, 12) and got.prompt_tokens == ids.shape[1]
+        assert_greedy_equals_generate(chat, prompt)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3", "mistral"])
+def test_other_architectures_score_the_prefill_and_decode_like_generate(family):
+    from safetyneurons.neurons import NeuronSet
+    from safetyneurons.probe import Probe
+    from safetyneurons.store import pooled_features
+
+    lm = tiny_lm(family, layers=3)
+    ns = NeuronSet(hook_point="mlp_neurons", num_layers=3, width=64, layers=[0, 0, 1, 1, 1], indices=[1, 5, 2, 9, 40],
+                   scores=np.ones(5), model=lm.describe())
+    X = pooled_features(lm, UNSAFE + SAFE, "mlp_neurons", pooling="last", neuron_set=ns, max_length=64)
+    probe = Probe("logreg", cv=3, seed=0).fit(X, np.array([1] * len(UNSAFE) + [0] * len(SAFE)))
+    meta = {"hook_point": "mlp_neurons", "pooling": "last", "max_length": 64}
+    g = Guard(Path("in-memory"), meta, lm, probe, ns, threshold=0.5)
+    chat = GuardedChat(g, mode="monitor")
+    got = [chat.prefill(user(q)).unsafe_probability for q in QUERIES]
+    assert got == pytest.approx(g.unsafe_probability(QUERIES).tolist(), rel=1e-5, abs=1e-6)
+    assert_greedy_equals_generate(chat, SAFE[0], n=8)
 
 
 def test_a_blocked_prompt_runs_no_later_layer_no_lm_head_and_no_decoding(built):

@@ -4,6 +4,9 @@ and LiteLLM's generic guardrail request shape."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -13,7 +16,7 @@ from safetyneurons.chat import Delta, GuardedChat
 from safetyneurons.guard import Guard
 from safetyneurons.routes import GUARDRAIL_PATH, create_service
 from test_guard import SAFE, UNSAFE, build_guard, run_cli
-from test_server import Served
+from test_server import Served, _free_port, wait_until_up
 
 KEY = "chat-key"
 BAD, GOOD = UNSAFE[0], SAFE[0]
@@ -200,6 +203,30 @@ def test_litellm_guardrail_bad_requests_are_json_errors(served, body, status):
     r = guardrail(served, body)
     assert r.status_code == status and r.json()["error"]["message"]
     assert guardrail(served, litellm_request(["x"]), key="nope").status_code == 401
+
+
+def test_serve_generate_cli_end_to_end(guard, tmp_path):
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SAFETYNEURONS_API_KEY=KEY)
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w+") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "safetyneurons", "serve", "--guard", str(guard.path),
+                                 "--port", str(port), "--generate", "--max-tokens", "4", "--threshold",
+                                 str(guard.threshold), "--refusal", "Nope."], env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            client = openai.OpenAI(base_url=wait_until_up(proc, port, log_path) + "/v1", api_key=KEY, max_retries=0)
+            good = client.chat.completions.create(model="m", messages=[{"role": "user", "content": GOOD}])
+            assert good.choices[0].finish_reason in ("stop", "length") and good.usage.completion_tokens <= 4
+            bad = client.chat.completions.create(model="m", messages=[{"role": "user", "content": BAD}])
+            assert bad.choices[0].finish_reason == "content_filter" and bad.choices[0].message.content == "Nope."
+            with pytest.raises(openai.UnprocessableEntityError):
+                client.chat.completions.create(model="m", max_tokens=5, messages=[{"role": "user", "content": GOOD}])
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    out = log_path.read_text()
+    assert "chat: " in out and "POST /v1/chat/completions 200 n_inputs=1" in out and BAD not in out
 
 
 def test_serve_generate_cli_validates_options():

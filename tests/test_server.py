@@ -254,6 +254,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(proc, port: int, log_path, timeout: float = 120) -> str:
+    """Wait for `safetyneurons serve` (a subprocess) to answer /healthz on the port; returns its URL."""
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, "server did not come up"
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return url
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 def test_serve_cli_end_to_end_with_env_api_key(guard, cache, tmp_path):
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", SAFETYNEURONS_CACHE=str(cache), SAFETYNEURONS_API_KEY=KEY)
@@ -262,16 +276,7 @@ def test_serve_cli_end_to_end_with_env_api_key(guard, cache, tmp_path):
                              "--port", str(port), "--max-inputs", "2"], env=env, stdout=log_file,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        url = wait_until_up(proc, port, tmp_path / "serve.log")
         assert httpx.post(url + "/v1/moderations", json={"input": "hi"}).status_code == 401
         r = httpx.post(url + "/v1/moderations", json={"input": QUERIES[:2]}, headers=AUTH, timeout=30)
         assert r.status_code == 200
