@@ -65,7 +65,7 @@ def test_prefill_probability_equals_guard_score(request, pooling, max_length):
 def assert_greedy_equals_generate(chat: GuardedChat, prompt: str, n: int = 12) -> None:
     """Oracle: transformers' own greedy `generate` (no KV cache of ours) gives the same reply."""
     lm = chat.lm
-    ids = chat.encode(user(prompt))
+    ids = chat.encode(user(prompt)).ids
     ref = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                             do_sample=False, eos_token_id=chat.stop_ids, pad_token_id=0)[0, ids.shape[1]:].tolist()
     cut = next((k for k, t in enumerate(ref) if t in chat.stop_ids), len(ref))
@@ -151,6 +151,23 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     drawn = {GuardedChat.pick(logits, s, gen) for _ in range(300)}
     assert drawn == {0, 1}
     assert GuardedChat.pick(logits, SamplingSettings(temperature=0)) == 0
+
+
+def test_mean_pooling_reads_the_user_messages_of_a_conversation(built):
+    path, lm, _, _ = built
+    chat = GuardedChat(Guard.load(path, lm=lm), mode="monitor")
+    msgs = normalize_messages([{"role": "system", "content": "Always answer in French."},
+                               {"role": "user", "content": "Write a poem about the sea."},
+                               {"role": "assistant", "content": "Sure, here is a short answer."},
+                               {"role": "user", "content": "Now explain photosynthesis simply."}])
+    enc = chat.encode(msgs)
+    read = lm.tokenizer.decode(enc.ids[0][enc.content])
+    assert "poem about the sea" in read and "photosynthesis simply" in read
+    assert "French" not in read and "short answer" not in read and "assistant" not in read
+    one = chat.encode(user("Write a poem about the sea."))
+    assert lm.tokenizer.decode(one.ids[0][one.content]).strip() == "Write a poem about the sea."
+    p_conv = chat.prefill(msgs).unsafe_probability
+    assert 0.0 <= p_conv <= 1.0 and p_conv != chat.prefill(user("Write a poem about the sea.")).unsafe_probability
 
 
 def test_messages_and_settings_are_validated(built):

@@ -215,7 +215,8 @@ def test_serve_generate_cli_end_to_end(guard, tmp_path):
                                  str(guard.threshold), "--refusal", "Nope."], env=env, stdout=log_file,
                                 stderr=subprocess.STDOUT, text=True)
         try:
-            client = openai.OpenAI(base_url=wait_until_up(proc, port, log_path) + "/v1", api_key=KEY, max_retries=0)
+            url = wait_until_up(proc, port, log_path, timeout=300)  # a loaded CI machine can be slow to import torch
+            client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
             good = client.chat.completions.create(model="m", messages=[{"role": "user", "content": GOOD}])
             assert good.choices[0].finish_reason in ("stop", "length") and good.usage.completion_tokens <= 4
             bad = client.chat.completions.create(model="m", messages=[{"role": "user", "content": BAD}])

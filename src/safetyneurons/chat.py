@@ -4,9 +4,10 @@ The paper's safeguard sits inside the model that answers. :class:`GuardedChat` s
 
 1. **Prefill once.** The conversation is formatted with the chat template and run through the whole model
    with a KV cache. Hooks (:func:`safetyneurons.hooks.attached_hooks`) at the guard's hook point pool the
-   safety neurons exactly as :meth:`Guard.features <safetyneurons.guard.Guard.features>` does (the same
-   tokens: the first ``max_length`` of the formatted prompt; mean or last token), and when the deepest
-   safety-neuron layer has run, the guard's probe scores them. There is no second forward pass.
+   safety neurons exactly as :meth:`Guard.features <safetyneurons.guard.Guard.features>` does (within the
+   first ``max_length`` tokens of the formatted prompt: the mean over the content tokens, i.e. the user's
+   message (:mod:`safetyneurons.positions`), or the last token), and when the deepest safety-neuron layer
+   has run, the guard's probe scores them. There is no second forward pass.
 2. **If flagged** (probability >= threshold), the prefill stops right there: later layers, the LM head and
    every decoding step are skipped, and the reply is the refusal message with finish reason
    ``content_filter``.
@@ -18,8 +19,8 @@ Guard modes: ``block`` (the above), ``monitor`` (score and report, never block: 
 ``off`` (no hooks, no probe: the unguarded baseline of the overhead benchmark).
 
 For one user message the guard's probability equals ``Guard.score`` on that message (same template, same
-tokens); for a conversation it reads the whole formatted conversation, which is what the model is about to
-answer.
+tokens, same content mask); for a conversation it reads the whole formatted conversation, which is what the
+model is about to answer, and mean pooling runs over the tokens of every user message.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 
 from .errors import UserError
 from .hooks import attached_hooks
+from .positions import content_mask, message_span, template_affixes
 from .store import _layer_plan
 from .twin import _stop_ids  # the one end-of-turn rule, shared with the twin's generator
 
@@ -71,6 +73,18 @@ class SamplingSettings:
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise UserError(f"seed must be a whole number, got {self.seed!r}.")
         return self
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A formatted conversation as tokens: ids ``[1, n]`` and, for a mean-pooling guard, its content mask ``[n]``."""
+
+    ids: torch.Tensor
+    content: torch.Tensor | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.ids.shape[1])
 
 
 @dataclass
@@ -195,6 +209,7 @@ class GuardedChat:
         self._cache_arg = "cache" if "cache" in inspect.signature(self.lm.model.forward).parameters \
             else "past_key_values"
         self._layers, self._index, _, _, _ = _layer_plan(self.lm, guard.hook_point, guard.neuron_set)
+        self._affixes: tuple[str, str] | None = None
         self.prefills = 0
         self.decode_steps = 0
 
@@ -209,26 +224,56 @@ class GuardedChat:
             return self.lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n\n".join(m["content"] for m in messages)
 
-    def encode(self, messages: list[dict]) -> torch.Tensor:
-        """Token ids ``[1, n]`` of the formatted conversation (tokenized as the guard tokenizes prompts)."""
-        enc = self.lm.tokenizer(self.format(messages), return_tensors="pt",
-                                add_special_tokens=not self.lm.chat_template)
+    def encode(self, messages: list[dict]) -> Encoded:
+        """The formatted conversation as tokens (tokenized as the guard tokenizes prompts), with the content
+        mask a mean-pooling guard reads: the tokens of the user messages' text."""
+        text = self.format(messages)
+        need_mask = self.mode != "off" and self.guard.pooling == "mean"
+        if need_mask and not getattr(self.lm.tokenizer, "is_fast", False):
+            raise UserError("A mean-pooling guard needs a fast tokenizer (character offsets) to find the user's "
+                            "message; this model's tokenizer is a slow one.")
+        enc = self.lm.tokenizer(text, return_tensors="pt", add_special_tokens=not self.lm.chat_template,
+                                return_offsets_mapping=need_mask)
         ids = enc["input_ids"]
         if ids.shape[1] == 0:
             raise UserError("The conversation encodes to zero tokens; give some text.")
         if ids.shape[1] >= self.context_length:
             raise UserError(f"The conversation is {ids.shape[1]} tokens, but the model's context is "
                             f"{self.context_length}; shorten it.")
-        return ids
+        if not need_mask:
+            return Encoded(ids)
+        masks = [content_mask(enc["offset_mapping"], [span], enc["attention_mask"])[0]
+                 for span in self._user_spans(text, messages)]
+        return Encoded(ids, torch.stack(masks).any(0))
+
+    def _user_spans(self, text: str, messages: list[dict]) -> list[tuple[int, int]]:
+        """Character spans of the user messages in the formatted conversation (one message: as the guard finds it)."""
+        if len(messages) == 1:
+            if self._affixes is None:
+                self._affixes = template_affixes(self.lm.format)
+            return [message_span(text, messages[0]["content"], self._affixes)]
+        spans, pos = [], 0
+        for m in messages:  # in order, so a user's text is not matched inside an earlier message
+            body = m["content"].strip()
+            at = text.find(body, pos) if body else -1
+            if at < 0:
+                continue
+            pos = at + len(body)
+            if m["role"] == "user":
+                spans.append((at, pos))
+        if not spans:
+            raise UserError("Cannot find the user's messages in the chat-formatted conversation (the chat template "
+                            "changes their text), so the guard cannot read them.")
+        return spans
 
     # ---- prefill (+ guard)
     @torch.no_grad()
-    def prefill(self, conversation: list[dict] | torch.Tensor) -> Prefill:
-        """One forward pass over the conversation (normalized messages, or their ids from :meth:`encode`);
-        in block/monitor mode the guard scores it on the way."""
-        ids = conversation if isinstance(conversation, torch.Tensor) else self.encode(conversation)
-        ids = ids.to(self.lm.device)
-        n_prompt = int(ids.shape[1])
+    def prefill(self, conversation: list[dict] | Encoded) -> Prefill:
+        """One forward pass over the conversation (normalized messages, or :meth:`encode` of them); in
+        block/monitor mode the guard scores it on the way."""
+        enc = conversation if isinstance(conversation, Encoded) else self.encode(conversation)
+        ids = enc.ids.to(self.lm.device)
+        n_prompt = enc.n_tokens
         model = self.lm.model
         self.prefills += 1
         if self.mode == "off":
@@ -237,6 +282,12 @@ class GuardedChat:
 
         g = self.guard
         n = n_prompt if g.max_length is None else min(n_prompt, int(g.max_length))  # the tokens the guard reads
+        if g.pooling == "mean":
+            keep = enc.content[:n].to(self.lm.device)
+            if not bool(keep.any()):
+                raise UserError(f"The guard reads the first {n} tokens, and no user text is among them (the chat "
+                                f"template and earlier messages fill them); shorten the system prompt.")
+            count = keep.sum()
         layers, index, deepest = self._layers, self._index, self._layers[-1]
         pieces: dict[int, torch.Tensor] = {}
         verdict = {"p": float("nan"), "s": 0.0}
@@ -246,7 +297,7 @@ class GuardedChat:
             idx = index[layer]
             if idx is not None:
                 t = t.index_select(-1, idx)
-            pieces[layer] = t[0, :n].float().sum(0) / n if g.pooling == "mean" else t[0, n - 1].float()
+            pieces[layer] = t[0, :n][keep].float().sum(0) / count if g.pooling == "mean" else t[0, n - 1].float()
             if layer == deepest:
                 x = torch.cat([pieces[i] for i in layers]).cpu().numpy()[None]
                 verdict["p"] = float(g.probability(x)[0])

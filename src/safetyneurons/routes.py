@@ -160,9 +160,9 @@ def add_chat_routes(app, chat: GuardedChat, *, max_tokens: int = 512) -> None:
         if settings.log_prompts:
             request.state.prompts = [m["content"] for m in messages]
         # the tokenizer is shared with the scoring thread (and not thread-safe): encode there too
-        ids = await _on_model_thread(batcher, "tokenizing", chat.encode, messages, status=413,
+        enc = await _on_model_thread(batcher, "tokenizing", chat.encode, messages, status=413,
                                      code="context_length_exceeded")
-        pre = await _on_model_thread(batcher, "reading the prompt", chat.prefill, ids)
+        pre = await _on_model_thread(batcher, "reading the prompt", chat.prefill, enc)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": chat.model_name}
         steps = chat.generate(pre, sampling)
         if obj.get("stream"):
