@@ -195,6 +195,7 @@ def main():
     ap.add_argument("--hook-point", default="mlp_out")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-method memory/storage processes")
     add_model_args(ap)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--records", default=None, help=argparse.SUPPRESS)
@@ -218,7 +219,9 @@ def main():
         load_model(args.model)  # convert/cache once before measuring anything
     methods = args.methods.split(",")
     timing = spawn(args, "timing", rec_path)
-    mem = {m: spawn(args, m, rec_path) for m in methods}
+    none = {"peak_rss_mb": float("nan"), "rss_after_load_mb": float("nan"), "bytes_on_disk": 0, "feature_bytes": 0,
+            "peak_gpu_mb": float("nan")}
+    mem = {m: none if args.no_memory else spawn(args, m, rec_path) for m in methods}
     shutil.rmtree(tmpdir, ignore_errors=True)
 
     n = len(records)
@@ -237,7 +240,7 @@ def main():
         per = f"{r['bytes_on_disk'] / n:,.0f} ({r['feature_bytes'] / n:,.0f})" if r["bytes_on_disk"] else "0"
         print(f"| {m} | {n / best[m]:.2f} | {ratio} | {runs} | {r['peak_rss_mb']:.0f} ({r['rss_after_load_mb']:.0f}) "
               f"| {per} |")
-    if "reference" in methods and "ours_all" in methods:
+    if "reference" in methods and "ours_all" in methods and not args.no_memory:
         ref, ours = mem["reference"], mem["ours_all"]
         print(f"\nreference / ours_all: time {best['reference'] / best['ours_all']:.2f}x, storage "
               f"{ref['bytes_on_disk'] / max(ours['bytes_on_disk'], 1):.1f}x (features only "
