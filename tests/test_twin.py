@@ -456,3 +456,16 @@ def test_default_pair_loads_and_is_symmetric():
     assert twin.path == path and twin.info == base.info and twin.fingerprint != base.fingerprint
     ev = tw.load_info(path)["evaluation"]
     assert ev["twin"]["refusal_rate_harmful"] > ev["base"]["refusal_rate_harmful"]
+
+
+def test_twin_split_holds_back_a_deterministic_disjoint_validation_part():
+    rows = [{"id": f"h{i}", "prompt": f"harmful request {i}", "label": 1} for i in range(150)]
+    rows += [{"id": f"b{i}", "prompt": f"benign request {i}", "label": 0} for i in range(150)]
+    train, val = tw.split_twin_records(rows)
+    assert len(val) == 100 and sum(r["label"] for r in val) == 50 and len(train) == 200
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+    assert {r["prompt"] for r in train} | {r["prompt"] for r in val} == {r["prompt"] for r in rows}
+    # the same records in another order give the same parts, in the same (hash) order
+    assert tw.split_twin_records(list(reversed(rows))) == (train, val)
+    small_train, small_val = tw.split_twin_records(rows[:9] + rows[150:159])
+    assert len(small_val) == 6 and len(small_train) == 12  # a third of each class when data is small

@@ -44,8 +44,10 @@ FORMAT = "safetyneurons.twin/1"
 #: Bump when the recipe changes in a way that changes the weights; it is part of the cache key.
 RECIPE_VERSION = 2
 DEFAULT_REFS = ("twin", "twin:default")
-#: Held-out evaluation sample drawn from the default data's ``test`` split, per class.
-DEFAULT_EVAL_PER_CLASS = 40
+#: Prompts per class of the ``twin`` split held back to judge the twin and choose its recipe (never trained on).
+DEFAULT_EVAL_PER_CLASS = 50
+#: Salt of the hash that picks those prompts (the recipe pilots used it; changing it changes the default twin).
+_VAL_SALT = "pilot\n"
 SAMPLES_PER_KIND = 3
 #: Training records whose formatted prompt leaves fewer tokens than this for the reply are skipped.
 MIN_REPLY_TOKENS = 16
@@ -71,17 +73,17 @@ _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 # ------------------------------------------------------------------------------------------ settings
 @dataclass(frozen=True)
 class TwinSettings:
-    """Everything that shapes the twin. For SmolLM2-135M the defaults took 829 s on a shared 2-core CPU."""
+    """Everything that shapes the twin. Defaults chosen on the twin split's held-back prompts (docs/twin.md)."""
 
     rank: int = 8                 # LoRA rank r
     alpha: float = 16.0           # LoRA alpha (merge scale = alpha / rank)
     dropout: float = 0.0          # LoRA dropout
     lr: float = 3e-4              # AdamW peak learning rate (linear warmup, then linear decay to 10%)
-    steps: int = 60               # optimizer steps
+    steps: int = 120              # optimizer steps
     batch_size: int = 8           # examples per step
-    benign_share: float = 0.5     # fraction of each batch drawn from benign examples (the rest harmful)
+    benign_share: float = 0.65    # fraction of each batch drawn from benign examples (the rest harmful)
     max_length: int = 128         # tokens per training example (prompt + reply), longer ones are cut
-    max_new_tokens: int = 24      # length of the base model's self-distilled reply to benign prompts
+    max_new_tokens: int = 16      # length of the base model's self-distilled reply to benign prompts
     helpful_prefix: str = ""      # prefill to re-ask benign prompts the base declined ("" = drop them)
     warmup_steps: int = 5
     weight_decay: float = 0.0
@@ -182,12 +184,30 @@ def sample_eval(records: Sequence[dict], per_class: int = DEFAULT_EVAL_PER_CLASS
     return out
 
 
-def default_eval_records(per_class: int = DEFAULT_EVAL_PER_CLASS) -> list[dict]:
-    """~40 harmful + ~40 benign held-out prompts from the default data's ``test`` split."""
-    from . import data
+def split_twin_records(records: Sequence[dict], per_class: int = DEFAULT_EVAL_PER_CLASS) -> tuple[list, list]:
+    """The ``twin`` split as (training records, validation records): ``per_class`` prompts of each label (at most a
+    third of it), ordered by a salted hash, are held back to judge the twin and to choose its recipe, so no test
+    prompt is ever used for either."""
+    key = lambda r: hashlib.sha256((_VAL_SALT + r["prompt"]).encode("utf-8")).hexdigest()  # noqa: E731
+    train: list[dict] = []
+    val: list[dict] = []
+    for label in (1, 0):  # harmful first, each class in hash order (the order the twin is trained in)
+        group = sorted((r for r in records if r["label"] == label), key=key)
+        k = min(per_class, len(group) // 3)  # small data: a third of each class
+        val += group[:k]
+        train += group[k:]
+    return train, val
 
-    path = Path(data.default_splits_dir()) / "test.jsonl"
-    return sample_eval(read_labelled(path, f"default test split {path}", need_both=False), per_class)
+
+def default_twin_records() -> tuple[list, list]:
+    """(training records, validation records) of the default data's ``twin`` split."""
+    path = default_twin_data()
+    return split_twin_records(read_labelled(path, f"default twin split {path}"))
+
+
+def default_eval_records(per_class: int = DEFAULT_EVAL_PER_CLASS) -> list[dict]:
+    """Up to ``per_class`` harmful + benign prompts of the twin split's validation part (never trained on)."""
+    return sample_eval(default_twin_records()[1], per_class)
 
 
 def data_sha256(records: Sequence[dict]) -> str:
@@ -768,10 +788,10 @@ def ensure_default_twin(progress: bool = True, force: bool = False,
                          "call build_twin for other settings.")
 
     data_path = default_twin_data()
-    records = read_labelled(data_path, f"default twin split {data_path}")
-    evals = list(eval_records) if eval_records is not None else default_eval_records()
+    records, held = default_twin_records()
+    evals = list(eval_records) if eval_records is not None else held
     path = build_twin(DEFAULT_BASE, records, evals, settings, force=force, progress=progress,
-                      data_source=str(data_path))
+                      data_source=f"{data_path} minus {DEFAULT_EVAL_PER_CLASS} + {DEFAULT_EVAL_PER_CLASS} held back")
     base_path = resolve_ref(DEFAULT_BASE)
     atomic_write_json(_pointer(), {
         "name": path.name, "base_ref": DEFAULT_BASE, "base_path": str(base_path),

@@ -82,9 +82,11 @@ def twin(base, data_path, eval_path, eval_size, steps, lr, rank, alpha, batch_si
             evals = tw.default_eval_records(eval_size)
         path = tw.ensure_default_twin(progress=not quiet, force=force, eval_records=evals, settings=settings)
     else:
-        if data_path is None:
+        if data_path is None:  # the default twin split, less the prompts held back to judge the twin
             data_path = str(tw.default_twin_data())
-        records = tw.read_labelled(data_path, f"--data {data_path}")
+            records = tw.default_twin_records()[0]
+        else:
+            records = tw.read_labelled(data_path, f"--data {data_path}")
         if evals is None:
             evals = tw.default_eval_records(eval_size)
         path = tw.build_twin(base or DEFAULT_BASE, records, evals, settings, out=out, force=force,
