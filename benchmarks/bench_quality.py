@@ -1,12 +1,19 @@
-"""Probe quality on the default data: the feature-set table for the reference setting and the paper's.
+"""Probe quality on the default data: the feature-set table and the selection-variant table, per setting.
 
-For each setting (``reference``: hook point mlp_out, mean pooling; ``paper``: mlp_neurons, last prompt token)
-this script finds the safety neurons of the default pair (base vs its aligned twin, change scores on the
+For each setting (``reference``: hook point mlp_out, content positions, mean pooling over the user's message;
+``paper``: mlp_neurons, completion tokens written by the base model, last prompt token) this script finds the safety neurons of the default pair (base vs its aligned twin, change scores on the
 harmful prompts of the contrast split, top ``--top-percent``%), extracts all-neuron activation stores of the
 train / test (and held-out, when the splits have one) prompts, and trains and scores every feature set
 (safety, PCA, all, the random layer-matched / global and magnitude controls, text, length) with both
 classifiers. It prints the table of test metrics, the safety set against each control (AUROC difference,
 rank p-value) and, when there is a held-out split, the held-out table and controls.
+
+Then the **selection-variant table** (``--variants``, see :mod:`safetyneurons.variants`): the safety neurons
+chosen by raw RMS (the paper), relative change RMS(change)/RMS(base) and harmful-minus-benign (which also
+contrasts the benign part of the contrast split), each probed on the same stores against its controls (random
+layer-matched, random global, magnitude): per variant the neuron count, the deepest layer, the safety probe's
+test AUROC, each control's AUROC and the safety-minus-control difference with its 95% CI, then the layer
+distribution and the Jaccard overlap of the variants.
 
 With ``--curve`` it also prints the **cost-quality curve** of early exit: for a layer budget L (the deepest layer
 the model runs; ``neurons.select(..., max_layer=L)``, same neuron count) the test and held-out AUROC of the
@@ -32,8 +39,8 @@ from pathlib import Path
 
 from safetyneurons.compare import DEFAULT_FEATURE_SETS, DEFAULT_RANDOM_DRAWS
 
-SETTINGS = {"reference": {"hook_point": "mlp_out", "pooling": "mean"},
-            "paper": {"hook_point": "mlp_neurons", "pooling": "last"}}
+SETTINGS = {"reference": {"hook_point": "mlp_out", "positions": "content", "pooling": "mean"},
+            "paper": {"hook_point": "mlp_neurons", "positions": "completion", "pooling": "last"}}
 
 
 def stratified(records, limit, seed):
@@ -133,6 +140,47 @@ def cost_quality_curve(args, scores, stores, lm, hp, pooling) -> list[dict]:
     return rows
 
 
+def variant_table(args, name, scores, benign_scores, stores, out):
+    """Select the safety neurons with each variant, probe each against its controls, print the tables."""
+    import json
+
+    from safetyneurons.compare import compare_feature_sets
+    from safetyneurons.variants import compare_variants, selection_variants, variants_markdown
+
+    sets, skipped = selection_variants(scores, benign_scores, args.top_percent, names=args.variants.split(","))
+    rows, table = [], []
+    for v, ns in sets.items():
+        res = compare_feature_sets(stores["train"], stores["test"], ns, classifiers=args.classifiers,
+                                   feature_sets="safety," + args.variant_controls, random_draws=args.random_draws,
+                                   seed=args.seed, n_boot=args.bootstrap, progress=False)
+        for clf in args.classifiers.split(","):
+            safety = res.run("safety", clf).metrics["auroc"]
+            cells = []
+            for kind in args.variant_controls.split(","):
+                d = res.report["safety_vs_controls"].get(kind, {}).get(clf)
+                cells.append(f"{d['control_auroc']:.4f} / {d['diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
+                             if d else "n/a")
+            rows.append({"variant": v, "classifier": clf, "neurons": len(ns), "deepest_layer": ns.deepest_layer,
+                         "safety_auroc": safety, "controls": res.report["safety_vs_controls"]})
+            table.append(f"| {v} | {clf} | {len(ns)} | {ns.deepest_layer} | {safety:.4f} | " + " | ".join(cells) + " |")
+    kinds = args.variant_controls.split(",")
+    print(f"\n### selection variants, {name} setting (top {args.top_percent}%; test split)\n")
+    print("| variant | classifier | neurons | deepest layer | safety AUROC | "
+          + " | ".join(f"{k}: AUROC / safety - {k} [95% CI]" for k in kinds) + " |")
+    print("|---|---|---:|---:|---:|" + "---|" * len(kinds))
+    print("\n".join(table))
+    if sets:
+        cmp = compare_variants(sets)
+        print("\nlayer distribution (layers holding any selected neuron) and overlap:\n")
+        print(variants_markdown(cmp))
+    for v, why in skipped.items():
+        print(f"{v}: skipped ({why})")
+    (out / name).mkdir(parents=True, exist_ok=True)
+    (out / name / "variants.json").write_text(json.dumps(
+        {"comparison": compare_variants(sets) if sets else {}, "skipped": skipped, "rows": rows}, indent=1,
+        default=float))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="reference,paper")
@@ -153,6 +201,13 @@ def main():
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="keep stores and reports here (default: a temp dir)")
+    ap.add_argument("--variants", default="rms,relative,harmful_minus_benign",
+                    help="selection variants compared side by side ('' to skip the variant table)")
+    ap.add_argument("--variant-controls", default="random,random_global,magnitude",
+                    help="controls each variant is probed against")
+    ap.add_argument("--completion-from", choices=("base", "aligned"), default="base",
+                    help="who writes the answers for the paper setting's completion positions")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--curve", action="store_true", help="also print the early-exit cost-quality curve")
     ap.add_argument("--curve-layers", default=None, help="comma list of layer budgets (default: ~8 spread out)")
     ap.add_argument("--curve-classifier", choices=("logreg", "svm"), default="logreg")
@@ -176,8 +231,9 @@ def main():
         if n in recs:
             recs[n] = stratified(recs[n], lim, args.seed + len(n))
     harmful = [r["prompt"] for r in recs["contrast"] if int(r["label"]) == 1]
+    benign = [r["prompt"] for r in recs["contrast"] if int(r["label"]) == 0]
     if args.limit_contrast:
-        harmful = harmful[: args.limit_contrast]
+        harmful, benign = harmful[: args.limit_contrast], benign[: args.limit_contrast]
 
     base_ref = args.base or DEFAULT_BASE
     if args.aligned:
@@ -199,8 +255,10 @@ def main():
         cfg = SETTINGS[name]
         hp, pooling = cfg["hook_point"], cfg["pooling"]
         t0 = time.perf_counter()
-        scores = contrast(base, aligned, harmful, hook_point=hp, positions="prompt", batch_size=args.batch_size,
-                          max_length=args.max_length, progress=True)
+        kw = dict(hook_point=hp, positions=cfg["positions"], completion_from=args.completion_from,
+                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_length=args.max_length,
+                  progress=True)
+        scores = contrast(base, aligned, harmful, **kw)
         ns = select(scores, top_percent=args.top_percent)
         stores = {n: extract(feat_lm, recs[n], out / name / "store" / n, hook_point=hp, pooling=pooling,
                              batch_size=args.batch_size, max_length=args.max_length, progress=True,
@@ -221,6 +279,9 @@ def main():
             print(f"\nheld-out sources ({len(h)} prompts, {int(h.labels.sum())} unsafe):\n")
             print(results_table(held["results"]))
             print(controls_section(report, held["safety_vs_controls"], sets=False))
+        if args.variants:
+            benign_scores = contrast(base, aligned, benign, **kw) if benign else None
+            variant_table(args, name, scores, benign_scores, stores, out)
         if args.curve:
             cost_quality_curve(args, scores, stores, feat_lm, hp, pooling)
         summary.append((name, report))

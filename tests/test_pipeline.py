@@ -47,7 +47,7 @@ def _tiny_pair_and_splits(root: Path):
     save_file(w, aligned / "model.safetensors", metadata={"format": "pt"})
     splits = root / "splits"
     splits.mkdir()
-    _write(splits / "contrast.jsonl", [r for r in _records(10, 1000) if r["label"] == 1])
+    _write(splits / "contrast.jsonl", _records(10, 1000))  # harmful + a benign part (harmful-minus-benign)
     _write(splits / "train.jsonl", _records(20, 0))
     _write(splits / "test.jsonl", _records(10, 100))
     _write(splits / "val.jsonl", _records(10, 300))
@@ -109,6 +109,16 @@ def test_run_writes_every_artifact_and_all_feature_sets(tiny_run):
     held = {(r["feature_set"], r["classifier"]) for r in summary["heldout"]}
     assert held == got
     assert all(r["metrics"]["n"] == 16 for r in summary["heldout"])
+    # every selection variant is reported side by side (harmful-minus-benign may find nothing clearly harmful)
+    report = json.loads((out / "probes" / "report.json").read_text())
+    sv = report["selection_variants"]
+    assert sv["selected"] == "rms" and {"rms", "relative"} <= set(sv["variants"])
+    assert set(sv["variants"]) | set(sv["skipped"]) == {"rms", "relative", "harmful_minus_benign"}
+    assert {(r["variant"], r["classifier"]) for r in sv["probes"]} == {
+        (v, c) for v in sv["variants"] for c in ("svm", "logreg")}
+    assert sv["variants"]["rms"]["count"] == summary["neurons"]["count"]
+    assert (out / "contrast" / "benign" / "scores.safetensors").is_file()
+    assert "## Selection variants" in (out / "probes" / "report.md").read_text()
     md = (out / "probes" / "report.md").read_text()
     assert "Held-out benchmark" in md and md.count("rank p (AUROC)") == 2  # test split and held-out
     report = json.loads((out / "probes" / "report.json").read_text())

