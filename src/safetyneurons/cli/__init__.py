@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("safetyneurons.cli.probe", "evaluate"),
     "guard": ("safetyneurons.cli.guard", "guard"),
     "serve": ("safetyneurons.cli.guard", "serve"),
+    "patch": ("safetyneurons.cli.patch", "patch"),
     "run": ("safetyneurons.cli.run", "run"),
 }
 

@@ -1,0 +1,106 @@
+"""`safetyneurons patch`: causal validation of the safety neurons by dynamic activation patching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+
+_DIRECTIONS = ("sufficiency", "necessity")  # mirrors patch.DIRECTIONS (kept here so --help is fast)
+_SWEEP = "0.5,1,2,5,10"  # mirrors patch.SWEEP_K
+
+
+def parse_k(value: str) -> list[float]:
+    items = [v.strip().rstrip("%") for v in str(value).split(",") if v.strip()]
+    try:
+        return [float(v) for v in items]
+    except ValueError:
+        raise UserError(f"--k must be percentages separated by commas (e.g. 5 or {_SWEEP}), got {value!r}.") from None
+
+
+@click.command("patch", context_settings={"show_default": True})
+@click.option("--scores", type=click.Path(path_type=Path), default=None,
+              help="Change scores: the --out directory of `safetyneurons contrast` (or <run>/contrast). "
+                   "[default: runs/default/contrast, unless --neurons is given]")
+@click.option("--neurons", type=click.Path(path_type=Path), default=None,
+              help="A neuron_set.json instead of --scores (then k can be at most the set's own share).")
+@click.option("--base", default=None, metavar="REF", help="Base model [default: the bundled SmolLM2-135M-Instruct].")
+@click.option("--aligned", default="twin:default", metavar="REF", help="Safety-aligned twin of the base.")
+@click.option("--data", "data_source", default="split:test", metavar="FILE|DATASET",
+              help="Labelled held-out prompts (harmful = 1, benign = 0): a file, a dataset name or split:NAME.")
+@click.option("--per-class", type=int, default=100, help="Harmful and benign prompts used (each).")
+@click.option("--k", "k", default="5", metavar="PERCENTS",
+              help=f"Top k%% of neurons by change score, comma-separated, each in (0, 50] (sweep: {_SWEEP}).")
+@click.option("--sweep", is_flag=True, help=f"Shorthand for --k {_SWEEP}.")
+@click.option("--random-sets", type=int, default=20, help="Layer-matched random control sets per k.")
+@click.option("--directions", default=",".join(_DIRECTIONS),
+              help="sufficiency (base <- aligned), necessity (aligned <- base), or both, comma-separated.")
+@click.option("--baselines/--no-baselines", default=True, help="Also mean patching and zero ablation.")
+@click.option("--reference", default=None, metavar="FILE",
+              help="Plain reference texts (one per line, or any prompt file) for the perplexity "
+                   "[default: the benign prompts].")
+@click.option("--hook-point", type=click.Choice(("mlp_out", "mlp_neurons", "resid")), default=None,
+              help="Expected hook point; must match the neuron set's [default: the set's own].")
+@click.option("--max-new-tokens", type=int, default=32, help="Greedy tokens per reply.")
+@click.option("--batch-size", type=int, default=4, help="Prompts per batch (each carries one row per patched set).")
+@click.option("--padding-side", type=click.Choice(("left", "right")), default="left",
+              help="Padding side of the batches (the generations do not depend on it).")
+@click.option("--max-length", type=int, default=256, help="Token limit per prompt.")
+@click.option("--dtype", type=click.Choice(("float32", "bfloat16", "float16")), default="float32")
+@click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default="cpu")
+@click.option("--seed", type=int, default=0, help="Seed of the random control sets.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/default/patch"),
+              help="Output directory: patch.json, patch.png, patch.md, generations.jsonl (written atomically).")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
+def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, random_sets, directions, baselines,
+          reference, hook_point, max_new_tokens, batch_size, padding_side, max_length, dtype, device, seed, out,
+          progress):
+    """Do the safety neurons cause the aligned model's behaviour? Dynamic activation patching.
+
+    Both models generate greedily in lockstep. At every step the receiving model's activations at the
+    neurons are replaced by the other model's activations on the same prefix (base <- aligned:
+    sufficiency; aligned <- base: necessity). The safety set (top k% by change score) is compared with
+    layer-matched random sets of the same size, mean patching and zero ablation, by refusal rate on
+    harmful prompts, answer rate on benign prompts (a phrase-matching judge, a heuristic), causal effect
+    and perplexity on benign text.
+
+    \b
+    Example (after `safetyneurons run`):
+      safetyneurons patch --scores runs/default/contrast --out runs/default/patch
+    """
+    from ..cli.contrast import check_replaceable_out
+    from ..causal import PatchSettings, load_neurons, load_prompts, run_patch, summary_lines, write_outputs
+    from ..pair import DEFAULT_BASE, load_pair
+
+    settings = PatchSettings(k=parse_k(_SWEEP if sweep else k), random_sets=random_sets, directions=directions,
+                             baselines=baselines, per_class=per_class, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, padding_side=padding_side, max_length=max_length,
+                             seed=seed).validate()
+    out = check_replaceable_out(out, "patch.json")
+    if scores is None and neurons is None:
+        scores = Path("runs/default/contrast")
+        if not scores.is_dir():
+            raise UserError("No change scores at runs/default/contrast: run `safetyneurons run` first, or give "
+                            "--scores DIR (a `safetyneurons contrast` output) or --neurons FILE.")
+    neuron_source = load_neurons(scores, neurons)
+    if hook_point is not None and hook_point != neuron_source.hook_point:
+        raise UserError(f"--hook-point {hook_point} does not match the neuron set's hook point "
+                        f"{neuron_source.hook_point}. Use scores contrasted at {hook_point}.")
+    harmful, benign, provenance = load_prompts(data_source, per_class)
+    texts = None
+    if reference is not None:
+        from ..data import read_prompts
+
+        texts = read_prompts(reference)
+    pair = load_pair(base or DEFAULT_BASE, aligned, dtype=dtype, device=device)
+    result = run_patch(*pair, neuron_source, harmful, benign, reference=texts, settings=settings,
+                       hook_point=hook_point, progress=progress)
+    result["data"]["prompts"] = provenance
+    result["data"]["reference_source"] = reference or "the benign prompts"
+    write_outputs(result, out)
+    for line in summary_lines(result):
+        click.echo(line)
+    click.echo(f"Wrote {out}/patch.md, patch.json, patch.png, generations.jsonl "
+               f"({result['timings']['total_s'] / 60:.1f} min)")
