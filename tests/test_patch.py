@@ -251,11 +251,11 @@ def test_run_step_writes_the_patch_outputs(tmp_path):
 def test_run_patch_rejects_a_set_of_another_model_or_hook_point():
     base, aligned = planted_pair()
     foreign = NeuronSet("mlp_neurons", 3, 128, [0], [0], [1.0])
-    with pytest.raises(UserError, match="another model"):
+    with pytest.raises(UserError, match="same model"):
         run_patch(base, aligned, foreign, HARMFUL, BENIGN, settings=PatchSettings(k=(0.5,)), progress=False)
     other_model = NeuronSet("mlp_neurons", 3, 64, [0, 1], [0, 1], [1.0, 1.0], model={"sha256": "f" * 64})
     base.fingerprint = "0" * 64
-    with pytest.raises(UserError, match="another model"):
+    with pytest.raises(UserError, match="model weights"):
         run_patch(base, aligned, other_model, HARMFUL, BENIGN, settings=PatchSettings(k=(1,)), progress=False)
     with pytest.raises(UserError, match="hook point"):
         run_patch(base, aligned, planted_set(), HARMFUL, BENIGN, hook_point="mlp_out", progress=False)
@@ -300,6 +300,7 @@ def test_cli_writes_every_output(saved_pair, tmp_path, capsys):
     (("--k", "0"), "out of range"),
     (("--k", "75"), "out of range"),
     (("--hook-point", "resid"), "does not match"),
+    (("--k", "two"), "percentages"),
     (("--directions", "sideways"), "Unknown direction"),
     (("--random-sets", "0"), "random sets"),
 ])
@@ -327,5 +328,5 @@ def test_cli_rejects_an_empty_prompt_file_and_a_foreign_neuron_set(saved_pair, t
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
-    assert "another model" in capsys.readouterr().err
+    assert "model weights" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

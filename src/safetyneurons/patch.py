@@ -345,7 +345,7 @@ def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: 
         raise UserError("Dynamic patching (source 'donor') needs a donor model.")
     for p in patches:
         if p.neurons is not None:
-            check_neuron_set(p.neurons, receiver, hook_point)
+            check_neuron_set(p.neurons, receiver, hook_point, same_weights=False)  # the receiver may be either model
     stops = stop_token_ids(receiver)
     result: dict[str, list[list[int]]] = {n: [] for n in names}
     bar = _bar(len(prompts), desc, progress)
@@ -427,21 +427,16 @@ def perplexity_patched(receiver: LoadedModel, donor: LoadedModel | None, texts: 
 
 
 # ------------------------------------------------------------------------------------ neuron sets
-def check_neuron_set(neuron_set: NeuronSet, lm: LoadedModel, hook_point: str | None = None) -> None:
-    """The set must belong to ``lm`` (same weights when both are known, same shape) and the hook point."""
-    if hook_point is not None and neuron_set.hook_point != hook_point:
-        raise UserError(f"The neuron set is at hook point {neuron_set.hook_point}, not {hook_point}. Use a set "
-                        f"selected at {hook_point} (safetyneurons contrast --hook-point {hook_point}).")
-    check_hook_point(neuron_set.hook_point)
-    shape = (num_layers(lm.model), hook_width(lm.model, neuron_set.hook_point))
-    if (neuron_set.num_layers, neuron_set.width) != shape:
-        raise UserError(f"The neuron set has {neuron_set.num_layers} layers x {neuron_set.width} neurons at "
-                        f"{neuron_set.hook_point}, but {lm.ref} has {shape[0]} x {shape[1]}: it comes from another "
-                        f"model. Use a set found on this base model.")
-    found_on = (neuron_set.model or {}).get("sha256")
-    if found_on and lm.fingerprint and found_on != lm.fingerprint:
-        raise UserError(f"The neuron set was found on another model (sha256 {found_on[:12]}…), not on {lm.ref} "
-                        f"({lm.fingerprint[:12]}…). Use the base model the set was found on, or contrast again.")
+def check_neuron_set(neuron_set: NeuronSet, lm: LoadedModel, hook_point: str | None = None,
+                     same_weights: bool = True) -> None:
+    """The set must fit ``lm`` at the hook point (and, with ``same_weights``, come from its weights when known)."""
+    from .neurons import check_neuron_set_matches
+
+    hook_point = hook_point or neuron_set.hook_point
+    check_hook_point(hook_point)
+    check_neuron_set_matches(neuron_set, hook_point=hook_point, num_layers=num_layers(lm.model),
+                             width=hook_width(lm.model, hook_point),
+                             fingerprint=lm.fingerprint if same_weights else "", what=f"model {lm.ref}")
 
 
 def check_k(k: Sequence[float] | float) -> tuple[float, ...]:
