@@ -451,13 +451,15 @@ def load_neurons(scores: str | Path | None = None, neurons: str | Path | None = 
     return ChangeScores.load(scores)
 
 
-def patch_step(base: LoadedModel, aligned: LoadedModel, scores, records: Sequence[dict], out_dir: str | Path,
-               quick: bool = False, seed: int = 0, progress: bool = True,
+def patch_step(base: LoadedModel, aligned: LoadedModel, neuron_set: NeuronSet, records: Sequence[dict],
+               out_dir: str | Path, quick: bool = False, seed: int = 0, progress: bool = True,
                settings: PatchSettings | None = None) -> dict:
-    """The optional ``--patch`` step of ``safetyneurons run``: the default slice (``quick``: 20 + 20 prompts)."""
-    settings = settings or PatchSettings(per_class=20 if quick else 100, seed=seed)
+    """The optional ``--patch`` step of ``safetyneurons run`` on the run's safety set (k = its share of the
+    neurons): the default slice, 20 + 20 prompts with ``quick``."""
+    share = 100.0 * len(neuron_set) / (neuron_set.num_layers * neuron_set.width)
+    settings = settings or PatchSettings(k=(share,), per_class=20 if quick else 100, seed=seed)
     harmful, benign = pick_prompts(records, settings.per_class, "the test split")
-    result = run_patch(base, aligned, scores, harmful, benign, settings=settings, progress=progress)
+    result = run_patch(base, aligned, neuron_set, harmful, benign, settings=settings, progress=progress)
     result["data"]["prompts"] = {"source": "test split", "records_sha256": sha256_json(list(records))}
     write_outputs(result, out_dir)
     return {"dir": str(out_dir), "summary": summary_lines(result), "timings": result["timings"]}

@@ -19,11 +19,11 @@ Patches (a :class:`Patch` per row group; many are batched together as extra batc
 - ``zero``: the neurons are set to zero (ablation);
 - ``none``: no patch (the receiver's own greedy generation).
 
-Measures (:func:`measure`): refusal rate on harmful prompts and answer rate on benign prompts by the
+Measures (:mod:`safetyneurons.causal`): refusal rate on harmful prompts and answer rate on benign prompts by the
 project's phrase judge (:mod:`safetyneurons.judge`, a heuristic); the causal effect
 ``(patched - receiver) / (donor - receiver)`` of each (for sufficiency: ``(patched - base) / (aligned - base)``);
 and the perplexity of the patched receiver on benign reference text (an alignment-tax proxy).
-The experiment over k and control sets is :func:`run_patch`; outputs are written by ``patch_report``.
+The experiment over k and control sets and its outputs are there too.
 """
 
 from __future__ import annotations
@@ -31,18 +31,16 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from . import judge
-from ._io import sha256_json, versions
 from .errors import UserError
 from .hooks import attach, check_hook_point, decoder_layers, hook_width, num_layers, position_ids_from_mask
 from .neurons import NeuronSet
-from .pair import LoadedModel, check_symmetry
+from .pair import LoadedModel
 
 PATCH_FORMAT = "safetyneurons.patch/1"
 DIRECTIONS: dict[str, str] = {

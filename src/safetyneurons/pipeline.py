@@ -434,8 +434,8 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
             steps.start("patch")
             from .causal import patch_step
 
-            summary["patch"] = patch_step(base, aligned, scores, split_records["test"], out / "patch", quick=s.quick,
-                                          seed=s.seed, progress=progress)
+            summary["patch"] = patch_step(base, aligned, neuron_set, split_records["test"], out / "patch",
+                                          quick=s.quick, seed=s.seed, progress=progress)
             steps.done()
     finally:
         steps.close()
