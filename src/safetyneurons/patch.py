@@ -260,9 +260,18 @@ class _Hooked:
 
 # -------------------------------------------------------------------------------------- generation
 def _select(cache, first: int, branches: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-    """Keep cache entries: ``branches`` in layers below ``first`` (all layers when ``rows`` is None), else ``rows``."""
+    """Keep cache entries: ``branches`` in layers below ``first`` (all layers when ``rows`` is None), else ``rows``.
+
+    An index that keeps every entry in place (no split, nothing finished) copies nothing.
+    """
+    def moves(index: torch.Tensor, size: int) -> bool:
+        return index.numel() != size or not bool((index == torch.arange(size, device=index.device)).all())
+
     for i, layer in enumerate(cache.layers):
-        layer.batch_select_indices(branches if rows is None or i < first else rows)
+        index = branches if rows is None or i < first else rows
+        keys = getattr(layer, "keys", None)
+        if not torch.is_tensor(keys) or keys.numel() == 0 or moves(index, keys.shape[0]):
+            layer.batch_select_indices(index)
 
 
 @torch.no_grad()
