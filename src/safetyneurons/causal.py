@@ -30,6 +30,7 @@ import numpy as np
 
 from . import judge
 from ._io import sha256_json, versions
+from .controls import overlap
 from .errors import UserError
 from .neurons import NeuronSet
 from .pair import LoadedModel, check_symmetry
@@ -99,19 +100,14 @@ def causal_effect(patched: float, receiver: float, donor: float) -> float | None
 
 
 def rank_p_value(safety: float | None, draws: Sequence[float | None]) -> float | None:
-    """Empirical rank p-value of the safety set among the random draws (higher = stronger effect)."""
-    try:
-        from .controls import rank_p_value as controls_p
-    except ImportError:  # pragma: no cover - until the controls module lands
-        controls_p = None
-    d = np.array([np.nan if v is None else v for v in draws], dtype=np.float64)
+    """Empirical rank p-value of the safety set among the random draws (``controls.rank_p_value``); None when
+    undefined (no effect measured)."""
+    from .controls import rank_p_value as controls_p
+
     if safety is None:
         return None
-    if controls_p is not None:
-        p = controls_p(float(safety), d)
-        return None if not np.isfinite(p) else p
-    d = d[np.isfinite(d)]
-    return None if len(d) == 0 else float((1 + int((d >= safety).sum())) / (1 + len(d)))
+    p = controls_p(float(safety), [np.nan if v is None else v for v in draws])
+    return float(p) if np.isfinite(p) else None
 
 
 def t_test_p(safety: float | None, draws: Sequence[float | None]) -> float | None:
@@ -135,10 +131,6 @@ def _summary(values: Sequence[float | None]) -> dict:
 # ------------------------------------------------------------------------------------- experiment
 def _set_info(ns: NeuronSet) -> dict:
     return {"count": len(ns), "per_layer_count": ns.per_layer_counts().tolist(), "sha256": sha256_json(ns.to_json())}
-
-
-def _overlap(a: NeuronSet, b: NeuronSet) -> int:
-    return len(np.intersect1d(a.flat_indices(), b.flat_indices()))
 
 
 def _check_pair(base: LoadedModel, aligned: LoadedModel) -> None:
@@ -180,7 +172,7 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons, harmful: Sequenc
     for k in s.k:
         safety = top_k_set(neurons, k)
         randoms = random_controls(safety, s.random_sets, seed=s.seed)
-        overlaps = [_overlap(safety, r) for r in randoms]
+        overlaps = [overlap(safety, r) for r in randoms]
         if any(overlaps):
             raise RuntimeError(f"a random control overlaps the safety set at k={k}")  # never: controls exclude it
         sets[k] = {"safety": safety, "randoms": randoms, "overlaps": overlaps}

@@ -481,23 +481,8 @@ def top_k_set(source, k: float) -> NeuronSet:
 
 
 def random_controls(safety: NeuronSet, draws: int, seed: int = 0) -> list[NeuronSet]:
-    """``draws`` random layer-matched sets (same count per layer, never a safety neuron)."""
-    try:
-        from .controls import random_layer_matched
-    except ImportError:  # pragma: no cover - until the controls module lands
-        random_layer_matched = _random_layer_matched
+    """``draws`` random layer-matched sets (same count per layer, never a safety neuron; see ``controls``)."""
+    from .controls import random_layer_matched
+
     return [random_layer_matched(safety, d, seed, num_layers=safety.num_layers, width=safety.width)
             for d in range(draws)]
-
-
-def _random_layer_matched(ns: NeuronSet, draw: int, seed: int = 0, *, num_layers: int, width: int) -> NeuronSet:
-    rng = np.random.default_rng([int(seed), int(draw), 7919])
-    layers, indices = [], []
-    for layer, idx in ns.by_layer().items():
-        pool = np.setdiff1d(np.arange(width), idx)
-        if len(pool) < len(idx):
-            raise UserError(f"Layer {layer} has too few non-safety neurons for a layer-matched control.")
-        layers += [layer] * len(idx)
-        indices += rng.choice(pool, size=len(idx), replace=False).tolist()
-    return NeuronSet(ns.hook_point, num_layers, width, layers, indices, np.zeros(len(layers)), model=ns.model,
-                     settings={"control": "random_layer_matched", "seed": int(seed), "draw": int(draw)})
