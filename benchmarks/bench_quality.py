@@ -1,9 +1,9 @@
 """Probe quality on the default data: the feature-set table and the selection-variant table, per setting.
 
 For each setting (``reference``: hook point mlp_out, content positions, mean pooling over the user's message;
-``paper``: mlp_neurons, completion tokens written by the base model, last prompt token) this script finds the safety neurons of the default pair (base vs its aligned twin, change scores on the
-harmful prompts of the contrast split, top ``--top-percent``%), extracts all-neuron activation stores of the
-train / test (and held-out, when the splits have one) prompts, and trains and scores every feature set
+``paper``: mlp_neurons, completion tokens written by the base model, last prompt token) this script finds
+the safety neurons of the default pair (base vs its aligned twin, change scores on the harmful prompts of
+the contrast split, top ``--top-percent``%), extracts all-neuron activation stores of the train / test (and held-out, when the splits have one) prompts, and trains and scores every feature set
 (safety, PCA, all, the random layer-matched / global and magnitude controls, text, length) with both
 classifiers. It prints the table of test metrics, the safety set against each control (AUROC difference,
 rank p-value) and, when there is a held-out split, the held-out table and controls.

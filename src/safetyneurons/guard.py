@@ -196,7 +196,8 @@ def read_guard_meta(path: str | os.PathLike, expected_sha256: str | None = None)
     meta = read_json(path / GUARD_FILE)
     if isinstance(meta, dict) and meta.get("format") == "safetyneurons.guard/1":
         raise UserError(f"{path / GUARD_FILE}: a guard of format 1, whose features also pooled chat-template tokens; "
-                        f"this version pools the user's message only. Rebuild it (`safetyneurons run`, or `safetyneurons train --export-guard`).")
+                        f"this version pools the user's message only. Rebuild it (`safetyneurons run`, or "
+                        f"`safetyneurons train --export-guard`).")
     if not isinstance(meta, dict) or meta.get("format") != GUARD_FORMAT:
         raise UserError(f"{path / GUARD_FILE}: not a safetyneurons guard (expected format {GUARD_FORMAT}).")
     integrity = meta.get("integrity")

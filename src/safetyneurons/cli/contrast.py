@@ -89,8 +89,8 @@ def load_prompt_set(prompts: str | None, limit: int | None) -> tuple[list[str], 
                    "the tokenizer has one]")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
-def contrast(base, aligned, prompts, hook_point, positions, completion_from, out, top_percent, top_n, per_layer, batch_size,
-             max_length, max_new_tokens, padding_side, dtype, device, chat_template, limit, progress):
+def contrast(base, aligned, prompts, hook_point, positions, completion_from, out, top_percent, top_n, per_layer,
+             batch_size, max_length, max_new_tokens, padding_side, dtype, device, chat_template, limit, progress):
     """Rank every neuron by how much safety alignment changed it (inference-time activation contrasting).
 
     Runs the same prompts through BASE and ALIGNED and scores each neuron (layer, index) at the hook point

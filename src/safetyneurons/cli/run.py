@@ -57,8 +57,8 @@ import click
               help="Add the causal validation: dynamic activation patching of the safety neurons against 20 random "
                    "sets on 100 + 100 test prompts (20 + 20 with --quick), written to <out>/patch.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def run(out, force, quick, paper, hook_point, pooling, positions, completion_from, selection, top_percent, max_layer, base,
-        aligned, splits, features_from, guard_classifier, random_draws, batch_size, max_length, seed, target_fpr,
+def run(out, force, quick, paper, hook_point, pooling, positions, completion_from, selection, top_percent, max_layer,
+        base, aligned, splits, features_from, guard_classifier, random_draws, batch_size, max_length, seed, target_fpr,
         patch, no_progress):
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
     controls (random layer-matched and global neurons, largest-magnitude neurons, PCA, all features, text-only,
