@@ -189,3 +189,16 @@ def test_max_length_that_cuts_off_the_message_is_a_clear_error():
     lm = lm_with("chatml", SYSTEMS["long"])
     with pytest.raises(UserError, match="raise --max-length"):
         pooled_features(lm, PROMPTS[:2], "resid", pooling="mean", max_length=8)
+
+
+def test_presets_name_the_papers_setting_and_the_content_default():
+    from safetyneurons.pipeline import RunSettings
+
+    paper = RunSettings.for_preset("paper")
+    assert (paper.hook_point, paper.positions, paper.completion_from, paper.pooling) == (
+        "mlp_neurons", "completion", "base", "last")
+    ref = RunSettings.for_preset("default")
+    assert (ref.hook_point, ref.positions, ref.pooling, ref.selection) == ("mlp_out", "content", "mean", "rms")
+    assert RunSettings.for_preset("paper", completion_from="aligned").validate().completion_from == "aligned"
+    with pytest.raises(UserError, match="completion-from"):
+        RunSettings.for_preset("paper", completion_from="twin").validate()
