@@ -287,7 +287,7 @@ class GuardedChat:
             if not bool(keep.any()):
                 raise UserError(f"The guard reads the first {n} tokens, and no user text is among them (the chat "
                                 f"template and earlier messages fill them); shorten the system prompt.")
-            count = keep.sum()
+            weights = keep.float() / keep.sum()  # the mean over the content tokens, as one product at the end
         layers, index, deepest = self._layers, self._index, self._layers[-1]
         pieces: dict[int, torch.Tensor] = {}
         verdict = {"p": float("nan"), "s": 0.0}
@@ -295,12 +295,13 @@ class GuardedChat:
         def read(layer: int, t: torch.Tensor) -> None:
             t0 = time.perf_counter()
             idx = index[layer]
-            if idx is not None:
-                t = t.index_select(-1, idx)
-            pieces[layer] = t[0, :n][keep].float().sum(0) / count if g.pooling == "mean" else t[0, n - 1].float()
+            rows = t[0, :n] if g.pooling == "mean" else t[0, n - 1:n]
+            # a copy of this layer's neurons only (the activation itself may be reused by the model)
+            pieces[layer] = rows.clone() if idx is None else rows.index_select(-1, idx.to(t.device))
             if layer == deepest:
-                x = torch.cat([pieces[i] for i in layers]).cpu().numpy()[None]
-                verdict["p"] = float(g.probability(x)[0])
+                x = torch.cat([pieces[i].to(t.device) for i in layers], -1).float()
+                x = weights.to(t.device) @ x if g.pooling == "mean" else x[0]
+                verdict["p"] = float(g.probability(x.cpu().numpy()[None])[0])
             verdict["s"] += time.perf_counter() - t0
             if layer == deepest and self.mode == "block" and verdict["p"] >= g.threshold:
                 raise _Flagged  # stop the prefill here: later layers and the LM head never run
