@@ -296,6 +296,20 @@ def test_cli_writes_every_output(saved_pair, tmp_path, capsys):
     assert data["data"]["harmful"] == 3 and data["data"]["prompts"]["records_sha256"]
 
 
+def test_cli_neuron_set_file_is_patched_as_it_is(saved_pair, tmp_path, capsys):
+    planted = planted_set()
+    planted.save(tmp_path / "ns.json")
+    argv = cli(saved_pair, tmp_path / "out", "--neurons", str(tmp_path / "ns.json"), "--directions", "sufficiency")
+    argv[argv.index("--scores"):argv.index("--scores") + 2] = []
+    main(argv)
+    data = json.loads((tmp_path / "out" / "patch.json").read_text())
+    assert [r["n_neurons"] for r in data["results"]] == [len(planted)]
+    assert data["neurons"]["source"] == "neuron set" and list(data["directions"]) == ["sufficiency"]
+    with pytest.raises(SystemExit) as exc:  # --scores and --neurons together
+        main(argv + ["--scores", saved_pair["scores"]])
+    assert exc.value.code == 2 and "not both" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--k", "0"), "out of range"),
     (("--k", "75"), "out of range"),

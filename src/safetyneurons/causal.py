@@ -54,7 +54,7 @@ class PatchSettings:
     baselines: bool = True  # mean patching and zero ablation of the safety set
     per_class: int = 100  # held-out harmful and benign prompts
     max_new_tokens: int = 32
-    batch_size: int = 4  # prompts per batch (each carries one row per patched set)
+    batch_size: int = 8  # prompts per batch (each carries one row per patched set)
     padding_side: str = "left"
     max_length: int = 256
     reference_texts: int = 100  # benign reference texts for the perplexity
@@ -354,9 +354,11 @@ def render_markdown(result: dict) -> str:
                 v = rnd[key]
                 return f"{_fmt(v['mean'], pct)} ± {_fmt(v['sd'], pct)}"
 
-            row = lambda name, m: (f"| {r['k']:g}% | {name} | {r['n_neurons']} | {_fmt(m['refusal_rate'], True)} | "  # noqa: E731
-                                   f"{_fmt(m['answer_rate'], True)} | {_fmt(m['effect_refusal_rate'])} | "
-                                   f"{_fmt(m['effect_answer_rate'])} | {_fmt(m['perplexity_ratio_to_base'])} |")
+            def row(name, m):
+                return (f"| {r['k']:g}% | {name} | {r['n_neurons']} | {_fmt(m['refusal_rate'], True)} | "
+                        f"{_fmt(m['answer_rate'], True)} | {_fmt(m['effect_refusal_rate'])} | "
+                        f"{_fmt(m['effect_answer_rate'])} | {_fmt(m['perplexity_ratio_to_base'])} |")
+
             lines.append(row("**safety neurons**", r["safety"]))
             lines.append(f"| {r['k']:g}% | random (mean ± sd of {rnd['n_sets']}) | {r['n_neurons']} | "
                          f"{spread('refusal_rate', True)} | {spread('answer_rate', True)} | "
@@ -381,7 +383,8 @@ def summary_lines(result: dict) -> list[str]:
         rnd = r["random"]["effect_refusal_rate"]
         spread = "n/a" if rnd["mean"] is None else f"{rnd['mean']:.3f} ± {rnd['sd']:.3f}"
         lines.append(f"{r['direction']:>11} k={r['k']:g}% ({r['n_neurons']} neurons): causal effect on refusal "
-                     f"{_fmt(r['safety']['effect_refusal_rate'])} vs random {spread} (rank p {_p(rnd['rank_p_value'])})")
+                     f"{_fmt(r['safety']['effect_refusal_rate'])} vs random {spread} "
+                     f"(rank p {_p(rnd['rank_p_value'])})")
     return lines
 
 

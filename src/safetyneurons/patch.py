@@ -354,16 +354,20 @@ def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: 
         if p.neurons is not None:
             check_neuron_set(p.neurons, receiver, hook_point, same_weights=False)  # the receiver may be either model
     stops = stop_token_ids(receiver)
-    result: dict[str, list[list[int]]] = {n: [] for n in names}
+    from .contrast import _length_order
+
+    result: dict[str, list] = {n: [None] * len(prompts) for n in names}
+    order = _length_order(receiver, prompts, max_length)  # similar lengths batched together: less padding
     bar = _bar(len(prompts), desc, progress)
     try:
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            enc = receiver.encode(chunk, max_length=max_length, padding_side=padding_side)
+            index = order[start:start + batch_size]
+            enc = receiver.encode([prompts[i] for i in index], max_length=max_length, padding_side=padding_side)
             out = _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, stops, mean, bar)
             for p_i, name in enumerate(names):
-                result[name].extend(out[p_i * len(chunk):(p_i + 1) * len(chunk)])
-            bar.update(len(chunk))
+                for j, i in enumerate(index):
+                    result[name][i] = out[p_i * len(index) + j]
+            bar.update(len(index))
     finally:
         bar.close()
     return result

@@ -31,8 +31,9 @@ def parse_k(value: str) -> list[float]:
 @click.option("--data", "data_source", default="split:test", metavar="FILE|DATASET",
               help="Labelled held-out prompts (harmful = 1, benign = 0): a file, a dataset name or split:NAME.")
 @click.option("--per-class", type=int, default=100, help="Harmful and benign prompts used (each).")
-@click.option("--k", "k", default="5", metavar="PERCENTS",
-              help=f"Top k%% of neurons by change score, comma-separated, each in (0, 50] (sweep: {_SWEEP}).")
+@click.option("--k", "k", default=None, metavar="PERCENTS",
+              help=f"Top k%% of neurons by change score, comma-separated, each in (0, 50] (sweep: {_SWEEP}). "
+                   f"[default: 5, or the --neurons set's own share]")
 @click.option("--sweep", is_flag=True, help=f"Shorthand for --k {_SWEEP}.")
 @click.option("--random-sets", type=int, default=20, help="Layer-matched random control sets per k.")
 @click.option("--directions", default=",".join(_DIRECTIONS),
@@ -44,7 +45,7 @@ def parse_k(value: str) -> list[float]:
 @click.option("--hook-point", type=click.Choice(("mlp_out", "mlp_neurons", "resid")), default=None,
               help="Expected hook point; must match the neuron set's [default: the set's own].")
 @click.option("--max-new-tokens", type=int, default=32, help="Greedy tokens per reply.")
-@click.option("--batch-size", type=int, default=4, help="Prompts per batch (each carries one row per patched set).")
+@click.option("--batch-size", type=int, default=8, help="Prompts per batch (each carries one row per patched set).")
 @click.option("--padding-side", type=click.Choice(("left", "right")), default="left",
               help="Padding side of the batches (the generations do not depend on it).")
 @click.option("--max-length", type=int, default=256, help="Token limit per prompt.")
@@ -74,10 +75,12 @@ def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, rand
     from ..causal import PatchSettings, load_neurons, load_prompts, run_patch, summary_lines, write_outputs
     from ..pair import DEFAULT_BASE, load_pair
 
-    settings = PatchSettings(k=parse_k(_SWEEP if sweep else k), random_sets=random_sets, directions=directions,
-                             baselines=baselines, per_class=per_class, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, padding_side=padding_side, max_length=max_length,
-                             seed=seed).validate()
+    if sweep and k is not None:
+        raise UserError("Give either --k or --sweep, not both.")
+    ks = parse_k(_SWEEP if sweep else (k or "5"))
+    settings = PatchSettings(k=ks, random_sets=random_sets, directions=directions, baselines=baselines,
+                             per_class=per_class, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             padding_side=padding_side, max_length=max_length, seed=seed).validate()
     out = check_replaceable_out(out, "patch.json")
     if scores is None and neurons is None:
         scores = Path("runs/default/contrast")
@@ -85,6 +88,9 @@ def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, rand
             raise UserError("No change scores at runs/default/contrast: run `safetyneurons run` first, or give "
                             "--scores DIR (a `safetyneurons contrast` output) or --neurons FILE.")
     neuron_source = load_neurons(scores, neurons)
+    if neurons is not None and k is None and not sweep:  # the set as it is
+        total = neuron_source.num_layers * neuron_source.width
+        settings.k = PatchSettings(k=(100.0 * len(neuron_source) / total,)).validate().k
     if hook_point is not None and hook_point != neuron_source.hook_point:
         raise UserError(f"--hook-point {hook_point} does not match the neuron set's hook point "
                         f"{neuron_source.hook_point}. Use scores contrasted at {hook_point}.")
