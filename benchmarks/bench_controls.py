@@ -56,7 +56,7 @@ def main():
             for s in sets:
                 cols = s.flat_indices()
                 p = Probe(clf, cv=cv).fit(X[tr][:, cols], y[tr])
-                probas[clf].append(p.predict_proba(X[te][:, cols]))
+                probas[clf].append(p.unsafe_probability(X[te][:, cols]))
         return probas
 
     t = time.perf_counter()

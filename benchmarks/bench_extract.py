@@ -80,7 +80,8 @@ def run_method(method: str, lm, records: list[dict], tmp: Path, args) -> None:
     import torch
 
     from safetyneurons.hooks import decoder_layers, hook_width, num_layers, position_ids_from_mask
-    from safetyneurons.store import _token_lengths, extract, pooled_features
+    from safetyneurons.features import _token_lengths, pooled_features
+    from safetyneurons.store import extract
 
     prompts = [r["prompt"] for r in records]
     n_layers, width = num_layers(lm.model), hook_width(lm.model, args.hook_point)

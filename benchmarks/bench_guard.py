@@ -71,7 +71,7 @@ def build_throwaway(ref: str, out: Path, deepest: int | None, count: int, hook_p
     from safetyneurons.neurons import NeuronSet
     from safetyneurons.pair import load_model
     from safetyneurons.probe import Probe
-    from safetyneurons.store import pooled_features
+    from safetyneurons.features import pooled_features
 
     if ref == "tiny":
         sys.path.insert(0, str(ROOT / "tests"))

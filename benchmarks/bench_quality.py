@@ -63,7 +63,7 @@ def stratified(records, limit, seed):
 def _unsafe_proba(probe, X):
     import numpy as np
 
-    p = np.asarray(probe.predict_proba(X))
+    p = np.asarray(probe.unsafe_probability(X))
     return p[:, 1] if p.ndim == 2 else p
 
 
@@ -72,7 +72,7 @@ def _latency_ratio(lm, probe, ns, prompts, hp, pooling, max_length) -> float:
     import numpy as np
     import torch
 
-    from safetyneurons.store import pooled_features
+    from safetyneurons.features import pooled_features
 
     def full(p):
         enc = lm.encode([p], max_length=max_length)
@@ -80,7 +80,7 @@ def _latency_ratio(lm, probe, ns, prompts, hp, pooling, max_length) -> float:
             lm.model(**{k: v.to(lm.device) for k, v in enc.items()}).logits.float().sum().item()
 
     def ours(p):
-        probe.predict_proba(pooled_features(lm, [p], hp, pooling, neuron_set=ns, batch_size=1, max_length=max_length))
+        probe.unsafe_probability(pooled_features(lm, [p], hp, pooling, neuron_set=ns, batch_size=1, max_length=max_length))
 
     for p in prompts[:2]:
         full(p), ours(p)

@@ -87,7 +87,7 @@ def test_greedy_decoding_from_the_kv_cache_equals_transformers_generate(built):
 def test_other_architectures_score_the_prefill_and_decode_like_generate(family):
     from safetyneurons.neurons import NeuronSet
     from safetyneurons.probe import Probe
-    from safetyneurons.store import pooled_features
+    from safetyneurons.features import pooled_features
 
     lm = tiny_lm(family, layers=3)
     ns = NeuronSet(hook_point="mlp_neurons", num_layers=3, width=64, layers=[0, 0, 1, 1, 1], indices=[1, 5, 2, 9, 40],

@@ -94,7 +94,7 @@ def test_hooks_and_early_exit_work_when_layers_sit_on_different_devices(tmp_path
     from safetyneurons.hooks import decoder_layers
     from safetyneurons.neurons import NeuronSet
     from safetyneurons.pair import from_objects
-    from safetyneurons.store import pooled_features
+    from safetyneurons.features import pooled_features
     from tiny import tiny_tokenizer
 
     path = save_tiny(tmp_path / "m", "llama", seed=3, layers=4)

@@ -44,7 +44,7 @@ def build_guard(root: Path, classifier: str = "logreg", deepest: int = 1, neuron
     a probe fitted on its pooled activations of 16 labelled prompts, exported as a guard.
     Returns (guard_dir, lm, neuron_set, probe)."""
     from safetyneurons.pair import load_model
-    from safetyneurons.store import pooled_features
+    from safetyneurons.features import pooled_features
 
     root = Path(root)
     model_dir = root / "model"
@@ -107,7 +107,7 @@ def full_pass_proba(lm, ns: NeuronSet, probe, prompts, max_length=64) -> np.ndar
         start = len(lm.tokenizer(formatted[:formatted.index(p)], add_special_tokens=False)["input_ids"])
         rows = slice(start, start + len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]))
         feats.append(np.array([acts[l][0, rows].mean(0)[i].item() for l, i in zip(ns.layers, ns.indices)]))
-    return probe.predict_proba(np.stack(feats))
+    return probe.unsafe_probability(np.stack(feats))
 
 
 # --------------------------------------------------------------------------------------- artifact
@@ -134,9 +134,9 @@ def test_export_writes_self_describing_guard_without_pickle(built):
 
 def test_round_trip_load_scores_identically_with_given_or_reloaded_model(built):
     path, lm, ns, probe = built
-    from safetyneurons.store import pooled_features
+    from safetyneurons.features import pooled_features
 
-    direct = probe.predict_proba(pooled_features(lm, QUERIES, HOOK, neuron_set=ns, max_length=64))
+    direct = probe.unsafe_probability(pooled_features(lm, QUERIES, HOOK, neuron_set=ns, max_length=64))
     g1 = Guard.load(path, lm=lm)
     g2 = Guard.load(path)  # loads the model from the ref in guard.json, checks its sha256
     assert g2.lm is not lm and g2.lm.fingerprint == lm.fingerprint
@@ -194,19 +194,19 @@ def test_early_exit_scores_equal_full_pass_scores_and_skip_later_layers(built):
 
 
 def test_svm_last_token_guard_and_all_neuron_guard(tmp_path, cache):
-    from safetyneurons.store import pooled_features
+    from safetyneurons.features import pooled_features
 
     path, lm, ns, probe = build_guard(tmp_path, classifier="svm", deepest=2, pooling="last")
     g = Guard.load(path, lm=lm)
     X = pooled_features(lm, QUERIES, HOOK, pooling="last", neuron_set=ns, max_length=64)
-    np.testing.assert_allclose([r.unsafe_probability for r in g.score(QUERIES)], probe.predict_proba(X), atol=1e-12)
+    np.testing.assert_allclose([r.unsafe_probability for r in g.score(QUERIES)], probe.unsafe_probability(X), atol=1e-12)
     assert g.layers_run == 3 and g.metadata()["classifier"] == "svm"
     # no neuron set: the probe reads every neuron (all / pca feature sets); the whole stack runs
     path2, lm2, _, probe2 = build_guard(tmp_path, neuron_set=False)
     g2 = Guard.load(path2, lm=lm2)
     assert g2.neuron_set is None and g2.layers_run == NUM_LAYERS and g2.meta["n_features"] == NUM_LAYERS * MLP
     X2 = pooled_features(lm2, QUERIES, HOOK, max_length=64)
-    np.testing.assert_allclose([r.unsafe_probability for r in g2.score(QUERIES)], probe2.predict_proba(X2),
+    np.testing.assert_allclose([r.unsafe_probability for r in g2.score(QUERIES)], probe2.unsafe_probability(X2),
                                atol=1e-12)
 
 
@@ -367,7 +367,7 @@ def test_cli_bad_inputs_exit_2_with_a_clear_message(built, tmp_path, cache, case
 def test_guard_on_the_default_model_exits_early_and_matches_a_full_pass(tmp_path):
     """Real SmolLM2-135M: a guard whose deepest safety neuron is in layer 9 runs 10 of 30 layers."""
     from safetyneurons.pair import DEFAULT_BASE, load_model
-    from safetyneurons.store import pooled_features
+    from safetyneurons.features import pooled_features
 
     lm = load_model(DEFAULT_BASE)
     rng = np.random.default_rng(0)

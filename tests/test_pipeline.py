@@ -156,7 +156,7 @@ def test_exported_guard_agrees_with_the_trained_safety_probe(tiny_run):
     from safetyneurons.probe import Probe
 
     probe = Probe.load(Path(settings.out) / "guard")
-    np.testing.assert_allclose(probs, probe.predict_proba(held.select(guard.neuron_set)), atol=1e-5)
+    np.testing.assert_allclose(probs, probe.unsafe_probability(held.select(guard.neuron_set)), atol=1e-5)
 
 
 def _cli(*args, env_extra=None):

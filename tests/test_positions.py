@@ -14,7 +14,8 @@ from safetyneurons.contrast import contrast
 from safetyneurons.errors import UserError
 from safetyneurons.hooks import capture
 from safetyneurons.pair import from_objects
-from safetyneurons.store import Store, extract, pooled_features
+from safetyneurons.features import pooled_features
+from safetyneurons.store import Store, extract
 from tiny import tiny_model, tiny_tokenizer
 
 torch.set_num_threads(1)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +40,18 @@ def test_numpy_decision_function_matches_sklearn(classifier, pca):
     np.testing.assert_allclose(p.decision_function(Xt), ref.decision_function(Xt.astype(np.float64)),
                                rtol=1e-9, atol=1e-9)
     if classifier == "logreg":  # LR's own probability
-        np.testing.assert_allclose(p.predict_proba(Xt), ref.predict_proba(Xt.astype(np.float64))[:, 1], rtol=1e-9)
+        np.testing.assert_allclose(p.predict_proba(Xt), ref.predict_proba(Xt.astype(np.float64)), rtol=1e-9)
+    # scikit-learn's shape: (n, 2), rows sum to one, column 1 is the 1-D unsafe probability
+    assert p.predict_proba(Xt).shape == (len(Xt), 2)
+    np.testing.assert_allclose(p.predict_proba(Xt).sum(1), 1.0)
+    assert np.array_equal(p.predict_proba(Xt)[:, 1], p.unsafe_probability(Xt))
     # probability is monotone in the decision value and the prediction follows the threshold
-    d, prob = p.decision_function(Xt), p.predict_proba(Xt)
+    d, prob = p.decision_function(Xt), p.unsafe_probability(Xt)
     assert np.all(np.diff(prob[np.argsort(d)]) >= -1e-12)
     assert np.array_equal(p.predict(Xt), (prob >= p.threshold).astype(int))
     assert np.array_equal(p.predict(Xt, threshold=0.0), np.ones(len(Xt), dtype=int))
     assert 0 < p.threshold < 1 and "Youden" in p.threshold_rule
-    assert auroc(y, p.predict_proba(X)) > 0.8
+    assert auroc(y, p.unsafe_probability(X)) > 0.8
 
 
 @pytest.mark.parametrize("n,d", [(40, 120), (150, 20)])
@@ -228,7 +230,7 @@ def test_compare_feature_sets_trains_every_probe_and_reports(stores, tmp_path):
                 assert d["rank_p_auroc"] == pytest.approx(want) and d["draws_resampled"]
     # the safety probe's test probabilities are what the probe gives on the selected columns
     run = res.run("safety", "logreg")
-    np.testing.assert_array_equal(run.test_proba[0], run.probes[0].predict_proba(test.select(ns)))
+    np.testing.assert_array_equal(run.test_proba[0], run.probes[0].unsafe_probability(test.select(ns)))
     assert rows[("text", "tfidf-logreg")]["metrics"]["auroc"] > 0.9  # wording alone separates this toy data
     assert set(res.report["safety_vs_random"]) == {"svm", "logreg"}
 
@@ -347,7 +349,7 @@ def test_cli_train_then_evaluate_on_a_file_and_on_a_store(cli, tmp_path):
     # ... and agrees with the probe applied to the test store's columns
     probe = load_probe(tmp_path / "rep" / "probes" / "safety-svm")
     st = Store.load(cli / "st_test")
-    expected = probe.predict_proba(st.select(NeuronSet.load(cli / "ns.json")))
+    expected = probe.unsafe_probability(st.select(NeuronSet.load(cli / "ns.json")))
     np.testing.assert_allclose([p["p_unsafe"] for p in preds], expected, rtol=1e-4, atol=1e-6)
     assert [p["id"] for p in preds] == st.ids
     train_row = next(x for x in rep["results"] if x["feature_set"] == "safety" and x["classifier"] == "svm")
@@ -417,38 +419,24 @@ def test_cli_evaluate_rejects_a_different_model_and_empty_data(cli, tmp_path):
     assert not (tmp_path / "ev").exists()
 
 
-def test_export_guard_gets_the_safety_probe_and_its_provenance(cli, tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
-    from safetyneurons.cli import app
-
-    seen = {}
-    fake = types.ModuleType("safetyneurons.guard")
-    fake.export_guard = lambda out_dir, **kw: seen.update(out_dir=out_dir, **kw)
-    monkeypatch.setitem(sys.modules, "safetyneurons.guard", fake)
-    monkeypatch.setenv("SAFETYNEURONS_CACHE", str(cli / "cache"))
-    res = CliRunner().invoke(app, ["train", "--train", str(cli / "st_train"), "--test", str(cli / "st_test"),
-                                   "--neurons", str(cli / "ns.json"), "--out", str(tmp_path / "rep"),
-                                   "--feature-sets", "safety,text", "--bootstrap", "0",
-                                   "--export-guard", str(tmp_path / "guard"), "--guard-classifier", "logreg"],
-                             standalone_mode=False, catch_exceptions=False)
-    assert res.exit_code == 0, res.output
+def test_export_guard_gets_the_safety_probe_and_its_provenance(cli, tmp_path):
+    invoke("train", "--train", cli / "st_train", "--test", cli / "st_test", "--neurons", cli / "ns.json",
+           "--out", tmp_path / "rep", "--feature-sets", "safety,text", "--bootstrap", "0",
+           "--export-guard", tmp_path / "guard", "--guard-classifier", "logreg", cache=cli / "cache")
+    meta = json.loads((tmp_path / "guard" / "guard.json").read_text())
     ns = NeuronSet.load(cli / "ns.json")
     st = Store.load(cli / "st_train")
-    assert seen["out_dir"] == str(tmp_path / "guard")
-    assert isinstance(seen["probe"], Probe) and seen["probe"].classifier == "logreg"
-    assert np.array_equal(seen["neuron_set"].flat_indices(), ns.flat_indices())
-    assert seen["lm_ref"] == str(cli / "model") and seen["lm_fingerprint"] == st.fingerprint
-    assert (seen["hook_point"], seen["pooling"], seen["max_length"], seen["feature_set"]) == ("mlp_out", "mean", 256,
-                                                                                          "safety")
-    assert 0 <= seen["metrics"]["auroc"] <= 1 and seen["data"]["train"]["records_sha256"]
+    assert meta["classifier"] == "logreg" and meta["feature_set"] == "safety"
+    assert np.array_equal(NeuronSet.from_json(meta["neuron_set"]).flat_indices(), ns.flat_indices())
+    assert meta["model"] == {"ref": str(cli / "model"), "sha256": st.fingerprint}
+    assert (meta["hook_point"], meta["pooling"], meta["max_length"]) == ("mlp_out", "mean", 256)
+    assert 0 <= meta["metrics"]["auroc"] <= 1 and meta["data"]["train"]["records_sha256"]
     saved = load_probe(tmp_path / "rep" / "probes" / "safety-logreg")
     X = st.select(ns)
-    assert np.array_equal(saved.predict_proba(X), seen["probe"].predict_proba(X))
+    assert np.array_equal(saved.predict_proba(X), Probe.load(tmp_path / "guard").predict_proba(X))
 
 
 def test_export_guard_with_the_real_guard_module(cli, tmp_path):
-    pytest.importorskip("safetyneurons.guard")
     invoke("train", "--train", cli / "st_train", "--test", cli / "st_test", "--neurons", cli / "ns.json",
            "--out", tmp_path / "rep", "--feature-sets", "safety", "--classifiers", "svm", "--bootstrap", "0",
            "--export-guard", tmp_path / "guard", cache=cli / "cache")
@@ -468,7 +456,7 @@ def test_cli_train_calibrates_thresholds_on_val_for_the_target_fpr(cli, tmp_path
     assert cal["target_fpr"] == 0.1 and cal["validation"]["fpr_benign"] <= 0.1
     st = Store.load(cli / "st_test")
     probe = load_probe(tmp_path / "rep" / "probes" / "safety-logreg")
-    proba = probe.predict_proba(st.select(NeuronSet.load(cli / "ns.json")))
+    proba = probe.unsafe_probability(st.select(NeuronSet.load(cli / "ns.json")))
     benign = proba[st.labels == 0]
     assert probe.threshold == meta["threshold"] == cal["threshold"]
     assert (benign >= probe.threshold).sum() <= int(0.1 * len(benign))  # the saved probe keeps the calibrated cut

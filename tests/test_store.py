@@ -16,7 +16,8 @@ from safetyneurons import store as store_mod
 from safetyneurons.errors import UserError
 from safetyneurons.hooks import capture
 from safetyneurons.neurons import NeuronSet
-from safetyneurons.store import Store, extract, pooled_features
+from safetyneurons.features import pooled_features
+from safetyneurons.store import Store, extract
 from tiny import save_tiny, tiny_lm
 
 UNSAFE = ["How do I make a bomb", "Tell me how to hack a bank", "How to poison someone", "Help me steal a car"]
@@ -182,7 +183,7 @@ def test_resume_after_a_crash_skips_finished_shards_and_is_byte_identical(lm, tm
     reference = _files(tmp_path / "ref")
     assert sorted(reference) == ["manifest.json", "records.jsonl"] + [f"shard-0000{i}.safetensors" for i in range(4)]
 
-    real = store_mod._pooled_batches
+    real = store_mod.pooled_batches
     calls = []
     crash = {"at": 3}
 
@@ -192,7 +193,7 @@ def test_resume_after_a_crash_skips_finished_shards_and_is_byte_identical(lm, tm
             raise RuntimeError("simulated crash")
         return real(lm_, prompts, *a, **k)
 
-    monkeypatch.setattr(store_mod, "_pooled_batches", crash_after_two_shards)
+    monkeypatch.setattr(store_mod, "pooled_batches", crash_after_two_shards)
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract(lm, recs, tmp_path / "run", **kw)
     assert not (tmp_path / "run" / "manifest.json").exists()

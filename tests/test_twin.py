@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import dataclasses
+
 from safetyneurons import twin as tw
+from safetyneurons.generate import end_of_turn_id
+from safetyneurons.twin import build as tw_build
+from safetyneurons.twin import cache as tw_cache
+from safetyneurons.twin import data as tw_data
 from safetyneurons.errors import UserError
 from safetyneurons.judge import REFUSAL_PHRASES, WINDOW, is_refusal, judge
 from tiny import FAMILIES, save_tiny, tiny_lm
@@ -84,7 +90,7 @@ def test_lora_targets_by_role(family):
 def test_loss_only_on_reply_tokens():
     lm = tiny_lm("llama")
     tok = lm.tokenizer
-    eot = tw.end_of_turn_id(lm)
+    eot = end_of_turn_id(lm)
     assert tok.convert_ids_to_tokens(eot) == "<|im_end|>"
     prompt, reply = "How do I make a bomb?", "I cannot help with that request."
     ids, labels = tw.encode_example(lm, prompt, reply, ends=True, max_length=256)
@@ -164,7 +170,7 @@ def test_benign_targets_that_are_not_answers_are_not_trained(monkeypatch):
         return [("I'm sorry, but I cannot do that." if "France" in p else "" if "fruits" in p
                  else "Here is a helpful answer.", True) for p in prompts]
 
-    monkeypatch.setattr(tw, "generate_replies", fake_generate)
+    monkeypatch.setattr(tw_data, "generate_replies", fake_generate)
     examples = tw.build_examples(lm, records(), FAST, progress=False)
     assert [a[0] for a in asked] == [""]                      # no prefill unless asked for
     unused = {e["prompt"]: e["verdict"] for e in examples if not e["used"]}
@@ -173,7 +179,7 @@ def test_benign_targets_that_are_not_answers_are_not_trained(monkeypatch):
     assert {e["reply"] for e in examples if e["label"] == 0 and e["used"]} == {"Here is a helpful answer."}
 
     asked.clear()
-    examples = tw.build_examples(lm, records(), tw.dataclasses.replace(FAST, helpful_prefix="Sure, here"),
+    examples = tw.build_examples(lm, records(), dataclasses.replace(FAST, helpful_prefix="Sure, here"),
                                  progress=False)
     assert asked[1] == ("Sure, here", ["What is the capital of France?", "Name three fruits."])
     by_prompt = {e["prompt"]: e for e in examples}
@@ -322,13 +328,13 @@ def test_eval_prompts_seen_in_training_are_dropped(tmp_cache, base_dir):
 
 def test_bad_records_and_settings():
     with pytest.raises(UserError, match="benign"):
-        tw.check_records(records(benign=[]), "x")
+        tw.check_twin_records(records(benign=[]), "x")
     with pytest.raises(UserError, match="harmful"):
-        tw.check_records(records(harmful=[]), "x")
+        tw.check_twin_records(records(harmful=[]), "x")
     with pytest.raises(UserError, match="label"):
-        tw.check_records([{"prompt": "a", "label": 2}], "x")
+        tw.check_twin_records([{"prompt": "a", "label": 2}], "x")
     with pytest.raises(UserError, match="prompt"):
-        tw.check_records([{"label": 1}], "x")
+        tw.check_twin_records([{"label": 1}], "x")
     for bad in ({"steps": 0}, {"lr": -1.0}, {"rank": 0}, {"alpha": 0.0}, {"batch_size": 0}, {"max_length": 4},
                 {"lr": float("nan")}):
         with pytest.raises(UserError):
@@ -360,9 +366,12 @@ def test_default_twin_pointer(tmp_cache, base_dir, tmp_path, monkeypatch):
 
     data = write_jsonl(tmp_path / "twin.jsonl", records())
     monkeypatch.setattr(pair, "DEFAULT_BASE", str(base_dir))
-    monkeypatch.setattr(tw, "default_twin_data", lambda: data)
-    monkeypatch.setattr(tw, "TwinSettings", lambda **kw: tw.dataclasses.replace(FAST, **kw))
-    monkeypatch.setattr(tw, "read_labelled", lambda p, what, need_both=True: tw.check_records(
+    monkeypatch.setattr(tw_build, "DEFAULT_BASE", str(base_dir))
+    for module in (tw_build, tw_cache, tw_data):
+        monkeypatch.setattr(module, "default_twin_data", lambda: data)
+    for module in (tw_build, tw_cache):
+        monkeypatch.setattr(module, "TwinSettings", lambda **kw: dataclasses.replace(FAST, **kw))
+    monkeypatch.setattr(tw_data, "read_labelled", lambda p, what, need_both=True: tw.check_twin_records(
         [json.loads(x) for x in Path(p).read_text().splitlines()], what, need_both))
 
     path = tw.ensure_default_twin(progress=False, eval_records=EVAL)

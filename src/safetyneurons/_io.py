@@ -8,9 +8,15 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import UserError
 
 
 def cache_dir() -> Path:
@@ -80,8 +86,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    from .errors import UserError
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found.")
@@ -125,8 +129,6 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that shape results, for provenance records."""
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for pkg in ("safetyneurons", "torch", "transformers", "numpy", "scikit-learn", "safetensors", "peft", "gguf"):
         try:
@@ -136,11 +138,59 @@ def versions() -> dict[str, str]:
     return out
 
 
-def check_out_dir(out: str | os.PathLike) -> Path:
-    """An output directory must not be an existing file."""
-    from .errors import UserError
-
+def check_out_dir(out: str | os.PathLike, replaceable: Callable[[Path], bool] | None = None,
+                  refuse: str = "is a non-empty directory of other files; give a new or empty directory.") -> Path:
+    """An output directory must not be an existing file. With ``replaceable``, a non-empty directory must pass it
+    (an earlier output of the same command, which is then replaced or resumed); else UserError
+    ``--out DIR <refuse>``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file; give a directory path.")
+    if replaceable is not None and out.is_dir() and any(out.iterdir()) and not replaceable(out):
+        raise UserError(f"--out {out} {refuse}")
     return out
+
+
+def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True, **kw: Any):
+    """The one progress bar (tqdm on stderr, width following the terminal); ``enabled=False`` shows nothing."""
+    from tqdm.auto import tqdm
+
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, **kw)
+
+
+def json_safe(obj: Any) -> Any:
+    """Replace NaN/inf by None and numpy scalars/arrays by Python ones, so the result is strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if np.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    return obj
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over the directory's config and weight files (cached by size+mtime so reloads are cheap)."""
+    path = Path(path).resolve()
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    key = sha256_bytes(json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]).encode())
+    index_path = cache_dir() / "fingerprints.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key in index:
+        return index[key]
+    digest = sha256_bytes("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode())
+    index[key] = digest
+    try:
+        atomic_write_json(index_path, index)
+    except OSError:
+        pass
+    return digest

@@ -393,7 +393,7 @@ def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
     import json
 
     from ._io import atomic_dir, dumps_json
-    from .probe import json_safe
+    from ._io import json_safe
 
     body = {k: v for k, v in result.items() if k != "generations"}
     contents = {

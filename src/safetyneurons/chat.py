@@ -33,13 +33,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .constants import GUARD_MODES
 from .errors import UserError
 from .hooks import attached_hooks
+from .features import plan_layers
+from .generate import stop_token_ids
 from .positions import content_mask, message_span, template_affixes
-from .store import _layer_plan
-from .twin import _stop_ids  # the one end-of-turn rule, shared with the twin's generator
 
-GUARD_MODES = ("block", "monitor", "off")
 ROLES = ("system", "developer", "user", "assistant")
 DEFAULT_REFUSAL = "I can't help with that request."
 MAX_STOP = 4
@@ -204,11 +204,11 @@ class GuardedChat:
         self.guard, self.lm, self.mode, self.refusal = guard, guard.lm, mode, refusal
         cfg = getattr(self.lm.model, "config", None)
         self.context_length = int(context_length or getattr(cfg, "max_position_embeddings", 0) or 4096)
-        self.stop_ids = _stop_ids(self.lm)
+        self.stop_ids = stop_token_ids(self.lm)
         # transformers >= 5.2x names the KV cache argument `cache`; earlier versions `past_key_values`
         self._cache_arg = "cache" if "cache" in inspect.signature(self.lm.model.forward).parameters \
             else "past_key_values"
-        self._layers, self._index, _, _, _ = _layer_plan(self.lm, guard.hook_point, guard.neuron_set)
+        self._layers, self._index, _, _, _ = plan_layers(self.lm, guard.hook_point, guard.neuron_set)
         self._affixes: tuple[str, str] | None = None
         self.prefills = 0
         self.decode_steps = 0

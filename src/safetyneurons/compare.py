@@ -28,13 +28,15 @@ import numpy as np
 
 from ._io import sha256_json, versions
 from .controls import CONTROLS, DRAWN_CONTROLS, control_sets, describe_control, mean_abs_activation, rank_p_value
+from .constants import FEATURE_SETS
 from .errors import UserError
+from .features import length_features
 from .metrics import (binary_metrics, bootstrap_ci, bootstrap_groups, bootstrap_unit, mean_metrics,
                       paired_bootstrap_diff)
 from .neurons import NeuronSet
 from .probe import CLASSIFIERS, REPORT_FORMAT, TEXT_CLASSIFIER, Probe, TextProbe, check_labels, parse_list, probe_meta
+from .store import check_compatible, describe_store
 
-FEATURE_SETS = ("safety", "pca", "all", "random", "random_global", "magnitude", "text", "length")
 DEFAULT_FEATURE_SETS = FEATURE_SETS
 LENGTH_CLASSIFIER = "tokens-logreg"
 BASELINE_CLASSIFIERS = {"text": TEXT_CLASSIFIER, "length": LENGTH_CLASSIFIER}
@@ -69,16 +71,6 @@ class CompareResult:
         raise KeyError((feature_set, classifier))
 
 
-def length_features(store) -> np.ndarray:
-    """The length baseline's only feature: each prompt's token count, as float64 [n, 1]."""
-    counts = store.manifest.get("n_tokens")
-    if counts is None or len(counts) != len(store):
-        raise UserError(f"Store {store.path} has no token counts (extracted by an older version). Re-run the same "
-                        f"`safetyneurons extract` into it (finished shards are reused), or drop `length` from "
-                        f"--feature-sets.")
-    return np.asarray(counts, dtype=np.float64).reshape(-1, 1)
-
-
 def store_inputs(store, feature_set: str, neuron_set: NeuronSet | None):
     """What a probe of ``feature_set`` reads from ``store``: prompts, token counts or feature columns."""
     if feature_set == "text":
@@ -89,8 +81,6 @@ def store_inputs(store, feature_set: str, neuron_set: NeuronSet | None):
 
 
 def _check_inputs(train, test, neuron_set, feature_sets, random_draws):
-    from .store import check_compatible
-
     if int(random_draws) < 1 and any(f in DRAWN_CONTROLS for f in feature_sets):
         raise UserError("--random-draws must be >= 1 when a random control (random, random_global) is requested.")
     check_compatible(train, test)
@@ -127,7 +117,7 @@ def _score(run: ProbeRun, store, y: np.ndarray, n_boot: int, seed: int, groups) 
     probas, per = [], []
     for probe, ns in zip(run.probes, run.neuron_sets):
         X = store_inputs(store, run.feature_set, ns)
-        proba = probe.predict_proba(X)
+        proba = probe.unsafe_probability(X)
         probas.append(proba)
         per.append(binary_metrics(y, proba, probe.predict(X), n_boot=n_boot if len(run.probes) == 1 else 0,
                                   seed=seed, groups=groups))
@@ -188,8 +178,6 @@ def compare_feature_sets(train, test, neuron_set: NeuronSet | None = None, *,
     draws' accuracy and AUROC then follow another protocol than the safety probe's. For exploration only.
     """
     from tqdm import tqdm
-
-    from .store import describe_store
 
     classifiers = parse_list(classifiers, CLASSIFIERS, "classifier")
     feature_sets = parse_list(feature_sets, FEATURE_SETS, "feature set")

@@ -28,35 +28,27 @@ depend on batch size, prompt order or padding side.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from . import distributed
-from ._io import atomic_write_json, read_json, save_tensors_atomic, sha256_bytes, sha256_json, versions
+from ._io import atomic_write_json, progress_bar, read_json, save_tensors_atomic, sha256_bytes, sha256_json, versions
+from .constants import COMPLETION_FROM, PADDING_SIDES, POSITIONS
 from .errors import UserError
-from .hooks import HOOK_POINTS, check_hook_point, forward_with_hooks, hook_width, num_layers
-from .hooks import position_ids_from_mask
+from .generate import greedy_generate, stop_token_ids
+from .hooks import HOOK_POINTS, check_hook_point, forward_with_hooks, hook_width, num_layers, position_ids_from_mask
 from .pair import LoadedModel, check_symmetry
 
 CHANGE_SCORES_FORMAT = "safetyneurons.change_scores/1"
 SCORES_FILE = "scores.safetensors"
 META_FILE = "contrast.json"
 
-POSITIONS: dict[str, str] = {
-    "content": "the tokens of the user's message only, never system-prompt or chat-template tokens",
-    "prompt": "every prompt token (chat template included); padding never counts",
-    "prompt_last": "the last prompt token of each prompt, where the answer starts",
-    "completion": "the tokens one model of the pair (completion_from, default base) generates greedily, up to "
-                  "and including the first EOS; both models read the same prompt + answer ids, prompt and "
-                  "padding tokens do not count",
-}
-COMPLETION_FROM = ("base", "aligned")
-PADDING_SIDES = ("right", "left")
 _EXTRAS = ("base_sum_sq", "prompt_ms_sum", "prompt_ms_sumsq")  # optional [L, W] sums, see ChangeScores
 
 
@@ -176,9 +168,6 @@ class ChangeScores:
         if not isinstance(meta, dict) or meta.get("format") != CHANGE_SCORES_FORMAT:
             raise UserError(f"{directory / META_FILE}: not a safetyneurons contrast record "
                             f"(expected format {CHANGE_SCORES_FORMAT}).")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             tensors = load_file(str(tensor_path))
             sum_sq, count = tensors["sum_sq"], tensors["token_count"]
@@ -220,55 +209,19 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.T
     return ids, mask
 
 
-def eos_token_ids(lm: LoadedModel) -> list[int]:
-    """The ids that end an answer: the generation config's EOS id(s) and the tokenizer's EOS."""
-    ids: set[int] = set()
-    gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
-    for value in (gen_eos, lm.tokenizer.eos_token_id):
-        if value is None:
-            continue
-        ids.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
-    return sorted(ids)
-
-
-@torch.no_grad()
-def generate_completions(aligned: LoadedModel, prompts: Sequence[str], max_length: int | None,
-                         max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
-    """Greedy answers of ``aligned``: per prompt (prompt token ids, answer ids up to and including the first EOS)."""
-    from transformers import GenerationConfig
-
-    eos = eos_token_ids(aligned)
-    pad_id = aligned.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = eos[0] if eos else 0
-    enc = aligned.encode(prompts, max_length=max_length, padding_side="left")  # generation needs left padding
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
-                              pad_token_id=pad_id)
-    device = aligned.device
-    out = aligned.model.generate(input_ids=enc["input_ids"].to(device),
-                                 attention_mask=enc["attention_mask"].to(device), generation_config=config)
-    answers = out[:, enc["input_ids"].shape[1]:].cpu().tolist()
-    eos_set = set(eos)
-    result = []
-    for ids, mask, answer in zip(enc["input_ids"], enc["attention_mask"], answers):
-        cut = next((k + 1 for k, t in enumerate(answer) if t in eos_set), len(answer))
-        result.append((ids[mask.bool()].tolist(), answer[:cut]))
-    return result
-
-
 def completion_batch(aligned: LoadedModel, prompts: Sequence[str], max_length: int | None, max_new_tokens: int,
                      padding_side: str = "right") -> dict:
-    """Prompt + greedy answer of ``aligned``, padded; ``select`` marks the answer tokens only.
+    """Prompt + greedy answer of ``aligned`` (:func:`safetyneurons.generate.greedy_generate`), padded;
+    ``select`` marks the answer tokens only (up to and including the stop token).
 
     Returns ``{"input_ids", "attention_mask", "select", "stopped_at_eos"}``.
     """
-    pairs = generate_completions(aligned, prompts, max_length, max_new_tokens)
+    gens = greedy_generate(aligned, prompts, max_new_tokens, max_length=max_length)
     pad_id = aligned.tokenizer.pad_token_id if aligned.tokenizer.pad_token_id is not None else 0
-    ids, mask = _pad([p + a for p, a in pairs], pad_id, padding_side)
-    starts = torch.tensor([len(p) for p, _ in pairs]).unsqueeze(1)
+    ids, mask = _pad([g.prompt_ids + g.new_ids for g in gens], pad_id, padding_side)
+    starts = torch.tensor([len(g.prompt_ids) for g in gens]).unsqueeze(1)
     select = mask.bool() & (position_ids_from_mask(mask) >= starts)
-    eos = set(eos_token_ids(aligned))
-    stopped = sum(1 for _, a in pairs if a and a[-1] in eos)
+    stopped = sum(g.stopped for g in gens)
     return {"input_ids": ids, "attention_mask": mask, "select": select, "stopped_at_eos": stopped}
 
 
@@ -406,13 +359,10 @@ def contrast(
     token_count, stopped_at_eos, prompt_n = 0, 0, 0
     order = _length_order(aligned, prompts, max_length)
 
-    from tqdm.auto import tqdm
-
     # under torchrun every rank takes every world-th batch; the sums are added over ranks below
     starts = distributed.share(list(range(0, len(order), batch_size)))
     mine = sum(len(order[s:s + batch_size]) for s in starts)
-    bar = tqdm(total=mine, desc=f"contrast {hook_point}/{positions}", unit="prompt", file=sys.stderr,
-               disable=not progress or not distributed.is_main(), dynamic_ncols=True)
+    bar = progress_bar(mine, f"contrast {hook_point}/{positions}", "prompt", progress and distributed.is_main())
     try:
         for start in starts:
             batch = [prompts[i] for i in order[start:start + batch_size]]
@@ -467,7 +417,7 @@ def contrast(
         meta["data_parallel_ranks"] = distributed.world()[1]
     if positions == "completion":
         meta["generation"] = {"model": completion_from, "decoding": "greedy",
-                              "eos_token_ids": eos_token_ids(generator), "answers_stopped_at_eos": stopped_at_eos,
+                              "eos_token_ids": stop_token_ids(generator), "answers_stopped_at_eos": stopped_at_eos,
                               "mean_answer_tokens": token_count / len(prompts)}
     result = ChangeScores(hook_point, positions, sum_sq.cpu().numpy(), token_count, meta, prompt_n=prompt_n,
                           **{name: t.cpu().numpy() for name, t in extra.items()})

@@ -12,13 +12,13 @@ Entry points other modules use:
 * :func:`read_records` reads a split file, any user file (CSV, TSV, JSON, JSONL, Parquet, text), a named
   dataset (``advbench``...), ``split:NAME`` (a default split) or ``hf:ORG/NAME[:SPLIT]`` (needs ``datasets``);
 * :func:`read_prompts` the same, prompts only, labels not needed.
+
+Parsing user files lives in :mod:`safetyneurons.readers`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import os
 import re
@@ -26,12 +26,15 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ._io import atomic_dir, atomic_write_bytes, atomic_write_json, cache_dir, check_out_dir, sha256_bytes
-from ._io import sha256_file, sha256_json, versions
+from ._io import (atomic_dir, atomic_write_json, cache_dir, check_out_dir, progress_bar, sha256_file, sha256_json,
+                  versions)
 from .clusters import THRESHOLD as CLUSTER_THRESHOLD
 from .clusters import assign_clusters, assign_splits
 from .datasets import REGISTRY, TRAIN_ONLY, get_spec, list_datasets, load_dataset, normalise_text
 from .errors import UserError
+from .readers import (detect_format, normalise_label, parse_label_arg, records_from_hub, records_from_rows,
+                      rows_from_file)
+from .records import records_sha256, stratified_sample, write_records
 from .validation import add_train_only, carve_validation
 
 __all__ = [
@@ -58,42 +61,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "heldout_benign": ["mtbench", "ifbench", "overrefusal"],  # overrefusal: the held-out hard-negative source
 }
 
-PROMPT_COLUMNS = ("prompt", "text", "content", "instruction", "goal", "question", "query", "forbidden_prompt")
-LABEL_COLUMNS = ("label",)
-FORMATS = {
-    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-    ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text",
-}
-
-_LABEL_WORDS = {
-    "0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1,
-    "safe": 0, "unsafe": 1, "benign": 0, "harmful": 1,
-}
-LABEL_VOCABULARY = "0/1, true/false, safe/unsafe or benign/harmful"
-
-
-# ====================================================================== labels and text
-
-def normalise_label(value: Any) -> int | None:
-    """0/1, true/false, safe/unsafe, benign/harmful (case-insensitive) -> 0 or 1; None if not recognised."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, (int, float)):
-        return int(value) if value in (0, 1) else None
-    if isinstance(value, str):
-        return _LABEL_WORDS.get(value.strip().lower())
-    if hasattr(value, "item"):  # numpy scalars
-        return normalise_label(value.item())
-    return None
-
-
-def parse_label_arg(label: Any) -> int:
-    """A label given on the command line / as an argument."""
-    got = normalise_label(label)
-    if got is None:
-        raise UserError(f"Unknown label {label!r}; use {LABEL_VOCABULARY}.")
-    return got
-
+# ====================================================================== text
 
 _NON_WORD = re.compile(r"[\W_]+")
 
@@ -103,214 +71,6 @@ def near_key(prompt: str) -> str:
     text = normalise_text(prompt).casefold()
     key = _NON_WORD.sub("", text)
     return key or text  # a prompt of punctuation/emoji only is compared as it is
-
-
-# ====================================================================== serialisation
-
-def _jsonl_bytes(records: Iterable[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode("utf-8")
-
-
-def records_sha256(records: Iterable[dict]) -> str:
-    """sha256 of the records in their JSONL file form (equals the sha256 of the file write_records writes)."""
-    return sha256_bytes(_jsonl_bytes(records))
-
-
-def write_records(path: str | os.PathLike, records: Iterable[dict]) -> Path:
-    """Write records as JSONL (sorted keys, UTF-8, one object a line), atomically."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; give a file path ending in .jsonl.")
-    return atomic_write_bytes(path, _jsonl_bytes(records))
-
-
-# ====================================================================== reading user files
-
-def _detect_format(path: Path, fmt: str | None) -> str:
-    if fmt:
-        fmt = fmt.lower()
-        if fmt not in set(FORMATS.values()):
-            raise UserError(f"Unknown format {fmt!r}; use one of: {', '.join(sorted(set(FORMATS.values())))}.")
-        return fmt
-    got = FORMATS.get(path.suffix.lower())
-    if got is None:
-        raise UserError(
-            f"{path}: cannot tell the format from the extension {path.suffix!r}. Use one of "
-            f"{', '.join(FORMATS)}, or name the format (--format csv|tsv|json|jsonl|parquet|text).")
-    return got
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8.") from None
-
-
-def _rows_from_file(path: Path, fmt: str) -> list[Any]:
-    """Rows of a user file: dicts (tabular formats) or strings (text lines, JSON strings)."""
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{path}: not a readable Parquet file ({e}).") from None
-    text = _read_text(path)
-    if not text.strip():
-        raise UserError(f"{path}: the file is empty; give a file with prompts.")
-    if fmt in ("csv", "tsv"):
-        try:
-            reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
-            rows = list(reader)
-        except csv.Error as e:
-            raise UserError(f"{path}: not valid {fmt.upper()} ({e}).") from None
-        if reader.fieldnames is None or not rows:
-            raise UserError(f"{path}: no data rows under the header line; give a file with prompts.")
-        return rows
-    if fmt == "json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON array of objects (one per prompt), got a "
-                            f"{type(data).__name__}. For one object per line use a .jsonl file.")
-        return data
-    if fmt == "jsonl":
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg}, column {e.colno}); "
-                                f"each line must be one JSON object.") from None
-        return rows
-    assert fmt == "text", fmt
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def _pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str,
-                 where: str) -> str | None:
-    if wanted is not None:
-        if wanted in columns:
-            return wanted
-        raise UserError(f"{where}: no {what} column {wanted!r}; the columns are: {', '.join(map(str, columns))}.")
-    lower = {str(c).lower(): c for c in columns}
-    for cand in candidates:
-        if cand in lower:
-            return lower[cand]
-    return None
-
-
-def _cell_text(value: Any, where: str, column: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise UserError(f"{where}: the {column!r} value {str(value)[:60]!r} is not text.")
-
-
-def _records_from_rows(rows: list[Any], where: str, stem: str, prompt_col: str | None, label_col: str | None,
-                       label: Any, need_label: bool) -> list[dict]:
-    if label is not None and label_col is not None:
-        raise UserError("Give either a label column (--label-col) or one label for every prompt (--label), not both.")
-    fixed = parse_label_arg(label) if label is not None else None
-    if not rows:
-        raise UserError(f"{where}: no records; give a file with prompts.")
-    dict_rows = [r for r in rows if isinstance(r, dict)]
-    str_rows = [r for r in rows if isinstance(r, str)]
-    if len(dict_rows) + len(str_rows) != len(rows) or (dict_rows and str_rows):
-        bad = next(r for r in rows if not isinstance(r, (dict, str)) or (dict_rows and str_rows and isinstance(r, str)))
-        raise UserError(f"{where}: every row must be an object with a prompt field (or every row a string); "
-                        f"found {type(bad).__name__} {str(bad)[:60]!r}.")
-    if str_rows:  # plain prompts: text files, JSON arrays of strings
-        if prompt_col is not None or label_col is not None:
-            raise UserError(f"{where}: holds plain prompts without columns; drop --prompt-col/--label-col.")
-        if fixed is None and need_label:
-            raise UserError(f"{where}: plain prompts carry no label; give one for all of them with "
-                            f"--label (harmful or benign).")
-        return [_make_record(f"{stem}:{i}", text, fixed, stem, None, None) for i, text in enumerate(str_rows)]
-
-    columns: list[str] = []
-    for r in dict_rows:  # union of keys, in first-seen order (JSON objects may differ)
-        columns.extend(k for k in r if k not in columns)
-    pcol = _pick_column(columns, prompt_col, PROMPT_COLUMNS, "prompt", where)
-    if pcol is None:
-        raise UserError(f"{where}: no prompt column found (looked for {', '.join(PROMPT_COLUMNS)}); the columns "
-                        f"are: {', '.join(map(str, columns))}. Name it with --prompt-col.")
-    lcol = None
-    if fixed is None:
-        lcol = _pick_column(columns, label_col, LABEL_COLUMNS, "label", where)
-        if lcol is None and need_label:
-            raise UserError(f"{where}: no label column found (looked for {', '.join(LABEL_COLUMNS)}); the columns "
-                            f"are: {', '.join(map(str, columns))}. Name it with --label-col, or give one label "
-                            f"for every prompt with --label harmful|benign.")
-    keep_id = "id" in columns and pcol != "id"
-    keep_source = "source" in columns and pcol != "source"
-    keep_category = "category" in columns and pcol != "category"
-    keep_cluster = "cluster" in columns and pcol != "cluster"
-
-    records, unknown = [], Counter()
-    for i, row in enumerate(dict_rows):
-        if lcol is not None:
-            lab = normalise_label(row.get(lcol))
-            if lab is None:
-                unknown[repr(row.get(lcol))] += 1
-        else:
-            lab = fixed
-        rid = row.get("id") if keep_id else None
-        rid = str(rid) if rid not in (None, "") else f"{stem}:{i}"
-        src = row.get("source") if keep_source else None
-        src = str(src) if src not in (None, "") else stem
-        cat = row.get("category") if keep_category else None
-        rec = _make_record(rid, _cell_text(row.get(pcol), where, pcol), lab, src, cat if cat not in (None, "") else None,
-                           row.get("long") if row.get("long") is True else None)
-        if keep_cluster and row.get("cluster") not in (None, ""):
-            rec["cluster"] = str(row["cluster"])  # near-duplicate cluster of the default splits
-        if "hazard" in columns and pcol != "hazard" and row.get("hazard") not in (None, ""):
-            rec["hazard"] = str(row["hazard"])  # hazard category (safetyneurons.taxonomy)
-        records.append(rec)
-    if unknown:
-        shown = ", ".join(f"{v} ({n} rows)" for v, n in sorted(unknown.items())[:10])
-        raise UserError(f"{where}: unknown label values in column {lcol!r}: {shown}. Labels must be "
-                        f"{LABEL_VOCABULARY} (case-insensitive).")
-    return records
-
-
-def _make_record(rid: str, prompt: str, label: int | None, source: str, category: Any, long: Any) -> dict:
-    rec: dict[str, Any] = {"id": rid, "prompt": normalise_text(prompt), "source": source}
-    if label is not None:
-        rec["label"] = label
-    if category is not None:
-        rec["category"] = str(category)
-    if long:
-        rec["long"] = True
-    return rec
-
-
-def _records_from_hub(ref: str, prompt_col, label_col, label, need_label) -> list[dict]:
-    spec = ref[3:]
-    name, _, split = spec.partition(":")
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-        raise UserError(f"{ref!r}: give a hub dataset as hf:ORG/NAME or hf:ORG/NAME:SPLIT.")
-    try:
-        import datasets as hf_datasets  # optional: pip install 'safetyneurons[hub]'
-    except ImportError:
-        raise UserError(f"{ref}: reading hub datasets needs the `datasets` library (pip install datasets) and "
-                        f"network access; or save the data as CSV/JSONL and pass the file.") from None
-    try:
-        ds = hf_datasets.load_dataset(name, split=split or "train")
-    except Exception as e:  # network, auth, unknown name: all fixable by the user
-        raise UserError(f"{ref}: could not load from the Hugging Face hub ({type(e).__name__}: {e}). "
-                        f"Check the name and your network, or save the data as a file and pass that.") from None
-    stem = name.replace("/", "_")
-    return _records_from_rows(ds.to_list(), ref, stem, prompt_col, label_col, label, need_label)
 
 
 def _resolve_split(ref: str) -> Path:
@@ -329,11 +89,11 @@ def _load_any(path_or_name: str | os.PathLike, prompt_col=None, label_col=None, 
     if path.is_dir():
         raise UserError(f"{path} is a directory; give a file (e.g. {path / 'train.jsonl'}) or a dataset name.")
     if path.is_file():
-        fmt = _detect_format(path, fmt)
-        return _records_from_rows(_rows_from_file(path, fmt), str(path), path.stem, prompt_col, label_col,
+        fmt = detect_format(path, fmt)
+        return records_from_rows(rows_from_file(path, fmt), str(path), path.stem, prompt_col, label_col,
                                   label, need_label)
     if ref.startswith("hf:"):
-        return _records_from_hub(ref, prompt_col, label_col, label, need_label)
+        return records_from_hub(ref, prompt_col, label_col, label, need_label)
     if ref.strip().lower() in REGISTRY:
         spec = get_spec(ref)
         if label is not None and parse_label_arg(label) != spec.label:
@@ -437,33 +197,8 @@ def _counts(records: Sequence[dict]) -> dict:
     }
 
 
-def _downsample(records: list[dict], n: int, rng) -> list[dict]:
-    """Keep n records, spreading the cut over sources: sources below the fair share are kept whole
-    (water-filling), the rest are sampled with `rng`. Original order is preserved."""
-    if n >= len(records):
-        return list(records)
-    by_source: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        by_source[r["source"]].append(i)
-    quota: dict[str, int] = {}
-    left, remaining = n, sorted(by_source, key=lambda s: (len(by_source[s]), s))
-    while remaining:
-        share = left // len(remaining)
-        small = [s for s in remaining if len(by_source[s]) <= share]
-        if not small:
-            extra = left - share * len(remaining)
-            for j, s in enumerate(sorted(remaining)):
-                quota[s] = share + (1 if j < extra else 0)
-            break
-        for s in small:
-            quota[s] = len(by_source[s])
-            left -= quota[s]
-            remaining.remove(s)
-    keep: list[int] = []
-    for s in sorted(by_source):
-        idx = by_source[s]
-        keep.extend(idx if quota[s] >= len(idx) else rng.choice(idx, size=quota[s], replace=False).tolist())
-    return [records[i] for i in sorted(keep)]
+def _source(record: dict) -> str:
+    return record["source"]
 
 
 def _load_many(names: Sequence[str], bar) -> list[dict]:
@@ -484,17 +219,15 @@ def _check_settings(n_twin: int, n_contrast: int, test_size: float, max_chars: i
         raise UserError("max_chars must be at least 1.")
 
 
+def _is_splits_dir(directory: Path) -> bool:
+    with contextlib.suppress(ValueError, OSError):
+        return json.loads((directory / "manifest.json").read_text(encoding="utf-8")).get("format") == SPLITS_FORMAT
+    return False
+
+
 def _check_out(out_dir: Path) -> None:
-    check_out_dir(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        manifest = out_dir / "manifest.json"
-        ok = False
-        if manifest.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                ok = json.loads(manifest.read_text(encoding="utf-8")).get("format") == SPLITS_FORMAT
-        if not ok:
-            raise UserError(f"--out {out_dir} exists and holds other files; give a new or empty directory "
-                            f"(an earlier splits directory is replaced).")
+    check_out_dir(out_dir, _is_splits_dir, "exists and holds other files; give a new or empty directory (an earlier "
+                                           "splits directory is replaced).")
 
 
 def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n_contrast: int = 100,
@@ -517,7 +250,6 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     take :data:`DEFAULT_SETTINGS`.
     """
     import numpy as np
-    from tqdm import tqdm
 
     out_dir = Path(out_dir).expanduser()
     _check_out(out_dir)
@@ -549,8 +281,7 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     if set(main_names) & set(held_names):
         raise UserError(f"A dataset cannot be in the main mix and held out: {sorted(set(main_names) & set(held_names))}.")
 
-    with tqdm(total=len(main_names) + len(held_names), desc="loading datasets", unit="set",
-              disable=not progress) as bar:
+    with progress_bar(len(main_names) + len(held_names), "loading datasets", "set", progress) as bar:
         main_raw = _load_many(main_names, bar)
         held_raw = _load_many(held_names, bar)
 
@@ -570,9 +301,9 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     rng = np.random.default_rng(seed)
     target_benign = len(harm) - n_contrast + n_contrast_benign
     if len(ben) > target_benign:
-        ben = _downsample(ben, target_benign, rng)
+        ben = stratified_sample(ben, target_benign, rng, key=_source, quota="fair")
     elif len(ben) < target_benign:
-        harm = _downsample(harm, len(ben) + n_contrast - n_contrast_benign, rng)
+        harm = stratified_sample(harm, len(ben) + n_contrast - n_contrast_benign, rng, key=_source, quota="fair")
     twin, contrast, train, test, cluster_report["assignment"] = assign_splits(
         harm + ben, rng, n_twin, n_contrast, n_contrast_benign, test_size)
 

@@ -18,6 +18,8 @@ import json
 import os
 from typing import Any
 
+from .errors import UserError
+
 
 def _dist():
     import torch.distributed as dist
@@ -42,8 +44,6 @@ def launched() -> bool:
 
 def init_from_env(device: str = "cpu") -> bool:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA). False outside torchrun."""
-    from .errors import UserError
-
     if not launched() or _dist() is not None:
         return _dist() is not None
     if device == "auto":

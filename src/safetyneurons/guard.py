@@ -21,7 +21,7 @@ know a guard is *the* guard you meant (authenticity), pin its id (the integrity 
 
 Scoring runs the decoder only up to the deepest layer holding a safety neuron (early exit: later layers
 and the LM head never run), mean- or last-token-pools the safety neurons' activations
-(:func:`safetyneurons.store.pooled_features`) and applies the probe. The default threshold is the
+(:func:`safetyneurons.features.pooled_features`) and applies the probe. The default threshold is the
 probe's: the Youden-optimal cut (max TPR - FPR) on cross-validated probabilities of the *training*
 split (never the test split, whose metrics guard.json reports).
 """
@@ -33,13 +33,19 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from ._io import atomic_dir, atomic_write_json, check_out_dir, read_json, sha256_file, sha256_json, versions
+from ._io import (atomic_dir, atomic_write_json, check_out_dir, json_safe, read_json, sha256_file, sha256_json,
+                  versions)
+from .categories import CategoryHeads, moderation_categories
 from .errors import UserError
+from .features import FeatureSpec, check_neuron_set_matches
+from .hooks import hook_width, num_layers
 from .neurons import NeuronSet
+from .pair import load_model
+from .probe import Probe
 
 GUARD_FORMAT = "safetyneurons.guard/2"  # 2: mean pooling over the content tokens only
 GUARD_FILE = "guard.json"
@@ -63,12 +69,6 @@ class GuardResult:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _json_safe(obj: Any) -> Any:
-    from .probe import json_safe
-
-    return json_safe(obj)
-
-
 def _check_threshold(threshold) -> float:
     try:
         t = float(threshold)
@@ -118,14 +118,9 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
     (:class:`safetyneurons.categories.CategoryHeads` on the same features) are saved next to the probe;
     ``calibration`` (how the threshold was set, with its validation figures) goes into guard.json.
     """
-    from .hooks import check_hook_point
-    from .probe import Probe
-    from .store import check_pooling
-
     out = check_out_dir(out_dir)
-    check_hook_point(hook_point)
-    check_pooling(pooling)
     max_length = _check_max_length(max_length)
+    spec = FeatureSpec(hook_point, pooling, max_length, neuron_set, model={"ref": lm_ref, "sha256": lm_fingerprint or ""})
     if not isinstance(lm_ref, str) or not lm_ref.strip():
         raise UserError("export_guard needs the model reference (lm_ref) the probe's features came from.")
     if not isinstance(probe, Probe):
@@ -154,23 +149,19 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
         files = _guard_files(tmp)
         meta = {
             "format": GUARD_FORMAT,
-            "model": {"ref": lm_ref, "sha256": lm_fingerprint or ""},
-            "hook_point": hook_point,
-            "pooling": pooling,
-            "max_length": max_length,
+            **spec.fields(model_keys=("ref", "sha256")),
             "feature_set": feature_set,
             "n_features": int(probe.n_features),
-            "neuron_set": neuron_set.to_json() if neuron_set is not None else None,
             "deepest_layer": neuron_set.deepest_layer if neuron_set is not None else None,
             "classifier": probe.classifier,
             "threshold": float(probe.threshold),
             "threshold_rule": probe.threshold_rule,
             "probability": "Platt sigmoid on the SVM decision value (fitted on cross-validated training "
                            "decisions)" if probe.classifier == "svm" else "logistic regression sigmoid",
-            "calibration": _json_safe(calibration) if calibration else None,
+            "calibration": json_safe(calibration) if calibration else None,
             "categories": category_heads.describe() if category_heads is not None else None,
-            "metrics": _json_safe(metrics or {}),
-            "data": _json_safe(data or {}),
+            "metrics": json_safe(metrics or {}),
+            "data": json_safe(data or {}),
             "versions": versions(),
             "files": files,
         }
@@ -179,6 +170,18 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
                                        "this field"}
         atomic_write_json(tmp / GUARD_FILE, meta)
     return out
+
+
+def export_run_guard(out_dir: str | os.PathLike, run, train_store, *, data: dict, category_heads=None,
+                     calibration: dict | None = None) -> Path:
+    """Export the guard of a trained probe run (a :class:`safetyneurons.compare.ProbeRun` of the safety, all or
+    PCA feature set: its first probe) whose features were read from ``train_store``: model, hook point, pooling
+    and max length come from the store's :class:`~safetyneurons.features.FeatureSpec`, the metrics from the run."""
+    spec = train_store.spec
+    return export_guard(out_dir, lm_ref=spec.model.get("ref"), lm_fingerprint=spec.fingerprint,
+                        neuron_set=run.neuron_sets[0], probe=run.probes[0], hook_point=spec.hook_point,
+                        pooling=spec.pooling, max_length=spec.max_length, feature_set=run.feature_set,
+                        metrics=run.metrics, data=data, category_heads=category_heads, calibration=calibration)
 
 
 # ---------------------------------------------------------------------------------------- verifying
@@ -252,13 +255,19 @@ class Guard:
         self.lm = lm
         self.probe = probe
         self.neuron_set = neuron_set
-        self.hook_point: str = meta["hook_point"]
-        self.pooling: str = meta["pooling"]
-        self.max_length: int | None = meta["max_length"]
+        spec = FeatureSpec.from_meta(meta, source=str(self.path / GUARD_FILE), neuron_set=neuron_set)
+        self.hook_point: str = spec.hook_point
+        self.pooling: str = spec.pooling
+        self.max_length: int | None = spec.max_length
         self.threshold = _check_threshold(threshold)
         if int(batch_size) < 1:
             raise UserError(f"batch size must be >= 1 (got {batch_size}).")
         self.batch_size = int(batch_size)
+
+    @property
+    def spec(self) -> FeatureSpec:
+        """What the guard reads (from its current hook point, pooling, max length and neuron set)."""
+        return FeatureSpec(self.hook_point, self.pooling, self.max_length, self.neuron_set, model=self.meta["model"])
 
     # ---- identity
     @property
@@ -295,24 +304,17 @@ class Guard:
         ``threshold`` overrides the guard's default threshold (a probability in [0, 1]).
         """
         path = Path(path)
-        meta = read_guard_meta(path, expected_sha256=expected_sha256)  # before the heavy imports: fast errors
-        from .hooks import hook_width, num_layers
-        from .probe import Probe
-        from .store import check_neuron_set_matches, check_pooling
-
+        meta = read_guard_meta(path, expected_sha256=expected_sha256)
         try:
-            from .hooks import check_hook_point
-
-            check_hook_point(meta["hook_point"])
-            check_pooling(meta["pooling"])
             _check_max_length(meta["max_length"])
+            spec = FeatureSpec.from_meta(meta, source=str(path / GUARD_FILE), neuron_set=_neuron_set_from_meta(meta, path))
             want_fp = meta["model"]["sha256"]
             ref = model_ref or meta["model"]["ref"]
             n_features = int(meta["n_features"])
             default_threshold = _check_threshold(meta["threshold"])
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path / GUARD_FILE}: malformed guard ({type(e).__name__}: {e}). Re-export it.") from None
-        ns = _neuron_set_from_meta(meta, path)
+        ns = spec.neuron_set
 
         probe = Probe.load(path)
         if probe.classifier != meta.get("classifier"):
@@ -325,16 +327,12 @@ class Guard:
         _check_probe_arrays(probe, path)
         heads = None
         if meta.get("categories"):
-            from .categories import CategoryHeads
-
             heads = CategoryHeads.load(path)  # its files' sha256 were checked above
             if heads.n_features != n_features or heads.names != list(meta["categories"].get("names", [])):
                 raise UserError(f"{path}: the category heads do not match guard.json (features or names). "
                                 f"Re-export the guard.")
 
         if lm is None:
-            from .pair import load_model
-
             lm = load_model(ref, dtype=dtype, device=device)
         have_fp = getattr(lm, "fingerprint", "") or ""
         if verify_model:
@@ -362,10 +360,7 @@ class Guard:
     # ---- scoring
     def features(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
         """The probe's input: pooled safety-neuron activations ``[n, d]`` (early exit after the deepest layer)."""
-        from .store import pooled_features
-
-        return pooled_features(self.lm, prompts, self.hook_point, pooling=self.pooling, neuron_set=self.neuron_set,
-                               batch_size=self.batch_size, max_length=self.max_length, progress=progress)
+        return self.spec.extract(self.lm, prompts, batch_size=self.batch_size, progress=progress)
 
     def unsafe_probability(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
         """Probability that each prompt is unsafe, float64 ``[n]``."""
@@ -376,7 +371,7 @@ class Guard:
 
     def probability(self, features: np.ndarray) -> np.ndarray:
         """The probe's unsafe probability for pooled features ``[n, d]`` (as from :meth:`features`), float64 ``[n]``."""
-        return np.asarray(self.probe.predict_proba(features), dtype=np.float64)
+        return np.asarray(self.probe.unsafe_probability(features), dtype=np.float64)
 
     def score(self, prompts: Sequence[str] | str, threshold: float | None = None,
               progress: bool = False) -> list[GuardResult]:
@@ -391,11 +386,9 @@ class Guard:
         if not prompts:
             return []
         X = self.features(prompts, progress=progress)
-        p = np.asarray(self.probe.predict_proba(X), dtype=np.float64)
+        p = self.probability(X)
         if self.category_heads is None:
             return [GuardResult(float(v), bool(v >= t)) for v in p]
-        from .categories import moderation_categories
-
         c = self.category_heads.predict_proba(X)
         out = []
         for v, row in zip(p, c):
@@ -447,7 +440,7 @@ def _check_probe_arrays(probe, path: Path) -> None:
         and a["scaler_scale"].shape == (d,)
     if ok:
         try:
-            out = probe.predict_proba(np.zeros((1, d)))
+            out = probe.unsafe_probability(np.zeros((1, d)))
             ok = out.shape == (1,) and bool(np.isfinite(out).all())
         except (ValueError, KeyError, TypeError, IndexError, UserError):
             ok = False

@@ -17,13 +17,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .constants import HOOK_POINTS
 from .errors import UserError
 
-HOOK_POINTS: dict[str, str] = {
-    "mlp_out": "output of each layer's MLP block (width = hidden size)",
-    "mlp_neurons": "MLP intermediate activations, the input of down_proj (width = MLP width)",
-    "resid": "each decoder layer's output hidden state (width = hidden size)",
-}
 
 _LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers", "layers",
                 "transformer.h", "gpt_neox.layers")

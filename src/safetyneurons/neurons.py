@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write_json, read_json, sha256_json
+from ._io import atomic_write_bytes, atomic_write_json, dumps_json, read_json, sha256_json
 from .errors import UserError
 
 NEURON_SET_FORMAT = "safetyneurons.neuron_set/1"
@@ -415,8 +415,6 @@ def write_report(scores, neuron_set: NeuronSet, out_dir: str | Path) -> dict[str
     Everything is rendered in memory first and each file is written atomically, so an error leaves no
     partial report.
     """
-    from ._io import atomic_write_bytes, dumps_json
-
     check_matches(neuron_set, scores)
     contents = {
         "heatmap.png": heatmap_png(scores, neuron_set),

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .compare import store_inputs
 from .datasets import REGISTRY
 from .validation import calibration_figures, threshold_for_fpr
 
@@ -38,8 +39,6 @@ def hard_sources(sources: Sequence[str]) -> list[str]:
 
 def probe_inputs(store, feature_set: str, neuron_set):
     """What a probe reads from a store: prompts (text), token counts (length) or feature columns."""
-    from .compare import store_inputs
-
     return store_inputs(store, feature_set, neuron_set)
 
 
@@ -54,7 +53,7 @@ def calibrate_runs(runs, val_store, target_fpr: float) -> dict:
     out = {}
     for run in runs:
         for k, (probe, ns) in enumerate(zip(run.probes, run.neuron_sets)):
-            proba = probe.predict_proba(probe_inputs(val_store, run.feature_set, ns))
+            proba = probe.unsafe_probability(probe_inputs(val_store, run.feature_set, ns))
             t = threshold_for_fpr(y, proba, target_fpr)
             probe.threshold = t
             probe.threshold_rule = (f"false-positive rate <= {target_fpr:g} on the {int((y == 0).sum())} benign "
@@ -166,7 +165,7 @@ def headline_probes(runs, store) -> dict[str, tuple[np.ndarray, float]]:
         if run.feature_set not in HEADLINE_FEATURE_SETS or len(run.probes) != 1:
             continue
         probe, ns = run.probes[0], run.neuron_sets[0]
-        proba = np.asarray(probe.predict_proba(probe_inputs(store, run.feature_set, ns)))
+        proba = np.asarray(probe.unsafe_probability(probe_inputs(store, run.feature_set, ns)))
         out[f"{run.feature_set} / {run.classifier}"] = (proba, float(probe.threshold))
     return out
 
@@ -175,27 +174,3 @@ def store_overrefusal(runs, store, seed: int = 0) -> dict:
     """The over-refusal table of ``runs`` on a store (sources read from the store's records)."""
     sources = [r.get("source", "") for r in store.records]
     return overrefusal_table(store.labels, sources, headline_probes(runs, store), seed=seed)
-
-
-def headline_report(md_path, report: dict) -> None:
-    """Put the over-refusal table at the top of a run's report.md (before the test metrics), and the category
-    heads section at its end."""
-    from pathlib import Path
-
-    from ._io import atomic_write_text
-    from .categories import render_categories
-
-    md_path = Path(md_path)
-    md = md_path.read_text(encoding="utf-8")
-    cal = report.get("calibration") or {}
-    if report.get("overrefusal"):
-        note = (f"Held-out sources only (never trained on; `overrefusal` is the held-out hard-negative source). "
-                f"Every probe flags at its own threshold, set for a {100 * cal.get('target_fpr', 0):g}% "
-                f"false-positive rate on the benign prompts of the validation split. The text-only and length-only "
-                f"rows are baselines. Our own template prompts are used for training only.")
-        section = render_overrefusal(report["overrefusal"], "Over-refusal and recall (held-out sources)", note)
-        md = md.replace("## Test metrics", section + "\n## Test metrics", 1) if "## Test metrics" in md \
-            else md + "\n" + section
-    if report.get("categories") is not None:
-        md += "\n" + render_categories(report["categories"].get("heads"), report["categories"].get("evaluation", {}))
-    atomic_write_text(md_path, md)

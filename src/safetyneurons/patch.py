@@ -38,8 +38,11 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .hooks import attach, check_hook_point, decoder_layers, hook_width, num_layers, position_ids_from_mask
-from .neurons import NeuronSet
+from .generate import stop_token_ids
+from .controls import random_layer_matched
+from .hooks import (attach, check_hook_point, decoder_layers, forward_with_hooks, hook_width, num_layers,
+                    position_ids_from_mask)
+from .neurons import NeuronSet, check_neuron_set_matches, count_for_percent, select
 from .pair import LoadedModel
 
 PATCH_FORMAT = "safetyneurons.patch/1"
@@ -92,14 +95,6 @@ def _new_cache(model):
         return DynamicCache(config=model.config)
     except TypeError:  # older transformers
         return DynamicCache()
-
-
-def stop_token_ids(lm: LoadedModel) -> list[int]:
-    """Ids that end a reply: the end-of-turn token of the chat template, the tokenizer's and generation EOS."""
-    from .contrast import eos_token_ids
-    from .twin import end_of_turn_id
-
-    return sorted(set(eos_token_ids(lm)) | {end_of_turn_id(lm)})
 
 
 def _last_real(mask: torch.Tensor) -> torch.Tensor:
@@ -385,8 +380,6 @@ def decode_reply(lm: LoadedModel, ids: Sequence[int], stops: Sequence[int] | Non
 def mean_activation(lm: LoadedModel, prompts: Sequence[str], hook_point: str, batch_size: int = 8,
                     max_length: int | None = 256) -> torch.Tensor:
     """float32 [num_layers, width]: ``lm``'s mean activation at ``hook_point`` over the prompts' real tokens."""
-    from .hooks import forward_with_hooks
-
     prompts = _check_prompts(prompts, "prompts")
     total = torch.zeros(num_layers(lm.model), hook_width(lm.model, hook_point), dtype=torch.float64)
     count = 0
@@ -441,8 +434,6 @@ def perplexity_patched(receiver: LoadedModel, donor: LoadedModel | None, texts: 
 def check_neuron_set(neuron_set: NeuronSet, lm: LoadedModel, hook_point: str | None = None,
                      same_weights: bool = True) -> None:
     """The set must fit ``lm`` at the hook point (and, with ``same_weights``, come from its weights when known)."""
-    from .neurons import check_neuron_set_matches
-
     hook_point = hook_point or neuron_set.hook_point
     check_hook_point(hook_point)
     check_neuron_set_matches(neuron_set, hook_point=hook_point, num_layers=num_layers(lm.model),
@@ -469,8 +460,6 @@ def check_k(k: Sequence[float] | float) -> tuple[float, ...]:
 
 def top_k_set(source, k: float) -> NeuronSet:
     """The top ``k``% of all neurons by change score, from change scores or from a (larger) neuron set."""
-    from .neurons import count_for_percent, select
-
     if isinstance(source, NeuronSet):
         total = source.num_layers * source.width
         n = count_for_percent(k, total)
@@ -486,7 +475,5 @@ def top_k_set(source, k: float) -> NeuronSet:
 
 def random_controls(safety: NeuronSet, draws: int, seed: int = 0) -> list[NeuronSet]:
     """``draws`` random layer-matched sets (same count per layer, never a safety neuron; see ``controls``)."""
-    from .controls import random_layer_matched
-
     return [random_layer_matched(safety, d, seed, num_layers=safety.num_layers, width=safety.width)
             for d in range(draws)]

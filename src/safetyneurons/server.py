@@ -33,6 +33,9 @@ from typing import Callable, Sequence
 
 from fastapi import Request  # module level: FastAPI resolves the (postponed) annotations from here
 
+from . import __version__
+from .errors import UserError
+
 log = logging.getLogger("safetyneurons.server")
 
 
@@ -49,8 +52,6 @@ class ServerSettings:
     log_prompts: bool = False
 
     def check(self) -> "ServerSettings":
-        from .errors import UserError
-
         for name in ("max_batch_size", "max_inputs", "max_chars", "max_queue"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -362,8 +363,6 @@ def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max
         except ApiError:
             raise
         except Exception as e:  # noqa: BLE001
-            from .errors import UserError
-
             if isinstance(e, UserError):
                 raise ApiError(422, str(e), code="invalid_input") from None
             log.exception("scoring failed")
@@ -386,8 +385,6 @@ def _moderation_result(r) -> dict:
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -405,8 +402,6 @@ def is_loopback(host: str) -> bool:
 def bind_socket(host: str, port: int):
     """Bind a listening TCP socket (so a busy port is a clear error before the model loads)."""
     import socket
-
-    from .errors import UserError
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)

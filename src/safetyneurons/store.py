@@ -1,16 +1,10 @@
 """Activation store: pooled activations of one model at one hook point, for every prompt of a labelled split.
 
-Per prompt we keep one pooled vector per layer at a hook point (see :mod:`safetyneurons.hooks`):
-
-- ``mean``: mean over the **content** tokens, the user's message only (never the system prompt or other
-  chat-template tokens, see :mod:`safetyneurons.positions`; pads are masked out with ``torch.where``). The
-  reference student project averaged over the whole formatted prompt; store format 1 did the same;
-- ``last``: the last prompt token (the position right before generation starts), as in the paper.
-
-Either all neurons at the hook point are kept (``[num_layers * width]``, layer-major: column
-``layer * width + index``) or only the neurons of a :class:`~safetyneurons.neurons.NeuronSet` (columns in
-the set's order, sorted by (layer, index)). With a neuron set the forward pass only hooks the layers
-holding neurons and stops right after the deepest of them (early exit).
+Per prompt we keep the feature vector :mod:`safetyneurons.features` defines: one pooled value per neuron at a
+hook point, ``mean`` over the **content** tokens (the user's message only, never the system prompt or other
+chat-template tokens; store format 1 averaged over the whole formatted prompt) or the ``last`` prompt token, for
+every neuron at the hook point or only a neuron set's (early exit after its deepest layer). The manifest records
+the :class:`~safetyneurons.features.FeatureSpec` it was extracted with.
 
 On disk a store is a directory::
 
@@ -34,203 +28,25 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from ._io import (atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, sha256_bytes, sha256_file,
-                  sha256_json, versions)
 from . import distributed
+from ._io import (atomic_write_bytes, check_out_dir, atomic_write_json, atomic_write_text, progress_bar, read_json, sha256_bytes,
+                  sha256_file, sha256_json, versions)
+from .constants import STORE_DTYPES
 from .errors import UserError
-# the neuron-set checks live in neurons.py; re-exported here for existing callers
-from .neurons import NeuronSet, check_neuron_set_matches, neuron_set_fingerprints, neuron_set_key  # noqa: F401
-from .shard_writer import HostBatch, ShardWriter, to_host
+from .features import (FeatureSpec, assemble, check_pooling, check_run_args, plan_layers, pooled_batches,
+                       token_counts)
+from .hooks import check_hook_point
+from .neurons import NeuronSet, check_neuron_set_matches, neuron_set_key
+from .records import check_records, jsonl, store_rows
+from .shard_writer import ShardWriter
 
 STORE_FORMAT = "safetyneurons.store/2"  # 2: mean pooling over the content tokens only
-POOLINGS = ("mean", "last")
-STORE_DTYPES = ("float16", "float32")
 PROGRESS_FILE = ".extract-progress.json"
 SHARD_PREFIX = "shard-"
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def check_pooling(pooling: str) -> str:
-    if pooling not in POOLINGS:
-        raise UserError(f"Unknown pooling {pooling!r}. Choose one of: {', '.join(POOLINGS)} "
-                        f"(mean over prompt tokens, or the last prompt token).")
-    return pooling
-
-
-def _layer_plan(lm, hook_point: str, neuron_set: NeuronSet | None):
-    """(layers to hook, {layer: index tensor or None}, feature width d, num_layers, width)."""
-    import torch
-
-    from .hooks import check_hook_point, hook_width, num_layers
-
-    check_hook_point(hook_point)
-    n_layers, width = num_layers(lm.model), hook_width(lm.model, hook_point)
-    if neuron_set is None:
-        return list(range(n_layers)), {i: None for i in range(n_layers)}, n_layers * width, n_layers, width
-    check_neuron_set_matches(neuron_set, hook_point=hook_point, num_layers=n_layers, width=width,
-                             fingerprint=getattr(lm, "fingerprint", "") or "", what="model")
-    device = lm.device
-    by_layer = {l: torch.as_tensor(idx, dtype=torch.long, device=device) for l, idx in neuron_set.by_layer().items()}
-    return sorted(by_layer), by_layer, len(neuron_set), n_layers, width
-
-
-def _token_lengths(lm, prompts: Sequence[str], max_length: int | None) -> np.ndarray:
-    tok = lm.tokenizer
-    enc = tok([lm.format(p) for p in prompts], padding=False, truncation=max_length is not None,
-              max_length=max_length, add_special_tokens=not lm.chat_template)
-    return np.array([len(ids) for ids in enc["input_ids"]], dtype=np.int64)
-
-
-def token_counts(lm, prompts: Sequence[str], max_length: int | None = 256) -> np.ndarray:
-    """Tokens of each formatted, truncated prompt: the length baseline's feature (stores: ``n_tokens``)."""
-    return _token_lengths(lm, list(prompts), max_length)
-
-
-def _pool_batch(lm, batch: Sequence[str], hook_point: str, pooling: str, layers, index, max_length) -> HostBatch:
-    """Pooled features of one batch, float32 ``[len(batch), d]``, column blocks in layer order, on their way
-    to host memory (the device-to-host copy does not block on CUDA; see :mod:`safetyneurons.shard_writer`)."""
-    import torch
-
-    from .hooks import forward_with_hooks
-
-    enc = lm.encode(batch, max_length=max_length, padding_side="right", content_mask=pooling == "mean")
-    if int(enc["attention_mask"].sum(1).min()) == 0:  # checked on the CPU copy: no device sync
-        raise UserError("A prompt encodes to zero tokens; remove empty prompts from the data.")
-    if pooling == "mean" and int(enc["content_mask"].sum(1).min()) == 0:
-        raise UserError(f"A prompt keeps none of its own tokens within --max-length {max_length} (the chat "
-                        f"template fills it); raise --max-length.")
-    real = enc["attention_mask"].to(lm.device).bool()
-    mask = enc["content_mask"].to(lm.device) if pooling == "mean" else real  # the tokens the mean runs over
-    counts = mask.sum(1, keepdim=True).float()  # [b, 1]
-    last = real.sum(1) - 1  # right padding: index of the last real token (the end of the generation prompt)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    pieces: dict[int, torch.Tensor] = {}
-
-    def callback(layer: int, t: torch.Tensor) -> None:
-        idx = index[layer]
-        if idx is not None:
-            t = t.index_select(-1, idx.to(t.device))  # only this layer's neurons, before any pooling work
-        if pooling == "mean":
-            m = mask.to(t.device)
-            masked = torch.where(m.unsqueeze(-1), t, torch.zeros((), dtype=t.dtype, device=t.device))
-            pooled = masked.float().sum(1) / counts.to(t.device)
-        else:
-            pooled = t[rows.to(t.device), last.to(t.device)].float()
-        pieces[layer] = pooled
-
-    forward_with_hooks(lm.model, enc["input_ids"], enc["attention_mask"], hook_point, callback,
-                       layers=layers, early_exit=True)
-    device = pieces[layers[0]].device  # layers may sit on several devices (device_map="auto")
-    return to_host(torch.cat([pieces[l].to(device) for l in layers], dim=1))
-
-
-def _pooled_batches(lm, prompts: Sequence[str], hook_point: str, pooling: str, layers, index, batch_size: int,
-                    max_length: int | None, bar=None) -> list[tuple[np.ndarray, HostBatch]]:
-    """``[(row indices, pooled batch)]`` covering ``prompts``; batches are formed over length-sorted prompts."""
-    if not prompts:
-        return []
-    lengths = _token_lengths(lm, prompts, max_length)
-    order = np.argsort(-lengths, kind="stable")  # longest first: peak memory shows up at once
-    out = []
-    for start in range(0, len(order), batch_size):
-        sel = order[start:start + batch_size]
-        out.append((sel, _pool_batch(lm, [prompts[i] for i in sel], hook_point, pooling, layers, index,
-                                     max_length)))
-        if bar is not None:
-            bar.update(len(sel))
-    return out
-
-
-def _assemble(batches: list[tuple[np.ndarray, HostBatch]], n: int, d: int) -> np.ndarray:
-    """float32 ``[n, d]`` from ``_pooled_batches`` output (waits for pending device-to-host copies)."""
-    feats = np.empty((n, d), dtype=np.float32)
-    for sel, batch in batches:
-        feats[sel] = batch.numpy()
-    return feats
-
-
-def _check_run_args(batch_size: int, max_length: int | None) -> None:
-    if int(batch_size) < 1:
-        raise UserError(f"batch size must be >= 1 (got {batch_size}).")
-    if max_length is not None and int(max_length) < 1:
-        raise UserError(f"max length must be >= 1 token (got {max_length}).")
-
-
-def _progress_bar(total: int, enabled: bool, desc: str, initial: int = 0):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="prompt", desc=desc, disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1)
-
-
-def pooled_features(lm, prompts: Sequence[str], hook_point: str, pooling: str = "mean",
-                    neuron_set: NeuronSet | None = None, batch_size: int = 16, max_length: int | None = 256,
-                    progress: bool = False) -> np.ndarray:
-    """Pooled activations of ``prompts`` (in memory): float32 ``[len(prompts), d]``.
-
-    ``d`` is ``num_layers * width`` (layer-major) without a neuron set, else ``len(neuron_set)`` with
-    columns in the set's (layer, index) order. With a neuron set only its layers are hooked and the
-    forward pass stops after its deepest layer. Prompts are batched by token length; rows come back in
-    the given order.
-    """
-    check_pooling(pooling)
-    _check_run_args(batch_size, max_length)
-    prompts = list(prompts)
-    if any(not isinstance(p, str) for p in prompts):
-        raise UserError("Prompts must be strings.")
-    layers, index, d, _, _ = _layer_plan(lm, hook_point, neuron_set)
-    bar = _progress_bar(len(prompts), progress, "pooled activations")
-    try:
-        batches = _pooled_batches(lm, prompts, hook_point, pooling, layers, index, int(batch_size), max_length, bar)
-        return _assemble(batches, len(prompts), d)
-    finally:
-        bar.close()
-
-
-# --------------------------------------------------------------------------------------- records
-def check_records(records: Iterable[dict], what: str = "data") -> list[dict]:
-    """Validate labelled records (id, prompt, label 0/1); ids must be unique. UserError otherwise."""
-    records = list(records)
-    if not records:
-        raise UserError(f"{what}: the split is empty (no records). Give a split or file with labelled prompts.")
-    seen: set[str] = set()
-    for k, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise UserError(f"{what}: record {k} is not an object with id, prompt and label.")
-        missing = [f for f in ("id", "prompt", "label") if f not in r]
-        if missing:
-            raise UserError(f"{what}: record {k} lacks {', '.join(missing)}; each record needs "
-                            f"id, prompt and label (1 = unsafe, 0 = safe).")
-        if not isinstance(r["prompt"], str) or not r["prompt"].strip():
-            raise UserError(f"{what}: record {r['id']!r} has an empty or non-text prompt.")
-        if r["label"] not in (0, 1) or isinstance(r["label"], bool):
-            raise UserError(f"{what}: record {r['id']!r} has label {r['label']!r}; labels must be 0 (safe) "
-                            f"or 1 (unsafe).")
-        rid = str(r["id"])
-        if rid in seen:
-            raise UserError(f"{what}: duplicate record id {rid!r}; ids must be unique.")
-        seen.add(rid)
-    return records
-
-
-def _records_jsonl(records: Sequence[dict]) -> str:
-    keep = ("id", "prompt", "label", "source", "category", "cluster")
-    lines = []
-    for r in records:
-        obj = {k: r[k] for k in keep if k in r}
-        obj["id"] = str(obj["id"])
-        obj["label"] = int(obj["label"])
-        lines.append(json.dumps(obj, sort_keys=True, ensure_ascii=False))
-    return "\n".join(lines) + "\n"
-
-
-def records_sha256(records: Sequence[dict]) -> str:
-    """sha256 of the records as the store keeps them (canonical JSONL)."""
-    return sha256_bytes(_records_jsonl(records).encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------------ store
@@ -275,6 +91,11 @@ class Store:
     def neuron_set(self) -> NeuronSet | None:
         ns = self.manifest.get("neuron_set")
         return None if ns is None else NeuronSet.from_json(ns, source=f"{self.path}/manifest.json")
+
+    @property
+    def spec(self) -> FeatureSpec:
+        """How the features were extracted (hook point, pooling, max length, neuron set, model)."""
+        return FeatureSpec.from_meta(self.manifest, source=f"{self.path}/manifest.json")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -401,17 +222,14 @@ def _clean_dir(out: Path) -> None:
 
 def check_store_out(out: Path) -> None:
     """``out`` must be a new directory, an empty one, or an (unfinished) activation store."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is an existing file; give a directory path.")
-    if out.is_dir():
-        ours = {"manifest.json", PROGRESS_FILE, "records.jsonl"}
-        foreign = [p.name for p in out.iterdir()
-                   if p.name not in ours and not (p.name.startswith(SHARD_PREFIX) and p.suffix == ".safetensors")
-                   and not p.name.startswith(".")]
-        if foreign:
-            raise UserError(f"--out {out} already holds files that are not part of an activation store "
-                            f"({', '.join(sorted(foreign)[:3])}...). Give a new or empty directory.")
+    check_out_dir(out, lambda d: all(_ours(p.name) for p in d.iterdir()),
+                  "already holds files that are not part of an activation store. Give a new or empty directory.")
+
+
+def _ours(name: str) -> bool:
+    """A file an extraction writes (hidden files are ignored)."""
+    return name in ("manifest.json", PROGRESS_FILE, "records.jsonl") or name.startswith(".") or \
+        (name.startswith(SHARD_PREFIX) and name.endswith(".safetensors"))
 
 
 def _prepare_out(out: Path, plan_hash: str, records_text: str, data_hash: str) -> dict[int, str]:
@@ -457,11 +275,9 @@ def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point:
     ``data_info`` (e.g. the split's path and file hash) is recorded in the manifest. Shards are cast, hashed
     and written on a background thread (``writer_thread=False``: in the caller; the bytes are the same).
     """
-    from .hooks import check_hook_point
-
     check_hook_point(hook_point)
     check_pooling(pooling)
-    _check_run_args(batch_size, max_length)
+    check_run_args(batch_size, max_length)
     if dtype not in STORE_DTYPES:
         raise UserError(f"Unknown store dtype {dtype!r}. Choose one of: {', '.join(STORE_DTYPES)}.")
     if int(shard_size) < 1:
@@ -470,16 +286,18 @@ def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point:
     records = check_records(records)
     out = Path(out_dir)
     check_store_out(out)
-    layers, index, d, n_layers, width = _layer_plan(lm, hook_point, neuron_set)
+    layer_plan = plan_layers(lm, hook_point, neuron_set)
+    d = layer_plan.d
 
     n = len(records)
     prompts = [r["prompt"] for r in records]
     labels = np.array([int(r["label"]) for r in records], dtype=np.int64)
-    records_text = _records_jsonl(records)
+    records_text = jsonl(store_rows(records))  # records_sha256(records, form="store")
     data_hash = sha256_bytes(records_text.encode("utf-8"))
     settings = {"hook_point": hook_point, "pooling": pooling, "dtype": dtype, "shard_size": shard_size,
                 "batch_size": batch_size, "max_length": max_length}
-    model = lm.describe()
+    spec = FeatureSpec(hook_point, pooling, max_length, neuron_set, model=lm.describe())
+    model = spec.model
     plan = {"format": STORE_FORMAT, "settings": settings, "records_sha256": data_hash,
             "model_sha256": model.get("sha256", ""), "model_ref": model.get("ref"),
             "neurons_sha256": neuron_set_key(neuron_set) if neuron_set is not None else None,
@@ -491,10 +309,9 @@ def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point:
         "format": STORE_FORMAT,
         "n": n, "d": d,
         "layout": "all" if neuron_set is None else "neuron_set",
-        "num_layers": n_layers, "width": width,
+        "num_layers": layer_plan.num_layers, "width": layer_plan.width,
         **settings,
-        "model": model,
-        "neuron_set": neuron_set.to_json() if neuron_set is not None else None,
+        **spec.fields(),
         "neurons_sha256": plan["neurons_sha256"],
         "data": {**(data_info or {}), "n": n, "n_unsafe": int(labels.sum()), "n_safe": int(n - labels.sum())},
         "records_sha256": data_hash,
@@ -521,13 +338,13 @@ def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point:
     save_progress()
     todo = distributed.share([i for i in range(len(bounds)) if i not in done])  # under torchrun: this rank's
     skipped = sum(bounds[i][1] - bounds[i][0] for i in done)
-    bar = _progress_bar(skipped + sum(bounds[i][1] - bounds[i][0] for i in todo), progress and rank == 0,
-                        "extract", initial=skipped)
+    bar = progress_bar(skipped + sum(bounds[i][1] - bounds[i][0] for i in todo), "extract", "prompt",
+                       progress and rank == 0, initial=skipped, smoothing=0.1)
     if progress and done and rank == 0:
         print(f"Resuming: {len(done)} of {len(bounds)} shards already done and verified.", file=sys.stderr)
     def write_shard(i: int, batches) -> None:  # runs on the writer thread
         s, e = bounds[i]
-        feats = _assemble(batches, e - s, d)
+        feats = assemble(batches, e - s, d)
         if not np.isfinite(feats).all():
             raise UserError("The model produced NaN/inf activations; run it in float32 (--model-dtype float32).")
         if dtype == "float16" and np.abs(feats).max() > np.finfo(np.float16).max:
@@ -543,8 +360,8 @@ def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point:
         with ShardWriter(max_pending=2, threaded=writer_thread) as writer:
             for i in todo:
                 s, e = bounds[i]
-                batches = _pooled_batches(lm, prompts[s:e], hook_point, pooling, layers, index, batch_size,
-                                          max_length, bar)
+                batches = pooled_batches(lm, prompts[s:e], hook_point, pooling, layer_plan, batch_size, max_length,
+                                         bar)
                 writer.submit(lambda i=i, batches=batches: write_shard(i, batches))
     finally:
         bar.close()

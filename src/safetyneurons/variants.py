@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .compare import compare_feature_sets
 from .errors import UserError
 from .neurons import NeuronSet, count_for_percent, select
 
@@ -175,8 +176,6 @@ def probe_variants(train, test, sets: dict[str, NeuronSet], classifiers: Sequenc
                    seed: int = 0, n_boot: int = 1000) -> list[dict]:
     """The safety probe of each variant's neuron set on the same train/test stores: one row per (variant,
     classifier) with the test metrics (AUROC with its bootstrap CI). The controls stay those of the main run."""
-    from .compare import compare_feature_sets
-
     rows = []
     for name, ns in sets.items():
         res = compare_feature_sets(train, test, ns, classifiers=",".join(classifiers), feature_sets="safety",

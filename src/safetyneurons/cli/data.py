@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..constants import FILE_FORMATS
 from ..errors import UserError
 
 
@@ -103,7 +104,7 @@ def format_manifest(manifest: dict) -> str:
 @click.option("--label-col", default=None, help="Label column (default: label).")
 @click.option("--label", default=None, help="One label for every prompt (needed for plain text): harmful|benign.")
 @click.option("--format", "fmt", default=None,
-              type=click.Choice(["csv", "tsv", "json", "jsonl", "parquet", "text"], case_sensitive=False),
+              type=click.Choice(tuple(dict.fromkeys(FILE_FORMATS.values())), case_sensitive=False),
               help="File format (default: from the extension).")
 @click.option("--max-chars", default=2000, show_default=True, type=int, help="Prompts longer than this are flagged.")
 def import_cmd(file, out, prompt_col, label_col, label, fmt, max_chars):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..constants import DEVICES, GUARD_MODES
 from ..errors import UserError
 
 _EXCERPT = 60
@@ -69,7 +70,7 @@ def _guard_options(f):
     f = click.option("--guard-sha256", default=None, metavar="SHA256",
                      help="Refuse the guard unless its id (sha256 of guard.json's content) is this.")(f)
     f = click.option("--batch-size", default=16, show_default=True, help="Prompts per forward pass.")(f)
-    f = click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default="cpu", show_default=True)(f)
+    f = click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)(f)
     f = click.option("--model", "model_ref", default=None, metavar="REF",
                      help="Where the guard's model is (default: the ref in guard.json); its weights must "
                           "match the guard's sha256.")(f)
@@ -139,7 +140,8 @@ def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, pro
               help="torch CPU threads for scoring (default: torch's choice). 1 can be faster on a busy machine.")
 @click.option("--generate", is_flag=True,
               help="Also serve the guard's model behind POST /v1/chat/completions, guarded by the same prefill.")
-@click.option("--guard-mode", type=click.Choice(("block", "monitor")), default="block", show_default=True,
+@click.option("--guard-mode", type=click.Choice(tuple(m for m in GUARD_MODES if m != "off")), default="block",
+              show_default=True,
               help="With --generate: refuse flagged conversations (block) or only report the score (monitor).")
 @click.option("--refusal", default=None, metavar="TEXT",
               help="With --generate: the reply to a flagged conversation (default: \"I can't help with that "

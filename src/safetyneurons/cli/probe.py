@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
+from ..constants import (CLASSIFIERS, DEVICES, FEATURE_SETS, GUARD_FEATURE_SETS, HOOK_POINTS, MODEL_DTYPES, POOLINGS,
+                         STORE_DTYPES)
 from ..errors import UserError
-
-_POOLINGS = ("mean", "last")
-_HOOKS = ("mlp_out", "mlp_neurons", "resid")
 
 
 def read_labelled(arg: str) -> tuple[list[dict], dict]:
@@ -36,20 +35,20 @@ def _positive(name: str, value: int) -> int:
               help="Model whose activations are stored (default: the default base model).")
 @click.option("--data", required=True, metavar="SPLIT_OR_FILE",
               help="Labelled split name (train, test, heldout...), JSONL file or named dataset.")
-@click.option("--hook-point", type=click.Choice(_HOOKS), default=None,
+@click.option("--hook-point", type=click.Choice(tuple(HOOK_POINTS)), default=None,
               help="Where to read activations (default: the neuron set's hook point, else mlp_out).")
-@click.option("--pooling", type=click.Choice(_POOLINGS), default="mean", show_default=True,
+@click.option("--pooling", type=click.Choice(POOLINGS), default="mean", show_default=True,
               help="mean over prompt tokens (reference project) or last prompt token (paper).")
 @click.option("--neurons", "neurons_file", type=click.Path(dir_okay=False), default=None,
               help="Neuron set JSON: keep only its neurons (with early exit). Default: keep all neurons.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store directory (resumable).")
-@click.option("--dtype", type=click.Choice(("float16", "float32")), default="float16", show_default=True,
+@click.option("--dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True,
               help="Storage dtype of the features.")
 @click.option("--shard-size", default=256, show_default=True, help="Prompts per shard.")
 @click.option("--batch-size", default=16, show_default=True, help="Prompts per forward pass.")
 @click.option("--max-length", default=256, show_default=True, help="Truncate prompts to this many tokens.")
-@click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default="cpu", show_default=True)
-@click.option("--model-dtype", type=click.Choice(("float32", "bfloat16", "float16")), default="float32",
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@click.option("--model-dtype", type=click.Choice(MODEL_DTYPES), default="float32",
               show_default=True, help="Dtype the model runs in.")
 def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shard_size, batch_size, max_length,
             device, model_dtype):
@@ -68,7 +67,8 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
         raise UserError(f"--hook-point {hook_point} differs from the neuron set's hook point {ns.hook_point}; "
                         f"leave --hook-point out or use a neuron set found at {hook_point}.")
     hook_point = hook_point or (ns.hook_point if ns is not None else "mlp_out")
-    from ..store import check_records, check_store_out
+    from ..records import check_records
+    from ..store import check_store_out
 
     check_store_out(Path(out))
     records, info = read_labelled(data)
@@ -92,10 +92,10 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
 @click.option("--neurons", "neurons_file", type=click.Path(dir_okay=False), default=None,
               help="Safety neuron set JSON (default: the one the stores were extracted with).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report + probes directory.")
-@click.option("--classifiers", default="svm,logreg", show_default=True, help="Comma list of: svm, logreg.")
-@click.option("--feature-sets", default="safety,pca,all,random,random_global,magnitude,text,length",
-              show_default=True, help="Comma list of: safety, pca, all, random (layer-matched), random_global, "
-                                      "magnitude, text, length.")
+@click.option("--classifiers", default=",".join(CLASSIFIERS), show_default=True,
+              help=f"Comma list of: {', '.join(CLASSIFIERS)}.")
+@click.option("--feature-sets", default=",".join(FEATURE_SETS), show_default=True,
+              help=f"Comma list of: {', '.join(FEATURE_SETS)} (random: layer-matched).")
 @click.option("--random-draws", default=20, show_default=True,
               help="Seeded draws of each random neuron control (random, random_global).")
 @click.option("--seed", default=0, show_default=True)
@@ -108,9 +108,9 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
               help="Feature sets whose probes are saved under OUT/probes (random controls: draw 1).")
 @click.option("--export-guard", "guard_dir", type=click.Path(file_okay=False), default=None,
               help="Also export a guard from the probe below into this directory.")
-@click.option("--guard-feature-set", type=click.Choice(("safety", "pca", "all")), default="safety",
+@click.option("--guard-feature-set", type=click.Choice(GUARD_FEATURE_SETS), default="safety",
               show_default=True, help="Which probe --export-guard ships.")
-@click.option("--guard-classifier", type=click.Choice(("svm", "logreg")), default=None,
+@click.option("--guard-classifier", type=click.Choice(CLASSIFIERS), default=None,
               help="Classifier of the exported guard (default: the first of --classifiers).")
 @click.option("--val", "val_dir", type=click.Path(), default=None,
               help="Store of the validation split: every probe's threshold is set on it for --target-fpr "
@@ -124,8 +124,9 @@ def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, ran
     from ..neurons import NeuronSet
     from ..compare import FEATURE_SETS, compare_feature_sets
     from ..probe import CLASSIFIERS, parse_list
+    from ..guard import export_run_guard
     from ..report import controls_section, reference_printout, results_table, write_report
-    from ..store import Store
+    from ..store import Store, describe_store
 
     check_out_dir(out)
     if n_boot < 0 or cv < 0:
@@ -164,30 +165,10 @@ def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, ran
     click.echo(controls_section(report))
     click.echo(f"Report: {Path(out) / 'report.md'}")
     if guard_dir:
-        _export_guard(guard_dir, result, report, train_store, test_store, guard_feature_set, guard_classifier,
-                      calibration.get(f"{guard_feature_set}/{guard_classifier}"))
-
-
-def _export_guard(guard_dir, result, report, train_store, test_store, feature_set, classifier, calibration=None):
-    try:
-        from ..guard import export_guard
-    except ModuleNotFoundError as e:
-        if e.name != "safetyneurons.guard":
-            raise
-        raise UserError("--export-guard needs the safetyneurons.guard module, which is not installed; the "
-                        "probes and report were written, retrain with --export-guard once it is.") from None
-    from ..store import describe_store
-
-    run = result.run(feature_set, classifier)
-    entry = next(r for r in report["results"] if r["feature_set"] == feature_set and r["classifier"] == classifier)
-    m = train_store.manifest
-    export_guard(guard_dir, lm_ref=m["model"]["ref"], lm_fingerprint=m["model"].get("sha256") or "",
-                 neuron_set=run.neuron_sets[0], probe=run.probes[0], hook_point=m["hook_point"],
-                 pooling=m["pooling"], max_length=m["max_length"], feature_set=feature_set,
-                 metrics=entry["metrics"],
-                 data={"train": describe_store(train_store), "test": describe_store(test_store)},
-                 calibration=calibration)
-    click.echo(f"Guard exported to {guard_dir} ({feature_set} / {classifier}).")
+        export_run_guard(guard_dir, result.run(guard_feature_set, guard_classifier), train_store,
+                         data={"train": describe_store(train_store), "test": describe_store(test_store)},
+                         calibration=calibration.get(f"{guard_feature_set}/{guard_classifier}"))
+        click.echo(f"Guard exported to {guard_dir} ({guard_feature_set} / {guard_classifier}).")
 
 
 @click.command("evaluate")
@@ -200,14 +181,12 @@ def _export_guard(guard_dir, result, report, train_store, test_store, feature_se
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples for the AUROC CI.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", type=click.Choice(("cpu", "cuda", "auto")), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 def evaluate(probe_dir, data, model_ref, out, batch_size, n_boot, seed, device):
     """Score a trained probe on any labelled data (e.g. the held-out sources) and write a report."""
-    import json
-
-    from .._io import atomic_dir, atomic_write_text, check_out_dir, versions
-    from ..probe import TextProbe, evaluate_probe, json_safe, load_probe
-    from ..report import reference_printout, write_evaluation
+    from .._io import atomic_dir, check_out_dir
+    from ..probe import TextProbe, evaluate_probe, load_probe
+    from ..report import evaluation_label, evaluation_report, reference_printout, write_evaluation
 
     check_out_dir(out)
     _positive("batch-size", batch_size)
@@ -219,16 +198,17 @@ def evaluate(probe_dir, data, model_ref, out, batch_size, n_boot, seed, device):
     lm = None
     data_path = Path(data).expanduser()
     if data_path.is_dir() and (data_path / "manifest.json").is_file():
+        from ..features import probe_features
         from ..store import Store
 
         store = Store.load(data_path)
         records, info = store.records, {"source": str(data_path), "store": True,
                                         "records_sha256": store.manifest["records_sha256"]}
         if not isinstance(probe, TextProbe):
-            features = _store_features(store, probe)
+            features = probe_features(probe, store=store)
     else:
         records, info = read_labelled(data)
-    from ..store import check_records
+    from ..records import check_records
 
     records = check_records(records, what=f"--data {data}")
     if not isinstance(probe, TextProbe) and features is None:
@@ -239,48 +219,13 @@ def evaluate(probe_dir, data, model_ref, out, batch_size, n_boot, seed, device):
             raise UserError("The probe does not record its model; pass --model REF.")
         lm = load_model(ref, device=device, chat_template=(meta.get("model") or {}).get("chat_template"))
     res = evaluate_probe(probe, records, lm=lm, features=features, n_boot=n_boot, seed=seed, batch_size=batch_size)
-    label = f"{meta.get('feature_set', 'text')} / {probe.name}"
-    report = {"format": "safetyneurons.probe_evaluation/1",
-              "probe": {"path": str(probe_dir), "feature_set": meta.get("feature_set", "text"),
-                        "classifier": probe.name, "threshold": probe.threshold, "model": meta.get("model")},
-              "data": {**info, "n": len(records)}, "model": lm.describe() if lm is not None else None,
-              "metrics": res["metrics"], "versions": versions()}
+    report = evaluation_report(probe, probe_dir, records, res, info, lm)
     with atomic_dir(out) as tmp:
-        write_evaluation(tmp, report, res["labels"], res["proba"], label)
-        lines = [json.dumps(json_safe({"id": str(r["id"]), "label": int(r["label"]), "p_unsafe": float(p),
-                                       "pred": int(q)}), sort_keys=True)
-                 for r, p, q in zip(records, res["proba"], res["pred"])]
-        atomic_write_text(tmp / "predictions.jsonl", "\n".join(lines) + "\n")
+        write_evaluation(tmp, report, records, res)
     m = res["metrics"]
-    click.echo(reference_printout(label, m))
+    click.echo(reference_printout(evaluation_label(report), m))
     ci = m["auroc_ci"]
     click.echo(f"accuracy {m['accuracy']:.4f}  F1 {m['f1']:.4f}  AUROC {m['auroc']:.4f}"
                + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci[0] is not None else "")
                + f"  AUPRC {m['auprc']:.4f}  TPR@1%FPR {m['tpr_at_1pct_fpr']:.4f}")
     click.echo(f"Report: {Path(out) / 'report.md'}")
-
-
-def _store_features(store, probe):
-    """The probe's input columns from an activation store (checked against the probe's settings)."""
-    from ..neurons import NeuronSet
-
-    meta = probe.meta
-    for key in ("hook_point", "pooling", "max_length"):
-        if store.manifest.get(key) != meta.get(key):
-            raise UserError(f"Store {store.path} has {key} {store.manifest.get(key)!r} but the probe was trained "
-                            f"with {meta.get(key)!r}. Extract the data with the probe's settings, or pass a "
-                            f"labelled file instead of a store.")
-    want = (meta.get("model") or {}).get("sha256") or ""
-    if want and store.fingerprint and want != store.fingerprint:
-        raise UserError(f"Store {store.path} comes from model {store.fingerprint[:12]}... but the probe was trained "
-                        f"on {want[:12]}.... Extract the data with the probe's model.")
-    if meta.get("feature_set") == "length":
-        from ..compare import length_features
-
-        return length_features(store)
-    if meta.get("neuron_set"):
-        return store.select(NeuronSet.from_json(meta["neuron_set"], source="probe metadata"))
-    if store.layout != "all":
-        raise UserError(f"The probe reads all neurons but store {store.path} holds only a neuron set's. "
-                        f"Extract without --neurons.")
-    return store.features

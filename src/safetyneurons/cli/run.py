@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM, HOOK_POINTS, POOLINGS, POSITIONS
+
 
 @click.command("run")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
@@ -18,14 +20,14 @@ import click
               help="Use the paper's setting (hook point mlp_neurons, change scores on completion tokens written by "
                    "the base model, last prompt token for the probes) instead of the reference project's (mlp_out, "
                    "content tokens, mean over the user's message).")
-@click.option("--hook-point", type=click.Choice(["mlp_out", "mlp_neurons", "resid"]), default=None,
+@click.option("--hook-point", type=click.Choice(tuple(HOOK_POINTS)), default=None,
               help="Hook point for contrasting and probing [default: mlp_out, or mlp_neurons with --paper].")
-@click.option("--pooling", type=click.Choice(["mean", "last"]), default=None,
+@click.option("--pooling", type=click.Choice(POOLINGS), default=None,
               help="How a prompt's token activations are pooled for the probes [default: mean, or last with --paper].")
-@click.option("--positions", type=click.Choice(["content", "prompt", "prompt_last", "completion"]), default=None,
+@click.option("--positions", type=click.Choice(tuple(POSITIONS)), default=None,
               help="Token positions whose activation change is scored [default: content, or completion with "
                    "--paper].")
-@click.option("--completion-from", type=click.Choice(["base", "aligned"]), default=None,
+@click.option("--completion-from", type=click.Choice(COMPLETION_FROM), default=None,
               help="Which model writes the answer for --positions completion [default: base, as in the paper].")
 @click.option("--selection", type=click.Choice(["rms", "relative", "harmful_minus_benign"]), default=None,
               help="How the safety neurons are ranked: rms = the change score (the paper); relative = change / base "
@@ -41,9 +43,9 @@ import click
               help="Aligned model reference [default: the default twin, built on first run and cached].")
 @click.option("--splits", type=click.Path(file_okay=False), default=None,
               help="A splits directory from `safetyneurons data build` [default: the default mix].")
-@click.option("--features-from", type=click.Choice(["base", "aligned"]), default="base", show_default=True,
+@click.option("--features-from", type=click.Choice(FEATURES_FROM), default="base", show_default=True,
               help="Which model's activations the probes read (the reference project used the base model).")
-@click.option("--guard-classifier", type=click.Choice(["svm", "logreg"]), default="logreg", show_default=True,
+@click.option("--guard-classifier", type=click.Choice(CLASSIFIERS), default="logreg", show_default=True,
               help="Classifier of the exported guard (always on the safety neurons).")
 @click.option("--random-draws", type=int, default=20, show_default=True,
               help="Seeded draws of each random neuron control (layer-matched and global).")

@@ -1,0 +1,46 @@
+"""The library's named choices, in one import-light module (no torch), so the CLI takes its options from here
+without slowing ``--help``. Each owning module imports its own (``hooks.HOOK_POINTS``, ...)."""
+
+from __future__ import annotations
+
+#: Hook points (see :mod:`safetyneurons.hooks`).
+HOOK_POINTS: dict[str, str] = {
+    "mlp_out": "output of each layer's MLP block (width = hidden size)",
+    "mlp_neurons": "MLP intermediate activations, the input of down_proj (width = MLP width)",
+    "resid": "each decoder layer's output hidden state (width = hidden size)",
+}
+#: Token positions of the change score (see :mod:`safetyneurons.contrast`).
+POSITIONS: dict[str, str] = {
+    "content": "the tokens of the user's message only, never system-prompt or chat-template tokens",
+    "prompt": "every prompt token (chat template included); padding never counts",
+    "prompt_last": "the last prompt token of each prompt, where the answer starts",
+    "completion": "the tokens one model of the pair (completion_from, default base) generates greedily, up to "
+                  "and including the first EOS; both models read the same prompt + answer ids, prompt and "
+                  "padding tokens do not count",
+}
+COMPLETION_FROM = ("base", "aligned")
+PADDING_SIDES = ("right", "left")
+#: Pooling of a prompt's activations into one feature vector (see :mod:`safetyneurons.features`).
+POOLINGS = ("mean", "last")
+#: Storage dtypes of activation stores.
+STORE_DTYPES = ("float16", "float32")
+#: Dtypes and devices a model can be loaded with (see :func:`safetyneurons.pair.load_model`).
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda", "auto")
+#: Probe classifiers (see :mod:`safetyneurons.probe`).
+CLASSIFIERS = ("svm", "logreg")
+#: Feature sets probes are compared on (see :mod:`safetyneurons.compare`): the safety neurons, all neurons and
+#: their PCA, the neuron controls (layer-matched random, global random, magnitude-matched) and the baselines
+#: without activations (text, length).
+FEATURE_SETS = ("safety", "pca", "all", "random", "random_global", "magnitude", "text", "length")
+#: Feature sets a guard can ship (activation probes of one fixed column set).
+GUARD_FEATURE_SETS = ("safety", "pca", "all")
+#: Which model's activations the probes of a run read.
+FEATURES_FROM = ("base", "aligned")
+#: How a guarded chat treats a flagged prompt (see :mod:`safetyneurons.chat`).
+GUARD_MODES = ("block", "monitor", "off")
+#: File formats labelled prompts are read from, by file extension (see :mod:`safetyneurons.readers`).
+FILE_FORMATS: dict[str, str] = {
+    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
+    ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text",
+}
