@@ -267,7 +267,8 @@ class Guard:
     @property
     def spec(self) -> FeatureSpec:
         """What the guard reads (from its current hook point, pooling, max length and neuron set)."""
-        return FeatureSpec(self.hook_point, self.pooling, self.max_length, self.neuron_set, model=self.meta["model"])
+        return FeatureSpec(self.hook_point, self.pooling, self.max_length, self.neuron_set,
+                           model=self.meta.get("model") or {})
 
     # ---- identity
     @property
