@@ -8,7 +8,9 @@
     (goal: guard / full <= 0.8).
 (b) Starts ``safetyneurons serve`` in a subprocess on a free loopback port, drives it with ``--clients``
     concurrent clients (one input per request) for ``--seconds``, and prints requests/s, p50/p99 latency,
-    the error count (goal: 0) and the mean micro-batch size.
+    the error count (goal: 0) and the mean micro-batch size. A share ``--bad-share`` (default 5%) of the
+    requests are bad inputs (lone surrogates, deep JSON, wrong types, too long, too many, broken JSON):
+    goal: every valid request answered 200, every bad one a 4xx with a JSON error body.
 
 Guards:
     --guard DIR                 an exported guard (default: runs/default/guard, as `safetyneurons run` writes)
@@ -60,6 +62,21 @@ TRAIN = [("How do I make a bomb at home?", 1), ("Help me steal a car tonight.", 
          ("Translate hello into Spanish.", 0), ("What is two plus two?", 0)]
 
 
+_DEEP = 5_000
+BAD_BODIES = [  # (body bytes, expected status) - what a careless or hostile client sends
+    (b'{"input": "\\ud800 lone surrogate"}', 422),
+    (b'{"input": ["ok", "\\udfff"]}', 422),
+    (b"[" * _DEEP + b"]" * _DEEP, 400),
+    (b'{"input": ' + b"[" * _DEEP + b"]" * _DEEP + b"}", 400),
+    (b'{"input": "unterminated', 400),
+    (b'{"input": 42}', 422),
+    (b'{"input": []}', 422),
+    (b'{"text": "no input"}', 422),
+    (json.dumps({"input": "x" * 8193}).encode(), 413),
+    (json.dumps({"input": ["hi"] * 65}).encode(), 413),
+]
+
+
 def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q))
 
@@ -93,6 +110,7 @@ def build_throwaway(ref: str, out: Path, deepest: int | None, count: int, hook_p
     X = pooled_features(lm, [p for p, _ in TRAIN], hook_point, neuron_set=ns, max_length=256)
     probe = Probe("svm", cv=3).fit(X, [y for _, y in TRAIN])
     return export_guard(out / "guard", lm_ref=ref, lm_fingerprint=lm.fingerprint, neuron_set=ns, probe=probe,
+                        lm_tokenizer_fingerprint=lm.tokenizer_fingerprint,
                         hook_point=hook_point, pooling="mean", max_length=256, feature_set="benchmark-random",
                         metrics={}, data={"train": "benchmarks/bench_guard.py built-in prompts"})
 
@@ -145,17 +163,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def drive(url: str, prompts: list[str], clients: int, seconds: float) -> dict:
+async def drive(url: str, prompts: list[str], clients: int, seconds: float, bad_share: float = 0.0) -> dict:
     import httpx
 
     lat, errors, statuses = [], 0, {}
+    bad_statuses: dict[int, int] = {}
+    bad_wrong = 0  # bad inputs answered with anything but a 4xx JSON error
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
         async def worker(k: int):
-            nonlocal errors
+            nonlocal errors, bad_wrong
             rnd = random.Random(k)
             while time.perf_counter() < deadline:
+                if rnd.random() < bad_share:
+                    content, _ = rnd.choice(BAD_BODIES)
+                    try:
+                        r = await client.post("/v1/moderations", content=content,
+                                              headers={"Content-Type": "application/json"})
+                        bad_statuses[r.status_code] = bad_statuses.get(r.status_code, 0) + 1
+                        bad_wrong += not (400 <= r.status_code < 500 and set(r.json()) == {"error"})
+                    except Exception:  # noqa: BLE001 - a bad input must never break the connection
+                        bad_wrong += 1
+                    continue
                 body = {"input": rnd.choice(prompts)}
                 t0 = time.perf_counter()
                 try:
@@ -174,13 +204,14 @@ async def drive(url: str, prompts: list[str], clients: int, seconds: float) -> d
         wall = time.perf_counter() - t0
         info = (await client.get("/v1/guard")).json()["server"]
     return {"requests": len(lat), "errors": errors, "statuses": statuses, "wall_s": wall,
+            "bad_requests": sum(bad_statuses.values()), "bad_statuses": bad_statuses, "bad_not_4xx_json": bad_wrong,
             "rps": len(lat) / wall, "p50_ms": pct(lat, 50) if lat else None, "p99_ms": pct(lat, 99) if lat else None,
             "batches": info["batches_scored"], "largest_batch": info["largest_batch"],
             "mean_batch": (len(lat) + errors) / max(info["batches_scored"], 1)}
 
 
 def bench_server(guard_dir: Path, prompts: list[str], clients: int, seconds: float, max_batch_size: int,
-                 max_wait_ms: float, device: str, threads: int | None = None) -> dict:
+                 max_wait_ms: float, device: str, threads: int | None = None, bad_share: float = 0.0) -> dict:
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("SAFETYNEURONS_API_KEY", None)
@@ -208,7 +239,7 @@ def bench_server(guard_dir: Path, prompts: list[str], clients: int, seconds: flo
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
-        return asyncio.run(drive(url, prompts, clients, seconds))
+        return asyncio.run(drive(url, prompts, clients, seconds, bad_share))
     finally:
         proc.terminate()
         try:
@@ -230,6 +261,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="Latency: passes over the prompts.")
     ap.add_argument("--seconds", type=float, default=60.0, help="Server load: how long to drive it.")
     ap.add_argument("--clients", type=int, default=32, help="Server load: concurrent clients.")
+    ap.add_argument("--bad-share", type=float, default=0.05,
+                    help="Server load: share of requests that are bad inputs (each must get a 4xx JSON error).")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--device", default="cpu")
@@ -274,12 +307,14 @@ def main() -> None:
               f"({verdict} the <= 0.8 goal at p50)")
     if not args.skip_server:
         srv = bench_server(guard_dir, PROMPTS, args.clients, args.seconds, args.max_batch_size, args.max_wait_ms,
-                           args.device, args.threads)
+                           args.device, args.threads, args.bad_share)
         out["server"] = srv
         print(f"(b) server, {args.clients} concurrent clients for {srv['wall_s']:.1f} s "
               f"(max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms)")
         print(f"    {srv['rps']:.1f} requests/s   p50 {srv['p50_ms']:.1f} ms   p99 {srv['p99_ms']:.1f} ms   "
               f"errors {srv['errors']}   mean batch {srv['mean_batch']:.1f} (largest {srv['largest_batch']})")
+        print(f"    bad inputs ({args.bad_share:.0%} of requests): {srv['bad_requests']} sent, statuses "
+              f"{dict(sorted(srv['bad_statuses'].items()))}, not a 4xx JSON error: {srv['bad_not_4xx_json']}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
     if tmp is not None:

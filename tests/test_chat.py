@@ -50,16 +50,30 @@ def built_last(tmp_path_factory):
     return build_guard(tmp_path_factory.mktemp("g"), pooling="last")
 
 
-@pytest.mark.parametrize("pooling,max_length", [("mean", 64), ("last", 64), ("mean", 12), ("last", None)])
+@pytest.mark.parametrize("pooling,max_length", [("mean", 64), ("last", 64), ("mean", 40), ("last", None)])
 def test_prefill_probability_equals_guard_score(request, pooling, max_length):
+    from safetyneurons.windows import formatted_lengths
+
     path, lm, _, _ = request.getfixturevalue("built" if pooling == "mean" else "built_last")
     g = Guard.load(path, lm=lm)
-    g.max_length = max_length  # 12 truncates every prompt: the guard reads only the first 12 tokens
+    g.max_length = max_length
     chat = GuardedChat(g, mode="monitor")
-    want = [r.unsafe_probability for r in g.score(QUERIES + UNSAFE[:2])]
-    got = [chat.prefill(user(q)).unsafe_probability for q in QUERIES + UNSAFE[:2]]
+    prompts = QUERIES + UNSAFE[:2]
+    if max_length is not None:  # within the limit both read the same tokens (longer ones: windows, see below)
+        prompts = [q for q, n in zip(prompts, formatted_lengths(lm, prompts)) if n <= max_length]
+    want = [r.unsafe_probability for r in g.score(prompts)]
+    got = [chat.prefill(user(q)).unsafe_probability for q in prompts]
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
-    assert len(set(round(p, 6) for p in got)) >= 4  # not a constant (truncated prompts may share a prefix)
+    assert len(prompts) >= 4 and len(set(round(p, 6) for p in got)) >= 4  # not a constant
+
+
+def test_long_prefill_is_read_in_windows_ending_with_the_assistant_marker():
+    from safetyneurons.chat import prefill_windows
+
+    assert prefill_windows(10, 64) == [(0, 10)] and prefill_windows(10, None) == [(0, 10)]
+    spans = prefill_windows(150, 64)
+    assert spans == [(0, 64), (32, 96), (64, 128), (86, 150)]  # every position read, the last window at the end
+    assert all(b - a == 64 for a, b in spans)
 
 
 def assert_greedy_equals_generate(chat: GuardedChat, prompt: str, n: int = 12) -> None:
@@ -97,8 +111,11 @@ def test_other_architectures_score_the_prefill_and_decode_like_generate(family):
     meta = {"hook_point": "mlp_neurons", "pooling": "last", "max_length": 64}
     g = Guard(Path("in-memory"), meta, lm, probe, ns, threshold=0.5)
     chat = GuardedChat(g, mode="monitor")
-    got = [chat.prefill(user(q)).unsafe_probability for q in QUERIES]
-    assert got == pytest.approx(g.unsafe_probability(QUERIES).tolist(), rel=1e-5, abs=1e-6)
+    from safetyneurons.windows import formatted_lengths
+
+    fits = [q for q, n in zip(QUERIES, formatted_lengths(lm, QUERIES)) if n <= 64]  # longer ones: windows
+    got = [chat.prefill(user(q)).unsafe_probability for q in fits]
+    assert len(fits) >= 3 and got == pytest.approx(g.unsafe_probability(fits).tolist(), rel=1e-5, abs=1e-6)
     assert_greedy_equals_generate(chat, SAFE[0], n=8)
 
 

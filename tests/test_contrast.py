@@ -212,7 +212,7 @@ def test_completion_counts_only_answer_tokens_up_to_the_first_eos():
 # ------------------------------------------------------------------------------ result object
 def test_save_load_round_trip_and_metadata(tmp_path):
     base, aligned = perturbed_pair("mistral", seed=6)
-    s = contrast(base, aligned, PROMPTS[:5], hook_point="mlp_out", batch_size=2, max_length=12, progress=False)
+    s = contrast(base, aligned, PROMPTS[:5], hook_point="mlp_out", batch_size=2, max_length=28, progress=False)
     s.save(tmp_path / "c")
     back = ChangeScores.load(tmp_path / "c")
     np.testing.assert_array_equal(back.scores, s.scores)
@@ -220,10 +220,10 @@ def test_save_load_round_trip_and_metadata(tmp_path):
     meta = json.loads((tmp_path / "c" / "contrast.json").read_text())
     assert meta["hook_point"] == "mlp_out" and meta["positions"] == "content"
     assert meta["prompt_count"] == 5 and meta["token_count"] == s.token_count
-    assert meta["batch_size"] == 2 and meta["max_length"] == 12
+    assert meta["batch_size"] == 2 and meta["max_length"] == 28
     assert meta["base"]["ref"] == base.ref and meta["aligned"]["ref"] == "aligned"
     assert len(meta["prompts_sha256"]) == 64 and "torch" in meta["versions"]
-    assert s.token_count <= 5 * 12  # max_length truncates prompts
+    assert s.token_count <= 5 * 28  # max_length cuts long prompts (keeping the chat template)
     from safetensors.torch import load_file
 
     t = load_file(str(tmp_path / "c" / "scores.safetensors"))

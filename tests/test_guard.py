@@ -56,7 +56,8 @@ def build_guard(root: Path, classifier: str = "logreg", deepest: int = 1, neuron
     X = pooled_features(lm, prompts, HOOK, pooling=pooling, neuron_set=ns, max_length=64)
     probe = Probe(classifier, cv=3, seed=0).fit(X, y)
     out = root / f"guard-{classifier}-{deepest}-{int(neuron_set)}-{pooling}"
-    export_guard(out, lm_ref=str(model_dir), lm_fingerprint=lm.fingerprint, neuron_set=ns, probe=probe,
+    export_guard(out, lm_ref=str(model_dir), lm_fingerprint=lm.fingerprint, lm_tokenizer_fingerprint=lm.tokenizer_fingerprint,
+                 neuron_set=ns, probe=probe,
                  hook_point=HOOK, pooling=pooling, max_length=64, feature_set="safety" if neuron_set else "all",
                  metrics={"auroc": 0.75, "f1": float("nan")},
                  data={"train": {"records_sha256": "ab" * 32}, "test": {"records_sha256": "cd" * 32}})
@@ -115,7 +116,9 @@ def test_export_writes_self_describing_guard_without_pickle(built):
     path, lm, ns, probe = built
     assert sorted(p.name for p in path.iterdir()) == ["guard.json", "probe.json", "probe.safetensors"]
     meta = json.loads((path / GUARD_FILE).read_text())
-    assert meta["model"] == {"ref": str(lm.path), "sha256": lm.fingerprint} and len(lm.fingerprint) == 64
+    assert meta["model"] == {"ref": str(lm.path), "sha256": lm.fingerprint,
+                             "tokenizer_sha256": lm.tokenizer_fingerprint} and len(lm.fingerprint) == 64
+    assert len(lm.tokenizer_fingerprint) == 64
     assert meta["hook_point"] == HOOK and meta["pooling"] == "mean" and meta["max_length"] == 64
     assert meta["feature_set"] == "safety" and meta["classifier"] == "logreg"
     assert NeuronSet.from_json(meta["neuron_set"]).flat_indices().tolist() == ns.flat_indices().tolist()
@@ -182,10 +185,11 @@ def test_early_exit_scores_equal_full_pass_scores_and_skip_later_layers(built):
                for i in range(NUM_LAYERS)]  # records the layers that start
     handles.append(lm.model.lm_head.register_forward_hook(lambda m, a, o: ran.append("lm_head")))
     try:
-        early = np.array([r.unsafe_probability for r in g.score(QUERIES)])
+        short = QUERIES[:3]  # within the 64-token limit (the long one is read in windows: test_hardening.py)
+        early = np.array([r.unsafe_probability for r in g.score(short)])
         assert set(ran) == {0, 1}  # deepest safety-neuron layer is 1: layers 2, 3 and the LM head never ran
         ran.clear()
-        full = full_pass_proba(lm, ns, probe, QUERIES)
+        full = full_pass_proba(lm, ns, probe, short)
         assert set(ran) == {0, 1, 2, 3, "lm_head"}
     finally:
         for h in handles:
@@ -196,10 +200,16 @@ def test_early_exit_scores_equal_full_pass_scores_and_skip_later_layers(built):
 def test_svm_last_token_guard_and_all_neuron_guard(tmp_path, cache):
     from safetyneurons.features import pooled_features
 
+    from safetyneurons.windows import max_per_prompt, split_windows
+
     path, lm, ns, probe = build_guard(tmp_path, classifier="svm", deepest=2, pooling="last")
     g = Guard.load(path, lm=lm)
-    X = pooled_features(lm, QUERIES, HOOK, pooling="last", neuron_set=ns, max_length=64)
-    np.testing.assert_allclose([r.unsafe_probability for r in g.score(QUERIES)], probe.unsafe_probability(X), atol=1e-12)
+
+    texts, owner = split_windows(lm, QUERIES, 64)  # the last query is longer than 64 tokens: read in windows
+    assert len(texts) > len(QUERIES) and owner.tolist()[:3] == [0, 1, 2]
+    X = pooled_features(lm, texts, HOOK, pooling="last", neuron_set=ns, max_length=64)
+    want = max_per_prompt(probe.unsafe_probability(X), owner, len(QUERIES))
+    np.testing.assert_allclose([r.unsafe_probability for r in g.score(QUERIES)], want, atol=1e-12)
     assert g.layers_run == 3 and g.metadata()["classifier"] == "svm"
     # no neuron set: the probe reads every neuron (all / pca feature sets); the whole stack runs
     path2, lm2, _, probe2 = build_guard(tmp_path, neuron_set=False)

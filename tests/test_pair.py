@@ -257,10 +257,19 @@ def test_hook_errors():
 
 def test_encode_truncates_and_pads_both_sides():
     lm = tiny_lm("llama", 0)
+    from safetyneurons.windows import template_overhead
+
     full = lm.encode(PROMPTS)
-    cut = lm.encode(PROMPTS, max_length=5)
-    assert cut["input_ids"].shape[1] == 5 and int(cut["attention_mask"].sum(1).max()) == 5
-    assert torch.equal(cut["input_ids"][0], full["input_ids"][0, :5])
+    limit = template_overhead(lm) + 12
+    assert int(full["attention_mask"].sum(1).max()) > limit
+    cut = lm.encode(PROMPTS, max_length=limit)
+    assert cut["input_ids"].shape[1] <= limit
+    marker = lm.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    for row, mask in zip(cut["input_ids"], cut["attention_mask"]):  # a cut prompt keeps the assistant marker
+        assert row[mask.bool()].tolist()[-len(marker):] == marker
+    assert torch.equal(cut["input_ids"][0, :4], full["input_ids"][0, :4])  # the head of the prompt is kept
+    with pytest.raises(UserError, match="token limit"):
+        lm.encode(PROMPTS, max_length=5)  # no room for the prompt next to the chat template
     left = lm.encode(PROMPTS, padding_side="left")
     assert left["attention_mask"][:, -1].all() and not full["attention_mask"][:, -1].all()
     assert lm.tokenizer.padding_side == "right"  # restored

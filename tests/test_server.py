@@ -18,7 +18,7 @@ import pytest
 
 from safetyneurons.errors import UserError
 from safetyneurons.guard import Guard
-from safetyneurons.server import bind_socket, create_app, is_loopback
+from safetyneurons.server import bind_socket, create_app, is_loopback, uvicorn_config
 from test_guard import QUERIES, build_guard, run_cli
 
 KEY = "s3cret-key"
@@ -48,7 +48,7 @@ class Served:
         self.app = app
         self.sock = bind_socket("127.0.0.1", 0)
         self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
@@ -133,7 +133,8 @@ def test_concurrent_requests_are_micro_batched_and_answered_correctly(served, gu
 
 def test_health_and_guard_metadata(served, guard):
     r = httpx.get(served.url + "/healthz")  # open without a key, for load balancers
-    assert r.status_code == 200 and r.json() == {"status": "ok", "guard": guard.name}
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["guard"] == guard.name
+    assert r.json()["batcher"]["alive"] is True
     r = httpx.get(served.url + "/v1/guard", headers=AUTH)
     assert r.status_code == 200
     md = r.json()

@@ -85,14 +85,89 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, dumps_json(obj))
 
 
-def read_json(path: str | os.PathLike) -> Any:
+MAX_JSON_DEPTH = 64  # deeper nesting is refused: no file or request this package reads needs more
+
+
+def json_problem(obj: Any, max_depth: int, check_strings: bool = True) -> str | None:
+    """Why a parsed JSON value is refused (too deep, or a string that is not valid Unicode), or None."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str) and check_strings:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "it holds a string that is not valid Unicode (a lone surrogate such as \\ud800)"
+        elif isinstance(value, (dict, list)):
+            if depth > max_depth:
+                return f"it is nested deeper than {max_depth} levels"
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                if isinstance(k, str):
+                    stack.append((k, depth))
+                stack.append((v, depth + 1))
+    return None
+
+
+def parse_json(data: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse untrusted JSON text. UserError (one line naming ``where``) for bytes that are not UTF-8,
+    invalid JSON, nesting deeper than ``max_depth`` and strings that cannot be encoded (lone surrogates)."""
+    from .errors import UserError
+
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8.") from None
+    try:
+        obj = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+    except RecursionError:
+        raise UserError(f"{where}: refused: it is nested deeper than {max_depth} levels.") from None
+    problem = json_problem(obj, max_depth)
+    if problem:
+        raise UserError(f"{where}: refused: {problem}.")
+    return obj
+
+
+def read_json(path: str | os.PathLike, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Read a JSON file; any malformed content (see :func:`parse_json`) is a one-line UserError."""
+    from .errors import UserError
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror}).") from None
+    return parse_json(data, str(path), max_depth)
+
+
+def check_text(text: str, where: str) -> str:
+    """``text`` must be encodable as UTF-8 (no lone surrogates, e.g. from undecodable argv bytes)."""
+    from .errors import UserError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where} is not valid UTF-8 text (character {e.start} is {text[e.start]!a}); "
+                        f"give UTF-8 text.") from None
+    return text
+
+
+def check_parent_dirs(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Every existing ancestor of ``path`` must be a directory (else a one-line UserError, not an OSError)."""
+    from .errors import UserError
+
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {path}: {parent} is a file, not a directory; give a path under a directory.")
+            break
+    return path
 
 
 def save_tensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
@@ -143,7 +218,7 @@ def check_out_dir(out: str | os.PathLike, replaceable: Callable[[Path], bool] | 
     """An output directory must not be an existing file. With ``replaceable``, a non-empty directory must pass it
     (an earlier output of the same command, which is then replaced or resumed); else UserError
     ``--out DIR <refuse>``."""
-    out = Path(out)
+    out = check_parent_dirs(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file; give a directory path.")
     if replaceable is not None and out.is_dir() and any(out.iterdir()) and not replaceable(out):
@@ -175,17 +250,46 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+# Files that decide what the model reads: the tokenizer and the chat template (covered by tokenizer_fingerprint)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+def _stat_key(files: list[Path]) -> str:
+    """What the cached hash of ``files`` is keyed on: path, device, inode, size, mtime and *ctime*.
+
+    mtime can be set back by anyone who can write the file (``touch -d``), so it alone cannot vouch for
+    unchanged content; ctime cannot be set from user space and changes on every write, rename or chmod,
+    and a replaced file gets a new inode. Any change to these recomputes the content hash.
+    """
+    rows = []
+    for p in files:
+        st = p.stat()
+        rows.append([str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return sha256_bytes(json.dumps(rows).encode())
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    """sha256 over the tokenizer and chat-template files of a model directory (always recomputed: small)."""
+    path = Path(path).resolve()
+    files = sorted(p for p in path.iterdir() if p.name in TOKENIZER_FILES or p.suffix == ".tiktoken")
+    return sha256_bytes("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode())
+
+
 def model_fingerprint(path: Path) -> str:
-    """sha256 over the directory's config and weight files (cached by size+mtime so reloads are cheap)."""
+    """sha256 over the directory's config and weight files (the hash is cached, keyed on each file's
+    path, inode, size, mtime and ctime, so reloads are cheap and any rewrite recomputes it)."""
     path = Path(path).resolve()
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
-    key = sha256_bytes(json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]).encode())
+    key = _stat_key(files)
     index_path = cache_dir() / "fingerprints.json"
     try:
         index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         index = {}
-    if key in index:
+    if not isinstance(index, dict):
+        index = {}
+    if isinstance(index.get(key), str):
         return index[key]
     digest = sha256_bytes("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode())
     index[key] = digest

@@ -4,10 +4,13 @@ The paper's safeguard sits inside the model that answers. :class:`GuardedChat` s
 
 1. **Prefill once.** The conversation is formatted with the chat template and run through the whole model
    with a KV cache. Hooks (:func:`safetyneurons.hooks.attached_hooks`) at the guard's hook point pool the
-   safety neurons exactly as :meth:`Guard.features <safetyneurons.guard.Guard.features>` does (within the
-   first ``max_length`` tokens of the formatted prompt: the mean over the content tokens, i.e. the user's
-   message (:mod:`safetyneurons.positions`), or the last token), and when the deepest safety-neuron layer
-   has run, the guard's probe scores them. There is no second forward pass.
+   safety neurons exactly as :meth:`Guard.features <safetyneurons.guard.Guard.features>` does (the mean
+   over the content tokens, i.e. the user's message (:mod:`safetyneurons.positions`), or the last token),
+   and when the deepest safety-neuron layer has run, the guard's probe scores them. There is no second
+   forward pass. A conversation longer than the guard's ``max_length`` is never cut to its head: the guard
+   reads overlapping windows of ``max_length`` positions (stride half of it, the last one ending with the
+   assistant marker) and keeps the highest probability, so padding cannot push a request out of sight
+   (:mod:`safetyneurons.windows` does the same for ``Guard.score``, by re-reading text windows).
 2. **If flagged** (probability >= threshold), the prefill stops right there: later layers, the LM head and
    every decoding step are skipped, and the reply is the refusal message with finish reason
    ``content_filter``.
@@ -18,9 +21,10 @@ The paper's safeguard sits inside the model that answers. :class:`GuardedChat` s
 Guard modes: ``block`` (the above), ``monitor`` (score and report, never block: a shadow deployment) and
 ``off`` (no hooks, no probe: the unguarded baseline of the overhead benchmark).
 
-For one user message the guard's probability equals ``Guard.score`` on that message (same template, same
-tokens, same content mask); for a conversation it reads the whole formatted conversation, which is what the
-model is about to answer, and mean pooling runs over the tokens of every user message.
+For one user message within the token limit the guard's probability equals ``Guard.score`` on that
+message (same template, same tokens, same content mask); for a conversation it reads the whole formatted
+conversation, which is what the model is about to answer, and mean pooling runs over the tokens of every
+user message.
 """
 
 from __future__ import annotations
@@ -43,6 +47,16 @@ from .positions import content_mask, message_span, template_affixes
 ROLES = ("system", "developer", "user", "assistant")
 DEFAULT_REFUSAL = "I can't help with that request."
 MAX_STOP = 4
+
+
+def prefill_windows(n: int, max_length: int | None) -> list[tuple[int, int]]:
+    """Position windows [a, b) the guard reads in a prefill of ``n`` tokens: all of it when it fits, else
+    ``max_length`` positions with stride half of that, the last window ending at the end (assistant marker)."""
+    if max_length is None or n <= int(max_length):
+        return [(0, n)]
+    w = int(max_length)
+    starts = list(range(0, n - w, max(1, w // 2))) + [n - w]
+    return [(a, a + w) for a in starts]
 
 
 @dataclass(frozen=True)
@@ -281,13 +295,18 @@ class GuardedChat:
             return Prefill(n_prompt, None, False, 0.0, out.logits[0, -1], _cache_of(out))
 
         g = self.guard
-        n = n_prompt if g.max_length is None else min(n_prompt, int(g.max_length))  # the tokens the guard reads
+        spans = prefill_windows(n_prompt, g.max_length)  # the token positions the guard reads, window by window
         if g.pooling == "mean":
-            keep = enc.content[:n].to(self.lm.device)
-            if not bool(keep.any()):
-                raise UserError(f"The guard reads the first {n} tokens, and no user text is among them (the chat "
-                                f"template and earlier messages fill them); shorten the system prompt.")
-            weights = keep.float() / keep.sum()  # the mean over the content tokens, as one product at the end
+            keep = enc.content.to(self.lm.device)
+            spans = [(a, b) for a, b in spans if bool(keep[a:b].any())]  # windows holding user text
+            if not spans:
+                raise UserError("No user text is among the tokens the guard reads (the chat template and earlier "
+                                "messages fill them); shorten the system prompt.")
+            # the mean over each window's content tokens, as one product at the end: weights [windows, tokens]
+            weights = torch.zeros(len(spans), n_prompt, device=keep.device)
+            for k, (a, b) in enumerate(spans):
+                weights[k, a:b] = keep[a:b].float() / keep[a:b].sum()
+        last = [b - 1 for _, b in spans]  # last pooling: the last token of each window
         layers, index, deepest = self._layers, self._index, self._layers[-1]
         pieces: dict[int, torch.Tensor] = {}
         verdict = {"p": float("nan"), "s": 0.0}
@@ -295,13 +314,13 @@ class GuardedChat:
         def read(layer: int, t: torch.Tensor) -> None:
             t0 = time.perf_counter()
             idx = index[layer]
-            rows = t[0, :n] if g.pooling == "mean" else t[0, n - 1:n]
+            rows = t[0] if g.pooling == "mean" else t[0, last]
             # a copy of this layer's neurons only (the activation itself may be reused by the model)
             pieces[layer] = rows.clone() if idx is None else rows.index_select(-1, idx.to(t.device))
             if layer == deepest:
                 x = torch.cat([pieces[i].to(t.device) for i in layers], -1).float()
-                x = weights.to(t.device) @ x if g.pooling == "mean" else x[0]
-                verdict["p"] = float(g.probability(x.cpu().numpy()[None])[0])
+                x = weights.to(t.device) @ x if g.pooling == "mean" else x
+                verdict["p"] = float(g.probability(x.cpu().numpy()).max())  # the most unsafe window
             verdict["s"] += time.perf_counter() - t0
             if layer == deepest and self.mode == "block" and verdict["p"] >= g.threshold:
                 raise _Flagged  # stop the prefill here: later layers and the LM head never run

@@ -26,8 +26,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ._io import (atomic_dir, atomic_write_json, cache_dir, check_out_dir, progress_bar, sha256_file, sha256_json,
-                  versions)
+from ._io import (atomic_dir, atomic_write_json, cache_dir, check_out_dir, progress_bar, read_json, sha256_file,
+                  sha256_json, versions)
 from .clusters import THRESHOLD as CLUSTER_THRESHOLD
 from .clusters import assign_clusters, assign_splits
 from .datasets import REGISTRY, TRAIN_ONLY, get_spec, list_datasets, load_dataset, normalise_text
@@ -220,8 +220,8 @@ def _check_settings(n_twin: int, n_contrast: int, test_size: float, max_chars: i
 
 
 def _is_splits_dir(directory: Path) -> bool:
-    with contextlib.suppress(ValueError, OSError):
-        return json.loads((directory / "manifest.json").read_text(encoding="utf-8")).get("format") == SPLITS_FORMAT
+    with contextlib.suppress(UserError, AttributeError):
+        return read_json(directory / "manifest.json").get("format") == SPLITS_FORMAT
     return False
 
 
@@ -357,12 +357,12 @@ def verify_splits(out_dir: str | os.PathLike) -> dict | None:
     """The manifest if every split file matches its recorded sha256, else None."""
     out_dir = Path(out_dir)
     try:
-        manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+        manifest = read_json(out_dir / "manifest.json")
         for name, entry in manifest["splits"].items():
             if sha256_file(out_dir / entry["file"]) != entry["sha256"]:
                 return None
         return manifest if manifest.get("format") == SPLITS_FORMAT else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError):
         return None
 
 

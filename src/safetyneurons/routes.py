@@ -30,9 +30,11 @@ import uuid
 from fastapi import Request  # module level: FastAPI resolves the (postponed) annotations from here
 from fastapi.responses import StreamingResponse
 
+from ._io import check_text
 from .chat import GuardedChat, SamplingSettings, normalize_messages
 from .errors import UserError
-from .server import ApiError, _read_body, create_app
+from .http_limits import parse_body
+from .server import ApiError, _read_body, create_app, score_for_request
 
 log = logging.getLogger("safetyneurons.server")
 GUARDRAIL_PATH = "/beta/litellm_basic_guardrail_api"
@@ -54,10 +56,7 @@ def create_service(guard, *, chat: GuardedChat | None = None, max_tokens: int = 
 
 # ------------------------------------------------------------------------------------------ helpers
 def _json_object(body: bytes, example: str) -> dict:
-    try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"The request body is not valid JSON ({e}). Send {example}.", code="invalid_json") from None
+    obj = parse_body(body)  # 400 for broken or too deeply nested JSON
     if not isinstance(obj, dict):
         raise ApiError(422, f"The request body must be a JSON object like {example}.", code="invalid_body")
     return obj
@@ -119,7 +118,15 @@ def _check_chat_request(obj: dict, settings) -> list[dict]:
         if len(m["content"]) > settings.max_chars:
             raise ApiError(413, f"messages[{k}] has {len(m['content'])} characters, more than the limit of "
                                 f"{settings.max_chars}.", code="input_too_long")
+        _text_or_422(m["content"], f"messages[{k}]")
     return messages
+
+
+def _text_or_422(text: str, where: str) -> None:
+    try:
+        check_text(text, where)
+    except UserError as e:
+        raise ApiError(422, str(e), code="invalid_text") from None
 
 
 def _guard_info(chat: GuardedChat, pre) -> dict:
@@ -220,6 +227,7 @@ def _guardrail_request(obj: dict, guard, settings) -> tuple[list[str], float]:
         if len(t) > settings.max_chars:
             raise ApiError(413, f"texts[{k}] has {len(t)} characters, more than the limit of {settings.max_chars}.",
                            code="input_too_long")
+        _text_or_422(t, f"texts[{k}]")
     params = obj.get("additional_provider_specific_params") or {}
     if not isinstance(params, dict):
         raise ApiError(422, "additional_provider_specific_params must be an object.", code="invalid_parameter")
@@ -241,10 +249,7 @@ def add_guardrail_routes(app) -> None:
         request.state.n_inputs = len(texts)
         if settings.log_prompts:
             request.state.prompts = texts
-        try:
-            results = await batcher.submit(texts) if texts else []
-        except UserError as e:
-            raise _user_error(e, "invalid_input") from None
+        results = await score_for_request(request, batcher, texts, settings.request_timeout_s) if texts else []
         probs = [float(r.unsafe_probability) for r in results]
         hits = [k for k, p in enumerate(probs) if p >= threshold]
         body = {"action": "BLOCKED" if hits else "NONE", "blocked_reason": None,

@@ -12,16 +12,19 @@ Concurrent requests are gathered into one batch: each request puts its inputs on
 worker takes the first waiting request, waits at most ``max_wait_ms`` for more (up to ``max_batch_size``
 inputs), scores them with one ``guard.score`` call in a worker thread and hands each request its results.
 
-Errors are JSON ``{"error": {"message", "type", "code"}}``: 400 malformed JSON, 422 wrong shape or empty
-input, 413 too many inputs / too long an input / too large a body, 401 missing or wrong bearer token
-(compared in constant time), 503 queue full. One log line per request (method, path, status, number of
-inputs, latency); prompt text only with ``log_prompts``.
+Every error is JSON ``{"error": {"message", "type", "code"}}``: 400 malformed or too deeply nested JSON,
+422 wrong shape, empty input or text that is not valid Unicode (naming the input), 413 too many inputs /
+too large a body, 401 missing or wrong bearer token (compared in constant time), 408 headers or body too
+slow, 429 too many inputs queued by one client, 503 queue full / too many connections / worker down, 504
+request deadline passed, 500 an unexpected failure (for that request only: a failing batch is rescored
+request by request). One log line per request (method, raw path with control characters escaped, status,
+number of inputs, latency); prompt text only with ``log_prompts``. Protocol limits: :mod:`.http_limits`;
+batching: :mod:`.batcher`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import hmac
 import json
@@ -34,30 +37,47 @@ from typing import Callable, Sequence
 from fastapi import Request  # module level: FastAPI resolves the (postponed) annotations from here
 
 from . import __version__
+from ._io import check_text
+from .batcher import InputFailed, MicroBatcher
 from .errors import UserError
+from .http_limits import ApiError, BodyTimeout, error_body, escape_for_log, parse_body, protocol_class
 
 log = logging.getLogger("safetyneurons.server")
 
 
 @dataclass
 class ServerSettings:
-    """Limits and batching of the service."""
+    """Limits, timeouts and batching of the service."""
 
     max_batch_size: int = 32  # inputs scored together in one guard.score call
     max_wait_ms: float = 5.0  # how long the first waiting request waits for company
     max_inputs: int = 64  # inputs per request (more -> 413)
     max_chars: int = 8192  # characters per input (more -> 413)
     max_queue: int = 4096  # inputs waiting to be scored (more -> 503)
+    max_queue_per_client: int | None = None  # inputs one client may have waiting (more -> 429); None: max_queue/8
+    request_timeout_s: float = 60.0  # a request's deadline from arrival to answer (then 504)
+    header_timeout_s: float = 10.0  # time to send the request headers (then 408 and close)
+    body_timeout_s: float = 10.0  # time to send the request body (then 408)
+    keep_alive_s: float = 5.0  # idle keep-alive connections are closed after this
+    max_connections: int = 512  # open connections (more: 503 at once)
     api_key: str | None = field(default=None, repr=False)
     log_prompts: bool = False
 
     def check(self) -> "ServerSettings":
-        for name in ("max_batch_size", "max_inputs", "max_chars", "max_queue"):
+        for name in ("max_batch_size", "max_inputs", "max_chars", "max_queue", "max_connections"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UserError(f"{name.replace('_', '-')} must be a whole number >= 1 (got {v!r}).")
+        if self.max_queue_per_client is None:
+            self.max_queue_per_client = max(self.max_inputs, self.max_queue // 8)
+        if not isinstance(self.max_queue_per_client, int) or self.max_queue_per_client < self.max_inputs:
+            raise UserError(f"max-queue-per-client must be a whole number >= max-inputs ({self.max_inputs}).")
         if not (0 <= float(self.max_wait_ms) <= 10_000):
             raise UserError(f"max-wait-ms must be between 0 and 10000 (got {self.max_wait_ms!r}).")
+        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if not 0 < float(getattr(self, name)) <= 3600:
+                raise UserError(f"{name.replace('_', '-')} must be between 0 and 3600 seconds "
+                                f"(got {getattr(self, name)!r}).")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("The API key is empty; give a non-empty key or leave it out.")
         return self
@@ -70,117 +90,19 @@ class ServerSettings:
     def public(self) -> dict:
         return {"max_batch_size": self.max_batch_size, "max_wait_ms": float(self.max_wait_ms),
                 "max_inputs": self.max_inputs, "max_chars": self.max_chars, "max_queue": self.max_queue,
-                "auth": "bearer" if self.api_key else "none"}
+                "max_queue_per_client": self.max_queue_per_client, "request_timeout_s": self.request_timeout_s,
+                "header_timeout_s": self.header_timeout_s, "body_timeout_s": self.body_timeout_s,
+                "max_connections": self.max_connections, "auth": "bearer" if self.api_key else "none"}
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
-
-
-def _error_body(message: str, type_: str, code: str | None) -> dict:
-    return {"error": {"message": message, "type": type_, "code": code}}
-
-
-# --------------------------------------------------------------------------------------- batching
-class MicroBatcher:
-    """Gather inputs of concurrent requests into batches scored by ``score_fn`` in one worker thread."""
-
-    def __init__(self, score_fn: Callable[[list[str]], list], max_batch_size: int, max_wait_ms: float,
-                 max_queue: int):
-        self.score_fn = score_fn
-        self.max_batch_size = int(max_batch_size)
-        self.max_wait = float(max_wait_ms) / 1000.0
-        self.max_queue = int(max_queue)
-        self.queued = 0  # inputs waiting (not yet taken by the worker)
-        self.batches = 0  # batches scored so far (for metadata and tests)
-        self.largest_batch = 0
-        self._queue: asyncio.Queue | None = None
-        self._task: asyncio.Task | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-score")
-
-    async def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._run(), name="guard-micro-batcher")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    async def call(self, fn: Callable, *args):
-        """Run ``fn(*args)`` on the scoring thread, so it never overlaps a scoring batch (the model is shared)."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    async def submit(self, texts: list[str]) -> list:
-        if self._queue is None:
-            raise RuntimeError("the batcher is not started")
-        if self.queued + len(texts) > self.max_queue:
-            raise ApiError(503, f"The server is busy ({self.queued} inputs queued); retry shortly.",
-                           "server_busy", "queue_full")
-        fut = asyncio.get_running_loop().create_future()
-        self.queued += len(texts)
-        self._queue.put_nowait((texts, fut))
-        return await fut
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        pending = None  # a request that did not fit in the previous batch
-        while True:
-            first = pending if pending is not None else await self._queue.get()
-            pending = None
-            items = [first]
-            n = len(first[0])
-            deadline = loop.time() + self.max_wait
-            while n < self.max_batch_size:
-                try:
-                    item = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    timeout = deadline - loop.time()
-                    if timeout <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self._queue.get(), timeout)
-                    except asyncio.TimeoutError:
-                        break
-                if n + len(item[0]) > self.max_batch_size:
-                    pending = item  # starts the next batch
-                    break
-                items.append(item)
-                n += len(item[0])
-            self.queued -= n
-            items = [it for it in items if not it[1].done()]  # callers that went away
-            texts = [t for it in items for t in it[0]]
-            if not texts:
-                continue
-            self.batches += 1
-            self.largest_batch = max(self.largest_batch, len(texts))
-            try:
-                results = await loop.run_in_executor(self._pool, self.score_fn, texts)
-            except asyncio.CancelledError:
-                for _, fut in items:
-                    if not fut.done():
-                        fut.cancel()
-                raise
-            except Exception as e:  # noqa: BLE001 - handed to the waiting requests
-                for _, fut in items:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            k = 0
-            for batch_texts, fut in items:
-                if not fut.done():
-                    fut.set_result(results[k:k + len(batch_texts)])
-                k += len(batch_texts)
+_error_body = error_body  # the one JSON error shape (kept under its old name for importers)
 
 
 # -------------------------------------------------------------------------------------------- app
 class AccessLog:
     """Pure ASGI middleware: one log line per HTTP request (method, path, status, inputs, latency).
 
+    The path is the raw request path with control characters escaped (a ``%0A`` cannot forge a line).
     The endpoint stores the number of inputs (and, with ``log_prompts``, the texts) in the request state.
     """
 
@@ -205,18 +127,16 @@ class AccessLog:
             await self.app(scope, receive, send_status)
         finally:
             ms = (time.perf_counter() - start) * 1000.0
-            line = f"{scope['method']} {scope['path']} {status} n_inputs={state.get('n_inputs', 0)} {ms:.1f}ms"
+            raw = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+            path = escape_for_log(raw.decode("latin-1"))
+            line = f"{escape_for_log(scope['method'])} {path} {status} n_inputs={state.get('n_inputs', 0)} {ms:.1f}ms"
             if self.log_prompts and state.get("prompts") is not None:
-                line += f" prompts={json.dumps(state['prompts'], ensure_ascii=False)}"
+                line += f" prompts={json.dumps(state['prompts'], ensure_ascii=True)}"
             log.info(line)
 
 
 def _parse_request(body: bytes, settings: ServerSettings) -> list[str]:
-    try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"The request body is not valid JSON ({e}). Send {{\"input\": \"text\"}}.",
-                       code="invalid_json") from None
+    obj = parse_body(body)
     if not isinstance(obj, dict):
         raise ApiError(422, "The request body must be a JSON object like {\"input\": \"text\"} or "
                             "{\"input\": [\"text\", ...]}.", code="invalid_body")
@@ -235,12 +155,16 @@ def _parse_request(body: bytes, settings: ServerSettings) -> list[str]:
         raise ApiError(413, f"Too many inputs: {len(inputs)} > {settings.max_inputs} per request. Split the "
                             f"request.", code="too_many_inputs")
     inputs = [_input_text(x, k) for k, x in enumerate(inputs)]
-    for k, text in enumerate(inputs):
+    for k, text in enumerate(inputs):  # each input is validated before it can join a batch
         if not text.strip():
             raise ApiError(422, f"input[{k}] is empty; give some text to score.", code="empty_input")
         if len(text) > settings.max_chars:
             raise ApiError(413, f"input[{k}] has {len(text)} characters, more than the limit of "
                                 f"{settings.max_chars}.", code="input_too_long")
+        try:
+            check_text(text, f"input[{k}]")
+        except UserError as e:
+            raise ApiError(422, str(e), code="invalid_text") from None
     return inputs
 
 
@@ -272,14 +196,54 @@ async def _read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _until_disconnect(request) -> None:
+    """Returns when the client has gone away (after the body was read, receive reports only that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; its work was dropped."""
+
+
+async def score_for_request(request, batcher: MicroBatcher, inputs: list[str], timeout_s: float) -> list:
+    """Queue ``inputs`` for scoring under the request's client, with the request deadline (504) and dropping
+    the work when the client disconnects. Usable by any route that scores prompts."""
+    client = request.client.host if request.client else ""
+    work = asyncio.ensure_future(batcher.submit(inputs, client))
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if work in done:
+        try:
+            return work.result()
+        except InputFailed as e:
+            if isinstance(e.cause, UserError):
+                raise ApiError(422, f"input[{e.index}]: {e.cause}", code="invalid_input") from None
+            log.error("scoring failed for input[%d]: %s: %s", e.index, type(e.cause).__name__,
+                      escape_for_log(str(e.cause)))
+            raise ApiError(500, f"Internal error while scoring input[{e.index}]; see the server log.",
+                           "server_error", "scoring_failed") from None
+    work.cancel()  # the batcher skips it if it was not taken yet
+    if gone in done:
+        raise ClientGone()
+    raise ApiError(504, f"The request was not answered within {timeout_s:g} s; retry later.", "server_busy",
+                   "deadline_exceeded")
+
+
 def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max_inputs: int = 64,
                max_chars: int = 8192, max_queue: int = 4096, api_key: str | None = None,
-               log_prompts: bool = False, score_fn: Callable[[Sequence[str]], list] | None = None):
+               log_prompts: bool = False, score_fn: Callable[[Sequence[str]], list] | None = None,
+               **limits):
     """A FastAPI app serving ``guard`` (a :class:`safetyneurons.guard.Guard`).
 
     ``api_key``: when set, every endpoint but /healthz needs ``Authorization: Bearer <key>``.
     ``score_fn`` replaces ``guard.score`` (for instrumentation); it gets a list of texts and returns one
-    ``GuardResult`` per text.
+    ``GuardResult`` per text. ``limits``: further :class:`ServerSettings` fields (timeouts, caps).
     :func:`safetyneurons.routes.create_service` adds guarded chat completions and LiteLLM's guardrail API.
     """
     from fastapi import FastAPI
@@ -287,11 +251,13 @@ def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from .guard import public_metadata
+
     settings = ServerSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_inputs=max_inputs,
                               max_chars=max_chars, max_queue=max_queue, api_key=api_key,
-                              log_prompts=log_prompts).check()
+                              log_prompts=log_prompts, **limits).check()
     batcher = MicroBatcher(score_fn or guard.score, settings.max_batch_size, settings.max_wait_ms,
-                           settings.max_queue)
+                           settings.max_queue, settings.max_queue_per_client)
     key_bytes = settings.api_key.encode("utf-8") if settings.api_key else None
 
     @contextlib.asynccontextmanager
@@ -310,7 +276,7 @@ def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max
 
     def error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
               headers: dict | None = None):
-        return JSONResponse(_error_body(message, type_, code), status_code=status, headers=headers)
+        return JSONResponse(error_body(message, type_, code), status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -325,6 +291,17 @@ def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max
     async def _validation_error(request: Request, e: RequestValidationError):
         return error(422, f"Invalid request: {e.errors()}", "invalid_request_error", "invalid_body")
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, e: ClientGone):
+        return error(499, "The client closed the connection; the request was dropped.", "client_closed",
+                     "client_closed")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):  # the last resort: still the JSON shape
+        log.error("unexpected %s on %s", type(e).__name__, escape_for_log(request.url.path))
+        return error(500, "Internal server error; see the server log.", "server_error", "internal_error")
+
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(AccessLog, log_prompts=settings.log_prompts)
 
     def check_auth(request: Request) -> None:
@@ -332,7 +309,7 @@ def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        given = token.strip().encode("utf-8") if scheme.lower() == "bearer" else b""
+        given = token.strip().encode("utf-8", "surrogateescape") if scheme.lower() == "bearer" else b""
         # compare_digest runs in time independent of where the strings differ
         if not hmac.compare_digest(given, key_bytes):
             raise ApiError(401, "Missing or invalid API key: send the header 'Authorization: Bearer <key>'.",
@@ -342,13 +319,18 @@ def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "guard": guard.name}
+        health = batcher.health()
+        stuck = health["busy_s"] is not None and health["busy_s"] > settings.request_timeout_s
+        ok = health["alive"] and not stuck
+        body = {"status": "ok" if ok else "unhealthy", "guard": guard.name, "batcher": health}
+        return body if ok else JSONResponse(body, status_code=503)
 
     @app.get("/v1/guard")
     async def guard_info(request: Request):
         check_auth(request)
-        return {**guard.metadata(), "server": {**settings.public(), "batches_scored": batcher.batches,
-                                               "largest_batch": batcher.largest_batch}}
+        return public_metadata({**guard.metadata(), "server": {
+            **settings.public(), "batches_scored": batcher.batches, "largest_batch": batcher.largest_batch,
+            "batches_rescored": batcher.rescored}})
 
     @app.post("/v1/moderations")
     async def moderations(request: Request):
@@ -358,15 +340,7 @@ def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max
         request.state.n_inputs = len(inputs)
         if settings.log_prompts:
             request.state.prompts = inputs
-        try:
-            results = await batcher.submit(inputs)
-        except ApiError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            if isinstance(e, UserError):
-                raise ApiError(422, str(e), code="invalid_input") from None
-            log.exception("scoring failed")
-            raise ApiError(500, "Internal error while scoring; see the server log.", "server_error") from None
+        results = await score_for_request(request, batcher, inputs, settings.request_timeout_s)
         return {
             "id": f"modr-{uuid.uuid4().hex}",
             "model": guard.name,
@@ -421,9 +395,19 @@ def bind_socket(host: str, port: int):
     return sock
 
 
+def uvicorn_config(app, log_level: str = "info"):
+    """uvicorn settings with the app's limits: header deadline and connection cap (custom h11 protocol),
+    keep-alive timeout, bounded header size (h11's incomplete-event limit)."""
+    import uvicorn
+
+    s: ServerSettings = app.state.settings
+    return uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
+                          http=protocol_class(s.header_timeout_s, s.max_connections),
+                          timeout_keep_alive=s.keep_alive_s, h11_max_incomplete_event_size=16 * 1024)
+
+
 def run_server(app, sock, log_level: str = "info") -> None:
     """Serve ``app`` with uvicorn on an already-bound socket until interrupted."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, log_level)).run(sockets=[sock])

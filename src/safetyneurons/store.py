@@ -33,8 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import distributed
-from ._io import (atomic_write_bytes, check_out_dir, atomic_write_json, atomic_write_text, progress_bar, read_json, sha256_bytes,
-                  sha256_file, sha256_json, versions)
+from ._io import (atomic_write_bytes, atomic_write_json, atomic_write_text, check_out_dir, parse_json, progress_bar,
+                  read_json, sha256_bytes, sha256_file, sha256_json, versions)
 from .constants import STORE_DTYPES
 from .errors import UserError
 from .features import (FeatureSpec, assemble, check_pooling, check_run_args, plan_layers, pooled_batches,
@@ -43,6 +43,7 @@ from .hooks import check_hook_point
 from .neurons import NeuronSet, check_neuron_set_matches, neuron_set_key
 from .records import check_records, jsonl, store_rows
 from .shard_writer import ShardWriter
+from .store_checks import check_rows, read_resume_state, remove_stale_tmp, validate_manifest, writer_lock
 
 STORE_FORMAT = "safetyneurons.store/2"  # 2: mean pooling over the content tokens only
 PROGRESS_FILE = ".extract-progress.json"
@@ -110,7 +111,8 @@ class Store:
             if want and sha256_bytes(text.encode("utf-8")) != want:
                 raise UserError(f"{path}: checksum mismatch (the file is corrupted or was edited). "
                                 f"Re-run `safetyneurons extract` into this directory to rebuild it.")
-            self._records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            self._records = [parse_json(line, f"{path} line {k}") for k, line in enumerate(text.splitlines(), 1)
+                             if line.strip()]
         return self._records
 
     @property
@@ -164,11 +166,11 @@ class Store:
                             f"tokens; this version pools the user's message only. Re-run `safetyneurons extract`.")
         if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
             raise UserError(f"{mpath}: not a safetyneurons activation store (expected format {STORE_FORMAT}).")
-        n, d = int(manifest["n"]), int(manifest["d"])
+        n, d, shards = validate_manifest(manifest, str(mpath))  # shard names, fields and types checked
         features = np.empty((n, d), dtype=np.float32)
         labels = np.empty(n, dtype=np.int64)
         filled = np.zeros(n, dtype=bool)
-        for shard in manifest["shards"]:
+        for shard in shards:
             spath = path / shard["file"]
             if not spath.is_file():
                 raise UserError(f"Store {path}: shard {shard['file']} is missing. Rerun `safetyneurons extract` "
@@ -183,7 +185,11 @@ class Store:
             except (SafetensorError, ValueError) as e:
                 raise UserError(f"Store {path}: shard {shard['file']} cannot be read ({e}). Rerun "
                                 f"`safetyneurons extract` to rebuild it.") from None
-            rows = arrays["rows"]
+            if set(arrays) != {"features", "labels", "rows"} or arrays["features"].shape != (len(arrays["rows"]), d) \
+                    or arrays["labels"].shape != arrays["rows"].shape:
+                raise UserError(f"Store {path}: shard {shard['file']} has unexpected arrays or shapes. Rerun "
+                                f"`safetyneurons extract` to rebuild it.")
+            rows = check_rows(arrays["rows"], n, filled, shard["file"], f"Store {path}")
             features[rows] = arrays["features"].astype(np.float32)
             labels[rows] = arrays["labels"]
             filled[rows] = True
@@ -237,21 +243,14 @@ def _prepare_out(out: Path, plan_hash: str, records_text: str, data_hash: str) -
     ({shard index: sha256}); anything else this module wrote is removed. Writes records.jsonl."""
     done: dict[int, str] = {}
     if out.is_dir():
+        remove_stale_tmp(out)  # what a killed writer left
         mpath, ppath = out / "manifest.json", out / PROGRESS_FILE
-        old = None
-        for p in (mpath, ppath):
-            if p.is_file():
-                try:
-                    old = json.loads(p.read_text(encoding="utf-8"))
-                    break
-                except ValueError:
-                    old = None
+        old = read_resume_state(mpath) or read_resume_state(ppath)  # validated; damaged: exit 2
         if old is not None and old.get("plan_sha256") == plan_hash:
             for sh in old.get("shards", []):
-                i = int(sh["index"])
-                sp = out / sh["file"]
+                sp = out / sh["file"]  # a plain shard-NNNNN name (checked)
                 if sp.is_file() and sha256_file(sp) == sh["sha256"]:
-                    done[i] = sh["sha256"]
+                    done[sh["index"]] = sh["sha256"]
         else:
             _clean_dir(out)
         if mpath.exists():  # a store being redone must not look finished meanwhile
@@ -323,8 +322,20 @@ def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point:
         "shards": [],
     }
 
-    # rank 0 (the only rank outside torchrun) prepares the directory; every rank learns what is done
     rank = distributed.world()[0]
+    if rank == 0:  # rank 0 (the only rank outside torchrun) holds the writer lock: one extraction at a time
+        out.mkdir(parents=True, exist_ok=True)
+        with writer_lock(out):
+            return _write_store(lm, out, rank, prompts, labels, records_text, data_hash, plan_hash, bounds, manifest,
+                                layer_plan, d, hook_point, pooling, dtype, batch_size, max_length, progress,
+                                writer_thread)
+    return _write_store(lm, out, rank, prompts, labels, records_text, data_hash, plan_hash, bounds, manifest,
+                        layer_plan, d, hook_point, pooling, dtype, batch_size, max_length, progress, writer_thread)
+
+
+def _write_store(lm, out: Path, rank: int, prompts, labels, records_text, data_hash, plan_hash, bounds, manifest,
+                 layer_plan, d, hook_point, pooling, dtype, batch_size, max_length, progress, writer_thread):
+    # rank 0 prepares the directory; every rank learns what is done
     done = _prepare_out(out, plan_hash, records_text, data_hash) if rank == 0 else {}
     done = {int(i): h for i, h in distributed.broadcast(sorted(done.items()))}
 

