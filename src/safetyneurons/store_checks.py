@@ -6,7 +6,8 @@
 - Temporary files that a killed writer left behind (``.NAME.XXXX.tmp`` from the atomic writes) are
   removed when an extraction resumes.
 - One writer at a time: an extraction holds ``.extract.lock`` in the store directory (an OS file lock,
-  released when the process ends, even by ``kill -9``); a second one is refused at once.
+  released when the process ends, even by ``kill -9``; the file is removed when the extraction ends); a
+  second one is refused at once.
 """
 
 from __future__ import annotations
@@ -131,3 +132,7 @@ def writer_lock(out: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+        # no lock file is left among the store's files; a writer that opened it just before this removal still
+        # holds a valid lock on the old file, only a third concurrent writer could then slip in
+        with contextlib.suppress(OSError):
+            (Path(out) / LOCK_FILE).unlink()
