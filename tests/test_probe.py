@@ -428,7 +428,9 @@ def test_export_guard_gets_the_safety_probe_and_its_provenance(cli, tmp_path):
     st = Store.load(cli / "st_train")
     assert meta["classifier"] == "logreg" and meta["feature_set"] == "safety"
     assert np.array_equal(NeuronSet.from_json(meta["neuron_set"]).flat_indices(), ns.flat_indices())
-    assert meta["model"] == {"ref": str(cli / "model"), "sha256": st.fingerprint}
+    assert meta["model"] == {"ref": str(cli / "model"), "sha256": st.fingerprint,
+                             "tokenizer_sha256": st.manifest["model"]["tokenizer_sha256"]}
+    assert len(meta["model"]["tokenizer_sha256"]) == 64
     assert (meta["hook_point"], meta["pooling"], meta["max_length"]) == ("mlp_out", "mean", 256)
     assert 0 <= meta["metrics"]["auroc"] <= 1 and meta["data"]["train"]["records_sha256"]
     saved = load_probe(tmp_path / "rep" / "probes" / "safety-logreg")
