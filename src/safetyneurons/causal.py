@@ -28,12 +28,15 @@ from typing import Sequence
 
 import numpy as np
 
-from . import judge
-from ._io import sha256_json, versions
+from . import data, judge
+from ._io import atomic_dir, dumps_json, json_safe, sha256_json, versions
+from .contrast import ChangeScores
 from .controls import overlap
+from .controls import rank_p_value as controls_p
 from .errors import UserError
-from .neurons import NeuronSet
+from .neurons import NeuronSet, _png
 from .pair import LoadedModel, check_symmetry
+from .twin import sample_eval
 from .patch import (DEFAULT_K, DIRECTIONS, PADDING_SIDES, Patch, check_k, check_neuron_set, decode_reply,
                     generate_patched, mean_activation, perplexity_patched, random_controls, stop_token_ids,
                     top_k_set)
@@ -102,7 +105,6 @@ def causal_effect(patched: float, receiver: float, donor: float) -> float | None
 def rank_p_value(safety: float | None, draws: Sequence[float | None]) -> float | None:
     """Empirical rank p-value of the safety set among the random draws (``controls.rank_p_value``); None when
     undefined (no effect measured)."""
-    from .controls import rank_p_value as controls_p
 
     if safety is None:
         return None
@@ -288,7 +290,6 @@ def patch_png(result: dict) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullLocator
 
-    from .neurons import _png
 
     directions = list(result["directions"])
     fig = Figure(figsize=(11, 3.6 * len(directions)), dpi=130, layout="constrained")
@@ -392,8 +393,6 @@ def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
     """patch.json, patch.png, patch.md and generations.jsonl, rendered first and written atomically."""
     import json
 
-    from ._io import atomic_dir, dumps_json
-    from ._io import json_safe
 
     body = {k: v for k, v in result.items() if k != "generations"}
     contents = {
@@ -413,7 +412,6 @@ def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------------ inputs
 def pick_prompts(records: Sequence[dict], per_class: int, source: str = "records") -> tuple[list[str], list[str]]:
     """Up to ``per_class`` harmful and benign prompts of labelled records, in a fixed order (sha256 of id + prompt)."""
-    from .twin import sample_eval
 
     picked = sample_eval(records, per_class)
     harmful = [r["prompt"] for r in picked if int(r["label"]) == 1]
@@ -426,7 +424,6 @@ def pick_prompts(records: Sequence[dict], per_class: int, source: str = "records
 
 def load_prompts(source: str, per_class: int) -> tuple[list[str], list[str], dict]:
     """:func:`pick_prompts` from a file, dataset name or ``split:NAME``, with provenance."""
-    from . import data
 
     records = data.read_records(source)
     harmful, benign = pick_prompts(records, per_class, str(source))
@@ -441,7 +438,6 @@ def load_neurons(scores: str | Path | None = None, neurons: str | Path | None = 
                         "(a neuron_set.json), not both.")
     if neurons is not None:
         return NeuronSet.load(neurons)
-    from .contrast import ChangeScores
 
     return ChangeScores.load(scores)
 

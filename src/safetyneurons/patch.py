@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .contrast import _length_order
 from .errors import UserError
 from .generate import stop_token_ids
 from .controls import random_layer_matched
@@ -349,7 +350,6 @@ def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: 
         if p.neurons is not None:
             check_neuron_set(p.neurons, receiver, hook_point, same_weights=False)  # the receiver may be either model
     stops = stop_token_ids(receiver)
-    from .contrast import _length_order
 
     result: dict[str, list] = {n: [None] * len(prompts) for n in names}
     order = _length_order(receiver, prompts, max_length)  # similar lengths batched together: less padding

@@ -20,6 +20,7 @@ from . import data
 from ._io import (atomic_write_json, atomic_write_text, check_out_dir, json_safe, progress_bar, read_json, sha256_file,
                   versions)
 from .categories import evaluate_on_store, fit_for_store
+from .causal import patch_step
 from .compare import compare_feature_sets, score_store
 from .constants import FEATURES_FROM
 from .contrast import check_positions, contrast
@@ -381,8 +382,6 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         # 13. (optional) causal validation: dynamic activation patching on held-out test prompts
         if s.patch:
             steps.start("patch")
-            from .causal import patch_step
-
             summary["patch"] = patch_step(base, aligned, neuron_set, split_records["test"], out / "patch",
                                           quick=s.quick, seed=s.seed, progress=progress)
             steps.done()
