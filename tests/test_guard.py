@@ -147,7 +147,11 @@ def test_round_trip_load_scores_identically_with_given_or_reloaded_model(built):
     assert all(isinstance(r, GuardResult) for r in r1)
     p1 = np.array([r.unsafe_probability for r in r1])
     np.testing.assert_array_equal(p1, np.array([r.unsafe_probability for r in r2]))
-    np.testing.assert_allclose(p1, direct, rtol=0, atol=1e-12)
+    from safetyneurons.windows import formatted_lengths
+
+    fits = formatted_lengths(lm, QUERIES) <= 64  # longer prompts are read in windows (test_hardening.py)
+    assert fits.sum() >= 3
+    np.testing.assert_allclose(p1[fits], direct[fits], rtol=0, atol=1e-12)
     assert [r.flagged for r in r1] == [bool(v >= probe.threshold) for v in p1]
     assert g1.threshold == probe.threshold and g1.layers_run == 2
     # batching does not change scores: one at a time == all at once
@@ -215,9 +219,12 @@ def test_svm_last_token_guard_and_all_neuron_guard(tmp_path, cache):
     path2, lm2, _, probe2 = build_guard(tmp_path, neuron_set=False)
     g2 = Guard.load(path2, lm=lm2)
     assert g2.neuron_set is None and g2.layers_run == NUM_LAYERS and g2.meta["n_features"] == NUM_LAYERS * MLP
+    from safetyneurons.windows import formatted_lengths
+
+    fits = formatted_lengths(lm2, QUERIES) <= 64  # longer prompts are read in windows (checked above)
     X2 = pooled_features(lm2, QUERIES, HOOK, max_length=64)
-    np.testing.assert_allclose([r.unsafe_probability for r in g2.score(QUERIES)], probe2.unsafe_probability(X2),
-                               atol=1e-12)
+    got = np.array([r.unsafe_probability for r in g2.score(QUERIES)])
+    np.testing.assert_allclose(got[fits], probe2.unsafe_probability(X2)[fits], atol=1e-12)
 
 
 def test_metadata_summarises_the_neuron_set(built):

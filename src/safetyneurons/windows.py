@@ -4,7 +4,7 @@ A model reads at most ``max_length`` tokens of a chat-formatted prompt (the guar
 default). Cutting a longer prompt to its first ``max_length`` tokens would drop both the rest of the
 prompt and the chat template's assistant marker (the generation prompt), so a harmful request placed
 after enough benign padding would go unseen. Instead, a prompt whose formatted form is too long is split
-into windows over its *content*: each window holds ``WINDOW_TOKENS`` (64) content tokens, or fewer when
+into windows over its *content*: each window holds ``WINDOW_TOKENS`` (32) content tokens, or fewer when
 ``max_length - overhead`` is smaller (``overhead``: the tokens the chat template adds, with the assistant
 marker); consecutive windows overlap by half a window, and every window is formatted with the chat
 template on its own. Windows are short on purpose: a request hidden in a long prompt then fills a good
@@ -18,6 +18,12 @@ prompt of ``T`` content tokens takes about ``2 T / W`` windows of ``W`` tokens i
 compute grows linearly with its length (each token is read about twice, plus the template per window).
 Prompts that fit are read exactly as before (one window, the prompt itself); a request diluted by padding
 *within* the limit is not split (a limit of the mean-pooled guard, not of truncation).
+
+Why 32: on the real default guard (mean pooling, SmolLM2), a 13-token harmful request after 2,250 characters of
+benign text scored 0.003 with 64-token windows (diluted inside its window), 0.989 with 32; 24- and 16-token windows
+flagged the benign padding alone (0.46 and 0.95: very short texts look like the short harmful prompts of the
+training data). 32 was the only size that flagged the padded request and not the padding. This is one example, not
+a validation set: a long benign prompt with edgy words is still more likely to be flagged than its parts would be.
 
 Windows are cut at token boundaries of the content tokenised alone, and each window is the matching
 substring of the original text, so it is read through the usual formatting and tokenisation path. A
@@ -33,7 +39,7 @@ import numpy as np
 
 from .errors import UserError
 
-WINDOW_TOKENS = 64  # content tokens per window of a long prompt (stride: half of it)
+WINDOW_TOKENS = 32  # content tokens per window of a long prompt (stride: half of it); see the docstring
 MIN_WINDOW_TOKENS = 8  # a limit that leaves fewer content tokens than this next to the template is refused
 _MARGIN = 2  # content tokens kept free for tokenisation differences at window edges
 
