@@ -15,3 +15,14 @@ def tmp_cache(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv("SAFETYNEURONS_CACHE", str(d))
     return d
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private safetyneurons cache shared by one test module (module-scoped fixtures build guards in it).
+
+    It replaces pytest's own ``cache`` fixture, which no test here uses."""
+    d = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFETYNEURONS_CACHE", str(d))
+        yield d

@@ -65,14 +65,6 @@ def build_guard(root: Path, classifier: str = "logreg", deepest: int = 1, neuron
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAFETYNEURONS_CACHE", str(d))
-        yield d
-
-
-@pytest.fixture(scope="module")
 def built(tmp_path_factory, cache):
     return build_guard(tmp_path_factory.mktemp("g"))
 

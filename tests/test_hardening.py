@@ -39,14 +39,6 @@ J = 7  # the planted neuron (layer 0, mlp_neurons)
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAFETYNEURONS_CACHE", str(d))
-        yield d
-
-
 def plant_model(model_dir: Path, trigger: int, seed: int = 0) -> None:
     """A tiny llama whose layer-0 neuron J is > 0 on token ``trigger`` and exactly 0 on every other token:
     only the trigger's embedding has a component in hidden dimension 0, attention never writes to it, and

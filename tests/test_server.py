@@ -26,14 +26,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAFETYNEURONS_CACHE", str(d))
-        yield d
-
-
-@pytest.fixture(scope="module")
 def guard(tmp_path_factory, cache):
     path, lm, _, _ = build_guard(tmp_path_factory.mktemp("g"))
     return Guard.load(path, lm=lm)
