@@ -17,8 +17,9 @@ from safetyneurons.errors import UserError
 from safetyneurons.hooks import capture, decoder_layers
 from safetyneurons.neurons import NeuronSet
 from safetyneurons.pair import from_objects
+from safetyneurons import patch as patch_mod
 from safetyneurons.patch import (Patch, check_k, generate_patched, mean_activation, perplexity_patched,
-                                 random_controls, top_k_set)
+                                 random_controls, shared_prefix, top_k_set)
 from tiny import save_tiny, tiny_lm
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
@@ -125,6 +126,46 @@ def test_batch_size_and_padding_side_do_not_change_the_generations():
         assert other == runs[0]
     assert runs[0]["none"] == plain(base)
     assert runs[0]["zero"] != runs[0]["none"]  # the baselines do patch something
+
+
+def test_the_shared_prefix_is_computed_once_and_changes_no_generation():
+    """The template prefix all prompts share runs once per patched set; the generations are the same as
+    when every row computes it, on both padding sides, also for a prompt that is the prefix plus one token."""
+    base, aligned = planted_pair("qwen3")
+    safety = planted_set()
+    header = base.encode([""], max_length=None)["input_ids"][0].tolist()
+    prompts = PROMPTS + ["a"]
+    prefix = shared_prefix(base, prompts, 256)
+    assert 0 < prefix < len(header)  # "<|im_start|>user\n" ...: the common head of the formatted prompts
+    assert base.encode(["Why?"])["input_ids"][0][:prefix].tolist() == header[:prefix]
+    assert shared_prefix(base, ["Why?"], 256) == len(base.encode(["Why?"])["input_ids"][0]) - 1
+    mean = mean_activation(base, prompts, "mlp_neurons")
+    patches = [Patch("safety", "donor", safety), Patch("random", "donor", random_controls(safety, 1)[0]),
+               Patch("mean", "mean", safety), Patch("zero", "zero", safety), Patch("none", "none")]
+    calls = []
+    real_step = patch_mod._Hooked.step
+
+    def step(self, ids, mask, *rest):
+        calls.append(tuple(ids.shape))
+        return real_step(self, ids, mask, *rest)
+
+    for side in ("left", "right"):
+        runs = {}
+        for share in (True, False):
+            calls.clear()
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(patch_mod._Hooked, "step", step)
+                runs[share] = generate_patched(base, aligned, prompts, patches, hook_point="mlp_neurons",
+                                               max_new_tokens=8, batch_size=4, padding_side=side, mean=mean,
+                                               progress=False, share_prefix=share)
+            firsts = [c for c in calls if c[1] > 1]
+            if share:  # one [1, prefix] pass per batch, then the rest of each prompt
+                assert (1, prefix) in firsts
+            else:
+                assert (1, prefix) not in firsts
+        assert runs[True] == runs[False]
+        assert runs[True]["none"] == plain(base, prompts)
+        assert runs[True]["safety"] == plain(aligned, prompts)
 
 
 def test_hooks_are_removed_after_a_run_and_after_an_exception(monkeypatch):

@@ -180,12 +180,37 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons, harmful: Sequenc
         sets[k] = {"safety": safety, "randoms": randoms, "overlaps": overlaps}
     mean = mean_activation(base, prompts, hp, batch_size=s.batch_size, max_length=s.max_length) if s.baselines else None
 
-    generations: list[dict] = []
     models = {"base": base, "aligned": aligned}
+    roles = {d: ((base, aligned, "base", "aligned") if d == "sufficiency" else (aligned, base, "aligned", "base"))
+             for d in s.directions}
+    timings = {"setup_s": round(time.perf_counter() - t0, 2)}
+
+    # Generations. Each direction's batches also carry an unpatched row ("none"): the receiver's own greedy
+    # generation, computed next to the patched rows at little extra cost; a model that receives in no
+    # direction generates on its own.
+    patched: dict[tuple[str, float], dict[str, list[list[int]]]] = {}
+    own: dict[str, list[list[int]]] = {}
+    for direction in s.directions:
+        receiver, donor, ref_name, _ = roles[direction]
+        t1 = time.perf_counter()
+        for k, group in sets.items():
+            patches = _patches(group, s.baselines)
+            if ref_name not in own:
+                patches = [Patch("none", "none"), *patches]
+            ids = generate_patched(receiver, donor, prompts, patches, mean=mean,
+                                   desc=f"patch {direction} k={k:g}%", **opts)
+            own.setdefault(ref_name, ids.pop("none", None))
+            patched[direction, k] = ids
+        timings[f"{direction}_s"] = round(time.perf_counter() - t1, 2)
+    for who, lm in models.items():
+        if who not in own:
+            own[who] = generate_patched(lm, None, prompts, [Patch("none", "none")], desc=f"generate {who}",
+                                        **opts)["none"]
+
+    generations: list[dict] = []
     plain = {}
     for who, lm in models.items():
-        ids = generate_patched(lm, None, prompts, [Patch("none", "none")], desc=f"generate {who}", **opts)["none"]
-        plain[who], rows = rates(lm, ids, labels)
+        plain[who], rows = rates(lm, own[who], labels)
         plain[who]["perplexity"] = perplexity_patched(lm, None, texts, [Patch("none", "none")], hook_point=hp,
                                                       batch_size=s.batch_size, max_length=s.max_length)["none"]
         generations += [{"direction": None, "k": None, "set": who, "index": i, **r} for i, r in enumerate(rows)]
@@ -194,24 +219,16 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons, harmful: Sequenc
         plain[who]["perplexity_ratio_to_base"] = plain[who]["perplexity"] / base_ppl
 
     results = []
-    timings = {"setup_s": round(time.perf_counter() - t0, 2)}
     for direction in s.directions:
-        receiver, donor = (base, aligned) if direction == "sufficiency" else (aligned, base)
-        ref_name, donor_name = ("base", "aligned") if direction == "sufficiency" else ("aligned", "base")
+        receiver, donor, ref_name, donor_name = roles[direction]
         ref, don = plain[ref_name], plain[donor_name]
-        t1 = time.perf_counter()
         for k, group in sets.items():
-            patches = [Patch("safety", "donor", group["safety"])]
-            patches += [Patch(f"random{i}", "donor", r) for i, r in enumerate(group["randoms"])]
-            if s.baselines:
-                patches += [Patch("mean", "mean", group["safety"]), Patch("zero", "zero", group["safety"])]
-            ids = generate_patched(receiver, donor, prompts, patches, mean=mean,
-                                   desc=f"patch {direction} k={k:g}%", **opts)
+            patches = _patches(group, s.baselines)
             ppl = perplexity_patched(receiver, donor, texts, patches, hook_point=hp, batch_size=s.batch_size,
                                      max_length=s.max_length, mean=mean)
             per_set = {}
             for patch in patches:
-                m, rows = rates(receiver, ids[patch.name], labels)
+                m, rows = rates(receiver, patched[direction, k][patch.name], labels)
                 for measure in MEASURES:
                     m[f"effect_{measure}"] = causal_effect(m[measure], ref[measure], don[measure])
                 m["perplexity"] = ppl[patch.name]
@@ -220,7 +237,6 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons, harmful: Sequenc
                 generations += [{"direction": direction, "k": k, "set": patch.name, "index": i, **r}
                                 for i, r in enumerate(rows)]
             results.append(_summarise(direction, k, group, per_set, s))
-        timings[f"{direction}_s"] = round(time.perf_counter() - t1, 2)
     timings["total_s"] = round(time.perf_counter() - t0, 2)
     return {
         "format": "safetyneurons.patch/1",
@@ -234,7 +250,9 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons, harmful: Sequenc
                       "relative to the unpatched base model: an alignment-tax proxy",
         "judge": JUDGE_NOTE,
         "hook_point": hp,
-        "settings": {**asdict(s), "k": list(s.k), "directions": list(s.directions)},
+        "settings": {**asdict(s), "k": list(s.k), "directions": list(s.directions),
+                     "dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
+                     "device": str(base.device), "shared_prefix": "computed once per patched set"},
         "pair": {"base": base.describe(), "aligned": aligned.describe()},
         "data": {"harmful": len(harmful), "benign": len(benign), "prompts_sha256": sha256_json(prompts),
                  "labels_sha256": sha256_json(labels), "reference_texts": len(texts),
@@ -251,6 +269,15 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons, harmful: Sequenc
         "versions": versions(),
         "generations": generations,  # moved to generations.jsonl by write_outputs
     }
+
+
+def _patches(group: dict, baselines: bool) -> list[Patch]:
+    """The patched sets of one k: the safety set, its random controls and (optionally) mean and zero patching."""
+    patches = [Patch("safety", "donor", group["safety"])]
+    patches += [Patch(f"random{i}", "donor", r) for i, r in enumerate(group["randoms"])]
+    if baselines:
+        patches += [Patch("mean", "mean", group["safety"]), Patch("zero", "zero", group["safety"])]
+    return patches
 
 
 def _summarise(direction: str, k: float, group: dict, per_set: dict, s: PatchSettings) -> dict:
@@ -338,7 +365,8 @@ def render_markdown(result: dict) -> str:
              f"the safety set); seed {s['seed']}",
              f"- causal effect = {result['causal_effect']}", f"- rank p-value = {result['rank_p_value']}",
              f"- perplexity: {result['perplexity']} ({result['data']['reference_texts']} texts)",
-             f"- time: {result['timings']['total_s'] / 60:.1f} min", "", f"**Judge.** {result['judge']}", "",
+             f"- time: {result['timings']['total_s'] / 60:.1f} min ({s.get('dtype', 'float32')} on "
+             f"{s.get('device', 'cpu')})", "", f"**Judge.** {result['judge']}", "",
              "## Unpatched models", "", "| model | refuses harmful | answers benign | perplexity (ratio to base) |",
              "|---|---:|---:|---:|"]
     for who, m in result["unpatched"].items():
