@@ -22,6 +22,10 @@ exit (plus the probe) against a full forward pass of the model, p50 over ``--cur
 alternately. It marks the smallest budget that keeps the test AUROC within 0.005 of the unconstrained set and
 whether it meets <= 0.6x the full pass; that is the candidate for the default guard.
 
+With ``--run DIR`` it reuses a finished ``safetyneurons run`` (its change scores, benign change scores and stores)
+and prints only the variant table and, with ``--curve``, the curve, for that run's setting (the run's own report
+already holds the feature-set tables).
+
 Needs the default twin (built on first use, slow) and the default splits. Keep runs small with the limits::
 
     python benchmarks/bench_quality.py --limit-train 200 --limit-test 100 --limit-heldout 100 \
@@ -181,6 +185,34 @@ def variant_table(args, name, scores, benign_scores, stores, out):
         default=float))
 
 
+def from_run(args) -> None:
+    """The selection-variant table and the cost-quality curve of a finished run (no new contrast or extraction)."""
+    import json
+
+    from safetyneurons.contrast import ChangeScores
+    from safetyneurons.pair import DEFAULT_ALIGNED, DEFAULT_BASE, load_model
+    from safetyneurons.store import Store
+
+    run = Path(args.run)
+    settings = json.loads((run / "settings.json").read_text())
+    scores = ChangeScores.load(run / "contrast")
+    benign = run / "contrast" / "benign"
+    benign_scores = ChangeScores.load(benign) if benign.is_dir() else None
+    stores = {n: Store.load(run / "store" / n) for n in ("train", "test", "heldout") if (run / "store" / n).is_dir()}
+    name = f"run {run} ({settings['hook_point']}, {settings['positions']} positions, {settings['pooling']} pooling)"
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_quality_"))
+    print(f"{name}: " + ", ".join(f"{n} {len(st)}" for n, st in stores.items()) + f"; output {out}", file=sys.stderr)
+    t0 = time.perf_counter()
+    if args.variants:
+        variant_table(args, "run", scores, benign_scores, stores, out)
+    if args.curve:
+        feature_model = (settings.get("base") or DEFAULT_BASE if settings.get("features_from", "base") == "base"
+                         else settings.get("aligned") or DEFAULT_ALIGNED)
+        lm = load_model(feature_model)
+        cost_quality_curve(args, scores, stores, lm, settings["hook_point"], settings["pooling"])
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; output under {out}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="reference,paper")
@@ -212,7 +244,13 @@ def main():
     ap.add_argument("--curve-layers", default=None, help="comma list of layer budgets (default: ~8 spread out)")
     ap.add_argument("--curve-classifier", choices=("logreg", "svm"), default="logreg")
     ap.add_argument("--curve-prompts", type=int, default=32, help="test prompts timed per budget")
+    ap.add_argument("--run", default=None, metavar="DIR",
+                    help="reuse a finished `safetyneurons run` directory (its change scores, benign change scores "
+                         "and stores) instead of contrasting and extracting again; prints the variant table and "
+                         "(with --curve) the curve for that run's setting, without the feature-set table")
     args = ap.parse_args()
+    if args.run:
+        return from_run(args)
 
     from safetyneurons import data as data_mod
     from safetyneurons.contrast import contrast

@@ -359,12 +359,20 @@ def contrast(
     token_count, stopped_at_eos, prompt_n = 0, 0, 0
     order = _length_order(aligned, prompts, max_length)
 
-    # under torchrun every rank takes every world-th batch; the sums are added over ranks below
-    starts = distributed.share(list(range(0, len(order), batch_size)))
+    # under torchrun every rank takes every world-th batch; the batch sums of all ranks are added in batch order
+    # (OrderedSum: bitwise the single-process sums), one round of world batches at a time
+    all_starts = list(range(0, len(order), batch_size))
+    starts = distributed.share(all_starts)
+    parallel = distributed.world()[1] > 1
+    ordered = distributed.OrderedSum(torch.stack([sum_sq, *extra.values()])) if parallel else None
     mine = sum(len(order[s:s + batch_size]) for s in starts)
     bar = progress_bar(mine, f"contrast {hook_point}/{positions}", "prompt", progress and distributed.is_main())
     try:
-        for start in starts:
+        for j in range(distributed.OrderedSum.rounds(len(all_starts)) if parallel else len(starts)):
+            if j >= len(starts):  # this rank has no batch in the last round
+                ordered.add(None)
+                continue
+            start = starts[j]
             batch = [prompts[i] for i in order[start:start + batch_size]]
             if positions == "completion":
                 cb = completion_batch(generator, batch, max_length, max_new_tokens, padding_side)
@@ -375,14 +383,23 @@ def contrast(
                                      content_mask=positions == "content")
                 ids, mask = enc["input_ids"], enc["attention_mask"]
                 select = enc["content_mask"] if positions == "content" else _select_prompt(mask, positions)
-            token_count += _accumulate(base, aligned, ids, mask, select, hook_point, sum_sq, extra)
+            if parallel:
+                part = torch.zeros_like(ordered.total)
+                token_count += _accumulate(base, aligned, ids, mask, select, hook_point, part[0],
+                                           dict(zip(extra, part[1:])))
+                ordered.add(part)
+            else:
+                token_count += _accumulate(base, aligned, ids, mask, select, hook_point, sum_sq, extra)
             prompt_n += int((select.sum(1) > 0).sum())
             bar.update(len(batch))
             bar.set_postfix(tokens=token_count, refresh=False)
     finally:
         bar.close()
+    if parallel:
+        sum_sq, *rest = ordered.total
+        extra = dict(zip(extra, rest))
     totals = torch.tensor([token_count, stopped_at_eos, prompt_n], dtype=torch.float64, device=sum_sq.device)
-    distributed.all_reduce_sum(sum_sq, *extra.values(), totals)
+    distributed.all_reduce_sum(totals)
     token_count, stopped_at_eos, prompt_n = int(totals[0]), int(totals[1]), int(totals[2])
     if token_count == 0:
         raise UserError("No tokens were selected from the prompts, so no change score can be computed. "

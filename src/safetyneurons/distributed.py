@@ -2,7 +2,8 @@
 
 ``torchrun --nproc-per-node 8 -m safetyneurons contrast ...`` starts 8 processes; each loads the pair on its
 own device (``--device cuda``: GPU ``LOCAL_RANK``; ``--device cpu``: the gloo backend) and takes every 8th
-batch. ``contrast`` sums the float64 change-score sums and token counts over ranks with ``all_reduce``;
+batch. ``contrast`` adds the float64 change-score sums of all ranks' batches in batch order
+(:class:`OrderedSum`, so the scores are bitwise those of one process) and the token counts with ``all_reduce``;
 ``extract`` has every rank write its own shards (shard ``i`` belongs to rank ``i % world``) and rank 0 writes
 the one manifest, so the store is byte-identical to a single-process run. Outside torchrun (no
 ``WORLD_SIZE`` above 1 in the environment) every helper here is a no-op for a single process.
@@ -16,7 +17,10 @@ from __future__ import annotations
 import atexit
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from .errors import UserError
 
@@ -108,3 +112,41 @@ def barrier() -> None:
     dist = _dist()
     if dist is not None:
         dist.barrier()
+
+
+class OrderedSum:
+    """Per-batch tensors of all ranks added one by one in batch order: bitwise the single-process running sum
+    ``((0 + t_0) + t_1) + ...`` (an ``all_reduce`` of per-rank sums adds in another order, equal only to rounding).
+
+    Batches go out round-robin (:func:`share`: batch ``j * world + r`` is rank ``r``'s ``j``-th), so every rank
+    calls :meth:`add` once per round, with its batch's tensor or ``None`` when it has none left; each round
+    gathers ``world`` tensors, so memory stays at ``world`` batch sums whatever the number of batches.
+    """
+
+    def __init__(self, like: "torch.Tensor") -> None:
+        import torch
+
+        self.total = torch.zeros_like(like)
+
+    def add(self, part: "torch.Tensor | None") -> None:
+        import torch
+
+        dist = _dist()
+        if dist is None:
+            if part is not None:
+                self.total += part
+            return
+        has = torch.tensor([part is not None], dtype=torch.float64, device=self.total.device)
+        part = torch.zeros_like(self.total) if part is None else part.to(self.total.device)
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+        flags = [torch.empty_like(has) for _ in parts]
+        dist.all_gather(parts, part.contiguous())
+        dist.all_gather(flags, has)
+        for t, flag in zip(parts, flags):  # rank order = batch order within a round
+            if bool(flag.item()):
+                self.total += t
+
+    @staticmethod
+    def rounds(n_batches: int) -> int:
+        """Rounds of :meth:`add` calls every rank makes for ``n_batches`` batches shared round-robin."""
+        return -(-n_batches // world()[1])
