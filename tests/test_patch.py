@@ -335,6 +335,9 @@ def test_cli_writes_every_output(saved_pair, tmp_path, capsys):
     data = json.loads((tmp_path / "out" / "patch.json").read_text())
     assert [r["k"] for r in data["results"]] == [1.0, 2.0, 1.0, 2.0]
     assert data["data"]["harmful"] == 3 and data["data"]["prompts"]["records_sha256"]
+    # --dtype auto: bfloat16 where the CPU computes it natively, recorded with the results
+    assert data["settings"]["dtype"] == patch_mod.fast_dtype("cpu") in ("bfloat16", "float32")
+    assert data["pair"]["base"]["ref"] == saved_pair["base"]
 
 
 def test_cli_neuron_set_file_is_patched_as_it_is(saved_pair, tmp_path, capsys):
