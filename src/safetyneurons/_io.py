@@ -12,11 +12,14 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def cache_dir() -> Path:
@@ -226,7 +229,7 @@ def check_out_dir(out: str | os.PathLike, replaceable: Callable[[Path], bool] | 
     return out
 
 
-def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True, **kw: Any):
+def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True, **kw: Any) -> tqdm:
     """The one progress bar (tqdm on stderr, width following the terminal); ``enabled=False`` shows nothing."""
     from tqdm.auto import tqdm
 

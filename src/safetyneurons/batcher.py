@@ -18,9 +18,11 @@ import concurrent.futures
 import contextlib
 import time
 from collections import deque
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 from .http_limits import ApiError
+
+_T = TypeVar("_T")
 
 
 class InputFailed(Exception):
@@ -64,7 +66,7 @@ class MicroBatcher:
                 await self._task
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def call(self, fn: Callable, *args):
+    async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run ``fn(*args)`` on the scoring thread, so it never overlaps a scoring batch (the model is shared)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 

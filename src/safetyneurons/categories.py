@@ -13,13 +13,19 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ._io import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
 from .errors import UserError
 from .taxonomy import HAZARDS, describe_taxonomy
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+    from .neurons import NeuronSet
+    from .store import Store
 
 CATEGORIES_FORMAT = "safetyneurons.categories/1"
 CATEGORIES_JSON = "categories.json"
@@ -50,8 +56,8 @@ class CategoryHeads:
 
     # ---------------------------------------------------------------- fitting
     @classmethod
-    def fit(cls, X, hazards: Sequence[str | None], *, min_examples: int = DEFAULT_MIN_EXAMPLES, C: float = 0.1,
-            seed: int = 0) -> "CategoryHeads":
+    def fit(cls, X: ArrayLike, hazards: Sequence[str | None], *, min_examples: int = DEFAULT_MIN_EXAMPLES,
+            C: float = 0.1, seed: int = 0) -> "CategoryHeads":
         """Fit one head per hazard with at least ``min_examples`` labelled rows. ``X`` [n, d] are features of
         harmful prompts; ``hazards[i]`` is row i's hazard or None (unlabelled rows are not used)."""
         from sklearn.linear_model import LogisticRegression
@@ -88,7 +94,7 @@ class CategoryHeads:
         return cls(names, mean, scale, np.array(W), np.array(b), info)
 
     # ---------------------------------------------------------------- scoring
-    def predict_proba(self, X) -> np.ndarray:
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         """P(hazard | harmful) per head: [n, len(names)]."""
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_features:
@@ -96,7 +102,7 @@ class CategoryHeads:
         z = ((X - self.mean) / self.scale) @ self.weights.T + self.bias
         return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
 
-    def top1_accuracy(self, X, hazards: Sequence[str | None]) -> dict:
+    def top1_accuracy(self, X: ArrayLike, hazards: Sequence[str | None]) -> dict:
         """Top-1 accuracy on rows whose hazard has a head (for the report), with counts."""
         keep = [i for i, h in enumerate(hazards) if h in self.names]
         if not keep:
@@ -167,8 +173,8 @@ def moderation_categories(unsafe_probability: float, flagged: bool, names: Seque
     return categories, scores
 
 
-def fit_for_store(train_store, records: Sequence[dict], neuron_set, *, min_examples: int = DEFAULT_MIN_EXAMPLES,
-                  seed: int = 0) -> CategoryHeads | None:
+def fit_for_store(train_store: Store, records: Sequence[dict], neuron_set: NeuronSet, *,
+                  min_examples: int = DEFAULT_MIN_EXAMPLES, seed: int = 0) -> CategoryHeads | None:
     """Heads on ``neuron_set``'s columns of ``train_store``, from the harmful records' ``hazard`` labels
     (matched by id). None when fewer than two hazards have enough examples (the run records why)."""
     hazard = {str(r["id"]): r.get("hazard") for r in records}
@@ -181,7 +187,7 @@ def fit_for_store(train_store, records: Sequence[dict], neuron_set, *, min_examp
     return CategoryHeads.fit(X, labels, min_examples=min_examples, seed=seed)
 
 
-def evaluate_on_store(heads: CategoryHeads, store, records: Sequence[dict], neuron_set) -> dict:
+def evaluate_on_store(heads: CategoryHeads, store: Store, records: Sequence[dict], neuron_set: NeuronSet) -> dict:
     """Top-1 accuracy of the heads on a store's harmful prompts whose hazard has a head."""
     hazard = {str(r["id"]): r.get("hazard") for r in records}
     rows = [i for i, (rid, y) in enumerate(zip(store.ids, store.labels)) if int(y) == 1]

@@ -142,8 +142,8 @@ def _check_pair(base: LoadedModel, aligned: LoadedModel) -> None:
                         f"patching needs both models to read the same token ids.")
 
 
-def run_patch(base: LoadedModel, aligned: LoadedModel, neurons, harmful: Sequence[str], benign: Sequence[str],
-              reference: Sequence[str] | None = None, settings: PatchSettings | None = None,
+def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | NeuronSet, harmful: Sequence[str],
+              benign: Sequence[str], reference: Sequence[str] | None = None, settings: PatchSettings | None = None,
               hook_point: str | None = None, progress: bool = True) -> dict:
     """The causal validation experiment; returns the JSON-ready result (see module doc).
 
@@ -459,7 +459,7 @@ def load_prompts(source: str, per_class: int) -> tuple[list[str], list[str], dic
                              "order": "first per class by sha256 of id + prompt"}
 
 
-def load_neurons(scores: str | Path | None = None, neurons: str | Path | None = None):
+def load_neurons(scores: str | Path | None = None, neurons: str | Path | None = None) -> ChangeScores | NeuronSet:
     """Change scores from a ``contrast`` output directory (any k), or a neuron-set file (k up to its share)."""
     if (scores is None) == (neurons is None):
         raise UserError("Give either --scores (a `safetyneurons contrast` output directory) or --neurons "

@@ -32,7 +32,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from .hooks import attached_hooks
 from .features import plan_layers
 from .generate import stop_token_ids
 from .positions import content_mask, message_span, template_affixes
+
+if TYPE_CHECKING:
+    from .guard import Guard
 
 ROLES = ("system", "developer", "user", "assistant")
 DEFAULT_REFUSAL = "I can't help with that request."
@@ -140,7 +143,7 @@ class _Flagged(Exception):
 
 
 # -------------------------------------------------------------------------------------- messages
-def normalize_messages(messages) -> list[dict]:
+def normalize_messages(messages: list[dict]) -> list[dict]:
     """OpenAI chat messages -> ``[{"role", "content": str}]``. Content may be a string or a list of text parts.
 
     ``developer`` becomes ``system``. Anything else (images, tool calls, unknown roles) is a UserError.
@@ -209,7 +212,7 @@ class GuardedChat:
     prefill) are for monitoring and tests.
     """
 
-    def __init__(self, guard, *, mode: str = "block", refusal: str = DEFAULT_REFUSAL,
+    def __init__(self, guard: Guard, *, mode: str = "block", refusal: str = DEFAULT_REFUSAL,
                  context_length: int | None = None):
         if mode not in GUARD_MODES:
             raise UserError(f"Unknown guard mode {mode!r}. Choose one of: {', '.join(GUARD_MODES)}.")
@@ -387,7 +390,7 @@ class GuardedChat:
             logits, past = out.logits[0, -1], _cache_of(out)
         yield Delta(text[sent:] if len(text) > sent else "", finish, n_sampled)
 
-    def complete(self, messages, settings: SamplingSettings | None = None) -> Completion:
+    def complete(self, messages: list[dict], settings: SamplingSettings | None = None) -> Completion:
         """Answer a conversation (OpenAI-style messages) in one call."""
         settings = (settings or SamplingSettings()).check()
         pre = self.prefill(normalize_messages(messages))

@@ -21,9 +21,12 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from typing import Callable, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Sequence
 
 from .datasets import normalise_text
+
+if TYPE_CHECKING:
+    import numpy as np
 
 THRESHOLD = 0.6
 _WORD = re.compile(r"\w+")
@@ -175,7 +178,7 @@ def straddling(splits: dict[str, Sequence[dict]]) -> dict[str, list[str]]:
     return {c: sorted(s) for c, s in where.items() if len(s) > 1}
 
 
-def assign_splits(pool: list[dict], rng, n_twin: int, n_contrast: int, n_contrast_benign: int,
+def assign_splits(pool: list[dict], rng: np.random.Generator, n_twin: int, n_contrast: int, n_contrast_benign: int,
                    test_size: float) -> tuple[list[dict], list[dict], list[dict], list[dict], dict]:
     """twin, contrast, train, test from whole near-duplicate clusters of ``pool`` (seeded cluster order).
 

@@ -35,7 +35,7 @@ from .metrics import (binary_metrics, bootstrap_ci, bootstrap_groups, bootstrap_
                       paired_bootstrap_diff)
 from .neurons import NeuronSet
 from .probe import CLASSIFIERS, REPORT_FORMAT, TEXT_CLASSIFIER, Probe, TextProbe, check_labels, parse_list, probe_meta
-from .store import check_compatible, describe_store
+from .store import Store, check_compatible, describe_store
 
 DEFAULT_FEATURE_SETS = FEATURE_SETS
 LENGTH_CLASSIFIER = "tokens-logreg"
@@ -71,7 +71,7 @@ class CompareResult:
         raise KeyError((feature_set, classifier))
 
 
-def store_inputs(store, feature_set: str, neuron_set: NeuronSet | None):
+def store_inputs(store: Store, feature_set: str, neuron_set: NeuronSet | None) -> list[str] | np.ndarray:
     """What a probe of ``feature_set`` reads from ``store``: prompts, token counts or feature columns."""
     if feature_set == "text":
         return store.prompts
@@ -135,8 +135,9 @@ def _result_row(run: ProbeRun, metrics: dict) -> dict:
             "threshold_rule": run.probes[0].threshold_rule, "metrics": metrics}
 
 
-def safety_vs_controls(runs: Sequence[ProbeRun], probas: dict, metrics: dict, y: np.ndarray, classifiers,
-                       n_boot: int, seed: int, groups=None) -> dict:
+def safety_vs_controls(runs: Sequence[ProbeRun], probas: dict, metrics: dict, y: np.ndarray,
+                       classifiers: Sequence[str], n_boot: int, seed: int,
+                       groups: np.ndarray | None = None) -> dict:
     """{control: {classifier: comparison}} of the safety probe against each control on one labelled set.
 
     ``probas``/``metrics`` map (feature set, classifier) to the per-draw probabilities and the metrics on
@@ -165,7 +166,7 @@ def safety_vs_controls(runs: Sequence[ProbeRun], probas: dict, metrics: dict, y:
     return out
 
 
-def compare_feature_sets(train, test, neuron_set: NeuronSet | None = None, *,
+def compare_feature_sets(train: Store, test: Store, neuron_set: NeuronSet | None = None, *,
                          classifiers: Sequence[str] = CLASSIFIERS, feature_sets: Sequence[str] = DEFAULT_FEATURE_SETS,
                          random_draws: int = DEFAULT_RANDOM_DRAWS, seed: int = 0, n_boot: int = 1000, cv: int = 5,
                          pca_variance: float = 0.95, control_cv: int | None = None,
@@ -246,7 +247,7 @@ def compare_feature_sets(train, test, neuron_set: NeuronSet | None = None, *,
     return result
 
 
-def score_store(result: CompareResult, store, n_boot: int = 1000, seed: int = 0) -> dict:
+def score_store(result: CompareResult, store: Store, n_boot: int = 1000, seed: int = 0) -> dict:
     """Score every trained probe (all draws, no retraining) on another labelled store, e.g. the held-out
     sources: {"store", "bootstrap", "results", "safety_vs_controls"} as in the test report."""
     y = np.asarray(store.labels, dtype=np.int64)

@@ -24,13 +24,16 @@ rank p-value of the safety set's metric among the draws, ``(1 + #{draws >= safet
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ._io import sha256_json
 from .errors import UserError
 from .neurons import NeuronSet
+
+if TYPE_CHECKING:
+    from .store import Store
 
 CONTROLS = ("random", "random_global", "magnitude")  # feature-set names of the neuron controls
 DRAWN_CONTROLS = ("random", "random_global")  # controls with seeded random draws
@@ -144,7 +147,7 @@ def magnitude_matched(neuron_set: NeuronSet, mean_abs: np.ndarray) -> NeuronSet:
                          "excludes_safety_neurons": True, "magnitude": MAGNITUDE_SOURCE})
 
 
-def mean_abs_activation(store) -> np.ndarray:
+def mean_abs_activation(store: Store) -> np.ndarray:
     """Mean over the store's prompts of the absolute pooled activation, as [num_layers, width] float64.
 
     Needs an all-neurons store (extracted without ``--neurons``)."""

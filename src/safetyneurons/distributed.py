@@ -80,7 +80,7 @@ def share(items: list) -> list:
     return items[rank::size]
 
 
-def all_reduce_sum(*tensors) -> None:
+def all_reduce_sum(*tensors: torch.Tensor) -> None:
     """Sum each tensor over ranks, in place (no-op for a single process)."""
     dist = _dist()
     if dist is not None:

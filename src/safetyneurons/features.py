@@ -20,7 +20,7 @@ fingerprint) is written into a store's ``manifest.json``, a probe's ``meta`` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -30,6 +30,13 @@ from .errors import UserError
 from .hooks import check_hook_point, forward_with_hooks, hook_width, num_layers
 from .neurons import NeuronSet, check_neuron_set_matches
 from .shard_writer import HostBatch, to_host
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from .pair import LoadedModel
+    from .probe import Probe
+    from .store import Store
 
 #: Token positions pooled over; only ``prompt`` (the whole chat-formatted prompt) so far.
 FEATURE_POSITIONS = ("prompt",)
@@ -101,12 +108,13 @@ class FeatureSpec:
             out["positions"] = self.positions
         return out
 
-    def extract(self, lm, prompts: Sequence[str], batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    def extract(self, lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16,
+                progress: bool = False) -> np.ndarray:
         """Live features of ``prompts`` with ``lm``: float32 ``[n, d]`` (see :func:`pooled_features`)."""
         return pooled_features(lm, prompts, self.hook_point, pooling=self.pooling, neuron_set=self.neuron_set,
                                batch_size=batch_size, max_length=self.max_length, progress=progress)
 
-    def check_store(self, store) -> None:
+    def check_store(self, store: Store) -> None:
         """An activation store must have been extracted the way this spec reads (hook point, pooling, max length,
         model weights); UserError otherwise."""
         differ = [(k, store.manifest.get(k), getattr(self, k)) for k in ("hook_point", "pooling", "max_length")
@@ -119,7 +127,7 @@ class FeatureSpec:
             raise UserError(f"Store {store.path} comes from model {store.fingerprint[:12]}... but the probe was "
                             f"trained on {self.fingerprint[:12]}.... Extract the data with the probe's model.")
 
-    def from_store(self, store) -> np.ndarray:
+    def from_store(self, store: Store) -> np.ndarray:
         """The spec's columns of an activation store, which must have been extracted the same way."""
         self.check_store(store)
         if self.neuron_set is not None:
@@ -130,8 +138,8 @@ class FeatureSpec:
         return store.features
 
 
-def probe_features(probe, *, lm=None, prompts: Sequence[str] | None = None, store=None, batch_size: int = 16,
-                   progress: bool = False) -> np.ndarray:
+def probe_features(probe: Probe, *, lm: LoadedModel | None = None, prompts: Sequence[str] | None = None,
+                   store: Store | None = None, batch_size: int = 16, progress: bool = False) -> np.ndarray:
     """A saved activation probe's input features, rebuilt from its metadata: live from ``lm`` and
     ``prompts``, or read from an activation ``store``."""
     spec = FeatureSpec.from_meta(probe.meta, source="probe metadata")
@@ -146,7 +154,7 @@ def probe_features(probe, *, lm=None, prompts: Sequence[str] | None = None, stor
     return spec.extract(lm, prompts, batch_size=batch_size, progress=progress)
 
 
-def length_features(store) -> np.ndarray:
+def length_features(store: Store) -> np.ndarray:
     """The length baseline's only feature: each prompt's token count, as float64 [n, 1]."""
     counts = store.manifest.get("n_tokens")
     if counts is None or len(counts) != len(store):
@@ -167,7 +175,7 @@ class LayerPlan(NamedTuple):
     width: int
 
 
-def plan_layers(lm, hook_point: str, neuron_set: NeuronSet | None) -> LayerPlan:
+def plan_layers(lm: LoadedModel, hook_point: str, neuron_set: NeuronSet | None) -> LayerPlan:
     import torch
 
     check_hook_point(hook_point)
@@ -188,7 +196,7 @@ def _token_lengths(lm, prompts: Sequence[str], max_length: int | None) -> np.nda
     return np.array([len(ids) for ids in enc["input_ids"]], dtype=np.int64)
 
 
-def token_counts(lm, prompts: Sequence[str], max_length: int | None = 256) -> np.ndarray:
+def token_counts(lm: LoadedModel, prompts: Sequence[str], max_length: int | None = 256) -> np.ndarray:
     """Tokens of each formatted, truncated prompt: the length baseline's feature (stores: ``n_tokens``)."""
     return _token_lengths(lm, list(prompts), max_length)
 
@@ -229,8 +237,9 @@ def _pool_batch(lm, batch: Sequence[str], hook_point: str, pooling: str, plan: L
     return to_host(torch.cat([pieces[l].to(device) for l in plan.layers], dim=1))
 
 
-def pooled_batches(lm, prompts: Sequence[str], hook_point: str, pooling: str, plan: LayerPlan, batch_size: int,
-                   max_length: int | None, bar=None) -> list[tuple[np.ndarray, HostBatch]]:
+def pooled_batches(lm: LoadedModel, prompts: Sequence[str], hook_point: str, pooling: str, plan: LayerPlan,
+                   batch_size: int, max_length: int | None,
+                   bar: tqdm | None = None) -> list[tuple[np.ndarray, HostBatch]]:
     """``[(row indices, pooled batch)]`` covering ``prompts``; batches are formed over length-sorted prompts."""
     if not prompts:
         return []
@@ -253,7 +262,7 @@ def assemble(batches: list[tuple[np.ndarray, HostBatch]], n: int, d: int) -> np.
     return feats
 
 
-def pooled_features(lm, prompts: Sequence[str], hook_point: str, pooling: str = "mean",
+def pooled_features(lm: LoadedModel, prompts: Sequence[str], hook_point: str, pooling: str = "mean",
                     neuron_set: NeuronSet | None = None, batch_size: int = 16, max_length: int | None = 256,
                     progress: bool = False) -> np.ndarray:
     """Pooled activations of ``prompts`` (in memory): float32 ``[len(prompts), d]``.

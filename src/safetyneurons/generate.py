@@ -13,13 +13,16 @@ token, the generation config's EOS id(s) and the tokenizer's EOS. The stop token
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from transformers import GenerationConfig
 
 from ._io import progress_bar
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .pair import LoadedModel
 
 _SENTINEL = "QZXSENTINELQZX"
 
@@ -42,7 +45,7 @@ def _template_end_of_turn(lm) -> int | None:
     return next((int(i) for i in tok(after, add_special_tokens=False)["input_ids"] if i in special), None)
 
 
-def end_of_turn_id(lm) -> int:
+def end_of_turn_id(lm: LoadedModel) -> int:
     """The token that closes an assistant turn in `lm`'s chat template (else the EOS token)."""
     eot = _template_end_of_turn(lm)
     if eot is not None:
@@ -53,7 +56,7 @@ def end_of_turn_id(lm) -> int:
     return int(lm.tokenizer.eos_token_id)
 
 
-def stop_token_ids(lm) -> list[int]:
+def stop_token_ids(lm: LoadedModel) -> list[int]:
     """The ids that end a reply (sorted): end-of-turn token, generation-config EOS id(s), tokenizer EOS."""
     ids: set[int] = set()
     gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
@@ -77,12 +80,12 @@ class Generation:
         """The new ids without the stop token."""
         return self.new_ids[:-1] if self.stopped else self.new_ids
 
-    def text(self, lm, prefix: str = "") -> str:
+    def text(self, lm: LoadedModel, prefix: str = "") -> str:
         """The decoded reply (special tokens skipped), after ``prefix`` when the reply was prefilled."""
         return (prefix + lm.tokenizer.decode(self.reply_ids, skip_special_tokens=True)).strip()
 
 
-def greedy_generate(lm, prompts: Sequence[str], max_new_tokens: int, *, batch_size: int | None = None,
+def greedy_generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, *, batch_size: int | None = None,
                     max_length: int | None = None, prefix: str = "", progress: bool = False,
                     desc: str = "generate") -> list[Generation]:
     """Greedy replies of ``lm`` to ``prompts`` (chat template applied), in the given order.

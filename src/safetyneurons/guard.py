@@ -38,7 +38,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -49,9 +49,13 @@ from .errors import UserError
 from .features import FeatureSpec, check_neuron_set_matches
 from .hooks import hook_width, num_layers
 from .neurons import NeuronSet
-from .pair import load_model
+from .pair import LoadedModel, load_model
 from .probe import Probe
 from .windows import best_per_prompt, max_per_prompt, split_windows
+
+if TYPE_CHECKING:
+    from .compare import ProbeRun
+    from .store import Store
 
 GUARD_FORMAT = "safetyneurons.guard/2"  # 2: mean pooling over the content tokens only
 GUARD_FILE = "guard.json"
@@ -113,8 +117,9 @@ def _guard_files(path: Path) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------- export
 def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str, neuron_set: NeuronSet | None,
-                 probe, hook_point: str, pooling: str, max_length: int | None, feature_set: str, metrics: dict,
-                 data: dict, category_heads=None, calibration: dict | None = None,
+                 probe: Probe, hook_point: str, pooling: str, max_length: int | None, feature_set: str,
+                 metrics: dict, data: dict, category_heads: CategoryHeads | None = None,
+                 calibration: dict | None = None,
                  lm_tokenizer_fingerprint: str = "") -> Path:
     """Write a guard directory (atomically: a failed export leaves no directory behind).
 
@@ -180,8 +185,8 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
     return out
 
 
-def export_run_guard(out_dir: str | os.PathLike, run, train_store, *, data: dict, category_heads=None,
-                     calibration: dict | None = None) -> Path:
+def export_run_guard(out_dir: str | os.PathLike, run: ProbeRun, train_store: Store, *, data: dict,
+                     category_heads: CategoryHeads | None = None, calibration: dict | None = None) -> Path:
     """Export the guard of a trained probe run (a :class:`safetyneurons.compare.ProbeRun` of the safety, all or
     PCA feature set: its first probe) whose features were read from ``train_store``: model, hook point, pooling
     and max length come from the store's :class:`~safetyneurons.features.FeatureSpec`, the metrics from the run."""
@@ -233,7 +238,7 @@ def _check_model_ref(ref: str, path: Path, from_guard: bool = True) -> None:
 _LOCAL = "<local path>"
 
 
-def public_metadata(obj):
+def public_metadata(obj: Any) -> Any:
     """``obj`` without local filesystem paths (for GET /v1/guard): keys naming a path or directory are
     dropped, and absolute-path strings are replaced by ``<local path>``; refs and hashes stay."""
     if isinstance(obj, dict):
@@ -309,8 +314,8 @@ def _neuron_set_from_meta(meta: dict, path: Path) -> NeuronSet | None:
 class Guard:
     """A loaded guard: a model (run up to the deepest safety neuron) plus a probe on the safety neurons."""
 
-    def __init__(self, path: Path, meta: dict, lm, probe, neuron_set: NeuronSet | None, threshold: float,
-                 batch_size: int = 16, category_heads=None):
+    def __init__(self, path: Path, meta: dict, lm: LoadedModel, probe: Probe, neuron_set: NeuronSet | None,
+                 threshold: float, batch_size: int = 16, category_heads: CategoryHeads | None = None):
         self.path = Path(path)
         self.category_heads = category_heads
         self.meta = meta
@@ -355,9 +360,10 @@ class Guard:
 
     # ---- loading
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu", *, lm=None, threshold: float | None = None,
-             model_ref: str | None = None, dtype: str = "float32", batch_size: int = 16,
-             expected_sha256: str | None = None, verify_model: bool = True) -> "Guard":
+    def load(cls, path: str | os.PathLike, device: str = "cpu", *, lm: LoadedModel | None = None,
+             threshold: float | None = None, model_ref: str | None = None, dtype: str = "float32",
+             batch_size: int = 16, expected_sha256: str | None = None,
+             verify_model: bool = True) -> "Guard":
         """Load and verify a guard directory.
 
         The model is loaded with :func:`safetyneurons.pair.load_model` from the ref guard.json records

@@ -180,7 +180,8 @@ def forward_with_hooks(
         pass
 
 
-def capture(model, input_ids, attention_mask, hook_point, layers=None, early_exit=True) -> dict[int, torch.Tensor]:
+def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, hook_point: str,
+            layers: Sequence[int] | None = None, early_exit: bool = True) -> dict[int, torch.Tensor]:
     """Convenience: ``{layer: activation [batch, seq, width]}`` as float32 on CPU."""
     out: dict[int, torch.Tensor] = {}
 

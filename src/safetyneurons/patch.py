@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .contrast import _length_order
+from .contrast import ChangeScores, _length_order
 from .errors import UserError
 from .generate import stop_token_ids
 from .controls import random_layer_matched
@@ -524,7 +524,7 @@ def check_k(k: Sequence[float] | float) -> tuple[float, ...]:
     return tuple(sorted(set(out)))
 
 
-def top_k_set(source, k: float) -> NeuronSet:
+def top_k_set(source: ChangeScores | NeuronSet, k: float) -> NeuronSet:
     """The top ``k``% of all neurons by change score, from change scores or from a (larger) neuron set."""
     if isinstance(source, NeuronSet):
         total = source.num_layers * source.width

@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 
 from . import data
@@ -92,7 +92,7 @@ class RunSettings:
     patch: bool = False  # causal validation by dynamic activation patching (safetyneurons.causal)
 
     @classmethod
-    def for_preset(cls, preset: str = "default", **changes) -> "RunSettings":
+    def for_preset(cls, preset: str = "default", **changes: Any) -> "RunSettings":
         """Settings of a named preset (``default``: the reference project's, ``paper``: Chen et al.'s), with
         ``changes`` on top; a change given as None keeps the preset's value."""
         if preset not in PRESETS:

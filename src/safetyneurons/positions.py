@@ -22,11 +22,14 @@ is the same thing: every token of the user's message, never the role markers or 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _FILLERS = ("a", "b")
 
@@ -69,8 +72,8 @@ def content_mask(offsets: torch.Tensor, spans: Sequence[tuple[int, int]], attent
     return attention_mask.bool() & (ends > starts) & (starts < hi) & (ends > lo)
 
 
-def encode_with_content(tokenizer, texts: Sequence[str], prompts: Sequence[str], affixes: tuple[str, str],
-                        **tokenizer_kwargs) -> dict:
+def encode_with_content(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], prompts: Sequence[str],
+                        affixes: tuple[str, str], **tokenizer_kwargs: Any) -> dict:
     """Tokenize formatted ``texts`` (of ``prompts``) into a padded batch with a ``content_mask``."""
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("Content-only token positions need a fast tokenizer (character offsets); this model's "

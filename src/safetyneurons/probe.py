@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -38,6 +38,11 @@ from .metrics import binary_metrics
 from .neurons import NeuronSet
 from .records import check_records, labels as record_labels
 from .store import Store
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+    from .pair import LoadedModel
 
 PROBE_FORMAT = "safetyneurons.probe/2"  # 2: trained on content-only mean pooling (store format 2)
 REPORT_FORMAT = "safetyneurons.probe_report/1"
@@ -124,7 +129,7 @@ class _Thresholded:
     platt: tuple[float, float]
     arrays: dict[str, np.ndarray]
 
-    def decision_function(self, X) -> np.ndarray:  # pragma: no cover - abstract
+    def decision_function(self, X: ArrayLike) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def to_json(self) -> dict:  # pragma: no cover - abstract
@@ -134,12 +139,12 @@ class _Thresholded:
         """Write ``probe.json`` + ``probe.safetensors`` into a new directory (atomically)."""
         return _save(path_dir, self.to_json(), self.arrays)
 
-    def unsafe_probability(self, X) -> np.ndarray:
+    def unsafe_probability(self, X: ArrayLike) -> np.ndarray:
         """Probability that each input is unsafe (class 1), shape [n]: ``predict_proba(X)[:, 1]``."""
         a, b = self.platt
         return _sigmoid(a * self.decision_function(X) + b)
 
-    def predict_proba(self, X) -> np.ndarray:
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         """Class probabilities like scikit-learn, shape [n, 2]: column 0 safe, column 1 unsafe.
 
         For the 1-D probability of unsafe use :meth:`unsafe_probability`.
@@ -147,7 +152,7 @@ class _Thresholded:
         p = self.unsafe_probability(X)
         return np.column_stack([1.0 - p, p])
 
-    def predict(self, X, threshold: float | None = None) -> np.ndarray:
+    def predict(self, X: ArrayLike, threshold: float | None = None) -> np.ndarray:
         """1 (unsafe) where the probability of unsafe is >= ``threshold`` (default: ``self.threshold``)."""
         t = self.threshold if threshold is None else float(threshold)
         return (self.unsafe_probability(X) >= t).astype(np.int64)
@@ -213,7 +218,7 @@ class Probe(_Thresholded):
         steps.append(("clf", clf))
         return Pipeline(steps)
 
-    def fit(self, X, y) -> "Probe":
+    def fit(self, X: ArrayLike, y: ArrayLike) -> "Probe":
         """Fit on features ``X`` [n, d] and labels ``y`` (1 = unsafe); sets probability map and threshold."""
         from sklearn.model_selection import StratifiedKFold
 
@@ -277,7 +282,7 @@ class Probe(_Thresholded):
         a["intercept"] = np.asarray(clf.intercept_, dtype=np.float64).reshape(1)
 
     # ---- prediction (numpy only)
-    def transform(self, X) -> np.ndarray:
+    def transform(self, X: ArrayLike) -> np.ndarray:
         """Scaled (and PCA-projected) features, float64."""
         if not self.arrays:
             raise UserError("The probe is not fitted yet.")
@@ -290,7 +295,7 @@ class Probe(_Thresholded):
             Z = (Z - self.arrays["pca_mean"]) @ self.arrays["pca_components"].T
         return Z
 
-    def decision_function(self, X) -> np.ndarray:
+    def decision_function(self, X: ArrayLike) -> np.ndarray:
         """Signed score, > 0 leaning unsafe (SVM: kernel expansion; LR: logit)."""
         Z = self.transform(X)
         a = self.arrays
@@ -354,7 +359,7 @@ class TextProbe(_Thresholded):
         return Pipeline([("tfidf", self._vectorizer()),
                           ("clf", LogisticRegression(C=self.C, max_iter=5000, random_state=self.seed))])
 
-    def fit(self, prompts: Sequence[str], y) -> "TextProbe":
+    def fit(self, prompts: Sequence[str], y: ArrayLike) -> "TextProbe":
         from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
         prompts = list(prompts)
@@ -479,7 +484,7 @@ def probe_meta(store: Store, feature_set: str, neuron_set: NeuronSet | None, dra
 
 
 # -------------------------------------------------------------------------------------- evaluation
-def check_probe_model(probe: Probe, lm) -> None:
+def check_probe_model(probe: Probe, lm: LoadedModel) -> None:
     """The model must be the one whose activations the probe was trained on (when both hashes are known)."""
     want = (probe.meta.get("model") or {}).get("sha256") or ""
     have = getattr(lm, "fingerprint", "") or ""
@@ -489,8 +494,9 @@ def check_probe_model(probe: Probe, lm) -> None:
                         f"the probe's model (leave --model out to use it).")
 
 
-def evaluate_probe(probe: Probe | TextProbe, records: Sequence[dict], *, lm=None, features: np.ndarray | None = None,
-                   n_boot: int = 1000, seed: int = 0, batch_size: int = 16, progress: bool = True) -> dict:
+def evaluate_probe(probe: Probe | TextProbe, records: Sequence[dict], *, lm: LoadedModel | None = None,
+                   features: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0, batch_size: int = 16,
+                   progress: bool = True) -> dict:
     """Score a probe on labelled records. Activation probes need ``lm`` (or precomputed ``features``).
 
     Returns {"metrics", "proba", "pred", "labels"}; ``metrics`` as in :func:`metrics.binary_metrics`.

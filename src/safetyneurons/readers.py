@@ -210,7 +210,8 @@ def _make_record(rid: str, prompt: str, label: int | None, source: str, category
     return rec
 
 
-def records_from_hub(ref: str, prompt_col, label_col, label, need_label) -> list[dict]:
+def records_from_hub(ref: str, prompt_col: str | None, label_col: str | None, label: Any,
+                     need_label: bool) -> list[dict]:
     spec = ref[3:]
     name, _, split = spec.partition(":")
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):

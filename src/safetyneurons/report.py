@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -14,6 +14,10 @@ from .compare import BASELINE_CLASSIFIERS, CompareResult
 from .metrics import auroc
 from .overrefusal import render_overrefusal
 from .variants import probe_rows_markdown, variants_markdown
+
+if TYPE_CHECKING:
+    from .pair import LoadedModel
+    from .probe import Probe, TextProbe
 
 LABELS = {"safety": "safety neurons", "pca": "PCA (95% var.) of all", "all": "all neurons",
           "random": "random layer-matched neurons", "random_global": "random neurons (global)",
@@ -219,8 +223,8 @@ def write_report(result: CompareResult, out_dir: str | Path) -> dict:
 EVALUATION_FORMAT = "safetyneurons.probe_evaluation/1"
 
 
-def evaluation_report(probe, probe_dir: str | Path, records: Sequence[dict], evaluation: dict, data_info: dict,
-                      lm=None) -> dict:
+def evaluation_report(probe: Probe | TextProbe, probe_dir: str | Path, records: Sequence[dict], evaluation: dict,
+                      data_info: dict, lm: LoadedModel | None = None) -> dict:
     """The report of `safetyneurons evaluate`: the probe, the data, the model and the metrics
     (``evaluation`` as returned by :func:`safetyneurons.probe.evaluate_probe`)."""
     meta = probe.meta

@@ -26,8 +26,9 @@ import json
 import logging
 import time
 import uuid
+from typing import TYPE_CHECKING, Any
 
-from fastapi import Request  # module level: FastAPI resolves the (postponed) annotations from here
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the (postponed) annotations from here
 from fastapi.responses import StreamingResponse
 
 from ._io import check_text
@@ -36,12 +37,16 @@ from .errors import UserError
 from .http_limits import parse_body
 from .server import ApiError, _read_body, create_app, score_for_request
 
+if TYPE_CHECKING:
+    from .guard import Guard
+
 log = logging.getLogger("safetyneurons.server")
 GUARDRAIL_PATH = "/beta/litellm_basic_guardrail_api"
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call")
 
 
-def create_service(guard, *, chat: GuardedChat | None = None, max_tokens: int = 512, **app_kwargs):
+def create_service(guard: Guard, *, chat: GuardedChat | None = None, max_tokens: int = 512,
+                   **app_kwargs: Any) -> FastAPI:
     """The full guard service: moderation (:func:`~safetyneurons.server.create_app`, which takes
     ``app_kwargs``), LiteLLM's guardrail API, and with ``chat`` guarded chat completions of at most
     ``max_tokens`` tokens per reply."""
@@ -145,7 +150,7 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def add_chat_routes(app, chat: GuardedChat, *, max_tokens: int = 512) -> None:
+def add_chat_routes(app: FastAPI, chat: GuardedChat, *, max_tokens: int = 512) -> None:
     """``POST /v1/chat/completions`` and ``GET /v1/models`` on ``app`` (from :func:`create_app`)."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise UserError(f"max-tokens must be a whole number >= 1 (got {max_tokens!r}).")
@@ -238,7 +243,7 @@ def _guardrail_request(obj: dict, guard, settings) -> tuple[list[str], float]:
     return texts, float(t)
 
 
-def add_guardrail_routes(app) -> None:
+def add_guardrail_routes(app: FastAPI) -> None:
     """``POST /beta/litellm_basic_guardrail_api`` on ``app`` (from :func:`create_app`)."""
     guard, batcher, settings = app.state.guard, app.state.batcher, app.state.settings
 

@@ -32,15 +32,23 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from fastapi import Request  # module level: FastAPI resolves the (postponed) annotations from here
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the (postponed) annotations from here
 
 from . import __version__
 from ._io import check_text
 from .batcher import InputFailed, MicroBatcher
 from .errors import UserError
 from .http_limits import ApiError, BodyTimeout, error_body, escape_for_log, parse_body, protocol_class
+
+if TYPE_CHECKING:
+    import socket
+
+    import uvicorn
+    from starlette.types import ASGIApp
+
+    from .guard import Guard
 
 log = logging.getLogger("safetyneurons.server")
 
@@ -106,7 +114,7 @@ class AccessLog:
     The endpoint stores the number of inputs (and, with ``log_prompts``, the texts) in the request state.
     """
 
-    def __init__(self, app, log_prompts: bool = False):
+    def __init__(self, app: ASGIApp, log_prompts: bool = False):
         self.app, self.log_prompts = app, log_prompts
 
     async def __call__(self, scope, receive, send):
@@ -208,7 +216,7 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready; its work was dropped."""
 
 
-async def score_for_request(request, batcher: MicroBatcher, inputs: list[str], timeout_s: float) -> list:
+async def score_for_request(request: Request, batcher: MicroBatcher, inputs: list[str], timeout_s: float) -> list:
     """Queue ``inputs`` for scoring under the request's client, with the request deadline (504) and dropping
     the work when the client disconnects. Usable by any route that scores prompts."""
     client = request.client.host if request.client else ""
@@ -235,10 +243,10 @@ async def score_for_request(request, batcher: MicroBatcher, inputs: list[str], t
                    "deadline_exceeded")
 
 
-def create_app(guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max_inputs: int = 64,
+def create_app(guard: Guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max_inputs: int = 64,
                max_chars: int = 8192, max_queue: int = 4096, api_key: str | None = None,
                log_prompts: bool = False, score_fn: Callable[[Sequence[str]], list] | None = None,
-               **limits):
+               **limits: float | None) -> FastAPI:
     """A FastAPI app serving ``guard`` (a :class:`safetyneurons.guard.Guard`).
 
     ``api_key``: when set, every endpoint but /healthz needs ``Authorization: Bearer <key>``.
@@ -373,7 +381,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def bind_socket(host: str, port: int):
+def bind_socket(host: str, port: int) -> socket.socket:
     """Bind a listening TCP socket (so a busy port is a clear error before the model loads)."""
     import socket
 
@@ -395,7 +403,7 @@ def bind_socket(host: str, port: int):
     return sock
 
 
-def uvicorn_config(app, log_level: str = "info"):
+def uvicorn_config(app: FastAPI, log_level: str = "info") -> uvicorn.Config:
     """uvicorn settings with the app's limits: header deadline and connection cap (custom h11 protocol),
     keep-alive timeout, bounded header size (h11's incomplete-event limit)."""
     import uvicorn
@@ -406,7 +414,7 @@ def uvicorn_config(app, log_level: str = "info"):
                           timeout_keep_alive=s.keep_alive_s, h11_max_incomplete_event_size=16 * 1024)
 
 
-def run_server(app, sock, log_level: str = "info") -> None:
+def run_server(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
     """Serve ``app`` with uvicorn on an already-bound socket until interrupted."""
     import uvicorn
 

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 class HostBatch:
     """A float32 ``[rows, d]`` batch on its way to (or already in) host memory."""
 
-    def __init__(self, host, event=None, source=None):
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None = None,
+                 source: torch.Tensor | None = None):
         self._host = host
         self._event = event
         self._source = source  # keeps the device tensor alive until the copy has finished
@@ -35,7 +39,7 @@ class HostBatch:
         return self._host.numpy()
 
 
-def to_host(t) -> HostBatch:
+def to_host(t: torch.Tensor) -> HostBatch:
     """Start copying tensor ``t`` to the CPU. Non-blocking (pinned buffer + CUDA event) on CUDA; on CPU as is."""
     import torch
 

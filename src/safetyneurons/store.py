@@ -28,7 +28,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from .neurons import NeuronSet, check_neuron_set_matches, neuron_set_key
 from .records import check_records, jsonl, store_rows
 from .shard_writer import ShardWriter
 from .store_checks import check_rows, read_resume_state, remove_stale_tmp, validate_manifest, writer_lock
+
+if TYPE_CHECKING:
+    from .pair import LoadedModel
 
 STORE_FORMAT = "safetyneurons.store/2"  # 2: mean pooling over the content tokens only
 PROGRESS_FILE = ".extract-progress.json"
@@ -263,7 +266,7 @@ def _prepare_out(out: Path, plan_hash: str, records_text: str, data_hash: str) -
     return done
 
 
-def extract(lm, records: Sequence[dict], out_dir: str | os.PathLike, hook_point: str = "mlp_out",
+def extract(lm: LoadedModel, records: Sequence[dict], out_dir: str | os.PathLike, hook_point: str = "mlp_out",
             pooling: str = "mean", neuron_set: NeuronSet | None = None, shard_size: int = 256,
             dtype: str = "float16", batch_size: int = 16, max_length: int | None = 256, progress: bool = True,
             data_info: dict | None = None, writer_thread: bool = True) -> Store:

@@ -27,7 +27,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TMP = re.compile(r"\.(manifest\.json|records\.jsonl|\.extract-progress\.json|shard-\d{5}\.safetensors)\..+\.tmp")
 
 
-def check_shard_name(name, where: str) -> str:
+def check_shard_name(name: object, where: str) -> str:
     if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
         raise UserError(f"{where}: invalid shard name {str(name)[:80]!r} (expected shard-NNNNN.safetensors); the "
                         f"file is damaged or was edited. Rerun `safetyneurons extract` into a new directory.")
@@ -52,7 +52,7 @@ def _shard_entries(shards, where: str, need_rows: bool) -> list[dict]:
     return out
 
 
-def validate_manifest(manifest, where: str) -> tuple[int, int, list[dict]]:
+def validate_manifest(manifest: dict, where: str) -> tuple[int, int, list[dict]]:
     """(n, d, shard entries) of a store manifest, after checking its shape; UserError when damaged."""
     try:
         n, d = manifest["n"], manifest["d"]

@@ -18,13 +18,17 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .compare import compare_feature_sets
 from .errors import UserError
 from .neurons import NeuronSet, count_for_percent, select
+
+if TYPE_CHECKING:
+    from .contrast import ChangeScores
+    from .store import Store
 
 VARIANTS: dict[str, str] = {
     "rms": "RMS of the activation change on harmful prompts (the paper)",
@@ -50,14 +54,14 @@ def _need(scores, attr: str, what: str) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
 
 
-def relative_scores(harmful) -> np.ndarray:
+def relative_scores(harmful: ChangeScores) -> np.ndarray:
     """RMS(change) / max(RMS(base activation), 1% of its median), [num_layers, width]."""
     base_rms = np.sqrt(_need(harmful, "base_sum_sq", "relative") / max(harmful.token_count, 1))
     floor = BASE_FLOOR * float(np.median(base_rms))
     return harmful.scores / np.maximum(base_rms, floor if floor > 0 else np.finfo(float).tiny)
 
 
-def welch_t(harmful, benign) -> np.ndarray:
+def welch_t(harmful: ChangeScores, benign: ChangeScores) -> np.ndarray:
     """One-sided Welch t-statistic, per neuron, of harmful vs benign per-prompt mean squared change."""
     stats = []
     for s, what in ((harmful, "harmful"), (benign, "benign")):
@@ -77,7 +81,8 @@ def welch_t(harmful, benign) -> np.ndarray:
     return t
 
 
-def variant_matrix(variant: str, harmful, benign=None) -> tuple[np.ndarray, np.ndarray | None]:
+def variant_matrix(variant: str, harmful: ChangeScores,
+                   benign: ChangeScores | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(ranking values [L, W], eligible mask or None) of a variant."""
     check_variant(variant)
     if variant == "rms":
@@ -92,8 +97,8 @@ def variant_matrix(variant: str, harmful, benign=None) -> tuple[np.ndarray, np.n
     return harmful.scores - benign.scores, welch_t(harmful, benign) >= CLEAR_T
 
 
-def select_variant(variant: str, harmful, benign=None, top_percent: float = 5.0,
-                   max_layer: int | None = None) -> NeuronSet:
+def select_variant(variant: str, harmful: ChangeScores, benign: ChangeScores | None = None,
+                   top_percent: float = 5.0, max_layer: int | None = None) -> NeuronSet:
     """The top ``top_percent``% neurons under ``variant`` (fewer for harmful_minus_benign when fewer are eligible);
     ``max_layer`` is the layer budget of :func:`safetyneurons.neurons.select`."""
     if check_variant(variant) == "rms":  # exactly neurons.select, the paper's rule
@@ -122,7 +127,8 @@ def select_variant(variant: str, harmful, benign=None, top_percent: float = 5.0,
     return ns
 
 
-def selection_variants(harmful, benign=None, top_percent: float = 5.0, max_layer: int | None = None,
+def selection_variants(harmful: ChangeScores, benign: ChangeScores | None = None, top_percent: float = 5.0,
+                       max_layer: int | None = None,
                        names: Sequence[str] = tuple(VARIANTS)) -> tuple[dict[str, NeuronSet], dict[str, str]]:
     """Every variant that can be selected on these scores: ``({name: set}, {name: why it was skipped})``."""
     sets, skipped = {}, {}
@@ -172,8 +178,8 @@ def variants_markdown(comparison: dict, layers_shown: Sequence[int] | None = Non
     return "\n".join(lines) + "\n"
 
 
-def probe_variants(train, test, sets: dict[str, NeuronSet], classifiers: Sequence[str] = ("svm", "logreg"),
-                   seed: int = 0, n_boot: int = 1000) -> list[dict]:
+def probe_variants(train: Store, test: Store, sets: dict[str, NeuronSet],
+                   classifiers: Sequence[str] = ("svm", "logreg"), seed: int = 0, n_boot: int = 1000) -> list[dict]:
     """The safety probe of each variant's neuron set on the same train/test stores: one row per (variant,
     classifier) with the test metrics (AUROC with its bootstrap CI). The controls stay those of the main run."""
     rows = []

@@ -33,11 +33,14 @@ shrunk until it fits (checked, never truncated).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .pair import LoadedModel
 
 WINDOW_TOKENS = 32  # content tokens per window of a long prompt (stride: half of it); see the docstring
 MIN_WINDOW_TOKENS = 8  # a limit that leaves fewer content tokens than this next to the template is refused
@@ -49,12 +52,12 @@ def _encode(lm, texts: Sequence[str]) -> list[list[int]]:
                         add_special_tokens=not lm.chat_template)["input_ids"]
 
 
-def formatted_lengths(lm, prompts: Sequence[str]) -> np.ndarray:
+def formatted_lengths(lm: LoadedModel, prompts: Sequence[str]) -> np.ndarray:
     """Tokens each prompt takes once formatted for the model (chat template included), untruncated."""
     return np.array([len(ids) for ids in _encode(lm, [lm.format(p) for p in prompts])], dtype=np.int64)
 
 
-def template_overhead(lm) -> int:
+def template_overhead(lm: LoadedModel) -> int:
     """Tokens the formatting adds around the content (chat template with the assistant marker, specials)."""
     return int(formatted_lengths(lm, [""])[0])
 
@@ -89,7 +92,7 @@ def _window_ranges(n: int, size: int) -> list[tuple[int, int]]:
         a += stride
 
 
-def split_windows(lm, prompts: Sequence[str], max_length: int | None,
+def split_windows(lm: LoadedModel, prompts: Sequence[str], max_length: int | None,
                   window_tokens: int = WINDOW_TOKENS) -> tuple[list[str], np.ndarray]:
     """Texts the model reads for ``prompts``: each prompt itself when it fits in ``max_length`` formatted
     tokens, else its overlapping content windows. Returns (texts, owner) with ``owner[k]`` the index of
@@ -133,7 +136,7 @@ def _fit(lm, prompt: str, spans, a: int, b: int, max_length: int) -> str:
     raise UserError("A prompt window could not be fitted into the token limit; raise max_length.")
 
 
-def head_that_fits(lm, prompt: str, max_length: int) -> str:
+def head_that_fits(lm: LoadedModel, prompt: str, max_length: int) -> str:
     """The longest leading part of ``prompt`` whose formatted form fits (the chat template and its
     assistant marker stay whole). Used where one vector per prompt is needed (activation stores)."""
     overhead = template_overhead(lm)

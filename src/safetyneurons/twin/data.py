@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -14,6 +14,9 @@ from ..judge import judge
 from ..records import check_records, first_by_hash, records_sha256
 from .cache import default_twin_data
 from .settings import DEFAULT_EVAL_PER_CLASS, REFUSALS, VAL_SALT, TwinSettings
+
+if TYPE_CHECKING:
+    from ..pair import LoadedModel
 
 
 def check_twin_records(records: Sequence[dict], what: str, need_both: bool = True) -> list[dict]:
@@ -70,7 +73,7 @@ def refusal_for(prompt: str) -> str:
 
 
 
-def generate_replies(lm, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
+def generate_replies(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
                      progress: bool = True, desc: str = "generate", prefix: str = "") -> list[tuple[str, bool]]:
     """Greedy replies (:func:`safetyneurons.generate.greedy_generate`) as ``(text, finished)`` per prompt.
 
@@ -82,7 +85,8 @@ def generate_replies(lm, prompts: Sequence[str], max_new_tokens: int, batch_size
     return [(g.text(lm, prefix), g.stopped) for g in gens]
 
 
-def build_examples(lm, records: Sequence[dict], settings: TwinSettings, progress: bool = True) -> list[dict]:
+def build_examples(lm: LoadedModel, records: Sequence[dict], settings: TwinSettings,
+                   progress: bool = True) -> list[dict]:
     """Training examples: a refusal for each harmful prompt, the base model's own reply for each benign one.
 
     With ``settings.helpful_prefix`` (off by default), a benign prompt the base declined is asked again with
@@ -119,12 +123,13 @@ def build_examples(lm, records: Sequence[dict], settings: TwinSettings, progress
     return out
 
 
-def prompt_length(lm, prompt: str) -> int:
+def prompt_length(lm: LoadedModel, prompt: str) -> int:
     """Tokens of the chat-formatted prompt."""
     return len(lm.tokenizer(lm.format(prompt), add_special_tokens=not lm.chat_template)["input_ids"])
 
 
-def encode_example(lm, prompt: str, reply: str, ends: bool, max_length: int) -> tuple[list[int], list[int]]:
+def encode_example(lm: LoadedModel, prompt: str, reply: str, ends: bool,
+                   max_length: int) -> tuple[list[int], list[int]]:
     """Token ids of chat-formatted prompt + reply (+ end-of-turn token when `ends`), and labels.
 
     Labels are -100 on the prompt tokens, so the loss sees the reply tokens only. Too long: the reply is

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..judge import REFUSAL_PHRASES, WINDOW, judge
 from .data import data_sha256, generate_replies
 from .settings import SAMPLES_PER_KIND, TwinSettings
 
+if TYPE_CHECKING:
+    from ..pair import LoadedModel
 
-def evaluate_refusals(lm, prompts: Sequence[str], max_new_tokens: int = 40, batch_size: int = 16,
+
+def evaluate_refusals(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 40, batch_size: int = 16,
                       progress: bool = True, desc: str = "evaluate") -> list[dict]:
     """Greedy replies to `prompts`, each judged ``refusal`` / ``answer`` / ``empty`` by the phrase judge."""
     replies = generate_replies(lm, prompts, max_new_tokens, batch_size, progress, desc)
@@ -32,7 +35,8 @@ def summarise(judged_harmful: list[dict], judged_benign: list[dict]) -> dict:
     }
 
 
-def evaluate(lm, eval_records: Sequence[dict], settings: TwinSettings, progress: bool, who: str):
+def evaluate(lm: LoadedModel, eval_records: Sequence[dict], settings: TwinSettings, progress: bool,
+             who: str) -> tuple[dict, list[dict]]:
     harmful = [r["prompt"] for r in eval_records if r["label"] == 1]
     benign = [r["prompt"] for r in eval_records if r["label"] == 0]
     rows = evaluate_refusals(lm, harmful + benign, settings.eval_max_new_tokens, settings.eval_batch_size,

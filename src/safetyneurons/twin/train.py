@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +18,15 @@ from ..hooks import decoder_layers
 from .data import collate, encode_example
 from .settings import TwinSettings
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from ..pair import LoadedModel
+
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 
 
-def reply_loss(model, batch: dict):
+def reply_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Next-token cross-entropy on labelled (reply) tokens: mean per example, then mean over the batch.
 
     Averaging per example first gives short refusals the same weight as long benign replies.
@@ -42,7 +47,7 @@ def reply_loss(model, batch: dict):
 
 
 # -------------------------------------------------------------------------------------------- LoRA
-def lora_targets(model) -> list[str]:
+def lora_targets(model: nn.Module) -> list[str]:
     """Full names of every linear projection in each decoder layer's attention and MLP blocks."""
     layers = decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -95,7 +100,8 @@ def balanced_batches(labels: Sequence[int], batch_size: int, steps: int, seed: i
     return batches
 
 
-def train_lora(lm, examples: Sequence[dict], settings: TwinSettings, progress: bool = True):
+def train_lora(lm: LoadedModel, examples: Sequence[dict], settings: TwinSettings,
+               progress: bool = True) -> tuple[PeftModel, list[float], list[str]]:
     """Fit a LoRA adapter on `examples` (reply-only loss). Returns ``(peft_model, losses, targets)``."""
     torch.manual_seed(settings.seed)
     encoded = [encode_example(lm, e["prompt"], e["reply"], e["ends"], settings.max_length) for e in examples]
