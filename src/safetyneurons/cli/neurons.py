@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+from .. import neurons as lib
+from .._io import check_out_dir
+from ..contrast import ChangeScores
 from ..errors import UserError
 
 
@@ -28,14 +31,10 @@ def neurons():
               help="Neuron-set JSON file to write (format safetyneurons.neuron_set/1).")
 def select(scores_dir, top_percent, top_n, per_layer, max_layer, out):
     """Write the neurons with the highest change scores as a neuron set (ties: lower layer, lower index)."""
-    from .. import neurons as lib
-
     top_percent, top_n = lib.check_selection(top_percent, top_n)
     lib.check_max_layer(max_layer)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file path such as {out / 'neuron_set.json'}.")
-    from ..contrast import ChangeScores
-
     scores = ChangeScores.load(scores_dir)
     neuron_set = lib.select(scores, top_percent=top_percent, top_n=top_n, per_layer=per_layer, max_layer=max_layer)
     neuron_set.save(out)
@@ -57,10 +56,6 @@ def select(scores_dir, top_percent, top_n, per_layer, max_layer, out):
                    "other files in it are left alone).")
 def plot(scores_dir, neurons_file, out):
     """Heatmap of change scores (layers x neurons, safety neurons marked), per-layer counts, sparsity stats."""
-    from .. import neurons as lib
-    from .._io import check_out_dir
-    from ..contrast import ChangeScores
-
     check_out_dir(out)
     scores = ChangeScores.load(scores_dir)
     if neurons_file is not None:

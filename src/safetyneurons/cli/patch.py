@@ -6,10 +6,14 @@ from pathlib import Path
 
 import click
 
+from ..causal import PatchSettings, load_neurons, load_prompts, run_patch, summary_lines, write_outputs
+from ..data import read_prompts
 from ..errors import UserError
+from ..pair import DEFAULT_BASE, load_pair
+from ..patch import DIRECTIONS, SWEEP_K, fast_dtype
+from .contrast import check_replaceable_out
 
-_DIRECTIONS = ("sufficiency", "necessity")  # mirrors patch.DIRECTIONS (kept here so --help is fast)
-_SWEEP = "0.5,1,2,5,10"  # mirrors patch.SWEEP_K
+_SWEEP = ",".join(f"{k:g}" for k in SWEEP_K)  # 0.5,1,2,5,10
 
 
 def parse_k(value: str) -> list[float]:
@@ -36,7 +40,7 @@ def parse_k(value: str) -> list[float]:
                    f"[default: 5, or the --neurons set's own share]")
 @click.option("--sweep", is_flag=True, help=f"Shorthand for --k {_SWEEP}.")
 @click.option("--random-sets", type=int, default=20, help="Layer-matched random control sets per k.")
-@click.option("--directions", default=",".join(_DIRECTIONS),
+@click.option("--directions", default=",".join(DIRECTIONS),
               help="sufficiency (base <- aligned), necessity (aligned <- base), or both, comma-separated.")
 @click.option("--baselines/--no-baselines", default=True, help="Also mean patching and zero ablation.")
 @click.option("--reference", default=None, metavar="FILE",
@@ -73,10 +77,6 @@ def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, rand
     Example (after `safetyneurons run`):
       safetyneurons patch --scores runs/default/contrast --out runs/default/patch
     """
-    from ..cli.contrast import check_replaceable_out
-    from ..causal import PatchSettings, load_neurons, load_prompts, run_patch, summary_lines, write_outputs
-    from ..pair import DEFAULT_BASE, load_pair
-
     if sweep and k is not None:
         raise UserError("Give either --k or --sweep, not both.")
     ks = parse_k(_SWEEP if sweep else (k or "5"))
@@ -99,12 +99,8 @@ def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, rand
     harmful, benign, provenance = load_prompts(data_source, per_class)
     texts = None
     if reference is not None:
-        from ..data import read_prompts
-
         texts = read_prompts(reference)
     if dtype == "auto":
-        from ..patch import fast_dtype
-
         dtype = fast_dtype(device)
     pair = load_pair(base or DEFAULT_BASE, aligned, dtype=dtype, device=device)
     result = run_patch(*pair, neuron_source, harmful, benign, reference=texts, settings=settings,

@@ -6,16 +6,28 @@ from pathlib import Path
 
 import click
 
+from .. import distributed
+from .._io import atomic_dir, check_out_dir, sha256_file
+from ..compare import compare_feature_sets
 from ..constants import (CLASSIFIERS, DEVICES, FEATURE_SETS, GUARD_FEATURE_SETS, HOOK_POINTS, MODEL_DTYPES, POOLINGS,
                          STORE_DTYPES)
+from ..data import read_records
 from ..errors import UserError
+from ..features import probe_features
+from ..guard import export_run_guard
+from ..neurons import NeuronSet
+from ..overrefusal import calibrate_runs
+from ..pair import DEFAULT_BASE, load_model
+from ..probe import TextProbe, evaluate_probe, load_probe, parse_list
+from ..records import check_records
+from ..report import (controls_section, evaluation_label, evaluation_report, reference_printout, results_table,
+                      write_evaluation, write_report)
+from ..store import Store, check_store_out, describe_store
+from ..store import extract as run_extract
 
 
 def read_labelled(arg: str) -> tuple[list[dict], dict]:
     """Records of a split name, file or named dataset (via safetyneurons.data), plus provenance."""
-    from .._io import sha256_file
-    from ..data import read_records
-
     records = read_records(arg)
     info = {"source": str(arg)}
     path = Path(arg).expanduser()
@@ -57,10 +69,6 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
 
     Rerunning the same command after an interruption resumes from the last finished shard.
     """
-    from ..neurons import NeuronSet
-    from ..pair import DEFAULT_BASE, load_model
-    from ..store import extract as run_extract
-
     for name, v in (("shard-size", shard_size), ("batch-size", batch_size), ("max-length", max_length)):
         _positive(name, v)
     ns = NeuronSet.load(neurons_file) if neurons_file else None
@@ -68,14 +76,9 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
         raise UserError(f"--hook-point {hook_point} differs from the neuron set's hook point {ns.hook_point}; "
                         f"leave --hook-point out or use a neuron set found at {hook_point}.")
     hook_point = hook_point or (ns.hook_point if ns is not None else "mlp_out")
-    from ..records import check_records
-    from ..store import check_store_out
-
     check_store_out(Path(out))
     records, info = read_labelled(data)
     check_records(records, what=f"--data {data}")
-    from .. import distributed
-
     distributed.init_from_env(device)  # under torchrun: each rank writes its share of the shards
     lm = load_model(model_ref or DEFAULT_BASE, dtype=model_dtype, device=device)
     store = run_extract(lm, records, out, hook_point=hook_point, pooling=pooling, neuron_set=ns,
@@ -121,14 +124,6 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
 def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, random_draws, seed, n_boot, cv,
           control_cv, save_probes, guard_dir, guard_feature_set, guard_classifier, val_dir, target_fpr):
     """Train probes on safety neurons and controls, and report test metrics (report.json/.md, curves)."""
-    from .._io import atomic_dir, check_out_dir
-    from ..neurons import NeuronSet
-    from ..compare import FEATURE_SETS, compare_feature_sets
-    from ..probe import CLASSIFIERS, parse_list
-    from ..guard import export_run_guard
-    from ..report import controls_section, reference_printout, results_table, write_report
-    from ..store import Store, describe_store
-
     check_out_dir(out)
     if n_boot < 0 or cv < 0:
         raise UserError("--bootstrap and --cv must be >= 0.")
@@ -151,8 +146,6 @@ def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, ran
                                       control_cv=control_cv, progress=True)
         calibration = {}
         if val_store is not None:  # thresholds for the target FPR on val (the test figures keep the CV ones)
-            from ..overrefusal import calibrate_runs
-
             calibration = calibrate_runs(result.runs, val_store, target_fpr)
             result.report["calibration"] = {"target_fpr": target_fpr, "runs": calibration}
         report = write_report(result, tmp)
@@ -185,10 +178,6 @@ def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, ran
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 def evaluate(probe_dir, data, model_ref, out, batch_size, n_boot, seed, device):
     """Score a trained probe on any labelled data (e.g. the held-out sources) and write a report."""
-    from .._io import atomic_dir, check_out_dir
-    from ..probe import TextProbe, evaluate_probe, load_probe
-    from ..report import evaluation_label, evaluation_report, reference_printout, write_evaluation
-
     check_out_dir(out)
     _positive("batch-size", batch_size)
     if n_boot < 0:
@@ -199,9 +188,6 @@ def evaluate(probe_dir, data, model_ref, out, batch_size, n_boot, seed, device):
     lm = None
     data_path = Path(data).expanduser()
     if data_path.is_dir() and (data_path / "manifest.json").is_file():
-        from ..features import probe_features
-        from ..store import Store
-
         store = Store.load(data_path)
         records, info = store.records, {"source": str(data_path), "store": True,
                                         "records_sha256": store.manifest["records_sha256"]}
@@ -209,12 +195,8 @@ def evaluate(probe_dir, data, model_ref, out, batch_size, n_boot, seed, device):
             features = probe_features(probe, store=store)
     else:
         records, info = read_labelled(data)
-    from ..records import check_records
-
     records = check_records(records, what=f"--data {data}")
     if not isinstance(probe, TextProbe) and features is None:
-        from ..pair import load_model
-
         ref = model_ref or (meta.get("model") or {}).get("ref")
         if not ref:
             raise UserError("The probe does not record its model; pass --model REF.")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import click
 
 from ..constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM, HOOK_POINTS, POOLINGS, POSITIONS
+from ..overrefusal import render_overrefusal
+from ..pipeline import RunSettings, controls_markdown
+from ..pipeline import run as run_pipeline
+from ..report import results_table as _seed_table
 
 
 @click.command("run")
@@ -65,9 +69,6 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
     controls (random layer-matched and global neurons, largest-magnitude neurons, PCA, all features, text-only,
     length-only), held-out benchmark, guard."""
-    from ..pipeline import RunSettings, controls_markdown, run as run_pipeline
-    from ..report import results_table as _seed_table
-
     settings = RunSettings.for_preset("paper" if paper else "default", out=out, quick=quick, hook_point=hook_point,
                                       pooling=pooling, positions=positions, completion_from=completion_from,
                                       selection=selection,
@@ -83,8 +84,6 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
         click.echo("Held-out benchmark:\n" + _seed_table(summary["heldout"]) + "\n"
                    + controls_markdown(summary, "heldout"))
     if summary.get("overrefusal"):
-        from ..overrefusal import render_overrefusal
-
         click.echo(render_overrefusal(summary["overrefusal"], "Over-refusal and recall (held-out sources)"))
     if summary.get("patch"):
         click.echo("Causal validation (dynamic activation patching):\n" + "\n".join(summary["patch"]["summary"]))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from .. import twin as tw
 from ..errors import UserError
+from ..pair import DEFAULT_BASE
 from ..twin import DEFAULT_EVAL_PER_CLASS, TwinSettings
 
 _D = TwinSettings()
@@ -55,9 +57,6 @@ def twin(base, data_path, eval_path, eval_size, steps, lr, rank, alpha, batch_si
     The adapter is merged and saved as a normal model directory. Without options this builds (or
     reuses) the default twin, usable everywhere as `twin:default`.
     """
-    from .. import twin as tw
-    from ..pair import DEFAULT_BASE
-
     if eval_size < 1:
         raise UserError(f"--eval-size must be >= 1; got {eval_size}.")
     settings = tw.TwinSettings(rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch_size,
