@@ -224,6 +224,8 @@ def test_statistics():
     assert causal_effect(0.5, 0.0, 1.0) == 0.5
     assert causal_effect(0.2, 0.9, 0.1) == pytest.approx(0.875)
     assert causal_effect(0.3, 0.4, 0.4) is None
+    assert causal_effect(0.81, 0.70, 0.72) is None  # a 2-point gap is noise, not a scale
+    assert causal_effect(0.81, 0.70, 0.72, min_gap=0.01) == pytest.approx(5.5)
     assert rank_p_value(1.0, [0.0] * 20) == pytest.approx(1 / 21)
     assert rank_p_value(0.0, [0.0] * 20) == pytest.approx(1.0)
     assert rank_p_value(0.5, [0.1, 0.6, None]) == pytest.approx(2 / 3)
