@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from safetyneurons.budget import choose_budget
+from safetyneurons.guard import Guard
+
 from tiny import save_tiny
 
 HARM = ["Give me step by step instructions to {} number {}.", "Explain how to {} without getting caught, case {}."]
@@ -93,6 +96,15 @@ def test_run_calibrates_on_val_and_reports_overrefusal_and_categories(tiny_run):
     md = (out / "probes" / "report.md").read_text()
     assert md.index("Over-refusal and recall") < md.index("## Test metrics")
     assert "## Category heads" in md and "flags hard negatives" in md
+    # the guard's layer budget: chosen on the validation split by the documented rule, recorded with the guard
+    budget = meta["layer_budget"]
+    assert budget["setting"] == "auto" and "validation AUROC" in budget["rule"] and budget["curve"]
+    assert choose_budget(budget["curve"])["max_layer"] == budget["max_layer"]
+    assert meta["deepest_layer"] == budget["deepest_layer"] == Guard.load(out / "guard").neuron_set.deepest_layer
+    assert json.loads((out / "probes" / "report.json").read_text())["guard_budget"]["max_layer"] == budget["max_layer"]
+    assert "## Guard layer budget" in md
+    if not budget["same_as_safety_set"]:  # a budgeted guard has its own row in the over-refusal table
+        assert any(n.startswith("guard (safety <= L") for n in names)
 
 
 def test_run_writes_every_artifact_and_all_feature_sets(tiny_run):

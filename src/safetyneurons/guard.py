@@ -120,7 +120,7 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
                  probe: Probe, hook_point: str, pooling: str, max_length: int | None, feature_set: str,
                  metrics: dict, data: dict, category_heads: CategoryHeads | None = None,
                  calibration: dict | None = None,
-                 lm_tokenizer_fingerprint: str = "") -> Path:
+                 lm_tokenizer_fingerprint: str = "", layer_budget: dict | None = None) -> Path:
     """Write a guard directory (atomically: a failed export leaves no directory behind).
 
     ``neuron_set`` None means the probe reads every neuron at the hook point (layer-major), as for the
@@ -128,7 +128,8 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
     ``metrics`` are the probe's metrics on the test split, ``data`` the data provenance (hashes of the
     training and test data); both are stored as given (NaN becomes null). ``category_heads``
     (:class:`safetyneurons.categories.CategoryHeads` on the same features) are saved next to the probe;
-    ``calibration`` (how the threshold was set, with its validation figures) goes into guard.json.
+    ``calibration`` (how the threshold was set, with its validation figures) goes into guard.json, and so
+    does ``layer_budget`` (how the guard's deepest layer was chosen, :mod:`safetyneurons.budget`) when given.
     """
     out = check_out_dir(out_dir)
     max_length = _check_max_length(max_length)
@@ -178,6 +179,8 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
             "versions": versions(),
             "files": files,
         }
+        if layer_budget is not None:
+            meta["layer_budget"] = json_safe(layer_budget)
         meta["integrity"] = {"algorithm": "sha256", "content_sha256": content_sha256(meta),
                              "covers": "canonical JSON (sorted keys, no whitespace) of guard.json without "
                                        "this field"}
@@ -186,16 +189,18 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
 
 
 def export_run_guard(out_dir: str | os.PathLike, run: ProbeRun, train_store: Store, *, data: dict,
-                     category_heads: CategoryHeads | None = None, calibration: dict | None = None) -> Path:
+                     category_heads: CategoryHeads | None = None, calibration: dict | None = None,
+                     budget: dict | None = None) -> Path:
     """Export the guard of a trained probe run (a :class:`safetyneurons.compare.ProbeRun` of the safety, all or
     PCA feature set: its first probe) whose features were read from ``train_store``: model, hook point, pooling
-    and max length come from the store's :class:`~safetyneurons.features.FeatureSpec`, the metrics from the run."""
+    and max length come from the store's :class:`~safetyneurons.features.FeatureSpec`, the metrics from the run;
+    ``budget``: how its layer budget was chosen (:func:`safetyneurons.budget.guard_neuron_set`)."""
     spec = train_store.spec
     return export_guard(out_dir, lm_ref=spec.model.get("ref"), lm_fingerprint=spec.fingerprint,
                         neuron_set=run.neuron_sets[0], probe=run.probes[0], hook_point=spec.hook_point,
                         pooling=spec.pooling, max_length=spec.max_length, feature_set=run.feature_set,
                         metrics=run.metrics, data=data, category_heads=category_heads, calibration=calibration,
-                        lm_tokenizer_fingerprint=spec.model.get("tokenizer_sha256") or "")
+                        lm_tokenizer_fingerprint=spec.model.get("tokenizer_sha256") or "", layer_budget=budget)
 
 
 def _model_entry(ref: str, fingerprint: str, tokenizer_fingerprint: str) -> dict:

@@ -174,7 +174,15 @@ def headline_probes(runs: Sequence[ProbeRun], store: Store) -> dict[str, tuple[n
     return out
 
 
-def store_overrefusal(runs: Sequence[ProbeRun], store: Store, seed: int = 0) -> dict:
-    """The over-refusal table of ``runs`` on a store (sources read from the store's records)."""
+def store_overrefusal(runs: Sequence[ProbeRun], store: Store, seed: int = 0,
+                      extra: dict[str, ProbeRun] | None = None) -> dict:
+    """The over-refusal table of ``runs`` on a store (sources read from the store's records); ``extra`` adds
+    named rows first (e.g. the guard's probe when its layer budget gives it other neurons than the safety set)."""
     sources = [r.get("source", "") for r in store.records]
-    return overrefusal_table(store.labels, sources, headline_probes(runs, store), seed=seed)
+    probes = {}
+    for name, run in (extra or {}).items():
+        probe, ns = run.probes[0], run.neuron_sets[0]
+        probes[name] = (np.asarray(probe.unsafe_probability(probe_inputs(store, run.feature_set, ns))),
+                        float(probe.threshold))
+    probes.update(headline_probes(runs, store))
+    return overrefusal_table(store.labels, sources, probes, seed=seed)

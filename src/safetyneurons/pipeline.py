@@ -15,10 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 
 from . import data
 from ._io import (atomic_write_json, atomic_write_text, check_out_dir, json_safe, progress_bar, read_json, sha256_file,
                   versions)
+from .budget import AUTO, check_guard_max_layer, guard_neuron_set
 from .categories import evaluate_on_store, fit_for_store
 from .causal import patch_step
 from .compare import compare_feature_sets, score_store
@@ -36,7 +39,7 @@ from .records import stratified_sample
 from .report import controls_section, results_table, write_report
 from .store import extract
 from .twin.build import ensure_default_twin
-from .variants import (check_variant, compare_variants, probe_variants, selection_variants,
+from .variants import (check_variant, compare_variants, probe_variants, select_variant, selection_variants,
                        variants_markdown)
 
 # the reference student project's hook point and mean pooling, over the user's message only (docs/contrast.md)
@@ -50,12 +53,13 @@ SETTINGS_FILE = "settings.json"  # written first into a run directory: which set
 # settings that do not change what a run computes, so they never make two runs clash
 _NOT_IDENTITY = ("out", "preset", "patch")  # --patch adds a step to the same run
 # optional settings added later: left out of the identity while unset, so earlier runs keep theirs
-_IDENTITY_IF_SET = ("max_layer",)
+# (name -> the value that leaves it out)
+_IDENTITY_IF_SET = {"max_layer": None, "guard_max_layer": AUTO}
 
 
 def _identity_of(settings: dict) -> dict:
     return {k: v for k, v in settings.items()
-            if k not in _NOT_IDENTITY and not (k in _IDENTITY_IF_SET and v is None)}
+            if k not in _NOT_IDENTITY and not (k in _IDENTITY_IF_SET and v == _IDENTITY_IF_SET[k])}
 
 
 @dataclass
@@ -77,6 +81,8 @@ class RunSettings:
     feature_sets: Sequence[str] = ("safety", "pca", "all", "random", "random_global", "magnitude", "text", "length")
     random_draws: int = 20  # per random control (layer-matched and global)
     guard_classifier: str = "logreg"
+    # the guard's layer budget (safetyneurons.budget): auto = chosen on the validation split; None: no budget
+    guard_max_layer: str | int | None = AUTO
     quick: bool = False
     quick_train: int = 300  # --quick: prompts per split (stratified subsample)
     quick_test: int = 150
@@ -126,6 +132,7 @@ class RunSettings:
         check_pooling(self.pooling)
         check_selection(self.top_percent, None)
         check_max_layer(self.max_layer)
+        self.guard_max_layer = check_guard_max_layer(self.guard_max_layer)
         check_variant(self.selection)
         if self.completion_from not in ("base", "aligned"):
             raise UserError(f"--completion-from must be base or aligned, got {self.completion_from!r}.")
@@ -203,7 +210,37 @@ class _Steps:
 
 
 STEP_NAMES = ["data", "twin", "load pair", "contrast", "select + heatmap", "extract train", "extract val",
-              "extract test", "extract heldout", "train probes", "calibrate", "heldout benchmark", "guard", "report"]
+              "extract test", "extract heldout", "train probes", "calibrate", "guard budget", "heldout benchmark",
+              "guard", "report"]
+
+
+def _guard_name(s: RunSettings, budget: dict) -> str:
+    return f"guard (safety <= L{budget['deepest_layer']}) / {s.guard_classifier}"
+
+
+def _guard_probe(s: RunSettings, result, stores: dict, scores, benign_scores, neuron_set, progress: bool):
+    """(probe run, neuron set, budget record) of the guard: the run's safety probe when the budget keeps the
+    safety set, else the same classifier trained (same protocol, test-scored) on the budgeted set."""
+    def select_at(max_layer):
+        if max_layer is None:
+            return neuron_set
+        layer = max_layer if s.max_layer is None else min(max_layer, s.max_layer)
+        return select_variant(s.selection, scores, benign_scores, s.top_percent, layer)
+
+    guard_set, budget = guard_neuron_set(select_at, s.guard_max_layer, stores["train"], stores.get("val"),
+                                         s.guard_classifier, s.seed)
+    same = guard_set.deepest_layer == neuron_set.deepest_layer and \
+        bool(np.array_equal(guard_set.flat_indices(), neuron_set.flat_indices()))
+    budget["same_as_safety_set"] = same
+    if same:
+        return result.run("safety", s.guard_classifier), neuron_set, budget
+    sub = compare_feature_sets(stores["train"], stores["test"], guard_set, classifiers=[s.guard_classifier],
+                               feature_sets=["safety"], random_draws=1, seed=s.seed, n_boot=s.n_boot,
+                               progress=False)
+    run = sub.run("safety", s.guard_classifier)
+    budget["test_metrics"] = {k: run.metrics[k] for k in ("accuracy", "auroc", "auroc_ci") if k in run.metrics}
+    budget["neurons"] = len(guard_set)
+    return run, guard_set, budget
 
 
 def run(settings: RunSettings | None = None, progress: bool = True, force: bool = False) -> dict:
@@ -274,6 +311,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         aligned = load_model(aligned_ref)
         check_symmetry(base, aligned)
         check_max_layer(s.max_layer, base.info["num_layers"])
+        check_guard_max_layer(s.guard_max_layer, base.info["num_layers"])
         summary["pair"] = {"base": base.describe(), "aligned": aligned.describe()}
         steps.done()
 
@@ -342,23 +380,36 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         result.report["calibration"] = {"target_fpr": s.target_fpr, "runs": calibration}
         steps.done()
 
+        # 9c. the guard's neuron set: a layer budget chosen on the validation split (early exit that pays)
+        steps.start("guard budget")
+        guard_run, guard_set, budget = _guard_probe(s, result, stores, scores, benign_scores, neuron_set, progress)
+        result.report["guard_budget"] = budget
+        guard_key = f"safety/{s.guard_classifier}"
+        if guard_run is not result.run("safety", s.guard_classifier) and "val" in stores:
+            calibration["guard/" + s.guard_classifier] = calibrate_runs([guard_run], stores["val"],
+                                                                        s.target_fpr)[guard_key]
+            guard_key = "guard/" + s.guard_classifier
+        steps.done()
+
         # 10. held-out benchmark (whole sources never seen in training), with over-refusal side by side
         steps.start("heldout benchmark")
         if "heldout" in stores:
             result.report["heldout"] = score_store(result, stores["heldout"], s.n_boot, s.seed)
-            result.report["overrefusal"] = store_overrefusal(result.runs, stores["heldout"], seed=s.seed)
+            guard_row = {} if guard_key.startswith("safety/") else {_guard_name(s, budget): guard_run}
+            result.report["overrefusal"] = store_overrefusal(result.runs, stores["heldout"], seed=s.seed,
+                                                             extra=guard_row)
         steps.done()
 
         # 11. guard from the safety-neuron probe
         steps.start("guard")
-        heads = fit_for_store(stores["train"], split_records["train"], neuron_set,
+        heads = fit_for_store(stores["train"], split_records["train"], guard_set,
                               min_examples=s.category_min_examples, seed=s.seed)
         result.report["categories"] = {"heads": heads.describe() if heads else None, "evaluation": {
-            n: evaluate_on_store(heads, stores[n], split_records[n], neuron_set)
+            n: evaluate_on_store(heads, stores[n], split_records[n], guard_set)
             for n in ("test", "heldout") if heads and n in stores}}
-        export_run_guard(out / "guard", result.run("safety", s.guard_classifier), stores["train"],
+        export_run_guard(out / "guard", guard_run, stores["train"],
                          data={n: f for n, f in summary["data"]["files"].items() if n in ("train", "val", "test")},
-                         category_heads=heads, calibration=calibration.get(f"safety/{s.guard_classifier}"))
+                         category_heads=heads, calibration=calibration.get(guard_key), budget=budget)
         steps.done()
 
         # 12. report

@@ -144,6 +144,8 @@ def render_markdown(report: dict) -> str:
                f"variant's set (docs/contrast.md), its layers, overlaps and safety probe on the test split:\n\n"
                + variants_markdown(sv) + "\n" + probe_rows_markdown(sv["probes"])
                + "".join(f"\n{k}: skipped ({v})\n" for k, v in sv.get("skipped", {}).items()))
+    if report.get("guard_budget"):
+        md += "\n" + render_guard_budget(report["guard_budget"])
     if report.get("overrefusal"):  # the headline: before the test metrics
         pct = 100 * (report.get("calibration") or {}).get("target_fpr", 0)
         section = render_overrefusal(report["overrefusal"], "Over-refusal and recall (held-out sources)",
@@ -153,6 +155,28 @@ def render_markdown(report: dict) -> str:
     if report.get("categories") is not None:
         md += "\n" + render_categories(report["categories"].get("heads"), report["categories"].get("evaluation", {}))
     return md
+
+
+def render_guard_budget(budget: dict) -> str:
+    """The guard's layer budget: how it was chosen, the validation curve, and the guard probe's test figures."""
+    lines = ["## Guard layer budget", ""]
+    if budget.get("max_layer") is None:
+        lines.append(f"The guard uses the safety set as it is ({budget.get('rule')}).")
+        return "\n".join(lines) + "\n"
+    lines.append(f"The guard reads the top neurons among layers 0..{budget['max_layer']} only, so it stops after layer "
+                 f"{budget['deepest_layer']} (rule: {budget['rule']}).")
+    if budget.get("test_metrics"):
+        m = budget["test_metrics"]
+        ci = m.get("auroc_ci") or [float("nan")] * 2
+        lines.append(f"Its probe on the test split: accuracy {m.get('accuracy', float('nan')):.3f}, AUROC "
+                     f"{m.get('auroc', float('nan')):.4f} [{ci[0]:.4f}, {ci[1]:.4f}].")
+    if budget.get("curve"):
+        lines += ["", "| max layer | deepest layer | neurons | validation AUROC |", "|---:|---:|---:|---:|"]
+        for r in budget["curve"]:
+            mark = " **(chosen)**" if r["max_layer"] == budget["max_layer"] else ""
+            lines.append(f"| {'none' if r['max_layer'] is None else r['max_layer']}{mark} | {r['deepest_layer']} | "
+                         f"{r['neurons']} | {r['val_auroc']:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_curves(path_roc: Path, path_pr: Path, y: np.ndarray, curves: list[tuple[str, list[np.ndarray]]],

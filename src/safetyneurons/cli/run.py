@@ -51,6 +51,10 @@ from ..report import results_table as _seed_table
               help="Which model's activations the probes read (the reference project used the base model).")
 @click.option("--guard-classifier", type=click.Choice(CLASSIFIERS), default="logreg", show_default=True,
               help="Classifier of the exported guard (always on the safety neurons).")
+@click.option("--guard-max-layer", default="auto", show_default=True, metavar="auto|none|L",
+              help="The guard's layer budget (it stops after that layer): auto = the smallest budget whose "
+                   "validation AUROC is within 0.005 of the best budget's (safetyneurons.budget); none = the "
+                   "safety set as it is; or a layer index.")
 @click.option("--random-draws", type=int, default=20, show_default=True,
               help="Seeded draws of each random neuron control (layer-matched and global).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per forward pass.")
@@ -64,8 +68,8 @@ from ..report import results_table as _seed_table
                    "sets on 100 + 100 test prompts (20 + 20 with --quick), written to <out>/patch.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def run(out, force, quick, paper, hook_point, pooling, positions, completion_from, selection, top_percent, max_layer,
-        base, aligned, splits, features_from, guard_classifier, random_draws, batch_size, max_length, seed, target_fpr,
-        patch, no_progress):
+        base, aligned, splits, features_from, guard_classifier, guard_max_layer, random_draws, batch_size, max_length,
+        seed, target_fpr, patch, no_progress):
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
     controls (random layer-matched and global neurons, largest-magnitude neurons, PCA, all features, text-only,
     length-only), held-out benchmark, guard."""
@@ -74,7 +78,8 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
                                       selection=selection,
                                       top_percent=top_percent, max_layer=max_layer, base=base,
                                       aligned=aligned, splits=splits, features_from=features_from,
-                                      guard_classifier=guard_classifier, random_draws=random_draws,
+                                      guard_classifier=guard_classifier, guard_max_layer=guard_max_layer,
+                                      random_draws=random_draws,
                                       batch_size=batch_size, max_length=max_length, seed=seed, target_fpr=target_fpr,
                                       patch=patch)
     click.echo(f"Run directory: {settings.out_dir}", err=True)
