@@ -354,21 +354,19 @@ def contrast(
         raise UserError(f"The models are not a symmetric pair at hook point {hook_point}: base has "
                         f"{layers}x{width} neurons, aligned {num_layers(aligned.model)}x"
                         f"{hook_width(aligned.model, hook_point)}.")
-    sum_sq = torch.zeros(layers, width, dtype=torch.float64, device=aligned.device)
-    extra = {name: torch.zeros_like(sum_sq) for name in _EXTRAS}
     token_count, stopped_at_eos, prompt_n = 0, 0, 0
     order = _length_order(aligned, prompts, max_length)
 
     # under torchrun every rank takes every world-th batch; the batch sums of all ranks are added in batch order
-    # (OrderedSum: bitwise the single-process sums), one round of world batches at a time
+    # (OrderedSum: the same running sum as one process makes), one round of world batches at a time
     all_starts = list(range(0, len(order), batch_size))
     starts = distributed.share(all_starts)
-    parallel = distributed.world()[1] > 1
-    ordered = distributed.OrderedSum(torch.stack([sum_sq, *extra.values()])) if parallel else None
+    ordered = distributed.OrderedSum(torch.zeros(1 + len(_EXTRAS), layers, width, dtype=torch.float64,
+                                                 device=aligned.device))
     mine = sum(len(order[s:s + batch_size]) for s in starts)
     bar = progress_bar(mine, f"contrast {hook_point}/{positions}", "prompt", progress and distributed.is_main())
     try:
-        for j in range(distributed.OrderedSum.rounds(len(all_starts)) if parallel else len(starts)):
+        for j in range(distributed.OrderedSum.rounds(len(all_starts))):
             if j >= len(starts):  # this rank has no batch in the last round
                 ordered.add(None)
                 continue
@@ -383,21 +381,17 @@ def contrast(
                                      content_mask=positions == "content")
                 ids, mask = enc["input_ids"], enc["attention_mask"]
                 select = enc["content_mask"] if positions == "content" else _select_prompt(mask, positions)
-            if parallel:
-                part = torch.zeros_like(ordered.total)
-                token_count += _accumulate(base, aligned, ids, mask, select, hook_point, part[0],
-                                           dict(zip(extra, part[1:])))
-                ordered.add(part)
-            else:
-                token_count += _accumulate(base, aligned, ids, mask, select, hook_point, sum_sq, extra)
+            part = torch.zeros_like(ordered.total)  # this batch's sums: [change, *extras, L, W]
+            token_count += _accumulate(base, aligned, ids, mask, select, hook_point, part[0],
+                                       dict(zip(_EXTRAS, part[1:])))
+            ordered.add(part)
             prompt_n += int((select.sum(1) > 0).sum())
             bar.update(len(batch))
             bar.set_postfix(tokens=token_count, refresh=False)
     finally:
         bar.close()
-    if parallel:
-        sum_sq, *rest = ordered.total
-        extra = dict(zip(extra, rest))
+    sum_sq, *rest = ordered.total
+    extra = dict(zip(_EXTRAS, rest))
     totals = torch.tensor([token_count, stopped_at_eos, prompt_n], dtype=torch.float64, device=sum_sq.device)
     distributed.all_reduce_sum(totals)
     token_count, stopped_at_eos, prompt_n = int(totals[0]), int(totals[1]), int(totals[2])
