@@ -164,14 +164,14 @@ def headline_probes(runs: Sequence[ProbeRun], store: Store) -> dict[str, tuple[n
     """(probabilities, threshold) on ``store`` of the probes the headline table compares: the safety-neuron
     probes, all neurons / PCA, and the text-only and length-only baselines (the neuron controls have their own
     tables), named ``feature set / classifier``."""
-    out = {}
-    for run in runs:
-        if run.feature_set not in HEADLINE_FEATURE_SETS or len(run.probes) != 1:
-            continue
-        probe, ns = run.probes[0], run.neuron_sets[0]
-        proba = np.asarray(probe.unsafe_probability(probe_inputs(store, run.feature_set, ns)))
-        out[f"{run.feature_set} / {run.classifier}"] = (proba, float(probe.threshold))
-    return out
+    return {f"{run.feature_set} / {run.classifier}": run_scores(run, store) for run in runs
+            if run.feature_set in HEADLINE_FEATURE_SETS and len(run.probes) == 1}
+
+
+def run_scores(run: ProbeRun, store: Store) -> tuple[np.ndarray, float]:
+    """(unsafe probabilities on ``store``, threshold) of a run's first probe."""
+    probe, ns = run.probes[0], run.neuron_sets[0]
+    return np.asarray(probe.unsafe_probability(probe_inputs(store, run.feature_set, ns))), float(probe.threshold)
 
 
 def store_overrefusal(runs: Sequence[ProbeRun], store: Store, seed: int = 0,
@@ -179,10 +179,6 @@ def store_overrefusal(runs: Sequence[ProbeRun], store: Store, seed: int = 0,
     """The over-refusal table of ``runs`` on a store (sources read from the store's records); ``extra`` adds
     named rows first (e.g. the guard's probe when its layer budget gives it other neurons than the safety set)."""
     sources = [r.get("source", "") for r in store.records]
-    probes = {}
-    for name, run in (extra or {}).items():
-        probe, ns = run.probes[0], run.neuron_sets[0]
-        probes[name] = (np.asarray(probe.unsafe_probability(probe_inputs(store, run.feature_set, ns))),
-                        float(probe.threshold))
+    probes = {name: run_scores(run, store) for name, run in (extra or {}).items()}
     probes.update(headline_probes(runs, store))
     return overrefusal_table(store.labels, sources, probes, seed=seed)

@@ -384,18 +384,18 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         steps.start("guard budget")
         guard_run, guard_set, budget = _guard_probe(s, result, stores, scores, benign_scores, neuron_set, progress)
         result.report["guard_budget"] = budget
-        guard_key = f"safety/{s.guard_classifier}"
-        if guard_run is not result.run("safety", s.guard_classifier) and "val" in stores:
-            calibration["guard/" + s.guard_classifier] = calibrate_runs([guard_run], stores["val"],
-                                                                        s.target_fpr)[guard_key]
-            guard_key = "guard/" + s.guard_classifier
+        budgeted = not budget["same_as_safety_set"] and "val" in stores  # its own probe, calibrated on val
+        guard_key = f"{'guard' if budgeted else 'safety'}/{s.guard_classifier}"
+        if budgeted:
+            calibration[guard_key] = calibrate_runs([guard_run], stores["val"],
+                                                    s.target_fpr)[f"safety/{s.guard_classifier}"]
         steps.done()
 
         # 10. held-out benchmark (whole sources never seen in training), with over-refusal side by side
         steps.start("heldout benchmark")
         if "heldout" in stores:
             result.report["heldout"] = score_store(result, stores["heldout"], s.n_boot, s.seed)
-            guard_row = {} if guard_key.startswith("safety/") else {_guard_name(s, budget): guard_run}
+            guard_row = {_guard_name(s, budget): guard_run} if budgeted else {}
             result.report["overrefusal"] = store_overrefusal(result.runs, stores["heldout"], seed=s.seed,
                                                              extra=guard_row)
         steps.done()
