@@ -64,13 +64,6 @@ def stratified(records, limit, seed):
     return sorted(out, key=lambda r: order[r["id"]])
 
 
-def _unsafe_proba(probe, X):
-    import numpy as np
-
-    p = np.asarray(probe.unsafe_probability(X))
-    return p[:, 1] if p.ndim == 2 else p
-
-
 def _latency_ratio(lm, probe, ns, prompts, hp, pooling, max_length) -> float:
     """p50 one-prompt latency of (early-exit pooling of ``ns`` + probe) / a full forward pass (LM head on)."""
     import numpy as np
@@ -122,8 +115,8 @@ def cost_quality_curve(args, scores, stores, lm, hp, pooling) -> list[dict]:
             continue
         probe = Probe(args.curve_classifier, seed=args.seed).fit(tr.select(ns), tr.labels)
         row = {"max_layer": budget, "layers_run": ns.deepest_layer + 1, "neurons": len(ns),
-               "test_auroc": auroc(te.labels, _unsafe_proba(probe, te.select(ns))),
-               "heldout_auroc": auroc(ho.labels, _unsafe_proba(probe, ho.select(ns))) if ho is not None else None,
+               "test_auroc": auroc(te.labels, probe.unsafe_probability(te.select(ns))),
+               "heldout_auroc": auroc(ho.labels, probe.unsafe_probability(ho.select(ns))) if ho is not None else None,
                "latency_ratio": _latency_ratio(lm, probe, ns, timing_prompts, hp, pooling, args.max_length)}
         rows.append(row)
         print(f"  max layer {budget}: {row}", file=sys.stderr)

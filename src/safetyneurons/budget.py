@@ -50,11 +50,6 @@ def check_guard_max_layer(value: str | int | None, num_layers: int | None = None
     return value
 
 
-def _unsafe(probe: Probe, X: np.ndarray) -> np.ndarray:
-    p = np.asarray(probe.unsafe_probability(X))
-    return p[:, 1] if p.ndim == 2 else p
-
-
 def budget_curve(select_at: Callable[[int | None], "NeuronSet"], train: "Store", val: "Store", classifier: str,
                  seed: int = 0, budgets: list[int] | None = None) -> list[dict]:
     """Validation AUROC of the guard's probe for each layer budget (``select_at(L)`` gives the set; ``None``: no
@@ -73,7 +68,7 @@ def budget_curve(select_at: Callable[[int | None], "NeuronSet"], train: "Store",
             continue
         probe = Probe(classifier, seed=seed).fit(train.select(ns), y_train)
         rows.append({"max_layer": budget, "deepest_layer": int(ns.deepest_layer), "neurons": len(ns),
-                     "val_auroc": float(auroc(y_val, _unsafe(probe, val.select(ns))))})
+                     "val_auroc": float(auroc(y_val, probe.unsafe_probability(val.select(ns))))})
     return rows
 
 
