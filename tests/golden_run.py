@@ -37,11 +37,15 @@ SAFE = ["Write a short poem about {} number {}.", "What is a fun fact about {}? 
 SAFE_OBJ = ["the sea", "the moon", "apples", "trains", "music"]
 
 
-def records(n_per_class: int, offset: int) -> list[dict]:
+def records(n_per_class: int, offset: int, hazards: bool = False) -> list[dict]:
+    """Templated harmful ("h") and benign ("s") records; ``hazards`` labels the harmful ones with a hazard."""
     out = []
     for i in range(n_per_class):
         k = offset + i
-        out.append({"id": f"h:{k}", "prompt": HARM[k % 2].format(HARM_OBJ[k % 5], k), "label": 1, "source": "h"})
+        harmful = {"id": f"h:{k}", "prompt": HARM[k % 2].format(HARM_OBJ[k % 5], k), "label": 1, "source": "h"}
+        if hazards:
+            harmful["hazard"] = ("violent_crimes", "nonviolent_crimes")[k % 2]
+        out.append(harmful)
         out.append({"id": f"s:{k}", "prompt": SAFE[k % 2].format(SAFE_OBJ[k % 5], k), "label": 0, "source": "s"})
     return out
 
