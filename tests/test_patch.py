@@ -200,6 +200,8 @@ def test_perplexity_of_the_planted_patch_is_the_aligned_models():
     own = perplexity_patched(aligned, None, BENIGN, [Patch("none", "none")], hook_point="mlp_neurons")
     assert ppl["safety"] == pytest.approx(own["none"], rel=1e-5)
     assert ppl["none"] != pytest.approx(own["none"], rel=1e-4)
+    one = perplexity_patched(base, aligned, BENIGN, patches, hook_point="mlp_neurons", batch_size=1)
+    assert one == pytest.approx(ppl, rel=1e-5)  # batching by length changes nothing
     # against a hand computation with the model's own head
     enc = base.tokenizer(BENIGN, return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -390,3 +392,38 @@ def test_cli_rejects_an_empty_prompt_file_and_a_foreign_neuron_set(saved_pair, t
     assert exc.value.code == 2
     assert "model weights" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_settled_rows_stop_early_and_leave_the_other_rows_unchanged():
+    base, aligned = planted_pair("qwen2")
+    patches = [Patch("safety", "donor", planted_set()), Patch("none", "none")]
+    full = generate_patched(base, aligned, PROMPTS, patches, hook_point="mlp_neurons", max_new_tokens=8,
+                            batch_size=3, progress=False)
+    # stop a row once its third token is even: a rule that fires on some rows and not on others
+    rule = lambda ids: len(ids) >= 3 and ids[2] % 2 == 0  # noqa: E731
+    cut = generate_patched(base, aligned, PROMPTS, patches, hook_point="mlp_neurons", max_new_tokens=8,
+                           batch_size=3, progress=False, settled=rule)
+    stopped = 0
+    for name in full:
+        for a, b in zip(full[name], cut[name]):
+            if len(a) >= 3 and a[2] % 2 == 0 and len(a) > 3:
+                assert b == a[:3]  # stopped right where the rule fired
+                stopped += 1
+            else:
+                assert b == a  # every other row generates exactly as before
+    assert stopped > 0
+
+
+def test_refusal_settled_fires_on_a_refusal_phrase_and_keeps_the_verdict():
+    lm = tiny_lm("llama", 0)
+    settled = causal.refusal_settled(lm)
+    tok = lm.tokenizer
+    refusal = tok.encode("Sorry, I can't help with that because it is dangerous.", add_special_tokens=False)
+    answer = tok.encode("Sure, here is a poem about the sea and its waves.", add_special_tokens=False)
+    firsts = [n for n in range(1, len(refusal) + 1) if settled(refusal[:n])]
+    assert firsts and not any(settled(answer[:n]) for n in range(1, len(answer) + 1))
+    # once settled, the verdict of every longer prefix (and the whole reply) is a refusal
+    from safetyneurons import judge
+    for n in range(firsts[0], len(refusal) + 1):
+        assert judge.judge(tok.decode(refusal[:n])) == "refusal"
+    assert firsts[0] < len(refusal)  # it fires before the reply ends: that is the saving

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -62,6 +62,7 @@ class PatchSettings:
     padding_side: str = "left"
     max_length: int = 256
     reference_texts: int = 100  # benign reference texts for the perplexity
+    stop_at_refusal: bool = True  # a reply stops once the judge has found a refusal phrase (verdict settled)
     seed: int = 0
 
     def validate(self) -> "PatchSettings":
@@ -95,6 +96,14 @@ def rates(lm: LoadedModel, replies: Sequence[Sequence[int]], labels: Sequence[in
            "answer_rate": sum(r["verdict"] == "answer" for r in benign) / max(len(benign), 1),
            "n_harmful": len(harmful), "n_benign": len(benign)}
     return out, rows
+
+
+def refusal_settled(lm: LoadedModel) -> Callable[[Sequence[int]], bool]:
+    """``settled(ids)`` for :func:`generate_patched`: True once the reply so far holds a refusal phrase within the
+    judge's window. The judge would then call the whole reply a refusal however it goes on (a phrase inside the
+    first ``judge.WINDOW`` characters of a prefix stays there), so generating the rest cannot change a rate."""
+    stops = stop_token_ids(lm)
+    return lambda ids: judge.matched_phrase(decode_reply(lm, ids, stops)) is not None
 
 
 MIN_GAP = 0.05  # the smallest difference between the two models' rates that an effect is normalised by
@@ -174,6 +183,8 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | N
     texts = list(reference if reference is not None else benign)[:s.reference_texts]
     opts = dict(hook_point=hp, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
                 padding_side=s.padding_side, max_length=s.max_length, progress=progress)
+    settled = {who: refusal_settled(lm) if s.stop_at_refusal else None
+               for who, lm in (("base", base), ("aligned", aligned))}
     t0 = time.perf_counter()
     sets = {}
     for k in s.k:
@@ -202,7 +213,7 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | N
             patches = _patches(group, s.baselines)
             if ref_name not in own:
                 patches = [Patch("none", "none"), *patches]
-            ids = generate_patched(receiver, donor, prompts, patches, mean=mean,
+            ids = generate_patched(receiver, donor, prompts, patches, mean=mean, settled=settled[ref_name],
                                    desc=f"patch {direction} k={k:g}%", **opts)
             own.setdefault(ref_name, ids.pop("none", None))
             patched[direction, k] = ids
@@ -210,14 +221,33 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | N
     for who, lm in models.items():
         if who not in own:
             own[who] = generate_patched(lm, None, prompts, [Patch("none", "none")], desc=f"generate {who}",
-                                        **opts)["none"]
+                                        settled=settled[who], **opts)["none"]
+
+    # Perplexities, the same way: each direction's passes carry the receiver's unpatched row.
+    t1 = time.perf_counter()
+    ppl_opts = dict(hook_point=hp, batch_size=s.batch_size, max_length=s.max_length)
+    ppls: dict[tuple[str, float], dict[str, float]] = {}
+    own_ppl: dict[str, float] = {}
+    for direction in s.directions:
+        receiver, donor, ref_name, _ = roles[direction]
+        for k, group in sets.items():
+            patches = _patches(group, s.baselines)
+            if ref_name not in own_ppl:
+                patches = [Patch("none", "none"), *patches]
+            ppl = perplexity_patched(receiver, donor, texts, patches, mean=mean, **ppl_opts)
+            if "none" in ppl:
+                own_ppl[ref_name] = ppl.pop("none")
+            ppls[direction, k] = ppl
+    for who, lm in models.items():
+        if who not in own_ppl:
+            own_ppl[who] = perplexity_patched(lm, None, texts, [Patch("none", "none")], **ppl_opts)["none"]
+    timings["perplexity_s"] = round(time.perf_counter() - t1, 2)
 
     generations: list[dict] = []
     plain = {}
     for who, lm in models.items():
         plain[who], rows = rates(lm, own[who], labels)
-        plain[who]["perplexity"] = perplexity_patched(lm, None, texts, [Patch("none", "none")], hook_point=hp,
-                                                      batch_size=s.batch_size, max_length=s.max_length)["none"]
+        plain[who]["perplexity"] = own_ppl[who]
         generations += [{"direction": None, "k": None, "set": who, "index": i, **r} for i, r in enumerate(rows)]
     base_ppl = plain["base"]["perplexity"]
     for who in models:
@@ -229,8 +259,7 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | N
         ref, don = plain[ref_name], plain[donor_name]
         for k, group in sets.items():
             patches = _patches(group, s.baselines)
-            ppl = perplexity_patched(receiver, donor, texts, patches, hook_point=hp, batch_size=s.batch_size,
-                                     max_length=s.max_length, mean=mean)
+            ppl = ppls[direction, k]
             per_set = {}
             for patch in patches:
                 m, rows = rates(receiver, patched[direction, k][patch.name], labels)
@@ -376,7 +405,10 @@ def render_markdown(result: dict) -> str:
     lines = ["# Causal validation: dynamic activation patching", "",
              f"- base `{pair['base']['ref']}`, aligned `{pair['aligned']['ref']}`, hook point `{result['hook_point']}`",
              f"- {result['data']['harmful']} harmful + {result['data']['benign']} benign held-out prompts, greedy, "
-             f"{s['max_new_tokens']} new tokens; {s['random_sets']} layer-matched random sets per k (none overlaps "
+             f"{s['max_new_tokens']} new tokens"
+             + ("; a reply stops once a refusal phrase appears (the verdict cannot change after it)"
+                if s.get("stop_at_refusal") else "")
+             + f"; {s['random_sets']} layer-matched random sets per k (none overlaps "
              f"the safety set); seed {s['seed']}",
              f"- causal effect = {result['causal_effect']}", f"- rank p-value = {result['rank_p_value']}",
              f"- perplexity: {result['perplexity']} ({result['data']['reference_texts']} texts)",

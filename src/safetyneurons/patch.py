@@ -32,7 +32,7 @@ import inspect
 import math
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -304,7 +304,7 @@ def _split_prefix(ids: torch.Tensor, mask: torch.Tensor, prefix: int, padding_si
 
 @torch.no_grad()
 def _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, stops, mean, bar,
-                    prefix: int = 0, padding_side: str = "left") -> list[list[int]]:
+                    prefix: int = 0, padding_side: str = "left", settled=None) -> list[list[int]]:
     n_prompts = enc["input_ids"].shape[0]
     device = receiver.device
     dims = (num_layers(receiver.model), hook_width(receiver.model, hook_point))
@@ -339,6 +339,9 @@ def _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, s
             for g, t in zip(rows.alive.tolist(), token.tolist()):
                 out[g].append(t)
             done = torch.isin(token, stop_set)
+            if settled is not None:
+                done |= torch.tensor([settled(out[g]) for g in rows.alive.tolist()], dtype=torch.bool,
+                                     device=device)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             keep, parents, branch_tokens = rows.advance(token, done)
@@ -392,8 +395,8 @@ def _bar(total: int, desc: str, progress: bool):
 def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: Sequence[str],
                      patches: Sequence[Patch], *, hook_point: str, max_new_tokens: int = 32, batch_size: int = 4,
                      padding_side: str = "left", max_length: int | None = 256, mean: torch.Tensor | None = None,
-                     progress: bool = True, desc: str = "patch", share_prefix: bool = True
-                     ) -> dict[str, list[list[int]]]:
+                     progress: bool = True, desc: str = "patch", share_prefix: bool = True,
+                     settled: Callable[[list[int]], bool] | None = None) -> dict[str, list[list[int]]]:
     """Greedy generations of ``receiver`` under each patch: ``{patch name: [token ids per prompt]}``.
 
     Every patch of a prompt batch runs as extra batch rows (``batch_size`` prompts x ``len(patches)`` rows).
@@ -401,6 +404,9 @@ def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: 
     are formatted and tokenized by the receiver; both models read the same ids. Hooks are removed on exit,
     also after an error. With ``share_prefix`` the token prefix that all prompts share (the chat template's
     system prompt, say: see :func:`shared_prefix`) is computed once per patch rather than once per row.
+    ``settled(ids)``, when given, is asked after every step about each row's reply so far; a row it answers
+    True for stops there (use it when the rest of the reply cannot change what is measured, as
+    ``causal.refusal_settled`` does). Rows are independent, so stopping one never changes another.
     """
     check_hook_point(hook_point)
     _check_batch_args(batch_size, padding_side, max_new_tokens)
@@ -424,7 +430,7 @@ def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: 
             index = order[start:start + batch_size]
             enc = receiver.encode([prompts[i] for i in index], max_length=max_length, padding_side=padding_side)
             out = _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, stops, mean, bar,
-                                  prefix, padding_side)
+                                  prefix, padding_side, settled)
             for p_i, name in enumerate(names):
                 for j, i in enumerate(index):
                     result[name][i] = out[p_i * len(index) + j]
@@ -467,33 +473,40 @@ def perplexity_patched(receiver: LoadedModel, donor: LoadedModel | None, texts: 
                        mean: torch.Tensor | None = None) -> dict[str, float]:
     """Perplexity of the patched receiver on plain ``texts`` (no chat template), per patch.
 
-    The donor reads the same text (teacher forcing), so its activations are those on the same prefix.
+    The donor reads the same text (teacher forcing), so its activations are those on the same prefix. Texts
+    are batched by token length (less padding), and the LM head runs only on the positions that are scored.
     """
     texts = _check_prompts(texts, "reference texts")
     _check_batch_args(batch_size, "right")
-    nll = {p.name: 0.0 for p in patches}
-    tokens = 0
     tok = receiver.tokenizer
     device = receiver.device
-    for start in range(0, len(texts), batch_size):
-        enc = tok(list(texts[start:start + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                  max_length=max_length)
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    encoded = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: (-len(encoded[i]), i))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    nll = {p.name: torch.zeros((), dtype=torch.float64) for p in patches}
+    tokens = 0
+    for start in range(0, len(order), batch_size):
+        batch = [encoded[i] for i in order[start:start + batch_size]]
+        width = max(len(b) for b in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, b in enumerate(batch):
+            ids[row, :len(b)], mask[row, :len(b)] = torch.tensor(b, dtype=torch.long), 1
+        ids, mask = ids.to(device), mask.to(device)
         rows = _Rows(patches, ids.shape[0], num_layers(receiver.model), hook_width(receiver.model, hook_point),
                      mean, device, next(receiver.model.parameters()).dtype)
         with _Hooked(receiver, donor, rows, hook_point) as hooked:
             hidden = hooked.step(ids, mask)
-        target = ids[:, 1:]
-        counted = (mask[:, 1:] * mask[:, :-1]).bool()
+        counted = (mask[:, 1:] * mask[:, :-1]).bool()  # a real token predicted from a real token
+        target = ids[:, 1:][counted]
         tokens += int(counted.sum())
         for p_i, patch in enumerate(patches):
-            h = hidden[p_i * ids.shape[0]:(p_i + 1) * ids.shape[0], :-1]
-            logp = torch.log_softmax(_logits(receiver, h), dim=-1)
-            picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            nll[patch.name] -= float(picked[counted].double().sum())
+            h = hidden[p_i * ids.shape[0]:(p_i + 1) * ids.shape[0], :-1][counted]
+            nll[patch.name] += torch.nn.functional.cross_entropy(_logits(receiver, h), target,
+                                                                 reduction="sum").double().cpu()
     if tokens == 0:
         raise UserError("The reference texts hold no token pairs to score; give longer reference texts.")
-    return {name: math.exp(v / tokens) for name, v in nll.items()}
+    return {name: math.exp(float(v) / tokens) for name, v in nll.items()}
 
 
 # ------------------------------------------------------------------------------------ neuron sets

@@ -49,6 +49,9 @@ def parse_k(value: str) -> list[float]:
 @click.option("--hook-point", type=click.Choice(("mlp_out", "mlp_neurons", "resid")), default=None,
               help="Expected hook point; must match the neuron set's [default: the set's own].")
 @click.option("--max-new-tokens", type=int, default=32, help="Greedy tokens per reply.")
+@click.option("--full-replies", is_flag=True,
+              help="Generate every reply to --max-new-tokens; by default a reply stops once the judge finds a "
+                   "refusal phrase in it (its verdict cannot change after that).")
 @click.option("--batch-size", type=int, default=8, help="Prompts per batch (each carries one row per patched set).")
 @click.option("--padding-side", type=click.Choice(("left", "right")), default="left",
               help="Padding side of the batches (the generations do not depend on it).")
@@ -62,8 +65,8 @@ def parse_k(value: str) -> list[float]:
               help="Output directory: patch.json, patch.png, patch.md, generations.jsonl (written atomically).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, random_sets, directions, baselines,
-          reference, hook_point, max_new_tokens, batch_size, padding_side, max_length, dtype, device, seed, out,
-          progress):
+          reference, hook_point, max_new_tokens, full_replies, batch_size, padding_side, max_length, dtype, device,
+          seed, out, progress):
     """Do the safety neurons cause the aligned model's behaviour? Dynamic activation patching.
 
     Both models generate greedily in lockstep. At every step the receiving model's activations at the
@@ -82,6 +85,7 @@ def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, rand
     ks = parse_k(_SWEEP if sweep else (k or "5"))
     settings = PatchSettings(k=ks, random_sets=random_sets, directions=directions, baselines=baselines,
                              per_class=per_class, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             stop_at_refusal=not full_replies,
                              padding_side=padding_side, max_length=max_length, seed=seed).validate()
     out = check_replaceable_out(out, "patch.json")
     if scores is None and neurons is None:

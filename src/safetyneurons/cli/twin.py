@@ -21,8 +21,8 @@ _DEFAULTS = {"steps": _D.steps, "lr": _D.lr, "rank": _D.rank, "alpha": _D.alpha,
 @click.option("--data", "data_path", default=None, metavar="SPLIT_JSONL",
               help="Labelled twin-training records (default: the `twin` split of the default data).")
 @click.option("--eval-data", "eval_path", default=None, metavar="FILE",
-              help="Held-out labelled prompts for the before/after table (default: a fixed sample of "
-                   "40 harmful + 40 benign from the default `test` split).")
+              help="Held-out labelled prompts for the before/after table (default: the prompts of the default "
+                   "`twin` split held back from training, --eval-size per class; never the `test` split).")
 @click.option("--eval-size", type=int, default=DEFAULT_EVAL_PER_CLASS, show_default=True,
               help="Prompts per class sampled (deterministically) from the evaluation data.")
 @click.option("--steps", type=int, default=_DEFAULTS["steps"], show_default=True, help="LoRA optimizer steps.")

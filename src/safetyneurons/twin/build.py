@@ -11,7 +11,8 @@ from ..errors import UserError
 from ..pair import DEFAULT_BASE, load_model, resolve_ref
 from ..records import jsonl
 from .cache import check_twin_out, default_pointer, default_twin_data, load_info, read_info, twin_key, twin_name, twins_dir
-from .data import build_examples, check_twin_records, data_sha256, default_twin_records, prompt_length
+from .data import (build_examples, check_twin_records, data_sha256, default_eval_records, default_twin_records,
+                   prompt_length)
 from .evaluate import eval_block, evaluate
 from .settings import DEFAULT_EVAL_PER_CLASS, FORMAT, MIN_REPLY_TOKENS, RECIPE_VERSION, REFUSALS, TwinSettings
 from .train import train_lora
@@ -160,8 +161,10 @@ def ensure_default_twin(progress: bool = True, force: bool = False,
                          "call build_twin for other settings.")
 
     data_path = default_twin_data()
-    records, held = default_twin_records()
-    evals = list(eval_records) if eval_records is not None else held
+    records = default_twin_records()[0]
+    # the held-back prompts in the same order as `safetyneurons twin` with other settings (the recipe pilots)
+    # judges them, so a pilot and the default twin it becomes report the same evaluation
+    evals = list(eval_records) if eval_records is not None else default_eval_records()
     path = build_twin(DEFAULT_BASE, records, evals, settings, force=force, progress=progress,
                       data_source=f"{data_path} minus {DEFAULT_EVAL_PER_CLASS} + {DEFAULT_EVAL_PER_CLASS} held back")
     base_path = resolve_ref(DEFAULT_BASE)

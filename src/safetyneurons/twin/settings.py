@@ -47,7 +47,7 @@ class TwinSettings:
     alpha: float = 16.0           # LoRA alpha (merge scale = alpha / rank)
     dropout: float = 0.0          # LoRA dropout
     lr: float = 3e-4              # AdamW peak learning rate (linear warmup, then linear decay to 10%)
-    steps: int = 120              # optimizer steps
+    steps: int = 160              # optimizer steps
     batch_size: int = 8           # examples per step
     benign_share: float = 0.65    # fraction of each batch drawn from benign examples (the rest harmful)
     max_length: int = 128         # tokens per training example (prompt + reply), longer ones are cut
