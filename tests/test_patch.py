@@ -365,6 +365,7 @@ def test_cli_neuron_set_file_is_patched_as_it_is(saved_pair, tmp_path, capsys):
     (("--k", "two"), "percentages"),
     (("--directions", "sideways"), "Unknown direction"),
     (("--random-sets", "0"), "random sets"),
+    (("--reference-texts", "0"), "reference texts"),
 ])
 def test_cli_bad_input_exits_2(saved_pair, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
@@ -427,3 +428,17 @@ def test_refusal_settled_fires_on_a_refusal_phrase_and_keeps_the_verdict():
     for n in range(firsts[0], len(refusal) + 1):
         assert judge.judge(tok.decode(refusal[:n])) == "refusal"
     assert firsts[0] < len(refusal)  # it fires before the reply ends: that is the saving
+
+
+@pytest.mark.parametrize("compact", [0.0, 1.0])
+def test_when_finished_rows_leave_the_batch_does_not_change_the_generations(monkeypatch, compact):
+    base, aligned = planted_pair("llama")
+    patches = [Patch("safety", "donor", planted_set()), Patch("none", "none")]
+    rule = lambda ids: len(ids) >= 2 and ids[1] % 3 == 0  # noqa: E731  (stops some rows early)
+    want = generate_patched(base, aligned, PROMPTS, patches, hook_point="mlp_neurons", max_new_tokens=8,
+                            batch_size=4, progress=False, settled=rule)
+    monkeypatch.setattr(patch_mod, "COMPACT", compact)  # 0: leave at once; 1: stay until all have finished
+    got = generate_patched(base, aligned, PROMPTS, patches, hook_point="mlp_neurons", max_new_tokens=8,
+                           batch_size=4, progress=False, settled=rule)
+    assert got == want
+    assert any(len(ids) == 2 for ids in want["none"] + want["safety"])  # the rule did stop rows

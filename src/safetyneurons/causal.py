@@ -61,7 +61,7 @@ class PatchSettings:
     batch_size: int = 8  # prompts per batch (each carries one row per patched set)
     padding_side: str = "left"
     max_length: int = 256
-    reference_texts: int = 100  # benign reference texts for the perplexity
+    reference_texts: int = 50  # benign reference texts for the perplexity (about 3,000 tokens on the default)
     stop_at_refusal: bool = True  # a reply stops once the judge has found a refusal phrase (verdict settled)
     seed: int = 0
 

@@ -98,6 +98,10 @@ def _new_cache(model):
         return DynamicCache()
 
 
+#: Finished rows leave the batch once they are this share of it (see _generate_batch).
+COMPACT = 0.25
+
+
 def _last_real(mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last real token, whatever the padding side."""
     seq = mask.shape[1]
@@ -334,17 +338,24 @@ def _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, s
     with _Hooked(receiver, donor, rows, hook_point) as hooked:
         hidden = hooked.step(ids, mask, cache_r, cache_d)
         last = hidden[torch.arange(hidden.shape[0], device=device), _last_real(tail_mask)[rows.branch]]
+        # Rows that have finished stay in the batch (their further tokens are dropped) until they are at least
+        # COMPACT of it: removing rows copies every patched layer's KV cache, so it is done in bulk.
+        finished = torch.zeros(rows.alive.numel(), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             token = _logits(receiver, last).argmax(dim=-1)
-            for g, t in zip(rows.alive.tolist(), token.tolist()):
-                out[g].append(t)
-            done = torch.isin(token, stop_set)
+            live = (~finished).tolist()
+            for g, t, is_live in zip(rows.alive.tolist(), token.tolist(), live):
+                if is_live:
+                    out[g].append(t)
+            done = finished | torch.isin(token, stop_set)
             if settled is not None:
-                done |= torch.tensor([settled(out[g]) for g in rows.alive.tolist()], dtype=torch.bool,
-                                     device=device)
+                done |= torch.tensor([is_live and settled(out[g]) for g, is_live in zip(rows.alive.tolist(), live)],
+                                     dtype=torch.bool, device=device)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            keep, parents, branch_tokens = rows.advance(token, done)
+            compact = float(done.float().mean()) >= COMPACT
+            keep, parents, branch_tokens = rows.advance(token, done if compact else torch.zeros_like(done))
+            finished = done[keep]
             _select(cache_r, rows.first, parents, keep)
             if hooked.uses_donor:
                 _select(cache_d, rows.first, parents)

@@ -46,6 +46,8 @@ def parse_k(value: str) -> list[float]:
 @click.option("--reference", default=None, metavar="FILE",
               help="Plain reference texts (one per line, or any prompt file) for the perplexity "
                    "[default: the benign prompts].")
+@click.option("--reference-texts", type=int, default=50, show_default=True,
+              help="How many reference texts the perplexity reads (the first N).")
 @click.option("--hook-point", type=click.Choice(("mlp_out", "mlp_neurons", "resid")), default=None,
               help="Expected hook point; must match the neuron set's [default: the set's own].")
 @click.option("--max-new-tokens", type=int, default=32, help="Greedy tokens per reply.")
@@ -65,8 +67,8 @@ def parse_k(value: str) -> list[float]:
               help="Output directory: patch.json, patch.png, patch.md, generations.jsonl (written atomically).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, random_sets, directions, baselines,
-          reference, hook_point, max_new_tokens, full_replies, batch_size, padding_side, max_length, dtype, device,
-          seed, out, progress):
+          reference, reference_texts, hook_point, max_new_tokens, full_replies, batch_size, padding_side,
+          max_length, dtype, device, seed, out, progress):
     """Do the safety neurons cause the aligned model's behaviour? Dynamic activation patching.
 
     Both models generate greedily in lockstep. At every step the receiving model's activations at the
@@ -85,7 +87,7 @@ def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, rand
     ks = parse_k(_SWEEP if sweep else (k or "5"))
     settings = PatchSettings(k=ks, random_sets=random_sets, directions=directions, baselines=baselines,
                              per_class=per_class, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             stop_at_refusal=not full_replies,
+                             stop_at_refusal=not full_replies, reference_texts=reference_texts,
                              padding_side=padding_side, max_length=max_length, seed=seed).validate()
     out = check_replaceable_out(out, "patch.json")
     if scores is None and neurons is None:
