@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .contrast import ChangeScores, _length_order
+from .contrast import ChangeScores, _length_order, _pad
 from .errors import UserError
 from .generate import stop_token_ids
 from .controls import random_layer_matched
@@ -497,12 +497,7 @@ def perplexity_patched(receiver: LoadedModel, donor: LoadedModel | None, texts: 
     nll = {p.name: torch.zeros((), dtype=torch.float64) for p in patches}
     tokens = 0
     for start in range(0, len(order), batch_size):
-        batch = [encoded[i] for i in order[start:start + batch_size]]
-        width = max(len(b) for b in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, b in enumerate(batch):
-            ids[row, :len(b)], mask[row, :len(b)] = torch.tensor(b, dtype=torch.long), 1
+        ids, mask = _pad([encoded[i] for i in order[start:start + batch_size]], pad_id, "right")
         ids, mask = ids.to(device), mask.to(device)
         rows = _Rows(patches, ids.shape[0], num_layers(receiver.model), hook_width(receiver.model, hook_point),
                      mean, device, next(receiver.model.parameters()).dtype)

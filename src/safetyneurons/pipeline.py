@@ -218,7 +218,7 @@ def _guard_name(s: RunSettings, budget: dict) -> str:
     return f"guard (safety <= L{budget['deepest_layer']}) / {s.guard_classifier}"
 
 
-def _guard_probe(s: RunSettings, result, stores: dict, scores, benign_scores, neuron_set, progress: bool):
+def _guard_probe(s: RunSettings, result, stores: dict, scores, benign_scores, neuron_set):
     """(probe run, neuron set, budget record) of the guard: the run's safety probe when the budget keeps the
     safety set, else the same classifier trained (same protocol, test-scored) on the budgeted set."""
     def select_at(max_layer):
@@ -382,7 +382,7 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
 
         # 9c. the guard's neuron set: a layer budget chosen on the validation split (early exit that pays)
         steps.start("guard budget")
-        guard_run, guard_set, budget = _guard_probe(s, result, stores, scores, benign_scores, neuron_set, progress)
+        guard_run, guard_set, budget = _guard_probe(s, result, stores, scores, benign_scores, neuron_set)
         result.report["guard_budget"] = budget
         budgeted = not budget["same_as_safety_set"] and "val" in stores  # its own probe, calibrated on val
         guard_key = f"{'guard' if budgeted else 'safety'}/{s.guard_classifier}"
