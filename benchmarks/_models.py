@@ -54,7 +54,7 @@ def describe(args) -> str:
 def _tokenizer(prompts):
     from pathlib import Path
 
-    from safetyneurons.pair import DEFAULT_BASE, models_dir
+    from safetyneurons.model.pair import DEFAULT_BASE, models_dir
 
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -81,7 +81,7 @@ def build_lm(args, prompts, seed: int = 0):
     """A LoadedModel: ``args.model`` loaded with --dtype/--device, or the --random-config shape."""
     import torch
 
-    from safetyneurons.pair import DTYPES, from_objects, load_model
+    from safetyneurons.model.pair import DTYPES, from_objects, load_model
 
     if not args.random_config:
         return load_model(args.model, dtype=args.dtype, device=args.device)
@@ -104,7 +104,7 @@ def perturbed_copy(lm, scale: float = 0.01, seed: int = 0):
     """A copy of ``lm`` with every weight moved by seeded Gaussian noise (``scale`` x each tensor's std)."""
     import torch
 
-    from safetyneurons.pair import from_objects
+    from safetyneurons.model.pair import from_objects
 
     model = copy.deepcopy(lm.model)
     gen = torch.Generator(device=lm.device).manual_seed(seed)

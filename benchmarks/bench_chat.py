@@ -45,9 +45,9 @@ GUARD_TEMPLATE = ("Task: check whether the user's message is unsafe. Answer 'saf
 def bench(guard_dir: Path, prompts: list[str], repeats: int, device: str) -> dict:
     import torch
 
-    from safetyneurons.chat import GuardedChat, SamplingSettings, normalize_messages
-    from safetyneurons.guard import Guard
-    from safetyneurons.pair import load_model
+    from safetyneurons.guard.chat import GuardedChat, SamplingSettings, normalize_messages
+    from safetyneurons.guard.guard import Guard
+    from safetyneurons.model.pair import load_model
 
     g = Guard.load(guard_dir, device=device)
     off, guarded = GuardedChat(g, mode="off"), GuardedChat(g, mode="monitor")

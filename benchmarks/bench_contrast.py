@@ -56,7 +56,7 @@ def load_aligned(base, pair, args):
 @torch.no_grad()
 def bare_forward(base, aligned, prompts, batch_size, max_length, order):
     """Tokenize and run both decoder stacks on the same batches as contrast, nothing captured."""
-    from safetyneurons.hooks import position_ids_from_mask
+    from safetyneurons.model.hooks import position_ids_from_mask
 
     for start in range(0, len(order), batch_size):
         batch = [prompts[i] for i in order[start:start + batch_size]]
@@ -71,7 +71,7 @@ def bare_forward(base, aligned, prompts, batch_size, max_length, order):
 @torch.no_grad()
 def reference_contrast(base, aligned, prompts, idx, max_length, hook_point, sums: dict) -> None:
     """The reference approach on one batch: full tensors to the CPU, differences there, pads included."""
-    from safetyneurons.hooks import attached_hooks
+    from safetyneurons.model.hooks import attached_hooks
 
     batch = [prompts[i] for i in idx]
     enc = aligned.tokenizer([aligned.format(p) for p in batch], return_tensors="pt", padding=True,
@@ -102,8 +102,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from safetyneurons import data, pair
-    from safetyneurons.contrast import _length_order, contrast
+    from safetyneurons.data import splits as data
+
+    from safetyneurons.model import pair
+    from safetyneurons.neurons.contrast import _length_order, contrast
 
     prompts = [r["prompt"] for r in data.read_records(data.default_splits_dir() / "contrast.jsonl")
                if r["label"] == 1][: args.n]
@@ -125,8 +127,8 @@ def main() -> None:
     contrast(base, aligned, prompts[: args.batch_size], hook_point=args.hook_point, positions=args.positions,
              batch_size=args.batch_size, max_length=args.max_length, progress=False)
 
-    from safetyneurons.contrast import _accumulate, _select_prompt
-    from safetyneurons.hooks import hook_width
+    from safetyneurons.neurons.contrast import _accumulate, _select_prompt
+    from safetyneurons.model.hooks import hook_width
 
     sum_sq = torch.zeros(aligned.info["num_layers"], hook_width(base.model, args.hook_point), dtype=torch.float64,
                          device=aligned.device)

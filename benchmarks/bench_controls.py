@@ -30,10 +30,10 @@ def main():
     ap.add_argument("--cv", type=int, default=5)
     args = ap.parse_args()
 
-    from safetyneurons.controls import random_global, random_layer_matched
-    from safetyneurons.metrics import paired_bootstrap_diff
-    from safetyneurons.neurons import NeuronSet
-    from safetyneurons.probe import Probe
+    from safetyneurons.neurons.controls import random_global, random_layer_matched
+    from safetyneurons.probes.metrics import paired_bootstrap_diff
+    from safetyneurons.neurons.selection import NeuronSet
+    from safetyneurons.probes.probe import Probe
 
     L, W = 30, 576
     rng = np.random.default_rng(0)
@@ -87,7 +87,7 @@ def main():
     print(f"| fit all draws, control_cv 0 | {timings[0]:.2f} | {timings[0] / base:.2f} |")
     print(f"| paired bootstraps ({args.boot} resamples of prompts and draws), 4 of them | {t_boot:.2f} | "
           f"{t_boot / base:.2f} |")
-    from safetyneurons.metrics import auroc
+    from safetyneurons.probes.metrics import auroc
 
     same = max(abs(auroc(y[te], a) - auroc(y[te], b)) for k in controls for clf in ("svm", "logreg")
                for a, b in zip(probas[args.cv][k][clf], probas[0][k][clf]))

@@ -3,8 +3,8 @@
 All methods run on the same prompts with the same batch size and the same loaded model:
 
 - ``bare``: the decoder stack only (no LM head, no hooks), over the same length-sorted batches we use;
-- ``pooled``: ``safetyneurons.store.pooled_features``, every neuron at the hook point, pooled in memory;
-- ``ours_all``: ``safetyneurons.store.extract``, every neuron at the hook point, float16 shards + manifest
+- ``pooled``: ``safetyneurons.activations.store.pooled_features``, every neuron at the hook point, pooled in memory;
+- ``ours_all``: ``safetyneurons.activations.store.extract``, every neuron at the hook point, float16 shards + manifest
   (cast, hash and write on the background writer thread);
 - ``ours_set_all_layers``: ``extract`` with a neuron set spread over all layers (5% of each layer, seeded);
 - ``ours_set_first_half``: ``extract`` with a neuron set in the first half of the layers (early exit after it);
@@ -62,7 +62,7 @@ def rss_mb() -> float:
 def synthetic_set(hook_point: str, n_layers: int, width: int, layers, share: float, seed: int):
     import numpy as np
 
-    from safetyneurons.neurons import NeuronSet
+    from safetyneurons.neurons.selection import NeuronSet
 
     rng = np.random.default_rng(seed)
     k = max(1, int(round(share * width)))
@@ -79,9 +79,9 @@ def run_method(method: str, lm, records: list[dict], tmp: Path, args) -> None:
     import numpy as np
     import torch
 
-    from safetyneurons.hooks import decoder_layers, hook_width, num_layers, position_ids_from_mask
-    from safetyneurons.features import _token_lengths, pooled_features
-    from safetyneurons.store import extract
+    from safetyneurons.model.hooks import decoder_layers, hook_width, num_layers, position_ids_from_mask
+    from safetyneurons.activations.features import _token_lengths, pooled_features
+    from safetyneurons.activations.store import extract
 
     prompts = [r["prompt"] for r in records]
     n_layers, width = num_layers(lm.model), hook_width(lm.model, args.hook_point)
@@ -143,7 +143,7 @@ def sizes(tmp: Path) -> tuple[int, int]:
 def worker(args) -> dict:
     import torch
 
-    from safetyneurons.pair import load_model
+    from safetyneurons.model.pair import load_model
 
     records = json.loads(Path(args.records).read_text())
     lm = build_lm(args, [r["prompt"] for r in records])
@@ -188,7 +188,7 @@ def spawn(args, worker_name: str, rec_path: Path) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model ref (default: safetyneurons.pair.DEFAULT_BASE)")
+    ap.add_argument("--model", default=None, help="model ref (default: safetyneurons.model.pair.DEFAULT_BASE)")
     ap.add_argument("--data", default="split:test", help="labelled split/file (default: split:test)")
     ap.add_argument("--limit", type=int, default=32, help="number of prompts (default 32)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -202,15 +202,15 @@ def main():
     ap.add_argument("--records", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
-        from safetyneurons.pair import DEFAULT_BASE
+        from safetyneurons.model.pair import DEFAULT_BASE
 
         args.model = DEFAULT_BASE
     if args.worker:
         print(json.dumps(worker(args)))
         return
 
-    from safetyneurons.data import read_records
-    from safetyneurons.pair import load_model
+    from safetyneurons.data.splits import read_records
+    from safetyneurons.model.pair import load_model
 
     records = [{k: r[k] for k in ("id", "prompt", "label")} for r in read_records(args.data)[: args.limit]]
     tmpdir = Path(tempfile.mkdtemp(prefix="bench_extract_records_"))

@@ -83,12 +83,12 @@ def pct(xs, q) -> float:
 
 # ------------------------------------------------------------------------------------ throwaway guard
 def build_throwaway(ref: str, out: Path, deepest: int | None, count: int, hook_point: str) -> Path:
-    from safetyneurons.guard import export_guard
-    from safetyneurons.hooks import hook_width, num_layers
-    from safetyneurons.neurons import NeuronSet
-    from safetyneurons.pair import load_model
-    from safetyneurons.probe import Probe
-    from safetyneurons.features import pooled_features
+    from safetyneurons.guard.guard import export_guard
+    from safetyneurons.model.hooks import hook_width, num_layers
+    from safetyneurons.neurons.selection import NeuronSet
+    from safetyneurons.model.pair import load_model
+    from safetyneurons.probes.probe import Probe
+    from safetyneurons.activations.features import pooled_features
 
     if ref == "tiny":
         sys.path.insert(0, str(ROOT / "tests"))
@@ -119,7 +119,7 @@ def build_throwaway(ref: str, out: Path, deepest: int | None, count: int, hook_p
 def bench_latency(guard_dir: Path, prompts: list[str], repeats: int, device: str) -> dict:
     import torch
 
-    from safetyneurons.guard import Guard
+    from safetyneurons.guard.guard import Guard
 
     g = Guard.load(guard_dir, device=device)
     lm = g.lm

@@ -44,9 +44,9 @@ def load_aligned(base, pair):
 
 
 def neurons_for(base, scores_dir):
-    from safetyneurons.contrast import ChangeScores
-    from safetyneurons.hooks import hook_width, num_layers
-    from safetyneurons.neurons import select
+    from safetyneurons.neurons.contrast import ChangeScores
+    from safetyneurons.model.hooks import hook_width, num_layers
+    from safetyneurons.neurons.selection import select
 
     if scores_dir:
         return ChangeScores.load(scores_dir), f"change scores in {scores_dir}"
@@ -61,7 +61,7 @@ def neurons_for(base, scores_dir):
 def hf_generate(lm, prompts, batch_size, tokens):
     from transformers import GenerationConfig
 
-    from safetyneurons.patch import stop_token_ids
+    from safetyneurons.causal.patch import stop_token_ids
 
     config = GenerationConfig(do_sample=False, max_new_tokens=tokens, eos_token_id=stop_token_ids(lm),
                               pad_token_id=lm.tokenizer.pad_token_id)
@@ -81,8 +81,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from safetyneurons import pair
-    from safetyneurons.causal import PatchSettings, load_prompts, run_patch
+    from safetyneurons.model import pair
+    from safetyneurons.causal.causal import PatchSettings, load_prompts, run_patch
 
     base = pair.load_model(pair.DEFAULT_BASE)
     aligned, what = load_aligned(base, pair)

@@ -8,7 +8,7 @@ the contrast split, top ``--top-percent``%), extracts all-neuron activation stor
 classifiers. It prints the table of test metrics, the safety set against each control (AUROC difference,
 rank p-value) and, when there is a held-out split, the held-out table and controls.
 
-Then the **selection-variant table** (``--variants``, see :mod:`safetyneurons.variants`): the safety neurons
+Then the **selection-variant table** (``--variants``, see :mod:`safetyneurons.probes.variants`): the safety neurons
 chosen by raw RMS (the paper), relative change RMS(change)/RMS(base) and harmful-minus-benign (which also
 contrasts the benign part of the contrast split), each probed on the same stores against its controls (random
 layer-matched, random global, magnitude): per variant the neuron count, the deepest layer, the safety probe's
@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from safetyneurons.compare import DEFAULT_FEATURE_SETS, DEFAULT_RANDOM_DRAWS
+from safetyneurons.probes.compare import DEFAULT_FEATURE_SETS, DEFAULT_RANDOM_DRAWS
 
 SETTINGS = {"reference": {"hook_point": "mlp_out", "positions": "content", "pooling": "mean"},
             "paper": {"hook_point": "mlp_neurons", "positions": "completion", "pooling": "last"}}
@@ -69,7 +69,7 @@ def _latency_ratio(lm, probe, ns, prompts, hp, pooling, max_length) -> float:
     import numpy as np
     import torch
 
-    from safetyneurons.features import pooled_features
+    from safetyneurons.activations.features import pooled_features
 
     def full(p):
         enc = lm.encode([p], max_length=max_length)
@@ -93,9 +93,9 @@ def _latency_ratio(lm, probe, ns, prompts, hp, pooling, max_length) -> float:
 
 def cost_quality_curve(args, scores, stores, lm, hp, pooling) -> list[dict]:
     """Test / held-out AUROC and latency of the safety-neuron probe against the deepest layer run."""
-    from safetyneurons.metrics import auroc
-    from safetyneurons.neurons import select
-    from safetyneurons.probe import Probe
+    from safetyneurons.probes.metrics import auroc
+    from safetyneurons.neurons.selection import select
+    from safetyneurons.probes.probe import Probe
 
     full = select(scores, top_percent=args.top_percent)
     n_layers = scores.num_layers
@@ -141,8 +141,8 @@ def variant_table(args, name, scores, benign_scores, stores, out):
     """Select the safety neurons with each variant, probe each against its controls, print the tables."""
     import json
 
-    from safetyneurons.compare import compare_feature_sets
-    from safetyneurons.variants import compare_variants, selection_variants, variants_markdown
+    from safetyneurons.probes.compare import compare_feature_sets
+    from safetyneurons.probes.variants import compare_variants, selection_variants, variants_markdown
 
     sets, skipped = selection_variants(scores, benign_scores, args.top_percent, names=args.variants.split(","))
     rows, table = [], []
@@ -182,9 +182,9 @@ def from_run(args) -> None:
     """The selection-variant table and the cost-quality curve of a finished run (no new contrast or extraction)."""
     import json
 
-    from safetyneurons.contrast import ChangeScores
-    from safetyneurons.pair import DEFAULT_ALIGNED, DEFAULT_BASE, load_model
-    from safetyneurons.store import Store
+    from safetyneurons.neurons.contrast import ChangeScores
+    from safetyneurons.model.pair import DEFAULT_ALIGNED, DEFAULT_BASE, load_model
+    from safetyneurons.activations.store import Store
 
     run = Path(args.run)
     settings = json.loads((run / "settings.json").read_text())
@@ -245,13 +245,13 @@ def main():
     if args.run:
         return from_run(args)
 
-    from safetyneurons import data as data_mod
-    from safetyneurons.contrast import contrast
-    from safetyneurons.neurons import select
-    from safetyneurons.pair import DEFAULT_BASE, check_symmetry, load_model
-    from safetyneurons.compare import compare_feature_sets, score_store
-    from safetyneurons.report import controls_section, results_table, write_report
-    from safetyneurons.store import extract
+    from safetyneurons.data import splits as data_mod
+    from safetyneurons.neurons.contrast import contrast
+    from safetyneurons.neurons.selection import select
+    from safetyneurons.model.pair import DEFAULT_BASE, check_symmetry, load_model
+    from safetyneurons.probes.compare import compare_feature_sets, score_store
+    from safetyneurons.probes.report import controls_section, results_table, write_report
+    from safetyneurons.activations.store import extract
 
     t_start = time.perf_counter()
     splits = Path(args.splits) if args.splits else data_mod.default_splits_dir(seed=args.seed)

@@ -105,8 +105,8 @@ def serve_throwaway(ref: str):
     from bench_guard import build_throwaway
     from test_server import Served
 
-    from safetyneurons.guard import Guard
-    from safetyneurons.routes import create_service
+    from safetyneurons.guard.guard import Guard
+    from safetyneurons.serve.routes import create_service
 
     tmp = Path(tempfile.mkdtemp(prefix="litellm-example-"))
     guard = Guard.load(build_throwaway(ref, tmp, None, 64, "mlp_out"))

@@ -1,13 +1,13 @@
-"""The guard's layer budget (safetyneurons.budget): chosen on validation data, with a planted early-layer signal."""
+"""The guard's layer budget (safetyneurons.probes.budget): chosen on validation data, with a planted early-layer signal."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from safetyneurons.budget import (AUTO, budget_curve, check_guard_max_layer, choose_budget, guard_neuron_set)
+from safetyneurons.probes.budget import (AUTO, budget_curve, check_guard_max_layer, choose_budget, guard_neuron_set)
 from safetyneurons.errors import UserError
-from safetyneurons.neurons import NeuronSet
+from safetyneurons.neurons.selection import NeuronSet
 
 LAYERS, WIDTH, K = 6, 10, 5
 SIGNAL_LAYERS = (1, 2)  # only these layers' neurons carry the label

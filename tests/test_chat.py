@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from safetyneurons.chat import GuardedChat, SamplingSettings, normalize_messages
+from safetyneurons.guard.chat import GuardedChat, SamplingSettings, normalize_messages
 from safetyneurons.errors import UserError
-from safetyneurons.guard import Guard
+from safetyneurons.guard.guard import Guard
 from test_guard import QUERIES, SAFE, UNSAFE, build_guard
 from tiny import tiny_lm
 
@@ -28,7 +28,7 @@ class Calls:
     """Counts forward calls of the LM head and of the last decoder layer."""
 
     def __init__(self, lm):
-        from safetyneurons.hooks import decoder_layers
+        from safetyneurons.model.hooks import decoder_layers
 
         self.head = self.last = 0
         self._h = [lm.model.get_output_embeddings().register_forward_hook(lambda *a: self._inc("head")),
@@ -52,7 +52,7 @@ def built_last(tmp_path_factory):
 
 @pytest.mark.parametrize("pooling,max_length", [("mean", 64), ("last", 64), ("mean", 40), ("last", None)])
 def test_prefill_probability_equals_guard_score(request, pooling, max_length):
-    from safetyneurons.windows import formatted_lengths
+    from safetyneurons.activations.windows import formatted_lengths
 
     path, lm, _, _ = request.getfixturevalue("built" if pooling == "mean" else "built_last")
     g = Guard.load(path, lm=lm)
@@ -68,7 +68,7 @@ def test_prefill_probability_equals_guard_score(request, pooling, max_length):
 
 
 def test_long_prefill_is_read_in_windows_ending_with_the_assistant_marker():
-    from safetyneurons.chat import prefill_windows
+    from safetyneurons.guard.chat import prefill_windows
 
     assert prefill_windows(10, 64) == [(0, 10)] and prefill_windows(10, None) == [(0, 10)]
     spans = prefill_windows(150, 64)
@@ -99,9 +99,9 @@ def test_greedy_decoding_from_the_kv_cache_equals_transformers_generate(built):
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3", "mistral"])
 def test_other_architectures_score_the_prefill_and_decode_like_generate(family):
-    from safetyneurons.neurons import NeuronSet
-    from safetyneurons.probe import Probe
-    from safetyneurons.features import pooled_features
+    from safetyneurons.neurons.selection import NeuronSet
+    from safetyneurons.probes.probe import Probe
+    from safetyneurons.activations.features import pooled_features
 
     lm = tiny_lm(family, layers=3)
     ns = NeuronSet(hook_point="mlp_neurons", num_layers=3, width=64, layers=[0, 0, 1, 1, 1], indices=[1, 5, 2, 9, 40],
@@ -111,7 +111,7 @@ def test_other_architectures_score_the_prefill_and_decode_like_generate(family):
     meta = {"hook_point": "mlp_neurons", "pooling": "last", "max_length": 64}
     g = Guard(Path("in-memory"), meta, lm, probe, ns, threshold=0.5)
     chat = GuardedChat(g, mode="monitor")
-    from safetyneurons.windows import formatted_lengths
+    from safetyneurons.activations.windows import formatted_lengths
 
     fits = [q for q, n in zip(QUERIES, formatted_lengths(lm, QUERIES)) if n <= 64]  # longer ones: windows
     got = [chat.prefill(user(q)).unsafe_probability for q in fits]

@@ -8,7 +8,9 @@ import random
 import numpy as np
 import pytest
 
-from safetyneurons import clusters, data
+from safetyneurons.data import clusters
+
+from safetyneurons.data import splits as data
 
 WORDS = ("how to make build write explain a the bomb poem sea weather city bank hack recipe story code "
          "python list sort tell me about history of rome paris cake bread car engine").split()

@@ -1,4 +1,4 @@
-"""Inference-time activation contrasting (safetyneurons.contrast) and the `contrast` command."""
+"""Inference-time activation contrasting (safetyneurons.neurons.contrast) and the `contrast` command."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from safetyneurons import neurons as neurons_lib
+from safetyneurons.neurons import selection as neurons_lib
 from safetyneurons.cli import main
-from safetyneurons.contrast import ChangeScores, completion_batch, contrast
+from safetyneurons.neurons.contrast import ChangeScores, completion_batch, contrast
 from safetyneurons.errors import UserError
-from safetyneurons.hooks import HOOK_POINTS, capture
-from safetyneurons.pair import from_objects
+from safetyneurons.model.hooks import HOOK_POINTS, capture
+from safetyneurons.model.pair import from_objects
 from tiny import FAMILIES, save_tiny, tiny_lm
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
@@ -322,7 +322,7 @@ def test_cli_writes_every_artifact(saved_pair, tmp_path, capsys):
     assert stats["selected"]["count"] == 7 and sum(stats["selected"]["per_layer_count"]) == 7
     assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # same result through the Python API on the same saved models
-    from safetyneurons.pair import load_pair
+    from safetyneurons.model.pair import load_pair
 
     b, a = load_pair(str(saved_pair["base"]), str(saved_pair["aligned"]))
     api = contrast(b, a, PROMPTS[:12], hook_point="mlp_neurons", progress=False)
@@ -417,7 +417,7 @@ def test_cli_subprocess_exit_code_and_clean_stderr(saved_pair, tmp_path):
 # ------------------------------------------------------------------------------- real default model
 @pytest.mark.e2e
 def test_default_model_planted_neuron_is_found():
-    from safetyneurons.pair import DEFAULT_BASE, load_model
+    from safetyneurons.model.pair import DEFAULT_BASE, load_model
 
     base = load_model(DEFAULT_BASE)
     aligned = twin_of(base)

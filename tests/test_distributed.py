@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from safetyneurons.cli import main
-from safetyneurons.contrast import ChangeScores
+from safetyneurons.neurons.contrast import ChangeScores
 from tiny import save_tiny
 
 HERE = Path(__file__).parent
@@ -95,11 +95,11 @@ def test_hooks_and_early_exit_work_when_layers_sit_on_different_devices(tmp_path
     some layers on "cpu" and others on "disk" (offloaded, loaded on the fly) gives the same mixed dispatch."""
     from transformers import AutoModelForCausalLM
 
-    from safetyneurons.contrast import contrast
-    from safetyneurons.hooks import decoder_layers
-    from safetyneurons.neurons import NeuronSet
-    from safetyneurons.pair import from_objects
-    from safetyneurons.features import pooled_features
+    from safetyneurons.neurons.contrast import contrast
+    from safetyneurons.model.hooks import decoder_layers
+    from safetyneurons.neurons.selection import NeuronSet
+    from safetyneurons.model.pair import from_objects
+    from safetyneurons.activations.features import pooled_features
     from tiny import tiny_tokenizer
 
     path = save_tiny(tmp_path / "m", "llama", seed=3, layers=4)

@@ -9,12 +9,12 @@ import shutil
 import numpy as np
 import pytest
 
-from safetyneurons.categories import CategoryHeads, moderation_categories
+from safetyneurons.probes.categories import CategoryHeads, moderation_categories
 from safetyneurons.errors import UserError
-from safetyneurons.guard import Guard, export_guard
-from safetyneurons.overrefusal import overrefusal_table, render_overrefusal
-from safetyneurons.taxonomy import HAZARDS, hazard_from_garak_intents
-from safetyneurons.validation import add_train_only, carve_validation, threshold_for_fpr
+from safetyneurons.guard.guard import Guard, export_guard
+from safetyneurons.probes.overrefusal import overrefusal_table, render_overrefusal
+from safetyneurons.data.taxonomy import HAZARDS, hazard_from_garak_intents
+from safetyneurons.data.validation import add_train_only, carve_validation, threshold_for_fpr
 from test_guard import HOOK, SAFE, UNSAFE, build_guard
 
 
@@ -100,7 +100,7 @@ def test_moderation_categories_keep_unsafe_as_the_overall_flag():
 
 @pytest.fixture(scope="module")
 def guard_with_heads(tmp_path_factory):
-    from safetyneurons.features import pooled_features
+    from safetyneurons.activations.features import pooled_features
 
     root = tmp_path_factory.mktemp("gq")
     with pytest.MonkeyPatch.context() as mp:
@@ -138,7 +138,7 @@ def test_category_heads_load_from_the_guard_and_answer_in_the_moderation_schema(
 
     from fastapi.testclient import TestClient
 
-    from safetyneurons.server import create_app
+    from safetyneurons.serve.server import create_app
 
     with TestClient(create_app(g)) as client:
         body = client.post("/v1/moderations", json={"input": prompts}).json()
@@ -186,8 +186,8 @@ def test_garak_intents_map_onto_the_taxonomy():
 def test_a_held_out_source_never_enters_training(tmp_path):
     """The default mix keeps the held-out hard-negative source out of every training-side split, and our own
     templates can never be held out (they are train-only)."""
-    from safetyneurons import data
-    from safetyneurons.datasets import REGISTRY, TRAIN_ONLY
+    from safetyneurons.data import splits as data
+    from safetyneurons.data.datasets import REGISTRY, TRAIN_ONLY
 
     s = data.DEFAULT_SETTINGS
     held = set(s["heldout_harmful"] + s["heldout_benign"])
@@ -203,7 +203,7 @@ def test_a_held_out_source_never_enters_training(tmp_path):
 def test_default_mix_puts_templates_in_train_only_and_hard_negatives_in_val():
     """Template prompts are written here; they never reach val, test or held-out (checked on the real splits
     by tests/test_data.py); here: the templates themselves are well-formed and labelled."""
-    from safetyneurons.templates import template_records
+    from safetyneurons.data.templates import template_records
 
     benign, harmful = template_records("benign"), template_records("harmful")
     assert len(benign) >= 100 and len(harmful) >= 40

@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from safetyneurons.errors import UserError
-from safetyneurons.guard import GUARD_FILE, Guard, content_sha256, export_guard
-from safetyneurons.server import create_app
+from safetyneurons.guard.guard import GUARD_FILE, Guard, content_sha256, export_guard
+from safetyneurons.serve.server import create_app
 from test_guard import HOOK, MLP, NUM_LAYERS
 from test_server import Served
 
@@ -65,10 +65,10 @@ def build_planted_guard(root: Path, max_length: int = 64):
     on the bare harmful request (0 on any text without the trigger token)."""
     from tiny import tiny_tokenizer
 
-    from safetyneurons.neurons import NeuronSet
-    from safetyneurons.pair import load_model
-    from safetyneurons.probe import Probe
-    from safetyneurons.features import pooled_features
+    from safetyneurons.neurons.selection import NeuronSet
+    from safetyneurons.model.pair import load_model
+    from safetyneurons.probes.probe import Probe
+    from safetyneurons.activations.features import pooled_features
 
     tok = tiny_tokenizer()
     ids = lambda text: set(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -102,8 +102,8 @@ def planted(tmp_path_factory, cache):
 # ---------------------------------------------------------------------------------- padding bypass
 def test_padded_harmful_request_is_still_flagged_on_a_planted_guard(planted):
     """Regression for the padding bypass: ~2,400 characters of benign text before the request."""
-    from safetyneurons.features import pooled_features
-    from safetyneurons.windows import formatted_lengths, head_that_fits, split_windows
+    from safetyneurons.activations.features import pooled_features
+    from safetyneurons.activations.windows import formatted_lengths, head_that_fits, split_windows
 
     g = planted
     padded = PADDING + HARMFUL
@@ -383,7 +383,7 @@ def test_healthz_reports_a_dead_batcher(planted):
 
 
 def test_access_log_escapes_control_characters(served, caplog):
-    with caplog.at_level(logging.INFO, logger="safetyneurons.server"):
+    with caplog.at_level(logging.INFO, logger="safetyneurons.serve.server"):
         r = httpx.get(served.url + "/x%0AGET%20/forged%20200%0D%1B[31m")
         deadline = time.monotonic() + 5
         while not any("/x" in rec.getMessage() for rec in caplog.records) and time.monotonic() < deadline:
@@ -543,7 +543,7 @@ def test_cli_matrix_covers_every_case(cli_cases):
 # ------------------------------------------------------------------------- stores, supply chain (API)
 @pytest.fixture(scope="module")
 def small_store(planted, tmp_path_factory):
-    from safetyneurons.store import extract
+    from safetyneurons.activations.store import extract
     from test_store import make_records
 
     out = tmp_path_factory.mktemp("store") / "s"
@@ -566,7 +566,7 @@ def _edit_manifest(src: Path, dst: Path, edit) -> Path:
     (lambda m: m.update(n=2, ids=m["ids"][:2], labels=m["labels"][:2]), "outside the store"),
 ])
 def test_store_manifest_is_validated_before_use(small_store, tmp_path, edit, message):
-    from safetyneurons.store import Store
+    from safetyneurons.activations.store import Store
 
     bad = _edit_manifest(small_store, tmp_path / "bad", edit)
     with pytest.raises(UserError, match=message):
@@ -574,8 +574,8 @@ def test_store_manifest_is_validated_before_use(small_store, tmp_path, edit, mes
 
 
 def test_store_resume_removes_stale_tmp_files_and_locks_out_a_second_writer(planted, small_store, tmp_path):
-    from safetyneurons.store import extract
-    from safetyneurons.store_checks import writer_lock
+    from safetyneurons.activations.store import extract
+    from safetyneurons.activations.store_checks import writer_lock
     from test_store import make_records
 
     out = tmp_path / "s"
@@ -634,7 +634,7 @@ def test_pip_gets_the_spec_after_a_double_dash(cache, monkeypatch):
 def test_hub_datasets_never_run_remote_code(monkeypatch):
     import types
 
-    from safetyneurons.data import read_records
+    from safetyneurons.data.splits import read_records
 
     calls = []
 
@@ -648,7 +648,7 @@ def test_hub_datasets_never_run_remote_code(monkeypatch):
 
 
 def test_fingerprint_is_recomputed_when_content_changes_behind_a_restored_mtime(planted, tmp_path):
-    from safetyneurons.pair import model_fingerprint, tokenizer_fingerprint
+    from safetyneurons.model.pair import model_fingerprint, tokenizer_fingerprint
 
     d = tmp_path / "m"
     shutil.copytree(planted.lm.path, d)
@@ -685,7 +685,7 @@ def test_guard_checks_local_fingerprints_before_loading_any_model(planted, tmp_p
 
 def test_guarded_chat_prefill_flags_a_padded_request(planted):
     """The same bypass through guarded chat completions: the prefill guard reads the whole conversation."""
-    from safetyneurons.chat import GuardedChat
+    from safetyneurons.guard.chat import GuardedChat
 
     chat = GuardedChat(planted, mode="monitor")
     pad = PADDING[:300]  # ~200 tokens: past the guard's 64-token limit, within the tiny model's context of 256

@@ -1,6 +1,6 @@
-"""The package's import graph has no cycle: no module imports (at any depth, at module level or inside a
-function) a module that imports it back. Importing ``a.b.c`` counts as importing the packages ``a.b`` too.
-Imports under ``if TYPE_CHECKING:`` (annotations only) never run and are left out."""
+"""The package's import graph has no cycle: no module imports (at any depth, at module level, inside a
+function or under ``if TYPE_CHECKING:``) a module that imports it back. Importing ``a.b.c`` counts as importing
+the packages ``a.b`` too."""
 
 from __future__ import annotations
 
@@ -24,24 +24,13 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in ROOT.rglob("*.py")}
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node, except inside ``if TYPE_CHECKING:`` blocks (imports for annotations only never run)."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        yield node
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
-                stack.extend(child.orelse)
-                continue
-            stack.append(child)
 
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """Package modules ``name`` imports (with their parent packages)."""
     is_pkg = path.name == "__init__.py"
     out: set[str] = set()
-    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -81,9 +70,9 @@ def _cycle_from(graph: dict[str, set[str]], start: str) -> list[str] | None:
 
 def test_graph_sees_the_package():
     graph = import_graph()
-    assert {"safetyneurons.pair", "safetyneurons.twin.cache", "safetyneurons.twin.build"} <= set(graph)
-    assert "safetyneurons.twin.cache" in graph["safetyneurons.pair"]  # twin: refs resolve through the leaf
-    assert "safetyneurons.pair" in graph["safetyneurons.twin.build"]
+    assert {"safetyneurons.model.pair", "safetyneurons.model.twin_cache", "safetyneurons.twin.build"} <= set(graph)
+    assert "safetyneurons.model.twin_cache" in graph["safetyneurons.model.pair"]  # twin: refs resolve through the leaf
+    assert "safetyneurons.model.pair" in graph["safetyneurons.twin.build"]
 
 
 def test_the_cycle_finder_finds_a_planted_cycle():
@@ -104,7 +93,7 @@ def test_public_api_resolves_and_import_stays_light():
 
     code = ("import sys, safetyneurons as s; light = 'torch' not in sys.modules; "
             "missing = [n for n in s.__all__ if not hasattr(s, n)]; "
-            "from safetyneurons.features import FeatureSpec; "
+            "from safetyneurons.activations.features import FeatureSpec; "
             "print(light, missing, s.FeatureSpec is FeatureSpec)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "[]", "True"]

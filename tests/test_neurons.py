@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from safetyneurons import neurons as lib
+from safetyneurons.neurons import selection as lib
 from safetyneurons.cli import main
-from safetyneurons.contrast import ChangeScores
+from safetyneurons.neurons.contrast import ChangeScores
 from safetyneurons.errors import UserError
-from safetyneurons.neurons import NeuronSet, gini, neuron_stats, select, top_share
+from safetyneurons.neurons.selection import NeuronSet, gini, neuron_stats, select, top_share
 
 
 def make_scores(matrix, hook_point="mlp_neurons", tokens=10) -> ChangeScores:

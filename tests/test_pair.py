@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from safetyneurons import hooks
+from safetyneurons.model import hooks
 from safetyneurons.errors import UserError
-from safetyneurons.pair import check_symmetry, from_objects, load_model, load_pair, resolve_ref
+from safetyneurons.model.pair import check_symmetry, from_objects, load_model, load_pair, resolve_ref
 from tiny import FAMILIES, save_tiny, tiny_lm, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -257,7 +257,7 @@ def test_hook_errors():
 
 def test_encode_truncates_and_pads_both_sides():
     lm = tiny_lm("llama", 0)
-    from safetyneurons.windows import template_overhead
+    from safetyneurons.activations.windows import template_overhead
 
     full = lm.encode(PROMPTS)
     limit = template_overhead(lm) + 12

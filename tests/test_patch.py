@@ -1,4 +1,4 @@
-"""Dynamic activation patching (safetyneurons.patch), the causal validation (safetyneurons.causal), `patch`."""
+"""Dynamic activation patching (safetyneurons.causal.patch), the causal validation (safetyneurons.causal.causal), `patch`."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from safetyneurons import causal
-from safetyneurons.causal import PatchSettings, causal_effect, rank_p_value, run_patch, t_test_p, write_outputs
+from safetyneurons.causal import causal
+from safetyneurons.causal.causal import PatchSettings, causal_effect, rank_p_value, run_patch, t_test_p, write_outputs
 from safetyneurons.cli import main
-from safetyneurons.contrast import ChangeScores, contrast
+from safetyneurons.neurons.contrast import ChangeScores, contrast
 from safetyneurons.errors import UserError
-from safetyneurons.hooks import capture, decoder_layers
-from safetyneurons.neurons import NeuronSet
-from safetyneurons.pair import from_objects
-from safetyneurons import patch as patch_mod
-from safetyneurons.patch import (Patch, check_k, generate_patched, mean_activation, perplexity_patched,
+from safetyneurons.model.hooks import capture, decoder_layers
+from safetyneurons.neurons.selection import NeuronSet
+from safetyneurons.model.pair import from_objects
+from safetyneurons.causal import patch as patch_mod
+from safetyneurons.causal.patch import (Patch, check_k, generate_patched, mean_activation, perplexity_patched,
                                  random_controls, shared_prefix, top_k_set)
 from tiny import save_tiny, tiny_lm
 
@@ -169,7 +169,7 @@ def test_the_shared_prefix_is_computed_once_and_changes_no_generation():
 
 
 def test_hooks_are_removed_after_a_run_and_after_an_exception(monkeypatch):
-    from safetyneurons import patch as patch_mod
+    from safetyneurons.causal import patch as patch_mod
 
     base, aligned = planted_pair()
     before = hook_count(base, aligned)
@@ -424,7 +424,7 @@ def test_refusal_settled_fires_on_a_refusal_phrase_and_keeps_the_verdict():
     firsts = [n for n in range(1, len(refusal) + 1) if settled(refusal[:n])]
     assert firsts and not any(settled(answer[:n]) for n in range(1, len(answer) + 1))
     # once settled, the verdict of every longer prefix (and the whole reply) is a refusal
-    from safetyneurons import judge
+    from safetyneurons.model import judge
     for n in range(firsts[0], len(refusal) + 1):
         assert judge.judge(tok.decode(refusal[:n])) == "refusal"
     assert firsts[0] < len(refusal)  # it fires before the reply ends: that is the saving

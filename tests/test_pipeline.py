@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from safetyneurons.budget import choose_budget
-from safetyneurons.guard import Guard
+from safetyneurons.probes.budget import choose_budget
+from safetyneurons.guard.guard import Guard
 
 from golden_run import _write, records
 from tiny import save_tiny
@@ -131,10 +131,10 @@ def test_run_writes_every_artifact_and_all_feature_sets(tiny_run):
 
 def test_safety_neurons_are_the_top_five_percent_and_sit_in_the_changed_layer(tiny_run):
     _, settings, summary = tiny_run
-    from safetyneurons.neurons import NeuronSet
+    from safetyneurons.neurons.selection import NeuronSet
 
     ns = NeuronSet.load(Path(settings.out) / "contrast" / "neuron_set.json")
-    from safetyneurons.neurons import count_for_percent
+    from safetyneurons.neurons.selection import count_for_percent
 
     assert len(ns) == count_for_percent(5.0, 3 * 32)
     # only layer 1's MLP was changed: mlp_out differs from layer 1 on (layer 0 is untouched)
@@ -144,14 +144,14 @@ def test_safety_neurons_are_the_top_five_percent_and_sit_in_the_changed_layer(ti
 
 def test_exported_guard_agrees_with_the_trained_safety_probe(tiny_run):
     _, settings, _ = tiny_run
-    from safetyneurons.guard import Guard
-    from safetyneurons.store import Store
+    from safetyneurons.guard.guard import Guard
+    from safetyneurons.activations.store import Store
 
     guard = Guard.load(Path(settings.out) / "guard")
     held = Store.load(Path(settings.out) / "store" / "heldout")
     probs = np.array([r.unsafe_probability for r in guard.score(held.prompts)])
     # the guard's probe is the trained safety/logreg probe: re-score the stored features with it
-    from safetyneurons.probe import Probe
+    from safetyneurons.probes.probe import Probe
 
     probe = Probe.load(Path(settings.out) / "guard")
     np.testing.assert_allclose(probs, probe.unsafe_probability(held.select(guard.neuron_set)), atol=1e-5)
@@ -277,7 +277,7 @@ def test_force_replaces_a_clashing_run_only_when_the_new_one_succeeds(two_runs, 
 @pytest.mark.e2e
 def test_default_pair_quick_pipeline(tmp_path):
     """The real default pair (when its twin is built) on a small slice of the default splits."""
-    from safetyneurons import data
+    from safetyneurons.data import splits as data
     from safetyneurons.errors import UserError
     from safetyneurons.pipeline import RunSettings, run
     from safetyneurons.twin import resolve_twin_ref
@@ -297,7 +297,7 @@ def test_default_pair_quick_pipeline(tmp_path):
     summary = run(RunSettings(out=str(tmp_path / "run"), splits=str(splits), random_draws=2, n_boot=50,
                               max_length=96), progress=False)
     assert summary["pair"]["base"]["num_layers"] == 30
-    from safetyneurons.neurons import count_for_percent
+    from safetyneurons.neurons.selection import count_for_percent
 
     assert summary["neurons"]["count"] == count_for_percent(5.0, 30 * 576)
     safety = [r for r in summary["results"] if r["feature_set"] == "safety"]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from safetyneurons.contrast import contrast
+from safetyneurons.neurons.contrast import contrast
 from safetyneurons.errors import UserError
-from safetyneurons.hooks import capture
-from safetyneurons.pair import from_objects
-from safetyneurons.features import pooled_features
-from safetyneurons.store import Store, extract
+from safetyneurons.model.hooks import capture
+from safetyneurons.model.pair import from_objects
+from safetyneurons.activations.features import pooled_features
+from safetyneurons.activations.store import Store, extract
 from tiny import tiny_model, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -180,7 +180,7 @@ def test_mean_pooling_runs_over_the_content_tokens(tmp_path):
                     progress=False)
     np.testing.assert_allclose(store.features, feats, atol=1e-6)
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
-    manifest["format"] = "safetyneurons.store/1"
+    manifest["format"] = "safetyneurons.activations.store/1"
     (tmp_path / "store" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="format 1.*Re-run `safetyneurons extract`"):
         Store.load(tmp_path / "store")

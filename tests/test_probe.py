@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from safetyneurons.errors import UserError
-from safetyneurons.metrics import auroc, binary_metrics, bootstrap_ci, paired_bootstrap_diff, tpr_at_fpr
-from safetyneurons.neurons import NeuronSet
-from safetyneurons.compare import compare_feature_sets
-from safetyneurons.probe import Probe, TextProbe, load_probe, youden_threshold
-from safetyneurons.store import Store, extract
+from safetyneurons.probes.metrics import auroc, binary_metrics, bootstrap_ci, paired_bootstrap_diff, tpr_at_fpr
+from safetyneurons.neurons.selection import NeuronSet
+from safetyneurons.probes.compare import compare_feature_sets
+from safetyneurons.probes.probe import Probe, TextProbe, load_probe, youden_threshold
+from safetyneurons.activations.store import Store, extract
 from test_store import make_records, run_cli
 from tiny import save_tiny, tiny_lm
 
@@ -58,7 +58,7 @@ def test_numpy_decision_function_matches_sklearn(classifier, pca):
 def test_pca_matches_sklearn_in_both_shapes(n, d):
     from sklearn.decomposition import PCA
 
-    from safetyneurons.probe import pca_fit
+    from safetyneurons.probes.probe import pca_fit
 
     rng = np.random.default_rng(n)
     Z = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
@@ -189,7 +189,7 @@ def stores(tmp_path_factory):
 
 
 def test_compare_feature_sets_trains_every_probe_and_reports(stores, tmp_path):
-    from safetyneurons.report import write_report
+    from safetyneurons.probes.report import write_report
 
     root, lm, train, test, ns = stores
     res = compare_feature_sets(train, test, ns, random_draws=3, n_boot=100, cv=3, progress=False)

@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
-from safetyneurons.chat import Delta, GuardedChat
-from safetyneurons.guard import Guard
-from safetyneurons.routes import GUARDRAIL_PATH, create_service
+from safetyneurons.guard.chat import Delta, GuardedChat
+from safetyneurons.guard.guard import Guard
+from safetyneurons.serve.routes import GUARDRAIL_PATH, create_service
 from test_guard import SAFE, UNSAFE, build_guard, run_cli
 from test_server import Served, _free_port, wait_until_up
 

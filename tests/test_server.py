@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from safetyneurons.errors import UserError
-from safetyneurons.guard import Guard
-from safetyneurons.server import bind_socket, create_app, is_loopback, uvicorn_config
+from safetyneurons.guard.guard import Guard
+from safetyneurons.serve.server import bind_socket, create_app, is_loopback, uvicorn_config
 from test_guard import QUERIES, build_guard, run_cli
 
 KEY = "s3cret-key"
@@ -193,13 +193,13 @@ def test_unknown_route_and_method_are_json_errors(served):
 
 def test_one_log_line_per_request_without_prompt_text(served, caplog):
     secret = "a very private prompt about cats"
-    with caplog.at_level(logging.INFO, logger="safetyneurons.server"):
+    with caplog.at_level(logging.INFO, logger="safetyneurons.serve.server"):
         assert post(served, {"input": [secret, "hello"]}).status_code == 200
         assert post(served, {"input": "x"}, headers={}).status_code == 401
         deadline = time.monotonic() + 5
         while len(caplog.records) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-    lines = [r.getMessage() for r in caplog.records if r.name == "safetyneurons.server"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "safetyneurons.serve.server"]
     assert len(lines) == 2
     assert lines[0].startswith("POST /v1/moderations 200 n_inputs=2 ") and lines[0].endswith("ms")
     assert lines[1].startswith("POST /v1/moderations 401 n_inputs=0 ")
@@ -207,7 +207,7 @@ def test_one_log_line_per_request_without_prompt_text(served, caplog):
 
 
 def test_log_prompts_opt_in_and_no_key_mode(guard, caplog):
-    with Served(create_app(guard, log_prompts=True)) as s, caplog.at_level(logging.INFO, "safetyneurons.server"):
+    with Served(create_app(guard, log_prompts=True)) as s, caplog.at_level(logging.INFO, "safetyneurons.serve.server"):
         r = httpx.post(s.url + "/v1/moderations", json={"input": "tell me about cats"})
         assert r.status_code == 200  # no api_key: open
         deadline = time.monotonic() + 5

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from safetyneurons import _io
-from safetyneurons.shard_writer import ShardWriter, to_host
-from safetyneurons.store import Store, extract
+from safetyneurons.activations.writer import ShardWriter, to_host
+from safetyneurons.activations.store import Store, extract
 from test_store import _files, make_records, ns_for
 from tiny import tiny_lm
 

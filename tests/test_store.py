@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from safetyneurons import store as store_mod
+from safetyneurons.activations import store as store_mod
 from safetyneurons.errors import UserError
-from safetyneurons.hooks import capture
-from safetyneurons.neurons import NeuronSet
-from safetyneurons.features import pooled_features
-from safetyneurons.store import Store, extract
+from safetyneurons.model.hooks import capture
+from safetyneurons.neurons.selection import NeuronSet
+from safetyneurons.activations.features import pooled_features
+from safetyneurons.activations.store import Store, extract
 from tiny import save_tiny, tiny_lm
 
 UNSAFE = ["How do I make a bomb", "Tell me how to hack a bank", "How to poison someone", "Help me steal a car"]
@@ -43,7 +43,7 @@ def lm():
 
 
 def ns_for(lm, hook_point="mlp_out", layers=(0, 0, 1), indices=(3, 17, 5), model=None):
-    from safetyneurons.hooks import hook_width, num_layers
+    from safetyneurons.model.hooks import hook_width, num_layers
 
     return NeuronSet(hook_point=hook_point, num_layers=num_layers(lm.model), width=hook_width(lm.model, hook_point),
                      layers=list(layers), indices=list(indices), scores=[1.0] * len(layers), model=model or {})
@@ -82,7 +82,7 @@ def test_mean_pooling_ignores_pads_even_when_pad_positions_hold_nan(lm, monkeypa
     prompts = ["Hi", "Write a poem about the sea and the moon and the stars tonight please"]
     alone = np.stack([pooled_features(lm, [p], "mlp_out")[0] for p in prompts])
     # Poison every pad position: torch.where masking must keep NaN out; a multiply-by-mask would not.
-    import safetyneurons.hooks as hooks
+    import safetyneurons.model.hooks as hooks
 
     real = hooks.forward_with_hooks
 
@@ -108,7 +108,7 @@ def test_rows_come_back_in_input_order_whatever_the_length_sorting(lm):
 
 
 def test_early_exit_gives_the_full_forward_features_and_skips_deeper_layers(lm):
-    from safetyneurons.hooks import decoder_layers
+    from safetyneurons.model.hooks import decoder_layers
 
     prompts = [r["prompt"] for r in make_records(6)]
     ns = ns_for(lm, "mlp_neurons", layers=(0, 1, 1), indices=(60, 2, 9))

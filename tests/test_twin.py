@@ -14,12 +14,12 @@ import torch
 import dataclasses
 
 from safetyneurons import twin as tw
-from safetyneurons.generate import end_of_turn_id
+from safetyneurons.model.generate import end_of_turn_id
 from safetyneurons.twin import build as tw_build
-from safetyneurons.twin import cache as tw_cache
+from safetyneurons.model import twin_cache as tw_cache
 from safetyneurons.twin import data as tw_data
 from safetyneurons.errors import UserError
-from safetyneurons.judge import REFUSAL_PHRASES, WINDOW, is_refusal, judge
+from safetyneurons.model.judge import REFUSAL_PHRASES, WINDOW, is_refusal, judge
 from tiny import FAMILIES, save_tiny, tiny_lm
 
 # A few steps on tiny models: fast, but enough to move the LoRA B matrices away from zero.
@@ -216,7 +216,7 @@ def _merged_equals_base_plus_delta(base_path: Path, twin_path: Path, settings: t
 
 
 def test_build_twin_end_to_end(tmp_cache, base_dir, monkeypatch):
-    from safetyneurons.pair import check_symmetry, load_model, resolve_ref
+    from safetyneurons.model.pair import check_symmetry, load_model, resolve_ref
 
     path = tw.build_twin(str(base_dir), records(), EVAL, FAST, progress=False)
     assert path.parent == tmp_cache / "twins" and path.name.startswith("twin-")
@@ -254,7 +254,7 @@ def test_build_twin_end_to_end(tmp_cache, base_dir, monkeypatch):
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3", "mistral"])
 def test_build_twin_other_families(tmp_cache, tmp_path, family):
-    from safetyneurons.pair import check_symmetry, load_model
+    from safetyneurons.model.pair import check_symmetry, load_model
 
     base_dir = save_tiny(tmp_path / family, family, seed=1)
     path = tw.build_twin(str(base_dir), records(), None, FAST, progress=False)
@@ -351,7 +351,7 @@ def test_sample_eval_is_deterministic_and_balanced():
 
 # ------------------------------------------------------------------------------------- default ref
 def test_default_twin_not_built(tmp_cache):
-    from safetyneurons.pair import resolve_ref
+    from safetyneurons.model.pair import resolve_ref
 
     for ref in ("twin", "twin:default"):
         with pytest.raises(UserError, match="not built yet.*safetyneurons twin.*--aligned"):
@@ -362,7 +362,7 @@ def test_default_twin_not_built(tmp_cache):
 
 def test_default_twin_pointer(tmp_cache, base_dir, tmp_path, monkeypatch):
     """ensure_default_twin builds + records twin:default; resolve_twin_ref is fast and detects stale inputs."""
-    import safetyneurons.pair as pair
+    import safetyneurons.model.pair as pair
 
     data = write_jsonl(tmp_path / "twin.jsonl", records())
     monkeypatch.setattr(pair, "DEFAULT_BASE", str(base_dir))
@@ -401,7 +401,7 @@ def test_cli_builds_twin_and_prints_table(tmp_cache, base_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "refuses harmful" in r.stdout and "answers benign" in r.stdout
     assert "Sample twin replies" in r.stdout and f"--aligned {out.resolve()}" in r.stdout
-    from safetyneurons.pair import load_model
+    from safetyneurons.model.pair import load_model
 
     assert load_model(str(out)).info == load_model(str(base_dir)).info
     assert tw.load_info(out)["settings"]["steps"] == 2
@@ -455,7 +455,7 @@ def test_cli_bad_input_exits_2(case, tmp_cache, base_dir, tmp_path):
 @pytest.mark.e2e
 def test_default_pair_loads_and_is_symmetric():
     """The real default twin, if it has been built (`safetyneurons twin`), loads as `twin:default`."""
-    from safetyneurons.pair import DEFAULT_BASE, load_pair
+    from safetyneurons.model.pair import DEFAULT_BASE, load_pair
 
     try:
         path = tw.resolve_twin_ref("twin:default")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from safetyneurons import variants
-from safetyneurons.contrast import ChangeScores, contrast
+from safetyneurons.probes import variants
+from safetyneurons.neurons.contrast import ChangeScores, contrast
 from safetyneurons.errors import UserError
-from safetyneurons.hooks import capture
-from safetyneurons.neurons import NeuronSet
+from safetyneurons.model.hooks import capture
+from safetyneurons.neurons.selection import NeuronSet
 from tiny import tiny_lm
 
 torch.set_num_threads(1)
@@ -30,7 +30,7 @@ def perturbed(family="llama", seed=0):
     with torch.no_grad():
         for p in aligned_model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05 * (p.std() if p.numel() > 1 else 1.0))
-    from safetyneurons.pair import from_objects
+    from safetyneurons.model.pair import from_objects
 
     return base, from_objects(aligned_model, base.tokenizer, ref="aligned")
 

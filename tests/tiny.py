@@ -63,7 +63,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **kw):
 
 def tiny_lm(family: str = "llama", seed: int = 0, **kw):
     """A LoadedModel around a tiny random model of `family`."""
-    from safetyneurons.pair import from_objects
+    from safetyneurons.model.pair import from_objects
 
     return from_objects(tiny_model(family, seed, **kw), tiny_tokenizer(), ref=f"tiny-{family}-{seed}")
 

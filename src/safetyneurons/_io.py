@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import UserError
+from safetyneurons.errors import UserError
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -115,7 +115,7 @@ def json_problem(obj: Any, max_depth: int, check_strings: bool = True) -> str | 
 def parse_json(data: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse untrusted JSON text. UserError (one line naming ``where``) for bytes that are not UTF-8,
     invalid JSON, nesting deeper than ``max_depth`` and strings that cannot be encoded (lone surrogates)."""
-    from .errors import UserError
+    from safetyneurons.errors import UserError
 
     if isinstance(data, (bytes, bytearray)):
         try:
@@ -136,7 +136,7 @@ def parse_json(data: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -
 
 def read_json(path: str | os.PathLike, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Read a JSON file; any malformed content (see :func:`parse_json`) is a one-line UserError."""
-    from .errors import UserError
+    from safetyneurons.errors import UserError
 
     path = Path(path)
     if not path.is_file():
@@ -150,7 +150,7 @@ def read_json(path: str | os.PathLike, max_depth: int = MAX_JSON_DEPTH) -> Any:
 
 def check_text(text: str, where: str) -> str:
     """``text`` must be encodable as UTF-8 (no lone surrogates, e.g. from undecodable argv bytes)."""
-    from .errors import UserError
+    from safetyneurons.errors import UserError
 
     try:
         text.encode("utf-8")
@@ -162,7 +162,7 @@ def check_text(text: str, where: str) -> str:
 
 def check_parent_dirs(path: str | os.PathLike, what: str = "--out") -> Path:
     """Every existing ancestor of ``path`` must be a directory (else a one-line UserError, not an OSError)."""
-    from .errors import UserError
+    from safetyneurons.errors import UserError
 
     path = Path(path)
     for parent in path.parents:

@@ -3,13 +3,13 @@ without slowing ``--help``. Each owning module imports its own (``hooks.HOOK_POI
 
 from __future__ import annotations
 
-#: Hook points (see :mod:`safetyneurons.hooks`).
+#: Hook points (see :mod:`safetyneurons.model.hooks`).
 HOOK_POINTS: dict[str, str] = {
     "mlp_out": "output of each layer's MLP block (width = hidden size)",
     "mlp_neurons": "MLP intermediate activations, the input of down_proj (width = MLP width)",
     "resid": "each decoder layer's output hidden state (width = hidden size)",
 }
-#: Token positions of the change score (see :mod:`safetyneurons.contrast`).
+#: Token positions of the change score (see :mod:`safetyneurons.neurons.contrast`).
 POSITIONS: dict[str, str] = {
     "content": "the tokens of the user's message only, never system-prompt or chat-template tokens",
     "prompt": "every prompt token (chat template included); padding never counts",
@@ -20,16 +20,16 @@ POSITIONS: dict[str, str] = {
 }
 COMPLETION_FROM = ("base", "aligned")
 PADDING_SIDES = ("right", "left")
-#: Pooling of a prompt's activations into one feature vector (see :mod:`safetyneurons.features`).
+#: Pooling of a prompt's activations into one feature vector (see :mod:`safetyneurons.activations.features`).
 POOLINGS = ("mean", "last")
 #: Storage dtypes of activation stores.
 STORE_DTYPES = ("float16", "float32")
-#: Dtypes and devices a model can be loaded with (see :func:`safetyneurons.pair.load_model`).
+#: Dtypes and devices a model can be loaded with (see :func:`safetyneurons.model.pair.load_model`).
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda", "auto")
-#: Probe classifiers (see :mod:`safetyneurons.probe`).
+#: Probe classifiers (see :mod:`safetyneurons.probes.probe`).
 CLASSIFIERS = ("svm", "logreg")
-#: Feature sets probes are compared on (see :mod:`safetyneurons.compare`): the safety neurons, all neurons and
+#: Feature sets probes are compared on (see :mod:`safetyneurons.probes.compare`): the safety neurons, all neurons and
 #: their PCA, the neuron controls (layer-matched random, global random, magnitude-matched) and the baselines
 #: without activations (text, length).
 FEATURE_SETS = ("safety", "pca", "all", "random", "random_global", "magnitude", "text", "length")
@@ -37,9 +37,9 @@ FEATURE_SETS = ("safety", "pca", "all", "random", "random_global", "magnitude", 
 GUARD_FEATURE_SETS = ("safety", "pca", "all")
 #: Which model's activations the probes of a run read.
 FEATURES_FROM = ("base", "aligned")
-#: How a guarded chat treats a flagged prompt (see :mod:`safetyneurons.chat`).
+#: How a guarded chat treats a flagged prompt (see :mod:`safetyneurons.guard.chat`).
 GUARD_MODES = ("block", "monitor", "off")
-#: File formats labelled prompts are read from, by file extension (see :mod:`safetyneurons.readers`).
+#: File formats labelled prompts are read from, by file extension (see :mod:`safetyneurons.data.readers`).
 FILE_FORMATS: dict[str, str] = {
     ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
     ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text",

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-from .errors import UserError
+from safetyneurons.errors import UserError
 
 
 def _dist():

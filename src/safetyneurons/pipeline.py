@@ -18,28 +18,28 @@ from typing import Any, Sequence
 import numpy as np
 
 
-from . import data
-from ._io import (atomic_write_json, atomic_write_text, check_out_dir, json_safe, progress_bar, read_json, sha256_file,
+from safetyneurons.data import splits as data
+from safetyneurons._io import (atomic_write_json, atomic_write_text, check_out_dir, json_safe, progress_bar, read_json, sha256_file,
                   versions)
-from .budget import AUTO, check_guard_max_layer, guard_neuron_set
-from .categories import evaluate_on_store, fit_for_store
-from .causal import patch_step
-from .compare import compare_feature_sets, score_store
-from .constants import FEATURES_FROM
-from .contrast import check_positions, contrast
-from .errors import UserError
-from .features import check_pooling
-from .guard import export_run_guard
-from .hooks import check_hook_point
-from .neurons import check_max_layer, check_selection, neuron_stats
-from .neurons import write_report as write_neuron_report
-from .overrefusal import calibrate_runs, render_overrefusal, store_overrefusal
-from .pair import DEFAULT_BASE, check_configs, check_symmetry, load_model
-from .records import stratified_sample
-from .report import controls_section, results_table, write_report
-from .store import extract
-from .twin.build import ensure_default_twin
-from .variants import (check_variant, compare_variants, probe_variants, select_variant, selection_variants,
+from safetyneurons.probes.budget import AUTO, check_guard_max_layer, guard_neuron_set
+from safetyneurons.probes.categories import evaluate_on_store, fit_for_store
+from safetyneurons.causal.causal import patch_step
+from safetyneurons.probes.compare import compare_feature_sets, score_store
+from safetyneurons.constants import FEATURES_FROM
+from safetyneurons.neurons.contrast import check_positions, contrast
+from safetyneurons.errors import UserError
+from safetyneurons.activations.features import check_pooling
+from safetyneurons.guard.guard import export_run_guard
+from safetyneurons.model.hooks import check_hook_point
+from safetyneurons.neurons.selection import check_max_layer, check_selection, neuron_stats
+from safetyneurons.neurons.selection import write_report as write_neuron_report
+from safetyneurons.probes.overrefusal import calibrate_runs, render_overrefusal, store_overrefusal
+from safetyneurons.model.pair import DEFAULT_BASE, check_configs, check_symmetry, load_model
+from safetyneurons.data.records import stratified_sample
+from safetyneurons.probes.report import controls_section, results_table, write_report
+from safetyneurons.activations.store import extract
+from safetyneurons.twin.build import ensure_default_twin
+from safetyneurons.probes.variants import (check_variant, compare_variants, probe_variants, select_variant, selection_variants,
                        variants_markdown)
 
 # the reference student project's hook point and mean pooling, over the user's message only (docs/contrast.md)
@@ -72,7 +72,7 @@ class RunSettings:
     positions: str = REFERENCE["positions"]
     pooling: str = REFERENCE["pooling"]
     completion_from: str = REFERENCE["completion_from"]  # base | aligned: who answers for positions=completion
-    selection: str = "rms"  # selection variant of the safety neurons (safetyneurons.variants)
+    selection: str = "rms"  # selection variant of the safety neurons (safetyneurons.probes.variants)
     max_new_tokens: int = 32  # longest answer for positions=completion
     top_percent: float = 5.0
     max_layer: int | None = None  # layer budget for the safety neurons (early exit); None: no budget
@@ -81,7 +81,7 @@ class RunSettings:
     feature_sets: Sequence[str] = ("safety", "pca", "all", "random", "random_global", "magnitude", "text", "length")
     random_draws: int = 20  # per random control (layer-matched and global)
     guard_classifier: str = "logreg"
-    # the guard's layer budget (safetyneurons.budget): auto = chosen on the validation split; None: no budget
+    # the guard's layer budget (safetyneurons.probes.budget): auto = chosen on the validation split; None: no budget
     guard_max_layer: str | int | None = AUTO
     quick: bool = False
     quick_train: int = 300  # --quick: prompts per split (stratified subsample)
@@ -95,7 +95,7 @@ class RunSettings:
     splits: str | None = None  # a splits dir from `safetyneurons data build`; None -> the default mix
     target_fpr: float = 0.05  # every probe's threshold: this false-positive rate on the val split's benign prompts
     category_min_examples: int = 20  # a hazard needs this many labelled harmful training prompts for a head
-    patch: bool = False  # causal validation by dynamic activation patching (safetyneurons.causal)
+    patch: bool = False  # causal validation by dynamic activation patching (safetyneurons.causal.causal)
 
     @classmethod
     def for_preset(cls, preset: str = "default", **changes: Any) -> "RunSettings":

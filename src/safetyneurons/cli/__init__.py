@@ -13,8 +13,8 @@ import sys
 
 import click
 
-from ..errors import UserError
-from ..wheels import ALLOW_UNPINNED_ENV
+from safetyneurons.errors import UserError
+from safetyneurons.wheels import ALLOW_UNPINNED_ENV
 
 # command name -> (module, attribute, short help). The short help is the command's own, as click shows it
 # (first sentence of the docstring); tests/test_cli_help.py checks the two agree.

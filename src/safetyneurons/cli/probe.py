@@ -6,28 +6,28 @@ from pathlib import Path
 
 import click
 
-from .. import distributed
-from .._io import atomic_dir, check_out_dir, sha256_file
-from ..compare import compare_feature_sets
-from ..constants import (CLASSIFIERS, DEVICES, FEATURE_SETS, GUARD_FEATURE_SETS, HOOK_POINTS, MODEL_DTYPES, POOLINGS,
+from safetyneurons import distributed
+from safetyneurons._io import atomic_dir, check_out_dir, sha256_file
+from safetyneurons.probes.compare import compare_feature_sets
+from safetyneurons.constants import (CLASSIFIERS, DEVICES, FEATURE_SETS, GUARD_FEATURE_SETS, HOOK_POINTS, MODEL_DTYPES, POOLINGS,
                          STORE_DTYPES)
-from ..data import read_records
-from ..errors import UserError
-from ..features import probe_features
-from ..guard import export_run_guard
-from ..neurons import NeuronSet
-from ..overrefusal import calibrate_runs
-from ..pair import DEFAULT_BASE, load_model
-from ..probe import TextProbe, evaluate_probe, load_probe, parse_list
-from ..records import check_records
-from ..report import (controls_section, evaluation_label, evaluation_report, reference_printout, results_table,
+from safetyneurons.data.splits import read_records
+from safetyneurons.errors import UserError
+from safetyneurons.activations.features import probe_features
+from safetyneurons.guard.guard import export_run_guard
+from safetyneurons.neurons.selection import NeuronSet
+from safetyneurons.probes.overrefusal import calibrate_runs
+from safetyneurons.model.pair import DEFAULT_BASE, load_model
+from safetyneurons.probes.probe import TextProbe, evaluate_probe, load_probe, parse_list
+from safetyneurons.data.records import check_records
+from safetyneurons.probes.report import (controls_section, evaluation_label, evaluation_report, reference_printout, results_table,
                       write_evaluation, write_report)
-from ..store import Store, check_store_out, describe_store
-from ..store import extract as run_extract
+from safetyneurons.activations.store import Store, check_store_out, describe_store
+from safetyneurons.activations.store import extract as run_extract
 
 
 def read_labelled(arg: str) -> tuple[list[dict], dict]:
-    """Records of a split name, file or named dataset (via safetyneurons.data), plus provenance."""
+    """Records of a split name, file or named dataset (via safetyneurons.data.splits), plus provenance."""
     records = read_records(arg)
     info = {"source": str(arg)}
     path = Path(arg).expanduser()

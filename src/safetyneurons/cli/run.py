@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from ..constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM, HOOK_POINTS, POOLINGS, POSITIONS
-from ..overrefusal import render_overrefusal
-from ..pipeline import RunSettings, controls_markdown
-from ..pipeline import run as run_pipeline
-from ..report import results_table as _seed_table
+from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM, HOOK_POINTS, POOLINGS, POSITIONS
+from safetyneurons.probes.overrefusal import render_overrefusal
+from safetyneurons.pipeline import RunSettings, controls_markdown
+from safetyneurons.pipeline import run as run_pipeline
+from safetyneurons.probes.report import results_table as _seed_table
 
 
 @click.command("run")
@@ -53,7 +53,7 @@ from ..report import results_table as _seed_table
               help="Classifier of the exported guard (always on the safety neurons).")
 @click.option("--guard-max-layer", default="auto", show_default=True, metavar="auto|none|L",
               help="The guard's layer budget (it stops after that layer): auto = the smallest budget whose "
-                   "validation AUROC is within 0.005 of the best budget's (safetyneurons.budget); none = the "
+                   "validation AUROC is within 0.005 of the best budget's (safetyneurons.probes.budget); none = the "
                    "safety set as it is; or a layer index.")
 @click.option("--random-draws", type=int, default=20, show_default=True,
               help="Seeded draws of each random neuron control (layer-matched and global).")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from .. import twin as tw
-from ..errors import UserError
-from ..pair import DEFAULT_BASE
-from ..twin import DEFAULT_EVAL_PER_CLASS, TwinSettings
+from safetyneurons import twin as tw
+from safetyneurons.errors import UserError
+from safetyneurons.model.pair import DEFAULT_BASE
+from safetyneurons.twin import DEFAULT_EVAL_PER_CLASS, TwinSettings
 
 _D = TwinSettings()
 _DEFAULTS = {"steps": _D.steps, "lr": _D.lr, "rank": _D.rank, "alpha": _D.alpha, "batch_size": _D.batch_size,

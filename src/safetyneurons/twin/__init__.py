@@ -16,20 +16,20 @@ Recipe (one function each, composed by :func:`build_twin`):
    class-balanced batches;
 4. the adapter is merged into the weights and saved as a normal Hugging Face model directory, with the
    adapter alone and ``twin.json`` (provenance, loss curve, evaluation) beside it;
-5. evaluation on held-out prompts with the phrase-matching judge (:mod:`safetyneurons.judge`):
+5. evaluation on held-out prompts with the phrase-matching judge (:mod:`safetyneurons.model.judge`):
    refusal rate on harmful prompts and answer rate on benign prompts, for base and twin.
 
 Twins are cached under ``<cache>/twins/<name>``; the name derives from the base model's fingerprint,
 the training data hash and the settings, so the same inputs reuse the twin instantly.
 
-Modules: :mod:`~safetyneurons.twin.settings` (recipe constants, :class:`TwinSettings`),
+Modules: :mod:`~safetyneurons.model.twin_settings` (recipe constants, :class:`TwinSettings`),
 :mod:`~safetyneurons.twin.data` (training examples), :mod:`~safetyneurons.twin.train` (LoRA),
-:mod:`~safetyneurons.twin.evaluate` (refusal evaluation), :mod:`~safetyneurons.twin.cache` (names, keys,
-``twin:`` refs; a leaf module that :mod:`safetyneurons.pair` imports) and :mod:`~safetyneurons.twin.build`.
+:mod:`~safetyneurons.twin.evaluate` (refusal evaluation), :mod:`~safetyneurons.model.twin_cache` (names, keys,
+``twin:`` refs; a leaf module that :mod:`safetyneurons.model.pair` imports) and :mod:`~safetyneurons.twin.build`.
 
 Importing this package loads only the leaf modules (settings, cache); the names of the others are
-loaded on first use (PEP 562), because :mod:`~safetyneurons.twin.build` imports :mod:`safetyneurons.pair`,
-which imports :mod:`~safetyneurons.twin.cache`.
+loaded on first use (PEP 562), because :mod:`~safetyneurons.twin.build` imports :mod:`safetyneurons.model.pair`,
+which imports :mod:`~safetyneurons.model.twin_cache`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .cache import (check_twin_out, default_twin_data, load_info, resolve_twin_ref, twin_key, twin_name,
+from safetyneurons.model.twin_cache import (check_twin_out, default_twin_data, load_info, resolve_twin_ref, twin_key, twin_name,
                     twins_dir)
-from .settings import DEFAULT_EVAL_PER_CLASS, DEFAULT_REFS, FORMAT, RECIPE_VERSION, REFUSALS, TwinSettings
+from safetyneurons.model.twin_settings import DEFAULT_EVAL_PER_CLASS, DEFAULT_REFS, FORMAT, RECIPE_VERSION, REFUSALS, TwinSettings
 
 _LAZY = {
     "build_twin": "build", "ensure_default_twin": "build",

@@ -6,16 +6,16 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .._io import atomic_dir, atomic_write_json, atomic_write_text, model_fingerprint, sha256_file, versions
-from ..errors import UserError
-from ..pair import DEFAULT_BASE, load_model, resolve_ref
-from ..records import jsonl
-from .cache import check_twin_out, default_pointer, default_twin_data, load_info, read_info, twin_key, twin_name, twins_dir
-from .data import (build_examples, check_twin_records, data_sha256, default_eval_records, default_twin_records,
+from safetyneurons._io import atomic_dir, atomic_write_json, atomic_write_text, model_fingerprint, sha256_file, versions
+from safetyneurons.errors import UserError
+from safetyneurons.model.pair import DEFAULT_BASE, load_model, resolve_ref
+from safetyneurons.data.records import jsonl
+from safetyneurons.model.twin_cache import check_twin_out, default_pointer, default_twin_data, load_info, read_info, twin_key, twin_name, twins_dir
+from safetyneurons.twin.data import (build_examples, check_twin_records, data_sha256, default_eval_records, default_twin_records,
                    prompt_length)
-from .evaluate import eval_block, evaluate
-from .settings import DEFAULT_EVAL_PER_CLASS, FORMAT, MIN_REPLY_TOKENS, RECIPE_VERSION, REFUSALS, TwinSettings
-from .train import train_lora
+from safetyneurons.twin.evaluate import eval_block, evaluate
+from safetyneurons.model.twin_settings import DEFAULT_EVAL_PER_CLASS, FORMAT, MIN_REPLY_TOKENS, RECIPE_VERSION, REFUSALS, TwinSettings
+from safetyneurons.twin.train import train_lora
 
 
 def _write_replies(directory: Path, base_rows: list[dict], twin_rows: list[dict]) -> None:

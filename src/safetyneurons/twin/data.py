@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .. import data
-from ..generate import end_of_turn_id, greedy_generate
-from ..judge import judge
-from ..records import check_records, first_by_hash, records_sha256
-from .cache import default_twin_data
-from .settings import DEFAULT_EVAL_PER_CLASS, REFUSALS, VAL_SALT, TwinSettings
+from safetyneurons.data import splits as data
+from safetyneurons.model.generate import end_of_turn_id, greedy_generate
+from safetyneurons.model.judge import judge
+from safetyneurons.data.records import check_records, first_by_hash, records_sha256
+from safetyneurons.model.twin_cache import default_twin_data
+from safetyneurons.model.twin_settings import DEFAULT_EVAL_PER_CLASS, REFUSALS, VAL_SALT, TwinSettings
 
 if TYPE_CHECKING:
-    from ..pair import LoadedModel
+    from safetyneurons.model.pair import LoadedModel
 
 
 def check_twin_records(records: Sequence[dict], what: str, need_both: bool = True) -> list[dict]:
@@ -75,7 +75,7 @@ def refusal_for(prompt: str) -> str:
 
 def generate_replies(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
                      progress: bool = True, desc: str = "generate", prefix: str = "") -> list[tuple[str, bool]]:
-    """Greedy replies (:func:`safetyneurons.generate.greedy_generate`) as ``(text, finished)`` per prompt.
+    """Greedy replies (:func:`safetyneurons.model.generate.greedy_generate`) as ``(text, finished)`` per prompt.
 
     With `prefix`, the reply is prefilled with it and the text includes it; ``finished`` is True when the
     model closed its turn before `max_new_tokens`.

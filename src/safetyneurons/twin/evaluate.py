@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from ..judge import REFUSAL_PHRASES, WINDOW, judge
-from .data import data_sha256, generate_replies
-from .settings import SAMPLES_PER_KIND, TwinSettings
+from safetyneurons.model.judge import REFUSAL_PHRASES, WINDOW, judge
+from safetyneurons.twin.data import data_sha256, generate_replies
+from safetyneurons.model.twin_settings import SAMPLES_PER_KIND, TwinSettings
 
 if TYPE_CHECKING:
-    from ..pair import LoadedModel
+    from safetyneurons.model.pair import LoadedModel
 
 
 def evaluate_refusals(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 40, batch_size: int = 16,

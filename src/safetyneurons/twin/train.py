@@ -11,17 +11,17 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from .._io import progress_bar
-from ..errors import UserError
-from ..generate import end_of_turn_id
-from ..hooks import decoder_layers
-from .data import collate, encode_example
-from .settings import TwinSettings
+from safetyneurons._io import progress_bar
+from safetyneurons.errors import UserError
+from safetyneurons.model.generate import end_of_turn_id
+from safetyneurons.model.hooks import decoder_layers
+from safetyneurons.twin.data import collate, encode_example
+from safetyneurons.model.twin_settings import TwinSettings
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
-    from ..pair import LoadedModel
+    from safetyneurons.model.pair import LoadedModel
 
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 

@@ -1,0 +1,1 @@
+"""Activations: what a probe reads (FeatureSpec), the one reader from text to pooled features, and the store."""

@@ -1,0 +1,1 @@
+"""Causal validation of the safety neurons by dynamic activation patching."""

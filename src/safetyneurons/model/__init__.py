@@ -1,0 +1,1 @@
+"""Models: loading a base/aligned pair, hook points, token positions, generation and the refusal judge."""

@@ -1,0 +1,1 @@
+"""The HTTP service: OpenAI moderation, LiteLLM guardrail and guarded chat completions, with admission control."""
