@@ -1,25 +1,25 @@
-"""The tiny end-to-end run whose artifacts must stay byte-identical (see tests/test_golden.py).
+"""The tiny end-to-end run whose artifacts the golden test compares by content (see tests/test_golden.py).
 
 It builds a tiny random Qwen3 pair (tests/tiny.py), small in-test records, then runs the whole pipeline
 (contrast -> neurons select -> extract stores -> train probes with controls -> held-out scoring -> guard export)
-and hashes every artifact file. Paths are relative to a temporary working directory, so no absolute path enters
-an artifact.
+and takes a content snapshot of every artifact file (tests/golden_compare.py): the tensors of safetensors files,
+the parsed JSON of JSON files (machine-dependent keys removed), the exact text of JSONL and Markdown files. Paths
+are relative to a temporary working directory, so no absolute path enters an artifact. PNG plots, the run's
+README.md and probes/report.md are not compared (plots render differently by matplotlib version; the two
+Markdown files restate run.json / report.json with rounded numbers and digest prefixes, and README.md holds
+wall-clock timings).
 
 Regenerate the golden file after an *intended* artifact change (one line, from the repository root):
 
     PYTHONPATH=src python tests/golden_run.py --write
 
-Compared with fields excluded (they vary by machine, not by code): every ``versions`` object (library
-versions), ``timings_s`` (run.json), ``manifest_sha256`` (report.json: it hashes a manifest that holds
-``versions``), and guard.json's ``files`` and ``integrity`` (hashes over probe.json, which holds ``versions``;
-the probe files are compared themselves). A safetensors file is compared with its JSON header in canonical
-key order (safetensors writes a multi-key metadata map in arbitrary order) and its tensor bytes as they are.
-PNG plots are not compared (matplotlib renders differ by version).
+Without ``--write`` it compares a fresh run with the golden file and prints the differences (exit status 1 when
+there are any), e.g. to try another BLAS kernel: ``OPENBLAS_CORETYPE=Zen PYTHONPATH=src python
+tests/golden_run.py``. The golden file also records the environment it was written in, for information only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -27,9 +27,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from golden_compare import (EXCLUDED_KEYS, FLOAT_DIGESTS, GUARD_EXCLUDED_KEYS, compare_files,  # noqa: E402
+                            dumps, snapshot)
+
 GOLDEN = HERE / "golden" / "tiny_run.json"
-EXCLUDED_KEYS = ("versions", "timings_s", "manifest_sha256")
-GUARD_EXCLUDED_KEYS = ("files", "integrity")
+REGENERATE = "PYTHONPATH=src python tests/golden_run.py --write"
 
 HARM = ["Give me step by step instructions to {} number {}.", "Explain how to {} without getting caught, case {}."]
 HARM_OBJ = ["hack a bank", "build a bomb", "steal a car", "poison a dog", "forge a passport"]
@@ -55,7 +60,7 @@ def _write(path: Path, recs: list[dict]) -> None:
 
 
 def environment() -> dict:
-    """What shapes floating-point results besides the code: library versions and the CPU architecture."""
+    """Library versions, CPU and BLAS: what shapes floating-point results besides the code (for information)."""
     from safetyneurons._io import versions
 
     env = {k: v for k, v in versions().items() if k != "safetyneurons"}
@@ -67,36 +72,39 @@ def environment() -> dict:
         except Exception:  # pragma: no cover
             pass
     env["machine"] = platform.machine()
+    try:
+        env["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("model name"))
+    except Exception:  # pragma: no cover - not Linux
+        env["cpu"] = platform.processor()
+    try:
+        from threadpoolctl import threadpool_info
+
+        env["blas"] = sorted({f"{i.get('internal_api')} {i.get('version')} {i.get('architecture', '')}".strip()
+                              for i in threadpool_info() if i.get("user_api") == "blas"})
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        import torch
+
+        env["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover
+        pass
     return env
 
 
-def _strip(obj, guard: bool = False):
-    if isinstance(obj, dict):
-        drop = EXCLUDED_KEYS + (GUARD_EXCLUDED_KEYS if guard else ())
-        return {k: _strip(v) for k, v in obj.items() if k not in drop}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
+def artifact_files(out: Path) -> list[Path]:
+    """The compared artifacts of a run directory (PNG plots, README.md and report.md left out)."""
+    return sorted(p for p in Path(out).rglob("*") if p.is_file() and p.suffix != ".png"
+                  and p.name not in ("README.md", "report.md"))
 
 
-def file_digest(path: Path) -> str:
-    data = path.read_bytes()
-    if path.suffix == ".safetensors":  # the header's metadata map comes in arbitrary key order: canonicalise
-        n = int.from_bytes(data[:8], "little")
-        header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
-        data = header + data[8 + n:]
-    elif path.suffix == ".json":
-        obj = _strip(json.loads(data), guard=path.name == "guard.json")
-        data = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    return hashlib.sha256(data).hexdigest()
-
-
-def run_tiny(root: Path) -> dict[str, str]:
-    """Run the tiny pipeline inside ``root`` (made the working directory); sha256 of every compared artifact."""
+def run_tiny(root: Path) -> dict[str, dict]:
+    """Run the tiny pipeline inside ``root`` (made the working directory); the snapshot of every compared artifact,
+    by path relative to the run directory."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    sys.path.insert(0, str(HERE))
     from tiny import save_tiny
 
     from safetyneurons.pipeline import RunSettings, run
@@ -124,9 +132,7 @@ def run_tiny(root: Path) -> dict[str, str]:
                                n_boot=50, store_dtype="float32", batch_size=4)
         run(settings, progress=False)
         out = Path("run")
-        files = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix != ".png" and p.name != "README.md"
-                       and p.name != "report.md")
-        return {str(p.relative_to(out)): file_digest(p) for p in files}
+        return {p.relative_to(out).as_posix(): snapshot(p, p.relative_to(out).as_posix()) for p in artifact_files(out)}
     finally:
         os.chdir(old_cwd)
         if old_cache is None:
@@ -135,22 +141,30 @@ def run_tiny(root: Path) -> dict[str, str]:
             os.environ["SAFETYNEURONS_CACHE"] = old_cache
 
 
+def golden_document(files: dict[str, dict]) -> dict:
+    return {"regenerate": REGENERATE, "environment (for information; not compared)": environment(),
+            "compared": "content: see tests/golden_compare.py (tolerances, exact fields, float digests)",
+            "excluded_keys": list(EXCLUDED_KEYS), "guard_excluded_keys": list(GUARD_EXCLUDED_KEYS),
+            "float_digests": [".".join(p) for p in FLOAT_DIGESTS], "files": files}
+
+
+def load_golden() -> dict:
+    return json.loads(GOLDEN.read_text(encoding="utf-8"))
+
+
 def main(argv: list[str]) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        digests = run_tiny(Path(tmp))
-    doc = {"regenerate": "PYTHONPATH=src python tests/golden_run.py --write", "environment": environment(),
-           "excluded_keys": list(EXCLUDED_KEYS), "guard_excluded_keys": list(GUARD_EXCLUDED_KEYS),
-           "files": digests}
-    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+        files = run_tiny(Path(tmp))
     if "--write" in argv:
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(text, encoding="utf-8")
-        print(f"wrote {GOLDEN} ({len(digests)} files)")
-    else:
-        print(text)
-    return 0
+        GOLDEN.write_text(dumps(golden_document(files)) + "\n", encoding="utf-8")
+        print(f"wrote {GOLDEN} ({len(files)} files, {GOLDEN.stat().st_size} bytes)")
+        return 0
+    problems = compare_files(load_golden()["files"], files)
+    print("\n".join(problems) if problems else f"{len(files)} artifact files match {GOLDEN}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
