@@ -80,13 +80,13 @@ def run_method(method: str, lm, records: list[dict], tmp: Path, args) -> None:
     import torch
 
     from safetyneurons.model.hooks import decoder_layers, hook_width, num_layers, position_ids_from_mask
-    from safetyneurons.activations.features import _token_lengths, pooled_features
+    from safetyneurons.activations.reader import pooled_features, token_counts
     from safetyneurons.activations.store import extract
 
     prompts = [r["prompt"] for r in records]
     n_layers, width = num_layers(lm.model), hook_width(lm.model, args.hook_point)
     if method == "bare":
-        lengths = _token_lengths(lm, prompts, args.max_length)
+        lengths = token_counts(lm, prompts, args.max_length)
         order = np.argsort(-lengths, kind="stable")
         body = lm.model.get_decoder()
         with torch.no_grad():

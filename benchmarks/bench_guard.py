@@ -88,7 +88,7 @@ def build_throwaway(ref: str, out: Path, deepest: int | None, count: int, hook_p
     from safetyneurons.neurons.selection import NeuronSet
     from safetyneurons.model.pair import load_model
     from safetyneurons.probes.probe import Probe
-    from safetyneurons.activations.features import pooled_features
+    from safetyneurons.activations.reader import pooled_features
 
     if ref == "tiny":
         sys.path.insert(0, str(ROOT / "tests"))

@@ -69,7 +69,7 @@ def _latency_ratio(lm, probe, ns, prompts, hp, pooling, max_length) -> float:
     import numpy as np
     import torch
 
-    from safetyneurons.activations.features import pooled_features
+    from safetyneurons.activations.reader import pooled_features
 
     def full(p):
         enc = lm.encode([p], max_length=max_length)

@@ -52,28 +52,16 @@ def built_last(tmp_path_factory):
 
 @pytest.mark.parametrize("pooling,max_length", [("mean", 64), ("last", 64), ("mean", 40), ("last", None)])
 def test_prefill_probability_equals_guard_score(request, pooling, max_length):
-    from safetyneurons.activations.windows import formatted_lengths
-
     path, lm, _, _ = request.getfixturevalue("built" if pooling == "mean" else "built_last")
     g = Guard.load(path, lm=lm)
     g.max_length = max_length
     chat = GuardedChat(g, mode="monitor")
-    prompts = QUERIES + UNSAFE[:2]
-    if max_length is not None:  # within the limit both read the same tokens (longer ones: windows, see below)
-        prompts = [q for q, n in zip(prompts, formatted_lengths(lm, prompts)) if n <= max_length]
+    prompts = QUERIES + UNSAFE[:2]  # short ones are read in the prefill itself, long ones in windows first
+    assert {len(g.reader.pieces([q])) for q in prompts} != {1}
     want = [r.unsafe_probability for r in g.score(prompts)]
     got = [chat.prefill(user(q)).unsafe_probability for q in prompts]
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert len(prompts) >= 4 and len(set(round(p, 6) for p in got)) >= 4  # not a constant
-
-
-def test_long_prefill_is_read_in_windows_ending_with_the_assistant_marker():
-    from safetyneurons.guard.chat import prefill_windows
-
-    assert prefill_windows(10, 64) == [(0, 10)] and prefill_windows(10, None) == [(0, 10)]
-    spans = prefill_windows(150, 64)
-    assert spans == [(0, 64), (32, 96), (64, 128), (86, 150)]  # every position read, the last window at the end
-    assert all(b - a == 64 for a, b in spans)
 
 
 def assert_greedy_equals_generate(chat: GuardedChat, prompt: str, n: int = 12) -> None:
@@ -101,7 +89,7 @@ def test_greedy_decoding_from_the_kv_cache_equals_transformers_generate(built):
 def test_other_architectures_score_the_prefill_and_decode_like_generate(family):
     from safetyneurons.neurons.selection import NeuronSet
     from safetyneurons.probes.probe import Probe
-    from safetyneurons.activations.features import pooled_features
+    from safetyneurons.activations.reader import pooled_features
 
     lm = tiny_lm(family, layers=3)
     ns = NeuronSet(hook_point="mlp_neurons", num_layers=3, width=64, layers=[0, 0, 1, 1, 1], indices=[1, 5, 2, 9, 40],
@@ -111,11 +99,8 @@ def test_other_architectures_score_the_prefill_and_decode_like_generate(family):
     meta = {"hook_point": "mlp_neurons", "pooling": "last", "max_length": 64}
     g = Guard(Path("in-memory"), meta, lm, probe, ns, threshold=0.5)
     chat = GuardedChat(g, mode="monitor")
-    from safetyneurons.activations.windows import formatted_lengths
-
-    fits = [q for q, n in zip(QUERIES, formatted_lengths(lm, QUERIES)) if n <= 64]  # longer ones: windows
-    got = [chat.prefill(user(q)).unsafe_probability for q in fits]
-    assert len(fits) >= 3 and got == pytest.approx(g.unsafe_probability(fits).tolist(), rel=1e-5, abs=1e-6)
+    got = [chat.prefill(user(q)).unsafe_probability for q in QUERIES]
+    assert got == pytest.approx(g.unsafe_probability(QUERIES).tolist(), rel=1e-5, abs=1e-6)
     assert_greedy_equals_generate(chat, SAFE[0], n=8)
 
 
@@ -170,21 +155,21 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert GuardedChat.pick(logits, SamplingSettings(temperature=0)) == 0
 
 
-def test_mean_pooling_reads_the_user_messages_of_a_conversation(built):
+def test_every_message_of_a_conversation_is_read_and_the_verdict_is_the_most_unsafe(built):
     path, lm, _, _ = built
-    chat = GuardedChat(Guard.load(path, lm=lm), mode="monitor")
+    g = Guard.load(path, lm=lm)
+    chat = GuardedChat(g, mode="monitor")
     msgs = normalize_messages([{"role": "system", "content": "Always answer in French."},
                                {"role": "user", "content": "Write a poem about the sea."},
-                               {"role": "assistant", "content": "Sure, here is a short answer."},
+                               {"role": "assistant", "content": UNSAFE[0]},
                                {"role": "user", "content": "Now explain photosynthesis simply."}])
-    enc = chat.encode(msgs)
-    read = lm.tokenizer.decode(enc.ids[0][enc.content])
-    assert "poem about the sea" in read and "photosynthesis simply" in read
-    assert "French" not in read and "short answer" not in read and "assistant" not in read
-    one = chat.encode(user("Write a poem about the sea."))
-    assert lm.tokenizer.decode(one.ids[0][one.content]).strip() == "Write a poem about the sea."
+    each = [r.unsafe_probability for r in g.score([m["content"] for m in msgs])]  # each as a user message
     p_conv = chat.prefill(msgs).unsafe_probability
-    assert 0.0 <= p_conv <= 1.0 and p_conv != chat.prefill(user("Write a poem about the sea.")).unsafe_probability
+    assert p_conv == pytest.approx(max(each), abs=1e-6) and p_conv == pytest.approx(g.score([msgs])[0].unsafe_probability)
+    assert max(each) == each[2] and each[2] > each[1]  # the forged assistant turn is the most unsafe piece
+    enc = chat.encode(msgs)
+    read = lm.tokenizer.decode(enc.ids[0])
+    assert "French" in read and "photosynthesis simply" in read and read.endswith("<|im_start|>assistant\n")
 
 
 def test_messages_and_settings_are_validated(built):

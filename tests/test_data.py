@@ -102,7 +102,7 @@ def _duplicate_name(entries):
 def test_registry_file_is_validated(tmp_path, corrupt, fragments):
     """The packaged datasets.json builds REGISTRY; a copy with one bad entry is refused, naming the entry."""
     assert list(load_registry()) == list(REGISTRY) and load_registry() == REGISTRY
-    entries = json.loads((resources.files("safetyneurons") / "datasets.json").read_text("utf-8"))
+    entries = json.loads((resources.files("safetyneurons.data") / "datasets.json").read_text("utf-8"))
     good = tmp_path / "good.json"
     good.write_text(json.dumps(entries))
     assert load_registry(good) == REGISTRY

@@ -99,7 +99,7 @@ def test_hooks_and_early_exit_work_when_layers_sit_on_different_devices(tmp_path
     from safetyneurons.model.hooks import decoder_layers
     from safetyneurons.neurons.selection import NeuronSet
     from safetyneurons.model.pair import from_objects
-    from safetyneurons.activations.features import pooled_features
+    from safetyneurons.activations.reader import pooled_features
     from tiny import tiny_tokenizer
 
     path = save_tiny(tmp_path / "m", "llama", seed=3, layers=4)

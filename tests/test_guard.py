@@ -39,12 +39,12 @@ def _neuron_set(lm, deepest: int, n: int = 12, seed: int = 0) -> NeuronSet:
 
 
 def build_guard(root: Path, classifier: str = "logreg", deepest: int = 1, neuron_set: bool = True,
-                pooling: str = "mean", seed: int = 0):
+                pooling: str = "mean", seed: int = 0, max_length: int = 64):
     """Tiny llama saved to disk (so it has a real weights fingerprint), a neuron set in layers <= deepest,
     a probe fitted on its pooled activations of 16 labelled prompts, exported as a guard.
     Returns (guard_dir, lm, neuron_set, probe)."""
     from safetyneurons.model.pair import load_model
-    from safetyneurons.activations.features import pooled_features
+    from safetyneurons.activations.reader import pooled_features
 
     root = Path(root)
     model_dir = root / "model"
@@ -53,12 +53,12 @@ def build_guard(root: Path, classifier: str = "logreg", deepest: int = 1, neuron
     lm = load_model(str(model_dir))
     ns = _neuron_set(lm, deepest, seed=seed) if neuron_set else None
     prompts, y = UNSAFE + SAFE, np.array([1] * len(UNSAFE) + [0] * len(SAFE))
-    X = pooled_features(lm, prompts, HOOK, pooling=pooling, neuron_set=ns, max_length=64)
+    X = pooled_features(lm, prompts, HOOK, pooling=pooling, neuron_set=ns, max_length=max_length)
     probe = Probe(classifier, cv=3, seed=0).fit(X, y)
-    out = root / f"guard-{classifier}-{deepest}-{int(neuron_set)}-{pooling}"
+    out = root / f"guard-{classifier}-{deepest}-{int(neuron_set)}-{pooling}-{max_length}"
     export_guard(out, lm_ref=str(model_dir), lm_fingerprint=lm.fingerprint, lm_tokenizer_fingerprint=lm.tokenizer_fingerprint,
                  neuron_set=ns, probe=probe,
-                 hook_point=HOOK, pooling=pooling, max_length=64, feature_set="safety" if neuron_set else "all",
+                 hook_point=HOOK, pooling=pooling, max_length=max_length, feature_set="safety" if neuron_set else "all",
                  metrics={"auroc": 0.75, "f1": float("nan")},
                  data={"train": {"records_sha256": "ab" * 32}, "test": {"records_sha256": "cd" * 32}})
     return out, lm, ns, probe
@@ -129,7 +129,7 @@ def test_export_writes_self_describing_guard_without_pickle(built):
 
 def test_round_trip_load_scores_identically_with_given_or_reloaded_model(built):
     path, lm, ns, probe = built
-    from safetyneurons.activations.features import pooled_features
+    from safetyneurons.activations.reader import pooled_features
 
     direct = probe.unsafe_probability(pooled_features(lm, QUERIES, HOOK, neuron_set=ns, max_length=64))
     g1 = Guard.load(path, lm=lm)
@@ -139,9 +139,7 @@ def test_round_trip_load_scores_identically_with_given_or_reloaded_model(built):
     assert all(isinstance(r, GuardResult) for r in r1)
     p1 = np.array([r.unsafe_probability for r in r1])
     np.testing.assert_array_equal(p1, np.array([r.unsafe_probability for r in r2]))
-    from safetyneurons.activations.windows import formatted_lengths
-
-    fits = formatted_lengths(lm, QUERIES) <= 64  # longer prompts are read in windows (test_hardening.py)
+    fits = np.array([len(g1.reader.pieces([q])) == 1 for q in QUERIES])  # longer ones: windows too (test_reader.py)
     assert fits.sum() >= 3
     np.testing.assert_allclose(p1[fits], direct[fits], rtol=0, atol=1e-12)
     assert [r.flagged for r in r1] == [bool(v >= probe.threshold) for v in p1]
@@ -194,26 +192,21 @@ def test_early_exit_scores_equal_full_pass_scores_and_skip_later_layers(built):
 
 
 def test_svm_last_token_guard_and_all_neuron_guard(tmp_path, cache):
-    from safetyneurons.activations.features import pooled_features
-
-    from safetyneurons.activations.windows import max_per_prompt, split_windows
+    from safetyneurons.activations.reader import max_per_input, pooled_features
 
     path, lm, ns, probe = build_guard(tmp_path, classifier="svm", deepest=2, pooling="last")
     g = Guard.load(path, lm=lm)
 
-    texts, owner = split_windows(lm, QUERIES, 64)  # the last query is longer than 64 tokens: read in windows
-    assert len(texts) > len(QUERIES) and owner.tolist()[:3] == [0, 1, 2]
-    X = pooled_features(lm, texts, HOOK, pooling="last", neuron_set=ns, max_length=64)
-    want = max_per_prompt(probe.unsafe_probability(X), owner, len(QUERIES))
+    X, owner = g.reader.read(QUERIES)  # the last query is longer than 64 tokens: read in windows
+    assert len(X) > len(QUERIES) and owner.tolist()[:3] == [0, 1, 2]
+    want = max_per_input(probe.unsafe_probability(X), owner, len(QUERIES))
     np.testing.assert_allclose([r.unsafe_probability for r in g.score(QUERIES)], want, atol=1e-12)
     assert g.layers_run == 3 and g.metadata()["classifier"] == "svm"
     # no neuron set: the probe reads every neuron (all / pca feature sets); the whole stack runs
     path2, lm2, _, probe2 = build_guard(tmp_path, neuron_set=False)
     g2 = Guard.load(path2, lm=lm2)
     assert g2.neuron_set is None and g2.layers_run == NUM_LAYERS and g2.meta["n_features"] == NUM_LAYERS * MLP
-    from safetyneurons.activations.windows import formatted_lengths
-
-    fits = formatted_lengths(lm2, QUERIES) <= 64  # longer prompts are read in windows (checked above)
+    fits = np.array([len(g2.reader.pieces([q])) == 1 for q in QUERIES])  # longer ones: windows too
     X2 = pooled_features(lm2, QUERIES, HOOK, max_length=64)
     got = np.array([r.unsafe_probability for r in g2.score(QUERIES)])
     np.testing.assert_allclose(got[fits], probe2.unsafe_probability(X2)[fits], atol=1e-12)
@@ -376,7 +369,7 @@ def test_cli_bad_inputs_exit_2_with_a_clear_message(built, tmp_path, cache, case
 def test_guard_on_the_default_model_exits_early_and_matches_a_full_pass(tmp_path):
     """Real SmolLM2-135M: a guard whose deepest safety neuron is in layer 9 runs 10 of 30 layers."""
     from safetyneurons.model.pair import DEFAULT_BASE, load_model
-    from safetyneurons.activations.features import pooled_features
+    from safetyneurons.activations.reader import pooled_features
 
     lm = load_model(DEFAULT_BASE)
     rng = np.random.default_rng(0)

@@ -100,7 +100,7 @@ def test_moderation_categories_keep_unsafe_as_the_overall_flag():
 
 @pytest.fixture(scope="module")
 def guard_with_heads(tmp_path_factory):
-    from safetyneurons.activations.features import pooled_features
+    from safetyneurons.activations.reader import pooled_features
 
     root = tmp_path_factory.mktemp("gq")
     with pytest.MonkeyPatch.context() as mp:

@@ -68,7 +68,7 @@ def build_planted_guard(root: Path, max_length: int = 64):
     from safetyneurons.neurons.selection import NeuronSet
     from safetyneurons.model.pair import load_model
     from safetyneurons.probes.probe import Probe
-    from safetyneurons.activations.features import pooled_features
+    from safetyneurons.activations.reader import pooled_features
 
     tok = tiny_tokenizer()
     ids = lambda text: set(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -102,25 +102,24 @@ def planted(tmp_path_factory, cache):
 # ---------------------------------------------------------------------------------- padding bypass
 def test_padded_harmful_request_is_still_flagged_on_a_planted_guard(planted):
     """Regression for the padding bypass: ~2,400 characters of benign text before the request."""
-    from safetyneurons.activations.features import pooled_features
-    from safetyneurons.activations.windows import formatted_lengths, head_that_fits, split_windows
+    from safetyneurons.activations.reader import pooled_features
 
     g = planted
     padded = PADDING + HARMFUL
-    assert len(PADDING) >= 2250 and formatted_lengths(g.lm, [padded])[0] > 4 * g.max_length
+    assert len(PADDING) >= 2250 and len(g.lm.template.encode_prompts([padded])[0]) > 4 * g.max_length
     alone, pad_only, attack = g.score([HARMFUL, PADDING, padded])
     assert alone.flagged and not pad_only.flagged
     assert attack.flagged and attack.unsafe_probability > 0.99
-    # the oracle can fail: reading only the head that fits (the old truncation) misses the request
-    head = head_that_fits(g.lm, padded, g.max_length)
-    p_head = g.probe.unsafe_probability(pooled_features(g.lm, [head], HOOK, neuron_set=g.neuron_set,
-                                                   max_length=g.max_length))
-    assert HARMFUL not in head and p_head[0] < g.threshold
-    # every window the model reads fits the limit and ends with the assistant marker
-    texts, owner = split_windows(g.lm, [padded], g.max_length)
-    assert len(texts) > 4 and (owner == 0).all() and max(formatted_lengths(g.lm, texts)) <= g.max_length
-    assert all(g.lm.format(t).endswith("<|im_start|>assistant\n") for t in texts)
-    assert texts[-1].endswith(HARMFUL)  # the end of the prompt is read, not cut off
+    # the oracle can fail: reading only the head that fits (truncation, as a store does) misses the request
+    p_head = g.probe.unsafe_probability(pooled_features(g.lm, [padded], HOOK, neuron_set=g.neuron_set,
+                                                        max_length=g.max_length))
+    assert p_head[0] < g.threshold
+    # every piece the model reads fits the limit and ends with the assistant marker; the end is read
+    pieces = g.reader.pieces([padded])
+    marker = g.lm.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 4 and max(len(p.ids) for p in pieces) <= g.max_length
+    assert all(p.ids[-len(marker):] == marker for p in pieces)
+    assert g.lm.tokenizer.decode(pieces[-1].ids[pieces[-1].start:pieces[-1].end]).endswith(HARMFUL)
 
 
 def _default_guard_path() -> Path | None:
@@ -265,7 +264,8 @@ def test_work_of_a_disconnected_client_is_not_scored(served):
             time.sleep(0.3)
             with socket.create_connection(served.sock.getsockname()) as gone:
                 body = json.dumps({"input": "client went away"}).encode()
-                gone.sendall(b"POST /v1/moderations HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                gone.sendall(b"POST /v1/moderations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s"
                              % (len(body), body))
                 time.sleep(0.3)
             time.sleep(0.3)  # the server notices the disconnect

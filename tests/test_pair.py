@@ -257,10 +257,8 @@ def test_hook_errors():
 
 def test_encode_truncates_and_pads_both_sides():
     lm = tiny_lm("llama", 0)
-    from safetyneurons.activations.windows import template_overhead
-
     full = lm.encode(PROMPTS)
-    limit = template_overhead(lm) + 12
+    limit = lm.template.overhead() + 12
     assert int(full["attention_mask"].sum(1).max()) > limit
     cut = lm.encode(PROMPTS, max_length=limit)
     assert cut["input_ids"].shape[1] <= limit

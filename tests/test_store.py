@@ -16,7 +16,7 @@ from safetyneurons.activations import store as store_mod
 from safetyneurons.errors import UserError
 from safetyneurons.model.hooks import capture
 from safetyneurons.neurons.selection import NeuronSet
-from safetyneurons.activations.features import pooled_features
+from safetyneurons.activations.reader import pooled_features
 from safetyneurons.activations.store import Store, extract
 from tiny import save_tiny, tiny_lm
 
@@ -183,17 +183,17 @@ def test_resume_after_a_crash_skips_finished_shards_and_is_byte_identical(lm, tm
     reference = _files(tmp_path / "ref")
     assert sorted(reference) == ["manifest.json", "records.jsonl"] + [f"shard-0000{i}.safetensors" for i in range(4)]
 
-    real = store_mod.pooled_batches
+    real = store_mod.ActivationReader.batches
     calls = []
     crash = {"at": 3}
 
-    def crash_after_two_shards(lm_, prompts, *a, **k):
-        calls.append(len(prompts))
+    def crash_after_two_shards(self, pieces, *a, **k):
+        calls.append(len(pieces))
         if len(calls) == crash["at"]:
             raise RuntimeError("simulated crash")
-        return real(lm_, prompts, *a, **k)
+        return real(self, pieces, *a, **k)
 
-    monkeypatch.setattr(store_mod, "pooled_batches", crash_after_two_shards)
+    monkeypatch.setattr(store_mod.ActivationReader, "batches", crash_after_two_shards)
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract(lm, recs, tmp_path / "run", **kw)
     assert not (tmp_path / "run" / "manifest.json").exists()

@@ -27,7 +27,7 @@ _EXPORTS: dict[str, str] = {
     "TwinSettings": "twin", "build_twin": "twin", "ensure_default_twin": "twin",
     "ChangeScores": "neurons.contrast",
     "NeuronSet": "neurons.selection", "select": "neurons.selection",
-    "FeatureSpec": "activations.features", "pooled_features": "activations.features", "probe_features": "activations.features",
+    "FeatureSpec": "activations.features", "pooled_features": "activations.reader", "probe_features": "probes.probe",
     "Store": "activations.store", "extract": "activations.store",
     "Probe": "probes.probe", "TextProbe": "probes.probe", "load_probe": "probes.probe", "evaluate_probe": "probes.probe",
     "CompareResult": "probes.compare", "compare_feature_sets": "probes.compare", "score_store": "probes.compare",
@@ -59,7 +59,9 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names (noqa: the
     from safetyneurons.probes.compare import CompareResult, compare_feature_sets, score_store  # noqa: F401
     from safetyneurons.neurons.contrast import ChangeScores  # noqa: F401
     from safetyneurons.data.splits import build_splits, default_splits_dir, read_prompts, read_records  # noqa: F401
-    from safetyneurons.activations.features import FeatureSpec, pooled_features, probe_features  # noqa: F401
+    from safetyneurons.activations.features import FeatureSpec  # noqa: F401
+    from safetyneurons.activations.reader import pooled_features  # noqa: F401
+    from safetyneurons.probes.probe import probe_features  # noqa: F401
     from safetyneurons.model.generate import Generation, greedy_generate  # noqa: F401
     from safetyneurons.guard.guard import Guard, GuardResult, export_guard, export_run_guard  # noqa: F401
     from safetyneurons.neurons.selection import NeuronSet, select  # noqa: F401

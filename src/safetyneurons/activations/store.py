@@ -37,9 +37,9 @@ from safetyneurons._io import (atomic_write_bytes, atomic_write_json, atomic_wri
                   read_json, sha256_bytes, sha256_file, sha256_json, versions)
 from safetyneurons.constants import STORE_DTYPES
 from safetyneurons.errors import UserError
-from safetyneurons.activations.features import (FeatureSpec, assemble, check_pooling, check_run_args, plan_layers, pooled_batches,
-                       token_counts)
-from safetyneurons.model.hooks import check_hook_point
+from safetyneurons.activations.features import FeatureSpec
+from safetyneurons.activations.reader import ActivationReader, Piece, assemble
+from safetyneurons.checks import check_positive_int
 from safetyneurons.neurons.selection import NeuronSet, check_neuron_set_matches, neuron_set_key
 from safetyneurons.data.records import check_records, jsonl, store_rows
 from safetyneurons.activations.writer import ShardWriter
@@ -48,7 +48,7 @@ from safetyneurons.activations.store_checks import check_rows, read_resume_state
 if TYPE_CHECKING:
     from safetyneurons.model.pair import LoadedModel
 
-STORE_FORMAT = "safetyneurons.activations.store/2"  # 2: mean pooling over the content tokens only
+STORE_FORMAT = "safetyneurons.store/2"  # 2: mean pooling over the content tokens only
 PROGRESS_FILE = ".extract-progress.json"
 SHARD_PREFIX = "shard-"
 
@@ -147,6 +147,38 @@ class Store:
         """Features of ``neuron_set``'s neurons: float32 [n, len(neuron_set)]."""
         return np.ascontiguousarray(self.features[:, self.columns_for(neuron_set)])
 
+    def check_spec(self, spec: FeatureSpec) -> None:
+        """The store must have been extracted the way ``spec`` reads (hook point, pooling, max length, model
+        weights); UserError otherwise."""
+        differ = [(k, self.manifest.get(k), getattr(spec, k)) for k in ("hook_point", "pooling", "max_length")
+                  if self.manifest.get(k) != getattr(spec, k)]
+        if differ:
+            key, have, want = differ[0]
+            raise UserError(f"Store {self.path} has {key} {have!r} but the probe was trained with {want!r}. "
+                            f"Extract the data with the probe's settings, or pass a labelled file instead of a store.")
+        if spec.fingerprint and self.fingerprint and spec.fingerprint != self.fingerprint:
+            raise UserError(f"Store {self.path} comes from model {self.fingerprint[:12]}... but the probe was "
+                            f"trained on {spec.fingerprint[:12]}.... Extract the data with the probe's model.")
+
+    def read(self, spec: FeatureSpec) -> np.ndarray:
+        """The columns ``spec`` reads, from a store extracted the same way (:meth:`check_spec`)."""
+        self.check_spec(spec)
+        if spec.neuron_set is not None:
+            return self.select(spec.neuron_set)
+        if self.layout != "all":
+            raise UserError(f"The probe reads all neurons but store {self.path} holds only a neuron set's. "
+                            f"Extract without --neurons.")
+        return self.features
+
+    def length_features(self) -> np.ndarray:
+        """The length baseline's only feature: each prompt's token count, as float64 [n, 1]."""
+        counts = self.manifest.get("n_tokens")
+        if counts is None or len(counts) != len(self):
+            raise UserError(f"Store {self.path} has no token counts (extracted by an older version). Re-run the "
+                            f"same `safetyneurons extract` into it (finished shards are reused), or drop `length` "
+                            f"from --feature-sets.")
+        return np.asarray(counts, dtype=np.float64).reshape(-1, 1)
+
     # -- io
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> "Store":
@@ -164,7 +196,7 @@ class Store:
                     if (path / PROGRESS_FILE).exists() else "")
             raise UserError(f"{path} is not an activation store (no manifest.json).{hint}")
         manifest = read_json(mpath)
-        if isinstance(manifest, dict) and manifest.get("format") == "safetyneurons.activations.store/1":
+        if isinstance(manifest, dict) and manifest.get("format") == "safetyneurons.store/1":
             raise UserError(f"{mpath}: an activation store of format 1, whose mean pooling also counted chat-template "
                             f"tokens; this version pools the user's message only. Re-run `safetyneurons extract`.")
         if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
@@ -266,116 +298,124 @@ def _prepare_out(out: Path, plan_hash: str, records_text: str, data_hash: str) -
     return done
 
 
+@dataclass(frozen=True)
+class _Extraction:
+    """One extraction's inputs, shared by every rank's writing loop."""
+
+    out: Path
+    reader: ActivationReader
+    pieces: list[Piece]
+    labels: np.ndarray
+    records_text: str
+    data_hash: str
+    plan_hash: str
+    bounds: list[tuple[int, int]]
+    manifest: dict
+    dtype: str
+    progress: bool
+    writer_thread: bool
+
+
 def extract(lm: LoadedModel, records: Sequence[dict], out_dir: str | os.PathLike, hook_point: str = "mlp_out",
             pooling: str = "mean", neuron_set: NeuronSet | None = None, shard_size: int = 256,
             dtype: str = "float16", batch_size: int = 16, max_length: int | None = 256, progress: bool = True,
             data_info: dict | None = None, writer_thread: bool = True) -> Store:
     """Extract pooled activations of ``lm`` over labelled ``records`` into a store at ``out_dir``.
 
-    Resumable: rerunning with the same model, records and settings skips shards already written (each
-    verified by its sha256) and yields a byte-identical store. Different settings start the store over.
-    ``data_info`` (e.g. the split's path and file hash) is recorded in the manifest. Shards are cast, hashed
+    Features are read by the activation reader (:class:`~safetyneurons.activations.reader.ActivationReader`),
+    one vector per prompt. Resumable: rerunning with the same model, records and settings skips shards already
+    written (each verified by its sha256) and yields a byte-identical store. Different settings start the store
+    over. ``data_info`` (e.g. the split's path and file hash) is recorded in the manifest. Shards are cast, hashed
     and written on a background thread (``writer_thread=False``: in the caller; the bytes are the same).
     """
-    check_hook_point(hook_point)
-    check_pooling(pooling)
-    check_run_args(batch_size, max_length)
     if dtype not in STORE_DTYPES:
         raise UserError(f"Unknown store dtype {dtype!r}. Choose one of: {', '.join(STORE_DTYPES)}.")
-    if int(shard_size) < 1:
-        raise UserError(f"shard size must be >= 1 (got {shard_size}).")
-    shard_size, batch_size = int(shard_size), int(batch_size)
+    shard_size = check_positive_int(shard_size, "shard size")
     records = check_records(records)
     out = Path(out_dir)
     check_store_out(out)
-    layer_plan = plan_layers(lm, hook_point, neuron_set)
-    d = layer_plan.d
+    spec = FeatureSpec(hook_point, pooling, max_length, neuron_set, model=lm.describe())
+    reader = ActivationReader(lm, spec, batch_size=batch_size)
+    pieces = reader.pieces([r["prompt"] for r in records])  # one per prompt: each tokenised once, here
+    job = _plan_extraction(out, reader, pieces, records, shard_size, dtype, data_info, progress, writer_thread)
+    rank = distributed.world()[0]
+    if rank == 0:  # rank 0 (the only rank outside torchrun) holds the writer lock: one extraction at a time
+        out.mkdir(parents=True, exist_ok=True)
+        with writer_lock(out):
+            return _write_store(job, rank)
+    return _write_store(job, rank)
 
+
+def _plan_extraction(out: Path, reader: ActivationReader, pieces: list[Piece], records: list[dict], shard_size: int,
+                     dtype: str, data_info: dict | None, progress: bool, writer_thread: bool) -> _Extraction:
+    spec, plan = reader.spec, reader.plan
     n = len(records)
-    prompts = [r["prompt"] for r in records]
     labels = np.array([int(r["label"]) for r in records], dtype=np.int64)
     records_text = jsonl(store_rows(records))  # records_sha256(records, form="store")
     data_hash = sha256_bytes(records_text.encode("utf-8"))
-    settings = {"hook_point": hook_point, "pooling": pooling, "dtype": dtype, "shard_size": shard_size,
-                "batch_size": batch_size, "max_length": max_length}
-    spec = FeatureSpec(hook_point, pooling, max_length, neuron_set, model=lm.describe())
+    settings = {"hook_point": spec.hook_point, "pooling": spec.pooling, "dtype": dtype, "shard_size": shard_size,
+                "batch_size": reader.batch_size, "max_length": spec.max_length}
     model = spec.model
-    plan = {"format": STORE_FORMAT, "settings": settings, "records_sha256": data_hash,
-            "model_sha256": model.get("sha256", ""), "model_ref": model.get("ref"),
-            "neurons_sha256": neuron_set_key(neuron_set) if neuron_set is not None else None,
-            "n": n, "d": d}
-    plan_hash = sha256_json(plan)
-    bounds = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
-
+    key = {"format": STORE_FORMAT, "settings": settings, "records_sha256": data_hash,
+           "model_sha256": model.get("sha256", ""), "model_ref": model.get("ref"),
+           "neurons_sha256": neuron_set_key(spec.neuron_set) if spec.neuron_set is not None else None,
+           "n": n, "d": plan.d}
+    plan_hash = sha256_json(key)
     manifest = {
-        "format": STORE_FORMAT,
-        "n": n, "d": d,
-        "layout": "all" if neuron_set is None else "neuron_set",
-        "num_layers": layer_plan.num_layers, "width": layer_plan.width,
+        "format": STORE_FORMAT, "n": n, "d": plan.d,
+        "layout": "all" if spec.neuron_set is None else "neuron_set",
+        "num_layers": plan.num_layers, "width": plan.width,
         **settings,
         **spec.fields(),
-        "neurons_sha256": plan["neurons_sha256"],
+        "neurons_sha256": key["neurons_sha256"],
         "data": {**(data_info or {}), "n": n, "n_unsafe": int(labels.sum()), "n_safe": int(n - labels.sum())},
         "records_sha256": data_hash,
         "ids": [str(r["id"]) for r in records],
-        "n_tokens": token_counts(lm, prompts, max_length).tolist(),
+        "n_tokens": [len(p.ids) for p in pieces],
         "labels": labels.tolist(),
         "plan_sha256": plan_hash,
         "versions": versions(),
         "shards": [],
     }
-
-    rank = distributed.world()[0]
-    if rank == 0:  # rank 0 (the only rank outside torchrun) holds the writer lock: one extraction at a time
-        out.mkdir(parents=True, exist_ok=True)
-        with writer_lock(out):
-            return _write_store(lm, out, rank, prompts, labels, records_text, data_hash, plan_hash, bounds, manifest,
-                                layer_plan, d, hook_point, pooling, dtype, batch_size, max_length, progress,
-                                writer_thread)
-    return _write_store(lm, out, rank, prompts, labels, records_text, data_hash, plan_hash, bounds, manifest,
-                        layer_plan, d, hook_point, pooling, dtype, batch_size, max_length, progress, writer_thread)
+    bounds = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+    return _Extraction(out, reader, pieces, labels, records_text, data_hash, plan_hash, bounds, manifest, dtype,
+                       progress, writer_thread)
 
 
-def _write_store(lm, out: Path, rank: int, prompts, labels, records_text, data_hash, plan_hash, bounds, manifest,
-                 layer_plan, d, hook_point, pooling, dtype, batch_size, max_length, progress, writer_thread):
+def _write_store(job: _Extraction, rank: int) -> Store:
+    out, bounds, d = job.out, job.bounds, job.reader.plan.d
     # rank 0 prepares the directory; every rank learns what is done
-    done = _prepare_out(out, plan_hash, records_text, data_hash) if rank == 0 else {}
+    done = _prepare_out(out, job.plan_hash, job.records_text, job.data_hash) if rank == 0 else {}
     done = {int(i): h for i, h in distributed.broadcast(sorted(done.items()))}
 
     def save_progress():  # rank 0 only: ranks > 0 redo their shards after a crash
-        if rank != 0:
-            return
-        atomic_write_json(out / PROGRESS_FILE, {
-            "plan_sha256": plan_hash,
-            "shards": [{"index": i, "file": _shard_name(i), "sha256": done[i]} for i in sorted(done)]})
+        if rank == 0:
+            atomic_write_json(out / PROGRESS_FILE, {
+                "plan_sha256": job.plan_hash,
+                "shards": [{"index": i, "file": _shard_name(i), "sha256": done[i]} for i in sorted(done)]})
 
     save_progress()
     todo = distributed.share([i for i in range(len(bounds)) if i not in done])  # under torchrun: this rank's
     skipped = sum(bounds[i][1] - bounds[i][0] for i in done)
     bar = progress_bar(skipped + sum(bounds[i][1] - bounds[i][0] for i in todo), "extract", "prompt",
-                       progress and rank == 0, initial=skipped, smoothing=0.1)
-    if progress and done and rank == 0:
+                       job.progress and rank == 0, initial=skipped, smoothing=0.1)
+    if job.progress and done and rank == 0:
         print(f"Resuming: {len(done)} of {len(bounds)} shards already done and verified.", file=sys.stderr)
+
     def write_shard(i: int, batches) -> None:  # runs on the writer thread
         s, e = bounds[i]
-        feats = assemble(batches, e - s, d)
-        if not np.isfinite(feats).all():
-            raise UserError("The model produced NaN/inf activations; run it in float32 (--model-dtype float32).")
-        if dtype == "float16" and np.abs(feats).max() > np.finfo(np.float16).max:
-            raise UserError(f"Activations up to {np.abs(feats).max():.3g} overflow float16 storage; "
-                            f"rerun with --dtype float32.")
-        data = _shard_bytes(feats, labels[s:e], np.arange(s, e), dtype, plan_hash, i)
+        data = _shard_bytes(_checked(assemble(batches, e - s, d), job.dtype), job.labels[s:e], np.arange(s, e),
+                            job.dtype, job.plan_hash, i)
         atomic_write_bytes(out / _shard_name(i), data)
         done[i] = sha256_bytes(data)
         save_progress()
 
     try:
         # the forward passes run here; cast, hash and write happen on the writer thread
-        with ShardWriter(max_pending=2, threaded=writer_thread) as writer:
+        with ShardWriter(max_pending=2, threaded=job.writer_thread) as writer:
             for i in todo:
                 s, e = bounds[i]
-                batches = pooled_batches(lm, prompts[s:e], hook_point, pooling, layer_plan, batch_size, max_length,
-                                         bar)
+                batches = job.reader.batches(job.pieces[s:e], bar)
                 writer.submit(lambda i=i, batches=batches: write_shard(i, batches))
     finally:
         bar.close()
@@ -383,9 +423,18 @@ def _write_store(lm, out: Path, rank: int, prompts, labels, records_text, data_h
     for part in distributed.gather(sorted(done.items())):  # every rank's shards (no-op outside torchrun)
         done.update({int(i): h for i, h in part})
     if rank == 0:
-        _finish_store(out, manifest, bounds, done)
+        _finish_store(out, job.manifest, bounds, done)
     distributed.barrier()
     return Store.load(out)
+
+
+def _checked(feats: np.ndarray, dtype: str) -> np.ndarray:
+    if not np.isfinite(feats).all():
+        raise UserError("The model produced NaN/inf activations; run it in float32 (--model-dtype float32).")
+    if dtype == "float16" and np.abs(feats).max() > np.finfo(np.float16).max:
+        raise UserError(f"Activations up to {np.abs(feats).max():.3g} overflow float16 storage; "
+                        f"rerun with --dtype float32.")
+    return feats
 
 
 def _finish_store(out: Path, manifest: dict, bounds, done: dict[int, str]) -> None:

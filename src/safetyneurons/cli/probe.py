@@ -13,7 +13,7 @@ from safetyneurons.constants import (CLASSIFIERS, DEVICES, FEATURE_SETS, GUARD_F
                          STORE_DTYPES)
 from safetyneurons.data.splits import read_records
 from safetyneurons.errors import UserError
-from safetyneurons.activations.features import probe_features
+from safetyneurons.probes.probe import probe_features
 from safetyneurons.guard.guard import export_run_guard
 from safetyneurons.neurons.selection import NeuronSet
 from safetyneurons.probes.overrefusal import calibrate_runs

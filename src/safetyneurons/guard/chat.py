@@ -2,15 +2,15 @@
 
 The paper's safeguard sits inside the model that answers. :class:`GuardedChat` serves a guard's own model:
 
-1. **Prefill once.** The conversation is formatted with the chat template and run through the whole model
-   with a KV cache. Hooks (:func:`safetyneurons.model.hooks.attached_hooks`) at the guard's hook point pool the
-   safety neurons exactly as :meth:`Guard.features <safetyneurons.guard.guard.Guard.features>` does (the mean
-   over the content tokens, i.e. the user's message (:mod:`safetyneurons.model.positions`), or the last token),
-   and when the deepest safety-neuron layer has run, the guard's probe scores them. There is no second
-   forward pass. A conversation longer than the guard's ``max_length`` is never cut to its head: the guard
-   reads overlapping windows of ``max_length`` positions (stride half of it, the last one ending with the
-   assistant marker) and keeps the highest probability, so padding cannot push a request out of sight
-   (:mod:`safetyneurons.activations.windows` does the same for ``Guard.score``, by re-reading text windows).
+1. **The guard reads the conversation** through the activation reader (:mod:`safetyneurons.activations.reader`),
+   exactly as :meth:`Guard.score <safetyneurons.guard.guard.Guard.score>` and every HTTP route read it: every
+   message, whatever its role, normalised, template markers in its text read as plain text, long messages also
+   in windows; the verdict is the most unsafe piece. When the whole conversation is one piece (one user message
+   that the guard reads whole), that piece is the prefill itself: hooks
+   (:func:`safetyneurons.model.hooks.attached_hooks`) pool the safety neurons during the model's own forward
+   pass and the probe scores them when the deepest safety-neuron layer has run, with no second pass. Otherwise
+   the reader scores the pieces first (its passes stop after the deepest safety neuron) and the prefill follows
+   only if the conversation is not blocked.
 2. **If flagged** (probability >= threshold), the prefill stops right there: later layers, the LM head and
    every decoding step are skipped, and the reply is the refusal message with finish reason
    ``content_filter``.
@@ -21,15 +21,14 @@ The paper's safeguard sits inside the model that answers. :class:`GuardedChat` s
 Guard modes: ``block`` (the above), ``monitor`` (score and report, never block: a shadow deployment) and
 ``off`` (no hooks, no probe: the unguarded baseline of the overhead benchmark).
 
-For one user message within the token limit the guard's probability equals ``Guard.score`` on that
-message (same template, same tokens, same content mask); for a conversation it reads the whole formatted
-conversation, which is what the model is about to answer, and mean pooling runs over the tokens of every
-user message.
+The model reads the same normalised messages the guard reads, formatted by the same
+:class:`~safetyneurons.model.positions.ChatTemplate`, so a control-token string inside a message never becomes a
+control token for the model either.
 """
 
 from __future__ import annotations
 
-import inspect
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -39,27 +38,17 @@ import torch
 
 from safetyneurons.constants import GUARD_MODES
 from safetyneurons.errors import UserError
-from safetyneurons.model.hooks import attached_hooks
-from safetyneurons.activations.features import plan_layers
+from safetyneurons.checks import normalise_text
 from safetyneurons.model.generate import stop_token_ids
-from safetyneurons.model.positions import content_mask, message_span, template_affixes
+from safetyneurons.model.hooks import EarlyExit, attached_hooks, cache_argument, kv_cache
 
 if TYPE_CHECKING:
     from safetyneurons.guard.guard import Guard
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_ROLE_AS = {"developer": "system", "function": "tool"}
 DEFAULT_REFUSAL = "I can't help with that request."
 MAX_STOP = 4
-
-
-def prefill_windows(n: int, max_length: int | None) -> list[tuple[int, int]]:
-    """Position windows [a, b) the guard reads in a prefill of ``n`` tokens: all of it when it fits, else
-    ``max_length`` positions with stride half of that, the last window ending at the end (assistant marker)."""
-    if max_length is None or n <= int(max_length):
-        return [(0, n)]
-    w = int(max_length)
-    starts = list(range(0, n - w, max(1, w // 2))) + [n - w]
-    return [(a, a + w) for a in starts]
 
 
 @dataclass(frozen=True)
@@ -94,10 +83,10 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A formatted conversation as tokens: ids ``[1, n]`` and, for a mean-pooling guard, its content mask ``[n]``."""
+    """A formatted conversation as the model reads it: ids ``[1, n]``, the normalised messages they encode."""
 
     ids: torch.Tensor
-    content: torch.Tensor | None = None
+    messages: tuple = ()
 
     @property
     def n_tokens(self) -> int:
@@ -138,15 +127,15 @@ class Completion:
     guard_ms: float
 
 
-class _Flagged(Exception):
-    pass
-
-
 # -------------------------------------------------------------------------------------- messages
 def normalize_messages(messages: list[dict]) -> list[dict]:
-    """OpenAI chat messages -> ``[{"role", "content": str}]``. Content may be a string or a list of text parts.
+    """OpenAI chat messages -> ``[{"role", "content": str}]`` with every text normalised
+    (:func:`safetyneurons.checks.normalise_text`), as the guard and the model read them.
 
-    ``developer`` becomes ``system``. Anything else (images, tool calls, unknown roles) is a UserError.
+    Content may be a string or a list of text parts (joined into one text). ``developer`` becomes ``system``;
+    ``tool`` (and ``function``) results are kept as ``tool`` messages; an assistant's ``tool_calls`` are read as
+    text (``name(arguments)`` per call). Image or audio parts cannot be read: a UserError, never skipped.
+    Messages with no text are dropped; the conversation must hold text and must not end with the assistant.
     """
     if not isinstance(messages, list) or not messages:
         raise UserError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects.")
@@ -157,16 +146,18 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
         role = m.get("role")
         if role not in ROLES:
             raise UserError(f"messages[{k}].role is {role!r}; supported roles: {', '.join(ROLES)}.")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _content_text(m.get("content"), f"messages[{k}].content")})
+        text = "" if m.get("content") is None else content_text(m["content"], f"messages[{k}].content")
+        text = "\n".join(x for x in [text, *_tool_call_texts(m.get("tool_calls"), k)] if x)
+        out.append({"role": _ROLE_AS.get(role, role), "content": normalise_text(text)})
     if out[-1]["role"] == "assistant":
         raise UserError("The last message is the assistant's; end the conversation with a user message.")
-    if not any(m["role"] == "user" and m["content"].strip() for m in out):
+    if not any(m["role"] == "user" and m["content"] for m in out):
         raise UserError("The conversation has no user message with text; give one to answer.")
-    return out
+    return [m for m in out if m["content"]]
 
 
-def _content_text(content, where: str) -> str:
+def content_text(content, where: str) -> str:
+    """A message's content as one text: a string, or a list of ``{"type": "text", "text"}`` parts joined."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -175,15 +166,25 @@ def _content_text(content, where: str) -> str:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise UserError(f"{where}[{j}] is a {kind!r} part; only {{\"type\": \"text\", \"text\": ...}} parts "
-                                f"are supported (the model reads text).")
+                                f"can be read (the guard reads text, and refuses what it cannot read).")
             texts.append(part["text"])
         return "".join(texts)
     raise UserError(f"{where} must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts.")
 
 
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
+def _tool_call_texts(calls, k: int) -> list[str]:
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise UserError(f"messages[{k}].tool_calls must be a list of tool calls.")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                or not isinstance(fn.get("arguments", ""), str):
+            raise UserError(f"messages[{k}].tool_calls[{j}] must be {{\"function\": {{\"name\", \"arguments\"}}}}.")
+        out.append(f"{fn['name']}({fn.get('arguments', '')})")
+    return out
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -203,6 +204,11 @@ def _first_stop(text: str, stops: Sequence[str]) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ chat
+def _flags(p: float, threshold: float) -> bool:
+    """Flagged: at or over the threshold, or not a finite number (fail closed)."""
+    return not math.isfinite(p) or p >= threshold
+
+
 class GuardedChat:
     """A guard's model answering chat conversations, with the guard reading the same prefill.
 
@@ -223,10 +229,7 @@ class GuardedChat:
         self.context_length = int(context_length or getattr(cfg, "max_position_embeddings", 0) or 4096)
         self.stop_ids = stop_token_ids(self.lm)
         # transformers >= 5.2x names the KV cache argument `cache`; earlier versions `past_key_values`
-        self._cache_arg = "cache" if "cache" in inspect.signature(self.lm.model.forward).parameters \
-            else "past_key_values"
-        self._layers, self._index, _, _, _ = plan_layers(self.lm, guard.hook_point, guard.neuron_set)
-        self._affixes: tuple[str, str] | None = None
+        self._cache_arg = cache_argument(self.lm.model)
         self.prefills = 0
         self.decode_steps = 0
 
@@ -235,105 +238,68 @@ class GuardedChat:
         return f"{self.lm.ref}+{self.guard.name}" if self.mode != "off" else str(self.lm.ref)
 
     # ---- prompt
-    def format(self, messages: list[dict]) -> str:
-        """The text the model reads (chat template with the generation prompt; plain text without a template)."""
-        if self.lm.chat_template:
-            return self.lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "\n\n".join(m["content"] for m in messages)
-
     def encode(self, messages: list[dict]) -> Encoded:
-        """The formatted conversation as tokens (tokenized as the guard tokenizes prompts), with the content
-        mask a mean-pooling guard reads: the tokens of the user messages' text."""
-        text = self.format(messages)
-        need_mask = self.mode != "off" and self.guard.pooling == "mean"
-        if need_mask and not getattr(self.lm.tokenizer, "is_fast", False):
-            raise UserError("A mean-pooling guard needs a fast tokenizer (character offsets) to find the user's "
-                            "message; this model's tokenizer is a slow one.")
-        enc = self.lm.tokenizer(text, return_tensors="pt", add_special_tokens=not self.lm.chat_template,
-                                return_offsets_mapping=need_mask)
-        ids = enc["input_ids"]
-        if ids.shape[1] == 0:
+        """The conversation (normalised messages) as the model reads it: one tokenisation, template markers in
+        the messages' text read as plain text (:class:`~safetyneurons.model.positions.ChatTemplate`)."""
+        ids = self.lm.template.encode([messages])[0].ids
+        if not ids:
             raise UserError("The conversation encodes to zero tokens; give some text.")
-        if ids.shape[1] >= self.context_length:
-            raise UserError(f"The conversation is {ids.shape[1]} tokens, but the model's context is "
+        if len(ids) >= self.context_length:
+            raise UserError(f"The conversation is {len(ids)} tokens, but the model's context is "
                             f"{self.context_length}; shorten it.")
-        if not need_mask:
-            return Encoded(ids)
-        masks = [content_mask(enc["offset_mapping"], [span], enc["attention_mask"])[0]
-                 for span in self._user_spans(text, messages)]
-        return Encoded(ids, torch.stack(masks).any(0))
-
-    def _user_spans(self, text: str, messages: list[dict]) -> list[tuple[int, int]]:
-        """Character spans of the user messages in the formatted conversation (one message: as the guard finds it)."""
-        if len(messages) == 1:
-            if self._affixes is None:
-                self._affixes = template_affixes(self.lm.format)
-            return [message_span(text, messages[0]["content"], self._affixes)]
-        spans, pos = [], 0
-        for m in messages:  # in order, so a user's text is not matched inside an earlier message
-            body = m["content"].strip()
-            at = text.find(body, pos) if body else -1
-            if at < 0:
-                continue
-            pos = at + len(body)
-            if m["role"] == "user":
-                spans.append((at, pos))
-        if not spans:
-            raise UserError("Cannot find the user's messages in the chat-formatted conversation (the chat template "
-                            "changes their text), so the guard cannot read them.")
-        return spans
+        return Encoded(torch.tensor([ids], dtype=torch.long), tuple(dict(m) for m in messages))
 
     # ---- prefill (+ guard)
     @torch.no_grad()
     def prefill(self, conversation: list[dict] | Encoded) -> Prefill:
-        """One forward pass over the conversation (normalized messages, or :meth:`encode` of them); in
-        block/monitor mode the guard scores it on the way."""
+        """The guard's verdict on the conversation (normalised messages, or :meth:`encode` of them) and, unless
+        it is blocked, one forward pass over it with a KV cache (see the module docstring)."""
         enc = conversation if isinstance(conversation, Encoded) else self.encode(conversation)
-        ids = enc.ids.to(self.lm.device)
-        n_prompt = enc.n_tokens
-        model = self.lm.model
         self.prefills += 1
         if self.mode == "off":
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            return Prefill(n_prompt, None, False, 0.0, out.logits[0, -1], _cache_of(out))
-
+            return self._forward(enc, None, 0.0)
         g = self.guard
-        spans = prefill_windows(n_prompt, g.max_length)  # the token positions the guard reads, window by window
-        if g.pooling == "mean":
-            keep = enc.content.to(self.lm.device)
-            spans = [(a, b) for a, b in spans if bool(keep[a:b].any())]  # windows holding user text
-            if not spans:
-                raise UserError("No user text is among the tokens the guard reads (the chat template and earlier "
-                                "messages fill them); shorten the system prompt.")
-            # the mean over each window's content tokens, as one product at the end: weights [windows, tokens]
-            weights = torch.zeros(len(spans), n_prompt, device=keep.device)
-            for k, (a, b) in enumerate(spans):
-                weights[k, a:b] = keep[a:b].float() / keep[a:b].sum()
-        last = [b - 1 for _, b in spans]  # last pooling: the last token of each window
-        layers, index, deepest = self._layers, self._index, self._layers[-1]
-        pieces: dict[int, torch.Tensor] = {}
+        pieces = g.reader.pieces([list(enc.messages)])
+        if len(pieces) == 1 and pieces[0].ids == enc.ids[0].tolist():
+            return self._guarded_forward(enc, pieces[0])  # the prefill is the guard's one piece
+        t0 = time.perf_counter()
+        p = float(g.unsafe_probability([list(enc.messages)])[0])
+        guard_ms = (time.perf_counter() - t0) * 1000.0
+        if self.mode == "block" and _flags(p, g.threshold):
+            return Prefill(enc.n_tokens, p, True, guard_ms)
+        return self._forward(enc, p, guard_ms)
+
+    def _forward(self, enc: Encoded, p: float | None, guard_ms: float) -> Prefill:
+        out = self.lm.model(input_ids=enc.ids.to(self.lm.device), use_cache=True, logits_to_keep=1)
+        return Prefill(enc.n_tokens, p, False, guard_ms, out.logits[0, -1], kv_cache(out))
+
+    def _guarded_forward(self, enc: Encoded, piece) -> Prefill:
+        """The prefill with the guard's hooks: pool the piece's span as the reader does, score at the deepest
+        safety-neuron layer, and in block mode stop there when flagged."""
+        g, plan = self.guard, self.guard.reader.plan
+        deepest, mean = plan.layers[-1], g.pooling == "mean"
+        pooled: dict[int, torch.Tensor] = {}
         verdict = {"p": float("nan"), "s": 0.0}
 
         def read(layer: int, t: torch.Tensor) -> None:
             t0 = time.perf_counter()
-            idx = index[layer]
-            rows = t[0] if g.pooling == "mean" else t[0, last]
-            # a copy of this layer's neurons only (the activation itself may be reused by the model)
-            pieces[layer] = rows.clone() if idx is None else rows.index_select(-1, idx.to(t.device))
+            idx = plan.index[layer]
+            rows = t[:, piece.start:piece.end] if mean else t[:, len(piece.ids) - 1:]
+            rows = rows if idx is None else rows.index_select(-1, idx.to(t.device))
+            pooled[layer] = rows.float().sum(1) / rows.shape[1]
             if layer == deepest:
-                x = torch.cat([pieces[i].to(t.device) for i in layers], -1).float()
-                x = weights.to(t.device) @ x if g.pooling == "mean" else x
-                verdict["p"] = float(g.probability(x.cpu().numpy()).max())  # the most unsafe window
+                x = torch.cat([pooled[i].to(t.device) for i in plan.layers], -1)
+                verdict["p"] = float(g.probability(x.cpu().numpy())[0])
             verdict["s"] += time.perf_counter() - t0
-            if layer == deepest and self.mode == "block" and verdict["p"] >= g.threshold:
-                raise _Flagged  # stop the prefill here: later layers and the LM head never run
+            if layer == deepest and self.mode == "block" and _flags(verdict["p"], g.threshold):
+                raise EarlyExit  # stop the prefill here: later layers and the LM head never run
 
         try:
-            with attached_hooks(model, g.hook_point, read, layers):
-                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        except _Flagged:
-            return Prefill(n_prompt, verdict["p"], True, verdict["s"] * 1000.0)
-        return Prefill(n_prompt, verdict["p"], False, verdict["s"] * 1000.0, out.logits[0, -1], _cache_of(out))
+            with attached_hooks(self.lm.model, g.hook_point, read, plan.layers):
+                out = self.lm.model(input_ids=enc.ids.to(self.lm.device), use_cache=True, logits_to_keep=1)
+        except EarlyExit:
+            return Prefill(enc.n_tokens, verdict["p"], True, verdict["s"] * 1000.0)
+        return Prefill(enc.n_tokens, verdict["p"], False, verdict["s"] * 1000.0, out.logits[0, -1], kv_cache(out))
 
     # ---- decoding
     @staticmethod
@@ -387,7 +353,7 @@ class GuardedChat:
             self.decode_steps += 1
             out = self.lm.model(input_ids=torch.tensor([[tok]], device=self.lm.device), use_cache=True,
                                 **{self._cache_arg: past})
-            logits, past = out.logits[0, -1], _cache_of(out)
+            logits, past = out.logits[0, -1], kv_cache(out)
         yield Delta(text[sent:] if len(text) > sent else "", finish, n_sampled)
 
     def complete(self, messages: list[dict], settings: SamplingSettings | None = None) -> Completion:

@@ -42,22 +42,23 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from safetyneurons._io import (atomic_dir, atomic_write_json, check_out_dir, check_text, json_safe, read_json, sha256_file,
-                  sha256_json, versions)
+from safetyneurons._io import (atomic_dir, atomic_write_json, check_out_dir, json_safe, read_json, sha256_file,
+                               sha256_json, versions)
+from safetyneurons.checks import check_batch_size, check_max_length, check_threshold
 from safetyneurons.probes.categories import CategoryHeads, moderation_categories
 from safetyneurons.errors import UserError
-from safetyneurons.activations.features import FeatureSpec, check_neuron_set_matches
+from safetyneurons.activations.features import FeatureSpec
 from safetyneurons.model.hooks import hook_width, num_layers
-from safetyneurons.neurons.selection import NeuronSet
+from safetyneurons.neurons.selection import NeuronSet, check_neuron_set_matches
 from safetyneurons.model.pair import LoadedModel, load_model
 from safetyneurons.probes.probe import Probe
-from safetyneurons.activations.windows import best_per_prompt, max_per_prompt, split_windows
+from safetyneurons.activations.reader import ActivationReader, max_per_input
 
 if TYPE_CHECKING:
     from safetyneurons.probes.compare import ProbeRun
     from safetyneurons.activations.store import Store
 
-GUARD_FORMAT = "safetyneurons.guard.guard/2"  # 2: mean pooling over the content tokens only
+GUARD_FORMAT = "safetyneurons.guard/2"  # 2: mean pooling over the content tokens only
 GUARD_FILE = "guard.json"
 log = logging.getLogger(__name__)
 
@@ -79,24 +80,6 @@ class GuardResult:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _check_threshold(threshold) -> float:
-    try:
-        t = float(threshold)
-    except (TypeError, ValueError):
-        raise UserError(f"The threshold must be a probability between 0 and 1, got {threshold!r}.") from None
-    if not 0.0 <= t <= 1.0:
-        raise UserError(f"The threshold must be a probability between 0 and 1, got {t:g}.")
-    return t
-
-
-def _check_max_length(max_length) -> int | None:
-    if max_length is None:
-        return None
-    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or int(max_length) < 1:
-        raise UserError(f"max_length must be a positive number of tokens (or None), got {max_length!r}.")
-    return int(max_length)
-
-
 def content_sha256(meta: dict) -> str:
     """The integrity hash of a guard.json object: sha256 of its canonical JSON without ``integrity``."""
     return sha256_json({k: v for k, v in meta.items() if k != "integrity"})
@@ -132,7 +115,7 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
     does ``layer_budget`` (how the guard's deepest layer was chosen, :mod:`safetyneurons.probes.budget`) when given.
     """
     out = check_out_dir(out_dir)
-    max_length = _check_max_length(max_length)
+    max_length = check_max_length(max_length)
     spec = FeatureSpec(hook_point, pooling, max_length, neuron_set, model={"ref": lm_ref, "sha256": lm_fingerprint or ""})
     if not isinstance(lm_ref, str) or not lm_ref.strip():
         raise UserError("export_guard needs the model reference (lm_ref) the probe's features came from.")
@@ -148,7 +131,7 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
         if probe.n_features != len(neuron_set):
             raise UserError(f"The probe reads {probe.n_features} features but the neuron set holds "
                             f"{len(neuron_set)} neurons; export the probe trained on this neuron set.")
-    _check_threshold(probe.threshold)
+    check_threshold(probe.threshold)
     if not lm_fingerprint:
         log.warning("Exporting a guard without a model fingerprint: loading it cannot check the model weights.")
 
@@ -269,7 +252,7 @@ def read_guard_meta(path: str | os.PathLike, expected_sha256: str | None = None)
         raise UserError(f"{path} is not a guard: it has no {GUARD_FILE}. Export one with `safetyneurons train "
                         f"--export-guard DIR`.")
     meta = read_json(path / GUARD_FILE)
-    if isinstance(meta, dict) and meta.get("format") == "safetyneurons.guard.guard/1":
+    if isinstance(meta, dict) and meta.get("format") == "safetyneurons.guard/1":
         raise UserError(f"{path / GUARD_FILE}: a guard of format 1, whose features also pooled chat-template tokens; "
                         f"this version pools the user's message only. Rebuild it (`safetyneurons run`, or "
                         f"`safetyneurons train --export-guard`).")
@@ -331,10 +314,17 @@ class Guard:
         self.hook_point: str = spec.hook_point
         self.pooling: str = spec.pooling
         self.max_length: int | None = spec.max_length
-        self.threshold = _check_threshold(threshold)
-        if int(batch_size) < 1:
-            raise UserError(f"batch size must be >= 1 (got {batch_size}).")
-        self.batch_size = int(batch_size)
+        self.threshold = check_threshold(threshold)
+        self.batch_size = check_batch_size(batch_size)
+        self._reader: tuple[tuple, ActivationReader] | None = None
+
+    @property
+    def reader(self) -> ActivationReader:
+        """The activation reader of what the guard reads now (windows on: every part of a long input is read)."""
+        key = (self.hook_point, self.pooling, self.max_length, id(self.neuron_set), self.batch_size, id(self.lm))
+        if self._reader is None or self._reader[0] != key:
+            self._reader = (key, ActivationReader(self.lm, self.spec, batch_size=self.batch_size, windows=True))
+        return self._reader[1]
 
     @property
     def spec(self) -> FeatureSpec:
@@ -382,12 +372,12 @@ class Guard:
         if lm is None and isinstance(meta.get("model"), dict) and isinstance(meta["model"].get("ref"), str):
             _check_model_ref(model_ref or meta["model"]["ref"], path, from_guard=model_ref is None)
         try:
-            _check_max_length(meta["max_length"])
+            check_max_length(meta["max_length"])
             spec = FeatureSpec.from_meta(meta, source=str(path / GUARD_FILE), neuron_set=_neuron_set_from_meta(meta, path))
             want_fp = meta["model"]["sha256"]
             ref = model_ref or meta["model"]["ref"]
             n_features = int(meta["n_features"])
-            default_threshold = _check_threshold(meta["threshold"])
+            default_threshold = check_threshold(meta["threshold"])
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path / GUARD_FILE}: malformed guard ({type(e).__name__}: {e}). Re-export it.") from None
         ns = spec.neuron_set
@@ -441,56 +431,56 @@ class Guard:
             raise UserError(f"Shape mismatch: the guard reads every neuron at {meta['hook_point']} "
                             f"({n_features} features) but the model has {n_layers} x {width} = {n_layers * width}. "
                             f"Use the guard's own model.")
-        t = default_threshold if threshold is None else _check_threshold(threshold)
+        t = default_threshold if threshold is None else check_threshold(threshold)
         return cls(path, meta, lm, probe, ns, t, batch_size=batch_size, category_heads=heads)
 
     # ---- scoring
     def features(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
-        """The probe's input: pooled safety-neuron activations ``[n, d]`` (early exit after the deepest layer),
-        one row per text as given (long prompts are split into windows by :meth:`unsafe_probability`)."""
-        return self.spec.extract(self.lm, prompts, batch_size=self.batch_size, progress=progress)
+        """Pooled safety-neuron activations ``[n, d]``, one row per prompt read whole (a prompt over the token
+        limit: its head), as an activation store holds them; :meth:`score` reads windows too."""
+        return ActivationReader(self.lm, self.spec, batch_size=self.batch_size).features(prompts, progress=progress)
 
-    def unsafe_probability(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
-        """Probability that each prompt is unsafe, float64 ``[n]``."""
-        prompts = _check_prompts(prompts)
-        if not prompts:
+    def read_cost(self, inputs: Sequence[Any] | str) -> list[int]:
+        """Tokens the guard's forward passes read for each input, over all its pieces (tokenisation only)."""
+        return self.reader.cost(_check_inputs(inputs))
+
+    def unsafe_probability(self, inputs: Sequence[Any] | str, progress: bool = False) -> np.ndarray:
+        """Probability that each input (a prompt, or a conversation) is unsafe, float64 ``[n]``: its most
+        unsafe piece (:mod:`safetyneurons.activations.reader`); NaN when the probe gives one."""
+        inputs = _check_inputs(inputs)
+        if not inputs:
             return np.zeros(0, dtype=np.float64)
-        X, owner = self._window_features(prompts, progress)  # long prompts: scored whole, in windows
-        return max_per_prompt(self.probability(X), owner, len(prompts))
-
-    def _window_features(self, prompts: list[str], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Features of every text the model reads for ``prompts`` (a prompt, or the windows of a long one)
-        and the prompt each row belongs to (:mod:`safetyneurons.activations.windows`)."""
-        texts, owner = split_windows(self.lm, prompts, self.max_length)
-        return self.features(texts, progress=progress), owner
+        X, owner = self.reader.read(inputs, progress)
+        return max_per_input(self.probability(X), owner, len(inputs))
 
     def probability(self, features: np.ndarray) -> np.ndarray:
         """The probe's unsafe probability for pooled features ``[n, d]`` (as from :meth:`features`), float64 ``[n]``."""
         return np.asarray(self.probe.unsafe_probability(features), dtype=np.float64)
 
-    def score(self, prompts: Sequence[str] | str, threshold: float | None = None,
+    def score(self, inputs: Sequence[Any] | str, threshold: float | None = None,
               progress: bool = False) -> list[GuardResult]:
-        """Score prompts in batches: ``GuardResult(unsafe_probability, flagged)`` per prompt, in order.
+        """Score inputs in batches: ``GuardResult(unsafe_probability, flagged)`` per input, in order.
 
-        Flagged means ``unsafe_probability >= threshold`` (default: the guard's threshold).
+        An input is a prompt (str, one user message) or a conversation (a list of ``{"role", "content"}``
+        messages, every one of them read). Flagged means ``unsafe_probability >= threshold`` (default: the
+        guard's threshold), or a probability that is not a finite number (fail closed).
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        t = self.threshold if threshold is None else _check_threshold(threshold)
-        prompts = _check_prompts(prompts)
-        if not prompts:
+        t = self.threshold if threshold is None else check_threshold(threshold)
+        inputs = _check_inputs(inputs)
+        if not inputs:
             return []
-        X, owner = self._window_features(prompts, progress)
-        best = best_per_prompt(self.probability(X), owner, len(prompts))  # a long prompt: its most unsafe window
-        X = X[best]
-        p = self.probability(X)
+        X, owner = self.reader.read(inputs, progress)
+        p_piece = self.probability(X)
+        p = max_per_input(p_piece, owner, len(inputs))
+        flagged = [bool(not np.isfinite(v) or v >= t) for v in p]
         if self.category_heads is None:
-            return [GuardResult(float(v), bool(v >= t)) for v in p]
-        c = self.category_heads.predict_proba(X)
+            return [GuardResult(float(v), f) for v, f in zip(p, flagged)]
+        best = _best_piece(p_piece, owner, len(inputs))  # the categories of the most unsafe piece
+        c = self.category_heads.predict_proba(X[best])
         out = []
-        for v, row in zip(p, c):
-            cats, scores = moderation_categories(float(v), bool(v >= t), self.category_heads.names, row)
-            out.append(GuardResult(float(v), bool(v >= t), cats, scores))
+        for v, f, row in zip(p, flagged, c):
+            cats, scores = moderation_categories(float(v), f, self.category_heads.names, row)
+            out.append(GuardResult(float(v), f, cats, scores))
         return out
 
     # ---- description
@@ -514,20 +504,22 @@ class Guard:
         return meta
 
 
-def _check_prompts(prompts) -> list[str]:
-    if isinstance(prompts, str):
-        return [prompts]
-    try:
-        prompts = list(prompts)
-    except TypeError:
-        raise UserError("Prompts must be a string or a list of strings.") from None
-    for k, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise UserError(f"Prompt {k} is {type(p).__name__}, not a string.")
-        check_text(p, f"Prompt {k}")
-        if not p.strip():
-            raise UserError(f"Prompt {k} is empty; give some text to score.")
-    return prompts
+def _check_inputs(inputs: Any) -> list[Any]:
+    """A prompt, or a list of prompts and conversations (checked item by item by the reader)."""
+    if isinstance(inputs, str):
+        return [inputs]
+    if not isinstance(inputs, (list, tuple)):
+        raise UserError(f"Prompts must be a string or a list of strings or conversations, got {type(inputs).__name__}.")
+    return list(inputs)
+
+
+def _best_piece(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Row index of each input's most unsafe piece (a NaN piece counts as the most unsafe; first on ties)."""
+    v = np.where(np.isnan(values), np.inf, values)
+    order = np.lexsort((-v, owner))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = owner[order][1:] != owner[order][:-1]
+    return order[first]
 
 
 def _check_probe_arrays(probe, path: Path) -> None:

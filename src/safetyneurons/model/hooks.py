@@ -73,8 +73,21 @@ def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 
 
-class _EarlyExit(Exception):
-    pass
+class EarlyExit(Exception):
+    """Raised from a hook to stop a forward pass once the layers it needs have run (caught by the caller)."""
+
+
+def kv_cache(output):
+    """The KV cache of a model output (``cache`` in newer transformers, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of ``model.forward``'s KV-cache argument (``cache`` in newer transformers, else ``past_key_values``)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -163,7 +176,7 @@ def forward_with_hooks(
     def emit(i: int, t: torch.Tensor) -> None:
         callback(i, t)
         if early_exit and i == deepest:
-            raise _EarlyExit
+            raise EarlyExit
 
     device = next(model.parameters()).device
     try:
@@ -176,7 +189,7 @@ def forward_with_hooks(
                 position_ids=position_ids_from_mask(attention_mask).to(device),
                 use_cache=False,
             )
-    except _EarlyExit:
+    except EarlyExit:
         pass
 
 

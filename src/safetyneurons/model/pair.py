@@ -23,7 +23,7 @@ from safetyneurons._io import atomic_dir, atomic_write_json, cache_dir, model_fi
 from safetyneurons.constants import DEVICES, MODEL_DTYPES
 from safetyneurons.errors import UserError
 from safetyneurons.model.hooks import decoder_layers
-from safetyneurons.model.positions import encode_with_content, template_affixes
+from safetyneurons.model.positions import ChatTemplate, pad_batch
 from safetyneurons.model.twin_cache import resolve_twin_ref
 from safetyneurons.model.twin_settings import DEFAULT_REFS
 from safetyneurons.wheels import extract_member, fetch_wheel, parse_pypi_ref, wheel_pin
@@ -150,7 +150,7 @@ class LoadedModel:
     chat_template: bool
     fingerprint: str = ""
     info: dict = field(default_factory=dict)
-    _affixes: tuple[str, str] | None = field(default=None, repr=False)  # chat template text around the message
+    _template: ChatTemplate | None = field(default=None, repr=False)
     tokenizer_fingerprint: str = ""
 
     @property
@@ -165,40 +165,34 @@ class LoadedModel:
             )
         return prompt
 
+    @property
+    def template(self) -> ChatTemplate:
+        """How messages become token ids for this model (:class:`~safetyneurons.model.positions.ChatTemplate`)."""
+        if self._template is None:
+            self._template = ChatTemplate(self.tokenizer, self.chat_template)
+        return self._template
+
     def encode(self, prompts: Sequence[str], max_length: int | None = None, padding_side: str = "right",
                content_mask: bool = False, suffix: str = "") -> dict[str, torch.Tensor]:
-        """Tokenize formatted prompts into a padded batch: dict with ``input_ids`` and ``attention_mask``.
+        """Tokenize prompts (each one user message) into a padded batch: dict with ``input_ids`` and
+        ``attention_mask``, and with ``content_mask`` the tokens of the message's own text (bool ``[batch, seq]``,
+        never the system prompt or other template tokens; see :mod:`safetyneurons.model.positions`).
 
-        A prompt whose formatted form exceeds ``max_length`` tokens is cut to its longest leading part that
-        fits *with* the chat template (the assistant marker is always kept; see :mod:`safetyneurons.activations.windows`,
-        and the guard, which scores such prompts whole in windows instead). With ``content_mask`` the dict
-        also holds ``content_mask``, bool ``[batch, seq]``: the tokens of the user's message only, never the
-        system prompt or other template tokens (see :mod:`safetyneurons.model.positions`). ``suffix`` is appended to
-        each formatted prompt (e.g. a prefilled start of the reply).
+        A prompt longer than ``max_length`` tokens is cut to its first part that fits *with* the chat template
+        (the assistant marker is always kept; the guard scores such prompts whole, in windows, instead).
+        ``suffix`` is appended to each formatted prompt (e.g. a prefilled start of the reply).
         """
-        tok = self.tokenizer
+        encoded = self.template.encode_prompts(prompts)
         if max_length is not None:
-            from safetyneurons.activations.windows import formatted_lengths, head_that_fits
-
-            long = formatted_lengths(self, prompts) > max_length
-            if long.any():
+            long = sum(len(e) > max_length for e in encoded)
+            if long:
                 log.warning("%d of %d prompts exceed %d tokens; each is cut to its first part that fits, with "
-                            "the chat template kept.", int(long.sum()), len(prompts), max_length)
-                prompts = [head_that_fits(self, p, max_length) if cut else p for p, cut in zip(prompts, long)]
-        texts = [self.format(p) + suffix for p in prompts]
-        kwargs = dict(return_tensors="pt", padding=True, truncation=max_length is not None, max_length=max_length,
-                      add_special_tokens=not self.chat_template)
-        old = tok.padding_side
-        tok.padding_side = padding_side
-        try:
-            if content_mask:
-                if self._affixes is None:
-                    self._affixes = template_affixes(self.format)
-                return encode_with_content(tok, texts, prompts, self._affixes, **kwargs)
-            enc = tok(texts, **kwargs)
-        finally:
-            tok.padding_side = old
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+                            "the chat template kept.", long, len(prompts), max_length)
+                encoded = [self.template.head(e, max_length) for e in encoded]
+        tail = self.tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        enc = pad_batch(encoded, pad, padding_side, suffix=tail)
+        return enc if content_mask else {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def describe(self) -> dict:
         out = {"ref": self.ref, "path": str(self.path), "sha256": self.fingerprint,

@@ -1,84 +1,144 @@
-"""Token positions: which tokens of a chat-formatted prompt hold the **content**, the user's own message.
+"""Token positions: a conversation as token ids, with the **content** (the messages' own text) marked.
 
-A chat template wraps the user's message in role markers and, for many models, a system prompt
-(SmolLM2 adds a fixed 24-token one; Llama 3 adds a dated one). Under causal attention those template
-tokens read the same text for every prompt, so counting them in a change score or a mean pooling mixes
-prompt-independent weight drift (and a 1/length factor) into every measurement. The **content mask** marks
-only the tokens that carry the user's message:
+A chat template wraps each message in role markers and, for many models, a system prompt (SmolLM2 adds a
+fixed 24-token one; Llama 3 adds a dated one). Under causal attention those template tokens read the same text
+for every prompt, so counting them in a change score or a mean pooling mixes prompt-independent weight drift
+(and a 1/length factor) into every measurement. :class:`ChatTemplate` therefore encodes a conversation **piece
+by piece**:
 
-- the template is applied to two one-letter messages, ``"a"`` and ``"b"``; their common prefix and common
-  suffix are the template text before and after the message (system prompt, role markers, generation prompt);
-- in a real formatted prompt, the message is what lies between that prefix and that suffix; if a template
-  makes the prefix depend on the message (or the date changed between the two calls), the message is
-  found as the last occurrence of the (trimmed) prompt text instead;
-- the formatted prompt is tokenized with the tokenizer's character offsets (a fast tokenizer,
-  ``return_offsets_mapping=True``), and a token is content when its characters overlap the message span.
-  A token that straddles the boundary (a BPE merge of template and message characters) counts as content.
+- the template is applied once per sequence of roles to *sentinel* messages (private-use characters that no
+  template changes); the text between the sentinels is the template's own text (system prompt, role markers,
+  generation prompt), tokenised with its control tokens;
+- each message's text is tokenised on its own with ``split_special_tokens=True``: a control-token string inside
+  a message (``<|im_end|>``, ``<|im_start|>assistant``) is read as the plain text it is, by the guard and by the
+  model, never as a control token (no forged turns);
+- the ids are the concatenation, and each message's tokens form one **content span** ``[start, end)``.
 
-Without a chat template the formatted prompt is the prompt itself, so the content is every token except
-those the tokenizer adds (BOS), which have no characters. For a template without a system prompt the content
-is the same thing: every token of the user's message, never the role markers or the generation prompt.
+Without a chat template a prompt is its text with the tokenizer's own special tokens (BOS) around it; the
+content is the text's tokens. Content is tokenised alone, so no BPE merge crosses a span boundary; for the
+byte-level BPE and SentencePiece tokenizers of the supported families this gives the same ids as tokenising the
+formatted text whole, because the templates put a newline or a control token at every boundary.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
 from safetyneurons.errors import UserError
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-_FILLERS = ("a", "b")
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters around a sentinel's number
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    k = 0
-    while k < n and a[k] == b[k]:
-        k += 1
-    return k
+@dataclass(frozen=True)
+class EncodedConversation:
+    """A conversation as the model reads it: token ids and one content span per message (same order)."""
+
+    ids: list[int]
+    spans: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
-def template_affixes(format_prompt: Callable[[str], str]) -> tuple[str, str]:
-    """(prefix, suffix): the template text before and after the user's message."""
-    x, y = (format_prompt(f) for f in _FILLERS)
-    p = _common_prefix(x, y)
-    s = _common_prefix(x[::-1], y[::-1])
-    s = min(s, len(x) - p, len(y) - p)  # the prefix and suffix must not overlap
-    return x[:p], (x[len(x) - s:] if s else "")
+class ChatTemplate:
+    """How a model's tokenizer turns messages into ids (see the module docstring). ``use_template`` False: plain
+    text with the tokenizer's special tokens (a model without a chat template, or with it turned off)."""
+
+    def __init__(self, tokenizer: Any, use_template: bool):
+        self.tokenizer = tokenizer
+        self.use_template = bool(use_template)
+        self._segments: dict[tuple[str, ...], list[list[int]]] = {}
+
+    # ---- template text
+    def _tok(self, texts: Sequence[str], split_special: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        kw = {"split_special_tokens": True} if split_special else {}
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False, **kw)["input_ids"]]
+
+    def segments(self, roles: tuple[str, ...]) -> list[list[int]]:
+        """Token ids of the template text around messages of these roles: ``len(roles) + 1`` segments
+        (before the first message, between messages, after the last one with the generation prompt)."""
+        if roles not in self._segments:
+            self._segments[roles] = self._template_segments(roles) if self.use_template else self._plain(roles)
+        return self._segments[roles]
+
+    def _plain(self, roles: tuple[str, ...]) -> list[list[int]]:
+        """No template: the tokenizer's own special tokens around the text; messages joined by a blank line."""
+        ids = list(self.tokenizer("a", add_special_tokens=True)["input_ids"])
+        bare = list(self.tokenizer("a", add_special_tokens=False)["input_ids"])
+        at = next((i for i in range(len(ids) - len(bare) + 1) if ids[i:i + len(bare)] == bare), 0)
+        sep = self._tok(["\n\n"], split_special=False)[0]
+        return [ids[:at]] + [sep] * (len(roles) - 1) + [ids[at + len(bare):]]
+
+    def _template_segments(self, roles: tuple[str, ...]) -> list[list[int]]:
+        sentinels = [f"{_OPEN}{k}{_CLOSE}" for k in range(len(roles))]
+        text = self.tokenizer.apply_chat_template([{"role": r, "content": s} for r, s in zip(roles, sentinels)],
+                                                  tokenize=False, add_generation_prompt=True)
+        out, pos = [], 0
+        for s in sentinels:
+            at = text.find(s, pos)
+            if at < 0:
+                raise UserError(f"The chat template drops or changes message text (roles {', '.join(roles)}), so "
+                                f"the messages' tokens cannot be found; run without the chat template.")
+            out.append(text[pos:at])
+            pos = at + len(s)
+        return self._tok(out + [text[pos:]], split_special=False)
+
+    # ---- messages
+    def encode(self, conversations: Sequence[Sequence[dict]]) -> list[EncodedConversation]:
+        """Encode conversations (lists of ``{"role", "content": str}``); message texts are tokenised in one call."""
+        texts = [m["content"] for conv in conversations for m in conv]
+        content = iter(self._tok(texts, split_special=True))
+        out = []
+        for conv in conversations:
+            segs = self.segments(tuple(m["role"] for m in conv))
+            ids, spans = list(segs[0]), []
+            for k in range(len(conv)):
+                c = next(content)
+                spans.append((len(ids), len(ids) + len(c)))
+                ids += c
+                ids += segs[k + 1]
+            out.append(EncodedConversation(ids, spans))
+        return out
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[EncodedConversation]:
+        """Each prompt as one user message."""
+        return self.encode([[{"role": "user", "content": p}] for p in prompts])
+
+    def overhead(self) -> int:
+        """Tokens the template adds around one user message (system prompt, markers, generation prompt)."""
+        return sum(len(s) for s in self.segments(("user",)))
+
+    def head(self, enc: EncodedConversation, max_length: int) -> EncodedConversation:
+        """A one-message encoding cut to ``max_length`` tokens by dropping the end of the message's text (the
+        template, with its generation prompt, stays whole)."""
+        if len(enc.ids) <= max_length:
+            return enc
+        (a, b), = enc.spans
+        keep = max_length - (len(enc.ids) - (b - a))
+        if keep < 1:
+            raise UserError(f"The token limit ({max_length}) leaves no room for the prompt next to the chat "
+                            f"template's {len(enc.ids) - (b - a)} tokens; raise --max-length.")
+        return EncodedConversation(enc.ids[:a + keep] + enc.ids[b:], [(a, a + keep)])
 
 
-def message_span(formatted: str, prompt: str, affixes: tuple[str, str]) -> tuple[int, int]:
-    """Character span ``[start, end)`` of the user's message inside ``formatted``."""
-    prefix, suffix = affixes
-    if formatted.startswith(prefix) and formatted.endswith(suffix) and len(prefix) + len(suffix) <= len(formatted):
-        return len(prefix), len(formatted) - len(suffix)
-    text = prompt.strip()
-    at = formatted.rfind(text) if text else -1
-    if at < 0:
-        raise UserError("Cannot find the user's message in the chat-formatted prompt (the chat template changes "
-                        "the message text). Use --positions prompt (every token) or run without the chat template.")
-    return at, at + len(text)
-
-
-def content_mask(offsets: torch.Tensor, spans: Sequence[tuple[int, int]], attention_mask: torch.Tensor) -> torch.Tensor:
-    """Bool ``[batch, seq]``: real tokens whose characters ``offsets[b, t] = (start, end)`` overlap ``spans[b]``."""
-    starts, ends = offsets[..., 0], offsets[..., 1]
-    span = torch.tensor([list(s) for s in spans], dtype=starts.dtype).reshape(-1, 2)
-    lo, hi = span[:, :1], span[:, 1:]
-    return attention_mask.bool() & (ends > starts) & (starts < hi) & (ends > lo)
-
-
-def encode_with_content(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], prompts: Sequence[str],
-                        affixes: tuple[str, str], **tokenizer_kwargs: Any) -> dict:
-    """Tokenize formatted ``texts`` (of ``prompts``) into a padded batch with a ``content_mask``."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError("Content-only token positions need a fast tokenizer (character offsets); this model's "
-                        "tokenizer is a slow one. Use --positions prompt, or a model with a tokenizer.json.")
-    enc = tokenizer(list(texts), return_offsets_mapping=True, **tokenizer_kwargs)
-    spans = [message_span(t, p, affixes) for t, p in zip(texts, prompts)]
-    mask = content_mask(enc["offset_mapping"], spans, enc["attention_mask"])
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "content_mask": mask}
+def pad_batch(encoded: Sequence[EncodedConversation], pad_id: int, padding_side: str = "right",
+              suffix: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    """A padded batch: ``input_ids``, ``attention_mask`` and ``content_mask`` (bool, the content spans' tokens);
+    ``suffix`` ids (e.g. a prefilled start of the reply) follow each sequence."""
+    rows = [list(e.ids) + list(suffix) for e in encoded]
+    n = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), n), int(pad_id), dtype=torch.long)
+    attn = torch.zeros((len(rows), n), dtype=torch.long)
+    content = torch.zeros((len(rows), n), dtype=torch.bool)
+    for i, (row, e) in enumerate(zip(rows, encoded)):
+        off = n - len(row) if padding_side == "left" else 0
+        ids[i, off:off + len(row)] = torch.tensor(row, dtype=torch.long)
+        attn[i, off:off + len(row)] = 1
+        for a, b in e.spans:
+            content[i, off + a:off + b] = True
+    return {"input_ids": ids, "attention_mask": attn, "content_mask": content}

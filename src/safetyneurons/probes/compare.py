@@ -30,7 +30,6 @@ from safetyneurons._io import sha256_json, versions
 from safetyneurons.neurons.controls import CONTROLS, DRAWN_CONTROLS, control_sets, describe_control, mean_abs_activation, rank_p_value
 from safetyneurons.constants import FEATURE_SETS
 from safetyneurons.errors import UserError
-from safetyneurons.activations.features import length_features
 from safetyneurons.probes.metrics import (binary_metrics, bootstrap_ci, bootstrap_groups, bootstrap_unit, mean_metrics,
                       paired_bootstrap_diff)
 from safetyneurons.neurons.selection import NeuronSet
@@ -76,7 +75,7 @@ def store_inputs(store: Store, feature_set: str, neuron_set: NeuronSet | None) -
     if feature_set == "text":
         return store.prompts
     if feature_set == "length":
-        return length_features(store)
+        return store.length_features()
     return store.features if neuron_set is None else store.select(neuron_set)
 
 
@@ -99,7 +98,7 @@ def _check_inputs(train, test, neuron_set, feature_sets, random_draws):
         train.columns_for(neuron_set)  # mismatch (hook point, dims, model) -> UserError
         test.columns_for(neuron_set)
     if "length" in feature_sets:
-        length_features(train), length_features(test)
+        train.length_features(), test.length_features()
     return neuron_set
 
 

@@ -33,7 +33,8 @@ import numpy as np
 from safetyneurons._io import atomic_dir, atomic_write_json, read_json, sha256_bytes, versions
 from safetyneurons.constants import CLASSIFIERS
 from safetyneurons.errors import UserError
-from safetyneurons.activations.features import PROBE_MODEL_KEYS, FeatureSpec, probe_features
+from safetyneurons.activations.features import PROBE_MODEL_KEYS, FeatureSpec
+from safetyneurons.activations.reader import ActivationReader, token_counts
 from safetyneurons.probes.metrics import binary_metrics
 from safetyneurons.neurons.selection import NeuronSet
 from safetyneurons.data.records import check_records, labels as record_labels
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
     from safetyneurons.model.pair import LoadedModel
 
-PROBE_FORMAT = "safetyneurons.probes.probe/2"  # 2: trained on content-only mean pooling (store format 2)
+PROBE_FORMAT = "safetyneurons.probe/2"  # 2: trained on content-only mean pooling (store format 2)
 REPORT_FORMAT = "safetyneurons.probe_report/1"
 TEXT_CLASSIFIER = "tfidf-logreg"
 _CHUNK = 2048
@@ -437,7 +438,7 @@ def _load(path_dir, kind: str | None = None) -> tuple[dict, dict[str, np.ndarray
     if not (path / "probe.json").is_file():
         raise UserError(f"{path} is not a saved probe (no probe.json). Train one with `safetyneurons train`.")
     obj = read_json(path / "probe.json")
-    if isinstance(obj, dict) and obj.get("format") == "safetyneurons.probes.probe/1":
+    if isinstance(obj, dict) and obj.get("format") == "safetyneurons.probe/1":
         raise UserError(f"{path}/probe.json: a probe of format 1, trained on features that also pooled chat-template "
                         f"tokens; this version pools the user's message only. Retrain it (`safetyneurons train`).")
     if not isinstance(obj, dict) or obj.get("format") != PROBE_FORMAT:
@@ -492,6 +493,22 @@ def check_probe_model(probe: Probe, lm: LoadedModel) -> None:
         raise UserError(f"The probe was trained on activations of model {probe.meta['model'].get('ref')} "
                         f"(sha256 {want[:12]}...) but --model {lm.ref} has sha256 {have[:12]}.... Evaluate with "
                         f"the probe's model (leave --model out to use it).")
+
+
+def probe_features(probe: Probe, *, lm: LoadedModel | None = None, prompts: Sequence[str] | None = None,
+                   store: Store | None = None, batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    """A saved activation probe's input features, rebuilt from its metadata (:class:`FeatureSpec`): read live
+    from ``lm`` and ``prompts`` by the activation reader, or from an activation ``store``."""
+    spec = FeatureSpec.from_meta(probe.meta, source="probe metadata")
+    length = probe.meta.get("feature_set") == "length"  # the length baseline reads only the token count
+    if store is not None:
+        store.check_spec(spec)
+        return store.length_features() if length else store.read(spec)
+    if lm is None or prompts is None:
+        raise UserError("Rebuilding a probe's features needs the model and the prompts (or a store).")
+    if length:
+        return token_counts(lm, prompts, spec.max_length).astype(np.float64).reshape(-1, 1)
+    return ActivationReader(lm, spec, batch_size=batch_size).features(prompts, progress=progress)
 
 
 def evaluate_probe(probe: Probe | TextProbe, records: Sequence[dict], *, lm: LoadedModel | None = None,
