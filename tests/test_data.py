@@ -510,3 +510,24 @@ def test_cli_import_bad_input(tmp_path, case):
     assert_user_error(proc, *want)
     assert not out.exists()
     assert not list(tmp_path.glob(".out.jsonl*"))
+
+
+def test_our_own_train_only_prompts_change_only_the_train_split(splits, tmp_path, monkeypatch):
+    """Editing the project's template sets (train only) must not move a single prompt of the twin, contrast,
+    val, test or held-out splits (the twin's cache key and every evaluation depend on them)."""
+    from safetyneurons.data import datasets
+
+    out, _ = splits
+    real = datasets.load_dataset
+
+    def fewer_templates(name, *a, **k):
+        recs = real(name, *a, **k)
+        return recs[::3] if name.startswith("templates_") else recs
+
+    monkeypatch.setattr(data, "load_dataset", fewer_templates)
+    data.build_splits(tmp_path / "fewer", seed=0, progress=False)
+    for name in ("twin", "contrast", "val", "test", "heldout"):
+        assert (tmp_path / "fewer" / f"{name}.jsonl").read_bytes() == (out / f"{name}.jsonl").read_bytes(), name
+    assert (tmp_path / "fewer" / "train.jsonl").read_bytes() != (out / "train.jsonl").read_bytes()
+    kept = [r for r in data.read_records(out / "train.jsonl") if r["source"].startswith("templates_")]
+    assert len(kept) > 500  # the phrasings reach training; near-duplicates of other splits are dropped

@@ -122,6 +122,20 @@ def assign_clusters(records: Sequence[dict], threshold: float = THRESHOLD) -> tu
     return out, report
 
 
+def near_duplicates_joined(records: Sequence[dict], clustered: Sequence[dict],
+                           threshold: float = THRESHOLD) -> list[dict]:
+    """Copies of ``records`` with ``"cluster"``: the (smallest) cluster of a ``clustered`` record each is a
+    near-duplicate of, else the record's own id. ``clustered`` keeps its clusters: ``records`` are attached to
+    them, never merge them."""
+    records, clustered = list(records), list(clustered)
+    labels = cluster_labels([r["prompt"] for r in clustered] + [r["prompt"] for r in records], threshold)
+    names: dict[int, str] = {}
+    for r, c in zip(clustered, labels):
+        names[c] = min(names.get(c, r["cluster"]), r["cluster"])
+    own = labels[len(clustered):]
+    return [{**r, "cluster": names.get(c, str(r["id"]))} for r, c in zip(records, own)]
+
+
 def group_by_cluster(records: Iterable[dict]) -> list[list[dict]]:
     """Records grouped by their ``cluster`` field, groups in order of first appearance."""
     groups: dict[str, list[dict]] = {}

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 from safetyneurons._io import (atomic_dir, atomic_write_json, cache_dir, check_out_dir, progress_bar, read_json, sha256_file,
                   sha256_json, versions)
 from safetyneurons.data.clusters import THRESHOLD as CLUSTER_THRESHOLD
-from safetyneurons.data.clusters import assign_clusters, assign_splits
+from safetyneurons.data.clusters import assign_clusters, assign_splits, near_duplicates_joined
 from safetyneurons.data.datasets import REGISTRY, TRAIN_ONLY, get_spec, list_datasets, load_dataset, normalise_text
 from safetyneurons.errors import UserError
 from safetyneurons.data.readers import (detect_format, normalise_label, parse_label_arg, records_from_hub, records_from_rows,
@@ -287,9 +287,13 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
 
     main, main_report = clean(main_raw, max_chars)
     held, held_report = clean(held_raw, max_chars)
+    # our own train-only sources are clustered with the rest but never change its clusters, so editing them
+    # changes only the train split (twin, contrast, val, test and held-out stay as they are)
+    train_only = [r for r in main if r["source"] in TRAIN_ONLY]
+    main = [r for r in main if r["source"] not in TRAIN_ONLY]
     clustered, cluster_report = assign_clusters(main + held, CLUSTER_THRESHOLD)
     main, held = clustered[:len(main)], clustered[len(main):]
-    train_only = [r for r in main if r["source"] in TRAIN_ONLY]
+    train_only = near_duplicates_joined(train_only, main + held, CLUSTER_THRESHOLD)
     harm = [r for r in main if r["label"] == 1 and r["source"] not in TRAIN_ONLY]
     ben = [r for r in main if r["label"] == 0 and r["source"] not in TRAIN_ONLY]
     if len(harm) < n_twin + n_contrast + 4 or len(ben) < n_twin + n_contrast_benign + 4:

@@ -47,7 +47,7 @@ def guard_files(path: Path) -> dict[str, str]:
         if p.is_dir():
             raise UserError(f"{path}: unexpected sub-directory {p.name!r} in a guard directory. A guard holds "
                             f"only guard.json and the probe's files; re-export it.")
-        out[p.name] = sha256_file(p)
+        out[p.name] = sha256_file(p, within=path)  # regular files inside the guard directory only
     return out
 
 
