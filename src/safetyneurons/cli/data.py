@@ -53,7 +53,7 @@ def show(name, n, prompt_col, label_col, label):
 
 @data.command("build")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=True, dir_okay=True),
-              help="Directory for twin/contrast/train/test/heldout.jsonl + manifest.json.")
+              help="Directory for twin/contrast/train/val/test/heldout.jsonl + manifest.json.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling and splitting.")
 @click.option("--n-twin", default=150, show_default=True, type=int, help="Prompts per class in the twin split.")
 @click.option("--n-contrast", default=100, show_default=True, type=int, help="Harmful prompts in the contrast split.")

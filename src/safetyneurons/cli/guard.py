@@ -92,7 +92,8 @@ def _guard_options(f):
                           "match the guard's sha256.")(f)
     f = click.option("--threshold", type=float, default=None,
                      help="Flag when the unsafe probability is >= this (default: the guard's threshold, "
-                          "chosen on the training split).")(f)
+                          "as its threshold_rule records; `run` sets it for a 5% false-positive rate on the validation "
+                          "split's benign prompts).")(f)
     f = click.option("--guard", "guard_dir", required=True, type=click.Path(), help="Guard directory.")(f)
     return f
 

@@ -36,7 +36,7 @@ def parse_k(value: str) -> list[float]:
               help="Labelled held-out prompts (harmful = 1, benign = 0): a file, a dataset name or split:NAME.")
 @click.option("--per-class", type=int, default=100, help="Harmful and benign prompts used (each).")
 @click.option("--k", "k", default=None, metavar="PERCENTS",
-              help=f"Top k%% of neurons by change score, comma-separated, each in (0, 50] (sweep: {_SWEEP}). "
+              help=f"Top k% of neurons by change score, comma-separated, each in (0, 50] (sweep: {_SWEEP}). "
                    f"[default: 5, or the --neurons set's own share]")
 @click.option("--sweep", is_flag=True, help=f"Shorthand for --k {_SWEEP}.")
 @click.option("--random-sets", type=int, default=20, help="Layer-matched random control sets per k.")

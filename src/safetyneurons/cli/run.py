@@ -5,10 +5,6 @@ from __future__ import annotations
 import click
 
 from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM, HOOK_POINTS, POOLINGS, POSITIONS
-from safetyneurons.probes.overrefusal import render_overrefusal
-from safetyneurons.pipeline import RunSettings, controls_markdown
-from safetyneurons.pipeline import run as run_pipeline
-from safetyneurons.probes.report import results_table as _seed_table
 
 
 @click.command("run")
@@ -73,6 +69,11 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
     controls (random layer-matched and global neurons, largest-magnitude neurons, PCA, all features, text-only,
     length-only), held-out benchmark, guard."""
+    from safetyneurons.pipeline import RunSettings, controls_markdown  # the library (torch) only when it runs
+    from safetyneurons.pipeline import run as run_pipeline
+    from safetyneurons.probes.overrefusal import render_overrefusal
+    from safetyneurons.probes.report import results_table
+
     settings = RunSettings.for_preset("paper" if paper else "default", out=out, quick=quick, hook_point=hook_point,
                                       pooling=pooling, positions=positions, completion_from=completion_from,
                                       selection=selection,
@@ -84,9 +85,9 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
                                       patch=patch)
     click.echo(f"Run directory: {settings.out_dir}", err=True)
     summary = run_pipeline(settings, progress=not no_progress, force=force)
-    click.echo("\nTest split:\n" + _seed_table(summary["results"]) + "\n" + controls_markdown(summary, "test"))
+    click.echo("\nTest split:\n" + results_table(summary["results"]) + "\n" + controls_markdown(summary, "test"))
     if summary.get("heldout"):
-        click.echo("Held-out benchmark:\n" + _seed_table(summary["heldout"]) + "\n"
+        click.echo("Held-out benchmark:\n" + results_table(summary["heldout"]) + "\n"
                    + controls_markdown(summary, "heldout"))
     if summary.get("overrefusal"):
         click.echo(render_overrefusal(summary["overrefusal"], "Over-refusal and recall (held-out sources)"))
