@@ -265,3 +265,39 @@ def test_real_guard_reads_dilution_unicode_roles_and_injection(real):
     specials = set(real.lm.tokenizer.all_special_ids)
     plain = real.lm.template.encode_prompts(["hi"])[0].ids
     assert sum(int(i) in specials for i in enc.ids[0].tolist()) == sum(i in specials for i in plain)
+
+
+# ------------------------------------------------------------------------------------- operating points
+def test_operating_points_are_calibrated_as_the_guard_scores_and_callers_only_tighten(served_guard):
+    from safetyneurons.guard.calibrate import calibrate_guard, check_operating_point, guard_probe
+    from test_guard import SAFE, UNSAFE
+
+    g = served_guard
+    long_benign = [benign_tokens(g, 120 + 7 * k) for k in range(20)]
+    val = ([{"prompt": p, "label": 1, "source": "advbench"} for p in UNSAFE]
+           + [{"prompt": p, "label": 0, "source": "bfcl"} for p in SAFE + long_benign])
+    cal = calibrate_guard(g.lm, g.spec, g.probe, val, points={"strict": 0.25, "loose": 0.05})
+    strict, loose = (cal["operating_points"][k] for k in ("strict", "loose"))
+    assert loose["threshold"] >= strict["threshold"]
+    assert strict["validation"]["fpr_benign"] <= 0.25 and loose["validation"]["fpr_benign"] <= 0.05
+    # the guard's own scores (windows included) meet the targets; whole-prompt scores can be lower
+    p = g.unsafe_probability([r["prompt"] for r in val])
+    benign = np.array([r["label"] == 0 for r in val])
+    assert (p[benign] >= strict["threshold"]).mean() <= 0.25
+    thresholds = {"strict": strict["threshold"], "loose": loose["threshold"]}
+    assert guard_probe(g.probe, cal).threshold == strict["threshold"] and g.probe.threshold != strict["threshold"]
+    assert check_operating_point(None, "loose", thresholds) == "loose"
+    assert check_operating_point("strict", "loose", thresholds) == "strict"  # stricter: allowed
+    with pytest.raises(UserError, match="looser"):
+        check_operating_point("loose", "strict", thresholds)
+    with pytest.raises(UserError, match="Unknown operating point"):
+        check_operating_point("lenient", "strict", thresholds)
+    g.meta = {**g.meta, "calibration": cal}
+    try:
+        assert g.thresholds == thresholds
+        assert g.score(UNSAFE[0], operating_point="strict")[0].flagged == (
+            g.score(UNSAFE[0])[0].unsafe_probability >= min(g.threshold, thresholds["strict"]))
+        with pytest.raises(UserError, match="looser"):
+            g.score(UNSAFE[0], operating_point="loose")
+    finally:
+        g.meta = {k: v for k, v in g.meta.items() if k != "calibration"}

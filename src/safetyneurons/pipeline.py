@@ -11,7 +11,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +28,8 @@ from safetyneurons.probes.compare import compare_feature_sets, score_store
 from safetyneurons.constants import FEATURES_FROM
 from safetyneurons.neurons.contrast import check_positions, contrast
 from safetyneurons.errors import UserError
-from safetyneurons.activations.features import check_pooling
+from safetyneurons.activations.features import FeatureSpec, check_pooling
+from safetyneurons.guard.calibrate import calibrate_guard, guard_probe
 from safetyneurons.guard.guard import export_run_guard
 from safetyneurons.model.hooks import check_hook_point
 from safetyneurons.neurons.selection import check_max_layer, check_selection, neuron_stats
@@ -389,6 +390,13 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         if budgeted:
             calibration[guard_key] = calibrate_runs([guard_run], stores["val"],
                                                     s.target_fpr)[f"safety/{s.guard_classifier}"]
+        guard_calibration = calibration.get(guard_key)
+        if "val" in split_records:  # the guard's thresholds, on val read as the guard reads (windows included)
+            guard_calibration = result.report["guard_calibration"] = calibrate_guard(
+                base if s.features_from == "base" else aligned, FeatureSpec.from_meta(
+                    stores["train"].manifest, neuron_set=guard_set), guard_run.probes[0], split_records["val"],
+                points={"strict": s.target_fpr, "loose": min(s.target_fpr, 0.01)}, batch_size=s.batch_size,
+                progress=progress)
         steps.done()
 
         # 10. held-out benchmark (whole sources never seen in training), with over-refusal side by side
@@ -407,9 +415,11 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         result.report["categories"] = {"heads": heads.describe() if heads else None, "evaluation": {
             n: evaluate_on_store(heads, stores[n], split_records[n], guard_set)
             for n in ("test", "heldout") if heads and n in stores}}
+        if "guard_calibration" in result.report:  # the exported probe carries the guard's own threshold
+            guard_run = replace(guard_run, probes=[guard_probe(guard_run.probes[0], guard_calibration)])
         export_run_guard(out / "guard", guard_run, stores["train"],
                          data={n: f for n, f in summary["data"]["files"].items() if n in ("train", "val", "test")},
-                         category_heads=heads, calibration=calibration.get(guard_key), budget=budget)
+                         category_heads=heads, calibration=guard_calibration, budget=budget)
         steps.done()
 
         # 12. report

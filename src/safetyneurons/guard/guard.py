@@ -42,6 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from safetyneurons._io import sha256_json
+from safetyneurons.guard.calibrate import DEFAULT_POINT, check_operating_point
 from safetyneurons.guard.artifact import (GUARD_FILE, GUARD_FORMAT, check_model_ref, check_probe_arrays,  # noqa: F401
                                           content_sha256, export_guard, export_run_guard, neuron_set_from_meta,
                                           public_metadata, read_guard_meta)
@@ -95,6 +96,7 @@ class Guard:
         self.max_length: int | None = spec.max_length
         self.threshold = check_threshold(threshold)
         self.batch_size = check_batch_size(batch_size)
+        self.operating_point = DEFAULT_POINT  # the operator's; see thresholds
         self._reader: tuple[tuple, ActivationReader] | None = None
 
     @property
@@ -122,6 +124,23 @@ class Guard:
         return f"safetyneurons-guard-{self.id[:12]}"
 
     @property
+    def thresholds(self) -> dict[str, float]:
+        """Threshold of each operating point calibrated on validation (``strict``, ``loose``); a guard without
+        them has its one threshold as ``strict``. The threshold in use is :attr:`threshold`."""
+        points = ((self.meta.get("calibration") or {}).get("operating_points") or {})
+        out = {name: float(fig["threshold"]) for name, fig in points.items()}
+        return out or {DEFAULT_POINT: self.default_threshold}
+
+    def threshold_for(self, operating_point: str | None) -> float:
+        """The threshold a caller gets: the one in use, or that of a stricter operating point it asks for
+        (never a looser one; UserError)."""
+        if operating_point is None:
+            return self.threshold
+        point = check_operating_point(operating_point, DEFAULT_POINT if self.operating_point not in self.thresholds
+                                      else self.operating_point, self.thresholds)
+        return min(self.thresholds[point], self.threshold)
+
+    @property
     def default_threshold(self) -> float:
         return float(self.meta["threshold"])
 
@@ -136,6 +155,7 @@ class Guard:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", *, lm: LoadedModel | None = None,
              threshold: float | None = None, model_ref: str | None = None, dtype: str = "float32",
+             operating_point: str | None = None,
              batch_size: int = 16, expected_sha256: str | None = None,
              verify_model: bool = True) -> "Guard":
         """Load and verify a guard directory.
@@ -210,8 +230,13 @@ class Guard:
             raise UserError(f"Shape mismatch: the guard reads every neuron at {meta['hook_point']} "
                             f"({n_features} features) but the model has {n_layers} x {width} = {n_layers * width}. "
                             f"Use the guard's own model.")
-        t = default_threshold if threshold is None else check_threshold(threshold)
-        return cls(path, meta, lm, probe, ns, t, batch_size=batch_size, category_heads=heads)
+        g = cls(path, meta, lm, probe, ns, default_threshold, batch_size=batch_size, category_heads=heads)
+        if operating_point is not None:
+            g.operating_point = check_operating_point(operating_point, operating_point, g.thresholds)
+            g.threshold = g.thresholds[g.operating_point]
+        if threshold is not None:
+            g.threshold = check_threshold(threshold)
+        return g
 
     # ---- scoring
     def features(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
@@ -237,14 +262,15 @@ class Guard:
         return np.asarray(self.probe.unsafe_probability(features), dtype=np.float64)
 
     def score(self, inputs: Sequence[Any] | str, threshold: float | None = None,
-              progress: bool = False) -> list[GuardResult]:
+              progress: bool = False, operating_point: str | None = None) -> list[GuardResult]:
         """Score inputs in batches: ``GuardResult(unsafe_probability, flagged)`` per input, in order.
 
         An input is a prompt (str, one user message) or a conversation (a list of ``{"role", "content"}``
         messages, every one of them read). Flagged means ``unsafe_probability >= threshold`` (default: the
-        guard's threshold), or a probability that is not a finite number (fail closed).
+        guard's threshold, or that of a stricter ``operating_point``), or a probability that is not a finite number
+        (fail closed).
         """
-        t = self.threshold if threshold is None else check_threshold(threshold)
+        t = self.threshold_for(operating_point) if threshold is None else check_threshold(threshold)
         inputs = _check_inputs(inputs)
         if not inputs:
             return []
@@ -278,6 +304,8 @@ class Guard:
         meta["id"] = self.id
         meta["name"] = self.name
         meta["threshold_in_use"] = self.threshold
+        meta["operating_point"] = self.operating_point
+        meta["thresholds"] = self.thresholds
         meta["layers_run"] = self.layers_run
         meta["num_layers"] = int(self.lm.info["num_layers"])
         return meta

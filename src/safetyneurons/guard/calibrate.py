@@ -1,0 +1,91 @@
+"""The guard's thresholds, set on the validation split the way the guard scores (windows included).
+
+A guard scores an input by its most unsafe piece (the whole message and its 32-token windows, see
+:mod:`safetyneurons.activations.reader`), so a threshold set on whole-prompt store features would let the
+false-positive rate drift up on long benign prompts. :func:`calibrate_guard` reads the validation prompts through
+the guard's own reader and sets one threshold per **operating point**:
+
+- ``strict`` (the default): flags more; the lowest threshold whose false-positive rate on the validation split's
+  benign prompts (hard negatives included) is at most 5%;
+- ``loose``: fewer false positives; at most 1%.
+
+A caller may ask for a point that flags at least as much as the operator's (``strict`` when the server runs
+``loose``), never for a looser one (:func:`check_operating_point`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from safetyneurons.activations.features import FeatureSpec
+from safetyneurons.activations.reader import ActivationReader, max_per_input
+from safetyneurons.data.datasets import REGISTRY
+from safetyneurons.data.validation import calibration_figures, threshold_for_fpr
+from safetyneurons.errors import UserError
+
+if TYPE_CHECKING:
+    from safetyneurons.model.pair import LoadedModel
+    from safetyneurons.probes.probe import Probe
+
+#: operating point -> its target false-positive rate on the validation split's benign prompts
+OPERATING_POINTS: dict[str, float] = {"strict": 0.05, "loose": 0.01}
+DEFAULT_POINT = "strict"
+
+
+def check_operating_point(asked: str | None, served: str = DEFAULT_POINT, thresholds: Mapping[str, float] | None = None
+                          ) -> str:
+    """The operating point a caller gets: ``served`` when ``asked`` is None; ``asked`` when it flags at least as
+    much as ``served`` (its threshold is not higher); a UserError naming the choices otherwise."""
+    if asked is None:
+        return served
+    known = dict(thresholds or {})
+    if asked not in known:
+        raise UserError(f"Unknown operating point {asked!r}; this guard has: {', '.join(sorted(known)) or 'none'}.")
+    if known[asked] > known[served]:
+        raise UserError(f"Operating point {asked!r} is looser than the server's {served!r}; a caller may only make "
+                        f"the guard stricter.")
+    return asked
+
+
+def guard_validation_scores(lm: LoadedModel, spec: FeatureSpec, probe: Probe, prompts: Sequence[str],
+                            batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    """Unsafe probability of each validation prompt as the guard scores it (its most unsafe piece)."""
+    reader = ActivationReader(lm, spec, batch_size=batch_size, windows=True)
+    X, owner = reader.read(list(prompts), progress=progress)
+    return max_per_input(probe.unsafe_probability(X), owner, len(prompts))
+
+
+def calibrate_guard(lm: LoadedModel, spec: FeatureSpec, probe: Probe, val_records: Sequence[dict],
+                    points: Mapping[str, float] = OPERATING_POINTS, batch_size: int = 16,
+                    progress: bool = False) -> dict:
+    """Thresholds of every operating point on the validation records, read as the guard reads them.
+
+    Returns ``{"scoring", "default": DEFAULT_POINT, "operating_points": {point: calibration figures}}`` for
+    guard.json; :func:`guard_probe` gives the probe with the default point's threshold."""
+    if DEFAULT_POINT not in points:
+        raise UserError(f"The operating points must include {DEFAULT_POINT!r}.")
+    y = np.asarray([int(r["label"]) for r in val_records], dtype=np.int64)
+    sources = [str(r.get("source", "")) for r in val_records]
+    proba = guard_validation_scores(lm, spec, probe, [r["prompt"] for r in val_records], batch_size, progress)
+    hard = sorted({s for s in sources if s in REGISTRY and REGISTRY[s].hard_negative})
+    figures = {}
+    for name, fpr in points.items():
+        t = threshold_for_fpr(y, proba, fpr)
+        figures[name] = calibration_figures(y, proba, sources, t, fpr, hard)
+    return {"scoring": "the guard's own: each prompt's most unsafe piece (whole, and 32-token windows)",
+            "default": DEFAULT_POINT, "operating_points": figures}
+
+
+def guard_probe(probe: Probe, calibration: dict) -> Probe:
+    """A copy of ``probe`` whose threshold is the default operating point's of ``calibration``."""
+    import copy
+
+    out = copy.deepcopy(probe)
+    fig = calibration["operating_points"][calibration["default"]]
+    out.threshold = float(fig["threshold"])
+    out.threshold_rule = (f"operating point {calibration['default']!r}: false-positive rate <= {fig['target_fpr']:g} "
+                          f"on the {fig['validation']['n_benign']} benign prompts of the validation split, scored as "
+                          f"the guard scores (most unsafe piece)")
+    return out
