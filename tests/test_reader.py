@@ -301,3 +301,16 @@ def test_operating_points_are_calibrated_as_the_guard_scores_and_callers_only_ti
             g.score(UNSAFE[0], operating_point="loose")
     finally:
         g.meta = {k: v for k, v in g.meta.items() if k != "calibration"}
+
+
+def test_guard_cli_operating_point(served_guard, tmp_path):
+    from test_guard import run_cli
+
+    r = run_cli("guard", "--guard", served_guard.path, "--operating-point", "strict", "--json", "Hello there.")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    out = json.loads(r.stdout)
+    assert out["operating_point"] == "strict" and out["threshold"] == served_guard.default_threshold
+    r = run_cli("guard", "--guard", served_guard.path, "--operating-point", "loose", "Hello there.")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Unknown operating point 'loose'" in r.stderr

@@ -63,13 +63,13 @@ def _excerpt(text: str, width: int = _EXCERPT) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha256):
+def _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha256, operating_point=None):
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise UserError(f"--threshold must be a probability between 0 and 1, got {threshold:g}.")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}.")
     return Guard.load(guard_dir, device=device, threshold=threshold, model_ref=model_ref, batch_size=batch_size,
-                      expected_sha256=guard_sha256)
+                      expected_sha256=guard_sha256, operating_point=operating_point)
 
 
 def _quiet_libraries() -> None:
@@ -94,6 +94,9 @@ def _guard_options(f):
                      help="Flag when the unsafe probability is >= this (default: the guard's threshold, "
                           "as its threshold_rule records; `run` sets it for a 5% false-positive rate on the validation "
                           "split's benign prompts).")(f)
+    f = click.option("--operating-point", type=click.Choice(("strict", "loose")), default=None,
+                     help="Which calibrated threshold to use: strict (5% false positives on the validation split's "
+                          "benign prompts; the default) or loose (1%).")(f)
     f = click.option("--guard", "guard_dir", required=True, type=click.Path(), help="Guard directory.")(f)
     return f
 
@@ -105,7 +108,8 @@ def _guard_options(f):
               help="Prompts file: one prompt per line (.txt), or .jsonl records with \"prompt\"; - for stdin. "
                    "Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, prompts, files, as_json):
+def guard(guard_dir, operating_point, threshold, model_ref, device, batch_size, guard_sha256, prompts, files,
+          as_json):
     """Score PROMPTS (and/or --file) with a guard: probability of unsafe and whether it is flagged.
 
     \b
@@ -121,10 +125,11 @@ def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, pro
         if not p.strip():
             raise UserError(f"Prompt {k + 1} is empty; give some text to score.")
     _quiet_libraries()
-    g = _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha256)
+    g = _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha256, operating_point)
     results = g.score(items, progress=len(items) > g.batch_size)
     if as_json:
         click.echo(json.dumps({"guard": g.name, "id": g.id, "threshold": g.threshold,
+                               "operating_point": g.operating_point if threshold is None else None,
                                "results": [{"prompt": p, **r.to_dict()} for p, r in zip(items, results)]},
                               ensure_ascii=False, indent=2))
         return
@@ -174,7 +179,7 @@ def guard(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, pro
                    "request.\").")
 @click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(min=1),
               help="With --generate: the most tokens a reply may have (requests asking for more: 422).")
-def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, host, port, api_key, allowed_hosts,
+def serve(guard_dir, operating_point, threshold, model_ref, device, batch_size, guard_sha256, host, port, api_key, allowed_hosts,
           max_batch_size, max_wait_ms, max_inputs, max_chars, request_timeout, max_connections, log_prompts, threads,
           generate, guard_mode, refusal, max_tokens):
     """Serve a guard over HTTP: POST /v1/moderations (OpenAI moderation shape), POST
@@ -200,7 +205,7 @@ def serve(guard_dir, threshold, model_ref, device, batch_size, guard_sha256, hos
             import torch
 
             torch.set_num_threads(threads)
-        g = _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha256)
+        g = _load_guard(guard_dir, device, threshold, model_ref, batch_size, guard_sha256, operating_point)
         chat = GuardedChat(g, mode=guard_mode, refusal=refusal or DEFAULT_REFUSAL) if generate else None
         app = create_service(g, chat=chat, max_tokens=max_tokens, max_batch_size=max_batch_size,
                              max_wait_ms=max_wait_ms, max_inputs=max_inputs, max_chars=max_chars, api_key=api_key,
