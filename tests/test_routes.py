@@ -14,6 +14,7 @@ import pytest
 
 from safetyneurons.guard.chat import Delta, GuardedChat
 from safetyneurons.guard.guard import Guard
+from safetyneurons.serve.chat_routes import public_model_name
 from safetyneurons.serve.routes import GUARDRAIL_PATH, create_service
 from test_guard import SAFE, UNSAFE, build_guard, run_cli
 from test_server import Served, _free_port, wait_until_up
@@ -58,8 +59,8 @@ def test_a_benign_chat_completion_answers_with_usage_and_the_guard_score(served,
     ext = r.model_extra["safetyneurons"]
     assert ext["unsafe_probability"] == pytest.approx(guard.score(GOOD)[0].unsafe_probability, abs=1e-6)
     assert ext["flagged"] is False and ext["blocked"] is False and ext["guard"] == guard.name
-    assert r.model == served.chat.model_name
-    assert served.client.models.list().data[0].id == served.chat.model_name
+    assert r.model == public_model_name(served.chat) == served.client.models.list().data[0].id
+    assert r.model.endswith("+" + guard.name) and "/" not in r.model  # no local path
 
 
 def test_a_harmful_chat_completion_is_refused_without_generating(served, guard):
@@ -153,11 +154,14 @@ def test_generation_failures_are_json_500_or_an_sse_error_and_the_server_keeps_s
 # -------------------------------------------------------------------------------------- moderation
 def test_openai_client_parses_moderations_of_every_input_shape(served, guard):
     want = [r.unsafe_probability for r in guard.score([BAD, GOOD])]
-    for inp in ([BAD, GOOD], [{"type": "text", "text": BAD}, {"type": "text", "text": GOOD}]):
-        r = served.client.moderations.create(model="omni-moderation-latest", input=inp)
-        assert [m.flagged for m in r.results] == [True, False]
-        assert [m.category_scores.model_extra["unsafe"] for m in r.results] == pytest.approx(want, abs=1e-6)
-        assert r.results[0].category_applied_input_types.model_extra == {"unsafe": ["text"]}
+    r = served.client.moderations.create(model="omni-moderation-latest", input=[BAD, GOOD])
+    assert [m.flagged for m in r.results] == [True, False]  # a list of strings: one result per string
+    assert [m.category_scores.model_extra["unsafe"] for m in r.results] == pytest.approx(want, abs=1e-6)
+    assert r.results[0].category_applied_input_types.model_extra == {"unsafe": ["text"]}
+    parts = served.client.moderations.create(input=[{"type": "text", "text": GOOD}, {"type": "text", "text": BAD}])
+    assert len(parts.results) == 1  # content parts: one input, one result (OpenAI's multi-modal input)
+    assert parts.results[0].category_scores.model_extra["unsafe"] == pytest.approx(
+        guard.score(GOOD + BAD)[0].unsafe_probability, abs=1e-6)
     one = served.client.moderations.create(input=GOOD)
     assert len(one.results) == 1 and one.results[0].flagged is False
     r = httpx.post(served.url + "/v1/moderations", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
@@ -189,16 +193,14 @@ def test_litellm_generic_guardrail_blocks_harmful_and_passes_benign(served, guar
     assert body["safetyneurons"]["litellm_call_id"] == "call-123"
     ok = guardrail(served, litellm_request([GOOD], input_type="response")).json()
     assert ok["action"] == "NONE" and ok["blocked_reason"] is None
-    assert guardrail(served, litellm_request([])).json()["action"] == "NONE"  # nothing to check
-    # the threshold travels in additional_provider_specific_params
-    assert guardrail(served, litellm_request([BAD], threshold=1.0)).json()["action"] == "NONE"
+    # the threshold travels in additional_provider_specific_params: a caller may only make the guard stricter
     assert guardrail(served, litellm_request([GOOD], threshold=0.0)).json()["action"] == "BLOCKED"
+    assert guardrail(served, litellm_request([BAD], threshold=1.0)).status_code == 422
 
 
 @pytest.mark.parametrize("body,status", [({"texts": ["x"]}, 422), ({"input_type": "later", "texts": ["x"]}, 422),
                                          ({"input_type": "request", "texts": "x"}, 422),
-                                         (litellm_request(["x"], threshold=2), 422),
-                                         (litellm_request(["x" * 301]), 413), (litellm_request(["a"] * 5), 413)])
+                                         (litellm_request(["x"], threshold=2), 422), (litellm_request([]), 422)])
 def test_litellm_guardrail_bad_requests_are_json_errors(served, body, status):
     r = guardrail(served, body)
     assert r.status_code == status and r.json()["error"]["message"]

@@ -169,7 +169,8 @@ def test_oversized_inputs_are_refused_with_413(served):
             yield b"z" * 10_000
         yield b'"}'
 
-    r = httpx.post(served.url + "/v1/moderations", content=chunks(), headers=AUTH, timeout=30)
+    r = httpx.post(served.url + "/v1/moderations", content=chunks(), timeout=30,
+                   headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     assert post(served, {"input": "x" * 200}).status_code == 200  # at the limit is fine
 

@@ -1,46 +1,53 @@
-"""HTTP service for a guard: an OpenAI-style moderation endpoint with micro-batching.
+"""HTTP service for a guard: the OpenAI moderation endpoint, fair micro-batching and admission control.
 
-Endpoints (see :func:`create_app`):
+Endpoints (see :func:`create_app`; :func:`safetyneurons.serve.routes.create_service` adds LiteLLM's guardrail
+API and guarded chat completions):
 
-- ``POST /v1/moderations`` ``{"input": str | [str], "model": str (optional, ignored)}`` ->
+- ``POST /v1/moderations`` (:mod:`safetyneurons.serve.moderation`): ``{"input": str | [str] | [parts]}`` ->
   ``{"id", "model", "results": [{"flagged", "categories": {"unsafe", ...}, "category_scores": {"unsafe", ...}}]}``
   (hazard categories next to ``unsafe`` when the guard has category heads, :mod:`safetyneurons.probes.categories`)
 - ``GET /v1/guard``: the guard's metadata (guard.json with the neuron list summarised) and server limits;
-- ``GET /healthz``: liveness, ``{"status": "ok"}`` (open without the API key, for load balancers).
+- ``GET /healthz``: liveness, ``{"status": "ok"}`` (open without the API key, for load balancers). It is
+  answered by the event loop, never by the worker, so it answers while the worker is busy; it reports 503 when
+  the worker is down or one turn has run longer than the request timeout (turns are bounded, so that means stuck).
 
-Concurrent requests are gathered into one batch: each request puts its inputs on an asyncio queue; one
-worker takes the first waiting request, waits at most ``max_wait_ms`` for more (up to ``max_batch_size``
-inputs), scores them with one ``guard.score`` call in a worker thread and hands each request its results.
+All model work runs on one worker thread in bounded turns taken round-robin over clients
+(:mod:`safetyneurons.serve.batcher`): long inputs are read in slices of at most ``max_batch_tokens`` tokens
+(:mod:`safetyneurons.serve.scoring`), so one client's input delays the others by about one turn per rotation.
+Clients are keyed by :func:`safetyneurons.serve.admission.client_key` (peer address, plus the API key's identity
+when the server checks one); each may queue at most 1/8 of the queue (inputs and tokens; 429).
 
 Every error is JSON ``{"error": {"message", "type", "code"}}``: 400 malformed or too deeply nested JSON,
-422 wrong shape, empty input or text that is not valid Unicode (naming the input), 413 too many inputs /
-too large a body, 401 missing or wrong bearer token (compared in constant time), 408 headers or body too
-slow, 429 too many inputs queued by one client, 503 queue full / too many connections / worker down, 504
-request deadline passed, 500 an unexpected failure (for that request only: a failing batch is rescored
-request by request). One log line per request (method, raw path with control characters escaped, status,
-number of inputs, latency); prompt text only with ``log_prompts``. Protocol limits: :mod:`.http_limits`;
-batching: :mod:`.batcher`.
+422 wrong shape, empty input or text that is not valid Unicode (naming the input), 413 too many inputs / an
+input over the per-input ceiling ``max_chars`` / a request over ``max_request_chars`` or ``max_request_tokens``
+/ too large a body, 401 missing or wrong bearer token (compared in constant time), 408 headers or body too
+slow, 429 too much work queued by one client, 499 (access log only) the client went away, 503 queue full / too
+many connections / worker down, 504 request deadline passed, 500 an unexpected failure (for that request only:
+a failing batch is rescored request by request). One log line per request (method, raw path with control
+characters escaped, status, number of inputs, latency); prompt text only with ``log_prompts``. Protocol
+limits: :mod:`safetyneurons.serve.limits`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the (postponed) annotations from here
 
 from safetyneurons import __version__
-from safetyneurons._io import check_text
-from safetyneurons.serve.batcher import InputFailed, MicroBatcher
 from safetyneurons.errors import UserError
-from safetyneurons.serve.limits import ApiError, BodyTimeout, error_body, escape_for_log, parse_body, protocol_class
+from safetyneurons.serve.admission import ClientGone, Generations
+from safetyneurons.serve.batcher import MicroBatcher
+from safetyneurons.serve.limits import (ApiError, BodyTimeout, RequestChecks, api_key_bytes, bearer_token, error_body,
+                                        escape_for_log, is_loopback, protocol_class)
+from safetyneurons.serve.moderation import add_moderation_route
+from safetyneurons.serve.scoring import Scorer
 
 if TYPE_CHECKING:
     import socket
@@ -50,19 +57,34 @@ if TYPE_CHECKING:
 
     from safetyneurons.guard.guard import Guard
 
+__all__ = ["AccessLog", "ServerSettings", "bind_socket", "create_app", "is_loopback", "run_server", "uvicorn_config"]
 log = logging.getLogger("safetyneurons.serve.server")
+_POSITIVE = ("max_batch_size", "max_inputs", "max_chars", "max_queue", "max_connections", "max_batch_tokens",
+             "max_queue_tokens", "max_request_tokens", "max_generations", "max_kv_tokens", "max_prompt_tokens",
+             "decode_tokens_per_turn")
 
 
 @dataclass
 class ServerSettings:
-    """Limits, timeouts and batching of the service."""
+    """Limits, timeouts, batching and admission control of the service."""
 
     max_batch_size: int = 32  # inputs scored together in one guard.score call
     max_wait_ms: float = 5.0  # how long the first waiting request waits for company
     max_inputs: int = 64  # inputs per request (more -> 413)
-    max_chars: int = 8192  # characters per input (more -> 413)
+    max_chars: int = 100_000  # per-input ceiling: longer inputs are read in windows up to it (more -> 413)
+    max_request_chars: int | None = None  # characters per request, all inputs (None: see check(); more -> 413)
     max_queue: int = 4096  # inputs waiting to be scored (more -> 503)
     max_queue_per_client: int | None = None  # inputs one client may have waiting (more -> 429); None: max_queue/8
+    max_batch_tokens: int = 8192  # tokens one worker turn reads at most (long inputs: slices of this)
+    max_queue_tokens: int = 1 << 20  # tokens of work waiting (more -> 503)
+    max_client_tokens: int | None = None  # tokens one client may have waiting (more -> 429); None: 1/8 of the queue
+    max_request_tokens: int = 262_144  # tokens one request's inputs take to read, windows included (more -> 413)
+    max_generations: int = 8  # chat generations live at once (more -> 503)
+    max_generations_per_client: int | None = None  # per client (more -> 429); None: max(1, max_generations // 4)
+    max_kv_tokens: int = 32_768  # prompt + max_tokens reserved by live generations (more -> 503; alone -> 413)
+    max_prompt_tokens: int = 4096  # tokens of one chat prompt, i.e. one prefill turn (more -> 413)
+    decode_tokens_per_turn: int = 8  # decoding steps one chat turn runs at most
+    allow_caller_loosen: bool = False  # may a caller raise the threshold (LiteLLM's params)? else 422
     request_timeout_s: float = 60.0  # a request's deadline from arrival to answer (then 504)
     header_timeout_s: float = 10.0  # time to send the request headers (then 408 and close)
     body_timeout_s: float = 10.0  # time to send the request body (then 408)
@@ -70,9 +92,10 @@ class ServerSettings:
     max_connections: int = 512  # open connections (more: 503 at once)
     api_key: str | None = field(default=None, repr=False)
     log_prompts: bool = False
+    allowed_hosts: tuple[str, ...] | None = None  # Host names answered (else 421); None: any (limits.RequestChecks)
 
     def check(self) -> "ServerSettings":
-        for name in ("max_batch_size", "max_inputs", "max_chars", "max_queue", "max_connections"):
+        for name in _POSITIVE:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UserError(f"{name.replace('_', '-')} must be a whole number >= 1 (got {v!r}).")
@@ -80,6 +103,16 @@ class ServerSettings:
             self.max_queue_per_client = max(self.max_inputs, self.max_queue // 8)
         if not isinstance(self.max_queue_per_client, int) or self.max_queue_per_client < self.max_inputs:
             raise UserError(f"max-queue-per-client must be a whole number >= max-inputs ({self.max_inputs}).")
+        if self.max_request_chars is None:
+            self.max_request_chars = max(self.max_chars, min(self.max_inputs * self.max_chars, 400_000))
+        if self.max_client_tokens is None:
+            self.max_client_tokens = max(1, self.max_queue_tokens // 8)
+        if self.max_generations_per_client is None:
+            self.max_generations_per_client = max(1, self.max_generations // 4)
+        for name in ("max_request_chars", "max_client_tokens", "max_generations_per_client"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UserError(f"{name.replace('_', '-')} must be a whole number >= 1 (got {v!r}).")
         if not (0 <= float(self.max_wait_ms) <= 10_000):
             raise UserError(f"max-wait-ms must be between 0 and 10000 (got {self.max_wait_ms!r}).")
         for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
@@ -92,15 +125,22 @@ class ServerSettings:
 
     @property
     def max_body_bytes(self) -> int:
-        # worst case: every character escaped as \\uXXXX (6 bytes) + JSON overhead
-        return self.max_inputs * (self.max_chars * 6 + 16) + 4096
+        # worst case: a character escaped as two \\uXXXX (12 bytes), the texts twice (LiteLLM sends texts and
+        # messages), plus JSON overhead per input
+        return 24 * self.max_request_chars + 256 * self.max_inputs + 16_384
 
     def public(self) -> dict:
         return {"max_batch_size": self.max_batch_size, "max_wait_ms": float(self.max_wait_ms),
-                "max_inputs": self.max_inputs, "max_chars": self.max_chars, "max_queue": self.max_queue,
-                "max_queue_per_client": self.max_queue_per_client, "request_timeout_s": self.request_timeout_s,
-                "header_timeout_s": self.header_timeout_s, "body_timeout_s": self.body_timeout_s,
-                "max_connections": self.max_connections, "auth": "bearer" if self.api_key else "none"}
+                "max_inputs": self.max_inputs, "max_chars": self.max_chars,
+                "max_request_chars": self.max_request_chars, "max_queue": self.max_queue,
+                "max_queue_per_client": self.max_queue_per_client, "max_batch_tokens": self.max_batch_tokens,
+                "max_queue_tokens": self.max_queue_tokens, "max_client_tokens": self.max_client_tokens,
+                "max_request_tokens": self.max_request_tokens, "max_generations": self.max_generations,
+                "max_generations_per_client": self.max_generations_per_client, "max_kv_tokens": self.max_kv_tokens,
+                "max_prompt_tokens": self.max_prompt_tokens, "allow_caller_loosen": self.allow_caller_loosen,
+                "request_timeout_s": self.request_timeout_s, "header_timeout_s": self.header_timeout_s,
+                "body_timeout_s": self.body_timeout_s, "max_connections": self.max_connections,
+                "auth": "bearer" if self.api_key else "none"}
 
 
 _error_body = error_body  # the one JSON error shape (kept under its old name for importers)
@@ -143,130 +183,26 @@ class AccessLog:
             log.info(line)
 
 
-def _parse_request(body: bytes, settings: ServerSettings) -> list[str]:
-    obj = parse_body(body)
-    if not isinstance(obj, dict):
-        raise ApiError(422, "The request body must be a JSON object like {\"input\": \"text\"} or "
-                            "{\"input\": [\"text\", ...]}.", code="invalid_body")
-    if "input" not in obj:
-        raise ApiError(422, "Missing field \"input\" (a string or a list of strings).", code="missing_input")
-    if "model" in obj and obj["model"] is not None and not isinstance(obj["model"], str):
-        raise ApiError(422, "Field \"model\" must be a string when given.", code="invalid_model")
-    inputs = obj["input"]
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if not isinstance(inputs, list):
-        raise ApiError(422, "Field \"input\" must be a string or a list of strings.", code="invalid_input")
-    if not inputs:
-        raise ApiError(422, "Field \"input\" is an empty list; give at least one text.", code="empty_input")
-    if len(inputs) > settings.max_inputs:
-        raise ApiError(413, f"Too many inputs: {len(inputs)} > {settings.max_inputs} per request. Split the "
-                            f"request.", code="too_many_inputs")
-    inputs = [_input_text(x, k) for k, x in enumerate(inputs)]
-    for k, text in enumerate(inputs):  # each input is validated before it can join a batch
-        if not text.strip():
-            raise ApiError(422, f"input[{k}] is empty; give some text to score.", code="empty_input")
-        if len(text) > settings.max_chars:
-            raise ApiError(413, f"input[{k}] has {len(text)} characters, more than the limit of "
-                                f"{settings.max_chars}.", code="input_too_long")
-        try:
-            check_text(text, f"input[{k}]")
-        except UserError as e:
-            raise ApiError(422, str(e), code="invalid_text") from None
-    return inputs
-
-
-def _input_text(item, k: int) -> str:
-    """A moderation input item: a string or a ``{"type": "text", "text": ...}`` part (images are refused)."""
-    if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
-        return item["text"]
-    if isinstance(item, str):
-        return item
-    kind = f"a {item.get('type')!r} part" if isinstance(item, dict) else type(item).__name__
-    raise ApiError(422, f"input[{k}] is {kind}; give a string or a {{\"type\": \"text\", \"text\": ...}} part "
-                        f"(this guard reads text only).", code="invalid_input")
-
-
-async def _read_body(request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise ApiError(413, f"Request body too large ({declared} bytes > {limit}).", code="body_too_large")
-        except ValueError:
-            raise ApiError(400, "Invalid Content-Length header.", code="invalid_header") from None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"Request body too large (> {limit} bytes).", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _until_disconnect(request) -> None:
-    """Returns when the client has gone away (after the body was read, receive reports only that)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready; its work was dropped."""
-
-
-async def score_for_request(request: Request, batcher: MicroBatcher, inputs: list[str], timeout_s: float) -> list:
-    """Queue ``inputs`` for scoring under the request's client, with the request deadline (504) and dropping
-    the work when the client disconnects. Usable by any route that scores prompts."""
-    client = request.client.host if request.client else ""
-    work = asyncio.ensure_future(batcher.submit(inputs, client))
-    gone = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({work, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if work in done:
-        try:
-            return work.result()
-        except InputFailed as e:
-            if isinstance(e.cause, UserError):
-                raise ApiError(422, f"input[{e.index}]: {e.cause}", code="invalid_input") from None
-            log.error("scoring failed for input[%d]: %s: %s", e.index, type(e.cause).__name__,
-                      escape_for_log(str(e.cause)))
-            raise ApiError(500, f"Internal error while scoring input[{e.index}]; see the server log.",
-                           "server_error", "scoring_failed") from None
-    work.cancel()  # the batcher skips it if it was not taken yet
-    if gone in done:
-        raise ClientGone()
-    raise ApiError(504, f"The request was not answered within {timeout_s:g} s; retry later.", "server_busy",
-                   "deadline_exceeded")
-
-
 def create_app(guard: Guard, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max_inputs: int = 64,
-               max_chars: int = 8192, max_queue: int = 4096, api_key: str | None = None,
+               max_chars: int = 100_000, max_queue: int = 4096, api_key: str | None = None,
                log_prompts: bool = False, score_fn: Callable[[Sequence[str]], list] | None = None,
-               **limits: float | None) -> FastAPI:
+               allow_caller_loosen: bool = False, **limits: float | None) -> FastAPI:
     """A FastAPI app serving ``guard`` (a :class:`safetyneurons.guard.guard.Guard`).
 
     ``api_key``: when set, every endpoint but /healthz needs ``Authorization: Bearer <key>``.
-    ``score_fn`` replaces ``guard.score`` (for instrumentation); it gets a list of texts and returns one
-    ``GuardResult`` per text. ``limits``: further :class:`ServerSettings` fields (timeouts, caps).
+    ``score_fn`` replaces ``guard.score`` (for instrumentation); it gets a list of inputs and returns one
+    ``GuardResult`` per input (inputs are then always scored whole through it). ``allow_caller_loosen``: let
+    callers raise the threshold above the served one (off: they may only make the guard stricter, else 422).
+    ``limits``: further :class:`ServerSettings` fields (timeouts, caps).
     :func:`safetyneurons.serve.routes.create_service` adds guarded chat completions and LiteLLM's guardrail API.
     """
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from safetyneurons.guard.guard import public_metadata
-
     settings = ServerSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_inputs=max_inputs,
-                              max_chars=max_chars, max_queue=max_queue, api_key=api_key,
-                              log_prompts=log_prompts, **limits).check()
+                              max_chars=max_chars, max_queue=max_queue, api_key=api_key, log_prompts=log_prompts,
+                              allow_caller_loosen=bool(allow_caller_loosen), **limits).check()
     batcher = MicroBatcher(score_fn or guard.score, settings.max_batch_size, settings.max_wait_ms,
-                           settings.max_queue, settings.max_queue_per_client)
-    key_bytes = settings.api_key.encode("utf-8") if settings.api_key else None
+                           settings.max_queue, settings.max_queue_per_client,
+                           max_batch_tokens=settings.max_batch_tokens, max_queue_tokens=settings.max_queue_tokens,
+                           max_client_tokens=settings.max_client_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -278,107 +214,107 @@ def create_app(guard: Guard, *, max_batch_size: int = 32, max_wait_ms: float = 5
 
     app = FastAPI(title="safetyneurons guard", version=_version(), lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
-    app.state.guard = guard
-    app.state.settings = settings
-    app.state.batcher = batcher
-
-    def error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-              headers: dict | None = None):
-        return JSONResponse(error_body(message, type_, code), status_code=status, headers=headers)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return error(e.status, e.message, e.type, e.code, headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        return error(e.status_code, str(e.detail), "invalid_request_error", None, getattr(e, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
-        return error(422, f"Invalid request: {e.errors()}", "invalid_request_error", "invalid_body")
-
-    @app.exception_handler(ClientGone)
-    async def _client_gone(request: Request, e: ClientGone):
-        return error(499, "The client closed the connection; the request was dropped.", "client_closed",
-                     "client_closed")
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, e: Exception):  # the last resort: still the JSON shape
-        log.error("unexpected %s on %s", type(e).__name__, escape_for_log(request.url.path))
-        return error(500, "Internal server error; see the server log.", "server_error", "internal_error")
-
+    app.state.guard, app.state.settings, app.state.batcher = guard, settings, batcher
+    app.state.scorer = Scorer(guard, batcher, max_batch_size=settings.max_batch_size,
+                              max_batch_tokens=settings.max_batch_tokens,
+                              max_request_tokens=settings.max_request_tokens, custom_score_fn=score_fn is not None)
+    app.state.generations = Generations(settings.max_generations, settings.max_generations_per_client,
+                                        settings.max_kv_tokens)
+    app.state.check_auth = make_auth(settings)  # for every route that needs the key
+    add_error_handlers(app)
+    app.add_middleware(RequestChecks, allowed_hosts=settings.allowed_hosts)  # Host (421), Content-Type (415)
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(AccessLog, log_prompts=settings.log_prompts)
+    add_info_routes(app)
+    add_moderation_route(app)
+    return app
+
+
+def make_auth(settings: ServerSettings) -> Callable[[Request], None]:
+    """The API-key check of every route but /healthz (401 ``invalid_api_key``; no-op without a key)."""
+    key_bytes = api_key_bytes(settings.api_key) if settings.api_key else None
 
     def check_auth(request: Request) -> None:
         if key_bytes is None:
             return
         header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode("utf-8", "surrogateescape") if scheme.lower() == "bearer" else b""
+        given = bearer_token(header)  # the bytes the client sent, so a UTF-8 key matches
         # compare_digest runs in time independent of where the strings differ
         if not hmac.compare_digest(given, key_bytes):
             raise ApiError(401, "Missing or invalid API key: send the header 'Authorization: Bearer <key>'.",
                            "authentication_error", "invalid_api_key")
 
-    app.state.check_auth = check_auth  # for the routes of safetyneurons.serve.routes
+    return check_auth
+
+
+def json_error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+               headers: dict | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(message, type_, code), status_code=status, headers=headers)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in the one JSON shape; a client that went away is a quiet 499 (no traceback)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return json_error(e.status, e.message, e.type, e.code, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return json_error(e.status_code, str(e.detail), "invalid_request_error", None, getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return json_error(422, f"Invalid request: {e.errors()}", "invalid_request_error", "invalid_body")
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, e: ClientGone):
+        return json_error(499, "The client closed the connection; the request was dropped.", "client_closed",
+                          "client_closed")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):  # the last resort: still the JSON shape
+        log.error("unexpected %s on %s", type(e).__name__, escape_for_log(request.url.path))
+        return json_error(500, "Internal server error; see the server log.", "server_error", "internal_error")
+
+
+def add_info_routes(app: FastAPI) -> None:
+    """``GET /healthz`` (open, answered by the event loop) and ``GET /v1/guard`` (metadata, no local paths)."""
+    from safetyneurons.guard.guard import public_metadata
+
+    state = app.state
+    guard, settings, batcher = state.guard, state.settings, state.batcher
 
     @app.get("/healthz")
     async def healthz():
         health = batcher.health()
         stuck = health["busy_s"] is not None and health["busy_s"] > settings.request_timeout_s
         ok = health["alive"] and not stuck
-        body = {"status": "ok" if ok else "unhealthy", "guard": guard.name, "batcher": health}
-        return body if ok else JSONResponse(body, status_code=503)
+        body = {"status": "ok" if ok else "unhealthy", "guard": guard.name, "batcher": health,
+                "generations": state.generations.public()}
+        return body if ok else json_response(body, 503)
 
     @app.get("/v1/guard")
     async def guard_info(request: Request):
-        check_auth(request)
+        state.check_auth(request)
         return public_metadata({**guard.metadata(), "server": {
             **settings.public(), "batches_scored": batcher.batches, "largest_batch": batcher.largest_batch,
             "batches_rescored": batcher.rescored}})
 
-    @app.post("/v1/moderations")
-    async def moderations(request: Request):
-        check_auth(request)
-        body = await _read_body(request, settings.max_body_bytes)
-        inputs = _parse_request(body, settings)
-        request.state.n_inputs = len(inputs)
-        if settings.log_prompts:
-            request.state.prompts = inputs
-        results = await score_for_request(request, batcher, inputs, settings.request_timeout_s)
-        return {
-            "id": f"modr-{uuid.uuid4().hex}",
-            "model": guard.name,
-            "results": [_moderation_result(r) for r in results],
-        }
 
-    return app
+def json_response(body: dict, status: int):
+    from fastapi.responses import JSONResponse
 
-
-def _moderation_result(r) -> dict:
-    """One moderation result; hazard categories from the guard's category heads, if any, next to ``unsafe``."""
-    categories = getattr(r, "categories", None) or {"unsafe": bool(r.flagged)}
-    scores = getattr(r, "category_scores", None) or {"unsafe": float(r.unsafe_probability)}
-    return {"flagged": bool(r.flagged), "categories": categories, "category_scores": scores,
-            "category_applied_input_types": {k: ["text"] for k in categories}}
+    return JSONResponse(body, status_code=status)
 
 
 def _version() -> str:
     return __version__
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -1,0 +1,320 @@
+"""Mixed load on the guard service (issue 22): does chat traffic hurt moderation beyond its fair share?
+
+Serves a guard with guarded chat (``create_service(guard, chat=GuardedChat(guard))``, the service's default
+limits) in a subprocess on a free loopback port and runs two phases of ``--seconds`` each:
+
+1. **moderation only**: ``--clients`` (32) concurrent moderation clients, one input per request, a share
+   ``--bad-share`` (5%) of them bad inputs (lone surrogates, deep JSON, wrong types, too many inputs);
+2. **moderation + chat**: the same, plus ``--chat-clients`` (5) clients that send long chat prompts
+   (``--chat-chars`` characters, streaming) and disconnect after a random 0.2-1.5 s, over and over.
+
+For the **valid** moderation requests it measures errors (anything but a 200 with one result), p50/p99 latency
+and requests/s in each phase, and prints the p99 ratio (with chat / without). It also counts the bad inputs
+answered with anything but a 4xx JSON error (goal 0), the chat answers by status, and the server process's
+memory (peak resident set, ``VmHWM``, and the largest ``VmRSS`` sampled in each phase). ``--out DIR`` writes
+``mixed_load.json`` and ``mixed_load.md`` (a table).
+
+Guards: ``--guard DIR`` (default: ``runs/default/guard`` when present) or ``--throwaway tiny`` (a throwaway guard
+on a tiny random model, for a smoke check; its context is 256 tokens, so its chat prompts are short).
+
+    python benchmarks/bench_mixed_load.py --throwaway tiny --seconds 10 --out /tmp/mixed
+    python benchmarks/bench_mixed_load.py --guard runs/default/guard --out runs/bench/mixed
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_guard import PROMPTS, build_throwaway  # noqa: E402  (the benchmarks' shared prompts and guard)
+
+_DEEP = 5_000
+BAD_BODIES = [  # what a careless or hostile client sends; each must get a 4xx JSON error
+    b'{"input": "\\ud800 lone surrogate"}', b'{"input": ["ok", "\\udfff"]}', b"[" * _DEEP + b"]" * _DEEP,
+    b'{"input": ' + b"[" * _DEEP + b"]" * _DEEP + b"}", b'{"input": "unterminated', b'{"input": 42}',
+    b'{"input": []}', b'{"text": "no input"}', json.dumps({"input": ["hi"] * 65}).encode(),
+    json.dumps({"input": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}).encode(),
+]
+CHAT_FILLER = ("Please read the following notes about our garden carefully before you answer. We planted "
+               "tomatoes, basil and beans along the south fence, and the soil there dries out quickly in July. ")
+
+
+def pct(xs, q) -> float | None:
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if xs else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ server
+def serve(guard_dir: str, port: int, ready_file: str, device: str) -> None:
+    """The server process: the guard with guarded chat, default service limits, on 127.0.0.1:port."""
+    from safetyneurons.guard.chat import GuardedChat
+    from safetyneurons.guard.guard import Guard
+    from safetyneurons.serve.routes import create_service
+    from safetyneurons.serve.server import bind_socket, run_server
+
+    guard = Guard.load(guard_dir, device=device)
+    chat = GuardedChat(guard, mode="block")
+    app = create_service(guard, chat=chat, max_tokens=256)
+    sock = bind_socket("127.0.0.1", port)
+    Path(ready_file).write_text(json.dumps({"context_length": chat.context_length, "guard": guard.name,
+                                            "layers_run": guard.layers_run,
+                                            "settings": app.state.settings.public()}))
+    run_server(app, sock, log_level="warning")
+
+
+def start_server(guard_dir: Path, device: str, threads: int | None, log) -> tuple[subprocess.Popen, str, dict]:
+    port = free_port()
+    ready = Path(tempfile.mkdtemp()) / "ready.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, __file__, "--_serve", str(guard_dir), str(port), str(ready), device]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 600
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("server did not become healthy within 600 s")
+        try:
+            if ready.is_file() and httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url, json.loads(ready.read_text())
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+
+
+class MemorySampler:
+    """Samples the server's resident memory (VmRSS) every ``every_s``; ``peak_kb`` is the kernel's VmHWM."""
+
+    def __init__(self, pid: int, every_s: float = 0.5):
+        self.pid, self.every_s, self.max_rss_kb = pid, every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _status(self) -> dict:
+        try:
+            lines = Path(f"/proc/{self.pid}/status").read_text().splitlines()
+        except OSError:
+            return {}
+        return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in lines)
+                if k in ("VmRSS", "VmHWM") and v.split()}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.max_rss_kb = max(self.max_rss_kb, self._status().get("VmRSS", 0))
+
+    def __enter__(self):
+        self.max_rss_kb = self._status().get("VmRSS", 0)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_kb(self) -> int:
+        return self._status().get("VmHWM", 0)
+
+
+# ------------------------------------------------------------------------------------------ clients
+async def moderation_client(client, k: int, deadline: float, bad_share: float, out: dict) -> None:
+    rnd = random.Random(k)
+    while time.perf_counter() < deadline:
+        if rnd.random() < bad_share:
+            try:
+                r = await client.post("/v1/moderations", content=rnd.choice(BAD_BODIES),
+                                      headers={"Content-Type": "application/json"})
+                out["bad"] += 1
+                out["bad_wrong"] += not (400 <= r.status_code < 500 and set(r.json()) == {"error"})
+            except Exception:  # noqa: BLE001 - a bad input must never break the connection
+                out["bad_wrong"] += 1
+            continue
+        t0 = time.perf_counter()
+        try:
+            r = await client.post("/v1/moderations", json={"input": rnd.choice(PROMPTS)})
+            ok = r.status_code == 200 and len(r.json()["results"]) == 1
+            out["statuses"][r.status_code] = out["statuses"].get(r.status_code, 0) + 1
+        except Exception as e:  # noqa: BLE001 - counted as errors
+            ok = False
+            out["statuses"][type(e).__name__] = out["statuses"].get(type(e).__name__, 0) + 1
+        if ok:
+            out["lat"].append((time.perf_counter() - t0) * 1000.0)
+        else:
+            out["errors"] += 1
+
+
+def peer(group: int, k: int):
+    """An HTTP transport whose connections come from 127.0.<group>.<k+1>: each client its own peer address, so
+    its own fair share (on one address, all clients would share one)."""
+    import httpx
+
+    return httpx.AsyncHTTPTransport(local_address=f"127.0.{group}.{k % 250 + 1}")
+
+
+async def chat_client(url: str, k: int, deadline: float, prompt: str, max_tokens: int, out: dict) -> None:
+    """Long streaming chat prompts, each dropped after a random 0.2-1.5 s (a new connection each time)."""
+    import httpx
+
+    rnd = random.Random(1000 + k)
+    body = {"model": "any", "stream": True, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": f"[{k}] {prompt} Now summarise the notes."}]}
+    while time.perf_counter() < deadline:
+        async with httpx.AsyncClient(base_url=url, timeout=60, transport=peer(2, k)) as client:
+            try:
+                async with asyncio.timeout(rnd.uniform(0.2, 1.5)):
+                    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                        out["chat_statuses"][r.status_code] = out["chat_statuses"].get(r.status_code, 0) + 1
+                        async for _ in r.aiter_lines():
+                            pass
+                out["chat_finished"] += 1
+            except TimeoutError:
+                out["chat_dropped"] += 1  # the client went away mid-request
+            except Exception as e:  # noqa: BLE001 - counted
+                out["chat_statuses"][type(e).__name__] = out["chat_statuses"].get(type(e).__name__, 0) + 1
+
+
+async def drive(url: str, args, chat_prompt: str | None) -> dict:
+    import httpx
+
+    out = {"lat": [], "errors": 0, "statuses": {}, "bad": 0, "bad_wrong": 0, "chat_statuses": {},
+           "chat_finished": 0, "chat_dropped": 0}
+    deadline = time.perf_counter() + args.seconds
+    clients = [httpx.AsyncClient(base_url=url, timeout=120, transport=peer(1, k)) for k in range(args.clients)]
+    try:
+        jobs = [moderation_client(c, k, deadline, args.bad_share, out) for k, c in enumerate(clients)]
+        if chat_prompt is not None:
+            jobs += [chat_client(url, k, deadline, chat_prompt, args.chat_max_tokens, out)
+                     for k in range(args.chat_clients)]
+        t0 = time.perf_counter()
+        await asyncio.gather(*jobs)
+        wall = time.perf_counter() - t0
+        health = (await clients[0].get("/healthz")).json()
+    finally:
+        for c in clients:
+            await c.aclose()
+    lat = out.pop("lat")
+    return {**out, "requests": len(lat), "wall_s": wall, "rps": len(lat) / wall, "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99), "max_ms": max(lat) if lat else None, "health_after": health}
+
+
+def run_phase(url: str, pid: int, args, chat_prompt: str | None) -> dict:
+    with MemorySampler(pid) as mem:
+        res = asyncio.run(drive(url, args, chat_prompt))
+    res["max_rss_mb"] = mem.max_rss_kb / 1024
+    res["peak_rss_mb"] = mem.peak_kb / 1024
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- report
+def markdown(report: dict) -> str:
+    a, b = report["moderation_only"], report["with_chat"]
+
+    def f(v, fmt="{:.1f}"):
+        return "—" if v is None else fmt.format(v)
+
+    rows = [("valid moderation requests", a["requests"], b["requests"]), ("errors (valid)", a["errors"], b["errors"]),
+            ("requests/s", f(a["rps"]), f(b["rps"])), ("p50 latency (ms)", f(a["p50_ms"]), f(b["p50_ms"])),
+            ("p99 latency (ms)", f(a["p99_ms"]), f(b["p99_ms"])),
+            ("bad inputs (not a 4xx JSON error)", f"{a['bad']} ({a['bad_wrong']})", f"{b['bad']} ({b['bad_wrong']})"),
+            ("chat requests: finished / dropped by the client", "—", f"{b['chat_finished']} / {b['chat_dropped']}"),
+            ("chat answers by status", "—", json.dumps(b["chat_statuses"])),
+            ("server RSS, max sampled (MB)", f(a["max_rss_mb"]), f(b["max_rss_mb"])),
+            ("server RSS, peak so far (MB)", f(a["peak_rss_mb"]), f(b["peak_rss_mb"]))]
+    lines = [f"Mixed load, {report['source']}: {report['clients']} moderation clients, {report['seconds']:g} s a "
+             f"phase, {report['bad_share']:.0%} bad inputs; chat phase: {report['chat_clients']} clients, "
+             f"{report['chat_chars']}-character prompts, dropped after 0.2-1.5 s. Load average at the start: "
+             f"{report['load_average']}.", "", "| | moderation only | with chat clients |", "|---|---:|---:|"]
+    lines += [f"| {name} | {x} | {y} |" for name, x, y in rows]
+    lines += ["", f"p99 ratio (with chat / without): **{f(report['p99_ratio'], '{:.2f}')}**"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--guard", default=str(ROOT / "runs" / "default" / "guard"), help="Guard directory.")
+    ap.add_argument("--throwaway", choices=("tiny",), default=None, help="Build a throwaway tiny guard instead.")
+    ap.add_argument("--seconds", type=float, default=60.0, help="Length of each phase.")
+    ap.add_argument("--clients", type=int, default=32, help="Concurrent moderation clients.")
+    ap.add_argument("--chat-clients", type=int, default=5, help="Chat clients in the second phase.")
+    ap.add_argument("--chat-chars", type=int, default=None,
+                    help="Characters per chat prompt (default: 0.8 x the model's context in tokens, at most 6000).")
+    ap.add_argument("--chat-max-tokens", type=int, default=64)
+    ap.add_argument("--bad-share", type=float, default=0.05)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="Server's torch threads (OMP_NUM_THREADS).")
+    ap.add_argument("--out", default=None, metavar="DIR", help="Write mixed_load.json and mixed_load.md here.")
+    args = ap.parse_args()
+
+    tmp = tempfile.TemporaryDirectory()
+    if args.throwaway or not (Path(args.guard) / "guard.json").is_file():
+        if not args.throwaway:
+            print(f"No guard at {args.guard}; using a throwaway tiny guard.", file=sys.stderr)
+        guard_dir = build_throwaway("tiny", Path(tmp.name), 1, 40, "mlp_neurons")
+        source = "throwaway tiny guard (random 4-layer model, deepest layer 1)"
+    else:
+        guard_dir, source = Path(args.guard), f"guard {args.guard}"
+    log = tempfile.TemporaryFile(mode="w+")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    proc, url, info = start_server(guard_dir, args.device, args.threads, log)
+    try:
+        chars = args.chat_chars or int(min(6000, info["context_length"] * 0.8))
+        prompt = (CHAT_FILLER * (chars // len(CHAT_FILLER) + 1))[:chars]
+        without = run_phase(url, proc.pid, args, None)
+        with_chat = run_phase(url, proc.pid, args, prompt)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log.seek(0)
+    server_log = log.read()
+    ratio = with_chat["p99_ms"] / without["p99_ms"] if with_chat["p99_ms"] and without["p99_ms"] else None
+    report = {"source": source, "guard": info["guard"], "layers_run": info["layers_run"], "seconds": args.seconds,
+              "clients": args.clients, "chat_clients": args.chat_clients, "chat_chars": chars,
+              "bad_share": args.bad_share, "load_average": load, "settings": info["settings"],
+              "moderation_only": without, "with_chat": with_chat, "p99_ratio": ratio,
+              "server_tracebacks": server_log.count("Traceback")}
+    md = markdown(report)
+    print(md)
+    print(f"server log: {report['server_tracebacks']} tracebacks")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "mixed_load.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / "mixed_load.md").write_text(md)
+        print(f"wrote {out / 'mixed_load.json'} and {out / 'mixed_load.md'}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--_serve":
+        serve(*sys.argv[2:6])
+    else:
+        main()
