@@ -249,9 +249,11 @@ def test_load_rejects_a_directory_without_scores(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"prompts": []}, "empty"),
-    ({"prompts": ["ok", "   "]}, "Prompt #2 is empty"),
-    ({"prompts": "one string"}, "list of prompt strings"),
+    ({"prompts": []}, "No prompts given"),
+    ({"prompts": ["ok", "   "]}, "Prompt 1 is empty"),
+    ({"prompts": ["ok", "\u200b"]}, "Prompt 1 is empty"),
+    ({"prompts": ["ok", 3]}, "Prompt 1 is int"),
+    ({"prompts": b"bytes"}, "a string or a list of strings"),
     ({"hook_point": "attn"}, "Unknown hook point"),
     ({"positions": "answer"}, "Unknown token positions"),
     ({"batch_size": 0}, "batch size"),
@@ -264,6 +266,30 @@ def test_bad_arguments_raise_user_errors(kwargs, message):
     args = {"prompts": PROMPTS[:2], **kwargs}
     with pytest.raises(UserError, match=message):
         contrast(base, base, **args, progress=False)
+
+
+@pytest.mark.parametrize("positions", ["content", "prompt", "completion"])
+def test_each_prompt_is_tokenised_once(positions, monkeypatch):
+    """Length order, batches and generation all reuse one tokenisation of each prompt."""
+    base, aligned = tiny_lm("llama", 0), tiny_lm("llama", 1)
+    seen = []
+    for lm in (base, aligned):
+        encode = lm.encode
+
+        def counted(prompts, *args, _encode=encode, **kwargs):
+            seen.extend(prompts)
+            return _encode(prompts, *args, **kwargs)
+
+        monkeypatch.setattr(lm, "encode", counted)
+    contrast(base, aligned, PROMPTS, positions=positions, batch_size=2, max_new_tokens=3, progress=False)
+    assert sorted(seen) == sorted(PROMPTS)
+
+
+def test_a_bare_string_is_one_prompt():
+    base, aligned = tiny_lm("llama", 0), tiny_lm("llama", 1)
+    one = contrast(base, aligned, PROMPTS[0], progress=False)
+    listed = contrast(base, aligned, [PROMPTS[0]], progress=False)
+    assert one.meta["prompt_count"] == 1 and np.array_equal(one.sum_sq, listed.sum_sq)
 
 
 def test_mismatched_pair_is_refused():

@@ -193,6 +193,47 @@ def test_hooks_are_removed_after_a_run_and_after_an_exception(monkeypatch):
     assert hook_count(base, aligned) == before  # ... and are gone now
 
 
+def test_hook_mechanism_replaces_activations_exits_early_and_finds_the_kv_cache():
+    """model.hooks, which patching hooks through: a callback's tensor replaces the activation, EarlyExit stops
+    the pass, input hooks see each layer's inputs, and the KV cache helpers match this transformers version."""
+    import inspect
+
+    from safetyneurons.model.hooks import (EarlyExit, attached_hooks, attached_input_hooks, cache_argument,
+                                           empty_kv_cache, kv_cache)
+
+    lm = tiny_lm("llama", 0)
+    ids = lm.encode(PROMPTS[:2])
+    before = hook_count(lm)
+    plain_logits = lm.model(**ids).logits
+    with attached_hooks(lm.model, "mlp_neurons", lambda layer, act: torch.zeros_like(act), [1]) as hooked:
+        zeroed = lm.model(**ids).logits
+        assert hooked == [1]
+    assert not torch.equal(zeroed, plain_logits) and hook_count(lm) == before
+    assert torch.equal(lm.model(**ids).logits, plain_logits)  # observing only (None) changes nothing
+    seen = []
+
+    def stop(layer, act):
+        seen.append(layer)
+        raise EarlyExit
+
+    with pytest.raises(EarlyExit), attached_hooks(lm.model, "resid", stop, [0, 2]):
+        lm.model(**ids)
+    assert seen == [0] and hook_count(lm) == before
+    shapes = {}
+    with attached_input_hooks(lm.model, lambda layer, args, kwargs: shapes.setdefault(layer, (args, kwargs)),
+                              [1, 2]):
+        lm.model(**ids)
+    assert sorted(shapes) == [1, 2] and hook_count(lm) == before
+
+    name = cache_argument(lm.model)
+    assert name in ("cache", "past_key_values") and name in inspect.signature(lm.model.forward).parameters
+    out = lm.model(**ids, use_cache=True)
+    assert kv_cache(out) is not None and kv_cache(lm.model(**ids, use_cache=False)) is None
+    cache = empty_kv_cache(lm.model)
+    lm.model(**ids, use_cache=True, **{name: cache})
+    assert cache.get_seq_length() == ids["input_ids"].shape[1]
+
+
 def test_perplexity_of_the_planted_patch_is_the_aligned_models():
     base, aligned = planted_pair()
     patches = [Patch("none", "none"), Patch("safety", "donor", planted_set())]

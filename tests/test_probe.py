@@ -29,6 +29,20 @@ def blobs(n=120, d=12, seed=0, shift=1.2):
     return X.astype(np.float32), y
 
 
+def test_category_heads_give_one_probability_per_head():
+    """Category heads answer P(hazard | harmful) per head, ``[n, heads]``; a probe's predict_proba is ``[n, 2]``."""
+    from safetyneurons.probes.categories import CategoryHeads
+
+    X, y = blobs(n=160)
+    hazards = ["violent_crimes" if label else "nonviolent_crimes" for label in y]
+    heads = CategoryHeads.fit(X, hazards, min_examples=5)
+    p = heads.head_probabilities(X)
+    assert p.shape == (len(X), len(heads.names)) == (160, 2) and ((p >= 0) & (p <= 1)).all()
+    assert heads.top1_accuracy(X, hazards)["top1_accuracy"] > 0.6  # better than chance on separable blobs
+    probe = Probe("logreg", seed=0).fit(X, y)
+    assert probe.predict_proba(X).shape == (len(X), 2)
+
+
 # ------------------------------------------------------------------------------------------ probes
 @pytest.mark.parametrize("classifier", ["svm", "logreg"])
 @pytest.mark.parametrize("pca", [None, 0.95])

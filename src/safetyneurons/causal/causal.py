@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -33,16 +33,21 @@ from safetyneurons.data import splits as data
 
 from safetyneurons.model import judge
 from safetyneurons._io import atomic_dir, dumps_json, json_safe, sha256_json, versions
-from safetyneurons.neurons.contrast import ChangeScores
+from safetyneurons.neurons.contrast import ChangeScores, check_padding_side
 from safetyneurons.neurons.controls import overlap
 from safetyneurons.neurons.controls import rank_p_value as controls_p
 from safetyneurons.errors import UserError
 from safetyneurons.neurons.selection import NeuronSet, _png
 from safetyneurons.model.pair import LoadedModel, check_symmetry
+from safetyneurons.model.generate import stop_token_ids
 from safetyneurons.twin import sample_eval
-from safetyneurons.causal.patch import (DEFAULT_K, DIRECTIONS, PADDING_SIDES, Patch, check_k, check_neuron_set, decode_reply,
-                    generate_patched, mean_activation, perplexity_patched, random_controls, stop_token_ids,
-                    top_k_set)
+from safetyneurons.checks import check_batch_size, check_positive_int
+from safetyneurons.causal.patch import (DEFAULT_K, DIRECTIONS, Patch, check_k, check_neuron_set, decode_reply,
+                                        generate_patched, mean_activation, perplexity_patched, random_controls,
+                                        top_k_set)
+
+if TYPE_CHECKING:
+    import torch
 
 MEASURES = {"refusal_rate": "share of harmful prompts the reply refuses (phrase judge)",
             "answer_rate": "share of benign prompts the reply answers (phrase judge)"}
@@ -69,18 +74,17 @@ class PatchSettings:
 
     def validate(self) -> "PatchSettings":
         self.k = check_k(self.k)
-        for name in ("random_sets", "per_class", "max_new_tokens", "batch_size", "max_length", "reference_texts"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name.replace('_', ' ')} must be a positive whole number, got {value!r}.")
+        self.batch_size = check_batch_size(self.batch_size)
+        self.max_length = check_positive_int(self.max_length, "max length (tokens)")
+        for name in ("random_sets", "per_class", "max_new_tokens", "reference_texts"):
+            setattr(self, name, check_positive_int(getattr(self, name), name.replace("_", " ")))
         if isinstance(self.directions, str):
             self.directions = [d.strip() for d in self.directions.split(",") if d.strip()]
         bad = [d for d in self.directions if d not in DIRECTIONS]
         if bad or not self.directions:
             raise UserError(f"Unknown direction(s) {', '.join(bad) or '(none)'}; choose from {', '.join(DIRECTIONS)}.")
         self.directions = [d for d in DIRECTIONS if d in self.directions]
-        if self.padding_side not in PADDING_SIDES:
-            raise UserError(f"padding side must be one of {', '.join(PADDING_SIDES)}, got {self.padding_side!r}.")
+        check_padding_side(self.padding_side)
         return self
 
 
@@ -158,6 +162,191 @@ def _check_pair(base: LoadedModel, aligned: LoadedModel) -> None:
                         f"patching needs both models to read the same token ids.")
 
 
+def _check_neurons(neurons: ChangeScores | NeuronSet, base: LoadedModel, hook_point: str | None,
+                   s: PatchSettings) -> str:
+    """The hook point of ``neurons``, which must fit ``base`` (and equal ``hook_point`` when given)."""
+    hp = neurons.hook_point
+    if hook_point is not None and hook_point != hp:
+        raise UserError(f"The neuron set / change scores are at hook point {hp}, not {hook_point}. Use a set "
+                        f"selected at {hook_point}.")
+    if isinstance(neurons, NeuronSet):
+        check_neuron_set(neurons, base, hp)
+    else:
+        check_neuron_set(top_k_set(neurons, min(s.k)), base, hp)
+    return hp
+
+
+def _neuron_sets(neurons: ChangeScores | NeuronSet, s: PatchSettings) -> dict[float, dict]:
+    """Per k: the safety set (top k% by change score) and its layer-matched random controls."""
+    sets = {}
+    for k in s.k:
+        safety = top_k_set(neurons, k)
+        randoms = random_controls(safety, s.random_sets, seed=s.seed)
+        overlaps = [overlap(safety, r) for r in randoms]
+        if any(overlaps):
+            raise RuntimeError(f"a random control overlaps the safety set at k={k}")  # never: controls exclude it
+        sets[k] = {"safety": safety, "randoms": randoms, "overlaps": overlaps}
+    return sets
+
+
+@dataclass
+class _Experiment:
+    """What every step of :func:`run_patch` shares: the pair, prompts, settings and the sets per k."""
+
+    base: LoadedModel
+    aligned: LoadedModel
+    prompts: list[str]
+    labels: list[int]
+    texts: list[str]  # reference texts of the perplexity
+    hook_point: str
+    s: PatchSettings
+    sets: dict[float, dict]
+    mean: torch.Tensor | None  # the base model's mean activation (mean patching), None without baselines
+    progress: bool
+
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        return {"base": self.base, "aligned": self.aligned}
+
+    def roles(self, direction: str) -> tuple[LoadedModel, LoadedModel, str, str]:
+        """(receiver, donor, receiver name, donor name) of a direction."""
+        if direction == "sufficiency":
+            return self.base, self.aligned, "base", "aligned"
+        return self.aligned, self.base, "aligned", "base"
+
+
+def _generate_all(x: _Experiment, timings: dict) -> tuple[dict, dict]:
+    """Greedy replies of every patched set, per direction and k, and of each model unpatched.
+
+    Each direction's batches also carry an unpatched row ("none"): the receiver's own greedy generation,
+    computed next to the patched rows at little extra cost; a model that receives in no direction generates on
+    its own. Returns ({(direction, k): {set name: replies}}, {model name: replies}).
+    """
+    s = x.s
+    opts = dict(hook_point=x.hook_point, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                padding_side=s.padding_side, max_length=s.max_length, progress=x.progress)
+    settled = {who: refusal_settled(lm) if s.stop_at_refusal else None for who, lm in x.models.items()}
+    patched: dict[tuple[str, float], dict[str, list[list[int]]]] = {}
+    own: dict[str, list[list[int]]] = {}
+    for direction in s.directions:
+        receiver, donor, ref_name, _ = x.roles(direction)
+        t1 = time.perf_counter()
+        for k, group in x.sets.items():
+            patches = _patches(group, s.baselines)
+            if ref_name not in own:
+                patches = [Patch("none", "none"), *patches]
+            ids = generate_patched(receiver, donor, x.prompts, patches, mean=x.mean, settled=settled[ref_name],
+                                   desc=f"patch {direction} k={k:g}%", **opts)
+            own.setdefault(ref_name, ids.pop("none", None))
+            patched[direction, k] = ids
+        timings[f"{direction}_s"] = round(time.perf_counter() - t1, 2)
+    for who, lm in x.models.items():
+        if who not in own:
+            own[who] = generate_patched(lm, None, x.prompts, [Patch("none", "none")], desc=f"generate {who}",
+                                        settled=settled[who], **opts)["none"]
+    return patched, own
+
+
+def _perplexities(x: _Experiment) -> tuple[dict, dict]:
+    """Perplexity of every patched receiver on the reference texts, and of each model unpatched (each
+    direction's passes carry the receiver's unpatched row, as the generations do)."""
+    s = x.s
+    ppl_opts = dict(hook_point=x.hook_point, batch_size=s.batch_size, max_length=s.max_length)
+    ppls: dict[tuple[str, float], dict[str, float]] = {}
+    own_ppl: dict[str, float] = {}
+    for direction in s.directions:
+        receiver, donor, ref_name, _ = x.roles(direction)
+        for k, group in x.sets.items():
+            patches = _patches(group, s.baselines)
+            if ref_name not in own_ppl:
+                patches = [Patch("none", "none"), *patches]
+            ppl = perplexity_patched(receiver, donor, x.texts, patches, mean=x.mean, **ppl_opts)
+            if "none" in ppl:
+                own_ppl[ref_name] = ppl.pop("none")
+            ppls[direction, k] = ppl
+    for who, lm in x.models.items():
+        if who not in own_ppl:
+            own_ppl[who] = perplexity_patched(lm, None, x.texts, [Patch("none", "none")], **ppl_opts)["none"]
+    return ppls, own_ppl
+
+
+def _unpatched(x: _Experiment, own: dict, own_ppl: dict) -> tuple[dict, list[dict]]:
+    """Rates and perplexity of each model unpatched, and its replies with their verdicts."""
+    generations: list[dict] = []
+    plain = {}
+    for who, lm in x.models.items():
+        plain[who], rows = rates(lm, own[who], x.labels)
+        plain[who]["perplexity"] = own_ppl[who]
+        generations += [{"direction": None, "k": None, "set": who, "index": i, **r} for i, r in enumerate(rows)]
+    base_ppl = plain["base"]["perplexity"]
+    for who in x.models:
+        plain[who]["perplexity_ratio_to_base"] = plain[who]["perplexity"] / base_ppl
+    return plain, generations
+
+
+def _effects(x: _Experiment, patched: dict, ppls: dict, plain: dict) -> tuple[list[dict], list[dict]]:
+    """Per direction and k: each patched set's rates, causal effects and perplexity, summarised against the
+    random sets (:func:`_summarise`); and every patched reply with its verdict."""
+    s, base_ppl = x.s, plain["base"]["perplexity"]
+    results, generations = [], []
+    for direction in s.directions:
+        receiver, _, ref_name, donor_name = x.roles(direction)
+        ref, don = plain[ref_name], plain[donor_name]
+        for k, group in x.sets.items():
+            ppl = ppls[direction, k]
+            per_set = {}
+            for patch in _patches(group, s.baselines):
+                m, rows = rates(receiver, patched[direction, k][patch.name], x.labels)
+                for measure in MEASURES:
+                    m[f"effect_{measure}"] = causal_effect(m[measure], ref[measure], don[measure])
+                m["perplexity"] = ppl[patch.name]
+                m["perplexity_ratio_to_base"] = ppl[patch.name] / base_ppl
+                per_set[patch.name] = m
+                generations += [{"direction": direction, "k": k, "set": patch.name, "index": i, **r}
+                                for i, r in enumerate(rows)]
+            results.append(_summarise(direction, k, group, per_set, s))
+    return results, generations
+
+
+def _result(x: _Experiment, neurons: ChangeScores | NeuronSet, plain: dict, results: list[dict],
+            generations: list[dict], timings: dict) -> dict:
+    """The JSON-ready record of the experiment: method, settings, pair, data, neuron sets, every number."""
+    s, sets, first = x.s, x.sets, x.sets[x.s.k[0]]["safety"]
+    return {
+        "format": "safetyneurons.causal.patch/1",
+        "method": "dynamic activation patching (Chen et al. 2025, arXiv 2406.14144), lockstep greedy decoding "
+                  "with KV caches; the receiving model picks every token",
+        "directions": {d: DIRECTIONS[d] for d in s.directions},
+        "measures": MEASURES,
+        "causal_effect": "(patched - receiver) / (donor - receiver); sufficiency: (patched - base) / "
+                         "(aligned - base); "
+                         f"n/a when the two models' rates differ by less than {MIN_GAP:g}",
+        "rank_p_value": "(1 + #{random sets with effect >= safety}) / (1 + n random sets)",
+        "perplexity": "of the patched receiver on benign reference text (plain text, no chat template), "
+                      "relative to the unpatched base model: an alignment-tax proxy",
+        "judge": JUDGE_NOTE,
+        "hook_point": x.hook_point,
+        "settings": {**asdict(s), "k": list(s.k), "directions": list(s.directions),
+                     "dtype": str(next(x.base.model.parameters()).dtype).removeprefix("torch."),
+                     "device": str(x.base.device), "shared_prefix": "computed once per patched set"},
+        "pair": {"base": x.base.describe(), "aligned": x.aligned.describe()},
+        "data": {"harmful": sum(x.labels), "benign": len(x.labels) - sum(x.labels),
+                 "prompts_sha256": sha256_json(x.prompts), "labels_sha256": sha256_json(x.labels),
+                 "reference_texts": len(x.texts), "reference_sha256": sha256_json(x.texts)},
+        "neurons": {"source": "change scores" if not isinstance(neurons, NeuronSet) else "neuron set",
+                    "total": int(first.num_layers * first.width),
+                    "per_k": {str(k): {"safety": _set_info(g["safety"]), "random_overlap_with_safety": g["overlaps"],
+                                       "random_sha256": [sha256_json(r.to_json()) for r in g["randoms"]],
+                                       "random_settings": g["randoms"][0].settings if g["randoms"] else {}}
+                              for k, g in sets.items()}},
+        "unpatched": plain,
+        "results": results,
+        "timings": timings,
+        "versions": versions(),
+        "generations": generations,  # moved to generations.jsonl by write_outputs
+    }
+
+
 def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | NeuronSet, harmful: Sequence[str],
               benign: Sequence[str], reference: Sequence[str] | None = None, settings: PatchSettings | None = None,
               hook_point: str | None = None, progress: bool = True) -> dict:
@@ -172,141 +361,23 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | N
         raise UserError(f"Patching needs harmful and benign prompts; got {len(harmful)} harmful and {len(benign)} "
                         f"benign. Give a labelled prompt file with both.")
     _check_pair(base, aligned)
-    hp = neurons.hook_point
-    if hook_point is not None and hook_point != hp:
-        raise UserError(f"The neuron set / change scores are at hook point {hp}, not {hook_point}. Use a set "
-                        f"selected at {hook_point}.")
-    if isinstance(neurons, NeuronSet):
-        check_neuron_set(neurons, base, hp)
-    else:
-        check_neuron_set(top_k_set(neurons, min(s.k)), base, hp)
+    hp = _check_neurons(neurons, base, hook_point, s)
     prompts = harmful + benign
-    labels = [1] * len(harmful) + [0] * len(benign)
-    texts = list(reference if reference is not None else benign)[:s.reference_texts]
-    opts = dict(hook_point=hp, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                padding_side=s.padding_side, max_length=s.max_length, progress=progress)
-    settled = {who: refusal_settled(lm) if s.stop_at_refusal else None
-               for who, lm in (("base", base), ("aligned", aligned))}
     t0 = time.perf_counter()
-    sets = {}
-    for k in s.k:
-        safety = top_k_set(neurons, k)
-        randoms = random_controls(safety, s.random_sets, seed=s.seed)
-        overlaps = [overlap(safety, r) for r in randoms]
-        if any(overlaps):
-            raise RuntimeError(f"a random control overlaps the safety set at k={k}")  # never: controls exclude it
-        sets[k] = {"safety": safety, "randoms": randoms, "overlaps": overlaps}
+    sets = _neuron_sets(neurons, s)
     mean = mean_activation(base, prompts, hp, batch_size=s.batch_size, max_length=s.max_length) if s.baselines else None
-
-    models = {"base": base, "aligned": aligned}
-    roles = {d: ((base, aligned, "base", "aligned") if d == "sufficiency" else (aligned, base, "aligned", "base"))
-             for d in s.directions}
+    x = _Experiment(base, aligned, prompts, [1] * len(harmful) + [0] * len(benign),
+                    list(reference if reference is not None else benign)[:s.reference_texts], hp, s, sets, mean,
+                    progress)
     timings = {"setup_s": round(time.perf_counter() - t0, 2)}
-
-    # Generations. Each direction's batches also carry an unpatched row ("none"): the receiver's own greedy
-    # generation, computed next to the patched rows at little extra cost; a model that receives in no
-    # direction generates on its own.
-    patched: dict[tuple[str, float], dict[str, list[list[int]]]] = {}
-    own: dict[str, list[list[int]]] = {}
-    for direction in s.directions:
-        receiver, donor, ref_name, _ = roles[direction]
-        t1 = time.perf_counter()
-        for k, group in sets.items():
-            patches = _patches(group, s.baselines)
-            if ref_name not in own:
-                patches = [Patch("none", "none"), *patches]
-            ids = generate_patched(receiver, donor, prompts, patches, mean=mean, settled=settled[ref_name],
-                                   desc=f"patch {direction} k={k:g}%", **opts)
-            own.setdefault(ref_name, ids.pop("none", None))
-            patched[direction, k] = ids
-        timings[f"{direction}_s"] = round(time.perf_counter() - t1, 2)
-    for who, lm in models.items():
-        if who not in own:
-            own[who] = generate_patched(lm, None, prompts, [Patch("none", "none")], desc=f"generate {who}",
-                                        settled=settled[who], **opts)["none"]
-
-    # Perplexities, the same way: each direction's passes carry the receiver's unpatched row.
+    patched, own = _generate_all(x, timings)
     t1 = time.perf_counter()
-    ppl_opts = dict(hook_point=hp, batch_size=s.batch_size, max_length=s.max_length)
-    ppls: dict[tuple[str, float], dict[str, float]] = {}
-    own_ppl: dict[str, float] = {}
-    for direction in s.directions:
-        receiver, donor, ref_name, _ = roles[direction]
-        for k, group in sets.items():
-            patches = _patches(group, s.baselines)
-            if ref_name not in own_ppl:
-                patches = [Patch("none", "none"), *patches]
-            ppl = perplexity_patched(receiver, donor, texts, patches, mean=mean, **ppl_opts)
-            if "none" in ppl:
-                own_ppl[ref_name] = ppl.pop("none")
-            ppls[direction, k] = ppl
-    for who, lm in models.items():
-        if who not in own_ppl:
-            own_ppl[who] = perplexity_patched(lm, None, texts, [Patch("none", "none")], **ppl_opts)["none"]
+    ppls, own_ppl = _perplexities(x)
     timings["perplexity_s"] = round(time.perf_counter() - t1, 2)
-
-    generations: list[dict] = []
-    plain = {}
-    for who, lm in models.items():
-        plain[who], rows = rates(lm, own[who], labels)
-        plain[who]["perplexity"] = own_ppl[who]
-        generations += [{"direction": None, "k": None, "set": who, "index": i, **r} for i, r in enumerate(rows)]
-    base_ppl = plain["base"]["perplexity"]
-    for who in models:
-        plain[who]["perplexity_ratio_to_base"] = plain[who]["perplexity"] / base_ppl
-
-    results = []
-    for direction in s.directions:
-        receiver, donor, ref_name, donor_name = roles[direction]
-        ref, don = plain[ref_name], plain[donor_name]
-        for k, group in sets.items():
-            patches = _patches(group, s.baselines)
-            ppl = ppls[direction, k]
-            per_set = {}
-            for patch in patches:
-                m, rows = rates(receiver, patched[direction, k][patch.name], labels)
-                for measure in MEASURES:
-                    m[f"effect_{measure}"] = causal_effect(m[measure], ref[measure], don[measure])
-                m["perplexity"] = ppl[patch.name]
-                m["perplexity_ratio_to_base"] = ppl[patch.name] / base_ppl
-                per_set[patch.name] = m
-                generations += [{"direction": direction, "k": k, "set": patch.name, "index": i, **r}
-                                for i, r in enumerate(rows)]
-            results.append(_summarise(direction, k, group, per_set, s))
+    plain, generations = _unpatched(x, own, own_ppl)
+    results, patched_generations = _effects(x, patched, ppls, plain)
     timings["total_s"] = round(time.perf_counter() - t0, 2)
-    return {
-        "format": "safetyneurons.causal.patch/1",
-        "method": "dynamic activation patching (Chen et al. 2025, arXiv 2406.14144), lockstep greedy decoding "
-                  "with KV caches; the receiving model picks every token",
-        "directions": {d: DIRECTIONS[d] for d in s.directions},
-        "measures": MEASURES,
-        "causal_effect": "(patched - receiver) / (donor - receiver); sufficiency: (patched - base) / "
-                         "(aligned - base); "
-                         f"n/a when the two models' rates differ by less than {MIN_GAP:g}",
-        "rank_p_value": "(1 + #{random sets with effect >= safety}) / (1 + n random sets)",
-        "perplexity": "of the patched receiver on benign reference text (plain text, no chat template), "
-                      "relative to the unpatched base model: an alignment-tax proxy",
-        "judge": JUDGE_NOTE,
-        "hook_point": hp,
-        "settings": {**asdict(s), "k": list(s.k), "directions": list(s.directions),
-                     "dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
-                     "device": str(base.device), "shared_prefix": "computed once per patched set"},
-        "pair": {"base": base.describe(), "aligned": aligned.describe()},
-        "data": {"harmful": len(harmful), "benign": len(benign), "prompts_sha256": sha256_json(prompts),
-                 "labels_sha256": sha256_json(labels), "reference_texts": len(texts),
-                 "reference_sha256": sha256_json(texts)},
-        "neurons": {"source": "change scores" if not isinstance(neurons, NeuronSet) else "neuron set",
-                    "total": int(sets[s.k[0]]["safety"].num_layers * sets[s.k[0]]["safety"].width),
-                    "per_k": {str(k): {"safety": _set_info(g["safety"]), "random_overlap_with_safety": g["overlaps"],
-                                       "random_sha256": [sha256_json(r.to_json()) for r in g["randoms"]],
-                                       "random_settings": g["randoms"][0].settings if g["randoms"] else {}}
-                              for k, g in sets.items()}},
-        "unpatched": plain,
-        "results": results,
-        "timings": timings,
-        "versions": versions(),
-        "generations": generations,  # moved to generations.jsonl by write_outputs
-    }
+    return _result(x, neurons, plain, results, generations + patched_generations, timings)
 
 
 def _patches(group: dict, baselines: bool) -> list[Patch]:
@@ -482,8 +553,8 @@ def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
     }
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        for name, data in contents.items():
-            (tmp / name).write_bytes(data)
+        for name, blob in contents.items():
+            (tmp / name).write_bytes(blob)
     return {name: out_dir / name for name in contents}
 
 

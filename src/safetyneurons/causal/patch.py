@@ -28,7 +28,7 @@ The experiment over k and control sets and its outputs are there too.
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import math
 import sys
 from dataclasses import dataclass
@@ -37,12 +37,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from safetyneurons.neurons.contrast import ChangeScores, _length_order, _pad
+from safetyneurons.checks import check_batch_size, check_max_length, check_positive_int, check_prompts
+from safetyneurons.neurons.contrast import ChangeScores, check_padding_side, length_order, pad_sequences, tokenize_prompts
 from safetyneurons.errors import UserError
 from safetyneurons.model.generate import stop_token_ids
 from safetyneurons.neurons.controls import random_layer_matched
-from safetyneurons.model.hooks import (attach, check_hook_point, decoder_layers, forward_with_hooks, hook_width, num_layers,
-                    position_ids_from_mask)
+from safetyneurons.model.hooks import (attached_hooks, attached_input_hooks, cache_argument, check_hook_point,
+                                       empty_kv_cache, forward_with_hooks, hook_width, num_layers,
+                                       position_ids_from_mask)
 from safetyneurons.neurons.selection import NeuronSet, check_neuron_set_matches, count_for_percent, select
 from safetyneurons.model.pair import LoadedModel
 
@@ -60,7 +62,6 @@ SOURCES: dict[str, str] = {
 DEFAULT_K: tuple[float, ...] = (5.0,)
 SWEEP_K: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
 MAX_K = 50.0  # a control set of the same size that avoids the safety set must exist
-PADDING_SIDES = ("left", "right")
 
 
 @dataclass(frozen=True)
@@ -78,26 +79,7 @@ class Patch:
             raise UserError(f"Patch {self.name!r}: source {self.source!r} needs a neuron set exactly when it patches.")
 
 
-class _Stop(Exception):
-    pass
-
-
 # ---------------------------------------------------------------------------------------- plumbing
-def _cache_kwarg(body) -> str:
-    """The name under which this transformers version takes a KV cache (``cache`` or ``past_key_values``)."""
-    params = inspect.signature(body.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        return DynamicCache()
-
-
 #: Finished rows leave the batch once they are this share of it (see _generate_batch).
 COMPACT = 0.25
 
@@ -146,22 +128,20 @@ class _Rows:
         """Per-row tensor from a forward's output (per row when the batch was expanded, else per branch)."""
         return out if self.masks else out[self.branch]
 
-    def patch_hook(self, layer: int):
-        def patch(act: torch.Tensor) -> torch.Tensor | None:
-            mask = self.masks[layer][self.alive]
-            if not bool(mask.any()):
-                return None
-            values = self.consts[layer][self.alive].to(act.dtype).unsqueeze(1).expand_as(act)
-            donor = self.donor_values.get(layer)
-            if donor is not None:
-                values = torch.where(self.is_donor[self.alive][:, None, None], donor[self.branch].to(act.dtype),
-                                     values)
-            return torch.where(mask.unsqueeze(1), values, act)
+    def patch(self, layer: int, act: torch.Tensor) -> torch.Tensor | None:
+        """The receiver's activation at the hook point of ``layer`` with each row's patched neurons replaced
+        (donor value, mean or zero); None when no live row patches this layer."""
+        mask = self.masks[layer][self.alive]
+        if not bool(mask.any()):
+            return None
+        values = self.consts[layer][self.alive].to(act.dtype).unsqueeze(1).expand_as(act)
+        donor = self.donor_values.get(layer)
+        if donor is not None:
+            values = torch.where(self.is_donor[self.alive][:, None, None], donor[self.branch].to(act.dtype), values)
+        return torch.where(mask.unsqueeze(1), values, act)
 
-        return patch
-
-    def expand_hook(self, layer: int):
-        """Pre-hook of a decoder layer at or above ``first``: per-branch inputs become per-row inputs."""
+    def expand(self, layer: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Inputs of a decoder layer at or above ``first``: per-branch inputs become per-row inputs."""
         def index(value, n: int):
             if torch.is_tensor(value):
                 return value[self.branch] if value.dim() >= 2 and value.shape[0] == n and n > 1 else value
@@ -171,16 +151,13 @@ class _Rows:
                 return {k: index(v, n) for k, v in value.items()}
             return value
 
-        def expand(_mod, args, kwargs):
-            n = int(self.branch.max()) + 1 if self.branch.numel() else 0
-            if layer == self.first:
-                if args:
-                    args = (args[0][self.branch], *args[1:])
-                else:
-                    kwargs["hidden_states"] = kwargs["hidden_states"][self.branch]
-            return args, {k: index(v, n) for k, v in kwargs.items()}
-
-        return expand
+        n = int(self.branch.max()) + 1 if self.branch.numel() else 0
+        if layer == self.first:
+            if args:
+                args = (args[0][self.branch], *args[1:])
+            else:
+                kwargs["hidden_states"] = kwargs["hidden_states"][self.branch]
+        return args, {k: index(v, n) for k, v in kwargs.items()}
 
     def advance(self, token: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Drop finished rows and split branches by the tokens just picked.
@@ -199,7 +176,7 @@ def _forward(lm: LoadedModel, ids, mask, cache=None):
     body = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else lm.model
     kwargs = {"use_cache": cache is not None}
     if cache is not None:
-        kwargs[_cache_kwarg(body)] = cache
+        kwargs[cache_argument(body)] = cache
     positions = position_ids_from_mask(mask)[:, -ids.shape[1]:]
     out = body(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
     return out.last_hidden_state
@@ -213,41 +190,36 @@ def _logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class _Hooked:
-    """Context: receiver hooks that share branches and patch rows, donor hooks that capture; always removed."""
+    """Context: receiver hooks that share branches and patch rows, donor hooks that capture; always removed.
+
+    The hooks are :mod:`safetyneurons.model.hooks`' own: layer-input hooks from the shallowest patched layer
+    up (branches become rows), and hook-point hooks at every patched layer (the receiver's replace the
+    activation, the donor's capture it)."""
 
     def __init__(self, receiver: LoadedModel, donor: LoadedModel | None, rows: _Rows, hook_point: str):
         self.receiver, self.donor, self.rows, self.hook_point = receiver, donor, rows, hook_point
         self.uses_donor = donor is not None and bool(rows.is_donor.any())
         self.captured: dict[int, torch.Tensor] = {}
-        self.handles: list = []
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "_Hooked":
-        try:
-            blocks = decoder_layers(self.receiver.model)
-            for layer in range(self.rows.first, len(blocks)):
-                self.handles.append(blocks[layer].register_forward_pre_hook(self.rows.expand_hook(layer),
-                                                                            with_kwargs=True))
-            for layer in self.rows.masks:
-                self.handles.append(attach(blocks, layer, self.hook_point, self.rows.patch_hook(layer)))
-            if self.uses_donor:
-                dblocks = decoder_layers(self.donor.model)
-                for layer in self.rows.masks:
-                    self.handles.append(attach(dblocks, layer, self.hook_point, self._keep(layer)))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+        with contextlib.ExitStack() as stack:  # a hook that fails to attach removes those attached before it
+            model, layers = self.receiver.model, num_layers(self.receiver.model)
+            if self.rows.first < layers:
+                stack.enter_context(attached_input_hooks(model, self.rows.expand, range(self.rows.first, layers)))
+            if self.rows.masks:
+                stack.enter_context(attached_hooks(model, self.hook_point, self.rows.patch, list(self.rows.masks)))
+                if self.uses_donor:
+                    stack.enter_context(attached_hooks(self.donor.model, self.hook_point, self._keep,
+                                                       list(self.rows.masks)))
+            self._stack = stack.pop_all()
         return self
 
-    def _keep(self, layer: int):
-        def keep(act: torch.Tensor) -> None:
-            self.captured[layer] = act.detach()
-
-        return keep
+    def _keep(self, layer: int, act: torch.Tensor) -> None:
+        self.captured[layer] = act.detach()
 
     def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        self._stack.close()
 
     def step(self, ids, mask, cache_r=None, cache_d=None) -> torch.Tensor:
         """One forward of both models on the branches' ``ids``; returns the receiver's hidden states per row."""
@@ -277,18 +249,20 @@ def _select(cache, first: int, branches: torch.Tensor, rows: torch.Tensor | None
 def shared_prefix(lm: LoadedModel, prompts: Sequence[str], max_length: int | None) -> int:
     """Length of the token prefix that every formatted prompt shares (the chat template's system prompt and
     user header, say), at most each prompt's length - 1 so that every prompt keeps a token of its own."""
+    return _shared_prefix_length(tokenize_prompts(lm, prompts, max_length).ids)
+
+
+def _shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """:func:`shared_prefix` of prompts already tokenised (token ids without padding)."""
     prefix: list[int] | None = None
     shortest = None
-    for start in range(0, len(prompts), 512):
-        enc = lm.encode(list(prompts[start:start + 512]), max_length=max_length)
-        for ids, mask in zip(enc["input_ids"], enc["attention_mask"].bool()):
-            real = ids[mask].tolist()
-            shortest = len(real) if shortest is None else min(shortest, len(real))
-            if prefix is None:
-                prefix = real
-            else:
-                n = next((i for i, (a, b) in enumerate(zip(prefix, real)) if a != b), min(len(prefix), len(real)))
-                prefix = prefix[:n]
+    for real in rows:
+        shortest = len(real) if shortest is None else min(shortest, len(real))
+        if prefix is None:
+            prefix = list(real)
+        else:
+            n = next((i for i, (a, b) in enumerate(zip(prefix, real)) if a != b), min(len(prefix), len(real)))
+            prefix = prefix[:n]
     return max(0, min(len(prefix or []), (shortest or 1) - 1))
 
 
@@ -316,8 +290,8 @@ def _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, s
     rows = _Rows(patches, n_prompts, *dims, mean, device, dtype)
     out: list[list[int]] = [[] for _ in range(len(patches) * n_prompts)]
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    cache_r = _new_cache(receiver.model)
-    cache_d = _new_cache(donor.model) if donor is not None else None
+    cache_r = empty_kv_cache(receiver.model)
+    cache_d = empty_kv_cache(donor.model) if donor is not None else None
     stop_set = torch.tensor(sorted(stops), device=device)
     if prefix > 0:
         # The shared prefix is the same for every prompt, so each patch computes it once (one row per patch,
@@ -378,25 +352,6 @@ def fast_dtype(device: str = "cpu") -> str:
     return "bfloat16" if native else "float32"
 
 
-def _check_batch_args(batch_size: int, padding_side: str, max_new_tokens: int | None = None) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch size must be a positive integer (prompts per batch), got {batch_size!r}.")
-    if padding_side not in PADDING_SIDES:
-        raise UserError(f"padding side must be one of {', '.join(PADDING_SIDES)}, got {padding_side!r}.")
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                       or max_new_tokens < 1):
-        raise UserError(f"max new tokens must be a positive integer, got {max_new_tokens!r}.")
-
-
-def _check_prompts(prompts, what: str) -> list[str]:
-    if isinstance(prompts, str):
-        raise UserError(f"{what} must be a list of strings, not a single string.")
-    prompts = list(prompts)
-    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise UserError(f"{what} must be a non-empty list of non-empty strings.")
-    return prompts
-
-
 def _bar(total: int, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
@@ -420,8 +375,10 @@ def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: 
     ``causal.refusal_settled`` does). Rows are independent, so stopping one never changes another.
     """
     check_hook_point(hook_point)
-    _check_batch_args(batch_size, padding_side, max_new_tokens)
-    prompts = _check_prompts(prompts, "prompts")
+    batch_size, max_length = check_batch_size(batch_size), check_max_length(max_length)
+    check_padding_side(padding_side)
+    check_positive_int(max_new_tokens, "max new tokens")
+    prompts = check_prompts(prompts, allow_empty_list=False)
     names = [p.name for p in patches]
     if not patches or len(set(names)) != len(names):
         raise UserError("Give at least one patch, each with its own name.")
@@ -433,13 +390,14 @@ def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: 
     stops = stop_token_ids(receiver)
 
     result: dict[str, list] = {n: [None] * len(prompts) for n in names}
-    order = _length_order(receiver, prompts, max_length)  # similar lengths batched together: less padding
-    prefix = shared_prefix(receiver, prompts, max_length) if share_prefix else 0
+    tokens = tokenize_prompts(receiver, prompts, max_length)  # once per prompt
+    order = length_order(tokens.lengths)  # similar lengths batched together: less padding
+    prefix = _shared_prefix_length(tokens.ids) if share_prefix else 0
     bar = _bar(len(prompts), desc, progress)
     try:
         for start in range(0, len(prompts), batch_size):
             index = order[start:start + batch_size]
-            enc = receiver.encode([prompts[i] for i in index], max_length=max_length, padding_side=padding_side)
+            enc = tokens.batch(index, padding_side)
             out = _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, stops, mean, bar,
                                   prefix, padding_side, settled)
             for p_i, name in enumerate(names):
@@ -463,7 +421,8 @@ def decode_reply(lm: LoadedModel, ids: Sequence[int], stops: Sequence[int] | Non
 def mean_activation(lm: LoadedModel, prompts: Sequence[str], hook_point: str, batch_size: int = 8,
                     max_length: int | None = 256) -> torch.Tensor:
     """float32 [num_layers, width]: ``lm``'s mean activation at ``hook_point`` over the prompts' real tokens."""
-    prompts = _check_prompts(prompts, "prompts")
+    prompts = check_prompts(prompts, allow_empty_list=False)
+    batch_size, max_length = check_batch_size(batch_size), check_max_length(max_length)
     total = torch.zeros(num_layers(lm.model), hook_width(lm.model, hook_point), dtype=torch.float64)
     count = 0
     for start in range(0, len(prompts), batch_size):
@@ -487,17 +446,17 @@ def perplexity_patched(receiver: LoadedModel, donor: LoadedModel | None, texts: 
     The donor reads the same text (teacher forcing), so its activations are those on the same prefix. Texts
     are batched by token length (less padding), and the LM head runs only on the positions that are scored.
     """
-    texts = _check_prompts(texts, "reference texts")
-    _check_batch_args(batch_size, "right")
+    texts = check_prompts(texts, "Reference text", allow_empty_list=False)
+    batch_size, max_length = check_batch_size(batch_size), check_max_length(max_length)
     tok = receiver.tokenizer
     device = receiver.device
     encoded = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: (-len(encoded[i]), i))
+    order = length_order([len(e) for e in encoded])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     nll = {p.name: torch.zeros((), dtype=torch.float64) for p in patches}
     tokens = 0
     for start in range(0, len(order), batch_size):
-        ids, mask = _pad([encoded[i] for i in order[start:start + batch_size]], pad_id, "right")
+        ids, mask = pad_sequences([encoded[i] for i in order[start:start + batch_size]], pad_id, "right")
         ids, mask = ids.to(device), mask.to(device)
         rows = _Rows(patches, ids.shape[0], num_layers(receiver.model), hook_width(receiver.model, hook_point),
                      mean, device, next(receiver.model.parameters()).dtype)

@@ -19,7 +19,6 @@ Parsing user files lives in :mod:`safetyneurons.data.readers`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from collections import Counter, defaultdict
@@ -230,6 +229,91 @@ def _check_out(out_dir: Path) -> None:
                                            "splits directory is replaced).")
 
 
+def _source_groups(harmful: Sequence[str] | None, benign: Sequence[str] | None,
+                   heldout_harmful: Sequence[str] | None, heldout_benign: Sequence[str] | None) -> dict[str, list[str]]:
+    """The datasets of the main mix and of the held-out set by class (None: :data:`DEFAULT_SETTINGS`), each
+    checked to hold prompts of its class; our own template sets may only be used for training."""
+    d = DEFAULT_SETTINGS
+    given = {"harmful": harmful, "benign": benign, "heldout_harmful": heldout_harmful, "heldout_benign": heldout_benign}
+    groups = {key: list(d[key] if names is None else names) for key, names in given.items()}
+    for key, names in groups.items():
+        want = 1 if key in ("harmful", "heldout_harmful") else 0
+        for name in names:
+            spec = get_spec(name)
+            if spec.label != want:
+                raise UserError(f"{name} is a {spec.label_name} dataset; it cannot be used as {key.replace('_', ' ')}.")
+        groups[key] = [get_spec(n).name for n in names]
+    if not groups["harmful"] or not groups["benign"]:
+        raise UserError("The main mix needs at least one harmful and one benign dataset.")
+    main_names = groups["harmful"] + groups["benign"]
+    held_names = groups["heldout_harmful"] + groups["heldout_benign"]
+    if set(held_names) & TRAIN_ONLY:
+        raise UserError(f"{', '.join(sorted(set(held_names) & TRAIN_ONLY))}: our own template sets may only "
+                        f"be used for training, never held out.")
+    if set(main_names) & set(held_names):
+        raise UserError(f"A dataset cannot be in the main mix and held out: {sorted(set(main_names) & set(held_names))}.")
+    return groups
+
+
+def _balance(harm: list[dict], ben: list[dict], n_contrast: int, n_contrast_benign: int,
+             rng) -> tuple[list[dict], list[dict]]:
+    """Downsample the larger class (spread over its sources) so that benign = harmful - n_contrast +
+    n_contrast_benign: train and test are then balanced."""
+    target_benign = len(harm) - n_contrast + n_contrast_benign
+    if len(ben) > target_benign:
+        ben = stratified_sample(ben, target_benign, rng, key=_source, quota="fair")
+    elif len(ben) < target_benign:
+        harm = stratified_sample(harm, len(ben) + n_contrast - n_contrast_benign, rng, key=_source, quota="fair")
+    return harm, ben
+
+
+def _heldout(held: list[dict], main: list[dict], held_report: dict) -> list[dict]:
+    """The held-out records minus every one in the cluster of a cleaned main-mix prompt (sampled or not); the
+    dropped counts go into ``held_report``."""
+    main_clusters = {r["cluster"] for r in main}
+    heldout = [r for r in held if r["cluster"] not in main_clusters]
+    held_report["overlap_with_main_dropped"] = len(held) - len(heldout)
+    held_report["overlap_by_source"] = dict(sorted(Counter(
+        r["source"] for r in held if r["cluster"] in main_clusters).items()))
+    return heldout
+
+
+def _splits_manifest(seed: int, settings: dict, groups: dict, raw: list[dict], main: list[dict], used: dict,
+                     reports: dict, train_only: dict) -> dict:
+    """The manifest of a splits directory (its ``splits`` entries are added as the files are written)."""
+    names = groups["harmful"] + groups["benign"] + groups["heldout_harmful"] + groups["heldout_benign"]
+    return {
+        "format": SPLITS_FORMAT,
+        "recipe_version": RECIPE_VERSION,
+        "seed": seed,
+        "settings": settings,
+        "label_meaning": {"0": "benign (safe)", "1": "harmful (unsafe)"},
+        "splits": {},
+        "sources": {n: {**get_spec(n).describe(), "parsed": sum(1 for r in raw if r["source"] == n)} for n in names},
+        "cleaning": {"main": reports["main"], "heldout": reports["heldout"]},
+        "clusters": reports["clusters"],
+        "balance": {"main_after_cleaning": {"harmful": sum(r["label"] == 1 for r in main),
+                                            "benign": sum(r["label"] == 0 for r in main)},
+                    "main_used": used,
+                    "rule": "benign = harmful - n_contrast + n_contrast_benign so that train and test are balanced; "
+                            "the larger class is downsampled, spread over its sources (seeded)",
+                    "train_only": {"sources": sorted(set(groups["harmful"] + groups["benign"]) & TRAIN_ONLY),
+                                   **train_only, "rule": "our own template sets join the training split only"}},
+        "versions": versions(),
+    }
+
+
+def _write_splits(out_dir: Path, splits: dict[str, list[dict]], manifest: dict) -> None:
+    """Every split file and the manifest (with each file's sha256 and counts), written atomically."""
+    with atomic_dir(out_dir) as tmp:
+        for name in SPLIT_NAMES:
+            recs = splits[name]
+            write_records(tmp / f"{name}.jsonl", recs)
+            manifest["splits"][name] = {"file": f"{name}.jsonl", "sha256": sha256_file(tmp / f"{name}.jsonl"),
+                                        **_counts(recs)}
+        atomic_write_json(tmp / "manifest.json", manifest)
+
+
 def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n_contrast: int = 100,
                  test_size: float = 0.2, max_chars: int = 2000, n_contrast_benign: int = 100,
                  val_size: float | None = None, harmful: Sequence[str] | None = None,
@@ -257,29 +341,10 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     if int(seed) != seed or seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {seed}.")
     seed = int(seed)
-    d = DEFAULT_SETTINGS
-    val_size = d["val_size"] if val_size is None else val_size
-    harmful, benign = d["harmful"] if harmful is None else harmful, d["benign"] if benign is None else benign
-    heldout_harmful = d["heldout_harmful"] if heldout_harmful is None else heldout_harmful
-    heldout_benign = d["heldout_benign"] if heldout_benign is None else heldout_benign
-    groups = {"harmful": list(harmful), "benign": list(benign), "heldout_harmful": list(heldout_harmful),
-              "heldout_benign": list(heldout_benign)}
-    for key, names in groups.items():
-        want = 1 if key in ("harmful", "heldout_harmful") else 0
-        for name in names:
-            spec = get_spec(name)
-            if spec.label != want:
-                raise UserError(f"{name} is a {spec.label_name} dataset; it cannot be used as {key.replace('_', ' ')}.")
-        groups[key] = [get_spec(n).name for n in names]
-    if not groups["harmful"] or not groups["benign"]:
-        raise UserError("The main mix needs at least one harmful and one benign dataset.")
+    val_size = DEFAULT_SETTINGS["val_size"] if val_size is None else val_size
+    groups = _source_groups(harmful, benign, heldout_harmful, heldout_benign)
     main_names = groups["harmful"] + groups["benign"]
     held_names = groups["heldout_harmful"] + groups["heldout_benign"]
-    if set(held_names) & TRAIN_ONLY:
-        raise UserError(f"{', '.join(sorted(set(held_names) & TRAIN_ONLY))}: our own template sets may only "
-                        f"be used for training, never held out.")
-    if set(main_names) & set(held_names):
-        raise UserError(f"A dataset cannot be in the main mix and held out: {sorted(set(main_names) & set(held_names))}.")
 
     with progress_bar(len(main_names) + len(held_names), "loading datasets", "set", progress) as bar:
         main_raw = _load_many(main_names, bar)
@@ -303,57 +368,23 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
             f"Lower --n-twin/--n-contrast.")
 
     rng = np.random.default_rng(seed)
-    target_benign = len(harm) - n_contrast + n_contrast_benign
-    if len(ben) > target_benign:
-        ben = stratified_sample(ben, target_benign, rng, key=_source, quota="fair")
-    elif len(ben) < target_benign:
-        harm = stratified_sample(harm, len(ben) + n_contrast - n_contrast_benign, rng, key=_source, quota="fair")
+    harm, ben = _balance(harm, ben, n_contrast, n_contrast_benign, rng)
     twin, contrast, train, test, cluster_report["assignment"] = assign_splits(
         harm + ben, rng, n_twin, n_contrast, n_contrast_benign, test_size)
-
     train, val = carve_validation(train, val_size, seed)
     train, train_only_dropped = add_train_only(train, [twin, contrast, val, test], train_only)
-
-    main_clusters = {r["cluster"] for r in main}  # every cleaned main-mix prompt, sampled or not
-    heldout = [r for r in held if r["cluster"] not in main_clusters]
-    held_report["overlap_with_main_dropped"] = len(held) - len(heldout)
-    held_report["overlap_by_source"] = dict(sorted(Counter(
-        r["source"] for r in held if r["cluster"] in main_clusters).items()))
+    heldout = _heldout(held, main, held_report)
 
     splits = {"twin": twin, "contrast": contrast, "train": list(train), "val": val, "test": list(test),
               "heldout": heldout}
     settings = {"n_twin": n_twin, "n_contrast": n_contrast, "n_contrast_benign": n_contrast_benign,
                 "test_size": test_size, "val_size": val_size, "max_chars": max_chars,
                 "cluster_threshold": CLUSTER_THRESHOLD, **groups}
-    used = main_names + held_names
-    manifest = {
-        "format": SPLITS_FORMAT,
-        "recipe_version": RECIPE_VERSION,
-        "seed": seed,
-        "settings": settings,
-        "label_meaning": {"0": "benign (safe)", "1": "harmful (unsafe)"},
-        "splits": {},
-        "sources": {n: {**get_spec(n).describe(), "parsed": sum(1 for r in main_raw + held_raw if r["source"] == n)}
-                    for n in used},
-        "cleaning": {"main": main_report, "heldout": held_report},
-        "clusters": cluster_report,
-        "balance": {"main_after_cleaning": {"harmful": sum(r["label"] == 1 for r in main),
-                                            "benign": sum(r["label"] == 0 for r in main)},
-                    "main_used": {"harmful": len(harm), "benign": len(ben)},
-                    "rule": "benign = harmful - n_contrast + n_contrast_benign so that train and test are balanced; "
-                            "the larger class is downsampled, spread over its sources (seeded)",
-                    "train_only": {"sources": sorted(set(groups["harmful"] + groups["benign"]) & TRAIN_ONLY),
-                                   "records": len(train_only), "dropped_as_near_duplicates": train_only_dropped,
-                                   "rule": "our own template sets join the training split only"}},
-        "versions": versions(),
-    }
-    with atomic_dir(out_dir) as tmp:
-        for name in SPLIT_NAMES:
-            recs = splits[name]
-            write_records(tmp / f"{name}.jsonl", recs)
-            manifest["splits"][name] = {"file": f"{name}.jsonl", "sha256": sha256_file(tmp / f"{name}.jsonl"),
-                                        **_counts(recs)}
-        atomic_write_json(tmp / "manifest.json", manifest)
+    manifest = _splits_manifest(seed, settings, groups, main_raw + held_raw, main,
+                                {"harmful": len(harm), "benign": len(ben)},
+                                {"main": main_report, "heldout": held_report, "clusters": cluster_report},
+                                {"records": len(train_only), "dropped_as_near_duplicates": train_only_dropped})
+    _write_splits(out_dir, splits, manifest)
     return manifest
 
 

@@ -1,6 +1,6 @@
 """Greedy generation: one batched generator with one stop-token rule.
 
-Used by contrasting (``completion`` token positions: the aligned model's answers), by the twin
+Used by contrasting (``completion`` token positions: one model's answers, the base model's by default), by the twin
 (self-distilled benign replies, refusal evaluation), and open to activation patching and guarded
 generation: prompts are chat-formatted, left-padded (so every row's next token sits in the last column)
 and decoded with Hugging Face ``generate`` (greedy, KV cache on).
@@ -12,13 +12,15 @@ token, the generation config's EOS id(s) and the tokenizer's EOS. The stop token
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from transformers import GenerationConfig
 
 from safetyneurons._io import progress_bar
+from safetyneurons.checks import check_batch_size, check_max_length, check_positive_int
 from safetyneurons.errors import UserError
 
 if TYPE_CHECKING:
@@ -85,6 +87,41 @@ class Generation:
         return (prefix + lm.tokenizer.decode(self.reply_ids, skip_special_tokens=True)).strip()
 
 
+def _greedy_config(lm: LoadedModel, max_new_tokens: int) -> tuple[GenerationConfig, set[int]]:
+    """Greedy decoding settings of ``lm`` (stop tokens as in :func:`stop_token_ids`) and its stop-token set."""
+    max_new_tokens = check_positive_int(max_new_tokens, "max new tokens")
+    stops = stop_token_ids(lm)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                              eos_token_id=stops or None, pad_token_id=pad)
+    return config, set(stops)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block, in its earlier mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _replies(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
+             stop_set: set[int]) -> list[Generation]:
+    """One left-padded batch of prompt ids decoded greedily: a :class:`Generation` per row."""
+    with torch.no_grad():
+        gen = lm.model.generate(input_ids=input_ids.to(lm.device), attention_mask=attention_mask.to(lm.device),
+                                generation_config=config)
+    new = gen[:, input_ids.shape[1]:].cpu().tolist()
+    out = []
+    for ids, mask, answer in zip(input_ids, attention_mask, new):
+        cut = next((k for k, t in enumerate(answer) if t in stop_set), None)
+        out.append(Generation(ids[mask.bool()].tolist(), answer if cut is None else answer[:cut + 1], cut is not None))
+    return out
+
+
 def greedy_generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, *, batch_size: int | None = None,
                     max_length: int | None = None, prefix: str = "", progress: bool = False,
                     desc: str = "generate") -> list[Generation]:
@@ -94,34 +131,24 @@ def greedy_generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int
     formatted prompt (in tokens); ``prefix`` prefills every reply (the model continues it; it is part of
     the prompt ids, not of the new ids).
     """
-    if int(max_new_tokens) < 1:
-        raise UserError(f"max new tokens must be a positive integer, got {max_new_tokens!r}.")
+    config, stop_set = _greedy_config(lm, max_new_tokens)
     prompts = list(prompts)
-    batch_size = int(batch_size or max(1, len(prompts)))
-    stops = stop_token_ids(lm)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=int(max_new_tokens),
-                              eos_token_id=stops or None, pad_token_id=pad)
-    stop_set = set(stops)
+    batch_size = max(1, len(prompts)) if batch_size is None else check_batch_size(batch_size)
+    max_length = check_max_length(max_length)
     out: list[Generation] = []
-    model = lm.model
-    was_training = model.training
-    model.eval()
-    try:
-        with progress_bar(len(prompts), desc, "prompt", progress) as bar:
-            for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start:start + batch_size]
-                enc = lm.encode(chunk, max_length=max_length, padding_side="left", suffix=prefix)
-                with torch.no_grad():
-                    gen = model.generate(input_ids=enc["input_ids"].to(lm.device),
-                                         attention_mask=enc["attention_mask"].to(lm.device),
-                                         generation_config=config)
-                new = gen[:, enc["input_ids"].shape[1]:].cpu().tolist()
-                for ids, mask, answer in zip(enc["input_ids"], enc["attention_mask"], new):
-                    cut = next((k for k, t in enumerate(answer) if t in stop_set), None)
-                    out.append(Generation(ids[mask.bool()].tolist(), answer if cut is None else answer[:cut + 1],
-                                          cut is not None))
-                bar.update(len(chunk))
-    finally:
-        model.train(was_training)
+    with _eval_mode(lm.model), progress_bar(len(prompts), desc, "prompt", progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            enc = lm.encode(chunk, max_length=max_length, padding_side="left", suffix=prefix)
+            out += _replies(lm, enc["input_ids"], enc["attention_mask"], config, stop_set)
+            bar.update(len(chunk))
     return out
+
+
+def generate_padded(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    max_new_tokens: int) -> list[Generation]:
+    """Greedy replies of ``lm`` to one batch of prompts already tokenised as it reads them (chat template
+    applied) and left-padded, so that no prompt is tokenised again; otherwise as :func:`greedy_generate`."""
+    config, stop_set = _greedy_config(lm, max_new_tokens)
+    with _eval_mode(lm.model):
+        return _replies(lm, input_ids, attention_mask, config, stop_set)

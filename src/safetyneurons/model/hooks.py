@@ -1,5 +1,11 @@
 """Hook points, resolved by module role, and a forward pass that captures them (with early exit).
 
+This module is the one home for hooking a model and for the pieces of transformers' forward API that
+hooked passes need: :func:`attach` / :func:`attached_hooks` (a callback at a hook point, which may replace
+the activation), :func:`attached_input_hooks` (a callback on a decoder layer's inputs), :class:`EarlyExit`
+(raised by a callback to stop a forward pass once the layers it needs have run), and the KV cache helpers
+:func:`cache_argument`, :func:`kv_cache` and :func:`empty_kv_cache`.
+
 Hook points (per decoder layer):
 - ``mlp_out``     output of the layer's MLP block (what the reference student project hooked);
 - ``mlp_neurons`` the MLP's intermediate activations, i.e. the input of ``down_proj`` (the paper's neurons);
@@ -12,7 +18,8 @@ Qwen3, Gemma3 and most of their relatives).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+import inspect
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -74,20 +81,33 @@ def num_layers(model: nn.Module) -> int:
 
 
 class EarlyExit(Exception):
-    """Raised from a hook to stop a forward pass once the layers it needs have run (caught by the caller)."""
+    """Raised by a hook callback to stop the forward pass: the layers after it and the LM head never run.
+
+    The code that runs the pass catches it (:func:`forward_with_hooks` does; so does a guarded prefill)."""
 
 
-def kv_cache(output):
-    """The KV cache of a model output (``cache`` in newer transformers, ``past_key_values`` before)."""
+# ------------------------------------------------------------------------------------------ KV cache
+def cache_argument(model: nn.Module) -> str:
+    """The name of the KV cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (earlier versions)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def kv_cache(output: Any) -> Any:
+    """The KV cache object of a model output (``output.cache``, or ``output.past_key_values`` in earlier
+    transformers versions); None when the pass kept no cache."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def cache_argument(model: nn.Module) -> str:
-    """The name of ``model.forward``'s KV-cache argument (``cache`` in newer transformers, else ``past_key_values``)."""
-    import inspect
+def empty_kv_cache(model: nn.Module) -> Any:
+    """A new, empty dynamic KV cache for ``model`` (the config is passed where the transformers version takes it)."""
+    from transformers import DynamicCache
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -128,29 +148,62 @@ def attach(blocks: nn.ModuleList, layer: int, hook_point: str,
 
 
 @contextlib.contextmanager
-def attached_hooks(model: nn.Module, hook_point: str, callback: Callable[[int, torch.Tensor], None],
+def _removed_on_exit(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def attached_hooks(model: nn.Module, hook_point: str,
+                   callback: Callable[[int, torch.Tensor], torch.Tensor | None],
                    layers: Sequence[int] | None = None) -> Iterator[list[int]]:
     """Hooks that call ``callback(layer, activation)`` during any forward pass run inside the block.
 
     Yields the sorted list of hooked layers; the hooks are removed on exit (also on an exception, which
-    the callback may raise to stop the forward pass). ``activation`` is as in :func:`forward_with_hooks`.
+    the callback may raise to stop the forward pass, e.g. :class:`EarlyExit`). ``activation`` is as in
+    :func:`forward_with_hooks`. As in :func:`attach`, a tensor returned by ``callback`` replaces the
+    activation (activation patching) and ``None`` leaves it unchanged.
     """
     check_hook_point(hook_point)
     blocks = decoder_layers(model)
     wanted = _check_layers(blocks, layers)
 
     def make(i: int):
-        def observe(t: torch.Tensor) -> None:
-            callback(i, t)
+        def at_layer(t: torch.Tensor) -> torch.Tensor | None:
+            return callback(i, t)
 
-        return attach(blocks, i, hook_point, observe)
+        return attach(blocks, i, hook_point, at_layer)
 
-    handles = [make(i) for i in wanted]
-    try:
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    with _removed_on_exit(handles):
+        for i in wanted:  # appended one by one: a failure half way still removes the hooks made
+            handles.append(make(i))
         yield wanted
-    finally:
-        for h in handles:
-            h.remove()
+
+
+@contextlib.contextmanager
+def attached_input_hooks(model: nn.Module, callback: Callable[[int, tuple, dict], tuple[tuple, dict]],
+                         layers: Sequence[int]) -> Iterator[list[int]]:
+    """Pre-hooks on the inputs of decoder layers: ``callback(layer, args, kwargs)`` returns the ``(args,
+    kwargs)`` the layer runs on (hidden states, attention mask, position embeddings...). Yields the sorted
+    hooked layers; the hooks are removed on exit, also on an exception."""
+    blocks = decoder_layers(model)
+    wanted = _check_layers(blocks, layers)
+
+    def make(i: int):
+        def before(_mod, args, kwargs):
+            return callback(i, args, kwargs)
+
+        return blocks[i].register_forward_pre_hook(before, with_kwargs=True)
+
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    with _removed_on_exit(handles):
+        for i in wanted:  # appended one by one: a failure half way still removes the hooks made
+            handles.append(make(i))
+        yield wanted
 
 
 @torch.no_grad()

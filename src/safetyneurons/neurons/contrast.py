@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,8 @@ from safetyneurons import distributed
 from safetyneurons._io import atomic_write_json, progress_bar, read_json, save_tensors_atomic, sha256_bytes, sha256_json, versions
 from safetyneurons.constants import COMPLETION_FROM, PADDING_SIDES, POSITIONS
 from safetyneurons.errors import UserError
-from safetyneurons.model.generate import greedy_generate, stop_token_ids
+from safetyneurons.checks import check_batch_size, check_max_length, check_positive_int, check_prompts
+from safetyneurons.model.generate import generate_padded, stop_token_ids
 from safetyneurons.model.hooks import HOOK_POINTS, check_hook_point, forward_with_hooks, hook_width, num_layers, position_ids_from_mask
 from safetyneurons.model.pair import LoadedModel, check_symmetry
 
@@ -56,6 +57,12 @@ def check_positions(positions: str) -> str:
     if positions not in POSITIONS:
         raise UserError(f"Unknown token positions {positions!r}. Choose one of: {', '.join(POSITIONS)}.")
     return positions
+
+
+def check_padding_side(padding_side: str) -> str:
+    if padding_side not in PADDING_SIDES:
+        raise UserError(f"padding side must be one of {', '.join(PADDING_SIDES)}, got {padding_side!r}.")
+    return padding_side
 
 
 # --------------------------------------------------------------------------------------- the result
@@ -184,6 +191,68 @@ class ChangeScores:
                    token_count=int(count.reshape(-1)[0]), meta=meta, prompt_n=prompt_n, **extras)
 
 
+# ----------------------------------------------------------------------------------- prompt tokens
+@dataclass
+class PromptTokens:
+    """Prompts tokenised once, as a model reads them: ``ids[i]`` the token ids of prompt ``i`` (formatted, cut to
+    the token limit, no padding) and, when asked for, ``content[i]`` (bool, same length) its content tokens, the
+    user's message (see :mod:`safetyneurons.model.positions`). Batches are cut from these ids, so a prompt is
+    never tokenised twice."""
+
+    ids: list[list[int]]
+    content: list[torch.Tensor] | None
+    pad_id: int
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.ids]
+
+    def batch(self, index: Sequence[int], padding_side: str) -> dict[str, torch.Tensor]:
+        """The prompts ``index`` as one padded batch: ``input_ids``, ``attention_mask`` and, with content,
+        ``content_mask`` (padding never counts as content)."""
+        ids, mask = pad_sequences([self.ids[i] for i in index], self.pad_id, padding_side)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if self.content is not None:
+            content = torch.zeros(mask.shape, dtype=torch.bool)
+            content[mask.bool()] = torch.cat([self.content[i] for i in index])  # row by row, in token order
+            out["content_mask"] = content
+        return out
+
+
+def tokenize_prompts(lm: LoadedModel, prompts: Sequence[str], max_length: int | None,
+                     content: bool = False) -> PromptTokens:
+    """Tokenise every prompt once the way ``lm`` reads it (:meth:`LoadedModel.encode`: chat template, a prompt
+    longer than ``max_length`` cut to its first part that fits); ``content`` also keeps the content tokens."""
+    ids: list[list[int]] = []
+    masks: list[torch.Tensor] = []
+    for start in range(0, len(prompts), 512):
+        enc = lm.encode(list(prompts[start:start + 512]), max_length=max_length, content_mask=content)
+        for r, real in enumerate(enc["attention_mask"].bool()):
+            ids.append(enc["input_ids"][r][real].tolist())
+            if content:
+                masks.append(enc["content_mask"][r][real])
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    return PromptTokens(ids, masks if content else None, pad_id)
+
+
+def length_order(lengths: Sequence[int]) -> list[int]:
+    """Indices by length, longest first (stable), so that batches hold prompts of similar length (less padding)."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id sequences as one batch padded with ``pad_id`` on ``side`` (``left`` or ``right``): (input ids,
+    attention mask), both int64 ``[len(seqs), longest]``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[r, sl] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, sl] = 1
+    return ids, mask
+
+
 # ------------------------------------------------------------------------------------ token choice
 def _select_prompt(attention_mask: torch.Tensor, positions: str) -> torch.Tensor:
     """Bool [batch, seq]: the prompt tokens that count (never padding)."""
@@ -198,31 +267,39 @@ def _select_prompt(attention_mask: torch.Tensor, positions: str) -> torch.Tensor
     return select & real  # a row without tokens selects nothing
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        ids[r, sl] = torch.tensor(list(s), dtype=torch.long)
-        mask[r, sl] = 1
-    return ids, mask
-
-
-def completion_batch(aligned: LoadedModel, prompts: Sequence[str], max_length: int | None, max_new_tokens: int,
-                     padding_side: str = "right") -> dict:
-    """Prompt + greedy answer of ``aligned`` (:func:`safetyneurons.model.generate.greedy_generate`), padded;
-    ``select`` marks the answer tokens only (up to and including the stop token).
-
-    Returns ``{"input_ids", "attention_mask", "select", "stopped_at_eos"}``.
-    """
-    gens = greedy_generate(aligned, prompts, max_new_tokens, max_length=max_length)
-    pad_id = aligned.tokenizer.pad_token_id if aligned.tokenizer.pad_token_id is not None else 0
-    ids, mask = _pad([g.prompt_ids + g.new_ids for g in gens], pad_id, padding_side)
+def _completion(generator: LoadedModel, prompt_ids: Sequence[Sequence[int]], pad_id: int, max_new_tokens: int,
+                padding_side: str) -> dict:
+    """Prompt + greedy answer of ``generator`` from prompt token ids, padded; ``select`` marks the answer tokens."""
+    left_ids, left_mask = pad_sequences(prompt_ids, pad_id, "left")  # generation reads left-padded prompts
+    gens = generate_padded(generator, left_ids, left_mask, max_new_tokens)
+    ids, mask = pad_sequences([g.prompt_ids + g.new_ids for g in gens], pad_id, padding_side)
     starts = torch.tensor([len(g.prompt_ids) for g in gens]).unsqueeze(1)
     select = mask.bool() & (position_ids_from_mask(mask) >= starts)
     stopped = sum(g.stopped for g in gens)
     return {"input_ids": ids, "attention_mask": mask, "select": select, "stopped_at_eos": stopped}
+
+
+def completion_batch(generator: LoadedModel, prompts: Sequence[str], max_length: int | None, max_new_tokens: int,
+                     padding_side: str = "right") -> dict:
+    """Prompt + greedy answer of ``generator`` (as :func:`safetyneurons.model.generate.greedy_generate`), padded;
+    ``select`` marks the answer tokens only (up to and including the stop token).
+
+    Returns ``{"input_ids", "attention_mask", "select", "stopped_at_eos"}``.
+    """
+    tokens = tokenize_prompts(generator, prompts, max_length)
+    return _completion(generator, tokens.ids, tokens.pad_id, max_new_tokens, padding_side)
+
+
+def _batch_tokens(tokens: PromptTokens, index: Sequence[int], positions: str, padding_side: str,
+                  generator: LoadedModel, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(input ids, attention mask, tokens that count, answers stopped at a stop token) of one batch of prompts."""
+    if positions == "completion":
+        cb = _completion(generator, [tokens.ids[i] for i in index], tokens.pad_id, max_new_tokens, padding_side)
+        return cb["input_ids"], cb["attention_mask"], cb["select"], cb["stopped_at_eos"]
+    enc = tokens.batch(index, padding_side)
+    mask = enc["attention_mask"]
+    select = enc["content_mask"] if positions == "content" else _select_prompt(mask, positions)
+    return enc["input_ids"], mask, select, 0
 
 
 # ----------------------------------------------------------------------------------- accumulation
@@ -291,25 +368,117 @@ def _check_same_tokens(base: LoadedModel, aligned: LoadedModel) -> None:
         )
 
 
-def _length_order(lm: LoadedModel, prompts: Sequence[str], max_length: int | None) -> list[int]:
-    """Prompt indices, longest first (stable), so batches hold prompts of similar length (less padding)."""
-    lengths: list[int] = []
-    for start in range(0, len(prompts), 512):
-        enc = lm.encode(prompts[start:start + 512], max_length=max_length)
-        lengths.extend(enc["attention_mask"].sum(dim=1).tolist())
-    return sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+def _check_arguments(hook_point: str, positions: str, completion_from: str, batch_size, max_length,
+                     max_new_tokens, padding_side: str) -> tuple[int, int | None]:
+    """Refuse bad settings with a UserError; returns (batch size, max length) as numbers."""
+    check_hook_point(hook_point)
+    check_positions(positions)
+    batch_size, max_length = check_batch_size(batch_size), check_max_length(max_length)
+    if positions == "completion":
+        check_positive_int(max_new_tokens, "max new tokens")
+    if completion_from not in COMPLETION_FROM:
+        raise UserError(f"completion from must be one of {', '.join(COMPLETION_FROM)}, got {completion_from!r}.")
+    check_padding_side(padding_side)
+    return batch_size, max_length
 
 
-def _check_prompts(prompts: Iterable[str]) -> list[str]:
-    if isinstance(prompts, str):
-        raise UserError("`prompts` must be a list of prompt strings, not a single string.")
-    prompts = list(prompts)
-    if not prompts:
-        raise UserError("No prompts to contrast: the prompt set is empty. Give at least one non-empty prompt.")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise UserError(f"Prompt #{i + 1} is empty or not a string; every prompt must be non-empty text.")
-    return prompts
+def _pair_shape(base: LoadedModel, aligned: LoadedModel, hook_point: str) -> tuple[int, int]:
+    """(layers, width) of the hook point, the same in both models (else a UserError: not a symmetric pair)."""
+    check_symmetry(base, aligned)
+    _check_same_tokens(base, aligned)
+    layers, width = num_layers(base.model), hook_width(base.model, hook_point)
+    if (layers, width) != (num_layers(aligned.model), hook_width(aligned.model, hook_point)):
+        raise UserError(f"The models are not a symmetric pair at hook point {hook_point}: base has "
+                        f"{layers}x{width} neurons, aligned {num_layers(aligned.model)}x"
+                        f"{hook_width(aligned.model, hook_point)}.")
+    return layers, width
+
+
+@dataclass
+class _Sums:
+    """Change-score sums over all batches (all ranks): ``total`` [1 + extras, L, W] and the counts."""
+
+    total: torch.Tensor
+    token_count: int
+    stopped_at_eos: int
+    prompt_n: int
+
+
+def _contrast_batches(base: LoadedModel, aligned: LoadedModel, generator: LoadedModel, tokens: PromptTokens,
+                      hook_point: str, positions: str, batch_size: int, max_new_tokens: int, padding_side: str,
+                      shape: tuple[int, int], progress: bool) -> _Sums:
+    """Add up the change-score sums batch by batch, longest prompts first.
+
+    Under torchrun every rank takes every world-th batch; the batch sums of all ranks are added in batch order
+    (OrderedSum: the same running sum as one process makes), one round of world batches at a time.
+    """
+    order = length_order(tokens.lengths)
+    all_starts = list(range(0, len(order), batch_size))
+    starts = distributed.share(all_starts)
+    ordered = distributed.OrderedSum(torch.zeros(1 + len(_EXTRAS), *shape, dtype=torch.float64, device=aligned.device))
+    counts = [0, 0, 0]  # tokens, answers stopped at a stop token, prompts with tokens
+    mine = sum(len(order[s:s + batch_size]) for s in starts)
+    bar = progress_bar(mine, f"contrast {hook_point}/{positions}", "prompt", progress and distributed.is_main())
+    try:
+        for j in range(distributed.OrderedSum.rounds(len(all_starts))):
+            if j >= len(starts):  # this rank has no batch in the last round
+                ordered.add(None)
+                continue
+            index = order[starts[j]:starts[j] + batch_size]
+            ids, mask, select, stopped = _batch_tokens(tokens, index, positions, padding_side, generator,
+                                                       max_new_tokens)
+            part = torch.zeros_like(ordered.total)  # this batch's sums: [change, *extras, L, W]
+            counts[0] += _accumulate(base, aligned, ids, mask, select, hook_point, part[0],
+                                     dict(zip(_EXTRAS, part[1:])))
+            ordered.add(part)
+            counts[1] += stopped
+            counts[2] += int((select.sum(1) > 0).sum())
+            bar.update(len(index))
+            bar.set_postfix(tokens=counts[0], refresh=False)
+    finally:
+        bar.close()
+    totals = torch.tensor(counts, dtype=torch.float64, device=ordered.total.device)
+    distributed.all_reduce_sum(totals)
+    return _Sums(ordered.total, int(totals[0]), int(totals[1]), int(totals[2]))
+
+
+def _contrast_meta(base: LoadedModel, aligned: LoadedModel, generator: LoadedModel, prompts: list[str],
+                   sums: _Sums, settings: dict, shape: tuple[int, int]) -> dict:
+    """The provenance of a contrast run (method, pair, token positions, prompts, settings, versions)."""
+    hook_point, positions, completion_from = settings["hook_point"], settings["positions"], settings["completion_from"]
+    completion = positions == "completion"
+    meta = {
+        "format": CHANGE_SCORES_FORMAT,
+        "method": "inference-time activation contrasting (Chen et al. 2025, arXiv 2406.14144)",
+        "change_score": "sqrt(mean over selected tokens of (a_base - a_aligned)^2)",
+        "base": base.describe(),
+        "aligned": aligned.describe(),
+        "tokenized_with": completion_from if completion else "aligned",
+        "completion_from": completion_from if completion else None,
+        "hook_point": hook_point,
+        "hook_point_doc": HOOK_POINTS[hook_point],
+        "positions": positions,
+        "positions_doc": POSITIONS[positions],
+        "num_layers": shape[0],
+        "width": shape[1],
+        "prompt_count": len(prompts),
+        "prompts_sha256": sha256_json(prompts),
+        "token_count": sums.token_count,
+        "batch_size": settings["batch_size"],
+        "max_length": settings["max_length"],
+        "max_new_tokens": settings["max_new_tokens"] if completion else None,
+        "padding_side": settings["padding_side"],
+        "dtype": str(next(base.model.parameters()).dtype).replace("torch.", ""),
+        "device": str(aligned.device),
+        "versions": versions(),
+    }
+    if distributed.world()[1] > 1:
+        meta["data_parallel_ranks"] = distributed.world()[1]
+    if completion:
+        meta["generation"] = {"model": completion_from, "decoding": "greedy",
+                              "eos_token_ids": stop_token_ids(generator), "answers_stopped_at_eos": sums.stopped_at_eos,
+                              "mean_answer_tokens": sums.token_count / len(prompts)}
+    return meta
 
 
 def contrast(
@@ -327,111 +496,31 @@ def contrast(
 ) -> ChangeScores:
     """Change score of every neuron at ``hook_point`` between ``base`` and ``aligned`` over ``prompts``.
 
-    Prompts are formatted and tokenized by the aligned model (its chat template when on) and both models
+    Prompts are formatted and tokenized once by the aligned model (its chat template when on) and both models
     read the same token ids. ``max_length`` truncates prompts (in tokens); ``max_new_tokens`` bounds the
     answer for ``positions="completion"``, generated by ``completion_from`` (``base``, the paper's choice, or
-    ``aligned``). Raises UserError on bad input or a mismatched pair.
+    ``aligned``), which then also tokenizes the prompts. A bare string is one prompt. Raises UserError on bad
+    input or a mismatched pair.
     """
-    check_hook_point(hook_point)
-    check_positions(positions)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch size must be a positive integer, got {batch_size!r}.")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-        raise UserError(f"max length must be a positive number of tokens (or None), got {max_length!r}.")
-    if positions == "completion" and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-        raise UserError(f"max new tokens must be a positive integer, got {max_new_tokens!r}.")
-    if completion_from not in COMPLETION_FROM:
-        raise UserError(f"completion from must be one of {', '.join(COMPLETION_FROM)}, got {completion_from!r}.")
+    batch_size, max_length = _check_arguments(hook_point, positions, completion_from, batch_size, max_length,
+                                              max_new_tokens, padding_side)
+    prompts = check_prompts(prompts, allow_empty_list=False)
+    shape = _pair_shape(base, aligned, hook_point)
     generator = base if completion_from == "base" else aligned
-    if padding_side not in PADDING_SIDES:
-        raise UserError(f"padding side must be one of {', '.join(PADDING_SIDES)}, got {padding_side!r}.")
-    prompts = _check_prompts(prompts)
-    check_symmetry(base, aligned)
-    _check_same_tokens(base, aligned)
-
-    layers, width = num_layers(base.model), hook_width(base.model, hook_point)
-    if (layers, width) != (num_layers(aligned.model), hook_width(aligned.model, hook_point)):
-        raise UserError(f"The models are not a symmetric pair at hook point {hook_point}: base has "
-                        f"{layers}x{width} neurons, aligned {num_layers(aligned.model)}x"
-                        f"{hook_width(aligned.model, hook_point)}.")
-    token_count, stopped_at_eos, prompt_n = 0, 0, 0
-    order = _length_order(aligned, prompts, max_length)
-
-    # under torchrun every rank takes every world-th batch; the batch sums of all ranks are added in batch order
-    # (OrderedSum: the same running sum as one process makes), one round of world batches at a time
-    all_starts = list(range(0, len(order), batch_size))
-    starts = distributed.share(all_starts)
-    ordered = distributed.OrderedSum(torch.zeros(1 + len(_EXTRAS), layers, width, dtype=torch.float64,
-                                                 device=aligned.device))
-    mine = sum(len(order[s:s + batch_size]) for s in starts)
-    bar = progress_bar(mine, f"contrast {hook_point}/{positions}", "prompt", progress and distributed.is_main())
-    try:
-        for j in range(distributed.OrderedSum.rounds(len(all_starts))):
-            if j >= len(starts):  # this rank has no batch in the last round
-                ordered.add(None)
-                continue
-            start = starts[j]
-            batch = [prompts[i] for i in order[start:start + batch_size]]
-            if positions == "completion":
-                cb = completion_batch(generator, batch, max_length, max_new_tokens, padding_side)
-                ids, mask, select = cb["input_ids"], cb["attention_mask"], cb["select"]
-                stopped_at_eos += cb["stopped_at_eos"]
-            else:
-                enc = aligned.encode(batch, max_length=max_length, padding_side=padding_side,
-                                     content_mask=positions == "content")
-                ids, mask = enc["input_ids"], enc["attention_mask"]
-                select = enc["content_mask"] if positions == "content" else _select_prompt(mask, positions)
-            part = torch.zeros_like(ordered.total)  # this batch's sums: [change, *extras, L, W]
-            token_count += _accumulate(base, aligned, ids, mask, select, hook_point, part[0],
-                                       dict(zip(_EXTRAS, part[1:])))
-            ordered.add(part)
-            prompt_n += int((select.sum(1) > 0).sum())
-            bar.update(len(batch))
-            bar.set_postfix(tokens=token_count, refresh=False)
-    finally:
-        bar.close()
-    sum_sq, *rest = ordered.total
-    extra = dict(zip(_EXTRAS, rest))
-    totals = torch.tensor([token_count, stopped_at_eos, prompt_n], dtype=torch.float64, device=sum_sq.device)
-    distributed.all_reduce_sum(totals)
-    token_count, stopped_at_eos, prompt_n = int(totals[0]), int(totals[1]), int(totals[2])
-    if token_count == 0:
+    reader = generator if positions == "completion" else aligned  # the model whose tokens both models read
+    tokens = tokenize_prompts(reader, prompts, max_length, content=positions == "content")
+    sums = _contrast_batches(base, aligned, generator, tokens, hook_point, positions, batch_size, max_new_tokens,
+                             padding_side, shape, progress)
+    if sums.token_count == 0:
         raise UserError("No tokens were selected from the prompts, so no change score can be computed. "
                         "Check that the prompts are not empty after tokenization.")
-
-    meta = {
-        "format": CHANGE_SCORES_FORMAT,
-        "method": "inference-time activation contrasting (Chen et al. 2025, arXiv 2406.14144)",
-        "change_score": "sqrt(mean over selected tokens of (a_base - a_aligned)^2)",
-        "base": base.describe(),
-        "aligned": aligned.describe(),
-        "tokenized_with": completion_from if positions == "completion" else "aligned",
-        "completion_from": completion_from if positions == "completion" else None,
-        "hook_point": hook_point,
-        "hook_point_doc": HOOK_POINTS[hook_point],
-        "positions": positions,
-        "positions_doc": POSITIONS[positions],
-        "num_layers": layers,
-        "width": width,
-        "prompt_count": len(prompts),
-        "prompts_sha256": sha256_json(prompts),
-        "token_count": token_count,
-        "batch_size": batch_size,
-        "max_length": max_length,
-        "max_new_tokens": max_new_tokens if positions == "completion" else None,
-        "padding_side": padding_side,
-        "dtype": str(next(base.model.parameters()).dtype).replace("torch.", ""),
-        "device": str(aligned.device),
-        "versions": versions(),
-    }
-    if distributed.world()[1] > 1:
-        meta["data_parallel_ranks"] = distributed.world()[1]
-    if positions == "completion":
-        meta["generation"] = {"model": completion_from, "decoding": "greedy",
-                              "eos_token_ids": stop_token_ids(generator), "answers_stopped_at_eos": stopped_at_eos,
-                              "mean_answer_tokens": token_count / len(prompts)}
-    result = ChangeScores(hook_point, positions, sum_sq.cpu().numpy(), token_count, meta, prompt_n=prompt_n,
-                          **{name: t.cpu().numpy() for name, t in extra.items()})
+    settings = dict(hook_point=hook_point, positions=positions, completion_from=completion_from,
+                    batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
+                    padding_side=padding_side)
+    meta = _contrast_meta(base, aligned, generator, prompts, sums, settings, shape)
+    sum_sq, *rest = sums.total
+    result = ChangeScores(hook_point, positions, sum_sq.cpu().numpy(), sums.token_count, meta, prompt_n=sums.prompt_n,
+                          **{name: t.cpu().numpy() for name, t in zip(_EXTRAS, rest)})
     if not math.isfinite(float(result.sum_sq.sum())):
         raise UserError("The change scores are not finite (NaN/inf activations). Try --dtype float32.")
     return result

@@ -94,20 +94,29 @@ class CategoryHeads:
         return cls(names, mean, scale, np.array(W), np.array(b), info)
 
     # ---------------------------------------------------------------- scoring
-    def predict_proba(self, X: ArrayLike) -> np.ndarray:
-        """P(hazard | harmful) per head: [n, len(names)]."""
+    def head_probabilities(self, X: ArrayLike) -> np.ndarray:
+        """P(hazard | harmful) of every head: ``[n, len(names)]``, column ``j`` the hazard ``names[j]``.
+
+        Each head is a one-vs-rest probe, so a row need not sum to 1. (This is not a two-class
+        ``predict_proba``: the heads say which hazard, the guard's probe says whether unsafe.)
+        """
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise UserError(f"Category heads read {self.n_features} features, got an array of shape {X.shape}.")
         z = ((X - self.mean) / self.scale) @ self.weights.T + self.bias
         return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
 
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
+        """The same as :meth:`head_probabilities` (``[n, len(names)]``), kept while callers move to that name;
+        every probe's ``predict_proba`` is two-class ``[n, 2]``, so this one is to be removed."""
+        return self.head_probabilities(X)
+
     def top1_accuracy(self, X: ArrayLike, hazards: Sequence[str | None]) -> dict:
         """Top-1 accuracy on rows whose hazard has a head (for the report), with counts."""
         keep = [i for i, h in enumerate(hazards) if h in self.names]
         if not keep:
             return {"n": 0, "top1_accuracy": None}
-        p = self.predict_proba(np.asarray(X)[keep])
+        p = self.head_probabilities(np.asarray(X)[keep])
         pred = [self.names[j] for j in p.argmax(axis=1)]
         truth = [hazards[i] for i in keep]
         return {"n": len(keep), "top1_accuracy": float(np.mean([a == b for a, b in zip(pred, truth)])),

@@ -23,6 +23,60 @@ def _write_replies(directory: Path, base_rows: list[dict], twin_rows: list[dict]
                       jsonl([{"model": "base", **r} for r in base_rows] + [{"model": "twin", **r} for r in twin_rows]))
 
 
+def _check_data(twin_records: Sequence[dict], eval_records: Sequence[dict] | None,
+                data_source: str | None) -> tuple[list[dict], list[dict], int]:
+    """(training records, evaluation records, evaluation prompts dropped because they are training prompts)."""
+    records = check_twin_records(twin_records, data_source or "twin training data")
+    train_prompts = {r["prompt"] for r in records}
+    eval_all = check_twin_records(eval_records, "evaluation data", need_both=False) if eval_records else []
+    evals = [r for r in eval_all if r["prompt"] not in train_prompts]
+    if eval_all and not evals:
+        raise UserError("Every evaluation prompt also appears in the twin training data; give held-out "
+                        "prompts (e.g. the test split) with --eval-data.")
+    return records, evals, len(eval_all) - len(evals)
+
+
+def _self_distil(lm, records: list[dict], settings: TwinSettings, progress: bool,
+                 data_source: str | None) -> tuple[list[dict], list[dict], int]:
+    """Training examples of the prompts that fit with room for a reply (refusals for harmful prompts, the base
+    model's own answers for benign ones): (every example, those used, prompts skipped as too long)."""
+    fitting = [r for r in records if prompt_length(lm, r["prompt"]) <= settings.max_length - MIN_REPLY_TOKENS]
+    check_twin_records(fitting, f"{data_source or 'twin training data'} (prompts that fit in --max-length "
+                                f"{settings.max_length} with room for a reply)")
+    examples = build_examples(lm, fitting, settings, progress)
+    used = [e for e in examples if e["used"]]
+    if not any(e["label"] == 0 for e in used):
+        raise UserError("The base model declined every benign training prompt, so there is nothing to teach "
+                        "helpfulness with; give benign prompts it answers (--data) or a longer "
+                        "--max-new-tokens.")
+    return examples, used, len(records) - len(fitting)
+
+
+def _data_record(records: list[dict], examples: list[dict], used: list[dict], skipped: int, train_sha: str,
+                 data_source: str | None) -> dict:
+    """twin.json's ``data``: the training records and what became of them."""
+    return {"source": data_source, "sha256": train_sha, "n": len(records),
+            "n_harmful": sum(r["label"] for r in records),
+            "n_benign": sum(1 - r["label"] for r in records),
+            "skipped_long_prompts": skipped,
+            "benign_replies_finished": sum(e["ends"] for e in examples if e["label"] == 0),
+            "benign_unused_not_answers": sum(not e["used"] for e in examples),
+            "benign_prefilled": sum(e["source"] == "prefilled" for e in examples),
+            "trained_on": {"harmful": sum(e["label"] for e in used),
+                           "benign": sum(1 - e["label"] for e in used)}}
+
+
+def _recipe_record(settings: TwinSettings, targets: Sequence[str]) -> dict:
+    """twin.json's ``recipe``: how the twin was trained."""
+    return {"version": RECIPE_VERSION, "refusals": list(REFUSALS), "lora_targets": len(targets),
+            "lora_target_roles": sorted({t.rsplit(".", 1)[-1] for t in targets}),
+            "loss": "cross-entropy on reply tokens, mean per example then over the batch",
+            "batches": "class-balanced (harmful/benign alternate), seeded shuffles per class",
+            "benign_targets": "base model's greedy reply, kept only when the judge calls it an answer",
+            "schedule": "AdamW, linear warmup then linear decay to 10%, grad-norm clip 1.0",
+            "merge_scale": settings.alpha / settings.rank}
+
+
 def build_twin(base_ref: str, twin_records: Sequence[dict], eval_records: Sequence[dict] | None = None,
                settings: TwinSettings | None = None, out: str | Path | None = None, force: bool = False,
                progress: bool = True, data_source: str | None = None) -> Path:
@@ -34,15 +88,7 @@ def build_twin(base_ref: str, twin_records: Sequence[dict], eval_records: Sequen
     existing twin is reused (re-evaluated only when `eval_records` changed) unless `force`.
     """
     settings = (settings or TwinSettings()).validate()
-    records = check_twin_records(twin_records, data_source or "twin training data")
-    train_prompts = {r["prompt"] for r in records}
-    eval_all = check_twin_records(eval_records, "evaluation data", need_both=False) if eval_records else []
-    evals = [r for r in eval_all if r["prompt"] not in train_prompts]
-    dropped = len(eval_all) - len(evals)
-    if eval_all and not evals:
-        raise UserError("Every evaluation prompt also appears in the twin training data; give held-out "
-                        "prompts (e.g. the test split) with --eval-data.")
-
+    records, evals, dropped = _check_data(twin_records, eval_records, data_source)
     base_path = resolve_ref(base_ref)
     base_sha = model_fingerprint(base_path)
     train_sha = data_sha256(records)
@@ -68,16 +114,7 @@ def build_twin(base_ref: str, twin_records: Sequence[dict], eval_records: Sequen
         timing["evaluate_base"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        fitting = [r for r in records if prompt_length(lm, r["prompt"]) <= settings.max_length - MIN_REPLY_TOKENS]
-        skipped = len(records) - len(fitting)
-        check_twin_records(fitting, f"{data_source or 'twin training data'} (prompts that fit in --max-length "
-                               f"{settings.max_length} with room for a reply)")
-        examples = build_examples(lm, fitting, settings, progress)
-        used = [e for e in examples if e["used"]]
-        if not any(e["label"] == 0 for e in used):
-            raise UserError("The base model declined every benign training prompt, so there is nothing to teach "
-                            "helpfulness with; give benign prompts it answers (--data) or a longer "
-                            "--max-new-tokens.")
+        examples, used, skipped = _self_distil(lm, records, settings, progress, data_source)
         timing["self_distil"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -98,38 +135,22 @@ def build_twin(base_ref: str, twin_records: Sequence[dict], eval_records: Sequen
         atomic_write_text(tmp / "train_examples.jsonl", jsonl(examples))
         if evals:
             _write_replies(tmp, base_rows, twin_rows)
-        info = {
+        atomic_write_json(tmp / "twin.json", {
             "format": FORMAT,
             "name": final.name if out is None else name,
             "in_cache": out is None,
             "key": key,
             "path": str(final.resolve()),
             "base": {**base_desc, "ref": base_ref, "sha256": base_sha},
-            "data": {"source": data_source, "sha256": train_sha, "n": len(records),
-                     "n_harmful": sum(r["label"] for r in records),
-                     "n_benign": sum(1 - r["label"] for r in records),
-                     "skipped_long_prompts": skipped,
-                     "benign_replies_finished": sum(e["ends"] for e in examples if e["label"] == 0),
-                     "benign_unused_not_answers": sum(not e["used"] for e in examples),
-                     "benign_prefilled": sum(e["source"] == "prefilled" for e in examples),
-                     "trained_on": {"harmful": sum(e["label"] for e in used),
-                                    "benign": sum(1 - e["label"] for e in used)}},
+            "data": _data_record(records, examples, used, skipped, train_sha, data_source),
             "settings": settings.to_dict(),
-            "recipe": {"version": RECIPE_VERSION, "refusals": list(REFUSALS), "lora_targets": len(targets),
-                       "lora_target_roles": sorted({t.rsplit(".", 1)[-1] for t in targets}),
-                       "loss": "cross-entropy on reply tokens, mean per example then over the batch",
-                       "batches": "class-balanced (harmful/benign alternate), seeded shuffles per class",
-                       "benign_targets": "base model's greedy reply, kept only when the judge calls it an answer",
-                       "schedule": "AdamW, linear warmup then linear decay to 10%, grad-norm clip 1.0",
-                       "merge_scale": settings.alpha / settings.rank},
+            "recipe": _recipe_record(settings, targets),
             "loss_curve": losses,
             "evaluation": eval_block(evals, base_summary, twin_summary, dropped) if evals else None,
             "timing_s": {k: round(v, 1) for k, v in timing.items()},
             "versions": versions(),
-        }
-        atomic_write_json(tmp / "twin.json", info)
+        })
     return final
-
 
 
 def _reevaluate(path: Path, info: dict, base_ref: str, evals: list[dict], dropped: int,
