@@ -6,17 +6,22 @@ never fire inside another request's forward pass. Work is queued under its clien
 (:func:`safetyneurons.serve.admission.client_key`) as items of two kinds:
 
 - **score** items (:meth:`MicroBatcher.submit`): inputs to score with ``score_fn``. A turn gathers score items
-  **round-robin over clients** (one item per client in turn), waits up to ``max_wait_ms`` for company, up to
-  ``max_batch_size`` inputs and ``max_batch_tokens`` estimated tokens, and scores them with one ``score_fn``
-  call.
+  in fair order (below), waits up to ``max_wait_ms`` for company, up to ``max_batch_size`` inputs and
+  ``max_batch_tokens`` estimated tokens, and scores them with one ``score_fn`` call.
 - **call** items (:meth:`MicroBatcher.call`): one function call that is a turn of its own (a slice of a long
-  input, a chat prefill, a few decoding steps). Callers keep each call bounded.
+  input, a chat prefill, a few decoding steps). Callers keep each call bounded. Calls met while a batch is
+  gathered run right after it (they do not cut the batch short).
 
-Every item has a **cost** in tokens (what the guard's or the model's forward passes read; estimated by the
-caller). A client may have at most ``max_per_client`` inputs and ``max_client_tokens`` tokens queued (more:
-429), the whole queue at most ``max_queue`` inputs and ``max_queue_tokens`` tokens (more: 503), so one client
-cannot fill it. Since turns are bounded and taken round-robin, a client's long or expensive work delays the
-others by at most about one turn per rotation: its fair share.
+Every item has a **cost** in tokens (what the guard's or the model's forward passes read; given by the
+caller). The order is **fair in tokens** (start-time fair queueing): each item is tagged with its client's
+virtual start time, ``max(now, the end of the client's previous item)``, where an item ends ``cost`` tokens after
+it starts and "now" is the tag of the item last taken; the smallest tag goes first. So every client with work
+waiting gets about the same number of tokens of the worker's time, whatever the size of its items: a client
+with a long input or a chat prefill waits its turn behind the short requests of others instead of taking one
+turn per request as they do. Within a client, items keep their order. A client may have at most
+``max_per_client`` inputs and ``max_client_tokens`` tokens queued (more: 429), the whole queue at most
+``max_queue`` inputs and ``max_queue_tokens`` tokens (more: 503), so one client cannot fill it. Since turns are
+bounded, a client's expensive work delays the others by at most about one turn: its fair share.
 
 Isolation: when a batch fails, its requests are scored again one by one, and a failing request's inputs
 one by one, so only the request holding the bad input fails, with an error naming that input. Items whose
@@ -29,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import heapq
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -86,7 +93,11 @@ class MicroBatcher:
         self.rescored = 0  # batches that failed and were scored again request by request
         self.busy_since: float | None = None  # monotonic time the turn being run started
         self._per_client: dict[str, list[int]] = {}  # client -> [inputs, tokens] queued
-        self._pending: dict[str, deque] = {}  # client -> its waiting items (insertion order = round robin)
+        self._heap: list[tuple[float, int, _Item]] = []  # (virtual start, arrival, item): fair order
+        self._finish: dict[str, float] = {}  # client -> virtual end of its last queued item
+        self._vtime = 0.0  # virtual start of the item taken last
+        self._seq = itertools.count()
+        self._dead = 0  # heap entries of items whose caller went away
         self._ready: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-score")
@@ -108,7 +119,7 @@ class MicroBatcher:
         alive = self._task is not None and not self._task.done()
         busy = None if self.busy_since is None else round(time.monotonic() - self.busy_since, 3)
         return {"alive": alive, "queued": self.queued, "queued_tokens": self.queued_tokens,
-                "clients_waiting": len(self._pending), "batches": self.batches, "calls": self.calls,
+                "clients_waiting": len(self._per_client), "batches": self.batches, "calls": self.calls,
                 "busy_s": busy}
 
     # ---- queueing
@@ -149,28 +160,32 @@ class MicroBatcher:
         mine[1] += item.cost
         self.queued += item.n
         self.queued_tokens += item.cost
-        self._pending.setdefault(item.client, deque()).append(item)
+        start = max(self._vtime, self._finish.get(item.client, 0.0))
+        self._finish[item.client] = start + item.cost
+        heapq.heappush(self._heap, (start, next(self._seq), item))
         item.fut.add_done_callback(lambda _: self._forget(item))  # a caller that went away leaves the queue
         self._ready.set()
         return item
 
     def _forget(self, item: _Item) -> None:
         if item.queued and item.fut.cancelled():
-            waiting = self._pending.get(item.client)
-            if waiting is not None:
-                with contextlib.suppress(ValueError):
-                    waiting.remove(item)
-                if not waiting:
-                    del self._pending[item.client]
-            self._taken(item)
+            self._taken(item)  # its heap entry is skipped when it comes up
+            self._dead += 1
+            if self._dead > 1024 and self._dead * 2 > len(self._heap):
+                self._heap = [e for e in self._heap if e[2].queued]
+                heapq.heapify(self._heap)
+                self._dead = 0
 
     def _pop(self) -> _Item | None:
-        """The oldest item of the client first in line; that client then moves to the back."""
-        for client in list(self._pending):
-            waiting = self._pending.pop(client)
-            item = waiting.popleft()
-            if waiting:
-                self._pending[client] = waiting
+        """The waiting item with the smallest virtual start (fair in tokens across clients)."""
+        while self._heap:
+            start, _, item = heapq.heappop(self._heap)
+            if not item.queued:
+                self._dead = max(0, self._dead - 1)
+                continue
+            self._vtime = max(self._vtime, start)
+            if len(self._finish) > 4096:  # forget clients that have caught up with "now"
+                self._finish = {c: f for c, f in self._finish.items() if f > self._vtime}
             return item
         return None
 
@@ -217,7 +232,7 @@ class MicroBatcher:
                 await self._score(loop, items)
 
     async def _gather(self, loop, first: _Item, carried: deque) -> list[_Item]:
-        """A batch starting with ``first``: more score items, round-robin, within the size and token limits.
+        """A batch starting with ``first``: more score items in fair order, within the size and token limits.
         Calls met on the way are carried to run right after the batch (they do not cut it short); a score item
         that does not fit is carried too and starts the next batch."""
         items, n, cost = [first], first.n, first.cost

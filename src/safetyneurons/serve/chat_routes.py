@@ -11,8 +11,10 @@ same reader as ``Guard.score``; a flagged conversation gets the refusal with ``f
 
 - Every piece of model work (tokenising, the prefill with the guard's reading, and decoding, at most
   ``decode_tokens_per_turn`` tokens a turn) is a bounded turn in the client's line of the service's fair queue
-  (:mod:`safetyneurons.serve.batcher`), under the same client key as moderation, costed in tokens (the prefill:
-  the prompt's tokens plus what the guard reads, ``Guard.read_cost``). The queue's caps apply (429/503).
+  (:mod:`safetyneurons.serve.batcher`), under the same client key as moderation, costed in tokens of guard
+  reading (the prefill: what the guard reads, ``Guard.read_cost``, plus the prompt's tokens weighted by the
+  model's layers over the guard's; a decoding turn likewise), so chat and moderation share the worker fairly in
+  tokens. The queue's caps apply (429/503).
 - At most ``max_generations`` live generations (503) and ``max_generations_per_client`` per client (429); each
   reserves prompt + ``max_tokens`` tokens of KV cache against ``max_kv_tokens`` until it ends (503 while others
   hold it, 413 ``context_too_large`` if it can never fit). A prompt over ``max_prompt_tokens`` tokens (one
@@ -138,6 +140,15 @@ def encode_for(chat: GuardedChat, messages: list[dict]) -> tuple[Any, int]:
     return enc, read
 
 
+def full_pass_weight(chat: GuardedChat) -> float:
+    """What a token of the whole model costs in the queue's unit, a token the guard reads (the guard stops after
+    its deepest safety-neuron layer): layers of the model / layers the guard runs."""
+    try:
+        return max(1.0, float(chat.lm.info["num_layers"]) / float(chat.guard.layers_run))
+    except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 1.0
+
+
 def decode_turn(steps, n: int, budget_s: float = 0.25) -> tuple[list, Exception | None]:
     """On the worker: up to ``n`` pieces of the reply (fewer when the reply ends or ``budget_s`` is spent), and
     the error that stopped the decoder after them (raised at once when there are none)."""
@@ -163,6 +174,7 @@ class ChatRun:
     def __init__(self, app: FastAPI, chat: GuardedChat, gen: Generation, client: str, watch: RequestWatch):
         self.chat, self.gen, self.client, self.watch = chat, gen, client, watch
         self.batcher, self.settings = app.state.batcher, app.state.settings
+        self.full = full_pass_weight(chat)
         self.steps = None
         self.failed: Exception | None = None
 
@@ -187,7 +199,7 @@ class ChatRun:
                                 f"{self.settings.max_prompt_tokens} per prompt; shorten it.",
                            code="context_length_exceeded")
         self.gen.reserve(n + min(sampling.max_tokens, max(0, self.chat.context_length - n)))
-        pre = await self._turn("reading the prompt", self.chat.prefill, enc, cost=n + read)
+        pre = await self._turn("reading the prompt", self.chat.prefill, enc, cost=int(n * self.full) + read)
         p = pre.unsafe_probability
         if self.chat.mode == "block" and not pre.blocked and p is not None and not math.isfinite(p):
             pre = dataclasses.replace(pre, blocked=True, logits=None, past=None)  # fail closed
@@ -201,7 +213,7 @@ class ChatRun:
             log.error("generating failed", exc_info=failed)
             raise ApiError(500, "Internal error while generating; see the server log.", "server_error")
         n = self.settings.decode_tokens_per_turn
-        got, self.failed = await self._turn("generating", decode_turn, self.steps, n, cost=n)
+        got, self.failed = await self._turn("generating", decode_turn, self.steps, n, cost=int(n * self.full) + 1)
         return got
 
     def close(self) -> None:

@@ -11,9 +11,9 @@ API and guarded chat completions):
   answered by the event loop, never by the worker, so it answers while the worker is busy; it reports 503 when
   the worker is down or one turn has run longer than the request timeout (turns are bounded, so that means stuck).
 
-All model work runs on one worker thread in bounded turns taken round-robin over clients
+All model work runs on one worker thread in bounded turns, in an order that is fair in tokens across clients
 (:mod:`safetyneurons.serve.batcher`): long inputs are read in slices of at most ``max_batch_tokens`` tokens
-(:mod:`safetyneurons.serve.scoring`), so one client's input delays the others by about one turn per rotation.
+(:mod:`safetyneurons.serve.scoring`), so one client's input delays the others by about one turn.
 Clients are keyed by :func:`safetyneurons.serve.admission.client_key` (peer address, plus the API key's identity
 when the server checks one); each may queue at most 1/8 of the queue (inputs and tokens; 429).
 
