@@ -66,9 +66,11 @@ def test_run_calibrates_on_val_and_reports_overrefusal_and_categories(tiny_run):
     root, settings, summary = tiny_run
     out = Path(settings.out)
     meta = json.loads((out / "guard" / "guard.json").read_text())
-    cal = meta["calibration"]
-    assert cal["target_fpr"] == 0.1 and meta["threshold"] == cal["threshold"]
-    assert cal["validation"]["n"] == 20 and cal["validation"]["fpr_benign"] <= 0.1
+    cal = meta["calibration"]  # operating points, set on val as the guard scores (its most unsafe piece)
+    point = cal["operating_points"][cal["default"]]
+    assert cal["default"] == "strict" and set(cal["operating_points"]) == {"strict", "loose"}
+    assert point["target_fpr"] == 0.1 and meta["threshold"] == point["threshold"]
+    assert point["validation"]["n"] == 20 and point["validation"]["fpr_benign"] <= 0.1
     assert "validation split" in meta["threshold_rule"]
     # category heads ship inside the guard, hashed like every other file
     assert meta["categories"]["names"] == ["violent_crimes", "nonviolent_crimes"]
@@ -154,7 +156,12 @@ def test_exported_guard_agrees_with_the_trained_safety_probe(tiny_run):
     from safetyneurons.probes.probe import Probe
 
     probe = Probe.load(Path(settings.out) / "guard")
-    np.testing.assert_allclose(probs, probe.unsafe_probability(held.select(guard.neuron_set)), atol=1e-5)
+    whole = probe.unsafe_probability(held.select(guard.neuron_set))
+    # a prompt read whole scores as its stored features do; a longer one as its most unsafe piece (whole or window)
+    pieces = np.bincount([p.owner for p in guard.reader.pieces(held.prompts)], minlength=len(held.prompts))
+    assert (pieces == 1).any()
+    np.testing.assert_allclose(probs[pieces == 1], whole[pieces == 1], atol=1e-5)
+    assert (probs >= whole - 1e-5).all()
 
 
 def _cli(*args, env_extra=None):
