@@ -72,7 +72,7 @@ BAD_BODIES = [  # (body bytes, expected status) - what a careless or hostile cli
     (b'{"input": 42}', 422),
     (b'{"input": []}', 422),
     (b'{"text": "no input"}', 422),
-    (json.dumps({"input": "x" * 8193}).encode(), 413),
+    (json.dumps({"input": "x" * 100_001}).encode(), 413),  # over the per-input ceiling (--max-chars)
     (json.dumps({"input": ["hi"] * 65}).encode(), 413),
 ]
 

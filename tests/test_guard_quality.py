@@ -206,9 +206,16 @@ def test_default_mix_puts_templates_in_train_only_and_hard_negatives_in_val():
     from safetyneurons.data.templates import template_records
 
     benign, harmful = template_records("benign"), template_records("harmful")
-    assert len(benign) >= 100 and len(harmful) >= 40
-    assert {k for _, k in benign} == {"homonyms", "figurative_language", "safe_contexts", "definitions",
-                                      "public_figures", "fictional_groups"}
+    assert len(benign) >= 300 and len(harmful) >= 200
+    assert {k for _, k in benign} == {"homonyms", "figurative_language", "safe_contexts", "definitions", "history",
+                                      "public_figures", "fictional_groups", "ordinary", "chat_turns"}
+    # style is no cue: every style holds both labels
+    from safetyneurons.data.phrasings import ACTS, STYLES, TASKS, phrase
+
+    texts = {p for p, _ in benign + harmful}
+    for style in STYLES:
+        assert phrase(ACTS[0][0], style) in texts and phrase(TASKS[0][0], style) in texts
+    assert {"continue", "Do it now, step by step."} <= {p for p, k in benign if k == "chat_turns"}
     assert {h for _, h in harmful} <= set(HAZARDS)
     assert len({p for p, _ in benign + harmful}) == len(benign) + len(harmful)
     assert any("kill" in p and "process" in p for p, _ in benign)

@@ -239,7 +239,7 @@ def test_real_guard_every_route_agrees_at_any_length(real):
     with TestClient(create_service(real, chat=chat, max_chars=100_000)) as client:
         got_mod = [client.post("/v1/moderations", json={"input": t}).json()["results"][0]["category_scores"]["unsafe"]
                    for t in texts]
-        got_llm = [client.post(GUARDRAIL_PATH, json={"texts": [t]}).json()["safetyneurons"]["unsafe_probability"][0]
+        got_llm = [client.post(GUARDRAIL_PATH, json={"texts": [t], "input_type": "request"}).json()["safetyneurons"]["unsafe_probability"][0]
                    for t in texts]
     for got in (got_chat, got_mod, got_llm):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-5)

@@ -16,6 +16,7 @@ from safetyneurons.guard.chat import DEFAULT_REFUSAL, GuardedChat
 from safetyneurons.constants import DEVICES, GUARD_MODES
 from safetyneurons.errors import UserError
 from safetyneurons.guard.guard import Guard
+from safetyneurons.serve.chat_routes import public_model_name
 from safetyneurons.serve.routes import create_service
 from safetyneurons.serve.limits import allowed_hosts_for, api_key_bytes, is_loopback
 from safetyneurons.serve.server import bind_socket, run_server
@@ -160,8 +161,12 @@ def guard(guard_dir, operating_point, threshold, model_ref, device, batch_size, 
               help="How long a request waits for others to join its batch.")
 @click.option("--max-inputs", default=64, show_default=True, type=click.IntRange(min=1),
               help="Inputs per request (more: 413).")
-@click.option("--max-chars", default=8192, show_default=True, type=click.IntRange(min=1),
-              help="Characters per input (more: 413).")
+@click.option("--max-chars", default=100_000, show_default=True, type=click.IntRange(min=1),
+              help="Characters per input, read whole in windows (more: 413 on /v1/moderations, to be treated as "
+                   "flagged; BLOCKED on the LiteLLM route).")
+@click.option("--allow-caller-loosen", is_flag=True,
+              help="Let callers raise the threshold or pick a looser operating point per request (default: a "
+                   "caller may only make the guard stricter).")
 @click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(0, 3600, min_open=True),
               help="Seconds a request may take from arrival to answer (then 504).")
 @click.option("--max-connections", default=512, show_default=True, type=click.IntRange(min=1),
@@ -181,7 +186,7 @@ def guard(guard_dir, operating_point, threshold, model_ref, device, batch_size, 
               help="With --generate: the most tokens a reply may have (requests asking for more: 422).")
 def serve(guard_dir, operating_point, threshold, model_ref, device, batch_size, guard_sha256, host, port, api_key, allowed_hosts,
           max_batch_size, max_wait_ms, max_inputs, max_chars, request_timeout, max_connections, log_prompts, threads,
-          generate, guard_mode, refusal, max_tokens):
+          generate, guard_mode, refusal, max_tokens, allow_caller_loosen):
     """Serve a guard over HTTP: POST /v1/moderations (OpenAI moderation shape), POST
     /beta/litellm_basic_guardrail_api (LiteLLM generic guardrail), GET /v1/guard, GET /healthz; with --generate
     also POST /v1/chat/completions (OpenAI-compatible, guarded generation, streaming) and GET /v1/models.
@@ -210,7 +215,8 @@ def serve(guard_dir, operating_point, threshold, model_ref, device, batch_size, 
         app = create_service(g, chat=chat, max_tokens=max_tokens, max_batch_size=max_batch_size,
                              max_wait_ms=max_wait_ms, max_inputs=max_inputs, max_chars=max_chars, api_key=api_key,
                              log_prompts=log_prompts, request_timeout_s=request_timeout,
-                             max_connections=max_connections, allowed_hosts=hosts)
+                             max_connections=max_connections, allowed_hosts=hosts,
+                             allow_caller_loosen=allow_caller_loosen)
         logger = logging.getLogger("safetyneurons.serve.server")
         if not logger.handlers:
             handler = logging.StreamHandler(sys.stderr)
@@ -220,7 +226,7 @@ def serve(guard_dir, operating_point, threshold, model_ref, device, batch_size, 
         logger.propagate = False
         bound = sock.getsockname()
         click.echo(f"Serving guard {g.name} (threshold {g.threshold:.4f}, {g.layers_run} of "
-                   f"{g.lm.info['num_layers']} layers{'; chat: ' + chat.model_name if chat else ''}) on "
+                   f"{g.lm.info['num_layers']} layers{'; chat: ' + public_model_name(chat) if chat else ''}) on "
                    f"http://{bound[0]}:{bound[1]} "
                    f"(pid {os.getpid()}); Ctrl-C to stop.", err=True)
         run_server(app, sock)

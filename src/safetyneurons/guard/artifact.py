@@ -266,3 +266,29 @@ def check_probe_arrays(probe, path: Path) -> None:
     if not ok:
         raise UserError(f"{path}: the probe's arrays do not fit its {d} features (inconsistent shapes). "
                         f"Re-export the guard.")
+
+
+def check_model_identity(lm, meta: dict, path: Path) -> str:
+    """The loaded model must be the guard's: weights and tokenizer/chat-template sha256 as guard.json records
+    (UserError otherwise; a warning when guard.json records none). Returns the model's weights sha256."""
+    want_fp = meta["model"]["sha256"]
+    want_tok = meta["model"].get("tokenizer_sha256") or ""
+    have_fp = getattr(lm, "fingerprint", "") or ""
+    have_tok = getattr(lm, "tokenizer_fingerprint", "") or ""
+    if want_tok and have_tok and have_tok != want_tok:
+        raise UserError(f"Tokenizer mismatch: the guard was made with tokenizer/chat-template sha256 "
+                        f"{want_tok[:12]}... but the model from {lm.ref} has {have_tok[:12]}.... Give the guard "
+                        f"its own model (--model REF).")
+    if want_fp and not want_tok:
+        log.warning("%s records no tokenizer fingerprint; re-export it to pin the tokenizer and chat template.", path)
+    if want_fp and not have_fp:
+        raise UserError(f"The model passed to the guard has no fingerprint (it was built in memory), so its "
+                        f"weights cannot be checked against the guard's ({want_fp[:12]}...). Load it with "
+                        f"safetyneurons.model.pair.load_model, or pass verify_model=False.")
+    if want_fp and have_fp != want_fp:
+        raise UserError(f"Model mismatch: the guard was trained on {meta['model']['ref']} (weights sha256 "
+                        f"{want_fp[:12]}...) but the model loaded from {lm.ref} has sha256 {have_fp[:12]}.... "
+                        f"Give the guard its own model (--model REF).")
+    if not want_fp:
+        log.warning("%s records no model fingerprint; the model weights are not checked.", path)
+    return have_fp

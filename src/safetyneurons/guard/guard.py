@@ -44,7 +44,7 @@ import numpy as np
 from safetyneurons._io import sha256_json
 from safetyneurons.guard.calibrate import DEFAULT_POINT, check_operating_point
 from safetyneurons.guard.artifact import (GUARD_FILE, GUARD_FORMAT, check_model_ref, check_probe_arrays,  # noqa: F401
-                                          content_sha256, export_guard, export_run_guard, neuron_set_from_meta,
+                                          check_model_identity, content_sha256, export_guard, export_run_guard, neuron_set_from_meta,
                                           public_metadata, read_guard_meta)
 from safetyneurons.checks import check_batch_size, check_max_length, check_threshold
 from safetyneurons.probes.categories import CategoryHeads, moderation_categories
@@ -202,30 +202,11 @@ class Guard:
             # the weights and tokenizer hashes are checked on the local files before the model is loaded
             lm = load_model(ref, dtype=dtype, device=device,
                             expected={"sha256": want_fp, "tokenizer_sha256": want_tok} if verify_model else None)
-        have_fp = getattr(lm, "fingerprint", "") or ""
-        have_tok = getattr(lm, "tokenizer_fingerprint", "") or ""
-        if verify_model and want_tok and have_tok and have_tok != want_tok:
-            raise UserError(f"Tokenizer mismatch: the guard was made with tokenizer/chat-template sha256 "
-                            f"{want_tok[:12]}... but the model from {lm.ref} has {have_tok[:12]}.... Give the guard "
-                            f"its own model (--model REF).")
-        if verify_model and want_fp and not want_tok:
-            log.warning("%s records no tokenizer fingerprint; re-export it to pin the tokenizer and chat template.",
-                        path)
-        if verify_model:
-            if want_fp and not have_fp:
-                raise UserError(f"The model passed to the guard has no fingerprint (it was built in memory), so its "
-                                f"weights cannot be checked against the guard's ({want_fp[:12]}...). Load it with "
-                                f"safetyneurons.model.pair.load_model, or pass verify_model=False.")
-            if want_fp and have_fp != want_fp:
-                raise UserError(f"Model mismatch: the guard was trained on {meta['model']['ref']} (weights sha256 "
-                                f"{want_fp[:12]}...) but the model loaded from {lm.ref} has sha256 {have_fp[:12]}.... "
-                                f"Give the guard its own model (--model REF).")
-            if not want_fp:
-                log.warning("%s records no model fingerprint; the model weights are not checked.", path)
+        have_fp = check_model_identity(lm, meta, path) if verify_model else ""
         n_layers, width = num_layers(lm.model), hook_width(lm.model, meta["hook_point"])
         if ns is not None:
             check_neuron_set_matches(ns, hook_point=meta["hook_point"], num_layers=n_layers, width=width,
-                                     fingerprint=have_fp if verify_model else "", what="model")
+                                     fingerprint=have_fp, what="model")
         elif n_features != n_layers * width:
             raise UserError(f"Shape mismatch: the guard reads every neuron at {meta['hook_point']} "
                             f"({n_features} features) but the model has {n_layers} x {width} = {n_layers * width}. "
@@ -281,7 +262,7 @@ class Guard:
         if self.category_heads is None:
             return [GuardResult(float(v), f) for v, f in zip(p, flagged)]
         best = _best_piece(p_piece, owner, len(inputs))  # the categories of the most unsafe piece
-        c = self.category_heads.predict_proba(X[best])
+        c = self.category_heads.head_probabilities(X[best])
         out = []
         for v, f, row in zip(p, flagged, c):
             cats, scores = moderation_categories(float(v), f, self.category_heads.names, row)

@@ -135,7 +135,7 @@ class PieceReader:
         heads = getattr(g, "category_heads", None)
         if heads is None:
             return GuardResult(p, flagged)
-        row = heads.predict_proba(x[None, :])[0]
+        row = heads.head_probabilities(x[None, :])[0]
         cats, scores = moderation_categories(p, flagged, heads.names, row)
         return GuardResult(p, flagged, cats, scores)
 
