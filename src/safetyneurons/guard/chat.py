@@ -198,8 +198,13 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return n
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Where the first stop string begins, looking only at text from ``start`` minus the longest stop (text
+    before that was searched at earlier steps): linear in the new text per token, not in the whole reply."""
+    if not stops:
+        return None
+    since = max(0, start - max(len(s) for s in stops))
+    hits = [i for i in (text.find(s, since) for s in stops) if i >= 0]
     return min(hits) if hits else None
 
 
@@ -340,7 +345,7 @@ class GuardedChat:
                 break
             ids.append(tok)
             text = self._decode(ids)
-            cut = _first_stop(text, settings.stop)
+            cut = _first_stop(text, settings.stop, sent)
             if cut is not None:
                 text, finish = text[:cut], "stop"
                 break
