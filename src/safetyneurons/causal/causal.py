@@ -313,7 +313,7 @@ def _result(x: _Experiment, neurons: ChangeScores | NeuronSet, plain: dict, resu
     """The JSON-ready record of the experiment: method, settings, pair, data, neuron sets, every number."""
     s, sets, first = x.s, x.sets, x.sets[x.s.k[0]]["safety"]
     return {
-        "format": "safetyneurons.causal.patch/1",
+        "format": "safetyneurons.patch/1",
         "method": "dynamic activation patching (Chen et al. 2025, arXiv 2406.14144), lockstep greedy decoding "
                   "with KV caches; the receiving model picks every token",
         "directions": {d: DIRECTIONS[d] for d in s.directions},

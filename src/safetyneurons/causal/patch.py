@@ -48,7 +48,7 @@ from safetyneurons.model.hooks import (attached_hooks, attached_input_hooks, cac
 from safetyneurons.neurons.selection import NeuronSet, check_neuron_set_matches, count_for_percent, select
 from safetyneurons.model.pair import LoadedModel
 
-PATCH_FORMAT = "safetyneurons.causal.patch/1"
+PATCH_FORMAT = "safetyneurons.patch/1"
 DIRECTIONS: dict[str, str] = {
     "sufficiency": "base <- aligned: the base model generates; its neurons get the aligned model's activations",
     "necessity": "aligned <- base: the aligned model generates; its neurons get the base model's activations",

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from safetyneurons.neurons.selection import NeuronSet
     from safetyneurons.activations.store import Store
 
-CATEGORIES_FORMAT = "safetyneurons.probes.categories/1"
+CATEGORIES_FORMAT = "safetyneurons.categories/1"
 CATEGORIES_JSON = "categories.json"
 CATEGORIES_TENSORS = "categories.safetensors"
 DEFAULT_MIN_EXAMPLES = 20
