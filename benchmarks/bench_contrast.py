@@ -105,7 +105,8 @@ def main() -> None:
     from safetyneurons.data import splits as data
 
     from safetyneurons.model import pair
-    from safetyneurons.neurons.contrast import _length_order, contrast
+    from safetyneurons.model.tokens import length_order, tokenize_prompts
+    from safetyneurons.neurons.contrast import contrast
 
     prompts = [r["prompt"] for r in data.read_records(data.default_splits_dir() / "contrast.jsonl")
                if r["label"] == 1][: args.n]
@@ -119,7 +120,7 @@ def main() -> None:
         aligned, which = load_aligned(base, pair, args)
     print(f"models loaded in {time.perf_counter() - t0:.1f}s; aligned = {which}")
     rss_loaded = peak_rss_mib()
-    order = _length_order(aligned, prompts, args.max_length)
+    order = length_order(tokenize_prompts(aligned, prompts, args.max_length).lengths)
     n_tokens = sum(int(aligned.encode([p], max_length=args.max_length)["attention_mask"].sum()) for p in prompts)
 
     # warm-up (allocator, kernels) on one batch each

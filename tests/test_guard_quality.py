@@ -82,7 +82,7 @@ def test_category_heads_find_planted_hazards_and_skip_rare_ones(tmp_path):
     assert heads.top1_accuracy(Xt, yt)["top1_accuracy"] > 0.9
     heads.save(tmp_path)
     again = CategoryHeads.load(tmp_path)
-    np.testing.assert_allclose(again.predict_proba(Xt), heads.predict_proba(Xt))
+    np.testing.assert_allclose(again.head_probabilities(Xt), heads.head_probabilities(Xt))
     assert json.loads((tmp_path / "categories.json").read_text())["skipped"]["self_harm"] == 3
     with pytest.raises(UserError, match="at least two hazards"):
         CategoryHeads.fit(X[:40], y[:40], min_examples=10)
@@ -127,7 +127,7 @@ def test_category_heads_load_from_the_guard_and_answer_in_the_moderation_schema(
     assert g.category_heads is not None and g.category_heads.names == heads.names
     prompts = UNSAFE[:2] + SAFE[:2]
     results = g.score(prompts)
-    probs = heads.predict_proba(g.features(prompts))
+    probs = heads.head_probabilities(g.features(prompts))
     for r, row in zip(results, probs):
         assert set(r.categories) == set(r.category_scores) == {"unsafe", *heads.names}
         assert r.categories["unsafe"] == r.flagged and r.category_scores["unsafe"] == r.unsafe_probability

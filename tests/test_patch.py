@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from safetyneurons.causal import causal
-from safetyneurons.causal.causal import PatchSettings, causal_effect, rank_p_value, run_patch, t_test_p, write_outputs
+from safetyneurons.causal.causal import PatchSettings, causal_effect, rank_p_value, run_patch, t_test_p
+from safetyneurons.causal import report as causal_report
+from safetyneurons.causal.report import write_outputs
 from safetyneurons.cli import main
 from safetyneurons.neurons.contrast import ChangeScores, contrast
 from safetyneurons.errors import UserError
@@ -18,8 +20,8 @@ from safetyneurons.model.hooks import capture, decoder_layers
 from safetyneurons.neurons.selection import NeuronSet
 from safetyneurons.model.pair import from_objects
 from safetyneurons.causal import patch as patch_mod
-from safetyneurons.causal.patch import (Patch, check_k, generate_patched, mean_activation, perplexity_patched,
-                                 random_controls, shared_prefix, top_k_set)
+from safetyneurons.causal.patch import Patch, generate_patched, mean_activation, perplexity_patched, shared_prefix
+from safetyneurons.causal.sets import check_k, random_controls, top_k_set
 from tiny import save_tiny, tiny_lm
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
@@ -331,7 +333,7 @@ def test_run_step_writes_the_patch_outputs(tmp_path):
     info = causal.patch_step(base, aligned, planted_set(), records, tmp_path / "patch", settings=settings,
                              progress=False)
     assert len(info["summary"]) == 1 and "sufficiency k=2.6%" in info["summary"][0]
-    assert sorted(p.name for p in (tmp_path / "patch").iterdir()) == sorted(causal.OUTPUT_FILES)
+    assert sorted(p.name for p in (tmp_path / "patch").iterdir()) == sorted(causal_report.OUTPUT_FILES)
 
 
 def test_run_patch_rejects_a_set_of_another_model_or_hook_point():

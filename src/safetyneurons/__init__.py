@@ -27,9 +27,9 @@ _EXPORTS: dict[str, str] = {
     "TwinSettings": "twin", "build_twin": "twin", "ensure_default_twin": "twin",
     "ChangeScores": "neurons.contrast",
     "NeuronSet": "neurons.selection", "select": "neurons.selection",
-    "FeatureSpec": "activations.features", "pooled_features": "activations.reader", "probe_features": "probes.probe",
+    "FeatureSpec": "activations.features", "pooled_features": "activations.reader", "probe_features": "probes.evaluate",
     "Store": "activations.store", "extract": "activations.store",
-    "Probe": "probes.probe", "TextProbe": "probes.probe", "load_probe": "probes.probe", "evaluate_probe": "probes.probe",
+    "Probe": "probes.probe", "TextProbe": "probes.probe", "load_probe": "probes.probe", "evaluate_probe": "probes.evaluate",
     "CompareResult": "probes.compare", "compare_feature_sets": "probes.compare", "score_store": "probes.compare",
     "Guard": "guard.guard", "GuardResult": "guard.guard", "export_guard": "guard.guard", "export_run_guard": "guard.guard",
     "RunSettings": "pipeline", "run": "pipeline",
@@ -61,13 +61,13 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names (noqa: the
     from safetyneurons.data.splits import build_splits, default_splits_dir, read_prompts, read_records  # noqa: F401
     from safetyneurons.activations.features import FeatureSpec  # noqa: F401
     from safetyneurons.activations.reader import pooled_features  # noqa: F401
-    from safetyneurons.probes.probe import probe_features  # noqa: F401
+    from safetyneurons.probes.evaluate import evaluate_probe, probe_features  # noqa: F401
     from safetyneurons.model.generate import Generation, greedy_generate  # noqa: F401
     from safetyneurons.guard.guard import Guard, GuardResult, export_guard, export_run_guard  # noqa: F401
     from safetyneurons.neurons.selection import NeuronSet, select  # noqa: F401
     from safetyneurons.model.pair import LoadedModel, load_model, load_pair, resolve_ref  # noqa: F401
     from safetyneurons.pipeline import RunSettings, run  # noqa: F401
-    from safetyneurons.probes.probe import Probe, TextProbe, evaluate_probe, load_probe  # noqa: F401
+    from safetyneurons.probes.probe import Probe, TextProbe, load_probe  # noqa: F401
     from safetyneurons.data.records import Record, check_records, records_sha256, stratified_sample, write_records  # noqa: F401
     from safetyneurons.activations.store import Store, extract  # noqa: F401
     from safetyneurons.twin import TwinSettings, build_twin, ensure_default_twin  # noqa: F401

@@ -430,3 +430,15 @@ def model_fingerprint(path: Path) -> str:
     except OSError:
         pass
     return digest
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes, without the version-dependent ``Software`` tag (reproducible files)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()

@@ -8,13 +8,11 @@ records what ran (settings, hashes, versions, timings) in ``run.json`` next to t
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -22,19 +20,19 @@ import numpy as np
 from safetyneurons.data import splits as data
 from safetyneurons._io import (atomic_write_json, atomic_write_text, check_out_dir, json_safe, progress_bar, read_json, sha256_file,
                   versions)
-from safetyneurons.probes.budget import AUTO, check_guard_max_layer, guard_neuron_set
+from safetyneurons.probes.budget import check_guard_max_layer, guard_neuron_set
 from safetyneurons.probes.categories import evaluate_on_store, fit_for_store
 from safetyneurons.causal.causal import patch_step
 from safetyneurons.probes.compare import compare_feature_sets, score_store
-from safetyneurons.checks import check_batch_size, check_positive_int
-from safetyneurons.constants import FEATURES_FROM
-from safetyneurons.neurons.contrast import check_positions, contrast
+
+from safetyneurons.neurons.contrast import contrast
 from safetyneurons.errors import UserError
-from safetyneurons.activations.features import FeatureSpec, check_pooling
+from safetyneurons.run_settings import RunSettings, SETTINGS_FILE, identity_of
+from safetyneurons.activations.features import FeatureSpec
 from safetyneurons.guard.calibrate import calibrate_guard, guard_probe
 from safetyneurons.guard.guard import export_run_guard
-from safetyneurons.model.hooks import check_hook_point
-from safetyneurons.neurons.selection import check_max_layer, check_selection, neuron_stats
+
+from safetyneurons.neurons.selection import check_max_layer, neuron_stats
 from safetyneurons.neurons.selection import write_report as write_neuron_report
 from safetyneurons.probes.overrefusal import calibrate_runs, render_overrefusal, store_overrefusal
 from safetyneurons.model.pair import DEFAULT_BASE, check_configs, check_symmetry, load_model
@@ -42,119 +40,8 @@ from safetyneurons.data.records import stratified_sample
 from safetyneurons.probes.report import controls_section, results_table, write_report
 from safetyneurons.activations.store import extract
 from safetyneurons.twin.build import ensure_default_twin
-from safetyneurons.probes.variants import (check_variant, compare_variants, probe_variants, select_variant, selection_variants,
-                       variants_markdown)
-
-# the reference student project's hook point and mean pooling, over the user's message only (docs/contrast.md)
-REFERENCE = {"hook_point": "mlp_out", "positions": "content", "pooling": "mean", "completion_from": "base"}
-# Chen et al. 2025 (arXiv 2406.14144): FFN neurons, change scores on completion tokens (token_type='completion')
-# written by the not-yet-aligned (base) model and read by both, last-token features for the probes
-PAPER = {"hook_point": "mlp_neurons", "positions": "completion", "pooling": "last", "completion_from": "base"}
-PRESETS: dict[str, dict] = {"default": REFERENCE, "paper": PAPER}  # name -> settings; each gets runs/<name>
-RUNS_DIR = "runs"
-SETTINGS_FILE = "settings.json"  # written first into a run directory: which settings own it
-# settings that do not change what a run computes, so they never make two runs clash
-_NOT_IDENTITY = ("out", "preset", "patch")  # --patch adds a step to the same run
-# optional settings added later: left out of the identity while unset, so earlier runs keep theirs
-# (name -> the value that leaves it out)
-_IDENTITY_IF_SET = {"max_layer": None, "guard_max_layer": AUTO}
-
-
-def _identity_of(settings: dict) -> dict:
-    return {k: v for k, v in settings.items()
-            if k not in _NOT_IDENTITY and not (k in _IDENTITY_IF_SET and v == _IDENTITY_IF_SET[k])}
-
-
-@dataclass
-class RunSettings:
-    out: str | None = None  # None -> derived from the settings: runs/<preset>[-quick][-<hash of changes>]
-    preset: str = "default"  # a name from PRESETS; fills hook point, positions and pooling in `for_preset`
-    base: str | None = None  # None -> pair.DEFAULT_BASE
-    aligned: str | None = None  # None -> the default twin, built on first run
-    hook_point: str = REFERENCE["hook_point"]
-    positions: str = REFERENCE["positions"]
-    pooling: str = REFERENCE["pooling"]
-    completion_from: str = REFERENCE["completion_from"]  # base | aligned: who answers for positions=completion
-    selection: str = "rms"  # selection variant of the safety neurons (safetyneurons.probes.variants)
-    max_new_tokens: int = 32  # longest answer for positions=completion
-    top_percent: float = 5.0
-    max_layer: int | None = None  # layer budget for the safety neurons (early exit); None: no budget
-    features_from: str = "base"  # which model's activations the probes read: base | aligned
-    classifiers: Sequence[str] = ("svm", "logreg")
-    feature_sets: Sequence[str] = ("safety", "pca", "all", "random", "random_global", "magnitude", "text", "length")
-    random_draws: int = 20  # per random control (layer-matched and global)
-    guard_classifier: str = "logreg"
-    # the guard's layer budget (safetyneurons.probes.budget): auto = chosen on the validation split; None: no budget
-    guard_max_layer: str | int | None = AUTO
-    quick: bool = False
-    quick_train: int = 300  # --quick: prompts per split (stratified subsample)
-    quick_test: int = 150
-    quick_heldout: int = 150
-    batch_size: int = 16
-    max_length: int = 256
-    store_dtype: str = "float16"
-    seed: int = 0
-    n_boot: int = 1000
-    splits: str | None = None  # a splits dir from `safetyneurons data build`; None -> the default mix
-    target_fpr: float = 0.05  # every probe's threshold: this false-positive rate on the val split's benign prompts
-    category_min_examples: int = 20  # a hazard needs this many labelled harmful training prompts for a head
-    patch: bool = False  # causal validation by dynamic activation patching (safetyneurons.causal.causal)
-
-    @classmethod
-    def for_preset(cls, preset: str = "default", **changes: Any) -> "RunSettings":
-        """Settings of a named preset (``default``: the reference project's, ``paper``: Chen et al.'s), with
-        ``changes`` on top; a change given as None keeps the preset's value."""
-        if preset not in PRESETS:
-            raise UserError(f"Unknown preset {preset!r}. Choose one of: {', '.join(PRESETS)}.")
-        values = dict(PRESETS[preset], preset=preset)
-        values.update({k: v for k, v in changes.items() if v is not None})
-        return cls(**values)
-
-    def identity(self) -> dict:
-        """The settings that decide what a run computes (everything but where it is written)."""
-        d = json.loads(json.dumps(asdict(self), default=list))
-        return _identity_of(d)
-
-    def default_out(self) -> Path:
-        """``runs/<preset>``; ``-quick`` for a quick run; ``-<8 hex>`` when other settings differ from the preset."""
-        preset = RunSettings.for_preset(self.preset, quick=self.quick).identity()
-        mine = self.identity()
-        changed = {k: v for k, v in mine.items() if preset.get(k) != v}
-        name = self.preset + ("-quick" if self.quick else "")
-        if changed:
-            name += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
-        return Path(RUNS_DIR) / name
-
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.out) if self.out else self.default_out()
-
-    def validate(self) -> "RunSettings":
-        check_hook_point(self.hook_point)
-        check_positions(self.positions)
-        check_pooling(self.pooling)
-        check_selection(self.top_percent, None)
-        check_max_layer(self.max_layer)
-        self.guard_max_layer = check_guard_max_layer(self.guard_max_layer)
-        check_variant(self.selection)
-        self.batch_size = check_batch_size(self.batch_size)
-        self.max_length = check_positive_int(self.max_length, "max length (tokens)")
-        self.max_new_tokens = check_positive_int(self.max_new_tokens, "max new tokens")
-        if self.completion_from not in ("base", "aligned"):
-            raise UserError(f"--completion-from must be base or aligned, got {self.completion_from!r}.")
-        if self.features_from not in FEATURES_FROM:
-            raise UserError(f"--features-from must be base or aligned, got {self.features_from!r}.")
-        if self.guard_classifier not in self.classifiers:
-            raise UserError(f"--guard-classifier {self.guard_classifier} must be one of the trained classifiers "
-                            f"({', '.join(self.classifiers)}).")
-        if "safety" not in self.feature_sets:
-            raise UserError("The run needs the `safety` feature set (the guard is built from it).")
-        if not 0.0 <= float(self.target_fpr) < 1.0:
-            raise UserError(f"--target-fpr must be in [0, 1), got {self.target_fpr}.")
-        if self.preset not in PRESETS:
-            raise UserError(f"Unknown preset {self.preset!r}. Choose one of: {', '.join(PRESETS)}.")
-        return self
-
+from safetyneurons.probes.variants import (compare_variants, probe_variants, select_variant, selection_variants,
+                                          variants_markdown)
 
 def _recorded_settings(out: Path) -> dict | None:
     """The identity settings of the run already in ``out`` (None: no run there)."""
@@ -162,7 +49,7 @@ def _recorded_settings(out: Path) -> dict | None:
         if (out / name).is_file():
             recorded = pick(read_json(out / name))
             if isinstance(recorded, dict):
-                return _identity_of(recorded)
+                return identity_of(recorded)
     return None
 
 

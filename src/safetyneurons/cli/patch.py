@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from safetyneurons.causal.causal import PatchSettings, load_neurons, load_prompts, run_patch, summary_lines, write_outputs
+from safetyneurons.causal.causal import PatchSettings, load_neurons, load_prompts, run_patch
+from safetyneurons.causal.report import summary_lines, write_outputs
 from safetyneurons.data.splits import read_prompts
 from safetyneurons.errors import UserError
 from safetyneurons.model.pair import DEFAULT_BASE, load_pair

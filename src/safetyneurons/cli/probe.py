@@ -13,12 +13,12 @@ from safetyneurons.constants import (CLASSIFIERS, DEVICES, FEATURE_SETS, GUARD_F
                          STORE_DTYPES)
 from safetyneurons.data.splits import read_records
 from safetyneurons.errors import UserError
-from safetyneurons.probes.probe import probe_features
+from safetyneurons.probes.evaluate import evaluate_probe, probe_features
 from safetyneurons.guard.guard import export_run_guard
 from safetyneurons.neurons.selection import NeuronSet
 from safetyneurons.probes.overrefusal import calibrate_runs
 from safetyneurons.model.pair import DEFAULT_BASE, load_model
-from safetyneurons.probes.probe import TextProbe, evaluate_probe, load_probe, parse_list
+from safetyneurons.probes.probe import TextProbe, load_probe, parse_list
 from safetyneurons.data.records import check_records
 from safetyneurons.probes.report import (controls_section, evaluation_label, evaluation_report, reference_printout, results_table,
                       write_evaluation, write_report)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from safetyneurons._io import atomic_write_bytes, atomic_write_json, dumps_json, read_json, sha256_json
+from safetyneurons._io import atomic_write_bytes, atomic_write_json, dumps_json, figure_png, read_json, sha256_json
 from safetyneurons.errors import UserError
 
 if TYPE_CHECKING:
@@ -340,16 +340,6 @@ def neuron_stats(scores: ChangeScores | np.ndarray, neuron_set: NeuronSet | None
 MAX_HEATMAP_COLUMNS = 2048
 
 
-def _png(fig) -> bytes:
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
-
 
 def heatmap_png(scores: ChangeScores | np.ndarray, neuron_set: NeuronSet | None = None,
                 title: str | None = None) -> bytes:
@@ -394,7 +384,7 @@ def heatmap_png(scores: ChangeScores | np.ndarray, neuron_set: NeuronSet | None 
     ax.set_title(title or f"Change scores at {hook} ({layers} layers x {width} neurons{pooled})", loc="right")
     ax.set_xlabel("neuron index")
     ax.set_ylabel("layer")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def layer_counts_png(neuron_set: NeuronSet, title: str | None = None) -> bytes:
@@ -410,7 +400,7 @@ def layer_counts_png(neuron_set: NeuronSet, title: str | None = None) -> bytes:
     ax.set_xlim(-0.7, neuron_set.num_layers - 0.3)
     ax.set_title(title or f"Safety neurons per layer ({len(neuron_set)} at {neuron_set.hook_point}, "
                           f"{neuron_set.width} neurons per layer)")
-    return _png(fig)
+    return figure_png(fig)
 
 
 REPORT_FILES = ("heatmap.png", "layer_counts.png", "stats.json")

@@ -106,11 +106,6 @@ class CategoryHeads:
         z = ((X - self.mean) / self.scale) @ self.weights.T + self.bias
         return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
 
-    def predict_proba(self, X: ArrayLike) -> np.ndarray:
-        """The same as :meth:`head_probabilities` (``[n, len(names)]``), kept while callers move to that name;
-        every probe's ``predict_proba`` is two-class ``[n, 2]``, so this one is to be removed."""
-        return self.head_probabilities(X)
-
     def top1_accuracy(self, X: ArrayLike, hazards: Sequence[str | None]) -> dict:
         """Top-1 accuracy on rows whose hazard has a head (for the report), with counts."""
         keep = [i for i, h in enumerate(hazards) if h in self.names]

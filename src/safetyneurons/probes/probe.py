@@ -34,16 +34,13 @@ from safetyneurons._io import atomic_dir, atomic_write_json, read_json, sha256_b
 from safetyneurons.constants import CLASSIFIERS
 from safetyneurons.errors import UserError
 from safetyneurons.activations.features import PROBE_MODEL_KEYS, FeatureSpec
-from safetyneurons.activations.reader import ActivationReader, token_counts
-from safetyneurons.probes.metrics import binary_metrics
+
 from safetyneurons.neurons.selection import NeuronSet
-from safetyneurons.data.records import check_records, labels as record_labels
 from safetyneurons.activations.store import Store
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
-    from safetyneurons.model.pair import LoadedModel
 
 PROBE_FORMAT = "safetyneurons.probe/2"  # 2: trained on content-only mean pooling (store format 2)
 REPORT_FORMAT = "safetyneurons.probe_report/1"
@@ -482,55 +479,3 @@ def probe_meta(store: Store, feature_set: str, neuron_set: NeuronSet | None, dra
     return {"feature_set": feature_set, "draw": draw, **spec.fields(model_keys=PROBE_MODEL_KEYS),
             "train_store": {"path": str(store.path), "records_sha256": m["records_sha256"], "n": m["n"],
                             "data": m.get("data", {})}}
-
-
-# -------------------------------------------------------------------------------------- evaluation
-def check_probe_model(probe: Probe, lm: LoadedModel) -> None:
-    """The model must be the one whose activations the probe was trained on (when both hashes are known)."""
-    want = (probe.meta.get("model") or {}).get("sha256") or ""
-    have = getattr(lm, "fingerprint", "") or ""
-    if want and have and want != have:
-        raise UserError(f"The probe was trained on activations of model {probe.meta['model'].get('ref')} "
-                        f"(sha256 {want[:12]}...) but --model {lm.ref} has sha256 {have[:12]}.... Evaluate with "
-                        f"the probe's model (leave --model out to use it).")
-
-
-def probe_features(probe: Probe, *, lm: LoadedModel | None = None, prompts: Sequence[str] | None = None,
-                   store: Store | None = None, batch_size: int = 16, progress: bool = False) -> np.ndarray:
-    """A saved activation probe's input features, rebuilt from its metadata (:class:`FeatureSpec`): read live
-    from ``lm`` and ``prompts`` by the activation reader, or from an activation ``store``."""
-    spec = FeatureSpec.from_meta(probe.meta, source="probe metadata")
-    length = probe.meta.get("feature_set") == "length"  # the length baseline reads only the token count
-    if store is not None:
-        store.check_spec(spec)
-        return store.length_features() if length else store.read(spec)
-    if lm is None or prompts is None:
-        raise UserError("Rebuilding a probe's features needs the model and the prompts (or a store).")
-    if length:
-        return token_counts(lm, prompts, spec.max_length).astype(np.float64).reshape(-1, 1)
-    return ActivationReader(lm, spec, batch_size=batch_size).features(prompts, progress=progress)
-
-
-def evaluate_probe(probe: Probe | TextProbe, records: Sequence[dict], *, lm: LoadedModel | None = None,
-                   features: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0, batch_size: int = 16,
-                   progress: bool = True) -> dict:
-    """Score a probe on labelled records. Activation probes need ``lm`` (or precomputed ``features``).
-
-    Returns {"metrics", "proba", "pred", "labels"}; ``metrics`` as in :func:`metrics.binary_metrics`.
-    """
-    records = check_records(records)
-    y = record_labels(records)
-    prompts = [r["prompt"] for r in records]
-    if isinstance(probe, TextProbe):
-        inputs = prompts
-    elif features is not None:
-        inputs = features
-    else:
-        if lm is None:
-            raise UserError("Evaluating an activation probe needs the model (or precomputed features).")
-        check_probe_model(probe, lm)
-        inputs = probe_features(probe, lm=lm, prompts=prompts, batch_size=batch_size, progress=progress)
-    proba = probe.unsafe_probability(inputs)
-    pred = (proba >= probe.threshold).astype(np.int64)
-    return {"metrics": binary_metrics(y, proba, pred, n_boot=n_boot, seed=seed), "proba": proba, "pred": pred,
-            "labels": y}
