@@ -4,8 +4,10 @@ LiteLLM is not a test dependency of safetyneurons: it is too heavy for CI (see d
 script runs LiteLLM's real ``generic_guardrail_api`` hook (``GenericGuardrailAPI``) and its
 ``openai_moderation`` hook (``OpenAIModerationGuardrail``), the classes the LiteLLM proxy builds from
 examples/litellm_config.yaml. It checks that each one blocks exactly the prompts our ``/v1/moderations``
-flags, at the guard's threshold and at an explicit ``threshold`` passed in
-``additional_provider_specific_params``.
+flags, at the served threshold and at stricter thresholds passed in ``additional_provider_specific_params``
+(0, and half the served one). A caller may only make the guard stricter: it also checks that a threshold above
+the served one is refused with 422 ``threshold_not_allowed`` (unless the server runs with
+``--allow-caller-loosen``).
 
     pip install litellm
     safetyneurons serve --guard runs/default/guard --port 8000 --api-key change-me &
@@ -79,12 +81,41 @@ def guard_verdicts(url: str, api_key: str | None, threshold: float | None) -> tu
     return (flags if threshold is None else [p >= threshold for p in probs]), probs
 
 
+def served_settings(url: str, api_key: str | None) -> tuple[float, bool]:
+    """The server's threshold in use and whether it lets callers loosen it (``GET /v1/guard``)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(url + "/v1/guard", headers=headers, timeout=60)
+    r.raise_for_status()
+    info = r.json()
+    return float(info["threshold_in_use"]), bool(info.get("server", {}).get("allow_caller_loosen"))
+
+
+def looser_is_refused(url: str, api_key: str | None, served: float, allow_loosen: bool) -> bool:
+    """A threshold above the served one: 422 ``threshold_not_allowed``, or used when the server allows it."""
+    if served >= 1.0:
+        return True  # nothing is looser than 1
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"texts": [PROMPTS[0]], "input_type": "request", "additional_provider_specific_params": {"threshold": 1.0}}
+    r = httpx.post(url + "/beta/litellm_basic_guardrail_api", json=body, headers=headers, timeout=120)
+    if allow_loosen:
+        ok = r.status_code == 200
+        print(f"\nthreshold 1.0 (looser than the served {served:g}): {r.status_code}, used (the server allows it)")
+    else:
+        ok = r.status_code == 422 and r.json().get("error", {}).get("code") == "threshold_not_allowed"
+        print(f"\nthreshold 1.0 (looser than the served {served:g}): {r.status_code} "
+              f"{r.json().get('error', {}).get('code')}")
+    if not ok:
+        print("MISMATCH: a looser threshold was not handled as the server's settings say")
+    return ok
+
+
 def check(url: str, api_key: str | None) -> int:
-    ok = True
-    for threshold in (None, 0.0, 1.0):
+    served, allow_loosen = served_settings(url, api_key)
+    ok = looser_is_refused(url, api_key, served, allow_loosen)
+    for threshold in (None, 0.0, served / 2):  # the served threshold, then stricter ones (a caller may not loosen it)
         want, probs = guard_verdicts(url, api_key, threshold)
         got = asyncio.run(litellm_verdicts(url, api_key, threshold))
-        label = "guard's threshold" if threshold is None else f"threshold {threshold}"
+        label = "the served threshold" if threshold is None else f"threshold {threshold:g}"
         print(f"\n{label}")
         print(f"{'p(unsafe)':>9}  {'guard':<7} " + " ".join(f"{n:<22}" for n in got) + " prompt")
         for k, p in enumerate(PROMPTS):
