@@ -49,7 +49,7 @@ FLOAT_DIGESTS = (("scores_sha256",), ("arrays_sha256",), ("plan_sha256",), ("pla
                  ("model", "sha256"), ("base", "sha256"), ("aligned", "sha256"), ("neuron_set", "sha256"))
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
-MAX_TENSOR_ELEMENTS = 4096  # the tiny run's largest tensor: store/train features, 40 x 96 = 3840
+MAX_TENSOR_ELEMENTS = 8192  # the tiny run's largest tensor: store/train features, 50 x 96 = 4800 (training split + compositions)
 MAX_SHOWN = 5  # differences listed per file (the rest are counted)
 
 

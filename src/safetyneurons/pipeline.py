@@ -36,6 +36,7 @@ from safetyneurons.neurons.selection import check_max_layer, neuron_stats
 from safetyneurons.neurons.selection import write_report as write_neuron_report
 from safetyneurons.probes.overrefusal import calibrate_runs, render_overrefusal, store_overrefusal
 from safetyneurons.model.pair import DEFAULT_BASE, check_configs, check_symmetry, load_model
+from safetyneurons.data.compose import augment_training
 from safetyneurons.data.records import stratified_sample
 from safetyneurons.probes.report import controls_section, results_table, write_report
 from safetyneurons.activations.store import extract
@@ -242,7 +243,10 @@ def _safety_neurons(s: RunSettings, scores, benign_scores, out: Path, summary: d
 
 def _extract_stores(s: RunSettings, lm, split_records: dict, splits: Path, out: Path, steps: _Steps,
                     progress: bool) -> dict:
-    """Activation stores of every split (all neurons: one extraction serves every feature set)."""
+    """Activation stores of every split (all neurons: one extraction serves every feature set); with
+    ``augment`` the training split also holds its benign windows and compositions (safetyneurons.data.compose)."""
+    if s.augment and "train" in split_records:
+        split_records["train"] = augment_training(split_records["train"], lm.tokenizer, s.seed)
     stores = {}
     for split in ("train", "val", "test", "heldout"):
         with steps.step(f"extract {split}"):

@@ -73,6 +73,7 @@ class RunSettings:
     n_boot: int = 1000
     splits: str | None = None  # a splits dir from `safetyneurons data build`; None -> the default mix
     target_fpr: float = 0.05  # every probe's threshold: this false-positive rate on the val split's benign prompts
+    augment: bool = True  # training split + its benign windows and compositions (safetyneurons.data.compose)
     category_min_examples: int = 20  # a hazard needs this many labelled harmful training prompts for a head
     patch: bool = False  # causal validation by dynamic activation patching (safetyneurons.causal.causal)
 

@@ -59,13 +59,16 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
 @click.option("--target-fpr", type=float, default=0.05, show_default=True,
               help="Every probe's threshold (the guard's too) gives this false-positive rate on the benign prompts "
                    "of the validation split.")
+@click.option("--no-augment", is_flag=True,
+              help="Train on the training split as it is, without its benign 32-token windows and harmful-in-benign "
+                   "compositions (safetyneurons.data.compose).")
 @click.option("--patch", "patch", is_flag=True,
               help="Add the causal validation: dynamic activation patching of the safety neurons against 20 random "
                    "sets on 100 + 100 test prompts (20 + 20 with --quick), written to <out>/patch.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def run(out, force, quick, paper, hook_point, pooling, positions, completion_from, selection, top_percent, max_layer,
         base, aligned, splits, features_from, guard_classifier, guard_max_layer, random_draws, batch_size, max_length,
-        seed, target_fpr, patch, no_progress):
+        seed, target_fpr, no_augment, patch, no_progress):
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
     controls (random layer-matched and global neurons, largest-magnitude neurons, PCA, all features, text-only,
     length-only), held-out benchmark, guard."""
@@ -82,7 +85,7 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
                                       guard_classifier=guard_classifier, guard_max_layer=guard_max_layer,
                                       random_draws=random_draws,
                                       batch_size=batch_size, max_length=max_length, seed=seed, target_fpr=target_fpr,
-                                      patch=patch)
+                                      patch=patch, augment=False if no_augment else None)
     click.echo(f"Run directory: {settings.out_dir}", err=True)
     summary = run_pipeline(settings, progress=not no_progress, force=force)
     click.echo("\nTest split:\n" + results_table(summary["results"]) + "\n" + controls_markdown(summary, "test"))

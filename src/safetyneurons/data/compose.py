@@ -1,0 +1,87 @@
+"""Training data shaped like what the guard reads: benign windows and compositions, built from training prompts only.
+
+The guard reads a long message whole *and* in 32-token windows, and flags its most unsafe piece
+(:mod:`safetyneurons.activations.reader`). In the default training split almost every harmful prompt is short
+(median 14 tokens, 1% over 32) while a quarter of the benign ones are longer, so a probe trained on whole
+prompts alone can learn length, and has never seen a fragment of benign text. :func:`augment_training` adds,
+to the training split only (every piece comes from training prompts, so nothing crosses a split):
+
+- **benign windows**: of each benign prompt longer than 32 tokens, its first and last 32-token window (the
+  guard's windows start every 16 tokens; two per prompt keep the classes near balance), cut at the tokenizer's
+  token boundaries, labelled benign (a fragment of a benign prompt is benign);
+- **compositions**: a harmful prompt placed before, inside or after a benign one (labelled harmful: the request
+  is there, wherever it sits), and two benign prompts joined (benign), as many of each as ``share`` times the
+  harmful prompts, drawn with a seeded generator.
+
+Added records carry ``source`` ``"<source>+window"`` or ``"<source>+composed"`` and ids ``<id>#w<k>`` /
+``compose:<k>``, so reports can tell them apart. Nothing here reaches validation, test or held-out data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from safetyneurons.data.records import check_records
+
+WINDOW_TOKENS = 32
+
+
+def benign_windows(records: Sequence[dict], tokenizer: Any, window_tokens: int = WINDOW_TOKENS) -> list[dict]:
+    """The first and the last ``window_tokens``-token window of each benign prompt longer than that."""
+    benign = [r for r in records if int(r["label"]) == 0]
+    enc = tokenizer([r["prompt"] for r in benign], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for r, offsets in zip(benign, enc["offset_mapping"]):
+        n = len(offsets)
+        if n <= window_tokens:
+            continue
+        for k, a in enumerate((0, n - window_tokens)):
+            text = r["prompt"][offsets[a][0]:offsets[a + window_tokens - 1][1]].strip()
+            if text:
+                out.append({"id": f"{r['id']}#w{k}", "prompt": text, "label": 0,
+                            "source": f"{r.get('source', '')}+window"})
+    return out
+
+
+def compositions(records: Sequence[dict], share: float, seed: int, max_chars: int = 2000) -> list[dict]:
+    """Harmful-in-benign (harmful) and benign+benign (benign) prompts, ``share`` x the harmful count of each."""
+    harmful = [r for r in records if int(r["label"]) == 1]
+    benign = [r for r in records if int(r["label"]) == 0]
+    if not harmful or len(benign) < 2:
+        return []
+    rng = np.random.default_rng(seed)
+    n = int(round(share * len(harmful)))
+    out = []
+    for k in range(n):
+        h = harmful[int(rng.integers(len(harmful)))]
+        b1, b2 = (benign[int(i)] for i in rng.choice(len(benign), 2, replace=False))
+        text = _place(h["prompt"], b1["prompt"], int(rng.integers(3)))
+        if len(text) <= max_chars:
+            out.append({"id": f"compose:{2 * k}", "prompt": text, "label": 1,
+                        "source": f"{h.get('source', '')}+composed"})
+        text = f"{b1['prompt']} {b2['prompt']}"
+        if len(text) <= max_chars:
+            out.append({"id": f"compose:{2 * k + 1}", "prompt": text, "label": 0,
+                        "source": f"{b1.get('source', '')}+composed"})
+    return out
+
+
+def _place(request: str, context: str, where: int) -> str:
+    """``request`` before (0), inside (1: at a word boundary near the middle) or after (2) ``context``."""
+    if where == 0:
+        return f"{request} {context}"
+    if where == 2:
+        return f"{context} {request}"
+    words = context.split()
+    mid = len(words) // 2
+    return " ".join(words[:mid] + [request] + words[mid:])
+
+
+def augment_training(records: Sequence[dict], tokenizer: Any, seed: int, share: float = 0.25,
+                     window_tokens: int = WINDOW_TOKENS) -> list[dict]:
+    """``records`` followed by their benign windows and compositions (see the module docstring)."""
+    records = check_records(records)
+    added = benign_windows(records, tokenizer, window_tokens) + compositions(records, share, seed)
+    return records + check_records(added)
