@@ -29,7 +29,7 @@ from safetyneurons.neurons.contrast import contrast
 from safetyneurons.errors import UserError
 from safetyneurons.run_settings import RunSettings, SETTINGS_FILE, identity_of
 from safetyneurons.activations.features import FeatureSpec
-from safetyneurons.guard.calibrate import calibrate_guard, guard_probe
+from safetyneurons.guard.calibrate import calibrate_guard, guard_probe, guard_validation_scores
 from safetyneurons.guard.guard import export_run_guard
 
 from safetyneurons.neurons.selection import check_max_layer, neuron_stats
@@ -296,6 +296,18 @@ def _guard_thresholds(s: RunSettings, lm, result, stores: dict, split_records: d
     return result.report["guard_calibration"]
 
 
+def _served_rows(s: RunSettings, lm, stores: dict, guard_run, guard_set, guard_calibration: dict | None,
+                 progress: bool) -> dict:
+    """The guard as it serves, on the held-out prompts (each read whole and in windows, its most unsafe piece),
+    at each operating point: ``{row name: (probabilities, threshold)}``."""
+    points = (guard_calibration or {}).get("operating_points")
+    if not points:
+        return {}
+    spec = FeatureSpec.from_meta(stores["train"].manifest, neuron_set=guard_set)
+    p = guard_validation_scores(lm, spec, guard_run.probes[0], stores["heldout"].prompts, s.batch_size, progress)
+    return {f"guard as served ({name})": (p, float(fig["threshold"])) for name, fig in points.items()}
+
+
 def _export_guard(s: RunSettings, result, stores: dict, split_records: dict, guard_run, guard_set, budget: dict,
                   guard_calibration: dict | None, summary: dict, out: Path) -> None:
     """The guard (``guard/``) from the guard's probe, with its own thresholds and with category heads on the same
@@ -375,8 +387,9 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
             if "heldout" in stores:
                 result.report["heldout"] = score_store(result, stores["heldout"], s.n_boot, s.seed)
                 guard_row = {_guard_name(s, budget): guard_run} if budgeted else {}
-                result.report["overrefusal"] = store_overrefusal(result.runs, stores["heldout"], seed=s.seed,
-                                                                 extra=guard_row)
+                result.report["overrefusal"] = store_overrefusal(
+                    result.runs, stores["heldout"], seed=s.seed, extra=guard_row,
+                    scored=_served_rows(s, feat_lm, stores, guard_run, guard_set, guard_calibration, progress))
         with steps.step("guard"):
             _export_guard(s, result, stores, split_records, guard_run, guard_set, budget, guard_calibration, summary,
                           out)

@@ -103,8 +103,10 @@ def overrefusal_table(labels: Sequence[int], sources: Sequence[str], probes: dic
         return float(flag[mask].mean()) if mask.any() else None
 
     for name, flag in flags.items():
+        p = np.asarray(probes[name][0], dtype=np.float64)
         summary.append({
             "probe": name, "threshold": float(probes[name][1]),
+            "recall_at_1pct_fpr": _recall_at_fpr(y, p, 0.01), "auroc": _auroc(y, p),
             "flag_rate_ordinary_benign": rate(flag, kinds == "benign"),
             "flag_rate_hard_negative": rate(flag, kinds == "hard_negative"),
             "recall_harmful": rate(flag, kinds == "harmful"),
@@ -124,6 +126,23 @@ def overrefusal_table(labels: Sequence[int], sources: Sequence[str], probes: dic
             "balanced_hard_set": {k: int(len(v)) for k, v in balanced.items()}, "seed": int(seed)}
 
 
+def _recall_at_fpr(y: np.ndarray, p: np.ndarray, fpr: float) -> float | None:
+    """Recall on the harmful prompts at the lowest threshold flagging at most ``fpr`` of the benign ones (a point
+    of the ROC curve of this set, threshold-free: no threshold of the probe is used)."""
+    if not (y == 0).any() or not (y == 1).any():
+        return None
+    t = threshold_for_fpr(y, p, fpr)
+    return float((p[y == 1] >= t).mean())
+
+
+def _auroc(y: np.ndarray, p: np.ndarray) -> float | None:
+    if len(set(y.tolist())) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p))
+
+
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
@@ -139,11 +158,12 @@ def render_overrefusal(table: dict, title: str, note: str = "") -> str:
     if note:
         lines += [note, ""]
     lines += ["| probe | threshold | flags ordinary benign | flags hard negatives | recall harmful | "
-              "F1 balanced hard set |", "|---|---:|---:|---:|---:|---:|"]
+              "F1 balanced hard set | recall at 1% FPR | AUROC |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table["summary"]:
         lines.append(f"| {r['probe']} | {r['threshold']:.4f} | {_pct(r['flag_rate_ordinary_benign'])} | "
                      f"{_pct(r['flag_rate_hard_negative'])} | {_pct(r['recall_harmful'])} | "
-                     f"{_num(r['f1_balanced_hard'])} |")
+                     f"{_num(r['f1_balanced_hard'])} | {_pct(r.get('recall_at_1pct_fpr'))} | "
+                     f"{_num(r.get('auroc'))} |")
     lines += ["", "Per source (flag rate for benign sources, recall for harmful ones; F1 on that source's hard "
               "negatives plus as many harmful prompts):", "",
               "| source | kind | n | figure | " + " | ".join(names) + " |",
@@ -175,10 +195,13 @@ def run_scores(run: ProbeRun, store: Store) -> tuple[np.ndarray, float]:
 
 
 def store_overrefusal(runs: Sequence[ProbeRun], store: Store, seed: int = 0,
-                      extra: dict[str, ProbeRun] | None = None) -> dict:
-    """The over-refusal table of ``runs`` on a store (sources read from the store's records); ``extra`` adds
-    named rows first (e.g. the guard's probe when its layer budget gives it other neurons than the safety set)."""
+                      extra: dict[str, ProbeRun] | None = None,
+                      scored: dict[str, tuple[np.ndarray, float]] | None = None) -> dict:
+    """The over-refusal table of ``runs`` on a store (sources read from the store's records); ``scored`` adds named
+    rows of ready scores first (e.g. the guard as it serves, windows included), ``extra`` named probe rows (e.g.
+    the guard's probe when its layer budget gives it other neurons than the safety set)."""
     sources = [r.get("source", "") for r in store.records]
-    probes = {name: run_scores(run, store) for name, run in (extra or {}).items()}
+    probes = dict(scored or {})
+    probes.update({name: run_scores(run, store) for name, run in (extra or {}).items()})
     probes.update(headline_probes(runs, store))
     return overrefusal_table(store.labels, sources, probes, seed=seed)
