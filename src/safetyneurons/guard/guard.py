@@ -19,15 +19,16 @@ differ from the ones it was trained on (model fingerprint). The hashes catch cor
 know a guard is *the* guard you meant (authenticity), pin its id (the integrity hash, shown by
 ``safetyneurons guard`` and ``GET /v1/guard``) with ``expected_sha256`` / ``--guard-sha256``.
 
-A prompt longer than the guard's token limit is scored whole: in overlapping windows over its content,
-each with the chat template and its assistant marker, keeping the highest unsafe probability
-(:mod:`safetyneurons.activations.windows`); nothing is silently cut off.
+An input (a prompt, or a conversation whose every message is read) is read by the activation reader
+(:mod:`safetyneurons.activations.reader`): each message whole when it fits the token limit and, when it holds more
+than 32 content tokens, also in 32-token windows, each with the chat template; its score is its most unsafe piece,
+and a score that is not a finite number flags. Nothing is silently cut off.
 
-Scoring runs the decoder only up to the deepest layer holding a safety neuron (early exit: later layers
-and the LM head never run), mean- or last-token-pools the safety neurons' activations
-(:func:`safetyneurons.activations.features.pooled_features`) and applies the probe. The default threshold is the
-probe's: the Youden-optimal cut (max TPR - FPR) on cross-validated probabilities of the *training*
-split (never the test split, whose metrics guard.json reports).
+Scoring runs the decoder only up to the deepest layer holding a safety neuron (early exit: later layers and the
+LM head never run), pools the safety neurons' activations and applies the probe. The thresholds are the guard's
+operating points (:mod:`safetyneurons.guard.calibrate`): ``strict`` (the default) and ``loose``, set on the
+validation split read as the guard reads it; a guard exported without a validation split has its probe's threshold
+(the rule guard.json records). A caller may pick a stricter point, never a looser one.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class Guard:
         self.max_length: int | None = spec.max_length
         self.threshold = check_threshold(threshold)
         self.batch_size = check_batch_size(batch_size)
-        self.operating_point = DEFAULT_POINT  # the operator's; see thresholds
+        self.operating_point: str | None = DEFAULT_POINT  # the operator's (None: an explicit threshold)
         self._reader: tuple[tuple, ActivationReader] | None = None
 
     @property
@@ -217,6 +218,7 @@ class Guard:
             g.threshold = g.thresholds[g.operating_point]
         if threshold is not None:
             g.threshold = check_threshold(threshold)
+            g.operating_point = None  # an explicit threshold, not a calibrated point
         return g
 
     # ---- scoring

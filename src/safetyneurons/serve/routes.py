@@ -85,10 +85,13 @@ def caller_threshold(obj: dict, guard: Guard, allow_loosen: bool) -> float:
         raise ApiError(422, "additional_provider_specific_params must be an object.", code="invalid_parameter")
     served = float(guard.threshold)
     t = params.get("threshold")
-    if t is None and params.get("operating_point") is not None:
-        return point_threshold(guard, params["operating_point"], allow_loosen)
+    point = None if params.get("operating_point") is None else point_threshold(guard, params["operating_point"],
+                                                                               allow_loosen)
     if t is None:
-        return served
+        return served if point is None else point
+    if point is not None:  # both given: each is checked, the stricter (lower) one is used
+        return min(point, caller_threshold({"additional_provider_specific_params": {"threshold": t}}, guard,
+                                           allow_loosen))
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         raise ApiError(422, f"additional_provider_specific_params.threshold must be a probability in [0, 1], "
                             f"got {t!r}.", code="invalid_threshold")
