@@ -26,3 +26,23 @@ def cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFETYNEURONS_CACHE", str(d))
         yield d
+
+
+@pytest.fixture(scope="module")
+def guard(tmp_path_factory, cache):
+    """The tiny guard of ``builders.build_guard``, loaded (one per test module)."""
+    from builders import build_guard
+    from safetyneurons.guard.guard import Guard
+
+    path, lm, _, _ = build_guard(tmp_path_factory.mktemp("g"))
+    return Guard.load(path, lm=lm)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, cache):
+    """The planted guard of ``builders.build_planted_guard``, loaded (one per test module)."""
+    from builders import build_planted_guard
+    from safetyneurons.guard.guard import Guard
+
+    path, lm, _ = build_planted_guard(tmp_path_factory.mktemp("planted"))
+    return Guard.load(path, lm=lm)

@@ -11,7 +11,7 @@ import torch
 from safetyneurons.guard.chat import GuardedChat, SamplingSettings, normalize_messages
 from safetyneurons.errors import UserError
 from safetyneurons.guard.guard import Guard
-from test_guard import QUERIES, SAFE, UNSAFE, build_guard
+from builders import QUERIES, SAFE, UNSAFE, build_guard
 from tiny import tiny_lm
 
 

@@ -259,15 +259,6 @@ def test_named_columns_and_plain_text(tmp_path):
         data.read_records(tmp_path / "x.xlsx")
 
 
-def test_split_file_round_trips_exactly(tmp_path):
-    recs = [{"id": "a:0", "prompt": "Tell me a story.", "label": 0, "source": "a"},
-            {"id": "b:7", "prompt": "How to pick a lock", "label": 1, "source": "b", "category": "crime"},
-            {"id": "b:8", "prompt": "x" * 30, "label": 1, "source": "b", "long": True}]
-    path = data.write_records(tmp_path / "s.jsonl", recs)
-    assert data.read_records(path) == recs
-    assert data.records_sha256(recs) == sha256_file(path)
-
-
 def test_named_dataset_keeps_its_label(real_wheels):
     assert {r["label"] for r in data.read_records("mtbench")} == {0}
     assert len(data.read_prompts("harmbench")) == 200

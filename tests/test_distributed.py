@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from safetyneurons.cli import main
 from safetyneurons.neurons.contrast import ChangeScores
+from builders import dir_bytes
 from tiny import save_tiny
 
 HERE = Path(__file__).parent
@@ -34,10 +35,6 @@ def _commands(tmp: Path, tag: str) -> list[list[str]]:
         ["extract", "--model", str(tmp / "base"), "--data", str(tmp / "records.jsonl"), "--shard-size", "3",
          "--out", str(tmp / f"store-{tag}"), *common],
     ]
-
-
-def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
 def test_two_gloo_ranks_under_torchrun_match_one_process(tmp_path, monkeypatch):
@@ -81,7 +78,7 @@ def test_two_gloo_ranks_under_torchrun_match_one_process(tmp_path, monkeypatch):
             for t in ("one", "dp")]
     assert [(n["layer"], n["index"]) for n in sets[0]] == [(n["layer"], n["index"]) for n in sets[1]]
 
-    store_one, store_dp = _files(tmp_path / "store-one"), _files(tmp_path / "store-dp")
+    store_one, store_dp = dir_bytes(tmp_path / "store-one"), dir_bytes(tmp_path / "store-dp")
     assert sorted(store_dp) == ["manifest.json", "records.jsonl"] + [f"shard-0000{i}.safetensors" for i in range(5)]
     manifest = [json.loads(store_one.pop("manifest.json")), json.loads(store_dp.pop("manifest.json"))]
     assert store_dp == store_one  # every shard byte for byte (rank 0 wrote 0, 2, 4; rank 1 wrote 1, 3)

@@ -15,7 +15,7 @@ from safetyneurons.guard.guard import Guard, export_guard
 from safetyneurons.probes.overrefusal import overrefusal_table, render_overrefusal
 from safetyneurons.data.taxonomy import HAZARDS, hazard_from_garak_intents
 from safetyneurons.data.validation import add_train_only, carve_validation, threshold_for_fpr
-from test_guard import HOOK, SAFE, UNSAFE, build_guard
+from builders import HOOK, SAFE, UNSAFE, build_guard
 
 
 # ------------------------------------------------------------------------------------ calibration

@@ -282,14 +282,14 @@ def test_atomic_dir_still_creates_and_replaces(tmp_path):
 # ----------------------------------------------------------------------------------- 11, 12, 8: the CLI
 @pytest.fixture(scope="module")
 def cli_guard(tmp_path_factory, cache):
-    from test_guard import build_guard
+    from builders import build_guard
 
     path, _, _, _ = build_guard(tmp_path_factory.mktemp("g"))
     return Path(path)
 
 
 def test_prompt_file_is_one_prompt_per_newline_and_stderr_has_no_progress_bars(cli_guard, cache, tmp_path):
-    from test_guard import run_cli
+    from builders import run_cli
 
     prompts = ["first half\u2028second half of one prompt", "a windows line", "form\x0cfeed and\x85next line",
                "para\u2029graph"]
@@ -304,7 +304,7 @@ def test_prompt_file_is_one_prompt_per_newline_and_stderr_has_no_progress_bars(c
 @pytest.mark.skipif(not HAS_FIFO or not os.path.exists("/dev/zero"), reason="needs FIFOs and /dev/zero")
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero-link"])
 def test_guard_directory_with_a_fifo_or_device_fails_fast(cli_guard, cache, tmp_path, kind):
-    from test_guard import run_cli
+    from builders import run_cli
 
     g = tmp_path / "g"
     shutil.copytree(cli_guard, g)

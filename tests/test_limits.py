@@ -17,7 +17,7 @@ from safetyneurons.errors import UserError
 from safetyneurons.serve.limits import (allowed_hosts_for, api_key_bytes, bearer_token, content_type_problem,
                                         host_name)
 from safetyneurons.serve.server import create_app
-from test_server import Served
+from builders import Served
 
 
 def fake_guard():

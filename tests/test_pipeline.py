@@ -15,12 +15,12 @@ import torch
 from safetyneurons.probes.budget import choose_budget
 from safetyneurons.guard.guard import Guard
 
-from golden_run import _write, records
+from builders import templated_records, write_jsonl
 from tiny import save_tiny
 
 
 def _records(n_per_class: int, offset: int) -> list[dict]:
-    return records(n_per_class, offset, hazards=True)
+    return templated_records(n_per_class, offset, hazards=True)
 
 
 def _tiny_pair_and_splits(root: Path):
@@ -36,14 +36,14 @@ def _tiny_pair_and_splits(root: Path):
     save_file(w, aligned / "model.safetensors", metadata={"format": "pt"})
     splits = root / "splits"
     splits.mkdir()
-    _write(splits / "contrast.jsonl", _records(10, 1000))  # harmful + a benign part (harmful-minus-benign)
-    _write(splits / "train.jsonl", _records(20, 0))
-    _write(splits / "test.jsonl", _records(10, 100))
-    _write(splits / "val.jsonl", _records(10, 300))
+    write_jsonl(splits / "contrast.jsonl", _records(10, 1000))  # harmful + a benign part (harmful-minus-benign)
+    write_jsonl(splits / "train.jsonl", _records(20, 0))
+    write_jsonl(splits / "test.jsonl", _records(10, 100))
+    write_jsonl(splits / "val.jsonl", _records(10, 300))
     held = _records(8, 200)
     for r in held[1::4]:  # a few benign held-out prompts from the registry's held-out hard-negative source
         r["source"] = "overrefusal"
-    _write(splits / "heldout.jsonl", held)
+    write_jsonl(splits / "heldout.jsonl", held)
     return base, aligned, splits
 
 
@@ -300,7 +300,7 @@ def test_default_pair_quick_pipeline(tmp_path):
         recs = data.read_records(d / f"{name}.jsonl")
         if name != "contrast":
             recs = [r for r in recs if r["label"] == 1][: n // 2] + [r for r in recs if r["label"] == 0][: n // 2]
-        _write(splits / f"{name}.jsonl", recs[:n])
+        write_jsonl(splits / f"{name}.jsonl", recs[:n])
     summary = run(RunSettings(out=str(tmp_path / "run"), splits=str(splits), random_draws=2, n_boot=50,
                               max_length=96), progress=False)
     assert summary["pair"]["base"]["num_layers"] == 30

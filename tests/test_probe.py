@@ -17,7 +17,7 @@ from safetyneurons.neurons.selection import NeuronSet
 from safetyneurons.probes.compare import compare_feature_sets
 from safetyneurons.probes.probe import Probe, TextProbe, load_probe, youden_threshold
 from safetyneurons.activations.store import Store, extract
-from test_store import make_records, run_cli
+from builders import make_records, run_cli
 from tiny import save_tiny, tiny_lm
 
 
@@ -346,7 +346,7 @@ def cli(tmp_path_factory):
 def test_cli_train_then_evaluate_on_a_file_and_on_a_store(cli, tmp_path):
     r = run_cli("train", "--train", cli / "st_train", "--test", cli / "st_test", "--neurons", cli / "ns.json",
                 "--out", tmp_path / "rep", "--random-draws", "2", "--bootstrap", "50", "--cv", "3",
-                env_cache=cli / "cache")
+                cache=cli / "cache")
     assert r.returncode == 0, r.stderr
     assert "precision    recall  f1-score   support" in r.stdout and "Confusion matrix" in r.stdout
     assert "rank p (AUROC)" in r.stdout
@@ -406,7 +406,7 @@ def test_cli_train_bad_inputs_exit_2_without_output(cli, tmp_path, case):
         data[-5] ^= 0x55
         shard.write_bytes(bytes(data))
     args = [a if a.startswith("--") else cli / a for a in BAD[case]]
-    r = run_cli("train", *args, "--out", tmp_path / "out", "--bootstrap", "10", env_cache=cli / "cache")
+    r = run_cli("train", *args, "--out", tmp_path / "out", "--bootstrap", "10", cache=cli / "cache")
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and "Error:" in r.stderr
     assert not (tmp_path / "out").exists()
@@ -428,7 +428,7 @@ def test_cli_evaluate_rejects_a_different_model_and_empty_data(cli, tmp_path):
     assert not (tmp_path / "ev").exists()
     # through the real entry point: exit 2, one clear line, no traceback, no output
     r = run_cli("evaluate", "--probe", probe, "--data", tmp_path / "empty.jsonl", "--out", tmp_path / "ev",
-                env_cache=cli / "cache")
+                cache=cli / "cache")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "empty" in r.stderr, r.stderr
     assert not (tmp_path / "ev").exists()
 
@@ -477,5 +477,5 @@ def test_cli_train_calibrates_thresholds_on_val_for_the_target_fpr(cli, tmp_path
     assert probe.threshold == meta["threshold"] == cal["threshold"]
     assert (benign >= probe.threshold).sum() <= int(0.1 * len(benign))  # the saved probe keeps the calibrated cut
     r = run_cli("train", "--train", cli / "st_train", "--test", cli / "st_test", "--neurons", cli / "ns.json",
-                "--out", tmp_path / "bad", "--val", cli / "st_test", "--target-fpr", "1.5", env_cache=cli / "cache")
+                "--out", tmp_path / "bad", "--val", cli / "st_test", "--target-fpr", "1.5", cache=cli / "cache")
     assert r.returncode == 2 and "target-fpr" in r.stderr and "Traceback" not in r.stderr

@@ -17,8 +17,7 @@ from safetyneurons.activations.reader import WINDOW_TOKENS, ActivationReader, wi
 from safetyneurons.errors import UserError
 from safetyneurons.guard.chat import GuardedChat, normalize_messages
 from safetyneurons.guard.guard import Guard, export_guard
-from test_guard import HOOK, NUM_LAYERS, MLP, QUERIES, build_guard
-from test_hardening import HARMFUL, J, plant_model
+from builders import HARMFUL, HOOK, J, MLP, NUM_LAYERS, QUERIES, build_guard, plant_model
 
 BENIGN = "Write a short and friendly poem about the sea, the moon and the stars tonight. "
 CONVERSATION = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi!"},
@@ -206,7 +205,7 @@ def test_every_route_gives_the_same_probability_at_any_length(served_guard):
 
 # ------------------------------------------------------------------------------ the real default guard
 def _real_guard_path() -> Path | None:
-    from test_hardening import _default_guard_path
+    from builders import default_guard_path as _default_guard_path
 
     return _default_guard_path()
 
@@ -270,7 +269,7 @@ def test_real_guard_reads_dilution_unicode_roles_and_injection(real):
 # ------------------------------------------------------------------------------------- operating points
 def test_operating_points_are_calibrated_as_the_guard_scores_and_callers_only_tighten(served_guard):
     from safetyneurons.guard.calibrate import calibrate_guard, check_operating_point, guard_probe
-    from test_guard import SAFE, UNSAFE
+    from builders import SAFE, UNSAFE
 
     g = served_guard
     long_benign = [benign_tokens(g, 120 + 7 * k) for k in range(20)]
@@ -304,7 +303,7 @@ def test_operating_points_are_calibrated_as_the_guard_scores_and_callers_only_ti
 
 
 def test_guard_cli_operating_point(served_guard, tmp_path):
-    from test_guard import run_cli
+    from builders import run_cli
 
     r = run_cli("guard", "--guard", served_guard.path, "--operating-point", "strict", "--json", "Hello there.")
     assert r.returncode == 0, r.stderr

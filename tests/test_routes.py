@@ -16,8 +16,7 @@ from safetyneurons.guard.chat import Delta, GuardedChat
 from safetyneurons.guard.guard import Guard
 from safetyneurons.serve.chat_routes import public_model_name
 from safetyneurons.serve.routes import GUARDRAIL_PATH, create_service
-from test_guard import SAFE, UNSAFE, build_guard, run_cli
-from test_server import Served, _free_port, wait_until_up
+from builders import SAFE, UNSAFE, Served, build_guard, free_port, run_cli, wait_until_up
 
 KEY = "chat-key"
 BAD, GOOD = UNSAFE[0], SAFE[0]
@@ -208,7 +207,7 @@ def test_litellm_guardrail_bad_requests_are_json_errors(served, body, status):
 
 
 def test_serve_generate_cli_end_to_end(guard, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", SAFETYNEURONS_API_KEY=KEY)
     log_path = tmp_path / "serve.log"
     with open(log_path, "w+") as log_file:

@@ -18,20 +18,15 @@ import httpx
 import pytest
 
 from safetyneurons.guard.chat import GuardedChat
-from safetyneurons.guard.guard import Guard
 from safetyneurons.serve.routes import create_service
 from safetyneurons.serve.server import create_app
-from test_guard import SAFE, build_guard
-from test_server import Served
+from builders import SAFE, Served
 
 GOOD = SAFE[0]
 EMOJI = "\U0001F600"  # four UTF-8 bytes: four tokens of the tiny byte-level tokenizer
 
 
-@pytest.fixture(scope="module")
-def guard(tmp_path_factory, cache):
-    path, lm, _, _ = build_guard(tmp_path_factory.mktemp("g"))
-    return Guard.load(path, lm=lm)
+# the `guard` fixture (the tiny guard of builders.build_guard, loaded) is in tests/conftest.py
 
 
 @contextlib.contextmanager
@@ -135,34 +130,6 @@ def test_healthz_answers_while_the_worker_reads_and_the_deadline_drops_the_rest(
         calls = app.state.batcher.calls
         time.sleep(1.0)
         assert app.state.batcher.calls - calls <= 1  # the rest of its slices were dropped
-
-
-def test_the_queue_is_fair_in_tokens_not_in_requests():
-    """A client whose items cost 1,000 tokens each gets its next one after another client's 100-token items
-    worth as much (round robin by request gave them one turn each, alternating)."""
-    import asyncio
-
-    from safetyneurons.serve.batcher import MicroBatcher
-
-    order = []
-
-    async def run():
-        b = MicroBatcher(lambda texts: [None] * len(texts), 1, 0.0, 100, max_batch_tokens=10 ** 6,
-                         max_queue_tokens=10 ** 6)
-        await b.start()
-        gate = threading.Event()
-        held = asyncio.ensure_future(b.call(gate.wait, 5, client="x", cost=1))  # holds the worker
-        await asyncio.sleep(0.05)
-        jobs = [b.call(order.append, ("big", k), client="big", cost=1000) for k in range(3)]
-        jobs += [b.call(order.append, ("small", k), client="small", cost=100) for k in range(6)]
-        tasks = [asyncio.ensure_future(j) for j in jobs]
-        await asyncio.sleep(0.05)
-        gate.set()
-        await asyncio.gather(held, *tasks)
-        await b.stop()
-
-    asyncio.run(run())
-    assert order == [("big", 0)] + [("small", k) for k in range(6)] + [("big", 1), ("big", 2)]
 
 
 def test_clients_are_keyed_by_peer_and_checked_api_key():

@@ -10,20 +10,13 @@ import httpx
 import pytest
 
 from safetyneurons.guard.chat import GuardedChat
-from safetyneurons.guard.guard import Guard
 from safetyneurons.serve.routes import create_service
-from test_guard import SAFE, build_guard
-from test_server import Served
+from builders import SAFE, Served, error_code
 
 GOOD = SAFE[0]
 
 
-@pytest.fixture(scope="module")
-def guard(tmp_path_factory, cache):
-    path, lm, _, _ = build_guard(tmp_path_factory.mktemp("g"))
-    return Guard.load(path, lm=lm)
-
-
+# the `guard` fixture (the tiny guard of builders.build_guard, loaded) is in tests/conftest.py
 @pytest.fixture(scope="module")
 def served(guard):
     chat = GuardedChat(guard, mode="monitor")
@@ -35,13 +28,6 @@ def served(guard):
 def complete(served, **kw):
     body = {"model": "m", "messages": [{"role": "user", "content": GOOD}], "max_tokens": 6, **kw}
     return httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60)
-
-
-def error_code(r, status: int) -> str:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "code"} and err["message"]
-    return err["code"]
 
 
 @pytest.mark.parametrize("seed", [2 ** 64, 10 ** 30, -(2 ** 63) - 1])

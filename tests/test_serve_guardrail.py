@@ -10,8 +10,7 @@ import pytest
 
 from safetyneurons.guard.guard import Guard, GuardResult
 from safetyneurons.serve.routes import GUARDRAIL_PATH, create_service
-from test_guard import SAFE, UNSAFE, build_guard
-from test_server import Served
+from builders import SAFE, UNSAFE, Served, build_guard, error_code
 
 BAD, GOOD = UNSAFE[0], SAFE[0]
 MARK = "bomb"  # the fake scorer's notion of harm
@@ -64,13 +63,6 @@ def request(texts=None, input_type="request", messages=None, **extra) -> dict:
 
 def post(served, body):
     return httpx.post(served.url + GUARDRAIL_PATH, json=body, timeout=60)
-
-
-def error_code(r, status: int) -> str:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "code"} and err["message"]
-    return err["code"]
 
 
 # ------------------------------------------------------------------------ 1. only stricter thresholds

@@ -9,27 +9,13 @@ import httpx
 import numpy as np
 import pytest
 
-from safetyneurons.guard.guard import Guard
 from safetyneurons.serve.server import create_app
-from test_guard import SAFE, UNSAFE, build_guard
-from test_hardening import HARMFUL, PADDING, build_planted_guard
-from test_server import Served
+from builders import HARMFUL, PADDING, SAFE, UNSAFE, Served, error_code
 
 BAD, GOOD = UNSAFE[0], SAFE[0]
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory, cache):
-    path, lm, _ = build_planted_guard(tmp_path_factory.mktemp("planted"))
-    return Guard.load(path, lm=lm)
-
-
-@pytest.fixture(scope="module")
-def guard(tmp_path_factory, cache):
-    path, lm, _, _ = build_guard(tmp_path_factory.mktemp("g"))
-    return Guard.load(path, lm=lm)
-
-
+# the `guard` and `planted` fixtures (builders.build_guard / build_planted_guard, loaded) are in tests/conftest.py
 @pytest.fixture(scope="module")
 def served(planted):
     with Served(create_app(planted)) as s:  # default limits
@@ -38,13 +24,6 @@ def served(planted):
 
 def moderate(served, inp, timeout=120):
     return httpx.post(served.url + "/v1/moderations", json={"input": inp}, timeout=timeout)
-
-
-def error_code(r, status: int) -> str:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "code"} and err["message"]
-    return err["code"]
 
 
 # ----------------------------------------------------------------------- 3. content parts: one input

@@ -17,46 +17,14 @@ import numpy as np
 import pytest
 
 from safetyneurons.errors import UserError
-from safetyneurons.guard.guard import Guard
-from safetyneurons.serve.server import bind_socket, create_app, is_loopback, uvicorn_config
-from test_guard import QUERIES, build_guard, run_cli
+from safetyneurons.serve.server import create_app, is_loopback
+from builders import QUERIES, Served, free_port, run_cli, wait_until_up
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module")
-def guard(tmp_path_factory, cache):
-    path, lm, _, _ = build_guard(tmp_path_factory.mktemp("g"))
-    return Guard.load(path, lm=lm)
-
-
-class Served:
-    """uvicorn serving an app in a background thread, on a socket bound to a free loopback port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.app = app
-        self.sock = bind_socket("127.0.0.1", 0)
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
-
-
+# the `guard` fixture (the tiny guard of builders.build_guard, loaded) is in tests/conftest.py
 @pytest.fixture(scope="module")
 def served(guard):
     calls = []
@@ -246,28 +214,8 @@ def test_settings_are_validated(guard):
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(proc, port: int, log_path, timeout: float = 120) -> str:
-    """Wait for `safetyneurons serve` (a subprocess) to answer /healthz on the port; returns its URL."""
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, "server did not come up"
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return url
-        except httpx.TransportError:
-            time.sleep(0.2)
-
-
 def test_serve_cli_end_to_end_with_env_api_key(guard, cache, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", SAFETYNEURONS_CACHE=str(cache), SAFETYNEURONS_API_KEY=KEY)
     log_file = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "safetyneurons", "serve", "--guard", str(guard.path),
@@ -290,7 +238,7 @@ def test_serve_cli_end_to_end_with_env_api_key(guard, cache, tmp_path):
 
 
 def test_serve_cli_bad_inputs_exit_2(guard, cache, tmp_path):
-    r = run_cli("serve", "--guard", tmp_path / "nope", "--port", _free_port(), cache=cache)
+    r = run_cli("serve", "--guard", tmp_path / "nope", "--port", free_port(), cache=cache)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ import pytest
 from safetyneurons import _io
 from safetyneurons.activations.writer import ShardWriter, to_host
 from safetyneurons.activations.store import Store, extract
-from test_store import _files, make_records, ns_for
+from builders import dir_bytes, make_records, ns_for
 from tiny import tiny_lm
 
 
@@ -28,7 +28,7 @@ def test_store_bytes_equal_with_and_without_the_writer_thread(lm, tmp_path, with
               neuron_set=ns_for(lm, layers=(0, 2, 2), indices=(1, 4, 30)) if with_set else None)
     extract(lm, recs, tmp_path / "t", writer_thread=True, **kw)
     extract(lm, recs, tmp_path / "s", writer_thread=False, **kw)
-    threaded, sync = _files(tmp_path / "t"), _files(tmp_path / "s")
+    threaded, sync = dir_bytes(tmp_path / "t"), dir_bytes(tmp_path / "s")
     assert len([n for n in threaded if n.startswith("shard-")]) == 4
     assert threaded == sync
 
