@@ -468,14 +468,18 @@ def test_cli_train_calibrates_thresholds_on_val_for_the_target_fpr(cli, tmp_path
            "--val", cli / "st_test", "--target-fpr", "0.1", "--export-guard", tmp_path / "guard",
            cache=cli / "cache")
     meta = json.loads((tmp_path / "guard" / "guard.json").read_text())
-    cal = meta["calibration"]
-    assert cal["target_fpr"] == 0.1 and cal["validation"]["fpr_benign"] <= 0.1
+    strict, loose = (meta["calibration"]["operating_points"][k] for k in ("strict", "loose"))
+    assert strict["target_fpr"] == 0.1 and strict["validation"]["fpr_benign"] <= 0.1
+    assert loose["target_fpr"] == 0.01 and loose["threshold"] >= strict["threshold"] == meta["threshold"]
     st = Store.load(cli / "st_test")
     probe = load_probe(tmp_path / "rep" / "probes" / "safety-logreg")
     proba = probe.unsafe_probability(st.select(NeuronSet.load(cli / "ns.json")))
     benign = proba[st.labels == 0]
-    assert probe.threshold == meta["threshold"] == cal["threshold"]
     assert (benign >= probe.threshold).sum() <= int(0.1 * len(benign))  # the saved probe keeps the calibrated cut
+    from safetyneurons.guard.guard import Guard
+
+    served = Guard.load(tmp_path / "guard").unsafe_probability(st.prompts)  # as the guard reads, windows included
+    assert (served[st.labels == 0] >= meta["threshold"]).sum() <= int(0.1 * len(benign))
     r = run_cli("train", "--train", cli / "st_train", "--test", cli / "st_test", "--neurons", cli / "ns.json",
                 "--out", tmp_path / "bad", "--val", cli / "st_test", "--target-fpr", "1.5", cache=cli / "cache")
     assert r.returncode == 2 and "target-fpr" in r.stderr and "Traceback" not in r.stderr

@@ -159,10 +159,28 @@ def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, ran
     click.echo(controls_section(report))
     click.echo(f"Report: {Path(out) / 'report.md'}")
     if guard_dir:
-        export_run_guard(guard_dir, result.run(guard_feature_set, guard_classifier), train_store,
-                         data={"train": describe_store(train_store), "test": describe_store(test_store)},
-                         calibration=calibration.get(f"{guard_feature_set}/{guard_classifier}"))
+        _export_train_guard(guard_dir, result.run(guard_feature_set, guard_classifier), train_store, test_store,
+                            val_store, calibration.get(f"{guard_feature_set}/{guard_classifier}"), target_fpr)
         click.echo(f"Guard exported to {guard_dir} ({guard_feature_set} / {guard_classifier}).")
+
+
+def _export_train_guard(guard_dir, run, train_store, test_store, val_store, calibration, target_fpr) -> None:
+    """The guard of a trained run; with a validation store its thresholds are set the way the guard scores (the
+    validation prompts read by the guard's model, windows included: safetyneurons.guard.calibrate)."""
+    from dataclasses import replace
+
+    from safetyneurons.guard.calibrate import calibrate_guard, guard_probe
+    from safetyneurons.model.pair import load_model
+
+    if val_store is not None:
+        spec = replace(train_store.spec, neuron_set=run.neuron_sets[0])
+        lm = load_model(spec.model["ref"], expected={"sha256": spec.fingerprint} if spec.fingerprint else None)
+        calibration = calibrate_guard(lm, spec, run.probes[0], val_store.records,
+                                      points={"strict": target_fpr, "loose": min(target_fpr, 0.01)})
+        run = replace(run, probes=[guard_probe(run.probes[0], calibration)])
+    export_run_guard(guard_dir, run, train_store,
+                     data={"train": describe_store(train_store), "test": describe_store(test_store)},
+                     calibration=calibration)
 
 
 @click.command("evaluate")
