@@ -79,8 +79,9 @@ def test_bad_settings_are_refused_with_a_user_error(kw, message):
     ({"hook_point": "mlp_out", "pooling": "mean", "max_length": 8, "model": 3}, "^guard.json: malformed"),
     ({"hook_point": "mlp_out", "pooling": "mean", "max_length": 8, "neuron_set": {"format": "x"}},
      r"^guard.json \(neuron set\): not a safetyneurons neuron set"),
-    ({"hook_point": "mlp_out", "pooling": "sum", "max_length": 8}, "Unknown pooling 'sum'"),
-    ({"hook_point": "mlp_out", "pooling": "mean", "max_length": 0}, "max length"),
+    ({"hook_point": "mlp_out", "pooling": "sum", "max_length": 8}, "^guard.json: Unknown pooling 'sum'"),
+    ({"hook_point": "mlp_out", "pooling": "mean", "max_length": 0}, "^guard.json: max length"),
+    ({"hook_point": "mlp_out", "pooling": "mean", "max_length": 8, "model": "abc"}, "^guard.json: malformed"),
 ])
 def test_from_meta_refuses_malformed_metadata(meta, message):
     with pytest.raises(UserError, match=message):

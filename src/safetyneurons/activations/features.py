@@ -72,15 +72,17 @@ class FeatureSpec:
     @classmethod
     def from_meta(cls, meta: dict, source: str = "metadata", neuron_set: NeuronSet | None = None) -> "FeatureSpec":
         """The spec a store manifest, probe meta or guard.json records (``neuron_set`` overrides its own)."""
+        ns = neuron_set
+        if ns is None and isinstance(meta, dict) and meta.get("neuron_set"):
+            ns = NeuronSet.from_json(meta["neuron_set"], source=f"{source} (neuron set)")
         try:
-            ns = neuron_set
-            if ns is None and meta.get("neuron_set"):
-                ns = NeuronSet.from_json(meta["neuron_set"], source=f"{source} (neuron set)")
             return cls(hook_point=meta["hook_point"], pooling=meta["pooling"], max_length=meta["max_length"],
                        neuron_set=ns, model=dict(meta.get("model") or {}),
                        positions=meta.get("positions", "prompt"))
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise UserError(f"{source}: malformed feature settings ({type(e).__name__}: {e}).") from None
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
 
     def fields(self, model_keys: Sequence[str] | None = None) -> dict[str, Any]:
         """The spec as the top-level fields of a manifest / probe meta / guard.json. ``model_keys`` picks the
