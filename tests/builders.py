@@ -108,9 +108,10 @@ def plant_model(model_dir: Path, trigger: int, seed: int = 0) -> None:
     tiny_tokenizer().save_pretrained(model_dir)
 
 
-def build_planted_guard(root: Path, max_length: int = 64):
-    """(guard dir, lm, trigger token): the probe flags iff neuron J's mean activation > 1/20 of its value
-    on the bare harmful request (0 on any text without the trigger token)."""
+def build_planted_guard(root: Path, max_length: int = 64, fraction: float = 1 / 20, avoid: str = ""):
+    """(guard dir, lm, trigger token): the probe flags iff neuron J's mean activation > ``fraction`` of its value
+    on the bare harmful request (0 on any text without the trigger token; the trigger is none of the tokens of
+    ``avoid`` either)."""
     from safetyneurons.activations.reader import pooled_features
     from safetyneurons.guard.guard import export_guard
     from safetyneurons.model.pair import load_model
@@ -120,7 +121,7 @@ def build_planted_guard(root: Path, max_length: int = 64):
     tok = tiny_tokenizer()
     ids = lambda text: set(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     template = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
-    trigger = min(ids(HARMFUL) - ids(PADDING) - ids(template) - ids("Write a poem about the sea."))
+    trigger = min(ids(HARMFUL) - ids(PADDING) - ids(template) - ids("Write a poem about the sea.") - ids(avoid))
     plant_model(root / "model", trigger)
     lm = load_model(str(root / "model"))
     ns = NeuronSet(hook_point=HOOK, num_layers=NUM_LAYERS, width=MLP, layers=[0], indices=[J], scores=[1.0],
@@ -128,7 +129,7 @@ def build_planted_guard(root: Path, max_length: int = 64):
     X = pooled_features(lm, [HARMFUL, "Write a poem about the sea."], HOOK, neuron_set=ns, max_length=max_length)
     assert X[0, 0] > 0 and X[1, 0] == 0  # the planted signal
     probe = Probe("logreg", cv=0).fit(np.array([[1.0], [0.0], [0.9], [0.1]]), [1, 0, 1, 0])
-    k, cut = 50.0 / X[0, 0], X[0, 0] / 20
+    k, cut = 50.0 / X[0, 0], X[0, 0] * fraction
     probe.arrays = {"scaler_mean": np.zeros(1), "scaler_scale": np.ones(1), "coef": np.array([k]),
                     "intercept": np.array([-k * cut])}
     probe.threshold, probe.platt = 0.5, (1.0, 0.0)

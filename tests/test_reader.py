@@ -16,8 +16,8 @@ import pytest
 from safetyneurons.activations.reader import WINDOW_TOKENS, ActivationReader, window_ranges
 from safetyneurons.errors import UserError
 from safetyneurons.guard.chat import GuardedChat, normalize_messages
-from safetyneurons.guard.guard import Guard, export_guard
-from builders import HARMFUL, HOOK, J, MLP, NUM_LAYERS, QUERIES, build_guard, plant_model
+from safetyneurons.guard.guard import Guard
+from builders import HARMFUL, QUERIES, build_guard, build_planted_guard
 
 BENIGN = "Write a short and friendly poem about the sea, the moon and the stars tonight. "
 CONVERSATION = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi!"},
@@ -26,35 +26,12 @@ CONVERSATION = [{"role": "system", "content": "You are helpful."}, {"role": "use
 
 
 def planted_guard(root: Path, max_length: int = 256, fraction: float = 0.2) -> Guard:
-    """The planted guard: flags a piece iff neuron J's mean over its content is above ``fraction`` of its value
-    on the bare request. With 0.2 a 32-token window holding the request is flagged and a 200-token prompt that
-    averages it away is not."""
-    from tiny import tiny_tokenizer
-
-    from safetyneurons.model.pair import load_model
-    from safetyneurons.neurons.selection import NeuronSet
-    from safetyneurons.probes.probe import Probe
-    from safetyneurons.activations.reader import pooled_features
-
-    tok = tiny_tokenizer()
-    ids = lambda text: set(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    template = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    """The planted guard (:func:`builders.build_planted_guard`): flags a piece iff neuron J's mean over its content
+    is above ``fraction`` of its value on the bare request. With 0.2 a 32-token window holding the request is
+    flagged and a 200-token prompt that averages it away is not. The trigger token is in none of this module's
+    benign texts."""
     others = " ".join([BENIGN, "system user assistant tool Hello there.", *(m["content"] for m in CONVERSATION)])
-    trigger = min(ids(HARMFUL) - ids(others) - ids(template))
-    plant_model(root / "model", trigger)
-    lm = load_model(str(root / "model"))
-    ns = NeuronSet(hook_point=HOOK, num_layers=NUM_LAYERS, width=MLP, layers=[0], indices=[J], scores=[1.0],
-                   model=lm.describe())
-    x0 = pooled_features(lm, [HARMFUL], HOOK, neuron_set=ns, max_length=max_length)[0, 0]
-    probe = Probe("logreg", cv=0).fit(np.array([[1.0], [0.0], [0.9], [0.1]]), [1, 0, 1, 0])
-    k, cut = 50.0 / x0, x0 * fraction
-    probe.arrays = {"scaler_mean": np.zeros(1), "scaler_scale": np.ones(1), "coef": np.array([k]),
-                    "intercept": np.array([-k * cut])}
-    probe.threshold, probe.platt = 0.5, (1.0, 0.0)
-    out = export_guard(root / "guard", lm_ref=str(root / "model"), lm_fingerprint=lm.fingerprint,
-                       lm_tokenizer_fingerprint=lm.tokenizer_fingerprint, neuron_set=ns, probe=probe,
-                       hook_point=HOOK, pooling="mean", max_length=max_length, feature_set="safety",
-                       metrics={}, data={})
+    out, lm, _ = build_planted_guard(root, max_length=max_length, fraction=fraction, avoid=others)
     return Guard.load(out, lm=lm)
 
 
