@@ -163,6 +163,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(proc: subprocess.Popen, url: str, log, timeout_s: float, ready: Path | None = None) -> None:
+    """Wait until the server ``proc`` answers ``GET /healthz`` with 200 (and, given ``ready``, has written that
+    file); SystemExit with the end of its ``log`` when it exits, or after ``timeout_s`` (the server is killed)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"server did not become healthy within {timeout_s:g} s")
+        try:
+            if (ready is None or ready.is_file()) and httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+
+
 async def drive(url: str, prompts: list[str], clients: int, seconds: float, bad_share: float = 0.0) -> dict:
     import httpx
 
@@ -224,21 +245,7 @@ def bench_server(guard_dir: Path, prompts: list[str], clients: int, seconds: flo
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        import httpx
-
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise SystemExit(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise SystemExit("server did not become healthy within 300 s")
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        wait_until_healthy(proc, url, log, 300)
         return asyncio.run(drive(url, prompts, clients, seconds, bad_share))
     finally:
         proc.terminate()

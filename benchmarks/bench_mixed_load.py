@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_guard import PROMPTS, build_throwaway  # noqa: E402  (the benchmarks' shared prompts and guard)
+from bench_guard import PROMPTS, build_throwaway, free_port, wait_until_healthy  # noqa: E402  (shared)
 
 _DEEP = 5_000
 BAD_BODIES = [  # what a careless or hostile client sends; each must get a 4xx JSON error
@@ -56,12 +55,6 @@ CHAT_FILLER = ("Please read the following notes about our garden carefully befor
 
 def pct(xs, q) -> float | None:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if xs else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------ server
@@ -91,22 +84,8 @@ def start_server(guard_dir: Path, device: str, threads: int | None, log) -> tupl
     cmd = [sys.executable, __file__, "--_serve", str(guard_dir), str(port), str(ready), device]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("server did not become healthy within 600 s")
-        try:
-            if ready.is_file() and httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url, json.loads(ready.read_text())
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
+    wait_until_healthy(proc, url, log, 600, ready=ready)
+    return proc, url, json.loads(ready.read_text())
 
 
 class MemorySampler:
