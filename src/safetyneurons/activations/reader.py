@@ -166,7 +166,10 @@ class ActivationReader:
     # ---- reading
     def read(self, inputs: Sequence[Any], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Features of every piece, float32 ``[pieces, d]``, and the input each piece belongs to (int64)."""
-        pieces = self.pieces(inputs)
+        return self.read_pieces(self.pieces(inputs), progress)
+
+    def read_pieces(self, pieces: Sequence[Piece], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`read` of pieces already made by :meth:`pieces` (nothing is tokenised again)."""
         with progress_bar(len(pieces), "pooled activations", "piece", progress, smoothing=0.1) as bar:
             feats = assemble(self.batches(pieces, bar), len(pieces), self.plan.d)
         return feats, np.asarray([p.owner for p in pieces], dtype=np.int64)

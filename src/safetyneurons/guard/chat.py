@@ -38,6 +38,7 @@ import torch
 
 from safetyneurons.constants import GUARD_MODES
 from safetyneurons.errors import UserError
+from safetyneurons.activations.reader import max_per_input
 from safetyneurons.checks import normalise_text
 from safetyneurons.model.generate import stop_token_ids
 from safetyneurons.model.hooks import EarlyExit, attached_hooks, cache_argument, kv_cache
@@ -268,7 +269,8 @@ class GuardedChat:
         if len(pieces) == 1 and pieces[0].ids == enc.ids[0].tolist():
             return self._guarded_forward(enc, pieces[0])  # the prefill is the guard's one piece
         t0 = time.perf_counter()
-        p = float(g.unsafe_probability([list(enc.messages)])[0])
+        X, owner = g.reader.read_pieces(pieces)  # the pieces above: the conversation is not tokenised again
+        p = float(max_per_input(g.probability(X), owner, 1)[0])
         guard_ms = (time.perf_counter() - t0) * 1000.0
         if self.mode == "block" and _flags(p, g.threshold):
             return Prefill(enc.n_tokens, p, True, guard_ms)

@@ -259,17 +259,19 @@ class Guard:
             return []
         X, owner = self.reader.read(inputs, progress)
         p_piece = self.probability(X)
-        p = max_per_input(p_piece, owner, len(inputs))
-        flagged = [bool(not np.isfinite(v) or v >= t) for v in p]
+        return [self.result(float(p_piece[b]), X[b], t) for b in _best_piece(p_piece, owner, len(inputs))]
+
+    def result(self, p: float, x: np.ndarray, threshold: float | None = None) -> GuardResult:
+        """An input's verdict from its most unsafe piece: probability ``p`` and that piece's features ``x``
+        (for the category heads). Flagged at or over ``threshold`` (default: the one in use) or when ``p`` is not
+        a finite number."""
+        t = self.threshold if threshold is None else threshold
+        flagged = bool(not np.isfinite(p) or p >= t)
         if self.category_heads is None:
-            return [GuardResult(float(v), f) for v, f in zip(p, flagged)]
-        best = _best_piece(p_piece, owner, len(inputs))  # the categories of the most unsafe piece
-        c = self.category_heads.head_probabilities(X[best])
-        out = []
-        for v, f, row in zip(p, flagged, c):
-            cats, scores = moderation_categories(float(v), f, self.category_heads.names, row)
-            out.append(GuardResult(float(v), f, cats, scores))
-        return out
+            return GuardResult(float(p), flagged)
+        row = self.category_heads.head_probabilities(np.asarray(x)[None, :])[0]
+        cats, scores = moderation_categories(float(p), flagged, self.category_heads.names, row)
+        return GuardResult(float(p), flagged, cats, scores)
 
     # ---- description
     def metadata(self) -> dict:

@@ -107,7 +107,7 @@ class PieceReader:
     @staticmethod
     def supports(guard: Any) -> bool:
         reader = getattr(guard, "reader", None)
-        return callable(getattr(reader, "pieces", None)) and callable(getattr(reader, "batches", None))
+        return callable(getattr(reader, "pieces", None)) and callable(getattr(reader, "read_pieces", None))
 
     def pieces(self, item: Any) -> list:
         """The pieces of one input (tokenisation only; on the worker thread)."""
@@ -117,27 +117,14 @@ class PieceReader:
         """The most unsafe piece of a slice: (probability, its pooled features); a NaN counts as most unsafe."""
         import numpy as np
 
-        from safetyneurons.activations.reader import assemble
-
-        reader = self.guard.reader
-        feats = assemble(reader.batches(list(pieces)), len(pieces), reader.plan.d)
+        feats, _ = self.guard.reader.read_pieces(list(pieces))
         p = self.guard.probability(feats)
         k = int(np.argmax(np.where(np.isnan(p), np.inf, p)))
         return float(p[k]), feats[k]
 
     def result(self, p: float, x: Any):
-        """The input's ``GuardResult`` from its most unsafe piece (as ``Guard.score`` builds it)."""
-        from safetyneurons.guard.guard import GuardResult
-        from safetyneurons.probes.categories import moderation_categories
-
-        g = self.guard
-        flagged = not math.isfinite(p) or p >= g.threshold
-        heads = getattr(g, "category_heads", None)
-        if heads is None:
-            return GuardResult(p, flagged)
-        row = heads.head_probabilities(x[None, :])[0]
-        cats, scores = moderation_categories(p, flagged, heads.names, row)
-        return GuardResult(p, flagged, cats, scores)
+        """The input's ``GuardResult`` from its most unsafe piece, built by :meth:`Guard.result`."""
+        return self.guard.result(p, x)
 
 
 class Scorer:
