@@ -162,3 +162,70 @@ def test_paired_bootstrap_resamples_the_control_draws():
     assert auroc(y, perfect) == 1.0
     one = paired_bootstrap_diff(y, perfect, [perfect * 0.5 + 0.25], n_boot=50, seed=0)
     assert one["ci"] == [0.0, 0.0] and not one["draws_resampled"]
+
+
+# ------------------------------------------------------------------------------- change-matched control
+def change_matrix(num_layers: int, width: int, seed: int = 0) -> np.ndarray:
+    """Distinct change scores: a random permutation per layer, so every rank is a different neuron."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(width).astype(float) + 1.0 for _ in range(num_layers)])
+
+
+def test_change_matched_draws_from_the_band_just_below_the_safety_set_in_each_layer():
+    from safetyneurons.neurons.controls import BAND, change_matched, control_sets, describe_control
+    from safetyneurons.neurons.selection import select
+
+    change = change_matrix(3, 40)
+    change[2] *= 0.1  # layer 2 changed little: the global top picks few or none there
+    safety = select(change, top_n=12, hook_point="mlp_out")
+    counts = safety.per_layer_counts()
+    assert counts.sum() == 12
+    draws = [change_matched(safety, change, d, seed=1) for d in range(25)]
+    for r in draws:
+        assert overlap(r, safety) == 0 and np.array_equal(r.per_layer_counts(), counts)
+        for layer in np.flatnonzero(counts):
+            order = np.argsort(-change[layer], kind="stable")  # every neuron of the layer by change score
+            c = int(counts[layer])
+            band = set(order[c:c + int(np.ceil(BAND * c))].tolist())  # the next BAND x c below the safety set
+            assert set(r.indices[r.layers == layer].tolist()) <= band
+        ratio = r.settings["change_ratio"]
+        assert ratio == pytest.approx(change[r.layers, r.indices].sum() / change[safety.layers, safety.indices].sum())
+        assert 0 < ratio < 1 and r.settings["saturated_layers"] == []
+    assert len({tuple(r.flat_indices()) for r in draws}) > 10  # draws differ ...
+    again = change_matched(safety, change, 3, seed=1)
+    assert np.array_equal(again.flat_indices(), draws[3].flat_indices())  # ... and are seeded
+    # a uniform layer-matched draw changes far less than the band just below the safety set
+    uniform = np.mean([change[r.layers, r.indices].sum() for r in
+                       (random_layer_matched(safety, d, num_layers=3, width=40) for d in range(25))])
+    assert np.mean([change[r.layers, r.indices].sum() for r in draws]) > 1.4 * uniform
+    via = control_sets("change_matched", safety, 4, seed=1, change=change)
+    assert [tuple(v.flat_indices()) for v in via] == [tuple(d.flat_indices()) for d in draws[:4]]
+    info = describe_control("change_matched", via)
+    assert info["draws"] == 4 and info["saturated_layers"] == [] and len(info["change_ratio"]) == 4
+    with pytest.raises(UserError, match="change score"):
+        control_sets("change_matched", safety, 2)
+
+
+def test_change_matched_names_saturated_layers_and_never_spills():
+    from safetyneurons.neurons.controls import change_matched, matched_part, saturated_layers
+
+    ns = full_layer_set()  # layer 1 holds all 8 neurons, layer 2 holds 5 of 8: both saturated
+    assert saturated_layers(ns) == [1, 2]
+    part = matched_part(ns)
+    assert part.per_layer_counts().tolist() == [1, 0, 0, 0]
+    assert part.settings["saturated_layers"] == [1, 2] and part.settings["left_out"] == 13
+    change = change_matrix(4, 8)
+    for d in range(10):
+        r = change_matched(ns, change, d)
+        assert r.per_layer_counts().tolist() == [1, 0, 0, 0]  # no spill into layers 0 or 3
+        assert r.settings["saturated_layers"] == [1, 2] and "saturated" in r.settings["saturation_rule"]
+        assert overlap(r, ns) == 0
+    unsaturated = NeuronSet(hook_point="mlp_out", num_layers=2, width=8, layers=[0, 0], indices=[1, 2],
+                            scores=np.ones(2))
+    assert matched_part(unsaturated) is unsaturated
+    everything = NeuronSet(hook_point="mlp_out", num_layers=2, width=4, layers=[0, 0, 0, 0], indices=[0, 1, 2, 3],
+                           scores=np.ones(4))
+    with pytest.raises(UserError, match="saturated"):
+        matched_part(everything)
+    with pytest.raises(UserError, match="shape"):
+        change_matched(ns, np.ones((3, 8)), 0)

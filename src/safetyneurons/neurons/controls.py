@@ -10,6 +10,13 @@ as the safety set and **never contains a safety neuron** (the overlap is recorde
   counts, so every draw has the same per-layer counts; they and the spill are recorded in the set's
   ``settings``.
 - :func:`random_global`: uniform random neurons over every non-safety neuron at the hook point.
+- :func:`change_matched`: random non-safety neurons with the same count per layer *and* about the same change
+  score: in each layer they are drawn from the band of :data:`BAND` x count neurons ranked just below the
+  safety neurons by change score. It separates "these neurons" from "neurons changed this much". A layer whose
+  non-safety neurons cannot hold its count (:func:`saturated_layers`) cannot be matched: the control leaves it
+  out and never spills, and it is compared with :func:`matched_part`, the safety set without those layers
+  (its settings name the layers). The ratio of its summed change score to the matched part's is recorded
+  (``change_ratio``; matched when at least ``1 - CHANGE_TOLERANCE``).
 - :func:`magnitude_matched`: the non-safety neurons with the largest mean |activation|, with the same
   per-layer counts (and spill) as the layer-matched control. It separates "changed by alignment" from
   "large". The mean |activation| given to it comes from :func:`mean_abs_activation`: the mean over the
@@ -36,12 +43,18 @@ if TYPE_CHECKING:
     from safetyneurons.activations.store import Store
 
 CONTROLS = ("random", "random_global", "magnitude")  # feature-set names of the neuron controls
-DRAWN_CONTROLS = ("random", "random_global")  # controls with seeded random draws
+DRAWN_CONTROLS = ("random", "random_global", "change_matched")  # controls with seeded random draws
+CHANGE_CONTROLS = ("change_matched",)  # controls that need every neuron's change score (control_sets(change=...))
+BAND = 2.0  # change_matched: draw each layer's count from the next BAND x count neurons by change score
+CHANGE_TOLERANCE = 0.25  # change_matched: matched when its summed change score is at least 75% of the set's
+SATURATION_RULE = ("a layer is saturated when its non-safety neurons are fewer than its safety neurons (no "
+                   "disjoint draw of the same count fits in it); the change-matched control leaves saturated "
+                   "layers out (no spill) and is compared with the safety set without them")
 SPILL_RULE = ("full layers from the lowest up; each spills to the nearest layer with room first (by |layer "
               "distance|), ties: the lower layer first")
 MAGNITUDE_SOURCE = ("mean over the training prompts of |pooled activation| (the store's pooling) in the model the "
                     "probes read (the base model by default)")
-_TAGS = {"random": 7919, "random_global": 104729}
+_TAGS = {"random": 7919, "random_global": 104729, "change_matched": 1299709}
 
 
 def _check_dims(neuron_set: NeuronSet, num_layers: int, width: int) -> None:
@@ -125,6 +138,72 @@ def random_global(neuron_set: NeuronSet, draw: int, seed: int = 0, *, num_layers
                         {"control": "random_global", "seed": int(seed), "draw": int(draw)})
 
 
+def saturated_layers(neuron_set: NeuronSet) -> list[int]:
+    """Layers whose non-safety neurons are fewer than the safety set's count there (:data:`SATURATION_RULE`)."""
+    counts = neuron_set.per_layer_counts()
+    return [int(layer) for layer in np.flatnonzero(counts > neuron_set.width - counts)]
+
+
+def matched_part(neuron_set: NeuronSet) -> NeuronSet:
+    """The safety set without its saturated layers: what a change-matched control is compared with.
+
+    Its settings name the saturated layers and how many neurons left with them; the set itself when none is."""
+    full = saturated_layers(neuron_set)
+    if not full:
+        return neuron_set
+    keep = ~np.isin(neuron_set.layers, full)
+    if not keep.any():
+        raise UserError(f"Every layer of the safety set is saturated (layers {full}): no change-matched control "
+                        f"exists. Select fewer safety neurons (a smaller k).")
+    out = NeuronSet(neuron_set.hook_point, neuron_set.num_layers, neuron_set.width, neuron_set.layers[keep],
+                    neuron_set.indices[keep], neuron_set.scores[keep], model=neuron_set.model)
+    out.settings = {**neuron_set.settings, "matched_part_of": sha256_json(neuron_set.to_json()),
+                    "saturated_layers": full, "left_out": int((~keep).sum()), "saturation_rule": SATURATION_RULE}
+    return out
+
+
+def _check_change(neuron_set: NeuronSet, change) -> np.ndarray:
+    change = np.asarray(change, dtype=np.float64)
+    if change.shape != (neuron_set.num_layers, neuron_set.width):
+        raise UserError(f"Change scores have shape {change.shape}, expected [{neuron_set.num_layers}, "
+                        f"{neuron_set.width}] (layers x neurons at {neuron_set.hook_point}). Give the change scores "
+                        f"the safety set was selected from.")
+    if not np.isfinite(change).all():
+        raise UserError("Change scores contain NaN or infinite values; recompute them (safetyneurons contrast).")
+    return change
+
+
+def change_matched(neuron_set: NeuronSet, change: np.ndarray, draw: int, seed: int = 0, *,
+                   band: float = BAND) -> NeuronSet:
+    """Random non-safety neurons with the safety set's per-layer counts, each layer's drawn uniformly from the
+    ``band`` x count non-safety neurons ranked just below it by change score (ties: the lower index first).
+
+    Saturated layers (:func:`saturated_layers`) are left out, never spilled: the control matches
+    :func:`matched_part` of the set, and its settings say so. Scores = change scores."""
+    change = _check_change(neuron_set, change)
+    part = matched_part(neuron_set)
+    rng = np.random.default_rng([int(seed), int(draw), _TAGS["change_matched"]])
+    layers, indices = [], []
+    for layer, count in enumerate(part.per_layer_counts().tolist()):
+        if not count:
+            continue
+        free = _free_in_layer(part, layer)
+        ranked = free[np.argsort(-change[layer, free], kind="stable")]
+        pool = ranked[:max(count, min(len(ranked), int(np.ceil(band * count))))]
+        layers += [layer] * count
+        indices += rng.choice(pool, size=count, replace=False).tolist()
+    layers, indices = np.asarray(layers, dtype=np.int64), np.asarray(indices, dtype=np.int64)
+    target = float(change[part.layers, part.indices].sum())
+    got = float(change[layers, indices].sum())
+    ratio = got / target if target > 0 else float("nan")
+    out = _control_set(part, layers, indices, change[layers, indices],
+                       {"control": "change_matched", "seed": int(seed), "draw": int(draw), "band": float(band),
+                        "change_sum": got, "safety_change_sum": target, "change_ratio": ratio,
+                        "change_matched": bool(np.isfinite(ratio) and ratio >= 1 - CHANGE_TOLERANCE),
+                        "saturated_layers": saturated_layers(neuron_set), "saturation_rule": SATURATION_RULE})
+    return out
+
+
 def magnitude_matched(neuron_set: NeuronSet, mean_abs: np.ndarray) -> NeuronSet:
     """The non-safety neurons with the largest mean |activation| (``mean_abs`` [num_layers, width]), with
     the layer-matched control's per-layer counts. Ties: the lower index first. Scores = mean |activation|."""
@@ -161,15 +240,22 @@ def mean_abs_activation(store: Store) -> np.ndarray:
 
 
 def control_sets(kind: str, neuron_set: NeuronSet, draws: int, seed: int = 0,
-                 mean_abs: np.ndarray | None = None) -> list[NeuronSet]:
-    """The neuron sets of one control: ``draws`` seeded draws, or the single magnitude-matched set."""
+                 mean_abs: np.ndarray | None = None, change: np.ndarray | None = None) -> list[NeuronSet]:
+    """The neuron sets of one control: ``draws`` seeded draws, or the single magnitude-matched set.
+
+    ``change_matched`` needs ``change`` (every neuron's change score, [num_layers, width]); its draws match
+    :func:`matched_part` of the set (saturated layers left out, named in each draw's settings)."""
+    if kind == "change_matched":
+        if change is None:
+            raise UserError("The change-matched control needs every neuron's change score (the contrast output).")
+        return [change_matched(neuron_set, change, d, seed) for d in range(int(draws))]
     if kind == "magnitude":
         if mean_abs is None:
             raise UserError("The magnitude control needs the mean |activation| of every neuron.")
         return [magnitude_matched(neuron_set, mean_abs)]
     make = {"random": random_layer_matched, "random_global": random_global}.get(kind)
     if make is None:
-        raise UserError(f"Unknown control {kind!r}. Choose from: {', '.join(CONTROLS)}.")
+        raise UserError(f"Unknown control {kind!r}. Choose from: {', '.join(CONTROLS + CHANGE_CONTROLS)}.")
     return [make(neuron_set, d, seed, num_layers=neuron_set.num_layers, width=neuron_set.width)
             for d in range(int(draws))]
 
@@ -186,6 +272,9 @@ def describe_control(kind: str, sets: Sequence[NeuronSet]) -> dict:
         out["spill"], out["spill_rule"] = first["spill"], first["spill_rule"]
     if kind == "magnitude":
         out["magnitude"] = first["magnitude"]
+    if kind == "change_matched":
+        out["saturated_layers"], out["saturation_rule"] = first["saturated_layers"], first["saturation_rule"]
+        out["change_ratio"] = [float(s.settings["change_ratio"]) for s in sets]
     return out
 
 
