@@ -39,6 +39,7 @@ from safetyneurons.model.pair import DEFAULT_BASE, check_configs, check_symmetry
 from safetyneurons.data.compose import augment_training
 from safetyneurons.data.records import stratified_sample
 from safetyneurons.probes.report import controls_section, results_table, write_report
+from safetyneurons.results.machine import provenance
 from safetyneurons.activations.store import extract
 from safetyneurons.twin.build import ensure_default_twin
 from safetyneurons.probes.variants import (compare_variants, probe_variants, select_variant, selection_variants,
@@ -343,12 +344,19 @@ def _write_probe_report(result, summary: dict, out: Path) -> None:
                            "heldout": report.get("heldout", {}).get("safety_vs_controls", {})}
 
 
+def _record_machine(summary: dict) -> None:
+    """Where the run ran, for the tables generated from it (`safetyneurons report`): ``code_version`` (git commit,
+    ``+dirty``) and ``machine`` (CPU model, torch threads, CUDA card or None)."""
+    summary.update(provenance())
+
+
 def _run(s: RunSettings, out: Path, progress: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / SETTINGS_FILE, s.identity())
     steps = _Steps(STEP_NAMES + (["patch"] if s.patch else []), progress)
     summary: dict = {"format": "safetyneurons.run/1", "settings": json_safe(dict(asdict(s), out=str(out))),
                      "versions": versions()}
+    _record_machine(summary)
     try:
         with steps.step("data"):
             splits, split_records = _read_splits(s)

@@ -44,6 +44,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "GET /v1/models."),
     "patch": ("safetyneurons.cli.patch", "patch",
               "Do the safety neurons cause the aligned model's behaviour? Dynamic activation patching."),
+    "report": ("safetyneurons.cli.report", "report",
+               "Regenerate docs/results.md and the README's headline tables from run directories and benchmark "
+               "JSON."),
     "run": ("safetyneurons.cli.run", "run",
             "Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with "
             "controls (random layer-matched and global neurons, largest-magnitude neurons, PCA, all features, "
