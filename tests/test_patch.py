@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from safetyneurons.causal import causal
-from safetyneurons.causal.causal import PatchSettings, causal_effect, rank_p_value, run_patch, t_test_p
+from safetyneurons.causal.causal import PatchSettings, run_patch
+from safetyneurons.causal.experiment import causal_effect, rank_p_value
 from safetyneurons.causal import report as causal_report
 from safetyneurons.causal.report import write_outputs
 from safetyneurons.cli import main
@@ -20,7 +21,8 @@ from safetyneurons.model.hooks import capture, decoder_layers
 from safetyneurons.neurons.selection import NeuronSet
 from safetyneurons.model.pair import from_objects
 from safetyneurons.causal import patch as patch_mod
-from safetyneurons.causal.patch import Patch, generate_patched, mean_activation, perplexity_patched, shared_prefix
+from safetyneurons.causal.measures import fast_dtype, mean_activation
+from safetyneurons.causal.patch import Patch, generate_patched, perplexity_patched, shared_prefix
 from safetyneurons.causal.sets import check_k, random_controls, top_k_set
 from tiny import save_tiny, tiny_lm
 
@@ -275,8 +277,6 @@ def test_statistics():
     assert rank_p_value(0.0, [0.0] * 20) == pytest.approx(1.0)
     assert rank_p_value(0.5, [0.1, 0.6, None]) == pytest.approx(2 / 3)
     assert rank_p_value(None, [0.1]) is None
-    assert t_test_p(1.0, [0.0, 0.1, -0.1, 0.05]) < 0.001
-    assert t_test_p(0.0, [0.0, 0.0]) is None
 
 
 def test_k_and_top_k_sets():
@@ -298,7 +298,7 @@ def judge_by(texts: set[str]):
 
 def test_run_patch_measures_the_planted_effect(monkeypatch, tmp_path):
     base, aligned = planted_pair()
-    settings = PatchSettings(k=(2.6,), random_sets=4, per_class=4, max_new_tokens=6, batch_size=3)
+    settings = PatchSettings(k=(2.6,), random_sets=4, harmful=4, benign=4, max_new_tokens=6, batch_size=3)
     aligned_texts = {causal.decode_reply(aligned, ids) for ids in plain(aligned, HARMFUL, 6)}
     monkeypatch.setattr(causal.judge, "judge", judge_by(aligned_texts))
     result = run_patch(base, aligned, planted_set(), HARMFUL, BENIGN, settings=settings, progress=False)
@@ -306,21 +306,25 @@ def test_run_patch_measures_the_planted_effect(monkeypatch, tmp_path):
     assert result["unpatched"]["base"]["refusal_rate"] < 1.0
     (suff,) = [r for r in result["results"] if r["direction"] == "sufficiency"]
     (nec,) = [r for r in result["results"] if r["direction"] == "necessity"]
-    assert suff["n_neurons"] == 5 and len(suff["random"]["sets"]) == 4  # 2.6% of 192 neurons: the planted five
+    assert suff["n_neurons"] == 5 and suff["controls"]["layer_matched"]["n_sets"] == 4  # 2.6% of 192: the five
+    assert suff["saturated_layers"] == [] and suff["safety_matched"] is None
     assert suff["safety"]["effect_refusal_rate"] == pytest.approx(1.0)
     assert nec["safety"]["effect_refusal_rate"] == pytest.approx(1.0)
-    assert suff["random"]["effect_refusal_rate"]["max"] < 1.0
-    assert suff["random"]["effect_refusal_rate"]["rank_p_value"] == pytest.approx(1 / 5)
-    assert result["neurons"]["per_k"]["2.6"]["random_overlap_with_safety"] == [0, 0, 0, 0]
+    assert max(d["effect_refusal_rate"] for d in suff["draws"].values()) < 1.0
+    assert suff["controls"]["layer_matched"]["rank_p_value_effect_refusal"] == pytest.approx(1 / 5)
+    assert "change_matched" not in suff["tests"]  # a neuron set has no change scores to match on
+    test = suff["tests"]["layer_matched"]["refusal"]
+    assert test["n_prompts"] == 4 and test["n_sets"] == 4 and test["estimate"] > 0
     files = write_outputs(result, tmp_path / "out")
     data = json.loads(files["patch.json"].read_text())
     assert data["results"][0]["safety"]["effect_refusal_rate"] == pytest.approx(1.0)
     assert data["settings"]["random_sets"] == 4 and data["versions"]["torch"]
     assert files["patch.png"].read_bytes()[:4] == b"\x89PNG"
     md = files["patch.md"].read_text()
-    assert "heuristic" in md and "safety neurons" in md and "rank p" in md
+    assert "heuristic" in md and "safety neurons" in md and "refusal score" in md and "95% CI" in md
     rows = [json.loads(line) for line in files["generations.jsonl"].read_text().splitlines()]
     assert len(rows) == 2 * 8 + 2 * 8 * (1 + 4 + 2)  # 2 unpatched models + 2 directions x 7 sets, 8 prompts each
+    assert all(np.isfinite(r["refusal_score"]) and isinstance(r["degenerate"], bool) for r in rows)
 
 
 def test_run_step_writes_the_patch_outputs(tmp_path):
@@ -329,7 +333,8 @@ def test_run_step_writes_the_patch_outputs(tmp_path):
     assert RunSettings().patch is False  # opt-in: `safetyneurons run --patch`
     base, aligned = planted_pair()
     records = [{"id": str(i), "prompt": p, "label": int(p in HARMFUL)} for i, p in enumerate(PROMPTS)]
-    settings = PatchSettings(k=(2.6,), random_sets=2, per_class=2, max_new_tokens=3, directions=("sufficiency",))
+    settings = PatchSettings(k=(2.6,), random_sets=2, harmful=2, benign=2, max_new_tokens=3,
+                             directions=("sufficiency",))
     info = causal.patch_step(base, aligned, planted_set(), records, tmp_path / "patch", settings=settings,
                              progress=False)
     assert len(info["summary"]) == 1 and "sufficiency k=2.6%" in info["summary"][0]
@@ -370,7 +375,8 @@ def saved_pair(tmp_path_factory):
 def cli(saved_pair, out, *extra):
     return ["patch", "--base", saved_pair["base"], "--aligned", saved_pair["aligned"], "--scores",
             saved_pair["scores"], "--data", saved_pair["data"], "--per-class", "3", "--random-sets", "2",
-            "--max-new-tokens", "3", "--no-progress", "--out", str(out), *extra]
+            "--change-sets", "2", "--direction-data", saved_pair["data"], "--max-new-tokens", "3", "--no-progress",
+            "--out", str(out), *extra]
 
 
 def test_cli_writes_every_output(saved_pair, tmp_path, capsys):
@@ -383,7 +389,7 @@ def test_cli_writes_every_output(saved_pair, tmp_path, capsys):
     assert [r["k"] for r in data["results"]] == [1.0, 2.0, 1.0, 2.0]
     assert data["data"]["harmful"] == 3 and data["data"]["prompts"]["records_sha256"]
     # --dtype auto: bfloat16 where the CPU computes it natively, recorded with the results
-    assert data["settings"]["dtype"] == patch_mod.fast_dtype("cpu") in ("bfloat16", "float32")
+    assert data["settings"]["dtype"] == fast_dtype("cpu") in ("bfloat16", "float32")
     assert data["pair"]["base"]["ref"] == saved_pair["base"]
 
 

@@ -1,23 +1,23 @@
-"""Causal validation of the safety neurons: dynamic activation patching against random controls.
+"""Causal validation of the safety neurons: dynamic activation patching against matched controls.
 
 :func:`run_patch` asks, for each k (top k% of neurons by change score) and direction (see
 :data:`safetyneurons.causal.patch.DIRECTIONS`), how far patching the safety neurons moves the receiving model
-towards the donor's behaviour, compared with layer-matched random neuron sets of the same size (never
-overlapping the safety set), mean patching and zero ablation. Measures per patched set:
+towards the donor's behaviour, compared with
 
-- refusal rate on harmful prompts and answer rate on benign prompts (the phrase judge of
-  :mod:`safetyneurons.model.judge`, a heuristic);
-- causal effect = (patched - receiver) / (donor - receiver) of each rate (sufficiency:
-  (patched - base) / (aligned - base)); undefined (n/a) when the two models' rates differ by less than
-  :data:`MIN_GAP` (5 points), where the ratio would only amplify noise;
-- the empirical rank p-value of the safety set among the random sets, (1 + #{random >= safety}) / (1 + n),
-  and a one-sample t-test of the random effects against the safety effect (the paper's test);
-- perplexity of the patched receiver on benign reference text, relative to the base model (an
-  alignment-tax proxy).
+- layer-matched random sets and change-matched random sets (:mod:`safetyneurons.neurons.controls`; never a
+  safety neuron). A layer the safety set saturates (:func:`~safetyneurons.neurons.controls.saturated_layers`)
+  cannot be matched: both controls are drawn for, and tested against, the safety set without those layers
+  (``safety_matched``), and the result names the layers;
+- the refusal direction (:mod:`safetyneurons.causal.direction`): ablated in the aligned model (necessity),
+  added to the base (sufficiency);
+- mean patching and zero ablation of the safety set.
 
-Outputs (:func:`write_outputs`): ``patch.json`` (every number, settings, versions, hashes), ``patch.png``
-(causal effect vs k: the safety set as a line, the random sets as a band), ``patch.md`` and
-``generations.jsonl`` (every reply with its verdict).
+Measures (:mod:`safetyneurons.causal.experiment`): the phrase judge's refusal and answer rates, the refusal score
+of Arditi et al. 2024 and the degenerate-text flag (:mod:`safetyneurons.causal.measures`), the causal effect of each
+rate, the perplexity of the patched receiver on benign reference text, and the paired bootstrap over prompts and
+control draws of (safety effect - control effect) (:mod:`safetyneurons.causal.stats`).
+
+Outputs (:func:`write_outputs`): ``patch.json``, ``patch.png``, ``patch.md`` and ``generations.jsonl``.
 """
 
 from __future__ import annotations
@@ -27,54 +27,61 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-import numpy as np
-
 from safetyneurons.data import splits as data
 
 from safetyneurons.model import judge
 from safetyneurons._io import sha256_json, versions
 from safetyneurons.neurons.contrast import ChangeScores, check_padding_side
-from safetyneurons.neurons.controls import overlap
-from safetyneurons.neurons.controls import rank_p_value as controls_p
+from safetyneurons.neurons.controls import matched_part, overlap, random_layer_matched, saturated_layers
+from safetyneurons.neurons.controls import control_sets
 from safetyneurons.errors import UserError
 from safetyneurons.neurons.selection import NeuronSet
 from safetyneurons.model.pair import LoadedModel, check_symmetry
 from safetyneurons.model.generate import stop_token_ids
 from safetyneurons.twin import sample_eval
 from safetyneurons.checks import check_batch_size, check_positive_int
+from safetyneurons.causal.direction import refusal_direction
+from safetyneurons.causal.experiment import CONTROL_NAMES, TESTED, effects_of, outcomes, set_metrics, summarise
+from safetyneurons.causal.measures import (DEGENERATE_NOTE, REFUSAL_SCORE_NOTE, mean_activation, opening_ids,
+                                           refusal_score, reply_perplexities)
 from safetyneurons.causal.report import JUDGE_NOTE, MEASURES, MIN_GAP, summary_lines, write_outputs
-from safetyneurons.causal.patch import (DEFAULT_K, DIRECTIONS, Patch, decode_reply, generate_patched,
-                                        mean_activation, perplexity_patched)
-from safetyneurons.causal.sets import check_k, check_neuron_set, random_controls, top_k_set
+from safetyneurons.causal.patch import DEFAULT_K, DIRECTIONS, Patch, decode_reply, generate_patched, perplexity_patched
+from safetyneurons.causal.sets import check_k, check_neuron_set, top_k_set
+from safetyneurons.causal.stats import N_BOOT
 
 if TYPE_CHECKING:
     import torch
 
 
-
 @dataclass
 class PatchSettings:
-    """Settings of :func:`run_patch` (defaults: the README's default slice)."""
+    """Settings of :func:`run_patch` (defaults: the default slice)."""
 
     k: Sequence[float] = DEFAULT_K  # percent of all neurons, by change score
-    random_sets: int = 20  # layer-matched random control sets per k
+    random_sets: int = 10  # layer-matched random control sets per k
+    change_sets: int = 10  # change-matched random control sets per k (needs change scores)
     directions: Sequence[str] = ("sufficiency", "necessity")
     baselines: bool = True  # mean patching and zero ablation of the safety set
-    per_class: int = 100  # held-out harmful and benign prompts
+    refusal_direction: bool = True  # the refusal-direction baseline (needs contrast prompts)
+    harmful: int = 200  # held-out harmful prompts (all when the data has fewer)
+    benign: int = 100  # held-out benign prompts
     max_new_tokens: int = 32
     batch_size: int = 8  # prompts per batch (each carries one row per patched set)
     padding_side: str = "left"
     max_length: int = 256
-    reference_texts: int = 50  # benign reference texts for the perplexity (about 3,000 tokens on the default)
+    reference_texts: int = 50  # benign reference texts for the perplexity
     stop_at_refusal: bool = True  # a reply stops once the judge has found a refusal phrase (verdict settled)
+    n_boot: int = N_BOOT
     seed: int = 0
 
     def validate(self) -> "PatchSettings":
         self.k = check_k(self.k)
         self.batch_size = check_batch_size(self.batch_size)
         self.max_length = check_positive_int(self.max_length, "max length (tokens)")
-        for name in ("random_sets", "per_class", "max_new_tokens", "reference_texts"):
+        for name in ("random_sets", "harmful", "benign", "max_new_tokens", "reference_texts", "n_boot"):
             setattr(self, name, check_positive_int(getattr(self, name), name.replace("_", " ")))
+        if int(self.change_sets) < 0:
+            raise UserError(f"change sets must be 0 or more, got {self.change_sets}.")
         if isinstance(self.directions, str):
             self.directions = [d.strip() for d in self.directions.split(",") if d.strip()]
         bad = [d for d in self.directions if d not in DIRECTIONS]
@@ -85,65 +92,13 @@ class PatchSettings:
         return self
 
 
-# ------------------------------------------------------------------------------------- statistics
-def rates(lm: LoadedModel, replies: Sequence[Sequence[int]], labels: Sequence[int]) -> tuple[dict, list[dict]]:
-    """Refusal rate (harmful) and answer rate (benign) of generated replies, and each reply's verdict."""
-    stops = stop_token_ids(lm)
-    rows = []
-    for ids, label in zip(replies, labels):
-        text = decode_reply(lm, ids, stops)
-        rows.append({"label": int(label), "reply": text, "verdict": judge.judge(text)})
-    harmful = [r for r in rows if r["label"] == 1]
-    benign = [r for r in rows if r["label"] == 0]
-    out = {"refusal_rate": sum(r["verdict"] == "refusal" for r in harmful) / max(len(harmful), 1),
-           "answer_rate": sum(r["verdict"] == "answer" for r in benign) / max(len(benign), 1),
-           "n_harmful": len(harmful), "n_benign": len(benign)}
-    return out, rows
-
-
 def refusal_settled(lm: LoadedModel) -> Callable[[Sequence[int]], bool]:
     """``settled(ids)`` for :func:`generate_patched`: True once the reply so far holds a refusal phrase within the
     judge's window. The judge would then call the whole reply a refusal however it goes on (a phrase inside the
-    first ``judge.WINDOW`` characters of a prefix stays there), so generating the rest cannot change a rate."""
+    first ``judge.WINDOW`` characters of a prefix stays there), so generating the rest cannot change a rate
+    (the refusal score reads the first position only; the degenerate flag reads the stored reply)."""
     stops = stop_token_ids(lm)
     return lambda ids: judge.matched_phrase(decode_reply(lm, ids, stops)) is not None
-
-
-
-
-def causal_effect(patched: float, receiver: float, donor: float, min_gap: float = MIN_GAP) -> float | None:
-    """(patched - receiver) / (donor - receiver); None when the two models' rates differ by less than ``min_gap``
-    (5 points by default: dividing by a gap of a few prompts turns noise into effects of 5 or 15)."""
-    gap = donor - receiver
-    return None if abs(gap) < max(min_gap, 1e-12) else (patched - receiver) / gap
-
-
-def rank_p_value(safety: float | None, draws: Sequence[float | None]) -> float | None:
-    """Empirical rank p-value of the safety set among the random draws (``controls.rank_p_value``); None when
-    undefined (no effect measured)."""
-
-    if safety is None:
-        return None
-    p = controls_p(float(safety), [np.nan if v is None else v for v in draws])
-    return float(p) if np.isfinite(p) else None
-
-
-def t_test_p(safety: float | None, draws: Sequence[float | None]) -> float | None:
-    """Two-sided one-sample t-test: is the random sets' mean effect equal to the safety set's?"""
-    d = np.array([v for v in draws if v is not None], dtype=np.float64)
-    if safety is None or len(d) < 2 or float(d.std()) == 0.0:
-        return None
-    from scipy.stats import ttest_1samp
-
-    return float(ttest_1samp(d, float(safety)).pvalue)
-
-
-def _summary(values: Sequence[float | None]) -> dict:
-    v = np.array([x for x in values if x is not None], dtype=np.float64)
-    if len(v) == 0:
-        return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
-    return {"n": int(len(v)), "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "min": float(v.min()), "max": float(v.max())}
 
 
 # ------------------------------------------------------------------------------------- experiment
@@ -172,16 +127,23 @@ def _check_neurons(neurons: ChangeScores | NeuronSet, base: LoadedModel, hook_po
     return hp
 
 
-def _neuron_sets(neurons: ChangeScores | NeuronSet, s: PatchSettings) -> dict[float, dict]:
-    """Per k: the safety set (top k% by change score) and its layer-matched random controls."""
+def neuron_sets(neurons: ChangeScores | NeuronSet, s: PatchSettings) -> dict[float, dict]:
+    """Per k: the safety set (top k% by change score), its part outside saturated layers (``matched``) and the
+    layer-matched and change-matched controls of that part (change-matched only from change scores)."""
     sets = {}
     for k in s.k:
         safety = top_k_set(neurons, k)
-        randoms = random_controls(safety, s.random_sets, seed=s.seed)
-        overlaps = [overlap(safety, r) for r in randoms]
+        matched = matched_part(safety)
+        layer = [random_layer_matched(matched, d, s.seed, num_layers=matched.num_layers, width=matched.width)
+                 for d in range(s.random_sets)]
+        change = []
+        if isinstance(neurons, ChangeScores) and s.change_sets:
+            change = control_sets("change_matched", safety, s.change_sets, s.seed, change=neurons.scores)
+        overlaps = [overlap(safety, r) for r in layer + change]
         if any(overlaps):
-            raise RuntimeError(f"a random control overlaps the safety set at k={k}")  # never: controls exclude it
-        sets[k] = {"safety": safety, "randoms": randoms, "overlaps": overlaps}
+            raise RuntimeError(f"a control overlaps the safety set at k={k}")  # never: controls exclude it
+        sets[k] = {"safety": safety, "matched": matched, "saturated_layers": saturated_layers(safety),
+                   "layer_matched": layer, "change_matched": change}
     return sets
 
 
@@ -198,6 +160,7 @@ class _Experiment:
     s: PatchSettings
     sets: dict[float, dict]
     mean: torch.Tensor | None  # the base model's mean activation (mean patching), None without baselines
+    direction: dict | None  # the refusal direction (causal.direction), None without that baseline
     progress: bool
 
     @property
@@ -210,98 +173,144 @@ class _Experiment:
             return self.base, self.aligned, "base", "aligned"
         return self.aligned, self.base, "aligned", "base"
 
+    def direction_patch(self, direction: str) -> list[Patch]:
+        """The refusal-direction patch of a direction: ablation in the aligned model, addition in the base."""
+        if self.direction is None:
+            return []
+        v, layer = self.direction["vector"], self.direction["layer"]
+        if direction == "necessity":
+            return [Patch("direction", "ablate", vector=v, layers=tuple(range(self.direction["num_layers"])))]
+        return [Patch("direction", "add", vector=v, layers=(layer,))]
+
+
+def _patches(group: dict, baselines: bool) -> list[Patch]:
+    """The patched sets of one k: the safety set (and its matched part when layers are saturated), the controls
+    and (optionally) mean and zero patching."""
+    patches = [Patch("safety", "donor", group["safety"])]
+    if group["matched"] is not group["safety"]:
+        patches.append(Patch("safety_matched", "donor", group["matched"]))
+    patches += [Patch(f"layer{i}", "donor", r) for i, r in enumerate(group["layer_matched"])]
+    patches += [Patch(f"change{i}", "donor", r) for i, r in enumerate(group["change_matched"])]
+    if baselines:
+        patches += [Patch("mean", "mean", group["safety"]), Patch("zero", "zero", group["safety"])]
+    return patches
+
 
 def _generate_all(x: _Experiment, timings: dict) -> tuple[dict, dict]:
-    """Greedy replies of every patched set, per direction and k, and of each model unpatched.
-
-    Each direction's batches also carry an unpatched row ("none"): the receiver's own greedy generation,
-    computed next to the patched rows at little extra cost; a model that receives in no direction generates on
-    its own. Returns ({(direction, k): {set name: replies}}, {model name: replies}).
-    """
+    """Greedy replies and first-position refusal scores of every patched set per direction, and of each model
+    unpatched: ({direction: {(k, name): (replies, scores)}}, {model: (replies, scores)}). The receiver's own
+    generation rides as a "none" row in its first batch; the direction patch (k-independent) runs once."""
     s = x.s
-    opts = dict(hook_point=x.hook_point, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                padding_side=s.padding_side, max_length=s.max_length, progress=x.progress)
+    opts = dict(max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, padding_side=s.padding_side,
+                max_length=s.max_length, progress=x.progress)
     settled = {who: refusal_settled(lm) if s.stop_at_refusal else None for who, lm in x.models.items()}
-    patched: dict[tuple[str, float], dict[str, list[list[int]]]] = {}
-    own: dict[str, list[list[int]]] = {}
+    ids = {who: opening_ids(lm) for who, lm in x.models.items()}
+    first = {who: (lambda logits, r=ids[who]: refusal_score(logits, *r)) for who in x.models}
+    patched: dict[str, dict] = {}
+    own: dict[str, tuple] = {}
+
+    def run(receiver, donor, name, patches, hook_point, desc):
+        scores: dict[str, list[float]] = {}
+        out = generate_patched(receiver, donor, x.prompts, patches, hook_point=hook_point, mean=x.mean, desc=desc,
+                               settled=settled[name], first_step=first[name], first_out=scores, **opts)
+        return {n: (out[n], scores[n]) for n in out}
+
     for direction in s.directions:
         receiver, donor, ref_name, _ = x.roles(direction)
         t1 = time.perf_counter()
+        patched[direction] = {}
         for k, group in x.sets.items():
             patches = _patches(group, s.baselines)
             if ref_name not in own:
                 patches = [Patch("none", "none"), *patches]
-            ids = generate_patched(receiver, donor, x.prompts, patches, mean=x.mean, settled=settled[ref_name],
-                                   desc=f"patch {direction} k={k:g}%", **opts)
-            own.setdefault(ref_name, ids.pop("none", None))
-            patched[direction, k] = ids
+            got = run(receiver, donor, ref_name, patches, x.hook_point, f"patch {direction} k={k:g}%")
+            if "none" in got:
+                own[ref_name] = got.pop("none")
+            patched[direction].update({(k, n): v for n, v in got.items()})
+        for p in x.direction_patch(direction):
+            got = run(receiver, None, ref_name, [p], "resid", f"direction {direction}")
+            patched[direction][None, p.name] = got[p.name]
         timings[f"{direction}_s"] = round(time.perf_counter() - t1, 2)
     for who, lm in x.models.items():
         if who not in own:
-            own[who] = generate_patched(lm, None, x.prompts, [Patch("none", "none")], desc=f"generate {who}",
-                                        settled=settled[who], **opts)["none"]
+            own[who] = run(lm, None, who, [Patch("none", "none")], x.hook_point, f"generate {who}")["none"]
     return patched, own
 
 
 def _perplexities(x: _Experiment) -> tuple[dict, dict]:
-    """Perplexity of every patched receiver on the reference texts, and of each model unpatched (each
-    direction's passes carry the receiver's unpatched row, as the generations do)."""
+    """Perplexity of every patched receiver on the reference texts, and of each model unpatched."""
     s = x.s
-    ppl_opts = dict(hook_point=x.hook_point, batch_size=s.batch_size, max_length=s.max_length)
-    ppls: dict[tuple[str, float], dict[str, float]] = {}
+    opts = dict(batch_size=s.batch_size, max_length=s.max_length)
+    ppls: dict[str, dict] = {}
     own_ppl: dict[str, float] = {}
     for direction in s.directions:
         receiver, donor, ref_name, _ = x.roles(direction)
+        ppls[direction] = {}
         for k, group in x.sets.items():
             patches = _patches(group, s.baselines)
             if ref_name not in own_ppl:
                 patches = [Patch("none", "none"), *patches]
-            ppl = perplexity_patched(receiver, donor, x.texts, patches, mean=x.mean, **ppl_opts)
+            ppl = perplexity_patched(receiver, donor, x.texts, patches, hook_point=x.hook_point, mean=x.mean, **opts)
             if "none" in ppl:
                 own_ppl[ref_name] = ppl.pop("none")
-            ppls[direction, k] = ppl
+            ppls[direction].update({(k, n): v for n, v in ppl.items()})
+        for p in x.direction_patch(direction):
+            ppls[direction][None, p.name] = perplexity_patched(receiver, None, x.texts, [p], hook_point="resid",
+                                                               **opts)[p.name]
     for who, lm in x.models.items():
         if who not in own_ppl:
-            own_ppl[who] = perplexity_patched(lm, None, x.texts, [Patch("none", "none")], **ppl_opts)["none"]
+            own_ppl[who] = perplexity_patched(lm, None, x.texts, [Patch("none", "none")], hook_point=x.hook_point,
+                                              **opts)["none"]
     return ppls, own_ppl
 
 
-def _unpatched(x: _Experiment, own: dict, own_ppl: dict) -> tuple[dict, list[dict]]:
-    """Rates and perplexity of each model unpatched, and its replies with their verdicts."""
-    generations: list[dict] = []
-    plain = {}
+def _outcomes(x: _Experiment, lm: LoadedModel, generated: dict) -> dict:
+    """Per-prompt outcomes of every entry of ``generated`` ({key: (replies, scores)}) for receiver ``lm``."""
+    stops = stop_token_ids(lm)
+    replies = {key: [list(r[:next((i for i, t in enumerate(r) if t in stops), len(r))]) for r in rows]
+               for key, (rows, _) in generated.items()}
+    ppl = reply_perplexities(lm, x.prompts, {str(i): replies[key] for i, key in enumerate(replies)},
+                             batch_size=x.s.batch_size, max_length=x.s.max_length)
+    return {key: outcomes([decode_reply(lm, r, stops) for r in rows], scores, ppl[str(i)], replies[key], x.labels)
+            for i, (key, (rows, scores)) in enumerate(generated.items())}
+
+
+def _generation_rows(direction, k, name, o: dict) -> list[dict]:
+    keys = ("label", "reply", "verdict", "refusal_score", "reply_perplexity", "degenerate")
+    return [{"direction": direction, "k": k, "set": name, "index": i, **{key: o[key][i] for key in keys}}
+            for i in range(len(o["label"]))]
+
+
+def _measure(x: _Experiment, patched: dict, own: dict, ppls: dict, own_ppl: dict) -> tuple[dict, list[dict], list]:
+    """Unpatched metrics, one result per direction and k (:func:`summarise`), and every reply's row."""
+    plain, own_out, generations = {}, {}, []
     for who, lm in x.models.items():
-        plain[who], rows = rates(lm, own[who], x.labels)
-        plain[who]["perplexity"] = own_ppl[who]
-        generations += [{"direction": None, "k": None, "set": who, "index": i, **r} for i, r in enumerate(rows)]
+        own_out[who] = _outcomes(x, lm, {"none": own[who]})["none"]
+        plain[who] = {**set_metrics(own_out[who]), "perplexity": own_ppl[who]}
+        generations += _generation_rows(None, None, who, own_out[who])
     base_ppl = plain["base"]["perplexity"]
     for who in x.models:
         plain[who]["perplexity_ratio_to_base"] = plain[who]["perplexity"] / base_ppl
-    return plain, generations
-
-
-def _effects(x: _Experiment, patched: dict, ppls: dict, plain: dict) -> tuple[list[dict], list[dict]]:
-    """Per direction and k: each patched set's rates, causal effects and perplexity, summarised against the
-    random sets (:func:`_summarise`); and every patched reply with its verdict."""
-    s, base_ppl = x.s, plain["base"]["perplexity"]
-    results, generations = [], []
-    for direction in s.directions:
+    results = []
+    for direction in x.s.directions:
         receiver, _, ref_name, donor_name = x.roles(direction)
-        ref, don = plain[ref_name], plain[donor_name]
+        outs = _outcomes(x, receiver, patched[direction])
         for k, group in x.sets.items():
-            ppl = ppls[direction, k]
-            per_set = {}
-            for patch in _patches(group, s.baselines):
-                m, rows = rates(receiver, patched[direction, k][patch.name], x.labels)
-                for measure in MEASURES:
-                    m[f"effect_{measure}"] = causal_effect(m[measure], ref[measure], don[measure])
-                m["perplexity"] = ppl[patch.name]
-                m["perplexity_ratio_to_base"] = ppl[patch.name] / base_ppl
-                per_set[patch.name] = m
-                generations += [{"direction": direction, "k": k, "set": patch.name, "index": i, **r}
-                                for i, r in enumerate(rows)]
-            results.append(_summarise(direction, k, group, per_set, s))
-    return results, generations
+            keys = [key for key in outs if key[0] in (k, None)]
+            per_set, by_name = {}, {}
+            for key in keys:
+                m = effects_of(set_metrics(outs[key]), plain[ref_name], plain[donor_name])
+                m["perplexity"] = ppls[direction][key]
+                m["perplexity_ratio_to_base"] = m["perplexity"] / base_ppl
+                per_set[key[1]], by_name[key[1]] = m, outs[key]
+                generations += _generation_rows(direction, key[0], key[1], outs[key])
+            results.append(summarise(direction, k, group, per_set, by_name, own_out[ref_name], x.s.seed,
+                                     x.s.n_boot))
+    return plain, results, generations
+
+
+def _direction_info(d: dict | None) -> dict | None:
+    return None if d is None else {key: v for key, v in d.items() if key != "vector"}
 
 
 def _result(x: _Experiment, neurons: ChangeScores | NeuronSet, plain: dict, results: list[dict],
@@ -309,31 +318,37 @@ def _result(x: _Experiment, neurons: ChangeScores | NeuronSet, plain: dict, resu
     """The JSON-ready record of the experiment: method, settings, pair, data, neuron sets, every number."""
     s, sets, first = x.s, x.sets, x.sets[x.s.k[0]]["safety"]
     return {
-        "format": "safetyneurons.patch/1",
+        "format": "safetyneurons.patch/2",
         "method": "dynamic activation patching (Chen et al. 2025, arXiv 2406.14144), lockstep greedy decoding "
                   "with KV caches; the receiving model picks every token",
         "directions": {d: DIRECTIONS[d] for d in s.directions},
-        "measures": MEASURES,
+        "measures": {**MEASURES, "refusal_score": REFUSAL_SCORE_NOTE, "degenerate_rate": DEGENERATE_NOTE},
         "causal_effect": "(patched - receiver) / (donor - receiver); sufficiency: (patched - base) / "
-                         "(aligned - base); "
-                         f"n/a when the two models' rates differ by less than {MIN_GAP:g}",
-        "rank_p_value": "(1 + #{random sets with effect >= safety}) / (1 + n random sets)",
+                         f"(aligned - base); n/a when the two models' rates differ by less than {MIN_GAP:g}",
+        "tests": {"controls": CONTROL_NAMES, "measures": TESTED,
+                  "statistic": "paired bootstrap over prompts and control draws of mean(safety effect - control "
+                               "effect), effects towards the donor (sufficiency: more refusal; necessity: less); "
+                               "95% percentile interval and two-sided bootstrap p; declared when the interval "
+                               "lies above 0; layer- and change-matched controls are tested against the safety "
+                               "set without saturated layers",
+                  "rank_p_value": "descriptive only: (1 + #{draws with effect >= safety}) / (1 + n draws)"},
         "perplexity": "of the patched receiver on benign reference text (plain text, no chat template), "
                       "relative to the unpatched base model: an alignment-tax proxy",
         "judge": JUDGE_NOTE,
         "hook_point": x.hook_point,
         "settings": {**asdict(s), "k": list(s.k), "directions": list(s.directions),
                      "dtype": str(next(x.base.model.parameters()).dtype).removeprefix("torch."),
-                     "device": str(x.base.device), "shared_prefix": "computed once per patched set"},
+                     "device": str(x.base.device)},
         "pair": {"base": x.base.describe(), "aligned": x.aligned.describe()},
         "data": {"harmful": sum(x.labels), "benign": len(x.labels) - sum(x.labels),
                  "prompts_sha256": sha256_json(x.prompts), "labels_sha256": sha256_json(x.labels),
                  "reference_texts": len(x.texts), "reference_sha256": sha256_json(x.texts)},
+        "refusal_direction": _direction_info(x.direction),
         "neurons": {"source": "change scores" if not isinstance(neurons, NeuronSet) else "neuron set",
                     "total": int(first.num_layers * first.width),
-                    "per_k": {str(k): {"safety": _set_info(g["safety"]), "random_overlap_with_safety": g["overlaps"],
-                                       "random_sha256": [sha256_json(r.to_json()) for r in g["randoms"]],
-                                       "random_settings": g["randoms"][0].settings if g["randoms"] else {}}
+                    "per_k": {str(k): {"safety": _set_info(g["safety"]), "matched": _set_info(g["matched"]),
+                                       "saturated_layers": g["saturated_layers"],
+                                       "change_ratio": [c.settings["change_ratio"] for c in g["change_matched"]]}
                               for k, g in sets.items()}},
         "unpatched": plain,
         "results": results,
@@ -345,14 +360,17 @@ def _result(x: _Experiment, neurons: ChangeScores | NeuronSet, plain: dict, resu
 
 def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | NeuronSet, harmful: Sequence[str],
               benign: Sequence[str], reference: Sequence[str] | None = None, settings: PatchSettings | None = None,
-              hook_point: str | None = None, progress: bool = True) -> dict:
+              hook_point: str | None = None, progress: bool = True,
+              direction_prompts: tuple[Sequence[str], Sequence[str]] | None = None) -> dict:
     """The causal validation experiment; returns the JSON-ready result (see module doc).
 
-    ``neurons`` is a ``contrast.ChangeScores`` (any k) or a ``NeuronSet`` (k up to its own share). The
-    perplexity is measured on ``reference`` texts (default: the benign prompts as plain text).
+    ``neurons`` is a ``contrast.ChangeScores`` (any k; change-matched controls) or a ``NeuronSet`` (k up to its
+    own share; no change-matched control). The perplexity is measured on ``reference`` texts (default: the
+    benign prompts as plain text). ``direction_prompts`` (harmful, benign; the contrast split) give the refusal
+    direction; without them that baseline is left out.
     """
     s = (settings or PatchSettings()).validate()
-    harmful, benign = list(harmful)[:s.per_class], list(benign)[:s.per_class]
+    harmful, benign = list(harmful)[:s.harmful], list(benign)[:s.benign]
     if not harmful or not benign:
         raise UserError(f"Patching needs harmful and benign prompts; got {len(harmful)} harmful and {len(benign)} "
                         f"benign. Give a labelled prompt file with both.")
@@ -360,66 +378,48 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | N
     hp = _check_neurons(neurons, base, hook_point, s)
     prompts = harmful + benign
     t0 = time.perf_counter()
-    sets = _neuron_sets(neurons, s)
+    sets = neuron_sets(neurons, s)
     mean = mean_activation(base, prompts, hp, batch_size=s.batch_size, max_length=s.max_length) if s.baselines else None
+    direction = None
+    if s.refusal_direction and direction_prompts is not None:
+        direction = refusal_direction(aligned, *direction_prompts, batch_size=s.batch_size, max_length=s.max_length)
     x = _Experiment(base, aligned, prompts, [1] * len(harmful) + [0] * len(benign),
                     list(reference if reference is not None else benign)[:s.reference_texts], hp, s, sets, mean,
-                    progress)
+                    direction, progress)
     timings = {"setup_s": round(time.perf_counter() - t0, 2)}
     patched, own = _generate_all(x, timings)
     t1 = time.perf_counter()
     ppls, own_ppl = _perplexities(x)
     timings["perplexity_s"] = round(time.perf_counter() - t1, 2)
-    plain, generations = _unpatched(x, own, own_ppl)
-    results, patched_generations = _effects(x, patched, ppls, plain)
+    t1 = time.perf_counter()
+    plain, results, generations = _measure(x, patched, own, ppls, own_ppl)
+    timings["measures_s"] = round(time.perf_counter() - t1, 2)
     timings["total_s"] = round(time.perf_counter() - t0, 2)
-    return _result(x, neurons, plain, results, generations + patched_generations, timings)
-
-
-def _patches(group: dict, baselines: bool) -> list[Patch]:
-    """The patched sets of one k: the safety set, its random controls and (optionally) mean and zero patching."""
-    patches = [Patch("safety", "donor", group["safety"])]
-    patches += [Patch(f"random{i}", "donor", r) for i, r in enumerate(group["randoms"])]
-    if baselines:
-        patches += [Patch("mean", "mean", group["safety"]), Patch("zero", "zero", group["safety"])]
-    return patches
-
-
-def _summarise(direction: str, k: float, group: dict, per_set: dict, s: PatchSettings) -> dict:
-    safety = per_set["safety"]
-    randoms = [per_set[f"random{i}"] for i in range(len(group["randoms"]))]
-    out = {"direction": direction, "k": k, "n_neurons": len(group["safety"]), "safety": safety,
-           "baselines": {name: per_set[name] for name in ("mean", "zero") if name in per_set},
-           "random": {"n_sets": len(randoms), "sets": randoms}}
-    for key in [f"effect_{m}" for m in MEASURES] + list(MEASURES) + ["perplexity_ratio_to_base"]:
-        values = [r[key] for r in randoms]
-        out["random"][key] = _summary(values)
-        if key.startswith("effect_"):
-            out["random"][key]["rank_p_value"] = rank_p_value(safety[key], values)
-            out["random"][key]["t_test_p"] = t_test_p(safety[key], values)
-    return out
+    return _result(x, neurons, plain, results, generations, timings)
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def pick_prompts(records: Sequence[dict], per_class: int, source: str = "records") -> tuple[list[str], list[str]]:
-    """Up to ``per_class`` harmful and benign prompts of labelled records, in a fixed order (sha256 of id + prompt)."""
+def pick_prompts(records: Sequence[dict], harmful: int, benign: int,
+                 source: str = "records") -> tuple[list[str], list[str]]:
+    """Up to ``harmful`` harmful and ``benign`` benign prompts of labelled records (all a class has when it has
+    fewer), in a fixed order (sha256 of id + prompt)."""
+    picked = sample_eval(records, max(harmful, benign))
+    h = [r["prompt"] for r in picked if int(r["label"]) == 1][:harmful]
+    b = [r["prompt"] for r in picked if int(r["label"]) == 0][:benign]
+    if not h or not b:
+        raise UserError(f"{source}: patching needs labelled harmful and benign prompts, found {len(h)} harmful "
+                        f"and {len(b)} benign. Give a labelled prompt file with both (e.g. split:test).")
+    return h, b
 
-    picked = sample_eval(records, per_class)
-    harmful = [r["prompt"] for r in picked if int(r["label"]) == 1]
-    benign = [r["prompt"] for r in picked if int(r["label"]) == 0]
-    if not harmful or not benign:
-        raise UserError(f"{source}: patching needs labelled harmful and benign prompts, found {len(harmful)} harmful "
-                        f"and {len(benign)} benign. Give a labelled prompt file with both (e.g. split:test).")
-    return harmful, benign
 
-
-def load_prompts(source: str, per_class: int) -> tuple[list[str], list[str], dict]:
+def load_prompts(source: str, harmful: int, benign: int) -> tuple[list[str], list[str], dict]:
     """:func:`pick_prompts` from a file, dataset name or ``split:NAME``, with provenance."""
-
     records = data.read_records(source)
-    harmful, benign = pick_prompts(records, per_class, str(source))
-    return harmful, benign, {"source": str(source), "records_sha256": sha256_json(records),
-                             "order": "first per class by sha256 of id + prompt"}
+    h, b = pick_prompts(records, harmful, benign, str(source))
+    return h, b, {"source": str(source), "records_sha256": sha256_json(records),
+                  "order": "first per class by sha256 of id + prompt", "asked": {"harmful": harmful, "benign": benign},
+                  "available": {"harmful": sum(int(r["label"]) == 1 for r in records),
+                                "benign": sum(int(r["label"]) == 0 for r in records)}}
 
 
 def load_neurons(scores: str | Path | None = None, neurons: str | Path | None = None) -> ChangeScores | NeuronSet:
@@ -429,7 +429,6 @@ def load_neurons(scores: str | Path | None = None, neurons: str | Path | None = 
                         "(a neuron_set.json), not both.")
     if neurons is not None:
         return NeuronSet.load(neurons)
-
     return ChangeScores.load(scores)
 
 
@@ -437,10 +436,11 @@ def patch_step(base: LoadedModel, aligned: LoadedModel, neuron_set: NeuronSet, r
                out_dir: str | Path, quick: bool = False, seed: int = 0, progress: bool = True,
                settings: PatchSettings | None = None) -> dict:
     """The optional ``--patch`` step of ``safetyneurons run`` on the run's safety set (k = its share of the
-    neurons): the default slice, 20 + 20 prompts with ``quick``."""
+    neurons; a neuron set, so no change-matched control): 200 + 100 test prompts, 20 + 20 with ``quick``."""
     share = 100.0 * len(neuron_set) / (neuron_set.num_layers * neuron_set.width)
-    settings = settings or PatchSettings(k=(share,), per_class=20 if quick else 100, seed=seed)
-    harmful, benign = pick_prompts(records, settings.per_class, "the test split")
+    settings = settings or PatchSettings(k=(share,), harmful=20 if quick else 200, benign=20 if quick else 100,
+                                         seed=seed)
+    harmful, benign = pick_prompts(records, settings.harmful, settings.benign, "the test split")
     result = run_patch(base, aligned, neuron_set, harmful, benign, settings=settings, progress=progress)
     result["data"]["prompts"] = {"source": "test split", "records_sha256": sha256_json(list(records))}
     write_outputs(result, out_dir)

@@ -42,7 +42,7 @@ from safetyneurons.neurons.contrast import check_padding_side
 from safetyneurons.errors import UserError
 from safetyneurons.model.generate import stop_token_ids
 from safetyneurons.model.hooks import (attached_hooks, attached_input_hooks, cache_argument, check_hook_point,
-                                       empty_kv_cache, forward_with_hooks, hook_width, num_layers,
+                                       empty_kv_cache, hook_width, num_layers,
                                        position_ids_from_mask)
 from safetyneurons.neurons.selection import NeuronSet
 from safetyneurons.model.pair import LoadedModel
@@ -58,24 +58,34 @@ SOURCES: dict[str, str] = {
     "mean": "the base model's mean activation over the patch prompts' tokens (mean patching)",
     "zero": "zero (ablation)",
     "none": "no patch",
+    "ablate": "directional ablation: x - (x . u) u at the hook point of every listed layer (a refusal direction u)",
+    "add": "activation addition: x + r at the hook point of the listed layers (a refusal direction r)",
 }
+DIRECTION_SOURCES = ("ablate", "add")  # patches of a direction in the residual stream (hook point resid)
 DEFAULT_K: tuple[float, ...] = (5.0,)
 SWEEP_K: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Patch:
-    """One way of patching the receiver: ``source`` (see :data:`SOURCES`) at ``neurons``."""
+    """One way of patching the receiver: ``source`` (see :data:`SOURCES`) at ``neurons``, or, for a direction
+    source, ``vector`` (float [width]) at ``layers``."""
 
     name: str
     source: str = "donor"
     neurons: NeuronSet | None = None
+    vector: torch.Tensor | None = None
+    layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.source not in SOURCES:
             raise UserError(f"Unknown patch source {self.source!r}; choose one of {', '.join(SOURCES)}.")
-        if (self.neurons is None) != (self.source == "none"):
+        direction = self.source in DIRECTION_SOURCES
+        if (self.neurons is None) != (self.source == "none" or direction):
             raise UserError(f"Patch {self.name!r}: source {self.source!r} needs a neuron set exactly when it patches.")
+        if direction != (self.vector is not None and len(self.layers) > 0):
+            raise UserError(f"Patch {self.name!r}: a direction (vector and layers) goes with sources "
+                            f"{', '.join(DIRECTION_SOURCES)} only, and they need one.")
 
 
 # ---------------------------------------------------------------------------------------- plumbing
@@ -118,18 +128,42 @@ class _Rows:
                 self.masks[layer][rows, torch.as_tensor(idx, device=device)] = True
                 if patch.source == "mean":
                     self.consts[layer][rows] = mean[layer].to(device=device, dtype=dtype)
-        self.first = min(self.masks) if self.masks else layers  # rows share every layer below it
+        self.shifts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (per-row addition, ablation)
+        for p_i, patch in enumerate(patches):
+            if patch.vector is None:
+                continue
+            rows = slice(p_i * n_prompts, (p_i + 1) * n_prompts)
+            vector = patch.vector.to(device=device, dtype=torch.float32)
+            for layer in patch.layers:
+                add, unit = self.shifts.setdefault(layer, (torch.zeros(total, width, device=device),
+                                                           torch.zeros(total, width, device=device)))
+                if patch.source == "add":
+                    add[rows] = vector
+                else:
+                    unit[rows] = vector / vector.norm().clamp_min(1e-12)
+        self.layers = sorted(set(self.masks) | set(self.shifts))  # the layers some row patches
+        self.first = min(self.layers) if self.layers else layers  # rows share every layer below it
         self.alive = torch.arange(total, device=device)
         self.branch = self.prompt_of.clone()
         self.donor_values: dict[int, torch.Tensor] = {}  # layer -> [n_branches, seq, width]
 
     def rows_of(self, out: torch.Tensor) -> torch.Tensor:
         """Per-row tensor from a forward's output (per row when the batch was expanded, else per branch)."""
-        return out if self.masks else out[self.branch]
+        return out if self.layers else out[self.branch]
 
     def patch(self, layer: int, act: torch.Tensor) -> torch.Tensor | None:
         """The receiver's activation at the hook point of ``layer`` with each row's patched neurons replaced
-        (donor value, mean or zero); None when no live row patches this layer."""
+        (donor value, mean or zero) and its direction added or ablated; None when no live row patches it."""
+        new = self._replace(layer, act) if layer in self.masks else None
+        if layer not in self.shifts:
+            return new
+        act = act if new is None else new
+        add, unit = (t[self.alive] for t in self.shifts[layer])
+        x = act.float() + add.unsqueeze(1)
+        x = x - (x @ unit.unsqueeze(-1)) * unit.unsqueeze(1)  # rows without ablation have unit = 0
+        return x.to(act.dtype)
+
+    def _replace(self, layer: int, act: torch.Tensor) -> torch.Tensor | None:
         mask = self.masks[layer][self.alive]
         if not bool(mask.any()):
             return None
@@ -206,8 +240,8 @@ class _Hooked:
             model, layers = self.receiver.model, num_layers(self.receiver.model)
             if self.rows.first < layers:
                 stack.enter_context(attached_input_hooks(model, self.rows.expand, range(self.rows.first, layers)))
-            if self.rows.masks:
-                stack.enter_context(attached_hooks(model, self.hook_point, self.rows.patch, list(self.rows.masks)))
+            if self.rows.layers:
+                stack.enter_context(attached_hooks(model, self.hook_point, self.rows.patch, self.rows.layers))
                 if self.uses_donor:
                     stack.enter_context(attached_hooks(self.donor.model, self.hook_point, self._keep,
                                                        list(self.rows.masks)))
@@ -281,7 +315,8 @@ def _split_prefix(ids: torch.Tensor, mask: torch.Tensor, prefix: int, padding_si
 
 @torch.no_grad()
 def _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, stops, mean, bar,
-                    prefix: int = 0, padding_side: str = "left", settled=None) -> list[list[int]]:
+                    prefix: int = 0, padding_side: str = "left", settled=None,
+                    first_step=None) -> tuple[list[list[int]], list[float] | None]:
     n_prompts = enc["input_ids"].shape[0]
     device = receiver.device
     dims = (num_layers(receiver.model), hook_width(receiver.model, hook_point))
@@ -314,8 +349,12 @@ def _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, s
         # Rows that have finished stay in the batch (their further tokens are dropped) until they are at least
         # COMPACT of it: removing rows copies every patched layer's KV cache, so it is done in bulk.
         finished = torch.zeros(rows.alive.numel(), dtype=torch.bool, device=device)
+        first: list[float] | None = None
         for step in range(max_new_tokens):
-            token = _logits(receiver, last).argmax(dim=-1)
+            logits = _logits(receiver, last)
+            if step == 0 and first_step is not None:  # every row is alive at the first answer position
+                first = first_step(logits).float().cpu().tolist()
+            token = logits.argmax(dim=-1)
             live = (~finished).tolist()
             for g, t, is_live in zip(rows.alive.tolist(), token.tolist(), live):
                 if is_live:
@@ -336,19 +375,7 @@ def _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, s
             last = hooked.step(branch_tokens.unsqueeze(1), mask, cache_r, cache_d)[:, -1]
             if bar is not None:
                 bar.set_postfix(step=step + 1, rows=int(rows.alive.numel()), branches=len(parents), refresh=False)
-    return out
-
-
-def fast_dtype(device: str = "cpu") -> str:
-    """``bfloat16`` where ``device`` computes it natively (a CUDA card with bf16, a CPU with AVX512-BF16 or AMX),
-    else ``float32``. Lockstep generation is matrix-bound: bf16 about halves its time on such CPUs."""
-    if device in ("cuda", "auto") and torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bfloat16" if native else "float32"
+    return out, first
 
 
 def _bar(total: int, desc: str, progress: bool):
@@ -361,7 +388,9 @@ def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: 
                      patches: Sequence[Patch], *, hook_point: str, max_new_tokens: int = 32, batch_size: int = 4,
                      padding_side: str = "left", max_length: int | None = 256, mean: torch.Tensor | None = None,
                      progress: bool = True, desc: str = "patch", share_prefix: bool = True,
-                     settled: Callable[[list[int]], bool] | None = None) -> dict[str, list[list[int]]]:
+                     settled: Callable[[list[int]], bool] | None = None,
+                     first_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     first_out: dict[str, list[float]] | None = None) -> dict[str, list[list[int]]]:
     """Greedy generations of ``receiver`` under each patch: ``{patch name: [token ids per prompt]}``.
 
     Every patch of a prompt batch runs as extra batch rows (``batch_size`` prompts x ``len(patches)`` rows).
@@ -372,6 +401,9 @@ def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: 
     ``settled(ids)``, when given, is asked after every step about each row's reply so far; a row it answers
     True for stops there (use it when the rest of the reply cannot change what is measured, as
     ``causal.refusal_settled`` does). Rows are independent, so stopping one never changes another.
+    ``first_step(logits)``, when given, maps the first answer position's logits [rows, vocab] to one number per
+    row; ``first_out`` then receives ``{patch name: [number per prompt]}`` (the refusal score, say).
+    Direction patches (:data:`DIRECTION_SOURCES`) need ``hook_point="resid"``.
     """
     check_hook_point(hook_point)
     batch_size, max_length = check_batch_size(batch_size), check_max_length(max_length)
@@ -383,6 +415,8 @@ def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: 
         raise UserError("Give at least one patch, each with its own name.")
     if any(p.source == "donor" for p in patches) and donor is None:
         raise UserError("Dynamic patching (source 'donor') needs a donor model.")
+    if any(p.source in DIRECTION_SOURCES for p in patches) and hook_point != "resid":
+        raise UserError("A direction patch (ablate / add) acts on the residual stream: use hook point resid.")
     for p in patches:
         if p.neurons is not None:
             check_neuron_set(p.neurons, receiver, hook_point, same_weights=False)  # the receiver may be either model
@@ -397,11 +431,13 @@ def generate_patched(receiver: LoadedModel, donor: LoadedModel | None, prompts: 
         for start in range(0, len(prompts), batch_size):
             index = order[start:start + batch_size]
             enc = tokens.batch(index, padding_side)
-            out = _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, stops, mean, bar,
-                                  prefix, padding_side, settled)
+            out, first = _generate_batch(receiver, donor, patches, enc, hook_point, max_new_tokens, stops, mean,
+                                         bar, prefix, padding_side, settled, first_step)
             for p_i, name in enumerate(names):
                 for j, i in enumerate(index):
                     result[name][i] = out[p_i * len(index) + j]
+                    if first is not None and first_out is not None:
+                        first_out.setdefault(name, [float("nan")] * len(prompts))[i] = first[p_i * len(index) + j]
             bar.update(len(index))
     finally:
         bar.close()
@@ -416,26 +452,6 @@ def decode_reply(lm: LoadedModel, ids: Sequence[int], stops: Sequence[int] | Non
 
 
 # ------------------------------------------------------------------------------- other measurements
-@torch.no_grad()
-def mean_activation(lm: LoadedModel, prompts: Sequence[str], hook_point: str, batch_size: int = 8,
-                    max_length: int | None = 256) -> torch.Tensor:
-    """float32 [num_layers, width]: ``lm``'s mean activation at ``hook_point`` over the prompts' real tokens."""
-    prompts = check_prompts(prompts, allow_empty_list=False)
-    batch_size, max_length = check_batch_size(batch_size), check_max_length(max_length)
-    total = torch.zeros(num_layers(lm.model), hook_width(lm.model, hook_point), dtype=torch.float64)
-    count = 0
-    for start in range(0, len(prompts), batch_size):
-        enc = lm.encode(prompts[start:start + batch_size], max_length=max_length)
-        real = enc["attention_mask"].bool().to(lm.device)
-        count += int(real.sum())
-
-        def add(layer, act):
-            total[layer] += act[real].double().sum(dim=0).cpu()
-
-        forward_with_hooks(lm.model, enc["input_ids"], enc["attention_mask"], hook_point, add, early_exit=False)
-    return (total / max(count, 1)).float()
-
-
 @torch.no_grad()
 def perplexity_patched(receiver: LoadedModel, donor: LoadedModel | None, texts: Sequence[str],
                        patches: Sequence[Patch], *, hook_point: str, batch_size: int = 4, max_length: int = 256,

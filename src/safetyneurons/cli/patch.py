@@ -11,7 +11,8 @@ from safetyneurons.causal.report import summary_lines, write_outputs
 from safetyneurons.data.splits import read_prompts
 from safetyneurons.errors import UserError
 from safetyneurons.model.pair import DEFAULT_BASE, load_pair
-from safetyneurons.causal.patch import DIRECTIONS, SWEEP_K, fast_dtype
+from safetyneurons.causal.patch import DIRECTIONS, SWEEP_K
+from safetyneurons.causal.measures import fast_dtype
 from safetyneurons.cli.contrast import check_replaceable_out
 
 _SWEEP = ",".join(f"{k:g}" for k in SWEEP_K)  # 0.5,1,2,5,10
@@ -35,12 +36,20 @@ def parse_k(value: str) -> list[float]:
 @click.option("--aligned", default="twin:default", metavar="REF", help="Safety-aligned twin of the base.")
 @click.option("--data", "data_source", default="split:test", metavar="FILE|DATASET",
               help="Labelled held-out prompts (harmful = 1, benign = 0): a file, a dataset name or split:NAME.")
-@click.option("--per-class", type=int, default=100, help="Harmful and benign prompts used (each).")
+@click.option("--harmful", "n_harmful", type=int, default=200, help="Harmful prompts used (all, when fewer).")
+@click.option("--benign", "n_benign", type=int, default=100, help="Benign prompts used (all, when fewer).")
+@click.option("--per-class", type=int, default=None, help="Harmful and benign prompts (each): sets both counts.")
 @click.option("--k", "k", default=None, metavar="PERCENTS",
               help=f"Top k% of neurons by change score, comma-separated, each in (0, 50] (sweep: {_SWEEP}). "
                    f"[default: 5, or the --neurons set's own share]")
 @click.option("--sweep", is_flag=True, help=f"Shorthand for --k {_SWEEP}.")
-@click.option("--random-sets", type=int, default=20, help="Layer-matched random control sets per k.")
+@click.option("--random-sets", type=int, default=10, help="Layer-matched random control sets per k.")
+@click.option("--change-sets", type=int, default=10,
+              help="Change-matched random control sets per k (from --scores; 0: none).")
+@click.option("--refusal-direction/--no-refusal-direction", default=True,
+              help="Also the refusal-direction baseline (difference in means on --direction-data).")
+@click.option("--direction-data", default="split:contrast", metavar="FILE|DATASET",
+              help="Labelled prompts the refusal direction and its layer come from (never the test prompts).")
 @click.option("--directions", default=",".join(DIRECTIONS),
               help="sufficiency (base <- aligned), necessity (aligned <- base), or both, comma-separated.")
 @click.option("--baselines/--no-baselines", default=True, help="Also mean patching and zero ablation.")
@@ -67,17 +76,17 @@ def parse_k(value: str) -> list[float]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/default/patch"),
               help="Output directory: patch.json, patch.png, patch.md, generations.jsonl (written atomically).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
-def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, random_sets, directions, baselines,
-          reference, reference_texts, hook_point, max_new_tokens, full_replies, batch_size, padding_side,
+def patch(scores, neurons, base, aligned, data_source, n_harmful, n_benign, per_class, k, sweep, random_sets,
+          change_sets, refusal_direction, direction_data, directions, baselines, reference, reference_texts, hook_point, max_new_tokens, full_replies, batch_size, padding_side,
           max_length, dtype, device, seed, out, progress):
     """Do the safety neurons cause the aligned model's behaviour? Dynamic activation patching.
 
     Both models generate greedily in lockstep. At every step the receiving model's activations at the
     neurons are replaced by the other model's activations on the same prefix (base <- aligned:
     sufficiency; aligned <- base: necessity). The safety set (top k% by change score) is compared with
-    layer-matched random sets of the same size, mean patching and zero ablation, by refusal rate on
-    harmful prompts, answer rate on benign prompts (a phrase-matching judge, a heuristic), causal effect
-    and perplexity on benign text.
+    layer-matched and change-matched random sets, the refusal direction, mean patching and zero ablation,
+    by the phrase judge's refusal and answer rates, the refusal score at the first answer position, the
+    degenerate-text share, perplexity on benign text, and a paired bootstrap over prompts and draws.
 
     \b
     Example (after `safetyneurons run`):
@@ -86,8 +95,11 @@ def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, rand
     if sweep and k is not None:
         raise UserError("Give either --k or --sweep, not both.")
     ks = parse_k(_SWEEP if sweep else (k or "5"))
-    settings = PatchSettings(k=ks, random_sets=random_sets, directions=directions, baselines=baselines,
-                             per_class=per_class, max_new_tokens=max_new_tokens, batch_size=batch_size,
+    if per_class is not None:
+        n_harmful = n_benign = per_class
+    settings = PatchSettings(k=ks, random_sets=random_sets, change_sets=change_sets, directions=directions,
+                             baselines=baselines, refusal_direction=refusal_direction, harmful=n_harmful,
+                             benign=n_benign, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              stop_at_refusal=not full_replies, reference_texts=reference_texts,
                              padding_side=padding_side, max_length=max_length, seed=seed).validate()
     out = check_replaceable_out(out, "patch.json")
@@ -103,7 +115,11 @@ def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, rand
     if hook_point is not None and hook_point != neuron_source.hook_point:
         raise UserError(f"--hook-point {hook_point} does not match the neuron set's hook point "
                         f"{neuron_source.hook_point}. Use scores contrasted at {hook_point}.")
-    harmful, benign, provenance = load_prompts(data_source, per_class)
+    harmful, benign, provenance = load_prompts(data_source, settings.harmful, settings.benign)
+    direction_prompts = None
+    if refusal_direction:
+        dh, db, _ = load_prompts(direction_data, 10**9, 10**9)
+        direction_prompts = (dh, db)
     texts = None
     if reference is not None:
         texts = read_prompts(reference)
@@ -111,7 +127,7 @@ def patch(scores, neurons, base, aligned, data_source, per_class, k, sweep, rand
         dtype = fast_dtype(device)
     pair = load_pair(base or DEFAULT_BASE, aligned, dtype=dtype, device=device)
     result = run_patch(*pair, neuron_source, harmful, benign, reference=texts, settings=settings,
-                       hook_point=hook_point, progress=progress)
+                       hook_point=hook_point, progress=progress, direction_prompts=direction_prompts)
     result["data"]["prompts"] = provenance
     result["data"]["reference_source"] = reference or "the benign prompts"
     write_outputs(result, out)
