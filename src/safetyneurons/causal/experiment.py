@@ -100,6 +100,18 @@ def _tests(direction: str, safety: dict, matched: dict, receiver: dict, controls
     return out
 
 
+def survives(tests: dict) -> dict:
+    """Per control and measure: is the safety effect declared beyond it? Against the change-matched control
+    both the plain and the change-scaled test must declare it (the draws change a little less than the set)."""
+    out = {}
+    for name, by_measure in tests.items():
+        if name == "change_scaled":
+            continue
+        out[name] = {m: bool(t["declared"] and (name != "change_matched" or tests["change_scaled"][m]["declared"]))
+                     for m, t in by_measure.items()}
+    return out
+
+
 def _mean_metrics(metrics: list[dict]) -> dict:
     out = {}
     for key in metrics[0]:
@@ -131,12 +143,13 @@ def summarise(direction: str, k: float, group: dict, per_set: dict, outs: dict, 
                                                                          [m["effect_refusal_rate"] for m in metrics])}
     if ratios:
         summary["change_matched"]["change_ratio"] = ratios
+    tests = _tests(direction, outs["safety"], outs[matched_name], receiver, controls, ratios, seed, n_boot)
     return {"direction": direction, "k": k, "n_neurons": len(group["safety"]), "n_matched": len(group["matched"]),
             "saturated_layers": group["saturated_layers"], "safety": per_set["safety"],
             "safety_matched": per_set.get("safety_matched"),
             "baselines": {n: per_set[n] for n in ("direction", "mean", "zero") if n in per_set},
             "controls": summary, "draws": {n: per_set[n] for n in layer_names + change_names},
-            "tests": _tests(direction, outs["safety"], outs[matched_name], receiver, controls, ratios, seed, n_boot)}
+            "tests": tests, "survives": survives(tests)}
 
 
 def effects_of(metrics: dict, receiver: dict, donor: dict) -> dict:
