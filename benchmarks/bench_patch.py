@@ -79,7 +79,8 @@ def hf_generate(lm, prompts, batch_size, tokens):
         lm.model.generate(**enc, generation_config=config)
 
 
-TABLE_COLUMNS = ["hook point", "direction", "k %", "set", "neurons", "refuses harmful (judge) %", "answers benign (judge) %",
+TABLE_COLUMNS = ["hook point", "direction", "k %", "set", "neurons", "refuses harmful (judge) %",
+                 "answers benign (judge) %",
                  "refusal score (harmful)", "degenerate %", "perplexity ratio", "effect on refusal (judge)",
                  "safety - this: judge refusal D", "95% CI (judge)", "p (judge)", "safety - this: refusal score D",
                  "95% CI (score)", "p (score)"]
@@ -139,11 +140,11 @@ def table_rows(result: dict, borrowed_direction: dict | None = None) -> tuple[li
                          f"for, and tested against, the other {r['n_matched']} safety neurons, never spilled.")
         ratio = r["controls"].get("change_matched", {}).get("change_ratio")
         if ratio and direction == "sufficiency":
-            notes.append(f"{hp}, k = {r['k']:g}%: the change-matched draws carry {min(ratio):.2f}-{max(ratio):.2f} of the matched "
-                         f"safety neurons' summed change score.")
+            notes.append(f"{hp}, k = {r['k']:g}%: the change-matched draws carry {min(ratio):.2f}-{max(ratio):.2f} "
+                         f"of the matched safety neurons' summed change score.")
         survived = [c for c, by in r["survives"].items() if by.get("refusal")]
-        notes.append(f"{hp} {direction} k = {r['k']:g}%: the safety effect on the judge's refusal is declared (95% interval above "
-                     f"0) against: {', '.join(survived) or 'none of the controls'}.")
+        notes.append(f"{hp} {direction} k = {r['k']:g}%: the safety effect on the judge's refusal is declared (95% "
+                     f"interval above 0) against: {', '.join(survived) or 'none of the controls'}.")
     return rows, notes
 
 

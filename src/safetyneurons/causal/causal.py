@@ -58,8 +58,8 @@ class PatchSettings:
     """Settings of :func:`run_patch` (defaults: the default slice)."""
 
     k: Sequence[float] = DEFAULT_K  # percent of all neurons, by change score
-    random_sets: int = 10  # layer-matched random control sets per k
-    change_sets: int = 10  # change-matched random control sets per k (needs change scores)
+    random_sets: int = 5  # layer-matched random control sets per k
+    change_sets: int = 5  # change-matched random control sets per k (needs change scores)
     directions: Sequence[str] = ("sufficiency", "necessity")
     baselines: bool = True  # mean patching and zero ablation of the safety set
     refusal_direction: bool = True  # the refusal-direction baseline (needs contrast prompts)

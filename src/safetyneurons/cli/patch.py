@@ -43,8 +43,8 @@ def parse_k(value: str) -> list[float]:
               help=f"Top k% of neurons by change score, comma-separated, each in (0, 50] (sweep: {_SWEEP}). "
                    f"[default: 5, or the --neurons set's own share]")
 @click.option("--sweep", is_flag=True, help=f"Shorthand for --k {_SWEEP}.")
-@click.option("--random-sets", type=int, default=10, help="Layer-matched random control sets per k.")
-@click.option("--change-sets", type=int, default=10,
+@click.option("--random-sets", type=int, default=5, help="Layer-matched random control sets per k.")
+@click.option("--change-sets", type=int, default=5,
               help="Change-matched random control sets per k (from --scores; 0: none).")
 @click.option("--refusal-direction/--no-refusal-direction", default=True,
               help="Also the refusal-direction baseline (difference in means on --direction-data).")
@@ -77,7 +77,8 @@ def parse_k(value: str) -> list[float]:
               help="Output directory: patch.json, patch.png, patch.md, generations.jsonl (written atomically).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 def patch(scores, neurons, base, aligned, data_source, n_harmful, n_benign, per_class, k, sweep, random_sets,
-          change_sets, refusal_direction, direction_data, directions, baselines, reference, reference_texts, hook_point, max_new_tokens, full_replies, batch_size, padding_side,
+          change_sets, refusal_direction, direction_data, directions, baselines, reference, reference_texts,
+          hook_point, max_new_tokens, full_replies, batch_size, padding_side,
           max_length, dtype, device, seed, out, progress):
     """Do the safety neurons cause the aligned model's behaviour? Dynamic activation patching.
 
