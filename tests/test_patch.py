@@ -682,3 +682,23 @@ def test_refusal_direction_layer_rule_and_its_patches():
         generate_patched(base, None, PROMPTS, patches, hook_point="mlp_out", max_new_tokens=2, progress=False)
     with pytest.raises(UserError, match="direction"):
         Patch("bad", "add", neurons=None)
+
+
+def test_a_saturated_layer_is_named_and_left_out_of_both_matched_controls():
+    from safetyneurons.neurons.contrast import ChangeScores
+
+    sum_sq = np.random.default_rng(0).uniform(0.0, 1.0, (3, 64))
+    sum_sq[2] += 10.0  # layer 2 changed most: the top 20% (39 neurons) fills more than half of it
+    sum_sq[1, :4] += 5.0
+    assert top_k_set(ChangeScores("mlp_neurons", "content", sum_sq, 1), 20.0).per_layer_counts().tolist() == [0, 0, 39]
+    with pytest.raises(UserError, match="saturated"):  # only a saturated layer: nothing to match, said, not spilled
+        causal.neuron_sets(ChangeScores("mlp_neurons", "content", sum_sq, 1),
+                           PatchSettings(k=(20.0,), random_sets=1, change_sets=1).validate())
+    sum_sq[1, :5] += 20.0  # now layer 1 holds 5 top neurons (not saturated), layer 2 the other 34 (saturated)
+    group = causal.neuron_sets(ChangeScores("mlp_neurons", "content", sum_sq, 1),
+                               PatchSettings(k=(20.0,), random_sets=3, change_sets=3).validate())[20.0]
+    assert group["safety"].per_layer_counts().tolist() == [0, 5, 34] and group["saturated_layers"] == [2]
+    assert group["matched"].per_layer_counts().tolist() == [0, 5, 0]
+    for control in group["layer_matched"] + group["change_matched"]:
+        assert control.per_layer_counts().tolist() == [0, 5, 0]  # no spill into layers 0 or 2
+    assert [p.name for p in causal._patches(group, False)][:2] == ["safety", "safety_matched"]

@@ -303,7 +303,8 @@ def _measure(x: _Experiment, patched: dict, own: dict, ppls: dict, own_ppl: dict
                 m["perplexity"] = ppls[direction][key]
                 m["perplexity_ratio_to_base"] = m["perplexity"] / base_ppl
                 per_set[key[1]], by_name[key[1]] = m, outs[key]
-                generations += _generation_rows(direction, key[0], key[1], outs[key])
+                if key[0] is not None or k == x.s.k[0]:  # a k-independent set (the direction) is stored once
+                    generations += _generation_rows(direction, key[0], key[1], outs[key])
             results.append(summarise(direction, k, group, per_set, by_name, own_out[ref_name], x.s.seed,
                                      x.s.n_boot))
     return plain, results, generations

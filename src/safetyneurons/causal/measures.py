@@ -80,7 +80,7 @@ def is_degenerate(reply: Sequence[int], perplexity: float) -> bool:
 @torch.no_grad()
 def reply_perplexities(lm: LoadedModel, prompts: Sequence[str], replies: dict[str, Sequence[Sequence[int]]],
                        batch_size: int = 8, max_length: int | None = 256) -> dict[str, list[float]]:
-    """Perplexity of each reply (token ids, stop token included when generated) under ``lm`` unpatched, given
+    """Perplexity of each reply (token ids before the stop token) under ``lm`` unpatched, given
     its prompt in the chat template: ``{set name: [perplexity per prompt]}`` for ``replies`` of the same shape;
     NaN for an empty reply. A (prompt, reply) pair that several sets share is scored once."""
     batch_size = check_batch_size(batch_size)

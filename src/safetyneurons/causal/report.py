@@ -96,6 +96,16 @@ def patch_png(result: dict) -> bytes:
     return figure_png(fig)
 
 
+def _shortfall(result: dict) -> list[str]:
+    """A line when the data held fewer prompts of a class than were asked for (then all of them are used)."""
+    prompts = result["data"].get("prompts", {})
+    asked, available = prompts.get("asked"), prompts.get("available")
+    if not asked or not available:
+        return []
+    short = [f"{available[c]} {c} (asked for {asked[c]})" for c in ("harmful", "benign") if available[c] < asked[c]]
+    return [f"- the data holds only {' and '.join(short)}: all of them are used"] if short else []
+
+
 def render_markdown(result: dict) -> str:
     s, pair = result["settings"], result["pair"]
     d = result.get("refusal_direction")
@@ -104,6 +114,7 @@ def render_markdown(result: dict) -> str:
              f"- {result['data']['harmful']} harmful + {result['data']['benign']} benign held-out prompts, greedy, "
              f"{s['max_new_tokens']} new tokens; {s['random_sets']} layer-matched and {s['change_sets']} "
              f"change-matched random sets per k; seed {s['seed']}",
+             *_shortfall(result),
              f"- causal effect = {result['causal_effect']}",
              f"- tests: {result['tests']['statistic']}; {s['n_boot']} resamples",
              f"- refusal score: {result['measures']['refusal_score']}",
