@@ -75,6 +75,17 @@ def plan_layers(lm: LoadedModel, hook_point: str, neuron_set: NeuronSet | None) 
     return LayerPlan(sorted(by_layer), by_layer, len(neuron_set), n_layers, width)
 
 
+class TokenRows(NamedTuple):
+    """Per-token activations of pieces (:meth:`ActivationReader.read_token_rows`): piece ``i`` owns rows
+    ``offsets[i]:offsets[i + 1]``, its first ``content[i]`` rows its content tokens, the rest the template
+    tokens after the content; ``owner[i]`` is the input it belongs to."""
+
+    rows: np.ndarray
+    offsets: np.ndarray
+    content: np.ndarray
+    owner: np.ndarray
+
+
 @dataclass(frozen=True)
 class Piece:
     """One sequence the model reads: token ids, the pooled content span ``[start, end)``, the input it belongs to."""
@@ -191,6 +202,45 @@ class ActivationReader:
             if bar is not None:
                 bar.update(len(sel))
         return out
+
+    def read_token_rows(self, pieces: Sequence[Piece], progress: bool = False) -> TokenRows:
+        """Per-token activations of every piece's content tokens and the template tokens after them (the
+        post-instruction tokens: end of the message, the assistant's generation prompt), one forward pass per
+        piece, float16 on the host. Every pooled readout (mean over content, last content token, the
+        post-instruction tokens, rolling means of k content tokens) derives from these rows."""
+        order = np.argsort(-np.asarray([len(p.ids) for p in pieces], dtype=np.int64), kind="stable")
+        chunks: list[np.ndarray | None] = [None] * len(pieces)
+        with progress_bar(len(pieces), "token activations", "piece", progress, smoothing=0.1) as bar:
+            for start in range(0, len(order), self.batch_size):
+                sel = order[start:start + self.batch_size]
+                for i, rows in zip(sel, self._token_batch([pieces[i] for i in sel])):
+                    chunks[i] = rows
+                bar.update(len(sel))
+        lengths = np.asarray([len(c) for c in chunks], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        rows = np.concatenate(chunks) if chunks else np.zeros((0, self.plan.d), dtype=np.float16)
+        return TokenRows(rows, offsets, np.asarray([p.end - p.start for p in pieces], dtype=np.int64),
+                         np.asarray([p.owner for p in pieces], dtype=np.int64))
+
+    def _token_batch(self, pieces: Sequence[Piece]) -> list[np.ndarray]:
+        """Rows ``[start, len(ids))`` of each piece (content, then the template after it), float16 on the host."""
+        import torch
+
+        from safetyneurons.model.positions import pad_batch
+
+        pad = self.lm.tokenizer.pad_token_id if self.lm.tokenizer.pad_token_id is not None else 0
+        enc = pad_batch([p.encoded() for p in pieces], pad, "right")
+        out: dict[int, torch.Tensor] = {}
+        plan = self.plan
+
+        def callback(layer: int, t: torch.Tensor) -> None:
+            idx = plan.index[layer]
+            out[layer] = (t if idx is None else t.index_select(-1, idx.to(t.device))).to("cpu", torch.float16)
+
+        forward_with_hooks(self.lm.model, enc["input_ids"], enc["attention_mask"], self.spec.hook_point, callback,
+                           layers=plan.layers, early_exit=True)
+        full = torch.cat([out[l] for l in plan.layers], dim=2).numpy()
+        return [full[k, p.start:len(p.ids)] for k, p in enumerate(pieces)]
 
     def _pool(self, pieces: Sequence[Piece]) -> HostBatch:
         """Pooled features of one batch, float32 ``[len(pieces), d]``, column blocks in layer order, on their way

@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "Train probes on safety neurons and controls, and report test metrics (report.json/.md, curves)."),
     "evaluate": ("safetyneurons.cli.probe", "evaluate",
                  "Score a trained probe on any labelled data (e.g. the held-out sources) and write a report."),
+    "readouts": ("safetyneurons.cli.probe", "readouts",
+                 "Measure the guard's readout variants side by side and pick one by the pre-registered rule."),
     "guard": ("safetyneurons.cli.guard", "guard",
               "Score PROMPTS (and/or --file) with a guard: probability of unsafe and whether it is flagged."),
     "serve": ("safetyneurons.cli.guard", "serve",

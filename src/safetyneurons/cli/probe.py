@@ -230,3 +230,40 @@ def evaluate(probe_dir, data, model_ref, out, batch_size, n_boot, seed, device):
                + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci[0] is not None else "")
                + f"  AUPRC {m['auprc']:.4f}  TPR@1%FPR {m['tpr_at_1pct_fpr']:.4f}")
     click.echo(f"Report: {Path(out) / 'report.md'}")
+
+
+@click.command("readouts")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory (its guard/, settings.json): the model, safety neurons and splits compared.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory: readouts.json, readouts.md and the per-text activation cache (cache/).")
+@click.option("--splits", type=click.Path(file_okay=False), default=None,
+              help="Splits directory (default: the run's, i.e. the library's default splits for its seed).")
+@click.option("--compose", "n_compose", default=10, show_default=True,
+              help="Harmful prompts per composition cell (position x length), validation and held-out.")
+@click.option("--rephrase", "n_rephrase", default=150, show_default=True,
+              help="Held-out prompts rewritten by every rephrasing rule.")
+@click.option("--random-draws", default=2, show_default=True, help="Random layer-matched control draws.")
+@click.option("--batch-size", default=16, show_default=True, help="Texts per forward pass.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--benchmark-json", type=click.Path(dir_okay=False), default=None,
+              help="Also write the table as a benchmark JSON (e.g. docs/benchmarks/readouts.json) and its .md.")
+def readouts(run_dir, out, splits, n_compose, n_rephrase, random_draws, batch_size, seed, benchmark_json):
+    """Measure the guard's readout variants side by side and pick one by the pre-registered rule."""
+    import shlex
+    import sys
+
+    from safetyneurons.probes.readout_report import write_benchmark
+    from safetyneurons.probes.readouts import compare_readouts
+
+    for name, value in (("compose", n_compose), ("rephrase", n_rephrase), ("batch-size", batch_size)):
+        _positive(name, value)
+    if random_draws < 0:
+        raise UserError(f"--random-draws must be >= 0 (got {random_draws}).")
+    if not (Path(run_dir) / "guard").is_dir():
+        raise UserError(f"--run {run_dir} holds no guard/; give a run directory made by `safetyneurons run`.")
+    report = compare_readouts(run_dir, out, splits=splits, n_compose=n_compose, n_rephrase=n_rephrase,
+                              random_draws=random_draws, batch_size=batch_size, seed=seed)
+    if benchmark_json:
+        write_benchmark(report, Path(benchmark_json), "safetyneurons " + shlex.join(sys.argv[1:]))
+    click.echo(f"chosen: {report['choice']['chosen']} ({report['choice']['reason']}); see {Path(out) / 'readouts.md'}")

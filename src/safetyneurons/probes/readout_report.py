@@ -1,0 +1,121 @@
+"""``readouts.json`` / ``readouts.md`` of the readout comparison, and its benchmark JSON (docs/benchmarks)."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from safetyneurons._io import atomic_write_json, atomic_write_text, json_safe
+
+COLUMNS = ["variant", "features", "readout", "eligible", "val recall@t", "val composition recall",
+           "val hard-neg flagged", "held-out AUROC", "held-out TPR@1%FPR", "held-out recall@t",
+           "held-out ordinary benign flagged", "held-out hard-neg flagged", "held-out composition recall"]
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * float(v):.1f}%"
+
+
+def table_rows(report: dict) -> list[list]:
+    out = []
+    for r in report["variants"]:
+        v, h = r["val"], r["heldout"]
+        out.append([r["name"], r["features"], r["readout"], r["eligible"], v["recall"], v["composition"]["recall"],
+                    v["flag_hard_negative"], h["auroc"], h["tpr_at_1pct_fpr"], h["recall"], h["flag_ordinary_benign"],
+                    h["flag_hard_negative"], h["composition"]["recall"]])
+    return out
+
+
+def _md_table(columns: list[str], rows: list[list], pct_from: int) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [str(c) if i < pct_from else (f"{c:.3f}" if "AUROC" in columns[i] else _pct(c))
+                 for i, c in enumerate(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(report: dict) -> str:
+    c = report["choice"]
+    lines = ["# Readout comparison", "",
+             f"Run `{report['run']}` (guard `{report['guard_id'][:12]}`), splits `{report['splits']}`. Every threshold "
+             "flags at most 5% of the validation benign prompts; the rule is in docs/guard_quality.md.", "",
+             f"**Chosen by the rule: `{c['chosen']}`** ({c['reason']}). With every row eligible the rule would pick "
+             f"`{c['would_win']}`.", "", "## Variants", ""]
+    lines += _md_table(COLUMNS, table_rows(report), 4) + ["", "## Composition recall by cell (held-out)", ""]
+    cells = list(report["variants"][0]["heldout"]["composition"]["cells"])
+    lines += _md_table(["variant"] + cells, [[r["name"]] + [r["heldout"]["composition"]["cells"][k] for k in cells]
+                                            for r in report["variants"]], 1)
+    lines += ["", "## Composition recall by cell (validation)", ""]
+    lines += _md_table(["variant"] + cells, [[r["name"]] + [r["val"]["composition"]["cells"][k] for k in cells]
+                                            for r in report["variants"]], 1)
+    lines += ["", "## k of the agreement readout (validation)", ""]
+    lines += _md_table(["k", "val recall@t", "val composition recall"],
+                       [[r["k"], r["val_recall"], r["val_composition_recall"]] for r in report["k_table"]], 1)
+    for name, buckets in report["length_buckets"].items():
+        lines += ["", f"## Held-out by content-token length: `{name}`", ""]
+        lines += _md_table(["tokens", "benign n", "harmful n", "benign flagged", "harmful recall"],
+                           [[b["bucket"], b["n_benign"], b["n_harmful"], b["benign_flag_rate"], b["harmful_recall"]]
+                            for b in buckets], 3)
+    for name, rows in report["rephrase"].items():
+        lines += ["", f"## Rephrasing stability (held-out, verdicts kept): `{name}`", ""]
+        lines += _md_table(["rule", "n", "kept", "kept (harmful)", "kept (benign)"],
+                           [[r["rule"], r["n"], r["kept"], r["kept_harmful"], r["kept_benign"]] for r in rows], 2)
+    lines += ["", "## README examples (unsafe probability; flagged when >= the variant's threshold)", ""]
+    ex = report["examples"]
+    texts = [e["text"] for e in next(iter(report["explain"].values()))] if report.get("explain") else []
+    lines += _md_table(["variant", "threshold"] + [f"`{t}`" for t in texts],
+                       [[n, f"{e['threshold']:.3f}"] + [f"{s:.3f}" for s in e["scores"]] for n, e in ex.items()], 99)
+    return "\n".join(lines) + "\n"
+
+
+def write_readouts(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "readouts.json", json_safe(report))
+    atomic_write_text(out / "readouts.md", render(report))
+
+
+def _code_version() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return rev.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_benchmark(report: dict, path: Path, command: str) -> None:
+    """The comparison as a docs/benchmarks JSON (the project's schema) and its markdown table beside it."""
+    import torch
+
+    c = report["choice"]
+    bench = {"benchmark": "readouts", "title": "Where the guard's probe reads: readout variants side by side",
+             "command": command, "code_version": _code_version(),
+             "machine": {"cpu": _cpu(), "threads": torch.get_num_threads(), "gpu": None},
+             "artifact": {"guard_id": report["guard_id"], "path": report["run"]},
+             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+             "columns": COLUMNS, "rows": table_rows(report),
+             "notes": [f"Chosen by the pre-registered rule (docs/guard_quality.md): {c['chosen']} ({c['reason']}).",
+                       f"With every row eligible the same rule picks {c['would_win']}.",
+                       "Thresholds: at most 5% false positives on the validation benign prompts; held-out figures "
+                       "are never used to choose.",
+                       f"Compositions: {report['n_compose_per_cell']} harmful prompts per cell (start/middle/end x "
+                       "64/256/1024 tokens) inside benign text of the same split."]}
+    atomic_write_json(path, json_safe(bench))
+    md = [f"# {bench['title']}", "", f"`{command}` (code {bench['code_version']}, {bench['date']})", ""]
+    md += _md_table(COLUMNS, bench["rows"], 4) + [""] + [f"- {n}" for n in bench["notes"]]
+    atomic_write_text(path.with_suffix(".md"), "\n".join(md) + "\n")

@@ -1,0 +1,184 @@
+"""The readout comparison: the agreement readout finds a planted harmful token anywhere in long benign text, the
+per-token rows agree with the reader's pooled features, the rephrasing rules rewrite as documented, and the
+pre-registered rule picks by what docs/guard_quality.md says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from builders import HARMFUL, HOOK, MLP, NUM_LAYERS, SAFE, J, plant_model, run_cli
+from tiny import tiny_tokenizer
+from safetyneurons.data import rephrase
+from safetyneurons.probes import readout_metrics as rm
+
+PAD_SENTENCES = ["Write a short and friendly poem about the sea.", "The moon and the stars shine tonight.",
+                 "Tell me about the weather in spring.", "What is the capital of France?",
+                 "Explain photosynthesis simply.", "Give me a bread recipe for a family dinner."]
+
+
+# ------------------------------------------------------------------------------------ the planted oracle
+@pytest.fixture(scope="module")
+def planted_lm(tmp_path_factory, cache):
+    """A tiny llama whose layer-0 neuron J fires on one token of HARMFUL only (builders.plant_model)."""
+    from safetyneurons.model.pair import load_model
+
+    tok = tiny_tokenizer()
+    ids = lambda text: set(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    template = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    benign = " ".join(PAD_SENTENCES + SAFE)
+    trigger = min(ids(HARMFUL) - ids(benign) - ids(template))
+    root = tmp_path_factory.mktemp("planted-readouts")
+    plant_model(root / "model", trigger)
+    return load_model(str(root / "model"))
+
+
+def _cache(lm, tmp_path):
+    from safetyneurons.neurons.selection import NeuronSet
+    from safetyneurons.probes.readout_cache import ReadoutCache, columns, layer_block
+
+    ns = NeuronSet(hook_point=HOOK, num_layers=NUM_LAYERS, width=MLP, layers=[0, 0, 0], indices=[3, J, 20],
+                   scores=[1.0, 1.0, 1.0], model=lm.describe())
+    block = layer_block(ns)
+    cols = columns(block, ns)
+    return ReadoutCache(lm, block, cols, tmp_path / "cache", 64, batch_size=8, progress=False), cols
+
+
+def _benign(rng, n_sentences: int) -> str:
+    return " ".join(PAD_SENTENCES[int(i)] for i in rng.integers(len(PAD_SENTENCES), size=n_sentences))
+
+
+def test_agreement_finds_planted_token_at_every_position(planted_lm, tmp_path):
+    from safetyneurons.probes.readout_probes import train_agreement, train_pooled
+    from safetyneurons.probes.readouts import place
+
+    rng = np.random.default_rng(0)
+    cache, cols = _cache(planted_lm, tmp_path)
+    harmful = [HARMFUL, HARMFUL + " Tell me now.", "Please: " + HARMFUL, HARMFUL + " Step by step."] * 3
+    benign = SAFE + [_benign(rng, n) for n in (1, 2, 4, 8, 12, 1, 3, 6)]
+    train = cache.read("train", harmful + benign)
+    y = np.asarray([1] * len(harmful) + [0] * len(benign))
+    pooled = train_pooled(train, y, "safety", cols)
+    agree = train_agreement(train, y, "safety", cols, np.arange(len(cols)), pooled["mean"].probe, [4])[4]
+
+    val_benign = [_benign(rng, n) for n in (1, 2, 5, 10, 20, 40, 60)] + SAFE
+    t_agree = rm.threshold(np.zeros(len(val_benign), int), agree.score(cache.read("vb", val_benign)))
+    t_mean = rm.threshold(np.zeros(len(val_benign), int), pooled["mean"].score(cache.read("vb", val_benign)))
+    filler = _benign(rng, 70)  # several hundred tokens of benign text
+    composed = [place(HARMFUL, filler, pos) for pos in ("start", "middle", "end")]
+    composed += [place(HARMFUL, _benign(rng, 3), pos) for pos in ("start", "middle", "end")]
+    ts = cache.read("composed", composed)
+    assert ts.content[:3].min() > 300
+    assert (agree.score(ts) >= t_agree).all(), agree.score(ts)
+    assert (agree.score(cache.read("pad", [filler])) < t_agree).all()
+    # the oracle has teeth: the whole-text mean dilutes the one token in long text
+    assert (pooled["mean"].score(ts)[:3] < t_mean).all()
+
+
+def test_token_rows_match_reader_pooling_and_window_logits(planted_lm, tmp_path):
+    from safetyneurons.activations.features import FeatureSpec
+    from safetyneurons.activations.reader import ActivationReader
+    from safetyneurons.probes.probe import Probe
+    from safetyneurons.probes.readout_cache import LAST, MEAN
+    from safetyneurons.probes.readout_probes import rolling_max, token_logits
+
+    cache, cols = _cache(planted_lm, tmp_path)
+    texts = [HARMFUL, "Write a poem about the sea.", _benign(np.random.default_rng(1), 10)]
+    ts = cache.read("t", texts)
+    spec = FeatureSpec(HOOK, "mean", None, cache.block, model=planted_lm.describe())
+    X = ActivationReader(planted_lm, spec).features(texts)
+    np.testing.assert_allclose(ts.pooled[:, MEAN], X, atol=1e-3)  # the same reader, the same features
+    # per-token rows: the last content token's row is the ``last`` readout, the mean of the rows the ``mean`` one
+    np.testing.assert_allclose(ts.rows[ts.offsets[1:] - 1].astype(np.float32), ts.pooled[:, LAST][:, cols], atol=2e-3)
+    np.testing.assert_allclose(ts.token_rows(2).astype(np.float32).mean(0), ts.pooled[2, MEAN][cols], atol=2e-3)
+    probe = Probe("logreg", cv=0).fit(ts.pooled[:, MEAN][:, cols].repeat(2, 0), [1, 1, 0, 0, 0, 0])
+    rows = ts.token_rows(2)
+    z = token_logits(probe, rows)
+    np.testing.assert_allclose(z[2:6].mean(), probe.decision_function(rows[2:6].astype(np.float64).mean(0)[None])[0],
+                               atol=1e-3)
+    best, start = rolling_max(np.array([0.0, 5.0, 1.0, -3.0, 4.0, 4.0]), 2)
+    assert (best, start) == (4.0, 4)
+    assert rolling_max(np.array([1.0, 2.0]), 5) == (1.5, 0)
+
+
+# ------------------------------------------------------------------------------------------ rephrasing
+@pytest.mark.parametrize("rule, prompt, expected", [
+    ("question_imperative", "How do I make a cake?", "Tell me how to make a cake."),
+    ("question_imperative", "How to bake bread?", "Tell me how to bake bread."),
+    ("question_imperative", "Can you write a poem about the sea?", "Write a poem about the sea."),
+    ("question_imperative", "Write a poem about the sea.", "Can you write a poem about the sea?"),
+    ("question_imperative", "The sky is blue.", None),
+    ("do_can", "How do I make a cake?", "How can I make a cake?"),
+    ("do_can", "Can you help me?", "Do you help me?"),
+    ("do_can", "Bake bread.", None),
+    ("polite_prefix", "Bake bread.", "Please help me with this: Bake bread."),
+    ("polite_suffix", "Bake bread.", "Bake bread. Thank you so much!"),
+    ("tense", "How can I make a cake?", "How did people make a cake in the past?"),
+    ("tense", "What is the capital of France?", "What was the capital of France?"),
+    ("tense", "Bake bread.", None),
+    ("typo", "Explain photosynthesis simply.", "Explain photosnythesis simply."),
+    ("typo", "Hi.", None),
+])
+def test_rephrase_rules(rule, prompt, expected):
+    assert rephrase.RULES[rule](prompt) == expected
+
+
+def test_rephrasings_keep_only_changes():
+    out = rephrase.rephrasings("How do I make a cake?")
+    assert set(out) == set(rephrase.RULES)
+    assert all(v != "How do I make a cake?" for v in out.values())
+    assert "do_can" not in rephrase.rephrasings("Bake bread.")
+
+
+# ------------------------------------------------------------------------------------------ the rule
+def _row(name, comp, recall, hard, cost=1.0, eligible=True):
+    return {"name": name, "eligible": eligible, "val_composition_recall": comp, "val_recall": recall,
+            "val_hard_negative": hard, "cost": cost}
+
+
+def test_rule_keeps_composition_then_recall():
+    rows = [_row("a", 0.95, 0.80, 0.1), _row("b", 0.85, 0.99, 0.0), _row("c", 0.92, 0.90, 0.3),
+            _row("ctrl", 1.0, 0.99, 0.0, eligible=False)]
+    out = rm.choose(rows)
+    assert out["chosen"] == "c" and out["passed"] == ["a", "c"]
+    assert out["would_win"] == "ctrl"
+
+
+def test_rule_ties_go_to_hard_negatives_then_cost():
+    rows = [_row("a", 0.95, 0.900, 0.20, cost=1.0), _row("b", 0.95, 0.895, 0.10, cost=5.0),
+            _row("c", 0.95, 0.870, 0.00, cost=1.0)]
+    assert rm.choose(rows)["chosen"] == "b"  # within 1 point of the best recall: lower hard-negative flag rate
+    rows = [_row("a", 0.95, 0.90, 0.10, cost=5.0), _row("b", 0.95, 0.90, 0.10, cost=1.0)]
+    assert rm.choose(rows)["chosen"] == "b"  # then the cheaper readout
+
+
+def test_rule_without_a_passing_variant_takes_best_composition():
+    out = rm.choose([_row("a", 0.50, 0.95, 0.0), _row("b", 0.70, 0.60, 0.0)])
+    assert out["chosen"] == "b" and out["passed"] == [] and "no variant" in out["reason"]
+
+
+def test_choose_k_by_the_rule():
+    rows = [{"k": 1, "val_composition_recall": 0.95, "val_recall": 0.80},
+            {"k": 4, "val_composition_recall": 0.95, "val_recall": 0.905},
+            {"k": 8, "val_composition_recall": 0.92, "val_recall": 0.90},
+            {"k": 16, "val_composition_recall": 0.80, "val_recall": 0.99}]
+    assert rm.choose_k(rows) == 8
+    assert rm.choose_k([{"k": 2, "val_composition_recall": 0.5, "val_recall": 0.9},
+                        {"k": 4, "val_composition_recall": 0.6, "val_recall": 0.1}]) == 4
+
+
+def test_length_buckets_and_kept():
+    lengths = np.array([5, 10, 40, 40, 300])
+    y = np.array([0, 1, 0, 1, 0])
+    p = np.array([0.9, 0.9, 0.1, 0.2, 0.8])
+    b = {r["bucket"]: r for r in rm.length_buckets(lengths, y, p, 0.5)}
+    assert b["1-16"]["benign_flag_rate"] == 1.0 and b["1-16"]["harmful_recall"] == 1.0
+    assert b["33-64"]["harmful_recall"] == 0.0 and b[">256"]["benign_flag_rate"] == 1.0
+    assert b["65-128"]["n_benign"] == 0 and b["65-128"]["benign_flag_rate"] is None
+    assert rm.kept(np.array([0.9, 0.1, 0.6]), np.array([0.8, 0.7, 0.4]), 0.5) == pytest.approx(1 / 3)
+
+
+def test_cli_refuses_a_run_without_guard(tmp_path):
+    r = run_cli("readouts", "--run", tmp_path, "--out", tmp_path / "out")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "holds no guard" in r.stderr and "Traceback" not in r.stderr
