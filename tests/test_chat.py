@@ -195,3 +195,34 @@ def test_messages_and_settings_are_validated(built):
         GuardedChat(g, mode="loud")
     with pytest.raises(UserError, match="context"):
         GuardedChat(g, context_length=8).encode(user("a long prompt " * 5))
+
+
+@pytest.mark.parametrize("mode", ["off", "monitor"])
+def test_a_chunked_prefill_equals_one_pass(built, mode):
+    """The prompt fed in chunks (KV cache carried from chunk to chunk) gives the logits of one pass (to 1e-5) and
+    the same greedy reply, for chunk sizes that cut inside a message, and the same guard verdict."""
+    path, lm, _, _ = built
+    chat = GuardedChat(Guard.load(path, lm=lm), mode=mode)
+    msgs = normalize_messages([{"role": "system", "content": "Answer briefly and kindly."},
+                               {"role": "user", "content": "Write a poem about the sea, the moon and the stars, "
+                                                           "and explain photosynthesis simply."}])
+    enc = chat.encode(msgs)
+    n = enc.n_tokens
+    spans = lm.template.encode([msgs])[0].spans
+    whole = chat.prefill(enc)
+    greedy = SamplingSettings(max_tokens=12, temperature=0)
+    want = [d.text for d in chat.generate(whole, greedy)]
+    for size in (1, 7, 16, n - 1, n, n + 5):
+        cuts = range(size, n, size)
+        if size in (7, 16):  # precondition: a chunk boundary falls inside a message's text
+            assert any(a < c < b for c in cuts for a, b in spans), (size, spans)
+        steps = list(chat.prefill_steps(enc, size))
+        model_calls = -(-n // size)
+        assert len(steps) == model_calls + (mode != "off" and not chat.reads_in_prefill(enc, chat.guard_pieces(enc)))
+        assert all(s is None for s in steps[:-1])
+        pre = steps[-1]
+        torch.testing.assert_close(pre.logits, whole.logits, rtol=0, atol=1e-5)
+        assert pre.prompt_tokens == n and pre.unsafe_probability == whole.unsafe_probability
+        assert [d.text for d in chat.generate(pre, greedy)] == want  # decoding from the carried cache
+    if mode == "monitor":
+        assert whole.unsafe_probability == pytest.approx(chat.guard.score([msgs])[0].unsafe_probability, abs=1e-6)

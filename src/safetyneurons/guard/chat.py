@@ -10,7 +10,10 @@ The paper's safeguard sits inside the model that answers. :class:`GuardedChat` s
    (:func:`safetyneurons.model.hooks.attached_hooks`) pool the safety neurons during the model's own forward
    pass and the probe scores them when the deepest safety-neuron layer has run, with no second pass. Otherwise
    the reader scores the pieces first (its passes stop after the deepest safety neuron) and the prefill follows
-   only if the conversation is not blocked.
+   only if the conversation is not blocked. A server runs this step by step (:meth:`GuardedChat.prefill_steps`):
+   it reads the pieces in slices of its own and feeds the prompt in chunks of bounded tokens, the KV cache
+   carried from chunk to chunk (the same logits as one pass, to float rounding); the one-pass reading inside the
+   prefill is then used when the prompt is one chunk.
 2. **If flagged** (probability >= threshold), the prefill stops right there: later layers, the LM head and
    every decoding step are skipped, and the reply is the refusal message with finish reason
    ``content_filter``.
@@ -256,29 +259,81 @@ class GuardedChat:
         return Encoded(torch.tensor([ids], dtype=torch.long), tuple(dict(m) for m in messages))
 
     # ---- prefill (+ guard)
-    @torch.no_grad()
-    def prefill(self, conversation: list[dict] | Encoded) -> Prefill:
-        """The guard's verdict on the conversation (normalised messages, or :meth:`encode` of them) and, unless
-        it is blocked, one forward pass over it with a KV cache (see the module docstring)."""
-        enc = conversation if isinstance(conversation, Encoded) else self.encode(conversation)
-        self.prefills += 1
-        if self.mode == "off":
-            return self._forward(enc, None, 0.0)
-        g = self.guard
-        pieces = g.reader.pieces([list(enc.messages)])
-        if len(pieces) == 1 and pieces[0].ids == enc.ids[0].tolist():
-            return self._guarded_forward(enc, pieces[0])  # the prefill is the guard's one piece
-        t0 = time.perf_counter()
-        X, owner = g.reader.read_pieces(pieces)  # the pieces above: the conversation is not tokenised again
-        p = float(max_per_input(g.probability(X), owner, 1)[0])
-        guard_ms = (time.perf_counter() - t0) * 1000.0
-        if self.mode == "block" and _flags(p, g.threshold):
-            return Prefill(enc.n_tokens, p, True, guard_ms)
-        return self._forward(enc, p, guard_ms)
+    def guard_pieces(self, enc: Encoded) -> list:
+        """The pieces the guard reads of the conversation (:meth:`ActivationReader.pieces
+        <safetyneurons.activations.reader.ActivationReader.pieces>`: each message tokenised once, long ones also in
+        windows); none with the guard off."""
+        return [] if self.mode == "off" else self.guard.reader.pieces([list(enc.messages)])
 
-    def _forward(self, enc: Encoded, p: float | None, guard_ms: float) -> Prefill:
-        out = self.lm.model(input_ids=enc.ids.to(self.lm.device), use_cache=True, logits_to_keep=1)
-        return Prefill(enc.n_tokens, p, False, guard_ms, out.logits[0, -1], kv_cache(out))
+    @staticmethod
+    def reads_in_prefill(enc: Encoded, pieces: Sequence, chunk_tokens: int | None = None) -> bool:
+        """Whether the guard reads the conversation inside the prefill's own pass: the conversation is the guard's
+        one piece and the prefill is one chunk."""
+        one_chunk = chunk_tokens is None or enc.n_tokens <= int(chunk_tokens)
+        return one_chunk and len(pieces) == 1 and list(pieces[0].ids) == enc.ids[0].tolist()
+
+    def read_guard(self, pieces: Sequence) -> tuple[float, float]:
+        """The guard's verdict on the pieces in one go: (probability of the most unsafe piece, milliseconds)."""
+        t0 = time.perf_counter()
+        X, owner = self.guard.reader.read_pieces(pieces)  # pieces already made: nothing is tokenised again
+        p = float(max_per_input(self.guard.probability(X), owner, 1)[0])
+        return p, (time.perf_counter() - t0) * 1000.0
+
+    def refused(self, enc: Encoded, p: float, guard_ms: float) -> Prefill:
+        """The prefill of a conversation the guard blocked before it: nothing runs, the reply is the refusal."""
+        self.prefills += 1
+        return Prefill(enc.n_tokens, p, True, guard_ms)
+
+    def prefill(self, conversation: list[dict] | Encoded, chunk_tokens: int | None = None) -> Prefill:
+        """The guard's verdict on the conversation (normalised messages, or :meth:`encode` of them) and, unless
+        it is blocked, the forward pass over it with a KV cache (see the module docstring); ``chunk_tokens``: in
+        chunks of at most that many tokens (:meth:`prefill_steps`)."""
+        pre = None
+        for pre in self.prefill_steps(conversation, chunk_tokens):
+            pass
+        return pre
+
+    @torch.no_grad()
+    def prefill_steps(self, conversation: list[dict] | Encoded, chunk_tokens: int | None = None,
+                      verdict: tuple[float, float] | None = None,
+                      pieces: Sequence | None = None) -> Iterator[Prefill | None]:
+        """:meth:`prefill` one model call at a time, so a server can run each step as a turn of its own: yields
+        None after each step but the last, then the :class:`Prefill`.
+
+        The prompt is fed in chunks of at most ``chunk_tokens`` tokens (None: at once), the KV cache carried from
+        chunk to chunk; the logits and the cache are those of one pass (to float rounding). ``verdict``: the
+        guard's (probability, milliseconds), read beforehand (a server reads the pieces in slices); None: read
+        here, inside the prefill's own pass when :meth:`reads_in_prefill`, else all pieces in one step first
+        (``pieces``: :meth:`guard_pieces` of the conversation, when already made). In block mode a flagged verdict
+        ends it at once: nothing more runs."""
+        enc = conversation if isinstance(conversation, Encoded) else self.encode(conversation)
+        if self.mode != "off" and verdict is None:
+            pieces = self.guard_pieces(enc) if pieces is None else pieces
+            if self.reads_in_prefill(enc, pieces, chunk_tokens):
+                self.prefills += 1
+                yield self._guarded_forward(enc, pieces[0])  # the prefill is the guard's one piece
+                return
+            verdict = self.read_guard(pieces)
+            yield None
+        p, guard_ms = (None, 0.0) if self.mode == "off" else verdict
+        if self.mode == "block" and _flags(p, self.guard.threshold):
+            yield self.refused(enc, p, guard_ms)
+            return
+        self.prefills += 1
+        yield from self._forward_chunks(enc, p, guard_ms, chunk_tokens)
+
+    def _forward_chunks(self, enc: Encoded, p: float | None, guard_ms: float,
+                        chunk_tokens: int | None) -> Iterator[Prefill | None]:
+        ids, n = enc.ids.to(self.lm.device), enc.n_tokens
+        size = n if chunk_tokens is None else max(1, int(chunk_tokens))
+        past = None
+        for a in range(0, n, size):
+            cache = {} if past is None else {self._cache_arg: past}
+            out = self.lm.model(input_ids=ids[:, a:a + size], use_cache=True, logits_to_keep=1, **cache)
+            past = kv_cache(out)
+            if a + size < n:
+                yield None
+        yield Prefill(n, p, False, guard_ms, out.logits[0, -1], past)
 
     def _guarded_forward(self, enc: Encoded, piece) -> Prefill:
         """The prefill with the guard's hooks: pool the piece's span as the reader does, score at the deepest

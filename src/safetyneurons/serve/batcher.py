@@ -1,7 +1,7 @@
 """The service's one model thread: a fair queue of bounded turns, with micro-batching of moderation inputs.
 
-All model work of the service (moderation batches, the slices of long inputs, chat tokenising, prefills and
-decoding steps) runs on one worker thread, one **turn** at a time, so the event loop stays free and hooks
+All model work of the service (moderation batches, the slices of long inputs, chat tokenising, the slices of a
+chat's guard reading, prefill chunks and decoding steps) runs on one worker thread, one **turn** at a time, so the event loop stays free and hooks
 never fire inside another request's forward pass. Work is queued under its client's key
 (:func:`safetyneurons.serve.admission.client_key`) as items of two kinds:
 
@@ -9,7 +9,8 @@ never fire inside another request's forward pass. Work is queued under its clien
   in fair order (below), waits up to ``max_wait_ms`` for company, up to ``max_batch_size`` inputs and
   ``max_batch_tokens`` estimated tokens, and scores them with one ``score_fn`` call.
 - **call** items (:meth:`MicroBatcher.call`): one function call that is a turn of its own (a slice of a long
-  input, a chat prefill, a few decoding steps). Callers keep each call bounded. Calls met while a batch is
+  input or of a chat's guard reading, a chunk of a chat prefill, a few decoding steps). Callers keep each call
+  bounded (``slice_tokens``, :mod:`safetyneurons.serve.scoring`). Calls met while a batch is
   gathered run right after it (they do not cut the batch short).
 
 Every item has a **cost** in tokens (what the guard's or the model's forward passes read; given by the

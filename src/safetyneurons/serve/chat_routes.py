@@ -9,16 +9,20 @@ same reader as ``Guard.score``; a flagged conversation gets the refusal with ``f
 
 **Admission control**, equal to moderation's (:mod:`safetyneurons.serve.admission`):
 
-- Every piece of model work (tokenising, the prefill with the guard's reading, and decoding, at most
-  ``decode_tokens_per_turn`` tokens a turn) is a bounded turn in the client's line of the service's fair queue
+- Every piece of model work is a bounded turn in the client's line of the service's fair queue
   (:mod:`safetyneurons.serve.batcher`), under the same client key as moderation, costed in tokens of guard
-  reading (the prefill: what the guard reads, ``Guard.read_cost``, plus the prompt's tokens weighted by the
-  model's layers over the guard's; a decoding turn likewise), so chat and moderation share the worker fairly in
-  tokens. The queue's caps apply (429/503).
+  reading, so chat and moderation share the worker fairly in tokens: tokenising (one turn: the conversation for
+  the model and the guard's pieces of it); **the guard's reading**, in slices of at most ``slice_tokens`` tokens
+  exactly as moderation reads a long input (:class:`~safetyneurons.serve.scoring.PieceReader`: the verdict is
+  the most unsafe piece, as ``Guard.result`` forms it); **the prefill**, in chunks of at most ``slice_tokens``
+  tokens' worth (a token of the whole model weighs its layers over the guard's), the KV cache carried from
+  chunk to chunk (:meth:`GuardedChat.prefill_steps`); decoding, at most ``decode_tokens_per_turn`` tokens a
+  turn. A prompt that is the guard's one piece and one chunk is read inside the prefill's own pass (one turn).
+  So a long prompt never holds the worker for more than one slice at a time. The queue's caps apply (429/503).
 - At most ``max_generations`` live generations (503) and ``max_generations_per_client`` per client (429); each
   reserves prompt + ``max_tokens`` tokens of KV cache against ``max_kv_tokens`` until it ends (503 while others
-  hold it, 413 ``context_too_large`` if it can never fit). A prompt over ``max_prompt_tokens`` tokens (one
-  prefill is one turn) or the model's context gets 413 ``context_length_exceeded``.
+  hold it, 413 ``context_too_large`` if it can never fit). A prompt over ``max_prompt_tokens`` tokens or the
+  model's context gets 413 ``context_length_exceeded``.
 - The request deadline (``request_timeout_s``, from arrival) covers the whole reply: past it, a non-streaming
   request gets 504 ``deadline_exceeded`` and a stream gets an SSE error event and ends; the rest of its work is
   dropped. A client that disconnects stops its generation: queued turns leave the queue, the decoder is closed
@@ -53,7 +57,7 @@ from safetyneurons.guard.chat import GuardedChat, SamplingSettings, normalize_me
 from safetyneurons.serve.admission import ClientGone, RequestWatch, client_key, read_json_object
 from safetyneurons.serve.limits import ApiError
 from safetyneurons.serve.moderation import check_sizes, text_or_422
-from safetyneurons.serve.scoring import estimate_cost
+from safetyneurons.serve.scoring import PieceReader, estimate_cost
 
 if TYPE_CHECKING:
     from safetyneurons.serve.admission import Generation
@@ -131,13 +135,17 @@ def _exists(ref: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------- generation
-def encode_for(chat: GuardedChat, messages: list[dict]) -> tuple[Any, int]:
-    """On the worker: the encoded conversation and what the guard will read of it (tokens)."""
+def encode_for(chat: GuardedChat, messages: list[dict]) -> tuple[Any, list]:
+    """On the worker: the encoded conversation and the pieces the guard reads of it (tokenising only)."""
     enc = chat.encode(messages)
-    read = 0
-    if chat.mode != "off" and callable(getattr(chat.guard, "read_cost", None)):
-        read = int(chat.guard.read_cost([messages])[0])
-    return enc, read
+    return enc, chat.guard_pieces(enc)
+
+
+def timed(fn, *args) -> tuple[Any, float]:
+    """On the worker: ``fn(*args)`` and the seconds it took."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
 
 
 def full_pass_weight(chat: GuardedChat) -> float:
@@ -175,7 +183,11 @@ class ChatRun:
         self.chat, self.gen, self.client, self.watch = chat, gen, client, watch
         self.batcher, self.settings = app.state.batcher, app.state.settings
         self.full = full_pass_weight(chat)
-        self.steps = None
+        slice_tokens = app.state.scorer.slice_tokens
+        self.reader = PieceReader(chat.guard, slice_tokens)  # the guard's reading, sliced as moderation's
+        self.chunk = max(1, int(slice_tokens / self.full))  # prompt tokens per prefill turn
+        self.guard_s = 0.0
+        self.steps = None  # the prefill's steps, then the decoder's
         self.failed: Exception | None = None
 
     async def _turn(self, what: str, fn, *args, cost: int, status: int = 422, code: str = "invalid_request"):
@@ -189,21 +201,52 @@ class ChatRun:
             log.exception("%s failed", what)
             raise ApiError(500, f"Internal error while {what}; see the server log.", "server_error") from None
 
+    async def _read(self, fn, *args, cost: int):
+        """One slice of the guard's reading, a turn of its own (timed on the worker)."""
+        out, seconds = await self._turn("reading the prompt", timed, fn, *args, cost=cost)
+        self.guard_s += seconds
+        return out
+
     async def start(self, messages: list[dict], sampling: SamplingSettings):
-        """Tokenise, reserve the KV cache, prefill with the guard's reading; returns the prefill."""
-        enc, read = await self._turn("tokenizing", encode_for, self.chat, messages, cost=estimate_cost(messages) // 3,
-                                     status=413, code="context_length_exceeded")
+        """Tokenise, reserve the KV cache, the guard's reading in slices, the prefill in chunks; returns the
+        prefill."""
+        enc, pieces = await self._turn("tokenizing", encode_for, self.chat, messages,
+                                       cost=estimate_cost(messages) // 3, status=413, code="context_length_exceeded")
         n = enc.n_tokens
         if n > self.settings.max_prompt_tokens:
             raise ApiError(413, f"The conversation is {n} tokens, more than this server's limit of "
                                 f"{self.settings.max_prompt_tokens} per prompt; shorten it.",
                            code="context_length_exceeded")
         self.gen.reserve(n + min(sampling.max_tokens, max(0, self.chat.context_length - n)))
-        pre = await self._turn("reading the prompt", self.chat.prefill, enc, cost=int(n * self.full) + read)
+        verdict, pre = None, None
+        if self.chat.mode != "off" and not self.chat.reads_in_prefill(enc, pieces, self.chunk):
+            try:
+                result = await self.reader.verdict(pieces, self._read)
+            except UserError as e:
+                raise ApiError(422, str(e), code="invalid_messages") from None
+            verdict = (result.unsafe_probability, self.guard_s * 1000.0)
+            if self.chat.mode == "block" and result.flagged:
+                pre = self.chat.refused(enc, *verdict)  # nothing more runs
+        if pre is None:
+            pre = await self._prefill(enc, verdict, pieces)
         p = pre.unsafe_probability
         if self.chat.mode == "block" and not pre.blocked and p is not None and not math.isfinite(p):
             pre = dataclasses.replace(pre, blocked=True, logits=None, past=None)  # fail closed
         self.steps = self.chat.generate(pre, sampling)
+        return pre
+
+    async def _prefill(self, enc, verdict, pieces: list):
+        """The prefill's steps, each a turn: chunks of at most ``self.chunk`` tokens (one step when the guard
+        reads inside the prefill: then the prompt is one chunk)."""
+        self.steps = steps = self.chat.prefill_steps(enc, self.chunk, verdict, pieces)
+        n, pre = enc.n_tokens, None
+        for a in range(0, n, self.chunk):
+            k = min(self.chunk, n - a)
+            pre = await self._turn("reading the prompt", next, steps, None, cost=math.ceil(k * self.full))
+            if pre is not None:
+                break
+        if pre is None:
+            raise ApiError(500, "Internal error while reading the prompt; see the server log.", "server_error")
         return pre
 
     async def pieces(self) -> list:

@@ -11,11 +11,13 @@ so a long input costs per window, not per input.
   ``Guard.score`` and batched with other requests' inputs (:class:`~safetyneurons.serve.batcher.MicroBatcher`).
 - **Long inputs** (any length up to the server's per-input ceiling, ``max_chars``): on the worker, the guard's
   reader splits the input into the pieces ``Guard.score`` reads (with their exact token counts), and the pieces
-  are read in **slices** of at most ``max_batch_tokens`` tokens, each slice a turn of its own in the client's
-  line. The input's verdict is its most unsafe piece, exactly as ``Guard.score`` decides it (with the category
-  heads of that piece). So a long input never holds the worker for more than one bounded turn at a time: it
-  takes its client's turns, not the other clients'. With a custom ``score_fn`` (instrumentation), inputs are
-  always scored whole through it.
+  are read in **slices** of at most ``slice_tokens`` tokens (a slice holds at least one piece), each slice a
+  turn of its own in the client's line (:meth:`PieceReader.verdict`). The input's verdict is its most unsafe
+  piece, exactly as ``Guard.score`` decides it (:meth:`Guard.result <safetyneurons.guard.guard.Guard.result>`,
+  with the category heads of that piece). So a long input never holds the worker for more than one bounded turn
+  at a time: it takes its client's turns, not the other clients'. The guarded chat reads a conversation the same
+  way (:mod:`safetyneurons.serve.chat_routes`). With a custom ``score_fn`` (instrumentation), moderation inputs
+  are always scored whole through it.
 - **Too costly:** a request whose inputs together cost more than ``max_request_tokens`` tokens gets 413
   ``input_too_costly`` (the moderation route documents it as: treat as flagged; the LiteLLM route answers
   ``BLOCKED``).
@@ -31,7 +33,7 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 from safetyneurons.errors import UserError
 from safetyneurons.serve.admission import RequestWatch, client_key
@@ -99,10 +101,11 @@ def _number(v: Any) -> float:
 
 
 class PieceReader:
-    """Reads a long input piece by piece with the guard's own reader (what ``Guard.score`` reads, in slices)."""
+    """Reads an input piece by piece with the guard's own reader (what ``Guard.score`` reads), in slices of at most
+    ``slice_tokens`` tokens, each slice one worker turn."""
 
-    def __init__(self, guard: Guard):
-        self.guard = guard
+    def __init__(self, guard: Guard, slice_tokens: int):
+        self.guard, self.slice_tokens = guard, max(1, int(slice_tokens))
 
     @staticmethod
     def supports(guard: Any) -> bool:
@@ -112,6 +115,17 @@ class PieceReader:
     def pieces(self, item: Any) -> list:
         """The pieces of one input (tokenisation only; on the worker thread)."""
         return self.guard.reader.pieces([item])
+
+    def slices(self, pieces: Sequence) -> list[list]:
+        """``pieces`` in order, cut into slices of at most ``slice_tokens`` tokens (a longer piece alone)."""
+        out, cur, cost = [], [], 0
+        for p in pieces:
+            if cur and cost + len(p.ids) > self.slice_tokens:
+                out.append(cur)
+                cur, cost = [], 0
+            cur.append(p)
+            cost += len(p.ids)
+        return out + ([cur] if cur else [])
 
     def read(self, pieces: Sequence) -> tuple[float, Any]:
         """The most unsafe piece of a slice: (probability, its pooled features); a NaN counts as most unsafe."""
@@ -126,16 +140,31 @@ class PieceReader:
         """The input's ``GuardResult`` from its most unsafe piece, built by :meth:`Guard.result`."""
         return self.guard.result(p, x)
 
+    async def verdict(self, pieces: Sequence, call: Callable[..., Awaitable]) -> Any:
+        """The ``GuardResult`` of one input from its pieces: each slice is read by ``await call(self.read, slice,
+        cost=tokens)`` (one worker turn in the caller's line), and the most unsafe piece decides (a NaN piece
+        first: it flags)."""
+        if not pieces:
+            raise UserError("there is no text to read")
+        best_p, best_x = -math.inf, None
+        for part in self.slices(pieces):
+            p, x = await call(self.read, part, cost=sum(len(q.ids) for q in part))
+            if best_x is None or math.isnan(p) or (not math.isnan(best_p) and p > best_p):
+                best_p, best_x = p, x
+        return self.result(best_p, best_x)
+
 
 class Scorer:
     """How the service scores a request's inputs on its worker (see the module docstring)."""
 
     def __init__(self, guard: Guard, batcher: MicroBatcher, *, max_batch_size: int, max_batch_tokens: int,
-                 max_request_tokens: int, custom_score_fn: bool = False):
+                 max_request_tokens: int, slice_tokens: int | None = None, custom_score_fn: bool = False):
         self.batcher = batcher
         self.max_batch_size, self.max_batch_tokens = int(max_batch_size), int(max_batch_tokens)
         self.max_request_tokens = int(max_request_tokens)
-        self.pieces = None if custom_score_fn or not PieceReader.supports(guard) else PieceReader(guard)
+        self.slice_tokens = min(self.max_batch_tokens, int(slice_tokens or self.max_batch_tokens))
+        supported = not custom_score_fn and PieceReader.supports(guard)
+        self.pieces = PieceReader(guard, self.slice_tokens) if supported else None
 
     def is_long(self, cost: int) -> bool:
         return self.pieces is not None and cost > self.max_batch_tokens // 2
@@ -195,24 +224,13 @@ class Scorer:
         return await self._call(k, self.pieces.pieces, item, client=client, cost=text_tokens)
 
     async def _long(self, k: int, pieces: list, client: str, results: list) -> None:
-        if not pieces:
-            raise InputFailed(k, UserError("there is no text to read"))
-        best_p, best_x = -math.inf, None
-        for part in self._slices(pieces):
-            p, x = await self._call(k, self.pieces.read, part, client=client, cost=sum(len(q.ids) for q in part))
-            if best_x is None or math.isnan(p) or (not math.isnan(best_p) and p > best_p):
-                best_p, best_x = p, x
-        results[k] = self.pieces.result(best_p, best_x)
+        async def call(fn, *args, cost: int):
+            return await self._call(k, fn, *args, client=client, cost=cost)
 
-    def _slices(self, pieces: list) -> list[list]:
-        out, cur, cost = [], [], 0
-        for p in pieces:
-            if cur and cost + len(p.ids) > self.max_batch_tokens:
-                out.append(cur)
-                cur, cost = [], 0
-            cur.append(p)
-            cost += len(p.ids)
-        return out + ([cur] if cur else [])
+        try:
+            results[k] = await self.pieces.verdict(pieces, call)
+        except UserError as e:  # no pieces: nothing to read
+            raise InputFailed(k, e) from None
 
 
 async def score_for_request(request: Request, scorer: Scorer, inputs: list, timeout_s: float) -> list[Verdict]:

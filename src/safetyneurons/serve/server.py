@@ -12,8 +12,9 @@ API and guarded chat completions):
   the worker is down or one turn has run longer than the request timeout (turns are bounded, so that means stuck).
 
 All model work runs on one worker thread in bounded turns, in an order that is fair in tokens across clients
-(:mod:`safetyneurons.serve.batcher`): long inputs are read in slices of at most ``max_batch_tokens`` tokens
-(:mod:`safetyneurons.serve.scoring`), so one client's input delays the others by about one turn.
+(:mod:`safetyneurons.serve.batcher`): long inputs and a chat's guard reading are read in slices of at most
+``slice_tokens`` tokens (:mod:`safetyneurons.serve.scoring`) and a chat prefill runs in chunks of as many tokens'
+worth (:mod:`safetyneurons.serve.chat_routes`), so one client's input delays the others by about one turn.
 Clients are keyed by :func:`safetyneurons.serve.admission.client_key` (peer address, plus the API key's identity
 when the server checks one); each may queue at most 1/8 of the queue (inputs and tokens; 429).
 
@@ -61,7 +62,7 @@ __all__ = ["AccessLog", "ServerSettings", "bind_socket", "create_app", "is_loopb
 log = logging.getLogger("safetyneurons.serve.server")
 _POSITIVE = ("max_batch_size", "max_inputs", "max_chars", "max_queue", "max_connections", "max_batch_tokens",
              "max_queue_tokens", "max_request_tokens", "max_generations", "max_kv_tokens", "max_prompt_tokens",
-             "decode_tokens_per_turn")
+             "decode_tokens_per_turn", "slice_tokens")
 
 
 @dataclass
@@ -75,14 +76,15 @@ class ServerSettings:
     max_request_chars: int | None = None  # characters per request, all inputs (None: see check(); more -> 413)
     max_queue: int = 4096  # inputs waiting to be scored (more -> 503)
     max_queue_per_client: int | None = None  # inputs one client may have waiting (more -> 429); None: max_queue/8
-    max_batch_tokens: int = 8192  # tokens one worker turn reads at most (long inputs: slices of this)
+    max_batch_tokens: int = 8192  # tokens one worker turn reads at most (a micro-batch of short inputs)
+    slice_tokens: int = 512  # one slice of a long input or a chat's guard reading, one prefill chunk (<= the above)
     max_queue_tokens: int = 1 << 20  # tokens of work waiting (more -> 503)
     max_client_tokens: int | None = None  # tokens one client may have waiting (more -> 429); None: 1/8 of the queue
     max_request_tokens: int = 262_144  # tokens one request's inputs take to read, windows included (more -> 413)
     max_generations: int = 8  # chat generations live at once (more -> 503)
     max_generations_per_client: int | None = None  # per client (more -> 429); None: max(1, max_generations // 4)
     max_kv_tokens: int = 32_768  # prompt + max_tokens reserved by live generations (more -> 503; alone -> 413)
-    max_prompt_tokens: int = 4096  # tokens of one chat prompt, i.e. one prefill turn (more -> 413)
+    max_prompt_tokens: int = 4096  # tokens of one chat prompt (more -> 413)
     decode_tokens_per_turn: int = 8  # decoding steps one chat turn runs at most
     allow_caller_loosen: bool = False  # may a caller raise the threshold (LiteLLM's params)? else 422
     request_timeout_s: float = 60.0  # a request's deadline from arrival to answer (then 504)
@@ -134,6 +136,7 @@ class ServerSettings:
                 "max_inputs": self.max_inputs, "max_chars": self.max_chars,
                 "max_request_chars": self.max_request_chars, "max_queue": self.max_queue,
                 "max_queue_per_client": self.max_queue_per_client, "max_batch_tokens": self.max_batch_tokens,
+                "slice_tokens": self.slice_tokens,
                 "max_queue_tokens": self.max_queue_tokens, "max_client_tokens": self.max_client_tokens,
                 "max_request_tokens": self.max_request_tokens, "max_generations": self.max_generations,
                 "max_generations_per_client": self.max_generations_per_client, "max_kv_tokens": self.max_kv_tokens,
@@ -217,7 +220,8 @@ def create_app(guard: Guard, *, max_batch_size: int = 32, max_wait_ms: float = 5
     app.state.guard, app.state.settings, app.state.batcher = guard, settings, batcher
     app.state.scorer = Scorer(guard, batcher, max_batch_size=settings.max_batch_size,
                               max_batch_tokens=settings.max_batch_tokens,
-                              max_request_tokens=settings.max_request_tokens, custom_score_fn=score_fn is not None)
+                              max_request_tokens=settings.max_request_tokens, slice_tokens=settings.slice_tokens,
+                              custom_score_fn=score_fn is not None)
     app.state.generations = Generations(settings.max_generations, settings.max_generations_per_client,
                                         settings.max_kv_tokens)
     app.state.check_auth = make_auth(settings)  # for every route that needs the key
