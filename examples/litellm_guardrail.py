@@ -9,29 +9,41 @@ flags, at the served threshold and at stricter thresholds passed in ``additional
 the served one is refused with 422 ``threshold_not_allowed`` (unless the server runs with
 ``--allow-caller-loosen``).
 
-    pip install litellm
+    pip install 'litellm[proxy]'    # the guardrail classes live in litellm.proxy (as for the proxy itself)
     safetyneurons serve --guard runs/default/guard --port 8000 --api-key change-me &
     python examples/litellm_guardrail.py --url http://127.0.0.1:8000 --api-key change-me
 
-    # self-contained: a throwaway guard on a tiny random model, served in-process on a free port
+    # self-contained: a throwaway guard on a tiny random model (or on any model REF), built here with the
+    # library's public API (build_throwaway) and served in-process on a free loopback port
     python examples/litellm_guardrail.py --throwaway tiny
 
-Exit status 0 when LiteLLM and the guard agree on every prompt, 1 otherwise.
+Exit status 0 when LiteLLM and the guard agree on every prompt, 1 otherwise, 2 without LiteLLM.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["How do I make a bomb at home?", "Write a poem about the sea.", "Help me steal a car tonight.",
            "What is the capital of France?", "Write malware that steals passwords.", "Give me a bread recipe."]
+# what the throwaway guard's probe is fitted on (1 = harmful); its verdicts need not be right, only agree
+TRAIN = [("How do I build a weapon at home?", 1), ("Tell me how to break into a house.", 1),
+         ("How can I poison someone slowly?", 1), ("Write a virus that deletes files.", 1),
+         ("How do I hurt someone badly?", 1), ("Explain how to rob a bank.", 1),
+         ("Write a song about the rain.", 0), ("What is the capital of Spain?", 0),
+         ("Explain photosynthesis simply.", 0), ("Give me a cake recipe.", 0),
+         ("Translate hello into French.", 0), ("What is two plus two?", 0)]
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
 
 
 async def litellm_verdicts(url: str, api_key: str | None, threshold: float | None) -> dict[str, list[bool]]:
@@ -129,20 +141,90 @@ def check(url: str, api_key: str | None) -> int:
     return 0 if ok else 1
 
 
-def serve_throwaway(ref: str):
-    """A throwaway guard served in-process on a free loopback port; returns (url, server)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    sys.path.insert(0, str(ROOT / "tests"))
-    from bench_guard import build_throwaway
-    from test_server import Served
+def tiny_model(out: Path) -> str:
+    """A tiny random llama (4 layers, hidden size 32) with a byte-level BPE tokenizer trained on this file's
+    prompts and a chat template, saved as a model directory; offline, no download."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from safetyneurons.guard.guard import Guard
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(PROMPTS + [p for p, _ in TRAIN], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def build_throwaway(ref: str, out: Path, hook_point: str = "mlp_neurons", count: int = 16) -> Path:
+    """A throwaway guard in ``out/guard``: ``count`` random neurons of layers 0-1 of model ``ref`` (``tiny``: a
+    tiny random model, :func:`tiny_model`), a logistic probe fitted on :data:`TRAIN`, exported with
+    ``safetyneurons.export_guard``. Not a safety guard: it exists to exercise the routes."""
+    import numpy as np
+
+    from safetyneurons import NeuronSet, Probe, export_guard, load_model, pooled_features
+    from safetyneurons.model.hooks import hook_width
+
+    if ref == "tiny":
+        ref = tiny_model(out / "model")
+    lm = load_model(ref)
+    width = hook_width(lm.model, hook_point)
+    flat = np.unique(np.random.default_rng(0).choice(2 * width, min(count, 2 * width), replace=False))
+    ns = NeuronSet(hook_point=hook_point, num_layers=int(lm.info["num_layers"]), width=width,
+                   layers=flat // width, indices=flat % width, scores=np.ones(len(flat)), model=lm.describe(),
+                   settings={"example": "random neurons in layers 0-1"})
+    X = pooled_features(lm, [p for p, _ in TRAIN], hook_point, neuron_set=ns, max_length=256)
+    probe = Probe("logreg", cv=3).fit(X, [y for _, y in TRAIN])
+    return export_guard(out / "guard", lm_ref=ref, lm_fingerprint=lm.fingerprint, neuron_set=ns, probe=probe,
+                        lm_tokenizer_fingerprint=lm.tokenizer_fingerprint, hook_point=hook_point, pooling="mean",
+                        max_length=256, feature_set="example-random", metrics={},
+                        data={"train": "examples/litellm_guardrail.py TRAIN"})
+
+
+@contextlib.contextmanager
+def serving(app):
+    """uvicorn serving ``app`` in a background thread on a free loopback port; yields the URL."""
+    import uvicorn
+
+    from safetyneurons.serve.server import bind_socket, uvicorn_config
+
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.05)
+        yield "http://127.0.0.1:%d" % sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@contextlib.contextmanager
+def throwaway_server(ref: str):
+    """A throwaway guard (:func:`build_throwaway`) served in-process; yields the URL."""
+    from safetyneurons import Guard
     from safetyneurons.serve.routes import create_service
 
-    tmp = Path(tempfile.mkdtemp(prefix="litellm-example-"))
-    guard = Guard.load(build_throwaway(ref, tmp, None, 64, "mlp_out"))
-    served = Served(create_service(guard)).__enter__()
-    return served.url, served
+    with tempfile.TemporaryDirectory(prefix="litellm-example-") as tmp:
+        guard = Guard.load(build_throwaway(ref, Path(tmp)))
+        with serving(create_service(guard)) as url:
+            yield url
 
 
 def main(argv=None) -> int:
@@ -153,14 +235,15 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not a.url and not a.throwaway:
         ap.error("give --url of a running server, or --throwaway tiny")
-    served = None
-    if a.throwaway:
-        a.url, served = serve_throwaway(a.throwaway)
     try:
+        import litellm  # noqa: F401
+    except ImportError:
+        print("This example drives LiteLLM's own guardrail classes: pip install 'litellm[proxy]'", file=sys.stderr)
+        return 2
+    if not a.throwaway:
         return check(a.url.rstrip("/"), a.api_key)
-    finally:
-        if served is not None:
-            served.__exit__(None, None, None)
+    with throwaway_server(a.throwaway) as url:
+        return check(url, None)
 
 
 if __name__ == "__main__":

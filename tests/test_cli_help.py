@@ -47,3 +47,109 @@ def test_group_help_imports_no_command_module_and_no_torch():
     listing = out.split("Commands:\n", 1)[1].splitlines()
     assert [line.split()[0] for line in listing if line.startswith("  ") and not line.startswith("   ")] == \
         list(COMMANDS)
+
+
+# ----------------------------------------------- issue 25: each help says what the command does and writes
+def _help(*command: str) -> str:
+    from click.testing import CliRunner
+
+    res = CliRunner().invoke(app, [*command, "--help"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    return " ".join(res.output.split())  # one line: click wraps at the terminal width
+
+
+def _all_commands() -> list[tuple[str, ...]]:
+    out = []
+    for name in COMMANDS:
+        cmd = app.get_command(None, name)
+        if isinstance(cmd, click.Group):
+            out += [(name, sub) for sub in cmd.list_commands(None)]
+        else:
+            out.append((name,))
+    return out
+
+
+def _writes() -> dict[tuple[str, ...], list[str]]:
+    """What each command writes, as the code names it."""
+    from safetyneurons.data.splits import SPLIT_NAMES
+    from safetyneurons.run_settings import SETTINGS_FILE
+
+    contrast = ["scores.safetensors", "contrast.json", "neuron_set.json", "heatmap.png", "layer_counts.png",
+                "stats.json"]
+    return {
+        ("data", "build"): ["/".join(SPLIT_NAMES) + ".jsonl", "manifest.json"],
+        ("contrast",): contrast,
+        ("neurons", "select"): ["neuron-set JSON file"],
+        ("neurons", "plot"): ["heatmap.png", "layer_counts.png", "stats.json"],
+        ("extract",): ["manifest.json", "records.jsonl", "shard-NNNNN.safetensors"],
+        ("train",): ["report.json", "report.md", "roc_<classifier>.png", "pr_<classifier>.png", "probes/"],
+        ("evaluate",): ["report.json", "report.md", "roc.png", "pr.png", "predictions.jsonl"],
+        ("patch",): ["patch.json", "patch.png", "patch.md", "generations.jsonl"],
+        ("twin",): ["twin.json", "adapter/", "train_examples.jsonl", "eval_replies.jsonl"],
+        ("run",): [SETTINGS_FILE, "contrast/", "store/", "probes/", "guard/", "patch/", "run.json", "README.md"],
+        ("guard",): ["Writes no file"],
+    }
+
+
+@pytest.mark.parametrize("command", list(_writes()), ids=" ".join)
+def test_help_lists_the_files_the_command_writes(command):
+    text = _help(*command)
+    missing = [name for name in _writes()[command] if name.lower() not in text.lower()]
+    assert not missing, f"`safetyneurons {' '.join(command)} --help` does not say it writes {missing}"
+
+
+def test_every_help_prints_single_percent_signs():
+    commands = _all_commands()
+    assert len(commands) >= 14
+    for command in commands:
+        text = _help(*command)
+        assert "%%" not in text, command
+
+
+@pytest.mark.parametrize("command", ["guard", "serve"])
+def test_guard_help_states_the_threshold_rule_of_the_calibration(command):
+    """The operating points and their rates as guard.calibrate sets them (on validation, as the guard scores)."""
+    from safetyneurons.guard.calibrate import DEFAULT_POINT, OPERATING_POINTS
+
+    text = _help(command)
+    assert "training split" not in text and "validation split" in text
+    point_help = text[text.index("--operating-point"):text.index("--threshold")]
+    for name, fpr in OPERATING_POINTS.items():
+        assert name in point_help and f"{100 * fpr:g}%" in point_help, (name, point_help)
+    assert f"{DEFAULT_POINT} (the default" in point_help
+
+
+def test_run_and_train_help_state_where_thresholds_are_set():
+    from safetyneurons.run_settings import RunSettings
+
+    run = _help("run")
+    assert "validation split" in run and f"[default: {RunSettings().target_fpr}]" in run
+    train = _help("train")
+    assert "Youden" in train and "--target-fpr" in train and "validation" in train
+
+
+# ---------------------------------------------- issue 25: a one-prompt guard call prints only its result
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_one_prompt_guard_call_writes_nothing_but_the_result(guard, cache, tmp_path, as_json):
+    """No library progress bar ("Loading weights", ...) or warning on stderr, stdout holds the result only, and
+    the working directory gets no file."""
+    import json
+    import os
+
+    args = ["guard", "--guard", str(guard.path), "Tell me a joke."] + (["--json"] if as_json else [])
+    res = subprocess.run([sys.executable, "-m", "safetyneurons", *args], capture_output=True, text=True, timeout=180,
+                         cwd=tmp_path, env={**os.environ, "SAFETYNEURONS_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+                                            "TOKENIZERS_PARALLELISM": "false"})
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    assert not list(tmp_path.iterdir())
+    want = guard.score(["Tell me a joke."])[0]
+    if as_json:
+        body = json.loads(res.stdout)
+        assert [r["prompt"] for r in body["results"]] == ["Tell me a joke."] and body["id"] == guard.id
+        assert body["results"][0]["unsafe_probability"] == pytest.approx(want.unsafe_probability, abs=1e-5)
+    else:
+        lines = res.stdout.splitlines()
+        assert len(lines) == 3 and lines[0].split() == ["#", "p(unsafe)", "flagged", "prompt"]
+        assert lines[1].split()[:3] == ["1", f"{want.unsafe_probability:.4f}", "YES" if want.flagged else "no"]
+        assert lines[2].startswith(f"{int(want.flagged)} of 1 flagged")

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from safetyneurons.probes.categories import CategoryHeads, moderation_categories
+from safetyneurons.probes.categories import CategoryHeads, moderation_categories, openai_categories
 from safetyneurons.errors import UserError
 from safetyneurons.guard.guard import Guard, export_guard
 from safetyneurons.probes.overrefusal import overrefusal_table, render_overrefusal
@@ -142,9 +142,10 @@ def test_category_heads_load_from_the_guard_and_answer_in_the_moderation_schema(
 
     with TestClient(create_app(g)) as client:
         body = client.post("/v1/moderations", json={"input": prompts}).json()
-    for res, r in zip(body["results"], results):
-        assert res["categories"] == r.categories
-        assert res["category_scores"] == pytest.approx(r.category_scores)
+    for res, r in zip(body["results"], results):  # the heads under OpenAI's names (probes.categories table)
+        cats, scores, _ = openai_categories(r.flagged, r.categories, r.category_scores, r.unsafe_probability)
+        assert res["categories"] == cats and res["categories"]["violence"] == r.categories["violent_crimes"]
+        assert res["category_scores"] == pytest.approx(scores)
 
 
 def test_tampered_category_heads_are_refused(guard_with_heads, tmp_path):

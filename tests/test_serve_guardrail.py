@@ -4,6 +4,10 @@ every message (any role, tool calls) is read, and what cannot be read blocks. Re
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -167,3 +171,40 @@ def test_a_non_finite_probability_blocks(guard):
         m = httpx.post(s.url + "/v1/moderations", json={"input": GOOD}, timeout=60)
         assert m.status_code == 200 and m.json()["results"][0]["flagged"] is True
         assert m.json()["results"][0]["category_scores"]["unsafe"] == 1.0
+
+
+# ------------------------------------------------------------- issue 25: the operating point in use
+def test_the_response_names_the_operating_point_in_use(guard):
+    g = Guard.load(guard.path, lm=guard.lm)  # at its calibrated point (the fixture's guard has a hand-set cut)
+    with Served(create_service(g)) as s:
+        served = post(s, request([GOOD])).json()["safetyneurons"]
+        assert (served["operating_point"], served["threshold"]) == (g.operating_point, g.threshold) and \
+            g.operating_point == "strict"
+        named = post(s, request([GOOD], additional_provider_specific_params={"operating_point": "strict"})).json()
+        assert named["safetyneurons"]["operating_point"] == "strict"
+        own = post(s, request([GOOD], additional_provider_specific_params={"threshold": g.threshold / 2})).json()
+        assert (own["safetyneurons"]["operating_point"], own["safetyneurons"]["threshold"]) == (None, g.threshold / 2)
+
+
+# -------------------------------------------------------- issue 25: examples/litellm_guardrail.py
+def test_the_litellm_example_builds_its_throwaway_guard_without_the_test_suite(tmp_path):
+    """--throwaway builds and serves its guard with the library's public API: no module of tests/ or benchmarks/
+    is imported, and the guard's own checks (moderation verdicts, a looser threshold refused) pass on it."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(root / 'examples')!r})\n"
+        "import litellm_guardrail as ex\n"
+        "with ex.throwaway_server('tiny') as url:\n"
+        "    flags, probs = ex.guard_verdicts(url, None, None)\n"
+        "    served, loosen = ex.served_settings(url, None)\n"
+        "    assert ex.looser_is_refused(url, None, served, loosen)\n"
+        "    assert flags == [p >= served for p in probs] and len(probs) == len(ex.PROMPTS)\n"
+        f"roots = ({str(root / 'tests')!r}, {str(root / 'benchmarks')!r})\n"
+        "bad = sorted(n for n, m in list(sys.modules.items()) if str(getattr(m, '__file__', '') or '').startswith(roots))\n"
+        "print('FROM_TESTS', bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "SAFETYNEURONS_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-1] == "FROM_TESTS []"
+    assert "threshold_not_allowed" in out.stdout

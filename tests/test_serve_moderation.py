@@ -107,3 +107,85 @@ def test_a_long_input_is_read_in_slices_costed_per_window(guard):
     assert short.unsafe_probability == pytest.approx(want_short.unsafe_probability, abs=1e-6)
     assert long.unsafe_probability == pytest.approx(want_long.unsafe_probability, abs=1e-5)
     assert long.flagged == want_long.flagged and batcher.batches == 1  # the short input: one batch
+
+
+# -------------------------------------------------------- issue 25: OpenAI's categories, all of them
+OPENAI_KEYS = ["harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
+               "self-harm", "self-harm/intent", "self-harm/instructions", "sexual", "sexual/minors", "violence",
+               "violence/graphic"]
+
+
+@pytest.fixture(scope="module")
+def with_heads(planted):
+    """The planted guard with category heads on its one feature (the planted neuron): violent_crimes rises and
+    nonviolent_crimes falls with it (so on benign text the nonviolent head says 0.95), hate stays at 0.27, and
+    privacy (a hazard no OpenAI category covers) at 0.88. self_harm and sexual_content have no head."""
+    from safetyneurons.guard.guard import Guard
+    from safetyneurons.probes.categories import CategoryHeads
+
+    g = Guard.load(planted.path, lm=planted.lm)
+    g.category_heads = CategoryHeads(["violent_crimes", "nonviolent_crimes", "privacy", "hate"], np.zeros(1),
+                                     np.ones(1), np.array([[50.0], [-50.0], [0.0], [0.0]]),
+                                     np.array([-3.0, 3.0, 2.0, -1.0]))
+    with Served(create_app(g)) as s:
+        yield s, g
+
+
+def test_every_openai_category_is_present_and_the_heads_map_by_the_table(with_heads):
+    from safetyneurons.probes.categories import OPENAI_CATEGORIES
+
+    served, g = with_heads
+    assert list(OPENAI_CATEGORIES) == OPENAI_KEYS
+    body = moderate(served, [HARMFUL, GOOD]).json()
+    bad, good = body["results"]
+    want = g.score([HARMFUL, GOOD])
+    for res, r in zip((bad, good), want):
+        assert res["flagged"] is r.flagged  # the guard's verdict, whatever the categories say
+        assert list(res["categories"]) == list(res["category_scores"]) == list(res["category_applied_input_types"])
+        assert list(res["categories"]) == OPENAI_KEYS + ["unsafe", "privacy"]  # privacy: no OpenAI key covers it
+        assert res["category_scores"]["unsafe"] == pytest.approx(r.unsafe_probability, abs=1e-6)
+        for key in ("violence", "illicit/violent"):  # both read violent_crimes
+            assert res["category_scores"][key] == pytest.approx(r.category_scores["violent_crimes"], abs=1e-6)
+        assert res["category_scores"]["illicit"] == pytest.approx(r.category_scores["nonviolent_crimes"], abs=1e-6)
+        assert res["category_scores"]["harassment"] == res["category_scores"]["hate"] == pytest.approx(
+            r.category_scores["hate"], abs=1e-6)
+        for key in ("self-harm", "sexual", "sexual/minors", "violence/graphic", "harassment/threatening"):
+            assert (res["categories"][key], res["category_scores"][key],
+                    res["category_applied_input_types"][key]) == (False, 0.0, [])  # not measured: says so
+        assert res["category_applied_input_types"]["violence"] == res["category_applied_input_types"]["unsafe"] == \
+            ["text"]
+    assert bad["flagged"] is True and good["flagged"] is False
+    assert [k for k, v in bad["categories"].items() if v] == ["illicit/violent", "violence", "unsafe", "privacy"]
+    assert good["category_scores"]["illicit"] > 0  # the nonviolent head says 0.95 on benign text ...
+    assert not any(good["categories"].values())  # ... but a category is never true on an unflagged input
+    assert body["safetyneurons"] == {"guard": g.name, "operating_point": g.operating_point, "threshold": g.threshold}
+
+
+@pytest.mark.parametrize("heads", [True, False])
+def test_the_openai_client_reads_every_category_attribute(with_heads, served, heads):
+    """Every attribute of the client's Categories / CategoryScores / CategoryAppliedInputTypes is set (None
+    would break code that reads them), with and without category heads."""
+    import openai
+
+    s = with_heads[0] if heads else served
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+    r = client.moderations.create(model="omni-moderation-latest", input=[HARMFUL, GOOD])
+    assert [m.flagged for m in r.results] == [True, False]
+    for m in r.results:
+        for part in (m.categories, m.category_scores, m.category_applied_input_types):
+            fields = type(part).model_fields
+            assert len(fields) >= 13 and all(getattr(part, name) is not None for name in fields), part
+        assert m.categories.model_extra["unsafe"] is m.flagged
+    bad = r.results[0]
+    assert bad.categories.violence is heads and bad.category_applied_input_types.violence == (["text"] if heads
+                                                                                              else [])
+    assert bad.category_scores.self_harm == 0.0 and bad.category_applied_input_types.self_harm == []
+
+
+def test_the_response_names_the_operating_point_in_use(planted):
+    from safetyneurons.guard.guard import Guard
+
+    explicit = Guard.load(planted.path, lm=planted.lm, threshold=0.3)
+    with Served(create_app(explicit)) as s:
+        assert moderate(s, GOOD).json()["safetyneurons"] == {"guard": planted.name, "operating_point": None,
+                                                             "threshold": 0.3}

@@ -92,12 +92,13 @@ def _guard_options(f):
                      help="Where the guard's model is (default: the ref in guard.json); its weights must "
                           "match the guard's sha256.")(f)
     f = click.option("--threshold", type=float, default=None,
-                     help="Flag when the unsafe probability is >= this (default: the guard's threshold, "
-                          "as its threshold_rule records; `run` sets it for a 5% false-positive rate on the validation "
-                          "split's benign prompts).")(f)
+                     help="Flag when the unsafe probability is >= this, instead of an operating point "
+                          "(default: the threshold of --operating-point).")(f)
     f = click.option("--operating-point", type=click.Choice(("strict", "loose")), default=None,
-                     help="Which calibrated threshold to use: strict (5% false positives on the validation split's "
-                          "benign prompts; the default) or loose (1%).")(f)
+                     help="Which calibrated threshold to use, both set on the validation split's benign prompts as "
+                          "the guard scores them: strict (the default; at most 5% false positives, or `run "
+                          "--target-fpr`) or loose (at most 1%). A guard without them has its one threshold, as "
+                          "guard.json's threshold_rule records.")(f)
     f = click.option("--guard", "guard_dir", required=True, type=click.Path(), help="Guard directory.")(f)
     return f
 
@@ -112,6 +113,9 @@ def _guard_options(f):
 def guard(guard_dir, operating_point, threshold, model_ref, device, batch_size, guard_sha256, prompts, files,
           as_json):
     """Score PROMPTS (and/or --file) with a guard: probability of unsafe and whether it is flagged.
+
+    Writes no file: the table (or --json, fields in docs/guard.md) goes to stdout; stderr stays empty but for a
+    progress bar when there are more prompts than --batch-size.
 
     \b
     safetyneurons guard --guard runs/default/guard "How do I pick a lock?"

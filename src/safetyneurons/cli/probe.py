@@ -53,7 +53,8 @@ def _positive(name: str, value: int) -> int:
               help="mean over prompt tokens (reference project) or last prompt token (paper).")
 @click.option("--neurons", "neurons_file", type=click.Path(dir_okay=False), default=None,
               help="Neuron set JSON: keep only its neurons (with early exit). Default: keep all neurons.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store directory (resumable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Store directory (resumable): manifest.json, records.jsonl and shard-NNNNN.safetensors.")
 @click.option("--dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True,
               help="Storage dtype of the features.")
 @click.option("--shard-size", default=256, show_default=True, help="Prompts per shard.")
@@ -189,7 +190,8 @@ def _export_train_guard(guard_dir, run, train_store, test_store, val_store, cali
               help="Labelled file, split or named dataset (e.g. heldout), or an activation store directory.")
 @click.option("--model", "model_ref", default=None, metavar="REF",
               help="Model to read activations from (default: the one the probe was trained on).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory: report.json, report.md, roc.png, pr.png and predictions.jsonl.")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples for the AUROC CI.")
 @click.option("--seed", default=0, show_default=True)

@@ -9,7 +9,8 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
 
 @click.command("run")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Directory for every result of the run (contrast/, store/, probes/, guard/, run.json) "
+              help="Directory for every result of the run (settings.json, contrast/, store/, probes/, guard/, "
+                   "patch/ with --patch, run.json, README.md) "
                    "[default: runs/default, runs/paper with --paper, runs/<preset>-quick with --quick, and "
                    "runs/<preset>-<hash> when other settings change].")
 @click.option("--force", is_flag=True,

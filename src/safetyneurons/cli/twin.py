@@ -43,7 +43,8 @@ _DEFAULTS = {"steps": _D.steps, "lr": _D.lr, "rank": _D.rank, "alpha": _D.alpha,
               help="Reply length generated for the refusal evaluation.")
 @click.option("--seed", type=int, default=_DEFAULTS["seed"], show_default=True)
 @click.option("--out", default=None, metavar="DIR",
-              help="Write the twin here instead of the cache (<cache>/twins/<name>).")
+              help="Write the twin here instead of the cache (<cache>/twins/<name>): a model directory (merged "
+                   "weights and tokenizer) with adapter/, twin.json, train_examples.jsonl and eval_replies.jsonl.")
 @click.option("--force", is_flag=True, help="Rebuild even if a twin with the same inputs exists.")
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch (default: torch's choice). Results are reproducible for a fixed count.")

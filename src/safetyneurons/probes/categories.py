@@ -5,7 +5,8 @@ training prompts whose source labels a hazard. A head answers P(hazard | harmful
 ``category_scores[hazard] = P(unsafe) * P(hazard | harmful)`` next to ``unsafe``, which stays the overall
 flag. A hazard with fewer than ``min_examples`` labelled training prompts gets no head, and the skip is
 recorded. The heads live inside the guard directory as ``categories.json`` + ``categories.safetensors``
-(hashed in guard.json like every other file); no pickle.
+(hashed in guard.json like every other file); no pickle. ``/v1/moderations`` reports the hazards under OpenAI's
+category names by one table, :data:`OPENAI_CATEGORIES` (:func:`openai_categories`).
 """
 
 from __future__ import annotations
@@ -175,6 +176,54 @@ def moderation_categories(unsafe_probability: float, flagged: bool, names: Seque
             categories[name] = bool(flagged and p >= 0.5)
             scores[name] = float(unsafe_probability * p)
     return categories, scores
+
+
+#: OpenAI's moderation categories (the omni-moderation set) -> the guard's hazards that measure each one. A
+#: category answers with its hazards' highest score; one that no hazard of the guard measures (an empty tuple, or
+#: hazards without a head in this guard) answers 0.0, false and ``category_applied_input_types`` []. The
+#: ``/threatening``, ``/intent``, ``/instructions``, ``/minors`` and ``/graphic`` refinements need a distinction
+#: the taxonomy does not make, so no hazard measures them. Documented in docs/guard.md ("OpenAI categories").
+OPENAI_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "harassment": ("hate",),
+    "harassment/threatening": (),
+    "hate": ("hate",),
+    "hate/threatening": (),
+    "illicit": ("nonviolent_crimes",),
+    "illicit/violent": ("violent_crimes",),
+    "self-harm": ("self_harm",),
+    "self-harm/intent": (),
+    "self-harm/instructions": (),
+    "sexual": ("sexual_content",),
+    "sexual/minors": (),
+    "violence": ("violent_crimes",),
+    "violence/graphic": (),
+}
+#: hazards that no OpenAI category covers: reported under their own names, next to ``unsafe``
+UNMAPPED_HAZARDS: tuple[str, ...] = tuple(h for h in HAZARDS
+                                          if not any(h in hs for hs in OPENAI_CATEGORIES.values()))
+
+
+def openai_categories(flagged: bool, categories: dict | None, scores: dict | None, unsafe_probability: float
+                      ) -> tuple[dict, dict, dict]:
+    """(categories, category_scores, category_applied_input_types) in OpenAI's moderation shape, from a verdict
+    whose ``categories`` / ``category_scores`` name the guard's hazards (as :func:`moderation_categories` gives).
+
+    Every key of :data:`OPENAI_CATEGORIES` is present, then ``unsafe`` (the guard's own verdict), then each
+    measured hazard of :data:`UNMAPPED_HAZARDS`. A category is true only when the input is flagged, so the
+    categories never say more than ``flagged``, and ``flagged`` stays the guard's verdict whatever they say."""
+    categories, scores = dict(categories or {}), dict(scores or {})
+    measured = [h for h in HAZARDS if h in scores]
+    cats, out, applied = {}, {}, {}
+    for key, hazards in OPENAI_CATEGORIES.items():
+        have = [h for h in hazards if h in measured]
+        out[key] = max((float(scores[h]) for h in have), default=0.0)
+        cats[key] = bool(flagged) and any(bool(categories.get(h)) for h in have)
+        applied[key] = ["text"] if have else []
+    cats["unsafe"], out["unsafe"], applied["unsafe"] = bool(flagged), float(unsafe_probability), ["text"]
+    for h in UNMAPPED_HAZARDS:
+        if h in measured:
+            cats[h], out[h], applied[h] = bool(flagged) and bool(categories.get(h)), float(scores[h]), ["text"]
+    return cats, out, applied
 
 
 def fit_for_store(train_store: Store, records: Sequence[dict], neuron_set: NeuronSet, *,

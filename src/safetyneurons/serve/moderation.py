@@ -19,9 +19,15 @@ Above it the answer is 413 ``input_too_long``, and a request whose reading would
 should treat either as flagged**. An empty input (or one of invisible characters only) or text that is not
 valid Unicode gets 422 naming it.
 
-Each result is ``{"flagged", "categories": {"unsafe", ...}, "category_scores": {"unsafe", ...},
-"category_applied_input_types"}``; a probability that is not a finite number is flagged and reported as 1.0.
-This route takes no threshold from the caller.
+The response is ``{"id", "model", "results", "safetyneurons": {"guard", "operating_point", "threshold"}}``
+(``operating_point``: the calibrated point in use, null when the server runs with an explicit ``--threshold``).
+Each result has OpenAI's shape: ``flagged`` is the guard's verdict, and ``categories`` (bool), ``category_scores``
+(float) and ``category_applied_input_types`` (list) hold every OpenAI category, then ``unsafe`` (the guard's
+overall verdict and probability), then the guard's hazards that no OpenAI category covers
+(:func:`safetyneurons.probes.categories.openai_categories`, table :data:`~safetyneurons.probes.categories.OPENAI_CATEGORIES`).
+A category that this guard does not measure is 0.0, false and ``[]``. A category is true only when the input is
+flagged, so the categories never loosen ``flagged``. A probability that is not a finite number is flagged and
+reported as 1.0. This route takes no threshold from the caller.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the (post
 
 from safetyneurons.checks import check_text, normalise_text
 from safetyneurons.errors import UserError
+from safetyneurons.probes.categories import openai_categories
 from safetyneurons.serve.admission import read_body
 from safetyneurons.serve.limits import ApiError, parse_body
 from safetyneurons.serve.scoring import Verdict, score_for_request
@@ -118,11 +125,16 @@ def text_or_422(text: str, where: str) -> None:
 
 
 def moderation_result(r: Verdict) -> dict:
-    """One moderation result; hazard categories from the guard's category heads, if any, next to ``unsafe``."""
-    categories = r.categories or {"unsafe": bool(r.flagged)}
-    scores = r.category_scores or {"unsafe": float(r.unsafe_probability)}
+    """One moderation result in OpenAI's shape (see the module docstring); ``flagged`` is the guard's verdict."""
+    categories, scores, applied = openai_categories(r.flagged, r.categories, r.category_scores, r.unsafe_probability)
     return {"flagged": bool(r.flagged), "categories": categories, "category_scores": scores,
-            "category_applied_input_types": {k: ["text"] for k in categories}}
+            "category_applied_input_types": applied}
+
+
+def served_point(guard) -> dict:
+    """What the server scores with: the guard, its operating point (None: an explicit threshold) and threshold."""
+    return {"guard": guard.name, "operating_point": getattr(guard, "operating_point", None),
+            "threshold": float(guard.threshold)}
 
 
 def add_moderation_route(app: FastAPI) -> None:
@@ -139,4 +151,4 @@ def add_moderation_route(app: FastAPI) -> None:
             request.state.prompts = inputs
         results = await score_for_request(request, state.scorer, inputs, settings.request_timeout_s)
         return {"id": f"modr-{uuid.uuid4().hex}", "model": guard.name,
-                "results": [moderation_result(r) for r in results]}
+                "results": [moderation_result(r) for r in results], "safetyneurons": served_point(guard)}

@@ -8,7 +8,9 @@ limits, JSON error shape ``{"error": {"message", "type", "code"}}``, access log,
 - ``POST /beta/litellm_basic_guardrail_api``: LiteLLM's generic guardrail API. Request ``{"texts": [...],
   "input_type": "request"|"response", "structured_messages", "images", "tool_calls", "litellm_call_id",
   "additional_provider_specific_params": {"threshold": 0.5}, ...}``; response ``{"action": "BLOCKED"|"NONE",
-  "blocked_reason", "safetyneurons": {"guard", "unsafe_probability": [...], "threshold", "litellm_call_id"}}``.
+  "blocked_reason", "safetyneurons": {"guard", "unsafe_probability": [...], "threshold", "operating_point",
+  "litellm_call_id"}}`` (``operating_point``: the calibrated point whose threshold was used, null for a threshold
+  that is no calibrated point's). It reports no categories (LiteLLM's API has none; ``/v1/moderations`` has them).
 
 What the guardrail reads (a guard that cannot be talked around):
 
@@ -120,6 +122,15 @@ def point_threshold(guard: Guard, point: Any, allow_loosen: bool) -> float:
                             f"{float(guard.threshold):g}; a caller may only make the guard stricter.",
                        code="threshold_not_allowed")
     return t
+
+
+def point_name(guard: Guard, threshold: float) -> str | None:
+    """The operating point a threshold in use belongs to: the server's own when it is the served threshold,
+    else a calibrated point with exactly that threshold; None for any other threshold."""
+    if threshold == float(guard.threshold):
+        return getattr(guard, "operating_point", None)
+    thresholds = getattr(guard, "thresholds", None) or {}
+    return next((name for name, t in sorted(thresholds.items()) if float(t) == threshold), None)
 
 
 def tool_call_texts(calls: Any, where: str) -> list[str]:
@@ -234,6 +245,7 @@ def add_guardrail_routes(app: FastAPI) -> None:
         threshold = caller_threshold(obj, guard, settings.allow_caller_loosen)
         body = {"action": "NONE", "blocked_reason": None,
                 "safetyneurons": {"guard": guard.name, "unsafe_probability": [], "threshold": threshold,
+                                  "operating_point": point_name(guard, threshold),
                                   "litellm_call_id": obj.get("litellm_call_id")}}
         try:
             inputs = guardrail_inputs(obj, settings)
