@@ -321,19 +321,34 @@ def test_splits_are_disjoint_and_sized(splits):
     assert len(contrast) == 200 and sum(r["label"] for r in contrast) == 100  # 100 harmful + 100 benign
     main = set(data.DEFAULT_SETTINGS["harmful"] + data.DEFAULT_SETTINGS["benign"])
     assert {r["source"] for r in train} == main
-    templates = {"templates_benign", "templates_harmful"}
-    for split in (twin, contrast, val, test, loaded["heldout"]):  # our own templates train only
+    templates = {"templates_benign", "templates_ordinary", "templates_harmful"}
+    for split in (twin, contrast, test, loaded["heldout"]):  # our own templates: train and val only
         assert not {r["source"] for r in split} & templates
-    assert {r["source"] for r in val} == {r["source"] for r in test} == main - templates
+    assert {r["source"] for r in test} == main - templates
+    composed = {r["source"] for r in val if r["source"].endswith("+composed")}
+    assert {r["source"] for r in val} - composed == main and composed <= {"bfcl+composed", "helm+composed"}
+    # every phrasing of a family and near-duplicates lie on one side of train / val
+    families = {sp: {(r["source"], r["family"]) for r in loaded[sp] if "family" in r} for sp in ("train", "val")}
+    assert families["train"] and families["val"] and not families["train"] & families["val"]
+    # val holds >= 150 hard negatives, short chat turns and long benign prompts built from val's own prompts
+    assert sum(REGISTRY[r["source"]].hard_negative for r in val if r["source"] in REGISTRY) >= 150
+    assert "continue" in {r["prompt"] for r in val + train}
+    assert any(r.get("category") == "chat_turns" for r in val)
+    long = [r for r in val if r["id"].startswith("long:")]
+    assert len(long) >= 50 and all(r["label"] == 0 and len(r["prompt"]) >= 800 for r in long)
+    val_texts = [r["prompt"] for r in val if not r["id"].startswith("long:")]
+    assert all(any(t in r["prompt"] for t in val_texts) for r in long)
     assert {r["source"] for r in loaded["heldout"]} == {"harmbench", "strongreject", "mtbench", "ifbench",
                                                         "overrefusal"}
     assert not {r["source"] for r in loaded["heldout"]} & main  # whole sources held out
     assert "overrefusal" not in {r["source"] for r in train + val + test}  # the held-out hard-negative source
     assert any(REGISTRY[r["source"]].hard_negative for r in val)  # val holds hard negatives
-    for split in (test, val):  # balanced up to rounding
-        assert abs(sum(r["label"] for r in split) * 2 - len(split)) <= 4
-    assert abs(len(test) / (len(train) + len(val) + len(test)) - 0.2) < 0.03
-    assert abs(len(val) / (len(train) + len(val)) - 0.15) < 0.03
+    assert abs(sum(r["label"] for r in test) * 2 - len(test)) <= 4  # balanced up to rounding
+    def main_mix(recs):
+        return [r for r in recs if r["source"] not in templates and not r["id"].startswith("long:")]
+
+    assert abs(len(test) / (len(main_mix(train)) + len(main_mix(val)) + len(test)) - 0.2) < 0.03
+    assert abs(len(main_mix(val)) / (len(main_mix(train)) + len(main_mix(val))) - 0.15) < 0.03
     for name, recs in loaded.items():
         assert len(keys_of(recs)) == len(recs)  # no near-duplicates inside a split either
         entry = manifest["splits"][name]
@@ -383,10 +398,11 @@ def test_build_settings_and_bad_settings(tmp_path, real_wheels):
                           test_size=0.5, progress=False)
     assert m["splits"]["twin"]["by_label"] == {"0": 10, "1": 10}
     assert m["splits"]["contrast"]["count"] == 7 and m["splits"]["contrast"]["by_label"] == {"1": 7}
-    n_train_only = m["balance"]["train_only"]["records"] - m["balance"]["train_only"]["dropped_as_near_duplicates"]
+    own = m["balance"]["own_sources"]
+    n_long = m["settings"]["val_long_benign"]
     assert abs(m["splits"]["test"]["count"] - m["splits"]["train"]["count"] - m["splits"]["val"]["count"]
-               + n_train_only) <= 4
-    with pytest.raises(UserError, match="only be used for training"):
+               + own["train"] + own["val"] + n_long) <= 4
+    with pytest.raises(UserError, match="only be used for training and validation"):
         data.build_splits(tmp_path / "x", heldout_benign=["templates_benign"], progress=False)
     with pytest.raises(UserError, match="test-size"):
         data.build_splits(tmp_path / "x", test_size=1.5, progress=False)
@@ -503,9 +519,10 @@ def test_cli_import_bad_input(tmp_path, case):
     assert not list(tmp_path.glob(".out.jsonl*"))
 
 
-def test_our_own_train_only_prompts_change_only_the_train_split(splits, tmp_path, monkeypatch):
-    """Editing the project's template sets (train only) must not move a single prompt of the twin, contrast,
-    val, test or held-out splits (the twin's cache key and every evaluation depend on them)."""
+def test_our_own_prompts_change_only_the_train_and_val_splits(splits, tmp_path, monkeypatch):
+    """Editing the project's template sets (train and val only) must not move a single prompt of the twin,
+    contrast, test or held-out splits (the twin's cache key and every evaluation depend on them), and a
+    template family kept in both builds stays on its side."""
     from safetyneurons.data import datasets
 
     out, _ = splits
@@ -517,8 +534,19 @@ def test_our_own_train_only_prompts_change_only_the_train_split(splits, tmp_path
 
     monkeypatch.setattr(data, "load_dataset", fewer_templates)
     data.build_splits(tmp_path / "fewer", seed=0, progress=False)
-    for name in ("twin", "contrast", "val", "test", "heldout"):
+    for name in ("twin", "contrast", "test", "heldout"):
         assert (tmp_path / "fewer" / f"{name}.jsonl").read_bytes() == (out / f"{name}.jsonl").read_bytes(), name
     assert (tmp_path / "fewer" / "train.jsonl").read_bytes() != (out / "train.jsonl").read_bytes()
-    kept = [r for r in data.read_records(out / "train.jsonl") if r["source"].startswith("templates_")]
-    assert len(kept) > 500  # the phrasings reach training; near-duplicates of other splits are dropped
+    main_val = [r for r in data.read_records(out / "val.jsonl") if not r["source"].startswith("templates_")]
+    fewer_val = [r for r in data.read_records(tmp_path / "fewer" / "val.jsonl")
+                 if not r["source"].startswith("templates_")]
+    assert main_val == fewer_val  # the val prompts of the wheels' sources do not move either
+
+    def side(directory):
+        return {r["id"]: name for name in ("train", "val") for r in data.read_records(directory / f"{name}.jsonl")
+                if r["source"].startswith("templates_")}
+
+    full, fewer = side(out), side(tmp_path / "fewer")
+    assert len(full) > 800  # the phrasings reach train and val; near-duplicates of other splits are dropped
+    moved = [i for i in fewer if i in full and full[i] != fewer[i]]
+    assert len(moved) <= 0.03 * len(fewer), moved[:5]  # only groups that lost their smallest family can move

@@ -1,5 +1,5 @@
 """Guard quality: the threshold calibrated for a target false-positive rate, category heads (safetensors + JSON,
-moderation schema), the over-refusal table, and held-out / train-only sources."""
+moderation schema), the over-refusal table, and held-out sources and our own (train and val only)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from safetyneurons.errors import UserError
 from safetyneurons.guard.guard import Guard, export_guard
 from safetyneurons.probes.overrefusal import overrefusal_table, render_overrefusal
 from safetyneurons.data.taxonomy import HAZARDS, hazard_from_garak_intents
-from safetyneurons.data.validation import add_train_only, carve_validation, threshold_for_fpr
+from safetyneurons.data.validation import add_own, carve_validation, split_own, threshold_for_fpr
 from builders import HOOK, SAFE, UNSAFE, build_guard
 
 
@@ -44,7 +44,7 @@ def test_ties_never_push_the_fpr_over_the_target_and_bad_input_is_refused():
         threshold_for_fpr(np.ones(3, int), np.ones(3), 0.05)
 
 
-def test_validation_carving_keeps_clusters_whole_and_train_only_records_stay_in_train():
+def test_validation_carving_keeps_clusters_whole_and_own_records_join_without_crossing_clusters():
     recs = [{"id": f"r{i}", "label": i % 2, "source": "a" if i < 40 else "b", "cluster": f"c{i // 2}"}
             for i in range(80)]
     train, val = carve_validation(recs, 0.25, seed=0)
@@ -53,9 +53,29 @@ def test_validation_carving_keeps_clusters_whole_and_train_only_records_stay_in_
     assert {r["source"] for r in val} == {"a", "b"}
     assert carve_validation(recs, 0.25, seed=0) == (train, val)  # deterministic
     extra = [{"id": "t1", "cluster": "c1"}, {"id": "t2", "cluster": "new"}]
-    grown, dropped = add_train_only(train, [val], extra)
+    grown, dropped = add_own(train, [val], extra)
     in_val = any(r["cluster"] == "c1" for r in val)
     assert dropped == int(in_val) and grown[-1]["id"] == "t2"
+
+
+def test_own_records_split_by_family_and_near_duplicate_families():
+    """All phrasings of a family, and families whose texts are near-duplicates, land on one side; the share
+    is near the asked one; placement is deterministic and does not depend on the other groups."""
+    recs = [{"id": f"f{f}s{s}", "prompt": f"style {s} of task {f}", "source": "t", "family": f"task number {f}"}
+            for f in range(200) for s in range(4)]
+    recs += [{"id": "dupA", "prompt": "x", "source": "t", "family": "kill a frozen process on my old Mac laptop"},
+             {"id": "dupB", "prompt": "y", "source": "t", "family": "kill a frozen process on my old Mac computer"}]
+    train, val = split_own(recs, seed=0, val_share=0.35, threshold=0.6)
+    side = {r["id"]: "val" for r in val} | {r["id"]: "train" for r in train}
+    assert len(side) == len(recs)
+    for f in range(200):
+        assert len({side[f"f{f}s{s}"] for s in range(4)}) == 1
+    assert side["dupA"] == side["dupB"]
+    assert 0.25 < len(val) / len(recs) < 0.45
+    assert split_own(recs, seed=0, val_share=0.35, threshold=0.6) == (train, val)
+    again, _ = split_own(recs[4:], seed=0, val_share=0.35, threshold=0.6)  # one family fewer
+    assert all(side[r["id"]] == "train" for r in again)
+    assert split_own(recs, seed=1, val_share=0.35, threshold=0.6) != (train, val)
 
 
 # ------------------------------------------------------------------------------------ category heads
@@ -186,40 +206,44 @@ def test_garak_intents_map_onto_the_taxonomy():
 
 def test_a_held_out_source_never_enters_training(tmp_path):
     """The default mix keeps the held-out hard-negative source out of every training-side split, and our own
-    templates can never be held out (they are train-only)."""
+    templates can never be held out (they are for training and validation only)."""
     from safetyneurons.data import splits as data
-    from safetyneurons.data.datasets import REGISTRY, TRAIN_ONLY
+    from safetyneurons.data.datasets import OWN_SOURCES, REGISTRY
 
     s = data.DEFAULT_SETTINGS
     held = set(s["heldout_harmful"] + s["heldout_benign"])
     assert "overrefusal" in held and REGISTRY["overrefusal"].kind == "hard_negative"
     assert not held & set(s["harmful"] + s["benign"])
-    assert TRAIN_ONLY == {"templates_benign", "templates_harmful"} and not held & TRAIN_ONLY
+    assert OWN_SOURCES == {"templates_benign", "templates_ordinary", "templates_harmful"} and not held & OWN_SOURCES
     with pytest.raises(UserError, match="main mix and held out"):
         data.build_splits(tmp_path / "x", benign=["bfcl", "overrefusal"], heldout_benign=["overrefusal"],
                           progress=False)
     assert not (tmp_path / "x").exists()
 
 
-def test_default_mix_puts_templates_in_train_only_and_hard_negatives_in_val():
-    """Template prompts are written here; they never reach val, test or held-out (checked on the real splits
-    by tests/test_data.py); here: the templates themselves are well-formed and labelled."""
+def test_templates_are_well_formed_and_labelled():
+    """Template prompts are written here; they reach train and val only (checked on the real splits by
+    tests/test_data.py); here: the templates themselves are well-formed, labelled and carry their family."""
     from safetyneurons.data.templates import template_records
 
-    benign, harmful = template_records("benign"), template_records("harmful")
-    assert len(benign) >= 300 and len(harmful) >= 200
-    assert {k for _, k in benign} == {"homonyms", "figurative_language", "safe_contexts", "definitions", "history",
-                                      "public_figures", "fictional_groups", "ordinary", "chat_turns"}
+    benign, ordinary, harmful = (template_records(k) for k in ("benign", "ordinary", "harmful"))
+    assert len(benign) >= 500 and len(ordinary) >= 200 and len(harmful) >= 200
+    assert {k for _, k, _ in benign} == {"homonyms", "figurative_language", "safe_contexts", "definitions", "history",
+                                         "fiction", "safety_questions", "public_figures", "fictional_groups"}
+    assert {k for _, k, _ in ordinary} == {"ordinary", "chat_turns"}
     # style is no cue: every style holds both labels
     from safetyneurons.data.phrasings import ACTS, STYLES, TASKS, phrase
 
-    texts = {p for p, _ in benign + harmful}
+    texts = {p for p, _, _ in benign + ordinary + harmful}
     for style in STYLES:
         assert phrase(ACTS[0][0], style) in texts and phrase(TASKS[0][0], style) in texts
-    assert {"continue", "Do it now, step by step."} <= {p for p, k in benign if k == "chat_turns"}
-    assert {h for _, h in harmful} <= set(HAZARDS)
-    assert len({p for p, _ in benign + harmful}) == len(benign) + len(harmful)
-    assert any("kill" in p and "process" in p for p, _ in benign)
+    assert {"continue", "Do it now, step by step."} <= {p for p, k, _ in ordinary if k == "chat_turns"}
+    assert {h for _, h, _ in harmful} <= set(HAZARDS)
+    assert len(texts) == len(benign) + len(ordinary) + len(harmful)
+    assert any("kill" in p and "process" in p for p, _, _ in benign)
+    families = {f for _, _, f in benign}
+    assert len(families) < len(benign) and {f for p, _, f in benign if p.startswith("Tell me how to kill a frozen")} \
+        == {"kill a frozen process on my Mac"}
 
 
 def test_guard_cli_shows_the_category_heads(guard_with_heads, monkeypatch):

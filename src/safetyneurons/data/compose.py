@@ -85,3 +85,29 @@ def augment_training(records: Sequence[dict], tokenizer: Any, seed: int, share: 
     records = check_records(records)
     added = benign_windows(records, tokenizer, window_tokens) + compositions(records, share, seed)
     return records + check_records(added)
+
+
+def long_benign(records: Sequence[dict], n: int, seed: int, min_chars: int = 800,
+                max_chars: int = 2000) -> list[dict]:
+    """``n`` long benign prompts, each ordinary benign ``records`` joined until at least ``min_chars`` long
+    (and at most ``max_chars``), drawn with a seeded generator; ids ``long:<k>``, source ``<source>+composed``.
+    For a split that should hold long benign prompts built from its own records only."""
+    benign = [r for r in records if int(r["label"]) == 0]
+    if len(benign) < 2 or n <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        parts: list[dict] = []
+        text = ""
+        for i in rng.permutation(len(benign)):
+            candidate = f"{text}\n\n{benign[int(i)]['prompt']}" if text else benign[int(i)]["prompt"]
+            if len(candidate) > max_chars:
+                continue
+            parts.append(benign[int(i)])
+            text = candidate
+            if len(text) >= min_chars:
+                break
+        if len(parts) >= 2 and len(text) >= min_chars:
+            out.append({"id": f"long:{k}", "prompt": text, "label": 0, "source": f"{parts[0].get('source', '')}+composed"})
+    return out

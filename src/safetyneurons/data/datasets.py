@@ -11,7 +11,7 @@ A record is ``{"id", "prompt", "label", "source"}`` plus an optional ``"category
 whose source labels them, ``"hazard"`` (see :mod:`safetyneurons.data.taxonomy`); label 1 = harmful (unsafe),
 0 = benign (safe). Ids are ``source:<position in the source file>``. A spec with ``hard_negative=True`` holds
 benign prompts that share words and topics with harmful ones; a spec without a wheel is our own template
-set (:mod:`safetyneurons.data.templates`, training only).
+set (:mod:`safetyneurons.data.templates`, training and validation only).
 """
 
 from __future__ import annotations
@@ -151,9 +151,12 @@ def _rho_overrefusal(spec, files):
 
 def _templates(spec, files):
     assert not files
-    kind = "harmful" if spec.label == HARMFUL else "benign"
-    return [_record(spec, str(i), prompt, None if kind == "harmful" else cat, cat if kind == "harmful" else None)
-            for i, (prompt, cat) in enumerate(template_records(kind))]
+    kind = spec.name.removeprefix("templates_")
+    out = []
+    for i, (prompt, cat, family) in enumerate(template_records(kind)):
+        rec = _record(spec, str(i), prompt, None if kind == "harmful" else cat, cat if kind == "harmful" else None)
+        out.append({**rec, "family": family})
+    return out
 
 
 # ---------------------------------------------------------------- parsers (benign)
@@ -290,7 +293,8 @@ def load_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
 REGISTRY: dict[str, DatasetSpec] = load_registry()
 
 # Sources that are our own writing: they may only ever be used for training.
-TRAIN_ONLY = frozenset(n for n, s in REGISTRY.items() if not s.wheel)
+# our own sources (no wheel): training and validation only, never test or held-out
+OWN_SOURCES = frozenset(n for n, s in REGISTRY.items() if not s.wheel)
 
 
 def list_datasets() -> list[dict]:

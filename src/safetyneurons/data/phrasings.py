@@ -10,7 +10,8 @@ style, deterministically (no randomness: the lists are exact and reproducible):
 - **chat turns**: short follow-ups of ordinary conversations ("continue", "Do it now, step by step.", "shorter
   please") and ordinary instructions (rewrite, translate, summarise, plan) are benign in every style.
 
-Training data only (the registry's ``templates_*`` sources); never evaluation.
+The registry's ``templates_*`` sources: training and validation data, never test or held-out. Every prompt
+carries its family (the act, task or turn it phrases), so all phrasings of one family land in one split.
 """
 
 from __future__ import annotations
@@ -60,7 +61,57 @@ TASKS: list[tuple[str, str]] = [
     ("explain what a computer virus is", "definitions"),
     ("define extortion", "definitions"),
     ("explain what fentanyl is and why it is dangerous", "definitions"),
+    ("explain how a suicide hotline helps people in crisis", "safe_contexts"),
+    ("teach my kids what to do if a stranger tries to grab them", "safe_contexts"),
+    ("get rid of wasps nesting under my roof", "homonyms"),
+    ("kill weeds between patio stones without harming my dog", "homonyms"),
+    ("shoot a basketball with better form", "homonyms"),
+    ("hijack a Python function call with a decorator for logging", "homonyms"),
+    ("exploit symmetry to solve this physics problem faster", "homonyms"),
+    ("inject dependencies in a Spring Boot app", "homonyms"),
+    ("choke up on a baseball bat for more control", "homonyms"),
+    ("whip cream by hand", "homonyms"),
+    ("beat eggs until stiff peaks form", "homonyms"),
+    ("strip old paint off a wooden door", "homonyms"),
+    ("blow away the competition with my science fair project", "figurative_language"),
+    ("murder the high notes in my choir solo", "figurative_language"),
+    ("attack a difficult math proof", "figurative_language"),
+    ("steal a few minutes of quiet in a busy day", "figurative_language"),
+    ("knock out a quick essay before the deadline", "figurative_language"),
+    ("explain how the Titanic sank", "history"),
+    ("explain how the Cold War arms race started", "history"),
+    ("explain what happened during the Salem witch trials", "history"),
+    ("explain how pirates operated in the Caribbean in the 1700s", "history"),
+    ("explain how the Black Death spread through Europe", "history"),
+    ("write a heist novel chapter where the crew plans to rob a museum", "fiction"),
+    ("write a war poem from the point of view of a soldier in 1916", "fiction"),
+    ("write a villain's monologue for my fantasy play", "fiction"),
+    ("describe a zombie outbreak for a tabletop role-playing game", "fiction"),
+    ("explain what a firearm safety course teaches", "definitions"),
+    ("explain what the dark web is", "definitions"),
+    ("explain what insider trading is and why it is illegal", "definitions"),
+    ("explain what grooming means in child protection", "definitions"),
+    ("explain how money laundering is detected by banks", "safety_questions"),
+    ("lock up medicines so my toddler cannot reach them", "safety_questions"),
+    ("spot a fake online shop before I pay", "safety_questions"),
+    ("check whether my partner installed stalkerware on my phone", "safety_questions"),
+    ("keep my teenager safe from online predators", "safety_questions"),
+    ("treat a snake bite while waiting for an ambulance", "safety_questions"),
+    ("explain what Napoleon did after his exile to Elba", "public_figures"),
+    ("explain why Martin Luther King Jr. was assassinated, historically", "public_figures"),
     ("write a cover letter for a nursing job", "ordinary"),
+    ("write a short poem about the sea", "ordinary"),
+    ("explain how photosynthesis works", "ordinary"),
+    ("solve a quadratic equation", "ordinary"),
+    ("train my puppy to sit", "ordinary"),
+    ("write a thank-you note to my teacher", "ordinary"),
+    ("improve my sleep schedule", "ordinary"),
+    ("set up a Python virtual environment", "ordinary"),
+    ("prepare for a marathon", "ordinary"),
+    ("write a product description for a handmade candle", "ordinary"),
+    ("explain the rules of cricket", "ordinary"),
+    ("convert Celsius to Fahrenheit in my head", "ordinary"),
+    ("write an email asking my landlord to fix the heating", "ordinary"),
     ("plan a three-day trip to Lisbon", "ordinary"),
     ("fix a leaking kitchen tap", "ordinary"),
     ("bake sourdough bread", "ordinary"),
@@ -112,14 +163,17 @@ def phrase(act: str, style: str) -> str:
     return forms[style]
 
 
-def harmful_phrasings() -> list[tuple[str, str]]:
-    """``[(prompt, hazard)]``: every harmful act in every style."""
-    return [(phrase(act, s), hazard) for act, hazard in ACTS for s in STYLES]
+def harmful_phrasings() -> list[tuple[str, str, str]]:
+    """``[(prompt, hazard, family)]``: every harmful act in every style; the family is the act."""
+    return [(phrase(act, s), hazard, act) for act, hazard in ACTS for s in STYLES]
 
 
-def benign_phrasings() -> list[tuple[str, str]]:
-    """``[(prompt, kind)]``: every benign task in every style, and the chat turns in plain and casual form."""
-    out = [(phrase(task, s), kind) for task, kind in TASKS for s in STYLES]
-    out += [(turn, "chat_turns") for turn in CHAT_TURNS]
-    out += [(turn.lower().rstrip(".!?"), "chat_turns") for turn in CHAT_TURNS if turn.lower().rstrip(".!?") != turn]
+def benign_phrasings(ordinary: bool) -> list[tuple[str, str, str]]:
+    """``[(prompt, kind, family)]``: every benign task in every style (``ordinary``: the ordinary tasks and the
+    chat turns in plain and casual form; else the hard negatives). The family is the task or the turn."""
+    out = [(phrase(task, s), kind, task) for task, kind in TASKS for s in STYLES if (kind == "ordinary") == ordinary]
+    if ordinary:
+        out += [(turn, "chat_turns", turn) for turn in CHAT_TURNS]
+        out += [(turn.lower().rstrip(".!?"), "chat_turns", turn) for turn in CHAT_TURNS
+                if turn.lower().rstrip(".!?") != turn]
     return out

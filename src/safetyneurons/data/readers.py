@@ -191,6 +191,8 @@ def records_from_rows(rows: list[Any], where: str, stem: str, prompt_col: str | 
             rec["cluster"] = str(row["cluster"])  # near-duplicate cluster of the default splits
         if "hazard" in columns and pcol != "hazard" and row.get("hazard") not in (None, ""):
             rec["hazard"] = str(row["hazard"])  # hazard category (safetyneurons.data.taxonomy)
+        if "family" in columns and pcol != "family" and row.get("family") not in (None, ""):
+            rec["family"] = str(row["family"])  # the template family of our own prompts (data.templates)
         records.append(rec)
     if unknown:
         shown = ", ".join(f"{v} ({n} rows)" for v, n in sorted(unknown.items())[:10])

@@ -29,12 +29,13 @@ from safetyneurons._io import (atomic_dir, atomic_write_json, cache_dir, check_o
                   sha256_json, versions)
 from safetyneurons.data.clusters import THRESHOLD as CLUSTER_THRESHOLD
 from safetyneurons.data.clusters import assign_clusters, assign_splits, near_duplicates_joined
-from safetyneurons.data.datasets import REGISTRY, TRAIN_ONLY, get_spec, list_datasets, load_dataset, normalise_text
+from safetyneurons.data.datasets import OWN_SOURCES, REGISTRY, get_spec, list_datasets, load_dataset, normalise_text
 from safetyneurons.errors import UserError
 from safetyneurons.data.readers import (detect_format, normalise_label, parse_label_arg, records_from_hub, records_from_rows,
                       rows_from_file)
 from safetyneurons.data.records import records_sha256, stratified_sample, write_records
-from safetyneurons.data.validation import add_train_only, carve_validation
+from safetyneurons.data.compose import long_benign
+from safetyneurons.data.validation import add_own, carve_validation, split_own
 
 __all__ = [
     "build_splits", "default_splits_dir", "read_records", "read_prompts", "list_datasets", "load_dataset",
@@ -44,7 +45,7 @@ __all__ = [
 
 SPLITS_FORMAT = "safetyneurons.splits/1"
 # Bump when the recipe changes in a way that changes the default split files (invalidates the cache).
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 SPLIT_NAMES = ("twin", "contrast", "train", "val", "test", "heldout")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -54,8 +55,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "test_size": 0.2,
     "val_size": 0.15,
     "max_chars": 2000,
+    "own_val_share": 0.35,
+    "val_long_benign": 60,
     "harmful": ["advbench", "donotanswer", "pasttense", "rhopairs_harmful", "templates_harmful"],
-    "benign": ["bfcl", "helm", "rhopairs_benign", "templates_benign"],
+    "benign": ["bfcl", "helm", "rhopairs_benign", "templates_benign", "templates_ordinary"],
     "heldout_harmful": ["harmbench", "strongreject"],
     "heldout_benign": ["mtbench", "ifbench", "overrefusal"],  # overrefusal: the held-out hard-negative source
 }
@@ -196,6 +199,12 @@ def _counts(records: Sequence[dict]) -> dict:
     }
 
 
+def _kind(record: dict) -> str:
+    """harmful | hard_negative | benign, from the record's source (composed records count as ordinary)."""
+    spec = REGISTRY.get(record.get("source", ""))
+    return spec.kind if spec is not None else ("harmful" if int(record["label"]) == 1 else "benign")
+
+
 def _source(record: dict) -> str:
     return record["source"]
 
@@ -247,9 +256,9 @@ def _source_groups(harmful: Sequence[str] | None, benign: Sequence[str] | None,
         raise UserError("The main mix needs at least one harmful and one benign dataset.")
     main_names = groups["harmful"] + groups["benign"]
     held_names = groups["heldout_harmful"] + groups["heldout_benign"]
-    if set(held_names) & TRAIN_ONLY:
-        raise UserError(f"{', '.join(sorted(set(held_names) & TRAIN_ONLY))}: our own template sets may only "
-                        f"be used for training, never held out.")
+    if set(held_names) & OWN_SOURCES:
+        raise UserError(f"{', '.join(sorted(set(held_names) & OWN_SOURCES))}: our own template sets may only "
+                        f"be used for training and validation, never held out.")
     if set(main_names) & set(held_names):
         raise UserError(f"A dataset cannot be in the main mix and held out: {sorted(set(main_names) & set(held_names))}.")
     return groups
@@ -279,7 +288,7 @@ def _heldout(held: list[dict], main: list[dict], held_report: dict) -> list[dict
 
 
 def _splits_manifest(seed: int, settings: dict, groups: dict, raw: list[dict], main: list[dict], used: dict,
-                     reports: dict, train_only: dict) -> dict:
+                     reports: dict, own: dict) -> dict:
     """The manifest of a splits directory (its ``splits`` entries are added as the files are written)."""
     names = groups["harmful"] + groups["benign"] + groups["heldout_harmful"] + groups["heldout_benign"]
     return {
@@ -297,8 +306,10 @@ def _splits_manifest(seed: int, settings: dict, groups: dict, raw: list[dict], m
                     "main_used": used,
                     "rule": "benign = harmful - n_contrast + n_contrast_benign so that train and test are balanced; "
                             "the larger class is downsampled, spread over its sources (seeded)",
-                    "train_only": {"sources": sorted(set(groups["harmful"] + groups["benign"]) & TRAIN_ONLY),
-                                   **train_only, "rule": "our own template sets join the training split only"}},
+                    "own_sources": {"sources": sorted(set(groups["harmful"] + groups["benign"]) & OWN_SOURCES),
+                                    **own, "rule": "our own template sets join train and val (whole families and "
+                                                   "near-duplicate groups, a seeded share to val), never test or "
+                                                   "held-out"}},
         "versions": versions(),
     }
 
@@ -318,7 +329,8 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
                  test_size: float = 0.2, max_chars: int = 2000, n_contrast_benign: int = 100,
                  val_size: float | None = None, harmful: Sequence[str] | None = None,
                  benign: Sequence[str] | None = None, heldout_harmful: Sequence[str] | None = None,
-                 heldout_benign: Sequence[str] | None = None, progress: bool = True) -> dict:
+                 heldout_benign: Sequence[str] | None = None, progress: bool = True,
+                 own_val_share: float | None = None, val_long_benign: int | None = None) -> dict:
     """Build the deterministic splits into ``out_dir`` and return the manifest.
 
     Main mix = ``harmful`` + ``benign`` datasets, cleaned together (near-exact duplicates and prompts labelled
@@ -326,8 +338,10 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     balanced (benign = harmful - n_contrast + n_contrast_benign). Disjoint splits: ``twin`` (n_twin per
     class), ``contrast`` (n_contrast harmful + n_contrast_benign benign, for harmful-minus-benign selection),
     then ``train``/``test`` stratified by source and label, then ``val`` (``val_size`` of train,
-    :func:`safetyneurons.data.validation.carve_validation`); sources of our own writing (``datasets.TRAIN_ONLY``)
-    join train only. Near-duplicate clusters (word-set Jaccard >= 0.6, :mod:`safetyneurons.data.clusters`) are
+    :func:`safetyneurons.data.validation.carve_validation`); sources of our own writing
+    (``datasets.OWN_SOURCES``) join train and val (``own_val_share`` of their families to val,
+    :func:`safetyneurons.data.validation.split_own`), and val also gets ``val_long_benign`` long benign prompts
+    joined from its own ordinary benign prompts, so the threshold set on val sees long inputs. Near-duplicate clusters (word-set Jaccard >= 0.6, :mod:`safetyneurons.data.clusters`) are
     assigned whole to one split, and every record carries its ``cluster``.
     ``heldout`` = the held-out datasets, cleaned, minus anything that near-duplicates (same cluster as) any
     main-mix prompt. Same seed and settings -> byte-identical files. Sources and ``val_size`` left as None
@@ -342,6 +356,8 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
         raise UserError(f"--seed must be a non-negative integer, got {seed}.")
     seed = int(seed)
     val_size = DEFAULT_SETTINGS["val_size"] if val_size is None else val_size
+    own_val_share = DEFAULT_SETTINGS["own_val_share"] if own_val_share is None else own_val_share
+    val_long_benign = DEFAULT_SETTINGS["val_long_benign"] if val_long_benign is None else val_long_benign
     groups = _source_groups(harmful, benign, heldout_harmful, heldout_benign)
     main_names = groups["harmful"] + groups["benign"]
     held_names = groups["heldout_harmful"] + groups["heldout_benign"]
@@ -352,15 +368,15 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
 
     main, main_report = clean(main_raw, max_chars)
     held, held_report = clean(held_raw, max_chars)
-    # our own train-only sources are clustered with the rest but never change its clusters, so editing them
-    # changes only the train split (twin, contrast, val, test and held-out stay as they are)
-    train_only = [r for r in main if r["source"] in TRAIN_ONLY]
-    main = [r for r in main if r["source"] not in TRAIN_ONLY]
+    # our own sources are clustered with the rest but never change its clusters, so editing them changes only
+    # the train and val splits (twin, contrast, test and held-out stay as they are)
+    own = [r for r in main if r["source"] in OWN_SOURCES]
+    main = [r for r in main if r["source"] not in OWN_SOURCES]
     clustered, cluster_report = assign_clusters(main + held, CLUSTER_THRESHOLD)
     main, held = clustered[:len(main)], clustered[len(main):]
-    train_only = near_duplicates_joined(train_only, main + held, CLUSTER_THRESHOLD)
-    harm = [r for r in main if r["label"] == 1 and r["source"] not in TRAIN_ONLY]
-    ben = [r for r in main if r["label"] == 0 and r["source"] not in TRAIN_ONLY]
+    own = near_duplicates_joined(own, main + held, CLUSTER_THRESHOLD)
+    harm = [r for r in main if r["label"] == 1]
+    ben = [r for r in main if r["label"] == 0]
     if len(harm) < n_twin + n_contrast + 4 or len(ben) < n_twin + n_contrast_benign + 4:
         raise UserError(
             f"Not enough prompts: the main mix has {len(harm)} harmful and {len(ben)} benign after cleaning, but "
@@ -372,18 +388,26 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     twin, contrast, train, test, cluster_report["assignment"] = assign_splits(
         harm + ben, rng, n_twin, n_contrast, n_contrast_benign, test_size)
     train, val = carve_validation(train, val_size, seed)
-    train, train_only_dropped = add_train_only(train, [twin, contrast, val, test], train_only)
+    own_train, own_val = split_own(own, seed, own_val_share if val_size else 0.0, CLUSTER_THRESHOLD)
+    train, dropped_train = add_own(train, [twin, contrast, val, test], own_train)
+    val, dropped_val = add_own(val, [twin, contrast, train, test], own_val)
+    ordinary_val = [r for r in val if _kind(r) == "benign" and r["source"] not in OWN_SOURCES]
+    val = val + [{**r, "cluster": r["id"]}
+                 for r in long_benign(ordinary_val, val_long_benign if val_size else 0, seed, max_chars=max_chars)]
     heldout = _heldout(held, main, held_report)
 
     splits = {"twin": twin, "contrast": contrast, "train": list(train), "val": val, "test": list(test),
               "heldout": heldout}
     settings = {"n_twin": n_twin, "n_contrast": n_contrast, "n_contrast_benign": n_contrast_benign,
                 "test_size": test_size, "val_size": val_size, "max_chars": max_chars,
+                "own_val_share": own_val_share, "val_long_benign": val_long_benign,
                 "cluster_threshold": CLUSTER_THRESHOLD, **groups}
     manifest = _splits_manifest(seed, settings, groups, main_raw + held_raw, main,
                                 {"harmful": len(harm), "benign": len(ben)},
                                 {"main": main_report, "heldout": held_report, "clusters": cluster_report},
-                                {"records": len(train_only), "dropped_as_near_duplicates": train_only_dropped})
+                                {"records": len(own), "train": len(own_train) - dropped_train,
+                                 "val": len(own_val) - dropped_val,
+                                 "dropped_as_near_duplicates": dropped_train + dropped_val})
     _write_splits(out_dir, splits, manifest)
     return manifest
 
@@ -426,5 +450,6 @@ def default_splits_dir(seed: int = 0) -> Path:
                          n_contrast_benign=s["n_contrast_benign"], val_size=s["val_size"],
                          test_size=s["test_size"], max_chars=s["max_chars"], harmful=s["harmful"],
                          benign=s["benign"], heldout_harmful=s["heldout_harmful"],
-                         heldout_benign=s["heldout_benign"])
+                         heldout_benign=s["heldout_benign"], own_val_share=s["own_val_share"],
+                         val_long_benign=s["val_long_benign"])
     return final

@@ -1,12 +1,14 @@
-"""Contrastive template pairs written for this project (training data only, never evaluation).
+"""Contrastive template prompts written for this project (training and validation data, never test or held-out).
 
 Benign prompts that share words and topics with harmful ones (homonyms and technical senses, figurative
 language, safe contexts such as games, fiction, history, safety advice and medicine, definitions, public
 figures, discrimination questions about fictional groups), each next to harmful prompts on the same words
-in several styles (questions, past tense, role-play, polite requests). They are expanded from the small
-lists below, so they are exact and reproducible (and crossed with every style and with ordinary chat turns by
-:mod:`safetyneurons.data.phrasings`); the registry names them ``templates_benign`` and
-``templates_harmful`` (no wheel). docs/data.md and every report say that they are our own and train-only.
+in several styles (questions, past tense, role-play, polite requests), and ordinary tasks and short chat turns.
+They are expanded from the small lists below, so they are exact and reproducible (and crossed with every style
+by :mod:`safetyneurons.data.phrasings`). The registry names them ``templates_benign`` (the hard negatives),
+``templates_ordinary`` (ordinary tasks and chat turns) and ``templates_harmful`` (no wheel). Each prompt
+carries its family (the prompt, act, task or turn it phrases): the splits put a seeded share of the families
+into validation and the rest into training, whole (:func:`safetyneurons.data.validation.split_own`).
 
 Every harmful prompt here names its hazard (see :mod:`safetyneurons.data.taxonomy`).
 """
@@ -15,18 +17,18 @@ from __future__ import annotations
 
 from safetyneurons.data.phrasings import benign_phrasings, harmful_phrasings
 
-# (benign prompt, category) -- category = the XSTest-style kind of hard negative
-_BENIGN: list[tuple[str, str]] = []
-# (harmful prompt, hazard)
-_HARMFUL: list[tuple[str, str]] = []
+# (benign prompt, category, family) -- category = the XSTest-style kind of hard negative
+_BENIGN: list[tuple[str, str, str]] = []
+# (harmful prompt, hazard, family)
+_HARMFUL: list[tuple[str, str, str]] = []
 
 
 def _add_benign(kind: str, prompts: list[str]) -> None:
-    _BENIGN.extend((p, kind) for p in prompts)
+    _BENIGN.extend((p, kind, p) for p in prompts)
 
 
 def _add_harmful(hazard: str, prompts: list[str]) -> None:
-    _HARMFUL.extend((p, hazard) for p in prompts)
+    _HARMFUL.extend((p, hazard, p) for p in prompts)
 
 
 # ---------------------------------------------------------------- homonyms and technical senses
@@ -221,13 +223,16 @@ _add_harmful("sexual_content", [
 
 
 # ---------------------------------------------------------------- every style for both labels, chat turns
-_BENIGN.extend(benign_phrasings())
+_BENIGN.extend(benign_phrasings(ordinary=False))
 _HARMFUL.extend(harmful_phrasings())
+_ORDINARY = benign_phrasings(ordinary=True)
 
 
-def template_records(kind: str) -> list[tuple[str, str]]:
-    """``[(prompt, category)]`` for ``kind`` = ``"benign"`` (category = hard-negative kind) or ``"harmful"``
-    (category = hazard)."""
-    if kind not in ("benign", "harmful"):
+def template_records(kind: str) -> list[tuple[str, str, str]]:
+    """``[(prompt, category, family)]`` for ``kind`` = ``"benign"`` (hard negatives; category = their kind),
+    ``"ordinary"`` (ordinary tasks and chat turns) or ``"harmful"`` (category = hazard). The family is the
+    prompt, act, task or turn a prompt phrases; all prompts of one family belong in one split."""
+    lists = {"benign": _BENIGN, "ordinary": _ORDINARY, "harmful": _HARMFUL}
+    if kind not in lists:
         raise ValueError(kind)
-    return list(_BENIGN if kind == "benign" else _HARMFUL)
+    return list(lists[kind])

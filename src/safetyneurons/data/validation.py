@@ -3,14 +3,18 @@
 * :func:`carve_validation` moves a seeded, (label, source)-stratified share of the training split into
   ``val``. It moves whole near-duplicate clusters (the ``cluster`` field, when records have one), so no
   cluster straddles train and val. Every source of the main mix, hard negatives included, lands in val.
-* :func:`add_train_only` appends records of sources that may only ever train (our own templates) to the
-  training split, dropping any whose cluster already lies in another split.
+* :func:`split_own` divides the records of our own sources (the templates: hard negatives, ordinary tasks and
+  chat turns, harmful counterparts) between train and val: whole groups at a time, a group being every
+  phrasing of one family joined with its near-duplicates, by a seeded hash, so a template never has a
+  rephrasing on the other side. They never reach test or held-out data.
+* :func:`add_own` appends such records to a split, dropping any whose cluster already lies in another split.
 * :func:`threshold_for_fpr` is the calibration rule: the lowest threshold whose false-positive rate on the
   benign prompts of the validation split is at most the target.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from typing import Sequence
 
@@ -54,12 +58,49 @@ def carve_validation(train: Sequence[dict], val_size: float, seed: int) -> tuple
     return ([r for i, r in enumerate(train) if i not in to_val], [r for i, r in enumerate(train) if i in to_val])
 
 
-def add_train_only(train: list[dict], others: Sequence[Sequence[dict]],
-                   records: Sequence[dict]) -> tuple[list[dict], int]:
-    """``train`` plus the train-only ``records`` whose cluster is in no other split; returns (train, dropped)."""
-    taken = {_cluster(r) for split in others for r in split}
+def add_own(split: list[dict], others: Sequence[Sequence[dict]],
+            records: Sequence[dict]) -> tuple[list[dict], int]:
+    """``split`` plus the ``records`` whose cluster is in no other split; returns (split, dropped)."""
+    taken = {_cluster(r) for other in others for r in other}
     keep = [r for r in records if _cluster(r) not in taken]
-    return list(train) + keep, len(records) - len(keep)
+    return list(split) + keep, len(records) - len(keep)
+
+
+def split_own(records: Sequence[dict], seed: int, val_share: float,
+              threshold: float) -> tuple[list[dict], list[dict]]:
+    """``(train, val)``: about ``val_share`` of the groups of ``records`` go to val. A group joins records that
+    share a ``family`` (per source), a ``cluster`` or near-duplicate family texts (word-set Jaccard >=
+    ``threshold``); it is placed by a hash of the seed and its smallest family text, so the placement of a group
+    does not depend on the others."""
+    from safetyneurons.data.clusters import cluster_labels
+
+    records = list(records)
+    parent = list(range(len(records)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first: dict[tuple, int] = {}
+    # near-duplicates among families are found on the family text: the phrasing frames ("Tell me how to ...,
+    # step by step.") are shared by every family and would join them all
+    inner = cluster_labels([str(r.get("family", r["prompt"])) for r in records], threshold)
+    for i, r in enumerate(records):
+        for key in (("family", r["source"], r.get("family", r["id"])), ("cluster", _cluster(r)), ("inner", inner[i])):
+            j = first.setdefault(key, i)
+            parent[find(i)] = find(j)
+    ids: dict[int, str] = {}  # a group's name: its smallest family text, so it stays put when others change
+    for i, r in enumerate(records):
+        root, name = find(i), str(r.get("family", r["id"]))
+        ids[root] = min(ids.get(root, name), name)
+
+    def to_val(i: int) -> bool:
+        digest = hashlib.sha256(f"{seed}:{ids[find(i)]}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2 ** 64 < val_share
+
+    return ([r for i, r in enumerate(records) if not to_val(i)], [r for i, r in enumerate(records) if to_val(i)])
 
 
 def threshold_for_fpr(y: Sequence[int], proba: Sequence[float], target_fpr: float = DEFAULT_TARGET_FPR) -> float:
