@@ -11,14 +11,15 @@ limits) in a subprocess on a free loopback port and runs two phases of ``--secon
 For the **valid** moderation requests it measures errors (anything but a 200 with one result), p50/p99 latency
 and requests/s in each phase, and prints the p99 ratio (with chat / without). It also counts the bad inputs
 answered with anything but a 4xx JSON error (goal 0), the chat answers by status, and the server process's
-memory (peak resident set, ``VmHWM``, and the largest ``VmRSS`` sampled in each phase). ``--out DIR`` writes
-``mixed_load.json`` and ``mixed_load.md`` (a table).
+memory (peak resident set, ``VmHWM``, and the largest ``VmRSS`` sampled in each phase). It writes
+``mixed_load.json`` (the project's benchmark schema: the table's rows, with the whole report under ``details``)
+and ``mixed_load.md`` to ``--out`` (default ``docs/benchmarks``).
 
 Guards: ``--guard DIR`` (default: ``runs/default/guard`` when present) or ``--throwaway tiny`` (a throwaway guard
 on a tiny random model, for a smoke check; its context is 256 tokens, so its chat prompts are short).
 
     python benchmarks/bench_mixed_load.py --throwaway tiny --seconds 10 --out /tmp/mixed
-    python benchmarks/bench_mixed_load.py --guard runs/default/guard --out runs/bench/mixed
+    python benchmarks/bench_mixed_load.py --guard runs/default/guard --seconds 60
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ def pct(xs, q) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ server
-def serve(guard_dir: str, port: int, ready_file: str, device: str) -> None:
-    """The server process: the guard with guarded chat, default service limits, on 127.0.0.1:port."""
+def serve(guard_dir: str, port: int, ready_file: str, device: str, slice_tokens: str) -> None:
+    """The server process: the guard with guarded chat, default service limits (``slice_tokens``: 0 for the
+    default), on 127.0.0.1:port."""
+    import torch
+
     from safetyneurons.guard.chat import GuardedChat
     from safetyneurons.guard.guard import Guard
     from safetyneurons.serve.routes import create_service
@@ -67,21 +71,64 @@ def serve(guard_dir: str, port: int, ready_file: str, device: str) -> None:
 
     guard = Guard.load(guard_dir, device=device)
     chat = GuardedChat(guard, mode="block")
-    app = create_service(guard, chat=chat, max_tokens=256)
+    limits = {"slice_tokens": int(slice_tokens)} if int(slice_tokens) else {}
+    app = create_service(guard, chat=chat, max_tokens=256, **limits)
+    add_turn_profile(app)
     sock = bind_socket("127.0.0.1", port)
     Path(ready_file).write_text(json.dumps({"context_length": chat.context_length, "guard": guard.name,
-                                            "layers_run": guard.layers_run,
+                                            "guard_id": guard.id, "layers_run": guard.layers_run,
+                                            "num_layers": int(guard.lm.info["num_layers"]),
+                                            "threads": torch.get_num_threads(),
                                             "settings": app.state.settings.public()}))
     run_server(app, sock, log_level="warning")
 
 
-def start_server(guard_dir: Path, device: str, threads: int | None, log) -> tuple[subprocess.Popen, str, dict]:
+TURN_KINDS = {"score": "moderation batch", "encode_for": "chat tokenising", "timed": "chat guard slice",
+              "next": "chat prefill chunk", "decode_turn": "chat decoding", "pieces": "long input: pieces",
+              "read": "long input: slice"}
+
+
+def add_turn_profile(app) -> None:
+    """Times every worker turn by kind (moderation batches, each kind of chat turn) and serves the figures at
+    ``GET /bench/turns`` (then starts counting afresh): where a moderation request waits is the turns it waits
+    behind."""
+    batcher, turns = app.state.batcher, {}
+
+    def timed_turn(kind: str, fn):
+        def run(*args):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                turns.setdefault(kind, []).append(time.perf_counter() - t0)
+        return run
+
+    batcher.score_fn = timed_turn("moderation batch", batcher.score_fn)
+    inner = batcher.call
+
+    async def call(fn, *args, client="", cost=1):
+        kind = TURN_KINDS.get(getattr(fn, "__name__", ""), getattr(fn, "__name__", "call"))
+        return await inner(timed_turn(kind, fn), *args, client=client, cost=cost)
+
+    batcher.call = call
+
+    @app.get("/bench/turns")
+    async def bench_turns():
+        out = {k: {"n": len(v), "total_s": round(sum(v), 2), "p50_ms": round(1000 * pct(v, 50), 1),
+                   "p99_ms": round(1000 * pct(v, 99), 1), "max_ms": round(1000 * max(v), 1)}
+               for k, v in turns.items()}
+        turns.clear()
+        return out
+
+
+def start_server(guard_dir: Path, device: str, threads: int | None, slice_tokens: int | None,
+                 log) -> tuple[subprocess.Popen, str, dict]:
     port = free_port()
     ready = Path(tempfile.mkdtemp()) / "ready.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, __file__, "--_serve", str(guard_dir), str(port), str(ready), device]
+    cmd = [sys.executable, __file__, "--_serve", str(guard_dir), str(port), str(ready), device, str(slice_tokens or 0)]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(proc, url, log, 600, ready=ready)
@@ -191,16 +238,18 @@ async def drive(url: str, args, chat_prompt: str | None) -> dict:
         if chat_prompt is not None:
             jobs += [chat_client(url, k, deadline, chat_prompt, args.chat_max_tokens, out)
                      for k in range(args.chat_clients)]
+        await clients[0].get("/bench/turns")  # count this phase's turns only
         t0 = time.perf_counter()
         await asyncio.gather(*jobs)
         wall = time.perf_counter() - t0
         health = (await clients[0].get("/healthz")).json()
+        turns = (await clients[0].get("/bench/turns")).json()
     finally:
         for c in clients:
             await c.aclose()
     lat = out.pop("lat")
     return {**out, "requests": len(lat), "wall_s": wall, "rps": len(lat) / wall, "p50_ms": pct(lat, 50),
-            "p99_ms": pct(lat, 99), "max_ms": max(lat) if lat else None, "health_after": health}
+            "p99_ms": pct(lat, 99), "max_ms": max(lat) if lat else None, "health_after": health, "turns": turns}
 
 
 def run_phase(url: str, pid: int, args, chat_prompt: str | None) -> dict:
@@ -212,27 +261,78 @@ def run_phase(url: str, pid: int, args, chat_prompt: str | None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def markdown(report: dict) -> str:
+COLUMNS = ["measure", "moderation only", "with chat clients"]
+
+
+def table_rows(report: dict) -> list[list]:
     a, b = report["moderation_only"], report["with_chat"]
 
-    def f(v, fmt="{:.1f}"):
-        return "—" if v is None else fmt.format(v)
+    def f(v, nd=1):
+        return None if v is None else round(float(v), nd)
 
-    rows = [("valid moderation requests", a["requests"], b["requests"]), ("errors (valid)", a["errors"], b["errors"]),
-            ("requests/s", f(a["rps"]), f(b["rps"])), ("p50 latency (ms)", f(a["p50_ms"]), f(b["p50_ms"])),
-            ("p99 latency (ms)", f(a["p99_ms"]), f(b["p99_ms"])),
-            ("bad inputs (not a 4xx JSON error)", f"{a['bad']} ({a['bad_wrong']})", f"{b['bad']} ({b['bad_wrong']})"),
-            ("chat requests: finished / dropped by the client", "—", f"{b['chat_finished']} / {b['chat_dropped']}"),
-            ("chat answers by status", "—", json.dumps(b["chat_statuses"])),
-            ("server RSS, max sampled (MB)", f(a["max_rss_mb"]), f(b["max_rss_mb"])),
-            ("server RSS, peak so far (MB)", f(a["peak_rss_mb"]), f(b["peak_rss_mb"]))]
-    lines = [f"Mixed load, {report['source']}: {report['clients']} moderation clients, {report['seconds']:g} s a "
-             f"phase, {report['bad_share']:.0%} bad inputs; chat phase: {report['chat_clients']} clients, "
-             f"{report['chat_chars']}-character prompts, dropped after 0.2-1.5 s. Load average at the start: "
-             f"{report['load_average']}.", "", "| | moderation only | with chat clients |", "|---|---:|---:|"]
-    lines += [f"| {name} | {x} | {y} |" for name, x, y in rows]
-    lines += ["", f"p99 ratio (with chat / without): **{f(report['p99_ratio'], '{:.2f}')}**"]
-    return "\n".join(lines) + "\n"
+    rows = [["valid moderation requests", a["requests"], b["requests"]],
+            ["errors (valid requests)", a["errors"], b["errors"]],
+            ["requests/s", f(a["rps"]), f(b["rps"])], ["p50 latency (ms)", f(a["p50_ms"]), f(b["p50_ms"])],
+            ["p99 latency (ms)", f(a["p99_ms"]), f(b["p99_ms"])],
+            ["p99 ratio (with chat / without)", None, f(report["p99_ratio"], 2)],
+            ["bad inputs sent", a["bad"], b["bad"]],
+            ["bad inputs not answered with a 4xx JSON error", a["bad_wrong"], b["bad_wrong"]],
+            ["chat requests finished / dropped by the client", None, f"{b['chat_finished']} / {b['chat_dropped']}"],
+            ["chat answers by status", None, json.dumps(b["chat_statuses"], sort_keys=True)],
+            ["server RSS, max sampled (MB)", f(a["max_rss_mb"]), f(b["max_rss_mb"])],
+            ["server RSS, peak so far (MB)", f(a["peak_rss_mb"]), f(b["peak_rss_mb"])],
+            ["worker turns: moderation batches / calls", f"{a['batches']} / {a['calls']}",
+             f"{b['batches']} / {b['calls']}"]]
+    for kind in sorted(set(a["turns"]) | set(b["turns"])):
+        def t(phase):
+            x = phase["turns"].get(kind)
+            if x is None:
+                return None
+            return f"{x['n']} turns, p50 {x['p50_ms']:.0f} / p99 {x['p99_ms']:.0f} / max {x['max_ms']:.0f} ms"
+        rows.append([f"worker turns: {kind}", t(a), t(b)])
+    return rows
+
+
+def notes(report: dict) -> list[str]:
+    ratio = report["p99_ratio"]
+    verdict = "met" if ratio is not None and ratio <= 2.0 else "not met"
+    st = report["settings"]
+    return [f"{report['source']}: {report['clients']} moderation clients (one input a request, each from its own "
+            f"peer address), {report['seconds']:g} s a phase, {report['bad_share']:.0%} bad inputs.",
+            f"Chat phase: {report['chat_clients']} streaming clients sending {report['chat_chars']}-character "
+            f"prompts and dropping each request after a random 0.2-1.5 s.",
+            f"Goal: p99 of valid moderation requests with chat within 2x of moderation alone: {verdict} "
+            f"({'n/a' if ratio is None else f'{ratio:.2f}x'}).",
+            f"Service settings: slice_tokens {st.get('slice_tokens')}, max_batch_tokens {st['max_batch_tokens']}, "
+            f"max_batch_size {st['max_batch_size']}, max_wait_ms {st['max_wait_ms']:g}; the guard runs "
+            f"{report['layers_run']} of the model's {report['num_layers']} layers.",
+            f"Load average at the start: {report['load_average']}; server tracebacks in the log: "
+            f"{report['server_tracebacks']}."]
+
+
+def markdown(bench: dict) -> str:
+    def cell(v):
+        return "—" if v is None else str(v)
+
+    lines = [f"# {bench['title']}", "", f"`{bench['command']}` (code {bench['code_version']}, {bench['date']})", "",
+             "| " + " | ".join(bench["columns"]) + " |", "|---|" + "---:|" * (len(bench["columns"]) - 1)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in bench["rows"]]
+    return "\n".join(lines + [""] + [f"- {n}" for n in bench["notes"]]) + "\n"
+
+
+def benchmark_json(report: dict, guard_id: str | None, guard_path: str, threads: int | None) -> dict:
+    """The report in the project's benchmark schema (docs/benchmarks), the whole report under ``details``."""
+    import datetime
+
+    from safetyneurons.results.machine import code_version, cpu_model
+
+    command = " ".join(["python", "benchmarks/bench_mixed_load.py", *sys.argv[1:]])
+    return {"benchmark": "mixed_load", "title": "Moderation latency beside guarded-chat traffic (issue 22)",
+            "command": command, "code_version": code_version(),
+            "machine": {"cpu": cpu_model(), "threads": threads, "gpu": None},
+            "artifact": {"guard_id": guard_id, "path": guard_path},
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+            "columns": COLUMNS, "rows": table_rows(report), "notes": notes(report), "details": report}
 
 
 def main() -> None:
@@ -246,9 +346,11 @@ def main() -> None:
                     help="Characters per chat prompt (default: 0.8 x the model's context in tokens, at most 6000).")
     ap.add_argument("--chat-max-tokens", type=int, default=64)
     ap.add_argument("--bad-share", type=float, default=0.05)
+    ap.add_argument("--slice-tokens", type=int, default=None, help="The service's slice_tokens (default: its own).")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="Server's torch threads (OMP_NUM_THREADS).")
-    ap.add_argument("--out", default=None, metavar="DIR", help="Write mixed_load.json and mixed_load.md here.")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"), metavar="DIR",
+                    help="Write mixed_load.json and mixed_load.md here.")
     args = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -256,12 +358,15 @@ def main() -> None:
         if not args.throwaway:
             print(f"No guard at {args.guard}; using a throwaway tiny guard.", file=sys.stderr)
         guard_dir = build_throwaway("tiny", Path(tmp.name), 1, 40, "mlp_neurons")
-        source = "throwaway tiny guard (random 4-layer model, deepest layer 1)"
+        source, shown = "throwaway tiny guard (random 4-layer model, deepest layer 1)", "throwaway tiny guard"
     else:
-        guard_dir, source = Path(args.guard), f"guard {args.guard}"
+        guard_dir = Path(args.guard)
+        inside = guard_dir.resolve().is_relative_to(ROOT)
+        shown = os.path.relpath(guard_dir.resolve(), ROOT) if inside else str(guard_dir)
+        source = f"guard {shown}"
     log = tempfile.TemporaryFile(mode="w+")
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    proc, url, info = start_server(guard_dir, args.device, args.threads, log)
+    proc, url, info = start_server(guard_dir, args.device, args.threads, args.slice_tokens, log)
     try:
         chars = args.chat_chars or int(min(6000, info["context_length"] * 0.8))
         prompt = (CHAT_FILLER * (chars // len(CHAT_FILLER) + 1))[:chars]
@@ -276,24 +381,31 @@ def main() -> None:
     log.seek(0)
     server_log = log.read()
     ratio = with_chat["p99_ms"] / without["p99_ms"] if with_chat["p99_ms"] and without["p99_ms"] else None
-    report = {"source": source, "guard": info["guard"], "layers_run": info["layers_run"], "seconds": args.seconds,
+    for phase in (without, with_chat):  # worker turns in the phase, from /healthz after it
+        done = phase["health_after"]["batcher"]
+        phase["batches"], phase["calls"] = done["batches"], done["calls"]
+    with_chat["batches"] -= without["batches"]
+    with_chat["calls"] -= without["calls"]
+    report = {"source": source, "guard": info["guard"], "layers_run": info["layers_run"],
+              "num_layers": info["num_layers"], "seconds": args.seconds,
               "clients": args.clients, "chat_clients": args.chat_clients, "chat_chars": chars,
               "bad_share": args.bad_share, "load_average": load, "settings": info["settings"],
               "moderation_only": without, "with_chat": with_chat, "p99_ratio": ratio,
               "server_tracebacks": server_log.count("Traceback")}
-    md = markdown(report)
+    bench = benchmark_json(report, None if args.throwaway else info["guard_id"], shown, info["threads"])
+    md = markdown(bench)
     print(md)
-    print(f"server log: {report['server_tracebacks']} tracebacks")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "mixed_load.json").write_text(json.dumps(report, indent=2, default=str))
-        (out / "mixed_load.md").write_text(md)
-        print(f"wrote {out / 'mixed_load.json'} and {out / 'mixed_load.md'}")
+    from safetyneurons._io import atomic_write_json, atomic_write_text
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "mixed_load.json", json.loads(json.dumps(bench, default=str)))
+    atomic_write_text(out / "mixed_load.md", md)
+    print(f"wrote {out / 'mixed_load.json'} and {out / 'mixed_load.md'}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--_serve":
-        serve(*sys.argv[2:6])
+        serve(*sys.argv[2:7])
     else:
         main()

@@ -1,9 +1,9 @@
 """The service's one model thread: a fair queue of bounded turns, with micro-batching of moderation inputs.
 
 All model work of the service (moderation batches, the slices of long inputs, chat tokenising, the slices of a
-chat's guard reading, prefill chunks and decoding steps) runs on one worker thread, one **turn** at a time, so the event loop stays free and hooks
-never fire inside another request's forward pass. Work is queued under its client's key
-(:func:`safetyneurons.serve.admission.client_key`) as items of two kinds:
+chat's guard reading, prefill chunks and decoding steps) runs on one worker thread, one **turn** at a time, so the
+event loop stays free and hooks never fire inside another request's forward pass. Work is queued under its
+client's key (:func:`safetyneurons.serve.admission.client_key`) as items of two kinds:
 
 - **score** items (:meth:`MicroBatcher.submit`): inputs to score with ``score_fn``. A turn gathers score items
   in fair order (below), waits up to ``max_wait_ms`` for company, up to ``max_batch_size`` inputs and
