@@ -442,7 +442,7 @@ def test_cli_subprocess_exit_code_and_clean_stderr(saved_pair, tmp_path):
 
 # ------------------------------------------------------------------------------- real default model
 @pytest.mark.e2e
-def test_default_model_planted_neuron_is_found():
+def test_default_model_planted_neuron_is_found(user_cache):
     from safetyneurons.model.pair import DEFAULT_BASE, load_model
 
     base = load_model(DEFAULT_BASE)

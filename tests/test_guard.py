@@ -311,7 +311,7 @@ def test_cli_bad_inputs_exit_2_with_a_clear_message(built, tmp_path, cache, case
 
 
 @pytest.mark.e2e
-def test_guard_on_the_default_model_exits_early_and_matches_a_full_pass(tmp_path):
+def test_guard_on_the_default_model_exits_early_and_matches_a_full_pass(tmp_path, user_cache):
     """Real SmolLM2-135M: a guard whose deepest safety neuron is in layer 9 runs 10 of 30 layers."""
     from safetyneurons.model.pair import DEFAULT_BASE, load_model
     from safetyneurons.activations.reader import pooled_features

@@ -282,7 +282,7 @@ def test_force_replaces_a_clashing_run_only_when_the_new_one_succeeds(two_runs, 
 
 
 @pytest.mark.e2e
-def test_default_pair_quick_pipeline(tmp_path):
+def test_default_pair_quick_pipeline(tmp_path, user_cache):
     """The real default pair (when its twin is built) on a small slice of the default splits."""
     from safetyneurons.data import splits as data
     from safetyneurons.errors import UserError

@@ -453,7 +453,7 @@ def test_cli_bad_input_exits_2(case, tmp_cache, base_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------- real default
 @pytest.mark.e2e
-def test_default_pair_loads_and_is_symmetric():
+def test_default_pair_loads_and_is_symmetric(user_cache):
     """The real default twin, if it has been built (`safetyneurons twin`), loads as `twin:default`."""
     from safetyneurons.model.pair import DEFAULT_BASE, load_pair
 
