@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -11,15 +12,14 @@ import click
 @click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path), metavar="[RUN_DIR]...")
 @click.option("--benchmarks", type=click.Path(path_type=Path), default=None,
               help="Folder of benchmark JSON, each rendered as a table. [default: docs/benchmarks when it exists]")
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("docs/results.md"),
+@click.option("--out", type=click.Path(path_type=Path), default=Path("docs/results.md"),
               show_default=True, help="The results file written.")
-@click.option("--readme", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.option("--readme", type=click.Path(path_type=Path), default=None,
               help="README whose '<!-- generated:NAME -->' blocks are filled (probes, guard, causal, mixed_load, "
                    "readouts). [default: README.md when it exists]")
 @click.option("--check", is_flag=True,
               help="Write nothing; exit 1 when regenerating would change the results file or the README blocks.")
-@click.pass_context
-def report(ctx, run_dirs, benchmarks, out, readme, check):
+def report(run_dirs, benchmarks, out, readme, check):
     """Regenerate docs/results.md and the README's headline tables from run directories and benchmark JSON.
 
     RUN_DIR: finished `safetyneurons run` directories [default: those of runs/default, runs/paper and
@@ -36,7 +36,7 @@ def report(ctx, run_dirs, benchmarks, out, readme, check):
     if check:
         if changed:
             click.echo(f"Out of date: {names}; run `safetyneurons report` to regenerate.", err=True)
-            ctx.exit(1)
+            sys.exit(1)
         click.echo("Up to date.")
     else:
         click.echo(f"Wrote {names}." if changed else "Unchanged.")

@@ -209,6 +209,9 @@ def generate(run_dirs: Sequence[str | os.PathLike] = (), benchmarks: str | os.Pa
     if benchmarks is not None and not bench_dir.is_dir():
         raise UserError(f"--benchmarks {shown(bench_dir)}: not a directory; give the folder of benchmark JSON.")
     bench_dir_used = bench_dir if bench_dir.is_dir() else None
+    for option, path in (("--out", out), ("--readme", readme)):
+        if path is not None and (Path(path).is_symlink() or (Path(path).exists() and not Path(path).is_file())):
+            raise UserError(f"{option} {shown(Path(path))}: not a regular file; give a file path to write.")
     runs = [load_run(d) for d in dirs]
     benches = load_benchmarks(bench_dir) if bench_dir_used else []
     new: dict[Path, str] = {}
