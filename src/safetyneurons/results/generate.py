@@ -40,12 +40,17 @@ def report_command(runs: Sequence[Path], benchmarks: Path | None) -> str:
     return " ".join(parts)
 
 
+def _ref(model: dict | None) -> str:
+    ref = str((model or {}).get("ref") or "n/a")
+    return shown(Path(ref)) if ref.startswith("/") else ref
+
+
 def run_section(run: RunSource) -> list[str]:
     """A run's section of results.md: probes against controls, the guard, the twin."""
     pair = (run.run.get("pair") or {})
     lines = [f"## Run `{shown(run.dir)}`", "", f"- command: `{run.command}` (all settings: `{run.file('settings.json')}`)",
              f"- code {run.code}; {run.machine}",
-             f"- base `{(pair.get('base') or {}).get('ref', 'n/a')}`, aligned `{(pair.get('aligned') or {}).get('ref', 'n/a')}`",
+             f"- base `{_ref(pair.get('base'))}`, aligned `{_ref(pair.get('aligned'))}`",
              f"- guard {run.guard_id or 'none'}", ""]
     report_file = run.dir / "probes" / "report.json"
     with reading(report_file, RUN_FIX):
