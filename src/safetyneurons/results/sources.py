@@ -81,9 +81,11 @@ class RunSource:
         s = self.run.get("settings") or {}
         flags = "".join(f" {flag}" for flag, on in (("--paper", s.get("preset") == "paper"),
                                                     ("--quick", s.get("quick")), ("--patch", s.get("patch"))) if on)
+        inputs = "".join(f" --{k} {shown(Path(s[k])) if k == 'splits' else s[k]}" for k in ("base", "aligned", "splits")
+                         if s.get(k))
         default_name = f"{s.get('preset', 'default')}{'-quick' if s.get('quick') else ''}"
         out = "" if self.dir.name == default_name else f" --out {shown(self.dir)}"
-        return f"safetyneurons run{flags}{out}"
+        return f"safetyneurons run{flags}{inputs}{out}"
 
     def file(self, name: str) -> str:
         return shown(self.dir / name)
