@@ -197,7 +197,8 @@ def serve(guard_dir, operating_point, threshold, model_ref, device, batch_size, 
 
     \b
     safetyneurons serve --guard runs/default/guard --port 8000
-    curl -s localhost:8000/v1/moderations -H 'Content-Type: application/json' -d '{"input": "hi"}'
+    curl -s localhost:8000/v1/moderations -H "Authorization: Bearer $SAFETYNEURONS_API_KEY" \\
+         -H 'Content-Type: application/json' -d '{"input": "hi"}'
     safetyneurons serve --guard runs/default/guard --generate
     """
     if api_key is not None and not api_key.strip():
