@@ -96,7 +96,9 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
 @click.option("--test", "test_dir", required=True, type=click.Path(), help="Store of the test split.")
 @click.option("--neurons", "neurons_file", type=click.Path(dir_okay=False), default=None,
               help="Safety neuron set JSON (default: the one the stores were extracted with).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report + probes directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory: report.json, report.md, ROC/PR curves (roc_<classifier>.png, "
+                   "pr_<classifier>.png) and the saved probes (probes/).")
 @click.option("--classifiers", default=",".join(CLASSIFIERS), show_default=True,
               help=f"Comma list of: {', '.join(CLASSIFIERS)}.")
 @click.option("--feature-sets", default=",".join(FEATURE_SETS), show_default=True,
