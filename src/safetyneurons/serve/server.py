@@ -4,8 +4,9 @@ Endpoints (see :func:`create_app`; :func:`safetyneurons.serve.routes.create_serv
 API and guarded chat completions):
 
 - ``POST /v1/moderations`` (:mod:`safetyneurons.serve.moderation`): ``{"input": str | [str] | [parts]}`` ->
-  ``{"id", "model", "results": [{"flagged", "categories": {"unsafe", ...}, "category_scores": {"unsafe", ...}}]}``
-  (hazard categories next to ``unsafe`` when the guard has category heads, :mod:`safetyneurons.probes.categories`)
+  ``{"id", "model", "results": [{"flagged", "categories", "category_scores", "category_applied_input_types"}],
+  "safetyneurons": {"guard", "operating_point", "threshold"}}``: every OpenAI category (those the guard's category
+  heads measure, by :data:`safetyneurons.probes.categories.OPENAI_CATEGORIES`), then ``unsafe``, the guard's verdict
 - ``GET /v1/guard``: the guard's metadata (guard.json with the neuron list summarised) and server limits;
 - ``GET /healthz``: liveness, ``{"status": "ok"}`` (open without the API key, for load balancers). It is
   answered by the event loop, never by the worker, so it answers while the worker is busy; it reports 503 when
