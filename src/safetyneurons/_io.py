@@ -230,11 +230,20 @@ def check_parent_dirs(path: str | os.PathLike, what: str = "--out") -> Path:
 
 
 def save_tensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
-    """Save a dict of torch tensors as safetensors, atomically."""
+    """Save a dict of torch tensors as safetensors, atomically; the same tensors and metadata give the same bytes
+    (the header's keys sorted: safetensors writes its metadata in hash-map order, which varies between runs)."""
     from safetensors.torch import save
 
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata)))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """safetensors bytes with the header's JSON keys sorted (the tensors' bytes and offsets are unchanged)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 @contextlib.contextmanager

@@ -126,6 +126,8 @@ class RunSettings:
                             f"({', '.join(self.classifiers)}).")
         if "safety" not in self.feature_sets:
             raise UserError("The run needs the `safety` feature set (the guard is built from it).")
+        if int(self.n_boot) < 0:
+            raise UserError(f"--bootstrap must be >= 0, got {self.n_boot}.")
         if not 0.0 <= float(self.target_fpr) < 1.0:
             raise UserError(f"--target-fpr must be in [0, 1), got {self.target_fpr}.")
         if self.preset not in PRESETS:

@@ -10,6 +10,7 @@ from safetyneurons.neurons import selection as lib
 from safetyneurons._io import check_out_dir
 from safetyneurons.neurons.contrast import ChangeScores
 from safetyneurons.errors import UserError
+from safetyneurons.probes.variants import VARIANTS
 
 
 @click.group("neurons")
@@ -27,16 +28,36 @@ def neurons():
 @click.option("--max-layer", type=int, default=None,
               help="Layer budget: choose only neurons in layers 0..L (same count as without it), so extraction "
                    "and the guard stop after layer L (early exit). [default: no budget]")
+@click.option("--selection", type=click.Choice(list(VARIANTS)), default="rms",
+              help="How the safety neurons are ranked, as `safetyneurons run --selection`: rms = the change score "
+                   "(the paper); relative = change / base activation RMS; harmful_minus_benign = harmful change "
+                   "clearly above the benign one (needs --benign-scores).")
+@click.option("--benign-scores", "benign_dir", type=click.Path(path_type=Path), default=None,
+              help="`contrast` output on the benign prompts (--prompts split:contrast:benign): every selection "
+                   "variant is then compared, as in `run`. [default: none]")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Neuron-set JSON file to write (format safetyneurons.neuron_set/1).")
-def select(scores_dir, top_percent, top_n, per_layer, max_layer, out):
+def select(scores_dir, top_percent, top_n, per_layer, max_layer, selection, benign_dir, out):
     """Write the neurons with the highest change scores as a neuron set (ties: lower layer, lower index)."""
+    from safetyneurons.steps import safety_neurons
+
     top_percent, top_n = lib.check_selection(top_percent, top_n)
     lib.check_max_layer(max_layer)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file path such as {out / 'neuron_set.json'}.")
+    if (top_n is not None or per_layer) and (selection != "rms" or benign_dir is not None):
+        raise UserError("--top-n and --per-layer select by the change score alone; leave out --selection and "
+                        "--benign-scores with them.")
     scores = ChangeScores.load(scores_dir)
-    neuron_set = lib.select(scores, top_percent=top_percent, top_n=top_n, per_layer=per_layer, max_layer=max_layer)
+    if top_n is None and not per_layer:  # as `run` selects: every variant, the chosen one written
+        chosen = safety_neurons(scores, ChangeScores.load(benign_dir) if benign_dir else None, selection,
+                                top_percent, max_layer)
+        neuron_set = chosen.neuron_set
+        click.echo("Selection variants (neurons, deepest layer): " + ", ".join(
+            f"{n} {v['count']} L{v['deepest_layer']}" for n, v in chosen.record["variants"].items()))
+    else:
+        neuron_set = lib.select(scores, top_percent=top_percent, top_n=top_n, per_layer=per_layer,
+                                max_layer=max_layer)
     neuron_set.save(out)
     counts = neuron_set.per_layer_counts()
     busiest = int(counts.argmax())

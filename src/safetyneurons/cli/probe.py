@@ -5,31 +5,46 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import numpy as np
 
 from safetyneurons import distributed
 from safetyneurons._io import atomic_dir, check_out_dir, sha256_file
-from safetyneurons.probes.compare import compare_feature_sets
 from safetyneurons.constants import (CLASSIFIERS, DEVICES, FEATURE_SETS, GUARD_FEATURE_SETS, HOOK_POINTS, MODEL_DTYPES, POOLINGS,
                          STORE_DTYPES)
 from safetyneurons.data.splits import read_records
 from safetyneurons.errors import UserError
+from safetyneurons.guard_steps import SAVED_PROBES, Inputs, train_and_guard
+from safetyneurons.probes.budget import AUTO, check_guard_max_layer
+from safetyneurons.probes.variants import VARIANTS
+from safetyneurons.run_settings import RunSettings
 from safetyneurons.probes.evaluate import evaluate_probe, probe_features
-from safetyneurons.guard.guard import export_run_guard
 from safetyneurons.neurons.selection import NeuronSet
-from safetyneurons.probes.overrefusal import calibrate_runs
 from safetyneurons.model.pair import DEFAULT_BASE, load_model
 from safetyneurons.probes.probe import TextProbe, load_probe, parse_list
 from safetyneurons.data.records import check_records
 from safetyneurons.probes.report import (controls_section, evaluation_label, evaluation_report, reference_printout, results_table,
-                      write_evaluation, write_report)
+                      write_evaluation)
 from safetyneurons.activations.store import Store, check_store_out, describe_store
-from safetyneurons.activations.store import extract as run_extract
+from safetyneurons.neurons.contrast import ChangeScores
+from safetyneurons.steps import (extract_split, parse_split_ref, safety_neurons, split_data_info, split_part,
+                                 splits_dir, store_split_records)
 
 
-def read_labelled(arg: str) -> tuple[list[dict], dict]:
-    """Records of a split name, file or named dataset (via safetyneurons.data.splits), plus provenance."""
-    records = read_records(arg)
-    info = {"source": str(arg)}
+def read_labelled(arg: str, splits: str | None = None) -> tuple[list[dict], dict]:
+    """Records of a split (``split:NAME`` from ``splits``, default: the default splits; what a store records
+    about it is what `run`'s store records), file or named dataset (via safetyneurons.data.splits), plus
+    provenance."""
+    split = parse_split_ref(str(arg))
+    if split is not None:
+        name, part = split
+        where = splits_dir(splits)
+        records = split_part(read_records(where / f"{name}.jsonl"), part)
+        if part is None:
+            return records, split_data_info(name, where)
+        arg = where / f"{name}.jsonl"
+    else:
+        records = read_records(arg)
+    info = {"source": str(arg)} if split is None else {"source": str(arg), "part": split[1]}
     path = Path(arg).expanduser()
     if path.is_file():
         info["file_sha256"] = sha256_file(path)
@@ -46,7 +61,15 @@ def _positive(name: str, value: int) -> int:
 @click.option("--model", "model_ref", default=None, metavar="REF",
               help="Model whose activations are stored (default: the default base model).")
 @click.option("--data", required=True, metavar="SPLIT_OR_FILE",
-              help="Labelled split name (train, test, heldout...), JSONL file or named dataset.")
+              help="Labelled split (split:train, split:val, split:test, split:heldout...), JSONL file or named "
+                   "dataset.")
+@click.option("--splits", type=click.Path(file_okay=False), default=None,
+              help="Splits directory that split:NAME is read from (from `safetyneurons data build`). "
+                   "[default: the default splits, as `run` uses]")
+@click.option("--augment", is_flag=True,
+              help="Add the records' benign 32-token windows and harmful-in-benign / benign+benign compositions "
+                   "(safetyneurons.data.compose), as `run` does for the training split (only there).")
+@click.option("--seed", default=0, show_default=True, help="Seed of --augment's compositions (`run --seed`).")
 @click.option("--hook-point", type=click.Choice(tuple(HOOK_POINTS)), default=None,
               help="Where to read activations (default: the neuron set's hook point, else mlp_out).")
 @click.option("--pooling", type=click.Choice(POOLINGS), default="mean", show_default=True,
@@ -64,8 +87,8 @@ def _positive(name: str, value: int) -> int:
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 @click.option("--model-dtype", type=click.Choice(MODEL_DTYPES), default="float32",
               show_default=True, help="Dtype the model runs in.")
-def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shard_size, batch_size, max_length,
-            device, model_dtype):
+def extract(model_ref, data, splits, augment, seed, hook_point, pooling, neurons_file, out, dtype, shard_size,
+            batch_size, max_length, device, model_dtype):
     """Cache pooled activations of a model over a labelled split (safetensors shards + manifest).
 
     Rerunning the same command after an interruption resumes from the last finished shard.
@@ -78,13 +101,13 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
                         f"leave --hook-point out or use a neuron set found at {hook_point}.")
     hook_point = hook_point or (ns.hook_point if ns is not None else "mlp_out")
     check_store_out(Path(out))
-    records, info = read_labelled(data)
+    records, info = read_labelled(data, splits)
     check_records(records, what=f"--data {data}")
     distributed.init_from_env(device)  # under torchrun: each rank writes its share of the shards
     lm = load_model(model_ref or DEFAULT_BASE, dtype=model_dtype, device=device)
-    store = run_extract(lm, records, out, hook_point=hook_point, pooling=pooling, neuron_set=ns,
-                        shard_size=shard_size, dtype=dtype, batch_size=batch_size, max_length=max_length,
-                        progress=True, data_info=info)
+    store = extract_split(lm, records, out, augment_seed=seed if augment else None, hook_point=hook_point,
+                          pooling=pooling, neuron_set=ns, shard_size=shard_size, dtype=dtype, batch_size=batch_size,
+                          max_length=max_length, progress=True, data_info=info)
     m = store.manifest
     if distributed.is_main():
         click.echo(f"Wrote store {out}: {m['n']} prompts x {m['d']} features ({m['layout']}, {hook_point}, "
@@ -94,8 +117,22 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
 @click.command("train")
 @click.option("--train", "train_dir", required=True, type=click.Path(), help="Store of the training split.")
 @click.option("--test", "test_dir", required=True, type=click.Path(), help="Store of the test split.")
+@click.option("--val", "val_dir", type=click.Path(), default=None,
+              help="Store of the validation split: every probe's threshold is set on it for --target-fpr, the "
+                   "guard's operating points too (read as the guard reads), and the guard's layer budget is chosen "
+                   "on it (default: the Youden point of cross-validated training probabilities, no budget).")
+@click.option("--heldout", "heldout_dir", type=click.Path(), default=None,
+              help="Store of the held-out sources: every probe scored on it, with the over-refusal table.")
+@click.option("--scores", "scores_dir", type=click.Path(), default=None,
+              help="`contrast` output on the harmful prompts: the safety neurons are selected from it as `run` "
+                   "does (--selection, --top-percent, --max-layer), every selection variant gets its probe, and "
+                   "the guard's layer budget reselects from it.")
+@click.option("--benign-scores", "benign_dir", type=click.Path(), default=None,
+              help="`contrast` output on the benign prompts (split:contrast:benign), for the harmful-minus-benign "
+                   "variant.")
 @click.option("--neurons", "neurons_file", type=click.Path(dir_okay=False), default=None,
-              help="Safety neuron set JSON (default: the one the stores were extracted with).")
+              help="Safety neuron set JSON (default: the one --scores selects, else the one the stores were "
+                   "extracted with).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory: report.json, report.md, ROC/PR curves (roc_<classifier>.png, "
                    "pr_<classifier>.png) and the saved probes (probes/).")
@@ -111,50 +148,58 @@ def extract(model_ref, data, hook_point, pooling, neurons_file, out, dtype, shar
 @click.option("--control-cv", default=None, type=int,
               help="CV folds for the random draws [default: --cv, the safety probe's protocol; 0: one fit per draw, "
                    "about 3x faster, but another calibration, so not comparable: exploration only].")
-@click.option("--save-probes", default="safety,text,length", show_default=True,
+@click.option("--save-probes", default=",".join(SAVED_PROBES), show_default=True,
               help="Feature sets whose probes are saved under OUT/probes (random controls: draw 1).")
 @click.option("--export-guard", "guard_dir", type=click.Path(file_okay=False), default=None,
               help="Also export a guard from the probe below into this directory.")
 @click.option("--guard-feature-set", type=click.Choice(GUARD_FEATURE_SETS), default="safety",
               show_default=True, help="Which probe --export-guard ships.")
 @click.option("--guard-classifier", type=click.Choice(CLASSIFIERS), default=None,
-              help="Classifier of the exported guard (default: the first of --classifiers).")
-@click.option("--val", "val_dir", type=click.Path(), default=None,
-              help="Store of the validation split: every probe's threshold is set on it for --target-fpr "
-                   "(default: the Youden point of cross-validated training probabilities).")
+              help="Classifier of the guard [default: logreg, as `run`; the first of --classifiers without it].")
+@click.option("--guard-max-layer", default="auto", show_default=True, metavar="auto|none|L",
+              help="The guard's layer budget, as `run --guard-max-layer` (needs --scores; auto also --val).")
+@click.option("--selection", type=click.Choice(list(VARIANTS)), default="rms", show_default=True,
+              help="With --scores: the selection variant of the safety neurons.")
+@click.option("--top-percent", type=float, default=5.0, show_default=True,
+              help="With --scores: share of all neurons kept as safety neurons.")
+@click.option("--max-layer", type=int, default=None,
+              help="With --scores: layer budget of the safety neurons. [default: no budget]")
 @click.option("--target-fpr", type=float, default=0.05, show_default=True,
               help="With --val: the false-positive rate on its benign prompts that the thresholds give.")
-def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, random_draws, seed, n_boot, cv,
-          control_cv, save_probes, guard_dir, guard_feature_set, guard_classifier, val_dir, target_fpr):
-    """Train probes on safety neurons and controls, and report test metrics (report.json/.md, curves)."""
+@click.option("--category-min-examples", default=20, show_default=True,
+              help="A hazard needs this many labelled harmful training prompts for a category head.")
+@click.option("--batch-size", default=16, show_default=True,
+              help="Prompts per forward pass when the guard reads the validation and held-out prompts.")
+def train(train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neurons_file, out, classifiers,
+          feature_sets, random_draws, seed, n_boot, cv, control_cv, save_probes, guard_dir, guard_feature_set,
+          guard_classifier, guard_max_layer, selection, top_percent, max_layer, target_fpr, category_min_examples,
+          batch_size):
+    """Train probes on safety neurons and controls, and report test metrics (report.json/.md, curves); with
+    --val, --heldout and --scores, every step `run` takes after its stores (thresholds, layer budget, held-out
+    benchmark, category heads, guard)."""
     check_out_dir(out)
     if n_boot < 0 or cv < 0:
         raise UserError("--bootstrap and --cv must be >= 0.")
     clfs = parse_list(classifiers, CLASSIFIERS, "classifier")
     sets = parse_list(feature_sets, FEATURE_SETS, "feature set")
     keep = parse_list(save_probes, FEATURE_SETS, "feature set to save") if save_probes.strip() else []
-    if guard_dir:
-        guard_classifier = guard_classifier or clfs[0]
-        if guard_classifier not in clfs or guard_feature_set not in sets:
-            raise UserError(f"--export-guard ships the {guard_feature_set}/{guard_classifier} probe, which is not "
-                            f"trained: add it to --feature-sets and --classifiers.")
+    guard_classifier = guard_classifier or ("logreg" if "logreg" in clfs else clfs[0])
+    if guard_dir and (guard_classifier not in clfs or guard_feature_set not in sets):
+        raise UserError(f"--export-guard ships the {guard_feature_set}/{guard_classifier} probe, which is not "
+                        f"trained: add it to --feature-sets and --classifiers.")
     if not 0.0 <= target_fpr < 1.0:
         raise UserError(f"--target-fpr must be in [0, 1), got {target_fpr}.")
-    train_store, test_store = Store.load(train_dir), Store.load(test_dir)
-    val_store = Store.load(val_dir) if val_dir else None
-    ns = NeuronSet.load(neurons_file) if neurons_file else None
+    guard_max_layer = check_guard_max_layer(guard_max_layer)
+    if scores_dir is None and guard_max_layer not in (None, AUTO):
+        raise UserError("--guard-max-layer L reselects the safety neurons from change scores: give --scores.")
+    s = RunSettings(classifiers=clfs, feature_sets=sets, random_draws=random_draws, seed=seed, n_boot=n_boot,
+                    target_fpr=target_fpr, guard_classifier=guard_classifier, guard_max_layer=guard_max_layer,
+                    selection=selection, top_percent=top_percent, max_layer=max_layer, batch_size=batch_size,
+                    category_min_examples=category_min_examples)
+    inputs = _training_inputs(s, train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neurons_file)
     with atomic_dir(out) as tmp:
-        result = compare_feature_sets(train_store, test_store, ns, classifiers=clfs, feature_sets=sets,
-                                      random_draws=random_draws, seed=seed, n_boot=n_boot, cv=cv,
-                                      control_cv=control_cv, progress=True)
-        calibration = {}
-        if val_store is not None:  # thresholds for the target FPR on val (the test figures keep the CV ones)
-            calibration = calibrate_runs(result.runs, val_store, target_fpr)
-            result.report["calibration"] = {"target_fpr": target_fpr, "runs": calibration}
-        report = write_report(result, tmp)
-        for run in result.runs:
-            if run.feature_set in keep:
-                run.probes[0].save(tmp / "probes" / f"{run.feature_set}-{run.classifier}")
+        _, report = train_and_guard(s, inputs, tmp, Path(guard_dir) if guard_dir else None, cv=cv,
+                                    control_cv=control_cv, save_probes=keep, guard_feature_set=guard_feature_set)
     for r in report["results"]:
         if r["feature_set"] in ("safety", "text", "length"):
             click.echo(reference_printout(f"{r['feature_set']} / {r['classifier']}", r["metrics"]))
@@ -162,28 +207,33 @@ def train(train_dir, test_dir, neurons_file, out, classifiers, feature_sets, ran
     click.echo(controls_section(report))
     click.echo(f"Report: {Path(out) / 'report.md'}")
     if guard_dir:
-        _export_train_guard(guard_dir, result.run(guard_feature_set, guard_classifier), train_store, test_store,
-                            val_store, calibration.get(f"{guard_feature_set}/{guard_classifier}"), target_fpr)
         click.echo(f"Guard exported to {guard_dir} ({guard_feature_set} / {guard_classifier}).")
 
 
-def _export_train_guard(guard_dir, run, train_store, test_store, val_store, calibration, target_fpr) -> None:
-    """The guard of a trained run; with a validation store its thresholds are set the way the guard scores (the
-    validation prompts read by the guard's model, windows included: safetyneurons.guard.calibrate)."""
-    from dataclasses import replace
+def _training_inputs(s, train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neurons_file) -> Inputs:
+    """The stores, their split records (hazard labels, the validation prompts), the safety neurons (selected from
+    --scores as `run` selects them, or --neurons), and the model the stores were read from (loaded on use)."""
+    dirs = {"train": train_dir, "val": val_dir, "test": test_dir, "heldout": heldout_dir}
+    stores = {name: Store.load(d) for name, d in dirs.items() if d}
+    records, files = {}, {}
+    for name, store in stores.items():
+        records[name], files[name] = store_split_records(store)
+        files[name] = files[name] or describe_store(store)
+    scores = ChangeScores.load(scores_dir) if scores_dir else None
+    benign = ChangeScores.load(benign_dir) if benign_dir else None
+    ns = NeuronSet.load(neurons_file) if neurons_file else None
+    chosen = safety_neurons(scores, benign, s.selection, s.top_percent, s.max_layer) if scores else None
+    if chosen is not None:
+        if ns is not None and not np.array_equal(ns.flat_indices(), chosen.neuron_set.flat_indices()):
+            raise UserError(f"--neurons {neurons_file} is not the set --scores selects (--selection {s.selection}, "
+                            f"--top-percent {s.top_percent:g}); leave --neurons out or give matching options.")
+        ns = chosen.neuron_set
 
-    from safetyneurons.guard.calibrate import calibrate_guard, guard_probe
-    from safetyneurons.model.pair import load_model
+    def store_model():
+        spec = stores["train"].spec
+        return load_model(spec.model["ref"], expected={"sha256": spec.fingerprint} if spec.fingerprint else None)
 
-    if val_store is not None:
-        spec = replace(train_store.spec, neuron_set=run.neuron_sets[0])
-        lm = load_model(spec.model["ref"], expected={"sha256": spec.fingerprint} if spec.fingerprint else None)
-        calibration = calibrate_guard(lm, spec, run.probes[0], val_store.records,
-                                      points={"strict": target_fpr, "loose": min(target_fpr, 0.01)})
-        run = replace(run, probes=[guard_probe(run.probes[0], calibration)])
-    export_run_guard(guard_dir, run, train_store,
-                     data={"train": describe_store(train_store), "test": describe_store(test_store)},
-                     calibration=calibration)
+    return Inputs(stores, records, ns, store_model, chosen, scores, benign, files)
 
 
 @click.command("evaluate")

@@ -54,6 +54,8 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
                    "safety set as it is; or a layer index.")
 @click.option("--random-draws", type=int, default=20, show_default=True,
               help="Seeded draws of each random neuron control (layer-matched and global).")
+@click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True,
+              help="Bootstrap resamples for the confidence intervals.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per forward pass.")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Token limit per prompt.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data splits, draws and bootstraps.")
@@ -68,8 +70,8 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
                    "sets on 100 + 100 test prompts (20 + 20 with --quick), written to <out>/patch.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def run(out, force, quick, paper, hook_point, pooling, positions, completion_from, selection, top_percent, max_layer,
-        base, aligned, splits, features_from, guard_classifier, guard_max_layer, random_draws, batch_size, max_length,
-        seed, target_fpr, no_augment, patch, no_progress):
+        base, aligned, splits, features_from, guard_classifier, guard_max_layer, random_draws, n_boot, batch_size,
+        max_length, seed, target_fpr, no_augment, patch, no_progress):
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
     controls (random layer-matched and global neurons, largest-magnitude neurons, PCA, all features, text-only,
     length-only), held-out benchmark, guard."""
@@ -84,7 +86,7 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
                                       top_percent=top_percent, max_layer=max_layer, base=base,
                                       aligned=aligned, splits=splits, features_from=features_from,
                                       guard_classifier=guard_classifier, guard_max_layer=guard_max_layer,
-                                      random_draws=random_draws,
+                                      random_draws=random_draws, n_boot=n_boot,
                                       batch_size=batch_size, max_length=max_length, seed=seed, target_fpr=target_fpr,
                                       patch=patch, augment=False if no_augment else None)
     click.echo(f"Run directory: {settings.out_dir}", err=True)
