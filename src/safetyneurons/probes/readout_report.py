@@ -69,7 +69,20 @@ def render(report: dict) -> str:
     texts = [e["text"] for e in next(iter(report["explain"].values()))] if report.get("explain") else []
     lines += _md_table(["variant", "threshold"] + [f"`{t}`" for t in texts],
                        [[n, f"{e['threshold']:.3f}"] + [f"{s:.3f}" for s in e["scores"]] for n, e in ex.items()], 99)
+    lines += _explain_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _explain_lines(report: dict) -> list[str]:
+    """Why each README example scores as it does: per-token logits of the mean probe, top neurons."""
+    lines = ["", "## Why: per-token logits and the neurons contributing most (mean over content tokens)", ""]
+    for name, rows in report.get("explain", {}).items():
+        for e in rows:
+            toks = " ".join(f"`{t}` {l:+.1f}" for t, l in e["tokens"])
+            top = ", ".join(f"L{n['layer']}#{n['index']} {n['contribution']:+.2f}" for n in e["top_neurons"][:5])
+            lines.append(f"- `{name}` on `{e['text']}` (p = {e['unsafe_probability']:.4f}): tokens {toks}; "
+                         f"top neurons (logit contribution) {top}")
+    return lines
 
 
 def write_readouts(report: dict, out: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from safetyneurons import data
+from safetyneurons._io import progress_bar
 from safetyneurons.data.compose import augment_training
 from safetyneurons.data.rephrase import RULES, rephrasings
 from safetyneurons.neurons.controls import random_layer_matched
@@ -158,16 +159,23 @@ def _token_positions(token_cols: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 
 def train_scorers(sets: dict[str, TextSet], recs: dict[str, list[dict]], fsets: dict[str, np.ndarray],
-                  token_cols: np.ndarray, seed: int, ks: Sequence[int] = KS) -> tuple[list[Scorer], list[dict]]:
+                  token_cols: np.ndarray, seed: int, ks: Sequence[int] = KS, progress: bool = False
+                  ) -> tuple[list[Scorer], list[dict]]:
     """Every variant trained on ``sets["train"]``; k of the agreement readout chosen on validation (safety
     neurons; the controls use the same k). Returns (scorers, the k table)."""
     train, y = sets["train"], np.asarray([int(r["label"]) for r in recs["train"]], dtype=np.int64)
     scorers, pooled = [], {}
+    bar = progress_bar(len(fsets) + len(ks) + len(fsets) - 1, "training probes", "probe set", progress)
     for name, cols in fsets.items():
         pooled[name] = train_pooled(train, y, name, cols, seed)
         scorers += [_variant_scorer(pooled[name][r], name == "safety") for r in ("mean_windows", "mean", "last", "post")]
+        bar.update(1)
     tok = _token_positions(token_cols, fsets["safety"])
-    by_k = train_agreement(train, y, "safety", fsets["safety"], tok, pooled["safety"]["mean"].probe, ks, seed)
+    by_k = {}
+    for k in ks:
+        by_k.update(train_agreement(train, y, "safety", fsets["safety"], tok, pooled["safety"]["mean"].probe, [k],
+                                    seed))
+        bar.update(1)
     k_table = []
     y_val = np.asarray([int(r["label"]) for r in recs["val"]])
     for k, v in by_k.items():
@@ -182,7 +190,10 @@ def train_scorers(sets: dict[str, TextSet], recs: dict[str, list[dict]], fsets: 
             tok = _token_positions(token_cols, fsets[name])
             v = train_agreement(train, y, name, fsets[name], tok, pooled[name]["mean"].probe, [k], seed)[k]
             scorers.append(_variant_scorer(v, False))
+            bar.update(1)
     scorers += _text_scorers([r["prompt"] for r in recs["train"]], y, train, pooled["safety"]["mean"], seed)
+    bar.update(1)
+    bar.close()
     return scorers, k_table
 
 
@@ -275,10 +286,14 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
     texts = {name: [r["prompt"] for r in rs] for name, rs in recs.items()}
     texts.update(rephrase=reph, examples=list(EXAMPLES))
     sets = {name: cache.read(name, t, windows=name != "train") for name, t in texts.items()}
-    scorers, k_table = train_scorers(sets, recs, fsets, token_cols, seed)
+    scorers, k_table = train_scorers(sets, recs, fsets, token_cols, seed, progress=progress)
     deployed = Variant("deployed guard", "safety", "mean_windows", fsets["safety"], guard.probe)
     scorers.append(_variant_scorer(deployed, False))
-    scores = {sc.name: {s: sc.fn(texts[s], sets[s]) for s in texts if s != "train"} for sc in scorers}
+    with progress_bar(len(scorers), "scoring variants", "variant", progress) as bar:
+        scores = {}
+        for sc in scorers:
+            scores[sc.name] = {s: sc.fn(texts[s], sets[s]) for s in texts if s != "train"}
+            bar.update(1)
     cost = _costs(cache, texts["val"])
     rows = [variant_row(sc, scores[sc.name], recs, cost) for sc in scorers]
     choice = rm.choose(rows)
@@ -297,7 +312,8 @@ def _extras(report: dict, scores: dict, recs: dict, orig: list[int], rules: list
     y_held = np.asarray([int(r["label"]) for r in recs["heldout"]])
     lengths = sets["heldout"].content
     report["length_buckets"], report["rephrase"] = {}, {}
-    for name in dict.fromkeys([TODAY, report["choice"]["chosen"], "deployed guard"]):
+    eligible = [r["name"] for r in report["variants"] if r["eligible"]]
+    for name in dict.fromkeys([TODAY, report["choice"]["chosen"]] + eligible + ["deployed guard"]):
         if name is None:
             continue
         t = rows[name]["threshold"]
