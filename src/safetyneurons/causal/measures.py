@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from safetyneurons.checks import check_batch_size, check_max_length, check_prompts
-from safetyneurons.model.hooks import forward_with_hooks, hook_width, num_layers
+from safetyneurons.model.hooks import forward_with_hooks, hook_width, num_layers, position_ids_from_mask
 from safetyneurons.model.pair import LoadedModel
 from safetyneurons.model.tokens import length_order, pad_sequences, tokenize_prompts
 
@@ -96,13 +96,16 @@ def reply_perplexities(lm: LoadedModel, prompts: Sequence[str], replies: dict[st
     order = length_order([len(s) for s in seqs])
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
-        ids, mask = pad_sequences([seqs[j] for j in index], tokens.pad_id, "right")
+        # left padding: every reply ends the row, so the LM head runs on the last (longest reply + 1) positions only
+        ids, mask = pad_sequences([seqs[j] for j in index], tokens.pad_id, "left")
         ids, mask = ids.to(lm.device), mask.to(lm.device)
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        keep = max(len(items[j][1]) for j in index) + 1
+        logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                          logits_to_keep=keep).logits[:, -keep:].float()
+        target = ids[:, ids.shape[1] - keep + 1:]
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
         for row, j in enumerate(index):
-            p_len, r_len = len(tokens.ids[items[j][0]]), len(items[j][1])
-            values[j] = math.exp(float(-logp[row, p_len - 1:p_len - 1 + r_len].double().mean()))
+            values[j] = math.exp(float(-logp[row, -len(items[j][1]):].double().mean()))
     return {name: [values[unique[(i, tuple(int(t) for t in r))]] if len(r) else float("nan")
                    for i, r in enumerate(rows)] for name, rows in replies.items()}
 
