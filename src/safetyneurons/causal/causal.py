@@ -45,7 +45,8 @@ from safetyneurons.causal.experiment import CONTROL_NAMES, TESTED, effects_of, o
 from safetyneurons.causal.measures import (DEGENERATE_NOTE, REFUSAL_SCORE_NOTE, mean_activation, opening_ids,
                                            refusal_score, reply_perplexities)
 from safetyneurons.causal.report import JUDGE_NOTE, MEASURES, MIN_GAP, summary_lines, write_outputs
-from safetyneurons.causal.patch import DEFAULT_K, DIRECTIONS, Patch, decode_reply, generate_patched, perplexity_patched
+from safetyneurons.causal.patch import (DEFAULT_K, DIRECTIONS, PATCH_FORMAT, Patch, decode_reply, generate_patched,
+                                        perplexity_patched)
 from safetyneurons.causal.sets import check_k, check_neuron_set, top_k_set
 from safetyneurons.causal.stats import N_BOOT
 
@@ -319,7 +320,7 @@ def _result(x: _Experiment, neurons: ChangeScores | NeuronSet, plain: dict, resu
     """The JSON-ready record of the experiment: method, settings, pair, data, neuron sets, every number."""
     s, sets, first = x.s, x.sets, x.sets[x.s.k[0]]["safety"]
     return {
-        "format": "safetyneurons.patch/2",
+        "format": PATCH_FORMAT,
         "method": "dynamic activation patching (Chen et al. 2025, arXiv 2406.14144), lockstep greedy decoding "
                   "with KV caches; the receiving model picks every token",
         "directions": {d: DIRECTIONS[d] for d in s.directions},

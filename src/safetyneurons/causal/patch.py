@@ -48,7 +48,7 @@ from safetyneurons.neurons.selection import NeuronSet
 from safetyneurons.model.pair import LoadedModel
 from safetyneurons.causal.sets import check_neuron_set
 
-PATCH_FORMAT = "safetyneurons.patch/1"
+PATCH_FORMAT = "safetyneurons.patch/2"  # /2: matched controls, refusal score, paired tests
 DIRECTIONS: dict[str, str] = {
     "sufficiency": "base <- aligned: the base model generates; its neurons get the aligned model's activations",
     "necessity": "aligned <- base: the aligned model generates; its neurons get the base model's activations",
