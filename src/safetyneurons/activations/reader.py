@@ -20,7 +20,9 @@ whichever way it comes in. :class:`ActivationReader` owns each step:
 4. **Hooks with early exit** (:func:`safetyneurons.model.hooks.forward_with_hooks`): only the layers holding
    neurons are hooked and the pass stops after the deepest of them.
 5. **Pooling**: the mean over the piece's content tokens (``mean``) or its last token, the end of the
-   generation prompt (``last``).
+   generation prompt (``last``). :meth:`ActivationReader.read_token_rows` gives the per-token rows instead (the
+   content tokens and the template tokens after them), from which any other readout is pooled (the readout
+   comparison, :mod:`safetyneurons.probes.readouts`).
 
 Pieces are batched longest first; results come back in input order.
 """
