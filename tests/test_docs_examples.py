@@ -457,3 +457,11 @@ def test_a_curl_example_that_fails_fails(project, tmp_path, monkeypatch):
                        monkeypatch)
     finally:
         session.close()
+
+
+def test_the_readme_stays_a_five_minute_read():
+    """README.md: at most 200 lines, its results only inside the blocks `safetyneurons report` fills."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 200, "README.md is over 200 lines; move detail into docs/"
+    for name in ("probes", "causal", "guard", "readouts", "mixed_load"):
+        assert text.count(f"<!-- generated:{name} -->") == 1 and text.count(f"<!-- /generated:{name} -->") == 1, name
