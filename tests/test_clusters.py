@@ -109,7 +109,9 @@ def test_default_splits_have_no_near_duplicates_across_splits(default_splits):
     splits, manifest = default_splits
     main = data.SPLIT_NAMES
     records = [(name, r) for name in main for r in splits[name]]
-    assert all("cluster" in r for _, r in records)
+    # every record names its cluster, but val's long benign prompts, joined from val's own prompts: a record
+    # without one is its own cluster (its id)
+    assert all("cluster" in r or (name == "val" and r["id"].startswith("long:")) for name, r in records)
     pairs = clusters.near_duplicate_pairs([r["prompt"] for _, r in records], 0.6)
     # our templates cross every family with the same phrasing frames ("I would like a detailed explanation of
     # how one might ..."), so two families share most words; for them a near-duplicate is judged on the family

@@ -163,6 +163,22 @@ def test_readme_blocks_are_replaced_and_the_text_around_them_kept(work):
     assert "| safety − random layer-matched | logreg |" in block(text, "probes")
 
 
+def test_a_benchmark_with_a_readme_subset_shows_it_in_the_readme_and_everything_in_results(work):
+    path = work / "docs/benchmarks/mixed_load.json"
+    bench = json.loads(path.read_text())
+    bench["readme"] = {"columns": ["phase", "p99 ms"], "rows": [["mixed", 1234.56]]}
+    write_json(path, bench)
+    generate(readme="README.md")
+    short, full = block((work / "README.md").read_text(), "mixed_load"), (work / "docs/results.md").read_text()
+    assert "| phase | p99 ms |" in short and "| mixed | 1234.6 |" in short
+    assert "moderation" not in short and "Two phases" not in short
+    assert "moderation" in full and "errors" in full and "Two phases of 60 s." in full
+    bench["readme"] = {"columns": ["phase"], "rows": [["mixed", 1.0]]}
+    write_json(path, bench)
+    r = cli("runs/default", "--readme", "README.md", cwd=work)
+    assert r.returncode == 2 and "'readme' must hold columns and rows" in r.stderr
+
+
 def test_a_run_without_machine_says_so(work):
     path = work / "runs/default/run.json"
     run = json.loads(path.read_text())

@@ -325,6 +325,19 @@ def _write_splits(out_dir: Path, splits: dict[str, list[dict]], manifest: dict) 
         atomic_write_json(tmp / "manifest.json", manifest)
 
 
+def _add_own_sources(own: list[dict], train: list[dict], val: list[dict], others: list[list[dict]], seed: int,
+                     val_share: float, n_long: int, max_chars: int) -> tuple[list[dict], list[dict], dict]:
+    """Our own sources joined to train and val (whole families, :func:`split_own`), then ``n_long`` long benign
+    prompts joined from val's own ordinary benign prompts added to val; returns (train, val, report)."""
+    own_train, own_val = split_own(own, seed, val_share, CLUSTER_THRESHOLD)
+    train, dropped_train = add_own(train, [*others, val], own_train)
+    val, dropped_val = add_own(val, [*others, train], own_val)
+    ordinary_val = [r for r in val if _kind(r) == "benign" and r["source"] not in OWN_SOURCES]
+    val = val + long_benign(ordinary_val, n_long, seed, max_chars=max_chars)  # each its own cluster (its id)
+    return train, val, {"records": len(own), "train": len(own_train) - dropped_train,
+                        "val": len(own_val) - dropped_val, "dropped_as_near_duplicates": dropped_train + dropped_val}
+
+
 def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n_contrast: int = 100,
                  test_size: float = 0.2, max_chars: int = 2000, n_contrast_benign: int = 100,
                  val_size: float | None = None, harmful: Sequence[str] | None = None,
@@ -388,12 +401,9 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     twin, contrast, train, test, cluster_report["assignment"] = assign_splits(
         harm + ben, rng, n_twin, n_contrast, n_contrast_benign, test_size)
     train, val = carve_validation(train, val_size, seed)
-    own_train, own_val = split_own(own, seed, own_val_share if val_size else 0.0, CLUSTER_THRESHOLD)
-    train, dropped_train = add_own(train, [twin, contrast, val, test], own_train)
-    val, dropped_val = add_own(val, [twin, contrast, train, test], own_val)
-    ordinary_val = [r for r in val if _kind(r) == "benign" and r["source"] not in OWN_SOURCES]
-    val = val + [{**r, "cluster": r["id"]}
-                 for r in long_benign(ordinary_val, val_long_benign if val_size else 0, seed, max_chars=max_chars)]
+    train, val, own_report = _add_own_sources(own, train, val, [twin, contrast, test], seed,
+                                              own_val_share if val_size else 0.0,
+                                              val_long_benign if val_size else 0, max_chars)
     heldout = _heldout(held, main, held_report)
 
     splits = {"twin": twin, "contrast": contrast, "train": list(train), "val": val, "test": list(test),
@@ -405,9 +415,7 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     manifest = _splits_manifest(seed, settings, groups, main_raw + held_raw, main,
                                 {"harmful": len(harm), "benign": len(ben)},
                                 {"main": main_report, "heldout": held_report, "clusters": cluster_report},
-                                {"records": len(own), "train": len(own_train) - dropped_train,
-                                 "val": len(own_val) - dropped_val,
-                                 "dropped_as_near_duplicates": dropped_train + dropped_val})
+                                own_report)
     _write_splits(out_dir, splits, manifest)
     return manifest
 

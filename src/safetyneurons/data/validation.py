@@ -70,8 +70,8 @@ def split_own(records: Sequence[dict], seed: int, val_share: float,
               threshold: float) -> tuple[list[dict], list[dict]]:
     """``(train, val)``: about ``val_share`` of the groups of ``records`` go to val. A group joins records that
     share a ``family`` (per source), a ``cluster`` or near-duplicate family texts (word-set Jaccard >=
-    ``threshold``); it is placed by a hash of the seed and its smallest family text, so the placement of a group
-    does not depend on the others."""
+    ``threshold``); it is placed by a hash of the seed and its smallest record id, so the placement of a group does
+    not depend on the others."""
     from safetyneurons.data.clusters import cluster_labels
 
     records = list(records)
@@ -91,10 +91,10 @@ def split_own(records: Sequence[dict], seed: int, val_share: float,
         for key in (("family", r["source"], r.get("family", r["id"])), ("cluster", _cluster(r)), ("inner", inner[i])):
             j = first.setdefault(key, i)
             parent[find(i)] = find(j)
-    ids: dict[int, str] = {}  # a group's name: its smallest family text, so it stays put when others change
+    ids: dict[int, str] = {}  # a group's name: its smallest record id
     for i, r in enumerate(records):
-        root, name = find(i), str(r.get("family", r["id"]))
-        ids[root] = min(ids.get(root, name), name)
+        root = find(i)
+        ids[root] = min(ids.get(root, str(r["id"])), str(r["id"]))
 
     def to_val(i: int) -> bool:
         digest = hashlib.sha256(f"{seed}:{ids[find(i)]}".encode()).digest()

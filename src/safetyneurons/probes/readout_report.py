@@ -29,6 +29,18 @@ def table_rows(report: dict) -> list[list]:
     return out
 
 
+README_COLUMNS = ["variant", "held-out AUROC", "held-out recall@t", "held-out ordinary benign flagged",
+                  "held-out hard-neg flagged", "held-out composition recall"]
+README_VARIANTS = ("all/mean_windows", "text/tfidf", "safety+text/mean", "deployed guard")
+
+
+def readme_rows(rows: list[list]) -> list[list]:
+    """The README's short table: the eligible readouts (the guard's safety neurons), all neurons of the same
+    layers, the text baseline, both combined and the deployed guard, with the held-out figures only."""
+    keep = [r for r in rows if r[3] is True or r[0] in README_VARIANTS]
+    return [[r[0], r[7], r[9], r[10], r[11], r[12]] for r in keep]
+
+
 def _md_table(columns: list[str], rows: list[list], pct_from: int) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -122,6 +134,7 @@ def write_benchmark(report: dict, path: Path, command: str) -> None:
              "artifact": {"guard_id": report["guard_id"], "path": report["run"]},
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
              "columns": COLUMNS, "rows": table_rows(report),
+             "readme": {"columns": README_COLUMNS, "rows": readme_rows(table_rows(report))},
              "notes": [f"Chosen by the pre-registered rule (docs/guard_quality.md): {c['chosen']} ({c['reason']}).",
                        f"With every row eligible the same rule picks {c['would_win']}.",
                        "Thresholds: at most 5% false positives on the validation benign prompts; held-out figures "

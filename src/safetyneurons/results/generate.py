@@ -156,7 +156,7 @@ def _benchmark_block(name: str, benchmarks: Sequence[BenchmarkSource], directory
         return f"no {name.replace('_', ' ')} run yet: {command or where + ' not found'}"
     b = found[0]
     with reading(b.path, "rewrite it with its benchmark script."):
-        lines = [f"{b.data['title']}", ""] + benchmark_table(b)
+        lines = [f"{b.data['title']}", ""] + benchmark_table(b, short=True)
     return "\n".join(lines + ["", _readme_source(shown(b.path), b.code, b.machine)])
 
 

@@ -154,6 +154,12 @@ def load_benchmark(path: str | os.PathLike) -> BenchmarkSource:
     for i, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != len(cols):
             raise UserError(f"{shown(path)}: row {i} does not have {len(cols)} cells (one per column); {fix}")
+    short = data.get("readme")  # optional: the few columns and rows the README shows (results.md shows all)
+    if short is not None and not (isinstance(short, dict) and isinstance(short.get("columns"), list)
+                                  and isinstance(short.get("rows"), list)
+                                  and all(isinstance(r, list) and len(r) == len(short["columns"])
+                                          for r in short["rows"])):
+        raise UserError(f"{shown(path)}: 'readme' must hold columns and rows of as many cells; {fix}")
     return BenchmarkSource(path, data)
 
 

@@ -183,9 +183,11 @@ def twin_table(twin: dict) -> list[str]:
                f"{(ev.get('judge') or {}).get('kind', 'refusal phrases')}."]
 
 
-def benchmark_table(b: BenchmarkSource) -> list[str]:
-    """A benchmark's rows, its notes, and where it comes from."""
+def benchmark_table(b: BenchmarkSource, short: bool = False) -> list[str]:
+    """A benchmark's rows and its notes; ``short``: its ``readme`` subset when it has one (no notes)."""
     d = b.data
+    if short and d.get("readme"):
+        d = {"columns": d["readme"]["columns"], "rows": d["readme"]["rows"]}
     numeric = [bool(d["rows"]) and all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool)
                                        for r in d["rows"]) for k in range(len(d["columns"]))]
     lines = markdown_table([cell(c) for c in d["columns"]], [[cell(v) for v in r] for r in d["rows"]], numeric)
