@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-# Machine-dependent, not code-dependent (as in the byte-identical days of this test): library versions, wall-clock
-# timings, and report.json's manifest hashes (over manifests that hold ``versions``).
-EXCLUDED_KEYS = ("versions", "timings_s", "manifest_sha256")
+# Machine-dependent, not code-dependent: library versions, wall-clock timings, report.json's manifest hashes (over
+# manifests that hold ``versions``), and where a run ran (run.json's git commit and machine).
+EXCLUDED_KEYS = ("versions", "timings_s", "manifest_sha256", "code_version", "machine")
 # guard.json only, top level: hashes over probe.json (which holds ``versions``); the probe files are compared.
 GUARD_EXCLUDED_KEYS = ("files", "integrity")
 

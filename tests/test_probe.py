@@ -399,13 +399,15 @@ BAD = {
 def test_cli_train_bad_inputs_exit_2_without_output(cli, tmp_path, case):
     import shutil
 
-    if case == "corrupted_shard" and not (cli / "st_corrupt").exists():
-        shutil.copytree(cli / "st_train", cli / "st_corrupt")
-        shard = cli / "st_corrupt" / "shard-00000.safetensors"
+    own = {}
+    if case == "corrupted_shard":  # a corrupted copy of its own, never in the shared fixture
+        shutil.copytree(cli / "st_train", tmp_path / "st_corrupt")
+        shard = tmp_path / "st_corrupt" / "shard-00000.safetensors"
         data = bytearray(shard.read_bytes())
         data[-5] ^= 0x55
         shard.write_bytes(bytes(data))
-    args = [a if a.startswith("--") else cli / a for a in BAD[case]]
+        own["st_corrupt"] = tmp_path / "st_corrupt"
+    args = [a if a.startswith("--") else own.get(a, cli / a) for a in BAD[case]]
     r = run_cli("train", *args, "--out", tmp_path / "out", "--bootstrap", "10", cache=cli / "cache")
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and "Error:" in r.stderr
