@@ -293,6 +293,16 @@ def table_rows(report: dict) -> list[list]:
     return rows
 
 
+README_MEASURES = ("valid moderation requests", "errors (valid requests)", "p99 latency (ms)",
+                   "p99 ratio (with chat / without)", "bad inputs not answered with a 4xx JSON error",
+                   "server RSS, max sampled (MB)")
+
+
+def readme_table(rows: list[list]) -> dict:
+    """The README's short table: requests, errors, p99 and its ratio, bad-input answers, memory."""
+    return {"columns": COLUMNS, "rows": [r for r in rows if r[0] in README_MEASURES]}
+
+
 def notes(report: dict) -> list[str]:
     ratio = report["p99_ratio"]
     verdict = "met" if ratio is not None and ratio <= 2.0 else "not met"
@@ -332,7 +342,8 @@ def benchmark_json(report: dict, guard_id: str | None, guard_path: str, threads:
             "machine": {"cpu": cpu_model(), "threads": threads, "gpu": None},
             "artifact": {"guard_id": guard_id, "path": guard_path},
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-            "columns": COLUMNS, "rows": table_rows(report), "notes": notes(report), "details": report}
+            "columns": COLUMNS, "rows": table_rows(report), "readme": readme_table(table_rows(report)),
+            "notes": notes(report), "details": report}
 
 
 def main() -> None:

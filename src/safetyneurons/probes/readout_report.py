@@ -38,7 +38,8 @@ def readme_rows(rows: list[list]) -> list[list]:
     """The README's short table: the eligible readouts (the guard's safety neurons), all neurons of the same
     layers, the text baseline, both combined and the deployed guard, with the held-out figures only."""
     keep = [r for r in rows if r[3] is True or r[0] in README_VARIANTS]
-    return [[r[0], r[7], r[9], r[10], r[11], r[12]] for r in keep]
+    return [[r[0], None if r[7] is None else f"{r[7]:.3f}", *(_pct(v) for v in (r[9], r[10], r[11], r[12]))]
+            for r in keep]
 
 
 def _md_table(columns: list[str], rows: list[list], pct_from: int) -> list[str]:
