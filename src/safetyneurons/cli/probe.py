@@ -174,9 +174,10 @@ def train(train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neu
           feature_sets, random_draws, seed, n_boot, cv, control_cv, save_probes, guard_dir, guard_feature_set,
           guard_classifier, guard_max_layer, selection, top_percent, max_layer, target_fpr, category_min_examples,
           batch_size):
-    """Train probes on safety neurons and controls, and report test metrics (report.json/.md, curves); with
-    --val, --heldout and --scores, every step `run` takes after its stores (thresholds, layer budget, held-out
-    benchmark, category heads, guard)."""
+    """Train probes on safety neurons and controls, and report test metrics (report.json/.md, curves).
+
+    With --val, --heldout and --scores it takes every step `run` takes after its stores (thresholds, layer
+    budget, held-out benchmark, category heads, guard)."""
     check_out_dir(out)
     if n_boot < 0 or cv < 0:
         raise UserError("--bootstrap and --cv must be >= 0.")
