@@ -148,6 +148,20 @@ def table_rows(result: dict, borrowed_direction: dict | None = None) -> tuple[li
     return rows, notes
 
 
+README_SETS = ("safety neurons", "safety neurons outside saturated layers", "layer-matched random (mean of draws)",
+               "change-matched random (mean of draws)", "refusal direction")
+README_COLUMNS = ("hook point", "direction", "set", "refuses harmful (judge) %", "degenerate %",
+                  "safety - this: judge refusal D", "95% CI (judge)", "p (judge)")
+
+
+def readme_table(rows: list[list]) -> dict:
+    """The README's short table: the safety set, its part outside saturated layers, the matched controls and the
+    refusal direction, with the judge's refusal rate, degenerate share and the paired test against each control."""
+    index = [TABLE_COLUMNS.index(c) for c in README_COLUMNS]
+    keep = [r for r in rows if r[TABLE_COLUMNS.index("set")] in README_SETS]
+    return {"columns": list(README_COLUMNS), "rows": [[r[i] for i in index] for r in keep]}
+
+
 def write_table(paths, command=None) -> None:
     """docs/benchmarks/causal.json and causal.md from patch.json files (see the module doc)."""
     import json
@@ -192,7 +206,7 @@ def write_table(paths, command=None) -> None:
            "machine": {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": None},
            "artifact": {"guard_id": None, "path": ", ".join(str(p) for p in paths)},
            "date": datetime.now(timezone.utc).date().isoformat(), "columns": TABLE_COLUMNS, "rows": rows,
-           "notes": notes + ([f"Refusal direction: layer {d['layer']}, {d['rule']}."] if d else [])}
+           "readme": readme_table(rows), "notes": notes + ([f"Refusal direction: layer {d['layer']}, {d['rule']}."] if d else [])}
     Path("docs/benchmarks").mkdir(parents=True, exist_ok=True)
     atomic_write_json("docs/benchmarks/causal.json", doc)
     cell = lambda v: "" if v is None else (f"[{v[0]}, {v[1]}]" if isinstance(v, list) else str(v))  # noqa: E731

@@ -31,12 +31,12 @@ def table_rows(report: dict) -> list[list]:
 
 README_COLUMNS = ["variant", "held-out AUROC", "held-out recall@t", "held-out ordinary benign flagged",
                   "held-out hard-neg flagged", "held-out composition recall"]
-README_VARIANTS = ("all/mean_windows", "text/tfidf", "safety+text/mean", "deployed guard")
+README_VARIANTS = ("all/mean_windows", "text/tfidf", "safety+text/mean")
 
 
 def readme_rows(rows: list[list]) -> list[list]:
     """The README's short table: the eligible readouts (the guard's safety neurons), all neurons of the same
-    layers, the text baseline, both combined and the deployed guard, with the held-out figures only."""
+    layers, the text baseline and both combined, with the held-out figures only."""
     keep = [r for r in rows if r[3] is True or r[0] in README_VARIANTS]
     return [[r[0], None if r[7] is None else f"{r[7]:.3f}", *(_pct(v) for v in (r[9], r[10], r[11], r[12]))]
             for r in keep]
