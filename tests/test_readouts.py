@@ -182,3 +182,16 @@ def test_cli_refuses_a_run_without_guard(tmp_path):
     r = run_cli("readouts", "--run", tmp_path, "--out", tmp_path / "out")
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "holds no guard" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_readme_rows_keep_the_eligible_readouts_and_baselines_with_held_out_figures():
+    from safetyneurons.probes.readout_report import README_COLUMNS, readme_rows
+
+    def row(name, eligible, auroc):
+        return [name, "f", "r", eligible, 0.5, 0.9, 0.1, auroc, 0.2, 0.7, 0.243, 0.3267, 0.93]
+
+    rows = [row("safety/mean_windows", True, 0.8058), row("random0/mean", False, 0.8), row("text/tfidf", False, 0.907),
+            row("deployed guard", False, 0.81)]
+    got = readme_rows(rows)
+    assert [r[0] for r in got] == ["safety/mean_windows", "text/tfidf"]
+    assert len(got[0]) == len(README_COLUMNS) and got[0][1:] == ["0.806", "70.0%", "24.3%", "32.7%", "93.0%"]
