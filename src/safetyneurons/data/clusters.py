@@ -78,10 +78,9 @@ def near_duplicate_pairs(prompts: Sequence[str], threshold: float = THRESHOLD) -
     return sorted(pairs)
 
 
-def cluster_labels(prompts: Sequence[str], threshold: float = THRESHOLD) -> list[int]:
-    """Cluster number of each prompt (connected components of the near-duplicate graph); numbered by the
-    position of each cluster's first prompt, so singletons and clusters are numbered in input order."""
-    parent = list(range(len(prompts)))
+def components(n: int, pairs: Iterable[tuple[int, int]]) -> list[int]:
+    """Connected component of each of ``n`` items joined by ``pairs``, named by its smallest item."""
+    parent = list(range(n))
 
     def find(x: int) -> int:
         while parent[x] != x:
@@ -89,11 +88,17 @@ def cluster_labels(prompts: Sequence[str], threshold: float = THRESHOLD) -> list
             x = parent[x]
         return x
 
-    for i, j, _ in near_duplicate_pairs(prompts, threshold):
+    for i, j in pairs:
         ri, rj = find(i), find(j)
         if ri != rj:
             parent[max(ri, rj)] = min(ri, rj)
-    return [find(i) for i in range(len(prompts))]
+    return [find(i) for i in range(n)]
+
+
+def cluster_labels(prompts: Sequence[str], threshold: float = THRESHOLD) -> list[int]:
+    """Cluster number of each prompt (connected components of the near-duplicate graph); numbered by the
+    position of each cluster's first prompt, so singletons and clusters are numbered in input order."""
+    return components(len(prompts), ((i, j) for i, j, _ in near_duplicate_pairs(prompts, threshold)))
 
 
 def assign_clusters(records: Sequence[dict], threshold: float = THRESHOLD) -> tuple[list[dict], dict]:

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from safetyneurons.data.clusters import cluster_labels, components
 from safetyneurons.errors import UserError
 
 DEFAULT_TARGET_FPR = 0.05
@@ -72,35 +73,21 @@ def split_own(records: Sequence[dict], seed: int, val_share: float,
     share a ``family`` (per source), a ``cluster`` or near-duplicate family texts (word-set Jaccard >=
     ``threshold``); it is placed by a hash of the seed and its smallest record id, so the placement of a group does
     not depend on the others."""
-    from safetyneurons.data.clusters import cluster_labels
-
     records = list(records)
-    parent = list(range(len(records)))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
     first: dict[tuple, int] = {}
     # near-duplicates among families are found on the family text: the phrasing frames ("Tell me how to ...,
     # step by step.") are shared by every family and would join them all
     inner = cluster_labels([str(r.get("family", r["prompt"])) for r in records], threshold)
-    for i, r in enumerate(records):
-        for key in (("family", r["source"], r.get("family", r["id"])), ("cluster", _cluster(r)), ("inner", inner[i])):
-            j = first.setdefault(key, i)
-            parent[find(i)] = find(j)
-    ids: dict[int, str] = {}  # a group's name: its smallest record id
-    for i, r in enumerate(records):
-        root = find(i)
-        ids[root] = min(ids.get(root, str(r["id"])), str(r["id"]))
-
-    def to_val(i: int) -> bool:
-        digest = hashlib.sha256(f"{seed}:{ids[find(i)]}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2 ** 64 < val_share
-
-    return ([r for i, r in enumerate(records) if not to_val(i)], [r for i, r in enumerate(records) if to_val(i)])
+    links = [(first.setdefault(key, i), i) for i, r in enumerate(records)
+             for key in (("family", r["source"], r.get("family", r["id"])), ("cluster", _cluster(r)),
+                         ("inner", inner[i]))]
+    group = components(len(records), links)
+    name: dict[int, str] = {}  # a group's name: its smallest record id
+    for g, r in zip(group, records):
+        name[g] = min(name.get(g, str(r["id"])), str(r["id"]))
+    in_val = {g: int.from_bytes(hashlib.sha256(f"{seed}:{n}".encode()).digest()[:8], "big") / 2 ** 64 < val_share
+              for g, n in name.items()}
+    return ([r for g, r in zip(group, records) if not in_val[g]], [r for g, r in zip(group, records) if in_val[g]])
 
 
 def threshold_for_fpr(y: Sequence[int], proba: Sequence[float], target_fpr: float = DEFAULT_TARGET_FPR) -> float:
