@@ -165,10 +165,10 @@ def readme_table(rows: list[list]) -> dict:
 def write_table(paths, command=None) -> None:
     """docs/benchmarks/causal.json and causal.md from patch.json files (see the module doc)."""
     import json
-    import platform
-    import subprocess
     from datetime import datetime, timezone
     from pathlib import Path
+
+    from safetyneurons.results.machine import provenance
 
     from safetyneurons._io import atomic_write_json, atomic_write_text
 
@@ -194,16 +194,11 @@ def write_table(paths, command=None) -> None:
     if not any("direction" in r["baselines"] for res in results for r in res["results"]) or len(results) > 1:
         notes.append("The refusal-direction rows come from the run that computed the direction (it acts on the "
                      "residual stream and does not depend on the hook point).")
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    where = provenance()
     d = results[0]["refusal_direction"] or {}
     doc = {"benchmark": "causal", "title": "Causal validation: dynamic activation patching against matched controls",
            "command": command or " ; ".join(f"(patch.json: {p})" for p in paths),
-           "code_version": rev + ("+dirty" if dirty else ""),
-           "machine": {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": None},
+           "code_version": where["code_version"], "machine": where["machine"],
            "artifact": {"guard_id": None, "path": ", ".join(str(p) for p in paths)},
            "date": datetime.now(timezone.utc).date().isoformat(), "columns": TABLE_COLUMNS, "rows": rows,
            "readme": readme_table(rows), "notes": notes + ([f"Refusal direction: layer {d['layer']}, {d['rule']}."] if d else [])}

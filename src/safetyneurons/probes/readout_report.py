@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import datetime
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from safetyneurons._io import atomic_write_json, atomic_write_text, json_safe
+from safetyneurons.results.machine import provenance
 
 COLUMNS = ["variant", "features", "readout", "eligible", "val recall@t", "val composition recall",
            "val hard-neg flagged", "held-out AUROC", "held-out TPR@1%FPR", "held-out recall@t",
@@ -104,34 +103,12 @@ def write_readouts(report: dict, out: Path) -> None:
     atomic_write_text(out / "readouts.md", render(report))
 
 
-def _code_version() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return rev.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def write_benchmark(report: dict, path: Path, command: str) -> None:
     """The comparison as a docs/benchmarks JSON (the project's schema) and its markdown table beside it."""
-    import torch
-
     c = report["choice"]
+    where = provenance()
     bench = {"benchmark": "readouts", "title": "Where the guard's probe reads: readout variants side by side",
-             "command": command, "code_version": _code_version(),
-             "machine": {"cpu": _cpu(), "threads": torch.get_num_threads(), "gpu": None},
+             "command": command, "code_version": where["code_version"], "machine": where["machine"],
              "artifact": {"guard_id": report["guard_id"], "path": report["run"]},
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
              "columns": COLUMNS, "rows": table_rows(report),
