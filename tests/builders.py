@@ -159,6 +159,20 @@ RECORD_SAFE = ["Write a poem about the sea", "What is the capital of France", "T
 RECORD_TAILS = ["", " please", " right now?", " for my class, step by step", "!!"]
 
 
+def save_tiny_pair(root: Path, noise: float = 0.5, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny Qwen3 base and an "aligned" copy whose layer-1 MLP down projection has seeded noise added."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = save_tiny(root / "base", "qwen3", seed=0)
+    aligned = save_tiny(root / "aligned", "qwen3", seed=0)
+    w = load_file(aligned / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    w[key] = w[key] + noise * torch.randn_like(w[key], generator=torch.Generator().manual_seed(seed))
+    save_file(w, aligned / "model.safetensors", metadata={"format": "pt"})
+    return base, aligned
+
+
 def make_records(n: int, offset: int = 0, seed: int = 0) -> list[dict]:
     """``n`` short labelled records, alternating safe (0) and unsafe (1), ids ``p{offset}``...; seeded."""
     rng = np.random.default_rng(seed)

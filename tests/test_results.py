@@ -16,8 +16,7 @@ import torch
 from safetyneurons.results.generate import generate
 from safetyneurons.results.machine import cpu_model
 
-from builders import templated_records, write_jsonl
-from tiny import save_tiny
+from builders import save_tiny_pair, templated_records, write_jsonl
 
 README = ("# Title\n\nIntro kept as it is.\n\n<!-- generated:probes -->\nstale probes table\n"
           "<!-- /generated:probes -->\n\nA sentence between blocks.\n\n<!-- generated:guard -->\n"
@@ -29,14 +28,7 @@ README = ("# Title\n\nIntro kept as it is.\n\n<!-- generated:probes -->\nstale p
 def tiny_run(tmp_path_factory):
     """A finished `safetyneurons run` on a tiny pair (an "aligned" copy with one changed MLP)."""
     root = tmp_path_factory.mktemp("results")
-    base = save_tiny(root / "base", "qwen3", seed=0)
-    aligned = save_tiny(root / "aligned", "qwen3", seed=0)
-    from safetensors.torch import load_file, save_file
-
-    w = load_file(aligned / "model.safetensors")
-    key = "model.layers.1.mlp.down_proj.weight"
-    w[key] = w[key] + 0.5 * torch.randn_like(w[key], generator=torch.Generator().manual_seed(0))
-    save_file(w, aligned / "model.safetensors", metadata={"format": "pt"})
+    base, aligned = save_tiny_pair(root)
     splits = root / "splits"
     splits.mkdir()
     for name, n, offset in (("contrast", 10, 1000), ("train", 20, 0), ("test", 10, 100), ("val", 10, 300),

@@ -33,10 +33,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from builders import templated_records, write_jsonl
-from tiny import save_tiny
+from builders import save_tiny_pair, templated_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "steps.md"
@@ -91,14 +89,7 @@ def tiny_python(code: str, out: Path, base: Path, aligned: Path, splits: Path) -
 def tiny_pair_and_splits(root: Path):
     """A tiny base, an "aligned" copy with one changed MLP, and splits whose training part labels 20 harmful
     prompts of each of two hazards (so the guard gets category heads at `run`'s default minimum)."""
-    from safetensors.torch import load_file, save_file
-
-    base = save_tiny(root / "base", "qwen3", seed=0)
-    aligned = save_tiny(root / "aligned", "qwen3", seed=0)
-    w = load_file(aligned / "model.safetensors")
-    key = "model.layers.1.mlp.down_proj.weight"
-    w[key] = w[key] + 0.5 * torch.randn_like(w[key], generator=torch.Generator().manual_seed(0))
-    save_file(w, aligned / "model.safetensors", metadata={"format": "pt"})
+    base, aligned = save_tiny_pair(root)
     splits = root / "splits"
     splits.mkdir()
     for name, n, offset in (("contrast", 10, 1000), ("train", 40, 0), ("val", 10, 300), ("test", 10, 100),
