@@ -194,7 +194,8 @@ def _run(s: RunSettings, out: Path, progress: bool) -> dict:
         if s.patch:  # causal validation: dynamic activation patching on held-out test prompts
             with steps.step("patch"):
                 summary["patch"] = patch_step(base, aligned, neuron_set, split_records["test"], out / "patch",
-                                              quick=s.quick, seed=s.seed, progress=progress)
+                                              quick=s.quick, seed=s.seed, progress=progress, change=scores,
+                                              direction_records=split_records["contrast"])
     finally:
         steps.close()
     summary["timings_s"] = steps.timings

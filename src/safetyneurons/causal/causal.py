@@ -51,6 +51,7 @@ from safetyneurons.causal.sets import check_k, check_neuron_set, top_k_set
 from safetyneurons.causal.stats import N_BOOT
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -128,23 +129,27 @@ def _check_neurons(neurons: ChangeScores | NeuronSet, base: LoadedModel, hook_po
     return hp
 
 
-def neuron_sets(neurons: ChangeScores | NeuronSet, s: PatchSettings) -> dict[float, dict]:
+def neuron_sets(neurons: ChangeScores | NeuronSet, s: PatchSettings,
+                change: np.ndarray | None = None) -> dict[float, dict]:
     """Per k: the safety set (top k% by change score), its part outside saturated layers (``matched``) and the
-    layer-matched and change-matched controls of that part (change-matched only from change scores)."""
+    layer-matched and change-matched controls of that part. The change-matched controls need every neuron's
+    change score: those of ``neurons`` when they are change scores, else ``change`` ([layers, width])."""
+    if isinstance(neurons, ChangeScores):
+        change = neurons.scores
     sets = {}
     for k in s.k:
         safety = top_k_set(neurons, k)
         matched = matched_part(safety)
         layer = [random_layer_matched(matched, d, s.seed, num_layers=matched.num_layers, width=matched.width)
                  for d in range(s.random_sets)]
-        change = []
-        if isinstance(neurons, ChangeScores) and s.change_sets:
-            change = control_sets("change_matched", safety, s.change_sets, s.seed, change=neurons.scores)
-        overlaps = [overlap(safety, r) for r in layer + change]
+        change_draws = []
+        if change is not None and s.change_sets:
+            change_draws = control_sets("change_matched", safety, s.change_sets, s.seed, change=change)
+        overlaps = [overlap(safety, r) for r in layer + change_draws]
         if any(overlaps):
             raise RuntimeError(f"a control overlaps the safety set at k={k}")  # never: controls exclude it
         sets[k] = {"safety": safety, "matched": matched, "saturated_layers": saturated_layers(safety),
-                   "layer_matched": layer, "change_matched": change}
+                   "layer_matched": layer, "change_matched": change_draws}
     return sets
 
 
@@ -363,11 +368,13 @@ def _result(x: _Experiment, neurons: ChangeScores | NeuronSet, plain: dict, resu
 def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | NeuronSet, harmful: Sequence[str],
               benign: Sequence[str], reference: Sequence[str] | None = None, settings: PatchSettings | None = None,
               hook_point: str | None = None, progress: bool = True,
-              direction_prompts: tuple[Sequence[str], Sequence[str]] | None = None) -> dict:
+              direction_prompts: tuple[Sequence[str], Sequence[str]] | None = None,
+              change: ChangeScores | None = None) -> dict:
     """The causal validation experiment; returns the JSON-ready result (see module doc).
 
     ``neurons`` is a ``contrast.ChangeScores`` (any k; change-matched controls) or a ``NeuronSet`` (k up to its
-    own share; no change-matched control). The perplexity is measured on ``reference`` texts (default: the
+    own share; change-matched controls only when ``change``, the change scores at its hook point, is given:
+    a set chosen by another rule than top-k, such as a run's layer-budgeted set). The perplexity is measured on ``reference`` texts (default: the
     benign prompts as plain text). ``direction_prompts`` (harmful, benign; the contrast split) give the refusal
     direction; without them that baseline is left out.
     """
@@ -378,9 +385,12 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | N
                         f"benign. Give a labelled prompt file with both.")
     _check_pair(base, aligned)
     hp = _check_neurons(neurons, base, hook_point, s)
+    if change is not None and change.hook_point != hp:
+        raise UserError(f"The change scores are at hook point {change.hook_point} and the neurons at {hp}; give "
+                        f"the change scores the neurons were selected from.")
     prompts = harmful + benign
     t0 = time.perf_counter()
-    sets = neuron_sets(neurons, s)
+    sets = neuron_sets(neurons, s, None if change is None else change.scores)
     mean = mean_activation(base, prompts, hp, batch_size=s.batch_size, max_length=s.max_length) if s.baselines else None
     direction = None
     if s.refusal_direction and direction_prompts is not None:
@@ -436,14 +446,21 @@ def load_neurons(scores: str | Path | None = None, neurons: str | Path | None = 
 
 def patch_step(base: LoadedModel, aligned: LoadedModel, neuron_set: NeuronSet, records: Sequence[dict],
                out_dir: str | Path, quick: bool = False, seed: int = 0, progress: bool = True,
-               settings: PatchSettings | None = None) -> dict:
+               settings: PatchSettings | None = None, change: ChangeScores | None = None,
+               direction_records: Sequence[dict] | None = None) -> dict:
     """The optional ``--patch`` step of ``safetyneurons run`` on the run's safety set (k = its share of the
-    neurons; a neuron set, so no change-matched control): 200 + 100 test prompts, 20 + 20 with ``quick``."""
+    neurons): 200 + 100 test prompts, 20 + 20 with ``quick``. ``change`` (the run's change scores) adds the
+    change-matched control; ``direction_records`` (the contrast split) the refusal-direction baseline."""
     share = 100.0 * len(neuron_set) / (neuron_set.num_layers * neuron_set.width)
     settings = settings or PatchSettings(k=(share,), harmful=20 if quick else 200, benign=20 if quick else 100,
                                          seed=seed)
     harmful, benign = pick_prompts(records, settings.harmful, settings.benign, "the test split")
-    result = run_patch(base, aligned, neuron_set, harmful, benign, settings=settings, progress=progress)
+    direction = None
+    if direction_records is not None:
+        direction = pick_prompts(direction_records, len(direction_records), len(direction_records),
+                                 "the contrast split")
+    result = run_patch(base, aligned, neuron_set, harmful, benign, settings=settings, progress=progress,
+                       change=change, direction_prompts=direction)
     result["data"]["prompts"] = {"source": "test split", "records_sha256": sha256_json(list(records))}
     write_outputs(result, out_dir)
     return {"dir": str(out_dir), "summary": summary_lines(result), "timings": result["timings"]}

@@ -29,9 +29,11 @@ def parse_k(value: str) -> list[float]:
 @click.command("patch", context_settings={"show_default": True})
 @click.option("--scores", type=click.Path(path_type=Path), default=None,
               help="Change scores: the --out directory of `safetyneurons contrast` (or <run>/contrast). "
+                   "With --neurons: the scores that set was chosen from, for the change-matched control. "
                    "[default: runs/default/contrast, unless --neurons is given]")
 @click.option("--neurons", type=click.Path(path_type=Path), default=None,
-              help="A neuron_set.json instead of --scores (then k can be at most the set's own share).")
+              help="A neuron_set.json, patched as it is (k can be at most the set's own share); it has a "
+                   "change-matched control only when --scores is given too.")
 @click.option("--base", default=None, metavar="REF", help="Base model [default: the bundled SmolLM2-135M-Instruct].")
 @click.option("--aligned", default="twin:default", metavar="REF", help="Safety-aligned twin of the base.")
 @click.option("--data", "data_source", default="split:test", metavar="FILE|DATASET",
@@ -109,6 +111,10 @@ def patch(scores, neurons, base, aligned, data_source, n_harmful, n_benign, per_
         if not scores.is_dir():
             raise UserError("No change scores at runs/default/contrast: run `safetyneurons run` first, or give "
                             "--scores DIR (a `safetyneurons contrast` output) or --neurons FILE.")
+    change = None
+    if scores is not None and neurons is not None:  # the set as it is, change-matched from the scores
+        change = load_neurons(scores=scores)
+        scores = None
     neuron_source = load_neurons(scores, neurons)
     if neurons is not None and k is None and not sweep:  # the set as it is
         total = neuron_source.num_layers * neuron_source.width
@@ -128,7 +134,8 @@ def patch(scores, neurons, base, aligned, data_source, n_harmful, n_benign, per_
         dtype = fast_dtype(device)
     pair = load_pair(base or DEFAULT_BASE, aligned, dtype=dtype, device=device)
     result = run_patch(*pair, neuron_source, harmful, benign, reference=texts, settings=settings,
-                       hook_point=hook_point, progress=progress, direction_prompts=direction_prompts)
+                       hook_point=hook_point, progress=progress, direction_prompts=direction_prompts,
+                       change=change)
     result["data"]["prompts"] = provenance
     result["data"]["reference_source"] = reference or "the benign prompts"
     write_outputs(result, out)
