@@ -66,8 +66,9 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
               help="Train on the training split as it is, without its benign 32-token windows and harmful-in-benign "
                    "compositions (safetyneurons.data.compose).")
 @click.option("--patch", "patch", is_flag=True,
-              help="Add the causal validation: dynamic activation patching of the safety neurons against 20 random "
-                   "sets on 100 + 100 test prompts (20 + 20 with --quick), written to <out>/patch.")
+              help="Add the causal validation: dynamic activation patching of the run's safety neurons against 5 "
+                   "layer-matched and 5 change-matched random sets, the refusal direction and mean/zero "
+                   "baselines, on 200 + 100 test prompts (20 + 20 with --quick), written to <out>/patch.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def run(out, force, quick, paper, hook_point, pooling, positions, completion_from, selection, top_percent, max_layer,
         base, aligned, splits, features_from, guard_classifier, guard_max_layer, random_draws, n_boot, batch_size,
