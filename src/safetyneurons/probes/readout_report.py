@@ -122,4 +122,7 @@ def write_benchmark(report: dict, path: Path, command: str) -> None:
     atomic_write_json(path, json_safe(bench))
     md = [f"# {bench['title']}", "", f"`{command}` (code {bench['code_version']}, {bench['date']})", ""]
     md += _md_table(COLUMNS, bench["rows"], 4) + [""] + [f"- {n}" for n in bench["notes"]]
+    # every other table of the comparison (cells, k, length buckets, rephrasing, examples), as readouts.md has them
+    details = render(report).split("\n## Variants\n", 1)[1].split("\n## ", 1)
+    md += [""] + (["## " + details[1].rstrip("\n")] if len(details) == 2 else [])
     atomic_write_text(path.with_suffix(".md"), "\n".join(md) + "\n")
