@@ -555,3 +555,18 @@ def test_our_own_prompts_change_only_the_train_and_val_splits(splits, tmp_path, 
     assert len(fewer) < 0.8 * len(full)
     moved = [i for i in fewer if i in full and full[i] != fewer[i]]
     assert not moved  # removing families moves no other family between train and val
+
+
+def test_a_prompt_holding_unicode_line_separators_stays_one_jsonl_line(tmp_path):
+    """U+2028/U+2029 and NEL are line ends for str.splitlines() and for many JSONL readers: written escaped, and
+    read back by splitting on newlines only (a file written by another tool may hold them raw)."""
+    from safetyneurons.data.records import write_records
+
+    rec = {"id": "x:0", "prompt": "first\u2028second\u2029third\x85fourth", "label": 0, "source": "x"}
+    path = write_records(tmp_path / "r.jsonl", [rec])
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 1
+    assert data.read_records(path)[0]["prompt"] == rec["prompt"]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps(rec, ensure_ascii=False) + "\n" + json.dumps({**rec, "id": "x:1"}) + "\n",
+                   encoding="utf-8")
+    assert [r["id"] for r in data.read_records(raw)] == ["x:0", "x:1"]

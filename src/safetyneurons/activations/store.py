@@ -41,7 +41,7 @@ from safetyneurons.activations.features import FeatureSpec
 from safetyneurons.activations.reader import ActivationReader, Piece, assemble
 from safetyneurons.checks import check_positive_int
 from safetyneurons.neurons.selection import NeuronSet, check_neuron_set_matches, neuron_set_key
-from safetyneurons.data.records import check_records, jsonl, store_rows
+from safetyneurons.data.records import check_records, jsonl, jsonl_lines, store_rows
 from safetyneurons.activations.writer import ShardWriter
 from safetyneurons.activations.store_checks import check_rows, read_resume_state, remove_stale_tmp, validate_manifest, writer_lock
 
@@ -114,7 +114,7 @@ class Store:
             if want and sha256_bytes(text.encode("utf-8")) != want:
                 raise UserError(f"{path}: checksum mismatch (the file is corrupted or was edited). "
                                 f"Re-run `safetyneurons extract` into this directory to rebuild it.")
-            self._records = [parse_json(line, f"{path} line {k}") for k, line in enumerate(text.splitlines(), 1)
+            self._records = [parse_json(line, f"{path} line {k}") for k, line in enumerate(jsonl_lines(text), 1)
                              if line.strip()]
         return self._records
 

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from safetyneurons._io import parse_json
 from safetyneurons.constants import FILE_FORMATS as FORMATS
 from safetyneurons.data.datasets import normalise_text
+from safetyneurons.data.records import jsonl_lines
 from safetyneurons.errors import UserError
 
 PROMPT_COLUMNS = ("prompt", "text", "content", "instruction", "goal", "question", "query", "forbidden_prompt")
@@ -100,7 +101,7 @@ def rows_from_file(path: Path, fmt: str) -> list[Any]:
         return data
     if fmt == "jsonl":
         rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(jsonl_lines(text), 1):
             if not line.strip():
                 continue
             rows.append(parse_json(line, f"{path} line {lineno}"))

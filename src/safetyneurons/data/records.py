@@ -98,9 +98,21 @@ def prompts(records: Sequence[dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- serialise
+# characters that str.splitlines() (and many JSONL readers) take for line ends and that json.dumps keeps as they
+# are with ensure_ascii=False; escaped, so one record is one line for every reader
+_LINE_ENDS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def jsonl(rows: Iterable[dict]) -> str:
-    """The canonical JSONL form: one object a line, sorted keys, UTF-8 kept as is, a newline after each line."""
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+    """The canonical JSONL form: one object a line, sorted keys, UTF-8 kept as is except the Unicode line and
+    paragraph separators and NEL (escaped), a newline after each line."""
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True).translate(_LINE_ENDS) + "\n" for r in rows)
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text: split on "\\n" only (a trailing "\\r" dropped), never on the other characters
+    str.splitlines() breaks at, which may stand unescaped inside a JSON string."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def store_rows(records: Iterable[dict]) -> list[dict]:
