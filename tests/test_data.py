@@ -327,6 +327,8 @@ def test_splits_are_disjoint_and_sized(splits):
     for split in (twin, contrast, test, loaded["heldout"]):
         assert not {r["source"] for r in split} & templates
     assert {r["source"] for r in test} == main - templates
+    held_clusters = {r["cluster"] for r in loaded["heldout"]}  # nothing of train or val near-duplicates held-out
+    assert held_clusters and not {r.get("cluster") for r in train + val} & held_clusters
     composed = {r["source"] for r in val if r["source"].endswith("+composed")}
     assert {r["source"] for r in val} - composed == main and composed <= {"bfcl+composed", "helm+composed"}
     # every phrasing of a family and near-duplicates lie on one side of train / val
@@ -404,7 +406,7 @@ def test_build_settings_and_bad_settings(tmp_path, real_wheels):
     n_long = m["settings"]["val_long_benign"]
     assert abs(m["splits"]["test"]["count"] - m["splits"]["train"]["count"] - m["splits"]["val"]["count"]
                + own["train"] + own["val"] + n_long) <= 4
-    with pytest.raises(UserError, match="only be used for training and validation"):
+    with pytest.raises(UserError, match="training and validation only"):
         data.build_splits(tmp_path / "x", heldout_benign=["templates_benign"], progress=False)
     with pytest.raises(UserError, match="test-size"):
         data.build_splits(tmp_path / "x", test_size=1.5, progress=False)

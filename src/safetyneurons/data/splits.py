@@ -403,10 +403,11 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     twin, contrast, train, test, cluster_report["assignment"] = assign_splits(
         harm + ben, rng, n_twin, n_contrast, n_contrast_benign, test_size)
     train, val = carve_validation(train, val_size, seed)
-    train, val, own_report = _add_own_sources(own, train, val, [twin, contrast, test], seed,
+    heldout = _heldout(held, main, held_report)
+    # a train/val-only record that near-duplicates a twin, contrast, test or held-out prompt is dropped
+    train, val, own_report = _add_own_sources(own, train, val, [twin, contrast, test, heldout], seed,
                                               own_val_share if val_size else 0.0,
                                               val_long_benign if val_size else 0, max_chars)
-    heldout = _heldout(held, main, held_report)
 
     splits = {"twin": twin, "contrast": contrast, "train": list(train), "val": val, "test": list(test),
               "heldout": heldout}
