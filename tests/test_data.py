@@ -446,7 +446,8 @@ def test_cli_list_and_show(real_wheels):
     for name, spec in REGISTRY.items():
         line = next(l for l in proc.stdout.splitlines() if l.startswith(name + " "))
         assert str(spec.count) in line and spec.kind.replace("_", " ") in line and spec.wheel in line
-        assert ("training only" in line) == (not spec.wheel)
+        assert ("our own" in line) == (not spec.wheel)
+        assert ("training and validation only" in line) == (not spec.wheel or spec.train_val_only)
     proc = run_cli("data", "show", "strongreject", "--n", "2")
     assert proc.returncode == 0, proc.stderr
     shown = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]

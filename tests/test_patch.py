@@ -633,12 +633,16 @@ def test_the_run_step_draws_change_matched_controls_for_its_neuron_set_from_the_
                       change=scores, direction_records=records)
     result = json.loads((tmp_path / "patch" / "patch.json").read_text())
     assert result["neurons"]["source"] == "neuron set"
+    assert result["neurons"]["change_scores_sha256"] == scores.fingerprint()
     for r in result["results"]:
         assert r["controls"]["change_matched"]["n_sets"] == 3
         assert r["tests"]["change_matched"]["refusal"]["declared"], r["direction"]
         assert "direction" in r["tests"]
     with pytest.raises(UserError, match="hook point"):
         other = ChangeScores("mlp_out", "content", torch.ones(3, 64), 1)
+        run_patch(base, aligned, neuron_set, harmful, BENIGN, settings=settings, progress=False, change=other)
+    with pytest.raises(UserError, match="other change scores"):  # scores the set was not selected from
+        other = ChangeScores("mlp_neurons", "content", scores.sum_sq + 1.0, scores.token_count)
         run_patch(base, aligned, neuron_set, harmful, BENIGN, settings=settings, progress=False, change=other)
 
 # ------------------------------------------------------------------ refusal score, degenerate text, direction

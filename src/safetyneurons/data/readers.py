@@ -107,7 +107,8 @@ def rows_from_file(path: Path, fmt: str) -> list[Any]:
             rows.append(parse_json(line, f"{path} line {lineno}"))
         return rows
     assert fmt == "text", fmt
-    return [line for line in text.splitlines() if line.strip()]
+    # one prompt a line, lines split on "\n" only (as `guard` reads a file): a U+2028 inside a prompt stays in it
+    return [line for line in jsonl_lines(text) if line.strip()]
 
 
 def _pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str,

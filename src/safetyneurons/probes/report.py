@@ -103,7 +103,8 @@ HELDOUT_NOTE = ("The same probes, scored on whole sources kept out of the main m
 OVERREFUSAL_NOTE = ("Held-out sources only (never trained on; `overrefusal` is the held-out hard-negative source). "
                     "Every probe flags at its own threshold, set for a {pct:g}% false-positive rate on the benign "
                     "prompts of the validation split. The text-only and length-only rows are baselines. Our own "
-                    "template prompts are used for training only.")
+                    "template prompts and the train/val-only wheel sources (Arena-Hard, TruthfulQA) are used for "
+                    "training and validation only.")
 
 
 def render_markdown(report: dict) -> str:
