@@ -192,6 +192,18 @@ def test_readme_rows_keep_the_eligible_readouts_and_baselines_with_held_out_figu
 
     rows = [row("safety/mean_windows", True, 0.8058), row("random0/mean", False, 0.8), row("text/tfidf", False, 0.907),
             row("deployed guard", False, 0.81)]
-    got = readme_rows(rows)
+    frontier = {"text/tfidf": [{"recall_target": 0.7, "flag_ordinary_benign": 0.0, "flag_hard_negative": 0.02},
+                               {"recall_target": 0.8, "flag_ordinary_benign": 0.01, "flag_hard_negative": 0.1}]}
+    got = readme_rows(rows, frontier)
     assert [r[0] for r in got] == ["safety/mean_windows", "text/tfidf"]
-    assert len(got[0]) == len(README_COLUMNS) and got[0][1:] == ["0.806", "70.0%", "24.3%", "32.7%", "93.0%"]
+    assert len(got[0]) == len(README_COLUMNS) and got[0][1:] == ["0.806", "70.0%", "24.3%", "32.7%", "93.0%", "-"]
+    assert got[1][-1] == "1.0% / 10.0%"  # the 80% column
+
+
+def test_frontier_gives_flag_rates_at_equal_recall():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    kind = np.array(["harmful"] * 4 + ["benign", "benign", "hard_negative", "hard_negative"])
+    p = np.array([0.9, 0.8, 0.7, 0.6, 0.65, 0.1, 0.85, 0.2])
+    half, full = rm.frontier(y, kind, p, recalls=(0.5, 1.0))
+    assert half["recall"] == 0.5 and half["flag_ordinary_benign"] == 0.0 and half["flag_hard_negative"] == 0.5
+    assert full["recall"] == 1.0 and full["flag_ordinary_benign"] == 0.5 and full["flag_hard_negative"] == 0.5

@@ -110,3 +110,24 @@ def kept(p_orig: np.ndarray, p_new: np.ndarray, t: float) -> float | None:
     if len(p_orig) == 0:
         return None
     return float(((np.asarray(p_orig) >= t) == (np.asarray(p_new) >= t)).mean())
+
+
+FRONTIER_RECALLS = (0.7, 0.8, 0.9, 0.95)
+
+
+def frontier(y: np.ndarray, kind: np.ndarray, p: np.ndarray, recalls: Sequence[float] = FRONTIER_RECALLS) -> list[dict]:
+    """Flag rates of ordinary benign prompts and of hard negatives at equal recall: for each target, the highest
+    threshold whose recall on the harmful prompts (``y == 1``) reaches it. A description of the trade-off each
+    readout allows on these prompts, not an operating point (the thresholds are set on the prompts they score)."""
+    y, kind, p = np.asarray(y), np.asarray(kind), np.asarray(p, dtype=np.float64)
+    harmful = np.sort(p[y == 1])[::-1]
+    out = []
+    for target in recalls:
+        if harmful.size == 0:
+            break
+        t = float(harmful[min(harmful.size, int(np.ceil(target * harmful.size))) - 1])
+        flag = p >= t
+        out.append({"recall_target": float(target), "recall": _rate(flag, y == 1),
+                    "flag_ordinary_benign": _rate(flag, kind == "benign"),
+                    "flag_hard_negative": _rate(flag, kind == "hard_negative")})
+    return out

@@ -28,17 +28,24 @@ def table_rows(report: dict) -> list[list]:
     return out
 
 
+README_RECALL = 0.8  # the README's equal-recall column
 README_COLUMNS = ["variant", "held-out AUROC", "held-out recall@t", "held-out ordinary benign flagged",
-                  "held-out hard-neg flagged", "held-out composition recall"]
+                  "held-out hard-neg flagged", "held-out composition recall",
+                  f"at {README_RECALL:.0%} held-out recall: ordinary / hard-neg flagged"]
 README_VARIANTS = ("all/mean_windows", "text/tfidf", "safety+text/mean")
 
 
-def readme_rows(rows: list[list]) -> list[list]:
+def readme_rows(rows: list[list], frontier: dict | None = None) -> list[list]:
     """The README's short table: the eligible readouts (the guard's safety neurons), all neurons of the same
-    layers, the text baseline and both combined, with the held-out figures only."""
+    layers, the text baseline and both combined, with the held-out figures only, and the flag rates at equal
+    held-out recall (``frontier``, :func:`~safetyneurons.probes.readout_metrics.frontier`)."""
+    def equal_recall(name: str) -> str:
+        f = next((f for f in (frontier or {}).get(name, []) if abs(f["recall_target"] - README_RECALL) < 1e-9), None)
+        return "-" if f is None else f"{_pct(f['flag_ordinary_benign'])} / {_pct(f['flag_hard_negative'])}"
+
     keep = [r for r in rows if r[3] is True or r[0] in README_VARIANTS]
-    return [[r[0], None if r[7] is None else f"{r[7]:.3f}", *(_pct(v) for v in (r[9], r[10], r[11], r[12]))]
-            for r in keep]
+    return [[r[0], None if r[7] is None else f"{r[7]:.3f}", *(_pct(v) for v in (r[9], r[10], r[11], r[12])),
+             equal_recall(r[0])] for r in keep]
 
 
 def _md_table(columns: list[str], rows: list[list], pct_from: int) -> list[str]:
@@ -67,6 +74,15 @@ def render(report: dict) -> str:
     lines += ["", "## k of the agreement readout (validation)", ""]
     lines += _md_table(["k", "val recall@t", "val composition recall"],
                        [[r["k"], r["val_recall"], r["val_composition_recall"]] for r in report["k_table"]], 1)
+    if report.get("frontier"):
+        targets = [f"{f['recall_target']:.0%}" for f in next(iter(report["frontier"].values()))]
+        lines += ["", "## Held-out frontier: flag rates at equal recall", "",
+                  "Each readout's threshold set, on the held-out prompts themselves, to the recall of each column: "
+                  "ordinary benign / hard negatives flagged. It describes the trade-off a readout allows; it is "
+                  "not an operating point.", ""]
+        lines += _md_table(["variant"] + [f"recall {t}" for t in targets],
+                           [[n] + [f"{_pct(f['flag_ordinary_benign'])} / {_pct(f['flag_hard_negative'])}"
+                                   for f in fs] for n, fs in report["frontier"].items()], 99)
     for name, buckets in report["length_buckets"].items():
         lines += ["", f"## Held-out by content-token length: `{name}`", ""]
         lines += _md_table(["tokens", "benign n", "harmful n", "benign flagged", "harmful recall"],
@@ -112,7 +128,7 @@ def write_benchmark(report: dict, path: Path, command: str) -> None:
              "artifact": {"guard_id": report["guard_id"], "path": report["run"]},
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
              "columns": COLUMNS, "rows": table_rows(report),
-             "readme": {"columns": README_COLUMNS, "rows": readme_rows(table_rows(report))},
+             "readme": {"columns": README_COLUMNS, "rows": readme_rows(table_rows(report), report.get("frontier"))},
              "notes": [f"Chosen by the pre-registered rule (docs/guard_quality.md): {c['chosen']} ({c['reason']}).",
                        f"With every row eligible the same rule picks {c['would_win']}.",
                        "Thresholds: at most 5% false positives on the validation benign prompts; held-out figures "

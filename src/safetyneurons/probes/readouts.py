@@ -320,6 +320,9 @@ def _extras(report: dict, scores: dict, recs: dict, orig: list[int], rules: list
         report["length_buckets"][name] = rm.length_buckets(lengths, y_held, scores[name]["heldout"], t)
         report["rephrase"][name] = rephrase_table(scores[name]["heldout"], scores[name]["rephrase"], orig, rules, t,
                                                   y_held)
+    kind_held = rm.kinds(recs["heldout"])
+    report["frontier"] = {sc.name: rm.frontier(y_held, kind_held, scores[sc.name]["heldout"])
+                          for sc in scorers if sc.eligible or sc.features in ("all", "text", "safety+text")}
     report["examples"] = {sc.name: {"threshold": rows[sc.name]["threshold"],
                                     "scores": [float(v) for v in scores[sc.name]["examples"]]}
                           for sc in scorers if sc.features in ("safety", "text", "safety+text")}
