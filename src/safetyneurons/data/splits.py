@@ -45,7 +45,7 @@ __all__ = [
 
 SPLITS_FORMAT = "safetyneurons.splits/1"
 # Bump when the recipe changes in a way that changes the default split files (invalidates the cache).
-RECIPE_VERSION = 5
+RECIPE_VERSION = 4
 SPLIT_NAMES = ("twin", "contrast", "train", "val", "test", "heldout")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -58,7 +58,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "own_val_share": 0.35,
     "val_long_benign": 60,
     "harmful": ["advbench", "donotanswer", "pasttense", "rhopairs_harmful", "templates_harmful"],
-    "benign": ["bfcl", "helm", "rhopairs_benign", "templates_benign", "templates_ordinary", "arenahard", "truthfulqa"],
+    # arenahard and truthfulqa (train/val only) are not in the default mix: with them the guard flagged far fewer
+    # held-out benign prompts but missed requests padded with benign text (docs/guard_quality.md)
+    "benign": ["bfcl", "helm", "rhopairs_benign", "templates_benign", "templates_ordinary"],
     "heldout_harmful": ["harmbench", "strongreject"],
     "heldout_benign": ["mtbench", "ifbench", "overrefusal"],  # overrefusal: the held-out hard-negative source
 }
@@ -404,8 +406,7 @@ def build_splits(out_dir: str | os.PathLike, seed: int = 0, n_twin: int = 150, n
     twin, contrast, train, test, cluster_report["assignment"] = assign_splits(
         harm + ben, rng, n_twin, n_contrast, n_contrast_benign, test_size)
     train, val = carve_validation(train, val_size, seed)
-    heldout = _heldout(held, main, held_report)
-    # a train/val-only record that near-duplicates a twin, contrast, test or held-out prompt is dropped
+    heldout = _heldout(held, main, held_report)  # before the train/val-only records, which may not near-duplicate it
     train, val, own_report = _add_own_sources(own, train, val, [twin, contrast, test, heldout], seed,
                                               own_val_share if val_size else 0.0,
                                               val_long_benign if val_size else 0, max_chars)
