@@ -27,7 +27,7 @@ from safetyneurons.neurons.controls import random_layer_matched
 from safetyneurons.probes.probe import TextProbe
 from safetyneurons.probes.readout_cache import MEAN, ReadoutCache, TextSet, columns, layer_block
 from safetyneurons.probes import readout_metrics as rm
-from safetyneurons.probes.readout_probes import READOUTS, Variant, train_agreement, train_pooled
+from safetyneurons.probes.readout_probes import Variant, train_agreement, train_pooled
 
 COMPOSE_LENGTHS = (64, 256, 1024)
 POSITIONS = ("start", "middle", "end")
