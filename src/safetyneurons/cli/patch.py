@@ -111,11 +111,9 @@ def patch(scores, neurons, base, aligned, data_source, n_harmful, n_benign, per_
         if not scores.is_dir():
             raise UserError("No change scores at runs/default/contrast: run `safetyneurons run` first, or give "
                             "--scores DIR (a `safetyneurons contrast` output) or --neurons FILE.")
-    change = None
-    if scores is not None and neurons is not None:  # the set as it is, change-matched from the scores
-        change = load_neurons(scores=scores)
-        scores = None
-    neuron_source = load_neurons(scores, neurons)
+    # with both: the set as it is, its change-matched control from the scores
+    change = load_neurons(scores=scores) if scores is not None and neurons is not None else None
+    neuron_source = load_neurons(None if change is not None else scores, neurons)
     if neurons is not None and k is None and not sweep:  # the set as it is
         total = neuron_source.num_layers * neuron_source.width
         settings.k = PatchSettings(k=(100.0 * len(neuron_source) / total,)).validate().k

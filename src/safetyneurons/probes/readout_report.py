@@ -35,13 +35,18 @@ README_COLUMNS = ["variant", "held-out AUROC", "held-out recall@t", "held-out or
 README_VARIANTS = ("all/mean_windows", "text/tfidf", "safety+text/mean")
 
 
+def _flag_pair(f: dict) -> str:
+    """One frontier point as "ordinary benign / hard negatives flagged"."""
+    return f"{_pct(f['flag_ordinary_benign'])} / {_pct(f['flag_hard_negative'])}"
+
+
 def readme_rows(rows: list[list], frontier: dict | None = None) -> list[list]:
     """The README's short table: the eligible readouts (the guard's safety neurons), all neurons of the same
     layers, the text baseline and both combined, with the held-out figures only, and the flag rates at equal
     held-out recall (``frontier``, :func:`~safetyneurons.probes.readout_metrics.frontier`)."""
     def equal_recall(name: str) -> str:
         f = next((f for f in (frontier or {}).get(name, []) if abs(f["recall_target"] - README_RECALL) < 1e-9), None)
-        return "-" if f is None else f"{_pct(f['flag_ordinary_benign'])} / {_pct(f['flag_hard_negative'])}"
+        return "-" if f is None else _flag_pair(f)
 
     keep = [r for r in rows if r[3] is True or r[0] in README_VARIANTS]
     return [[r[0], None if r[7] is None else f"{r[7]:.3f}", *(_pct(v) for v in (r[9], r[10], r[11], r[12])),
@@ -81,8 +86,7 @@ def render(report: dict) -> str:
                   "ordinary benign / hard negatives flagged. It describes the trade-off a readout allows; it is "
                   "not an operating point.", ""]
         lines += _md_table(["variant"] + [f"recall {t}" for t in targets],
-                           [[n] + [f"{_pct(f['flag_ordinary_benign'])} / {_pct(f['flag_hard_negative'])}"
-                                   for f in fs] for n, fs in report["frontier"].items()], 99)
+                           [[n] + [_flag_pair(f) for f in fs] for n, fs in report["frontier"].items()], 99)
     for name, buckets in report["length_buckets"].items():
         lines += ["", f"## Held-out by content-token length: `{name}`", ""]
         lines += _md_table(["tokens", "benign n", "harmful n", "benign flagged", "harmful recall"],
