@@ -150,9 +150,22 @@ def test_readme_blocks_are_replaced_and_the_text_around_them_kept(work):
         assert content.endswith(f"Source: runs/default/probes/report.json, code {run['code_version']}, {machine}\n")
     assert "stale probes table" not in text and "an old causal figure" not in text
     assert block(text, "causal") == "no causal run yet: safetyneurons patch\n"
+    run_guard = json.loads((work / "runs/default/guard/guard.json").read_text())["integrity"]["content_sha256"][:12]
     assert block(text, "mixed_load").endswith(
-        "Source: docs/benchmarks/mixed_load.json, code abc1234, Test CPU 9000, 2 threads, no GPU\n")
+        "Source: docs/benchmarks/mixed_load.json, code abc1234, Test CPU 9000, 2 threads, no GPU, guard 0123456789ab "
+        f"(not the guard {run_guard} of the run above: `python benchmarks/bench_x.py` measures it again)\n")
     assert "| safety − random layer-matched | logreg |" in block(text, "probes")
+
+
+def test_a_benchmark_of_the_runs_own_guard_names_it_without_a_warning(work):
+    run_guard = json.loads((work / "runs/default/guard/guard.json").read_text())["integrity"]["content_sha256"]
+    path = work / "docs/benchmarks/mixed_load.json"
+    bench = json.loads(path.read_text())
+    bench["artifact"]["guard_id"] = run_guard
+    write_json(path, bench)
+    generate(readme="README.md")
+    assert block((work / "README.md").read_text(), "mixed_load").endswith(
+        f"2 threads, no GPU, guard {run_guard[:12]}\n")
 
 
 def test_a_benchmark_with_a_readme_subset_shows_it_in_the_readme_and_everything_in_results(work):

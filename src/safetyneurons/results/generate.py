@@ -148,7 +148,10 @@ def _run_block(runs: Sequence[RunSource], build: Callable[[RunSource], list[str]
     return "\n".join(lines + ["", _readme_source(run.file("probes/report.json"), run.code, run.machine)])
 
 
-def _benchmark_block(name: str, benchmarks: Sequence[BenchmarkSource], directory: Path | None) -> str:
+def _benchmark_block(name: str, benchmarks: Sequence[BenchmarkSource], directory: Path | None,
+                     run_guard: str | None = None) -> str:
+    """A benchmark's README table. One that measured a guard names it, and says so when it is not the guard of the
+    README's run (``run_guard``), so a figure of an older guard is visibly old."""
     found = [b for b in benchmarks if b.path.stem == name]
     if not found:
         where = shown(directory / f"{name}.json") if directory is not None else f"{name}.json"
@@ -157,15 +160,22 @@ def _benchmark_block(name: str, benchmarks: Sequence[BenchmarkSource], directory
     b = found[0]
     with reading(b.path, "rewrite it with its benchmark script."):
         lines = [f"{b.data['title']}", ""] + benchmark_table(b, short=True)
-    return "\n".join(lines + ["", _readme_source(shown(b.path), b.code, b.machine)])
+    source = _readme_source(shown(b.path), b.code, b.machine)
+    if b.guard_id:
+        source += f", guard {b.guard_id}"
+        if run_guard and run_guard[:12] != b.guard_id:
+            source += (f" (not the guard {run_guard[:12]} of the run above: `{b.data['command']}` measures it "
+                       f"again)")
+    return "\n".join(lines + ["", source])
 
 
 def readme_blocks(runs: Sequence[RunSource], benchmarks: Sequence[BenchmarkSource],
                   directory: Path | None) -> dict[str, str]:
     """The content of each README block (NAME -> markdown, ending with its Source line)."""
     blocks = {"probes": _run_block(runs, _probes_block), "guard": _run_block(runs, _guard_block)}
+    run_guard = runs[0].guard_id if runs else None
     for name in BENCHMARK_BLOCKS:
-        blocks[name] = _benchmark_block(name, benchmarks, directory)
+        blocks[name] = _benchmark_block(name, benchmarks, directory, run_guard)
     return blocks
 
 
