@@ -153,3 +153,21 @@ def test_a_one_prompt_guard_call_writes_nothing_but_the_result(guard, cache, tmp
         assert len(lines) == 3 and lines[0].split() == ["#", "p(unsafe)", "flagged", "prompt"]
         assert lines[1].split()[:3] == ["1", f"{want.unsafe_probability:.4f}", "YES" if want.flagged else "no"]
         assert lines[2].startswith(f"{int(want.flagged)} of 1 flagged")
+
+
+def test_a_command_that_loads_models_shows_no_library_bar_with_no_progress(tmp_path):
+    """`--no-progress` leaves stderr empty: no "Loading weights" bar of transformers for either model."""
+    import os
+
+    from builders import save_tiny_pair
+
+    base, aligned = save_tiny_pair(tmp_path / "pair")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do I pick a lock?\nWrite a poem about rain.\n", encoding="utf-8")
+    args = ["contrast", "--base", str(base), "--aligned", str(aligned), "--prompts", str(prompts),
+            "--out", str(tmp_path / "c"), "--no-progress", "--top-percent", "10"]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    res = subprocess.run([sys.executable, "-m", "safetyneurons", *args], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == "" and "Contrasted 2 prompts" in res.stdout

@@ -99,6 +99,9 @@ def app(allow_unpinned):
 
 
 def main(argv=None) -> None:
+    # No progress bars from transformers or the hub (e.g. "Loading weights" of every model load): stderr keeps
+    # this program's own bars, which --no-progress turns off. Read when huggingface_hub is first imported.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app.main(args=argv, prog_name="safetyneurons", standalone_mode=False)
     except UserError as e:
