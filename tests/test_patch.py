@@ -319,6 +319,9 @@ def test_run_patch_measures_the_planted_effect(monkeypatch, tmp_path):
     data = json.loads(files["patch.json"].read_text())
     assert data["results"][0]["safety"]["effect_refusal_rate"] == pytest.approx(1.0)
     assert data["settings"]["random_sets"] == 4 and data["versions"]["torch"]
+    from safetyneurons.results.machine import code_version
+
+    assert data["code_version"] == code_version() and data["machine"]["cpu"]  # what the causal table names
     assert files["patch.png"].read_bytes()[:4] == b"\x89PNG"
     md = files["patch.md"].read_text()
     assert "heuristic" in md and "safety neurons" in md and "refusal score" in md and "95% CI" in md

@@ -31,6 +31,7 @@ from safetyneurons.data import splits as data
 
 from safetyneurons.model import judge
 from safetyneurons._io import sha256_json, versions
+from safetyneurons.results.machine import provenance
 from safetyneurons.neurons.contrast import ChangeScores, check_padding_side
 from safetyneurons.neurons.controls import matched_part, overlap, random_layer_matched, saturated_layers
 from safetyneurons.neurons.controls import control_sets
@@ -362,6 +363,7 @@ def _result(x: _Experiment, neurons: ChangeScores | NeuronSet, plain: dict, resu
         "results": results,
         "timings": timings,
         "versions": versions(),
+        **provenance(),  # code_version, machine: what the causal table names
         "generations": generations,  # moved to generations.jsonl by write_outputs
     }
 
