@@ -195,13 +195,13 @@ def write_table(paths, command=None) -> None:
         notes.append("The refusal-direction rows come from the run that computed the direction (it acts on the "
                      "residual stream and does not depend on the hook point).")
     where = provenance()  # patch runs record where they ran; older ones did not, and the table's code stands in
-    if all(r.get("code_version") for r in results):
+    unrecorded = sum(not r.get("code_version") for r in results)
+    if unrecorded:
+        notes.append(f"Code version: that of this table ({where['code_version']}); {unrecorded} of the patch runs "
+                     f"do not record theirs.")
+    else:
         where = {"code_version": ", ".join(sorted({str(r["code_version"]) for r in results})),
                  "machine": results[0].get("machine") or where["machine"]}
-    else:
-        notes.append(f"Code version: that of this table ({where['code_version']}); "
-                     f"{len(results) - sum(bool(r.get('code_version')) for r in results)} of the patch runs do "
-                     f"not record theirs.")
     d = results[0]["refusal_direction"] or {}
     doc = {"benchmark": "causal", "title": "Causal validation: dynamic activation patching against matched controls",
            "command": command or " ; ".join(f"(patch.json: {p})" for p in paths),

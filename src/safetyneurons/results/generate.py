@@ -163,8 +163,8 @@ def _benchmark_block(name: str, benchmarks: Sequence[BenchmarkSource], directory
     source = _readme_source(shown(b.path), b.code, b.machine)
     if b.guard_id:
         source += f", guard {b.guard_id}"
-        if run_guard and run_guard[:12] != b.guard_id:
-            source += (f" (not the guard {run_guard[:12]} of the run above: `{b.data['command']}` measures it "
+        if run_guard and run_guard != b.guard_id:  # both are 12-character ids
+            source += (f" (not the guard {run_guard} of the run above: `{b.data['command']}` measures it "
                        f"again)")
     return "\n".join(lines + ["", source])
 
