@@ -15,8 +15,12 @@ whichever way it comes in. :class:`ActivationReader` owns each step:
    With ``windows`` (the guard) a message whose content is longer than ``window_tokens`` (32) tokens is also
    read in overlapping windows of that many content tokens (stride half a window), each with the chat template
    around it, so a request hidden inside benign text fills a good part of some window instead of being averaged
-   away by mean pooling, at any length; a message over the limit is read in windows only. Without ``windows``
-   (activation stores: one vector per prompt) a message over the limit is cut to its head that fits.
+   away by mean pooling, at any length; a message over the limit is read in windows only. With ``sentences``
+   too (guards that record it, :data:`GUARD_READING`), a message of several sentences also reads each sentence
+   as its own piece (consecutive short sentences joined until each piece holds ``sentence_min_words`` words),
+   so a request written as its own sentence is read alone, whatever text surrounds it and wherever the windows
+   fall. Without ``windows`` (activation stores: one vector per prompt) a message over the limit is cut to its
+   head that fits.
 4. **Hooks with early exit** (:func:`safetyneurons.model.hooks.forward_with_hooks`): only the layers holding
    neurons are hooked and the pass stops after the deepest of them.
 5. **Pooling**: the mean over the piece's content tokens (``mean``) or its last token, the end of the
@@ -29,6 +33,8 @@ Pieces are batched longest first; results come back in input order.
 
 from __future__ import annotations
 
+import bisect
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
@@ -52,6 +58,47 @@ if TYPE_CHECKING:
 WINDOW_TOKENS = 32  # content tokens per window (stride: half of it); see the module docstring
 MIN_WINDOW_TOKENS = 8  # a limit that leaves fewer content tokens than this next to the template is refused
 ROLES = ("system", "user", "assistant", "tool")
+SENTENCE_MIN_WORDS = 8  # a sentence piece holds at least this many words (shorter sentences join the next)
+#: how a guard exported now reads (recorded in guard.json as ``reading``; a guard without it reads whole and
+#: in windows only, as it was calibrated)
+GUARD_READING = {"window_tokens": WINDOW_TOKENS, "sentences": True, "sentence_min_words": SENTENCE_MIN_WORDS}
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|\n+")
+
+
+def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
+    """One text per sentence of ``text`` (cut after ``. ! ? ; :`` before a space and at line breaks). A
+    sentence of fewer than ``min_words`` words is read with the words right after it (the last sentence: right
+    before it) up to ``min_words``, so a short request stays the larger part of its piece."""
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    starts, ends = [w[0] for w in words], [w[1] for w in words]
+    bounds, a = [], 0
+    for m in _SENTENCE_BREAK.finditer(text):
+        bounds.append((a, m.start()))
+        a = m.end()
+    bounds.append((a, len(text)))
+    out: list[str] = []
+    for a, b in bounds:
+        first, last = bisect.bisect_left(starts, a), bisect.bisect_right(ends, b) - 1
+        if first > last:
+            continue
+        if last - first + 1 < min_words:  # extend forwards, then backwards, to min_words words
+            last = min(len(words) - 1, first + min_words - 1)
+            first = max(0, last - min_words + 1)
+        piece = text[words[first][0]:words[last][1]]
+        if not out or out[-1] != piece:
+            out.append(piece)
+    return out
+
+
+def reading_from_meta(meta: dict) -> dict:
+    """A guard's reading (``sentences``, ``sentence_min_words``) from its guard.json; a guard that records none
+    reads whole and in windows only."""
+    reading = meta.get("reading")
+    if not isinstance(reading, dict):
+        return {"sentences": False, "sentence_min_words": SENTENCE_MIN_WORDS}
+    return {"sentences": bool(reading.get("sentences", False)),
+            "sentence_min_words": check_positive_int(reading.get("sentence_min_words", SENTENCE_MIN_WORDS),
+                                                     "sentence_min_words")}
 
 
 class LayerPlan(NamedTuple):
@@ -125,13 +172,19 @@ class ActivationReader:
     """Reads pooled features of texts with one model, as ``spec`` says (see the module docstring).
 
     ``windows``: read long messages also in windows of ``window_tokens`` content tokens (the guard); without,
-    one piece per prompt (stores)."""
+    one piece per prompt (stores). ``sentences`` (with ``windows`` only): each sentence of a message of several
+    is also a piece of its own (see :func:`sentences`)."""
 
     def __init__(self, lm: LoadedModel, spec: FeatureSpec, *, batch_size: int = 16, windows: bool = False,
-                 window_tokens: int = WINDOW_TOKENS):
+                 window_tokens: int = WINDOW_TOKENS, sentences: bool = False,
+                 sentence_min_words: int = SENTENCE_MIN_WORDS):
         self.lm, self.spec = lm, spec
         self.batch_size = check_batch_size(batch_size)
         self.windows = bool(windows)
+        if sentences and not self.windows:
+            raise UserError("Sentence pieces belong to the guard's reading; they need windows=True.")
+        self.sentences = bool(sentences)
+        self.sentence_min_words = check_positive_int(sentence_min_words, "sentence_min_words")
         self.window_tokens = check_positive_int(window_tokens, "window tokens")
         self.plan = plan_layers(lm, spec.hook_point, spec.neuron_set)
         overhead = lm.template.overhead()
@@ -147,10 +200,23 @@ class ActivationReader:
         convs = [as_conversation(x, f"Input {k}") for k, x in enumerate(inputs)]
         flat = [(k, m) for k, conv in enumerate(convs) for m in conv]
         encoded = self.lm.template.encode_prompts([m["content"] for _, m in flat])  # each as a user message
+        parts = [self._sentences(m["content"]) for _, m in flat]
+        encoded_parts = iter(self.lm.template.encode_prompts([x for p in parts for x in p]))
         out: list[Piece] = []
-        for (owner, _), enc in zip(flat, encoded):
+        for (owner, _), enc, p in zip(flat, encoded, parts):
             out += self._split(owner, enc)
+            for part in (next(encoded_parts) for _ in p):
+                (a, b), = part.spans
+                if self.room is None or b - a <= self.room:  # a longer sentence: the message's windows read it
+                    out.append(Piece(owner, part.ids, a, b))
         return out
+
+    def _sentences(self, text: str) -> list[str]:
+        """The sentence pieces' texts of one message (none unless it holds two or more)."""
+        if not self.sentences:
+            return []
+        found = sentences(text, self.sentence_min_words)
+        return found if len(found) > 1 else []
 
     def _split(self, owner: int, enc: EncodedConversation) -> list[Piece]:
         (a, b), = enc.spans

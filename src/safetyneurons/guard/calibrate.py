@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from safetyneurons.activations.features import FeatureSpec
-from safetyneurons.activations.reader import ActivationReader, max_per_input
+from safetyneurons.activations.reader import GUARD_READING, ActivationReader, max_per_input
 from safetyneurons.data.datasets import REGISTRY
 from safetyneurons.data.validation import calibration_figures, threshold_for_fpr
 from safetyneurons.errors import UserError
@@ -50,9 +50,13 @@ def check_operating_point(asked: str | None, served: str = DEFAULT_POINT, thresh
 
 
 def guard_validation_scores(lm: LoadedModel, spec: FeatureSpec, probe: Probe, prompts: Sequence[str],
-                            batch_size: int = 16, progress: bool = False) -> np.ndarray:
-    """Unsafe probability of each validation prompt as the guard scores it (its most unsafe piece)."""
-    reader = ActivationReader(lm, spec, batch_size=batch_size, windows=True)
+                            batch_size: int = 16, progress: bool = False,
+                            reading: Mapping | None = None) -> np.ndarray:
+    """Unsafe probability of each validation prompt as the guard scores it (its most unsafe piece), read as
+    ``reading`` says (default :data:`~safetyneurons.activations.reader.GUARD_READING`, how guards read)."""
+    reading = GUARD_READING if reading is None else reading
+    reader = ActivationReader(lm, spec, batch_size=batch_size, windows=True, sentences=bool(reading["sentences"]),
+                              sentence_min_words=int(reading["sentence_min_words"]))
     X, owner = reader.read(list(prompts), progress=progress)
     return max_per_input(probe.unsafe_probability(X), owner, len(prompts))
 
@@ -68,14 +72,15 @@ def calibrate_guard(lm: LoadedModel, spec: FeatureSpec, probe: Probe, val_record
         raise UserError(f"The operating points must include {DEFAULT_POINT!r}.")
     y = np.asarray([int(r["label"]) for r in val_records], dtype=np.int64)
     sources = [str(r.get("source", "")) for r in val_records]
-    proba = guard_validation_scores(lm, spec, probe, [r["prompt"] for r in val_records], batch_size, progress)
+    proba = guard_validation_scores(lm, spec, probe, [r["prompt"] for r in val_records], batch_size, progress,
+                                    GUARD_READING)
     hard = sorted({s for s in sources if s in REGISTRY and REGISTRY[s].hard_negative})
     figures = {}
     for name, fpr in points.items():
         t = threshold_for_fpr(y, proba, fpr)
         figures[name] = calibration_figures(y, proba, sources, t, fpr, hard)
-    return {"scoring": "the guard's own: each prompt's most unsafe piece (whole, and 32-token windows)",
-            "default": DEFAULT_POINT, "operating_points": figures}
+    return {"scoring": "the guard's own: each prompt's most unsafe piece (whole, 32-token windows, sentences)",
+            "reading": dict(GUARD_READING), "default": DEFAULT_POINT, "operating_points": figures}
 
 
 def guard_probe(probe: Probe, calibration: dict) -> Probe:
