@@ -140,6 +140,8 @@ def test_sentence_pieces_read_a_request_alone_at_every_window_alignment(tmp_path
 
 
 def test_a_guard_without_a_recorded_reading_reads_as_it_was_calibrated_and_costs_count_sentence_pieces(planted):
+    """Old guards read as calibrated; read_cost (the service's fair share and limits) counts sentence pieces,
+    which stay within twice a window reading's tokens even for text of one-word sentences."""
     assert reading_from_meta({})["sentences"] is False  # guards exported before sentence pieces
     assert reading_from_meta({"reading": GUARD_READING})["sentences"] is True
     g = planted
@@ -148,6 +150,11 @@ def test_a_guard_without_a_recorded_reading_reads_as_it_was_calibrated_and_costs
     both = g.reader.pieces([text])
     assert len(both) == len(plain) + 2  # the repeated sentence once, the short last one widened backwards
     assert g.read_cost([text]) == [sum(len(p.ids) for p in both)]  # fair share and limits count every piece
+    many = " ".join(["Yes.", "No.", "Fine, go.", "Sure."] * 150)  # one- and two-word sentences
+    rng = np.random.default_rng(0)
+    mixed = " ".join(rng.choice(["Yes.", "No.", "Fine, go.", "Sure.", "Stop."], 600))
+    for t in (many, mixed):  # widened pieces never start inside the one before: about a window reading's cost
+        assert g.read_cost([t])[0] <= 2 * ActivationReader(g.lm, g.spec, windows=True).cost([t])[0]
 
 
 # ------------------------------------------------------------------------------ normalisation, roles

@@ -68,7 +68,9 @@ _SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|\n+")
 def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
     """One text per sentence of ``text`` (cut after ``. ! ? ; :`` before a space and at line breaks). A
     sentence of fewer than ``min_words`` words is read with the words right after it (the last sentence: right
-    before it) up to ``min_words``, so a short request stays the larger part of its piece."""
+    before it) up to ``min_words``, so a short request stays the larger part of its piece. A sentence that the
+    piece before holds whole is not read again, and a piece equal to the one before is read once, so the pieces
+    hold about as many tokens as the text plus one template per piece, however short its sentences."""
     words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
     starts, ends = [w[0] for w in words], [w[1] for w in words]
     bounds, a = [], 0
@@ -77,14 +79,16 @@ def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
         a = m.end()
     bounds.append((a, len(text)))
     out: list[str] = []
+    covered = -1  # the last word the pieces so far read
     for a, b in bounds:
         first, last = bisect.bisect_left(starts, a), bisect.bisect_right(ends, b) - 1
-        if first > last:
+        if first > last or last <= covered:  # no words, or read whole by the piece before (a widened one)
             continue
         if last - first + 1 < min_words:  # extend forwards, then backwards, to min_words words
             last = min(len(words) - 1, first + min_words - 1)
             first = max(0, last - min_words + 1)
         piece = text[words[first][0]:words[last][1]]
+        covered = max(covered, last)
         if not out or out[-1] != piece:
             out.append(piece)
     return out
