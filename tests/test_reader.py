@@ -62,7 +62,7 @@ def test_window_ranges_cover_every_token_with_half_overlap():
 
 def test_pieces_whole_plus_windows_fit_the_limit_and_end_with_the_assistant_marker(planted):
     g = planted
-    r = g.reader
+    r = ActivationReader(g.lm, g.spec, windows=True)  # whole and windows (the guard adds sentence pieces)
     marker = g.lm.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     short, mid, long_ = "Hello there.", benign_tokens(g, 150), benign_tokens(g, 1200)
     p_short, p_mid, p_long = (r.pieces([x]) for x in (short, mid, long_))
@@ -70,8 +70,11 @@ def test_pieces_whole_plus_windows_fit_the_limit_and_end_with_the_assistant_mark
     assert p_mid[0].end - p_mid[0].start >= 140 and len(p_mid) > 1  # whole, then windows of 32 content tokens
     assert all(p.end - p.start <= WINDOW_TOKENS for p in p_mid[1:])
     assert all(p.end - p.start <= WINDOW_TOKENS for p in p_long)  # over the limit: windows only
-    for p in p_short + p_mid + p_long:
+    g_mid, g_long = g.reader.pieces([mid]), g.reader.pieces([long_])
+    assert g_mid[:len(p_mid)] == p_mid and len(g_mid) > len(p_mid)  # then one piece per sentence
+    for p in p_short + g_mid + g_long:
         assert len(p.ids) <= g.max_length and p.ids[-len(marker):] == marker
+    p_mid = g_mid
     store_reader = ActivationReader(g.lm, g.spec)  # no windows: one piece per prompt, the head of a long one
     [head] = store_reader.pieces([long_])
     assert len(head.ids) == g.max_length
