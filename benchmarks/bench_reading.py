@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"), metavar="DIR")
     args = ap.parse_args()
 
+    import torch
     from sklearn.metrics import roc_auc_score
 
     from safetyneurons._io import atomic_write_json, atomic_write_text
@@ -122,7 +123,7 @@ def main() -> None:
     command = " ".join(["python", "benchmarks/bench_reading.py", *sys.argv[1:]])
     bench = {"benchmark": "reading", "title": "How the guard reads: sentence pieces beside whole and windows",
              "command": command, "code_version": code_version(),
-             "machine": {"cpu": cpu_model(), "threads": None, "gpu": None},
+             "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "gpu": None},
              "artifact": {"guard_id": g.id[:12], "path": args.guard},
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
              "columns": COLUMNS, "rows": rows,
