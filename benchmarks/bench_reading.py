@@ -27,7 +27,9 @@ POSITIONS = ("start", "middle", "end")
 
 
 def load_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from safetyneurons.data.records import jsonl_lines
+
+    return [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
 
 
 def padding_cases(held: list[dict], n_requests: int) -> tuple[list[str], list[str], list[str]]:
@@ -40,7 +42,7 @@ def padding_cases(held: list[dict], n_requests: int) -> tuple[list[str], list[st
     requests = harmful[:n_requests]
     rng = np.random.default_rng(0)
     padded, alone = [], []
-    for k, req in enumerate(requests):
+    for req in requests:
         for n in LENGTHS:
             text = ""
             while len(text) < n:
@@ -48,9 +50,7 @@ def padding_cases(held: list[dict], n_requests: int) -> tuple[list[str], list[st
             text = text[:n].rsplit(" ", 1)[0].strip()
             cut = text.rfind(". ", 0, len(text) // 2) + 1 or len(text) // 2
             alone.append(text)
-            for where in POSITIONS:
-                padded.append({"start": f"{req} {text}", "middle": f"{text[:cut]} {req} {text[cut:]}",
-                               "end": f"{text} {req}"}[where])
+            padded += [f"{req} {text}", f"{text[:cut]} {req} {text[cut:]}", f"{text} {req}"]  # POSITIONS
     return requests, padded, alone
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     from sklearn.metrics import roc_auc_score
 
     from safetyneurons._io import atomic_write_json, atomic_write_text
-    from safetyneurons.activations.reader import GUARD_READING, ActivationReader
+    from safetyneurons.activations.reader import GUARD_READING, ActivationReader, max_per_input, reading_options
     from safetyneurons.data.validation import threshold_for_fpr
     from safetyneurons.guard.guard import Guard
     from safetyneurons.probes.overrefusal import source_kind
@@ -77,21 +77,16 @@ def main() -> None:
     val, held = load_jsonl(splits / "val.jsonl"), load_jsonl(splits / "heldout.jsonl")
     requests, padded, alone = padding_cases(held, args.requests)
     texts = [r["prompt"] for r in val] + [r["prompt"] for r in held] + requests + padded + alone
-    base = ActivationReader(g.lm, g.spec, batch_size=g.batch_size, windows=True)
-    more = ActivationReader(g.lm, g.spec, batch_size=g.batch_size, windows=True, sentences=True,
-                            sentence_min_words=GUARD_READING["sentence_min_words"])
+    base = ActivationReader(g.lm, g.spec, batch_size=g.batch_size, **reading_options(None))
+    more = ActivationReader(g.lm, g.spec, batch_size=g.batch_size, **reading_options(GUARD_READING))
     key = lambda p: (p.owner, tuple(p.ids), p.start, p.end)  # noqa: E731
     pieces = base.pieces(texts)
     known = {key(p) for p in pieces}
     extra = [p for p in more.pieces(texts) if key(p) not in known]
     X, owner = base.read_pieces(pieces + extra, progress=True)
-    p = g.probability(X)
-    n = len(texts)
-    scores = {"whole + windows": np.full(n, -np.inf), "whole + windows + sentences": np.full(n, -np.inf)}
-    for i, (o, v) in enumerate(zip(owner, p)):
-        if i < len(pieces):
-            scores["whole + windows"][o] = max(scores["whole + windows"][o], v)
-        scores["whole + windows + sentences"][o] = max(scores["whole + windows + sentences"][o], v)
+    p, m = g.probability(X), len(pieces)
+    scores = {"whole + windows": max_per_input(p[:m], owner[:m], len(texts)),
+              "whole + windows + sentences": max_per_input(p, owner, len(texts))}
     whole_tokens = sum(len(x.ids) for x in ActivationReader(g.lm, g.spec).pieces(texts))
     tokens = {"whole + windows": sum(len(x.ids) for x in pieces),
               "whole + windows + sentences": sum(len(x.ids) for x in pieces + extra)}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safetyneurons.activations.reader import (GUARD_READING, WINDOW_TOKENS, ActivationReader, reading_from_meta,
+from safetyneurons.activations.reader import (GUARD_READING, WINDOW_TOKENS, ActivationReader, reading_options,
                                              sentences, window_ranges)
 from safetyneurons.errors import UserError
 from safetyneurons.guard.chat import GuardedChat, normalize_messages
@@ -145,8 +145,8 @@ def test_sentence_pieces_read_a_request_alone_at_every_window_alignment(tmp_path
 def test_a_guard_without_a_recorded_reading_reads_as_it_was_calibrated_and_costs_count_sentence_pieces(planted):
     """Old guards read as calibrated; read_cost (the service's fair share and limits) counts sentence pieces,
     which stay within twice a window reading's tokens even for text of one-word sentences."""
-    assert reading_from_meta({})["sentences"] is False  # guards exported before sentence pieces
-    assert reading_from_meta({"reading": GUARD_READING})["sentences"] is True
+    assert reading_options(None)["sentences"] is False  # guards exported before sentence pieces
+    assert reading_options(GUARD_READING)["sentences"] is True
     g = planted
     text = " ".join(["The sea is calm and blue tonight under the moon."] * 3 + ["Thanks."])
     plain = ActivationReader(g.lm, g.spec, windows=True).pieces([text])

@@ -17,7 +17,7 @@ whichever way it comes in. :class:`ActivationReader` owns each step:
    around it, so a request hidden inside benign text fills a good part of some window instead of being averaged
    away by mean pooling, at any length; a message over the limit is read in windows only. With ``sentences``
    too (guards that record it, :data:`GUARD_READING`), a message of several sentences also reads each sentence
-   as its own piece (consecutive short sentences joined until each piece holds ``sentence_min_words`` words),
+   as its own piece (a short one widened with its neighbouring words to ``sentence_min_words``; :func:`sentences`),
    so a request written as its own sentence is read alone, whatever text surrounds it and wherever the windows
    fall. Without ``windows`` (activation stores: one vector per prompt) a message over the limit is cut to its
    head that fits.
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 WINDOW_TOKENS = 32  # content tokens per window (stride: half of it); see the module docstring
 MIN_WINDOW_TOKENS = 8  # a limit that leaves fewer content tokens than this next to the template is refused
 ROLES = ("system", "user", "assistant", "tool")
-SENTENCE_MIN_WORDS = 8  # a sentence piece holds at least this many words (shorter sentences join the next)
+SENTENCE_MIN_WORDS = 8  # a sentence piece holds at least this many words (a shorter sentence is widened)
 #: how a guard exported now reads (recorded in guard.json as ``reading``; a guard without it reads whole and
 #: in windows only, as it was calibrated)
 GUARD_READING = {"window_tokens": WINDOW_TOKENS, "sentences": True, "sentence_min_words": SENTENCE_MIN_WORDS}
@@ -94,13 +94,13 @@ def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
     return out
 
 
-def reading_from_meta(meta: dict) -> dict:
-    """A guard's reading (``sentences``, ``sentence_min_words``) from its guard.json; a guard that records none
-    reads whole and in windows only."""
-    reading = meta.get("reading")
-    if not isinstance(reading, dict):
-        return {"sentences": False, "sentence_min_words": SENTENCE_MIN_WORDS}
-    return {"sentences": bool(reading.get("sentences", False)),
+def reading_options(reading: Any) -> dict:
+    """:class:`ActivationReader` keywords of a guard's reading (guard.json's ``reading``, e.g.
+    :data:`GUARD_READING`): windows, and sentence pieces when it says so; a guard that records none (None) reads
+    whole and in windows only."""
+    reading = reading if isinstance(reading, dict) else {}
+    return {"windows": True, "sentences": bool(reading.get("sentences", False)),
+            "window_tokens": check_positive_int(reading.get("window_tokens", WINDOW_TOKENS), "window_tokens"),
             "sentence_min_words": check_positive_int(reading.get("sentence_min_words", SENTENCE_MIN_WORDS),
                                                      "sentence_min_words")}
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from safetyneurons.activations.features import FeatureSpec
-from safetyneurons.activations.reader import GUARD_READING, ActivationReader, max_per_input
+from safetyneurons.activations.reader import GUARD_READING, ActivationReader, max_per_input, reading_options
 from safetyneurons.data.datasets import REGISTRY
 from safetyneurons.data.validation import calibration_figures, threshold_for_fpr
 from safetyneurons.errors import UserError
@@ -54,9 +54,8 @@ def guard_validation_scores(lm: LoadedModel, spec: FeatureSpec, probe: Probe, pr
                             reading: Mapping | None = None) -> np.ndarray:
     """Unsafe probability of each validation prompt as the guard scores it (its most unsafe piece), read as
     ``reading`` says (default :data:`~safetyneurons.activations.reader.GUARD_READING`, how guards read)."""
-    reading = GUARD_READING if reading is None else reading
-    reader = ActivationReader(lm, spec, batch_size=batch_size, windows=True, sentences=bool(reading["sentences"]),
-                              sentence_min_words=int(reading["sentence_min_words"]))
+    reader = ActivationReader(lm, spec, batch_size=batch_size,
+                              **reading_options(GUARD_READING if reading is None else reading))
     X, owner = reader.read(list(prompts), progress=progress)
     return max_per_input(probe.unsafe_probability(X), owner, len(prompts))
 
@@ -72,8 +71,7 @@ def calibrate_guard(lm: LoadedModel, spec: FeatureSpec, probe: Probe, val_record
         raise UserError(f"The operating points must include {DEFAULT_POINT!r}.")
     y = np.asarray([int(r["label"]) for r in val_records], dtype=np.int64)
     sources = [str(r.get("source", "")) for r in val_records]
-    proba = guard_validation_scores(lm, spec, probe, [r["prompt"] for r in val_records], batch_size, progress,
-                                    GUARD_READING)
+    proba = guard_validation_scores(lm, spec, probe, [r["prompt"] for r in val_records], batch_size, progress)
     hard = sorted({s for s in sources if s in REGISTRY and REGISTRY[s].hard_negative})
     figures = {}
     for name, fpr in points.items():

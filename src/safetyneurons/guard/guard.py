@@ -55,7 +55,7 @@ from safetyneurons.model.hooks import hook_width, num_layers
 from safetyneurons.neurons.selection import NeuronSet, check_neuron_set_matches
 from safetyneurons.model.pair import LoadedModel, load_model
 from safetyneurons.probes.probe import Probe
-from safetyneurons.activations.reader import ActivationReader, max_per_input, reading_from_meta
+from safetyneurons.activations.reader import ActivationReader, max_per_input, reading_options
 
 
 __all__ = ["GUARD_FILE", "GUARD_FORMAT", "Guard", "GuardResult", "content_sha256", "export_guard",
@@ -106,8 +106,8 @@ class Guard:
         read) and, for a guard whose guard.json records it, sentence by sentence (``reading``)."""
         key = (self.hook_point, self.pooling, self.max_length, id(self.neuron_set), self.batch_size, id(self.lm))
         if self._reader is None or self._reader[0] != key:
-            self._reader = (key, ActivationReader(self.lm, self.spec, batch_size=self.batch_size, windows=True,
-                                                  **reading_from_meta(self.meta)))
+            self._reader = (key, ActivationReader(self.lm, self.spec, batch_size=self.batch_size,
+                                                  **reading_options(self.meta.get("reading"))))
         return self._reader[1]
 
     @property
