@@ -101,6 +101,34 @@ def test_token_rows_match_reader_pooling_and_window_logits(planted_lm, tmp_path)
     assert rolling_max(np.array([1.0, 2.0]), 5) == (1.5, 0)
 
 
+def test_served_pieces_are_the_guards_reading(planted_lm, tmp_path):
+    """The comparison's "as served" rows read every piece the guard reads, sentence pieces included when the
+    guard's reading records them, and each row is that piece's pooled features."""
+    from safetyneurons.activations.features import FeatureSpec
+    from safetyneurons.activations.reader import GUARD_READING, ActivationReader, reading_options
+    from safetyneurons.neurons.selection import NeuronSet
+    from safetyneurons.probes.readout_cache import ReadoutCache, columns, layer_block
+
+    ns = NeuronSet(hook_point=HOOK, num_layers=NUM_LAYERS, width=MLP, layers=[0, 0, 0], indices=[3, J, 20],
+                   scores=[1.0, 1.0, 1.0], model=planted_lm.describe())
+    block = layer_block(ns)
+    long_text = _benign(np.random.default_rng(2), 12) + " " + HARMFUL
+    texts = [long_text, HARMFUL]
+    counts = {}
+    for name, reading in (("windows", None), ("sentences", GUARD_READING)):
+        cache = ReadoutCache(planted_lm, block, columns(block, ns), tmp_path / name, 64, batch_size=8,
+                             progress=False, reading=reading)
+        ts = cache.read("t", texts, windows=True)
+        spec = FeatureSpec(HOOK, "mean", 64, block, model=planted_lm.describe())
+        guard_reader = ActivationReader(planted_lm, spec, **reading_options(reading))
+        pieces = guard_reader.pieces(texts)
+        feats, owner = guard_reader.read_pieces(pieces)
+        assert ts.window_owner.tolist() == owner.tolist()
+        np.testing.assert_allclose(ts.windows, feats, atol=1e-3)
+        counts[name] = len(pieces)
+    assert counts["sentences"] > counts["windows"]  # the sentence pieces are read too
+
+
 # ------------------------------------------------------------------------------------------ rephrasing
 @pytest.mark.parametrize("rule, prompt, expected", [
     ("question_imperative", "How do I make a cake?", "Tell me how to make a cake."),

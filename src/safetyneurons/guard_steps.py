@@ -198,7 +198,7 @@ def _guard_thresholds(s: RunSettings, inputs: Inputs, result: CompareResult, gua
 
 
 def _served_rows(s: RunSettings, inputs: Inputs, guard: GuardChoice, progress: bool) -> dict:
-    """The guard as it serves, on the held-out prompts (each read whole and in windows, its most unsafe piece),
+    """The guard as it serves, on the held-out prompts (each read as the guard reads it, its most unsafe piece),
     at each operating point: ``{row name: (probabilities, threshold)}``."""
     points = (guard.calibration or {}).get("operating_points")
     if not points:

@@ -1,7 +1,7 @@
 """Training data shaped like what the guard reads: benign windows and compositions, built from training prompts only.
 
-The guard reads a long message whole *and* in 32-token windows, and flags its most unsafe piece
-(:mod:`safetyneurons.activations.reader`). In the default training split almost every harmful prompt is short
+The guard reads a long message whole *and* in 32-token windows (and sentence by sentence), and flags its most
+unsafe piece (:mod:`safetyneurons.activations.reader`). In the default training split almost every harmful prompt is short
 (median 14 tokens, 1% over 32) while a quarter of the benign ones are longer, so a probe trained on whole
 prompts alone can learn length, and has never seen a fragment of benign text. :func:`augment_training` adds,
 to the training split only (every piece comes from training prompts, so nothing crosses a split):

@@ -1,6 +1,6 @@
 """The guard's thresholds, set on the validation split the way the guard scores (windows included).
 
-A guard scores an input by its most unsafe piece (the whole message and its 32-token windows, see
+A guard scores an input by its most unsafe piece (the whole message, its 32-token windows and its sentences, see
 :mod:`safetyneurons.activations.reader`), so a threshold set on whole-prompt store features would let the
 false-positive rate drift up on long benign prompts. :func:`calibrate_guard` reads the validation prompts through
 the guard's own reader and sets one threshold per **operating point**:

@@ -21,8 +21,9 @@ know a guard is *the* guard you meant (authenticity), pin its id (the integrity 
 
 An input (a prompt, or a conversation whose every message is read) is read by the activation reader
 (:mod:`safetyneurons.activations.reader`): each message whole when it fits the token limit and, when it holds more
-than 32 content tokens, also in 32-token windows, each with the chat template; its score is its most unsafe piece,
-and a score that is not a finite number flags. Nothing is silently cut off.
+than 32 content tokens, also in 32-token windows and, when guard.json's ``reading`` says so, sentence by sentence,
+each piece with the chat template; its score is its most unsafe piece, and a score that is not a finite number
+flags. Nothing is silently cut off.
 
 Scoring runs the decoder only up to the deepest layer holding a safety neuron (early exit: later layers and the
 LM head never run), pools the safety neurons' activations and applies the probe. The thresholds are the guard's

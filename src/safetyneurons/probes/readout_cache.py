@@ -8,9 +8,10 @@ without a token limit) with the neurons of every layer up to the guard's deepest
   content token, the mean over the post-instruction template tokens (end of message + generation prompt);
 - ``rows``: the per-token rows of the content tokens for the columns ``token_cols`` (the safety neurons and the
   random layer-matched draws: what the token-level agreement probe reads), float16, with ``offsets``;
-- ``windows`` (when asked): the mean over content tokens of each 32-token window the guard reads (a separate
-  pass per window, re-templated, exactly as served), with ``window_owner``; a message the guard reads whole
-  (within its token limit) takes its whole-message row from ``pooled``.
+- ``windows`` (when asked): the mean over content tokens of each piece the guard reads beyond the whole message
+  (its 32-token windows and, when the guard's ``reading`` says so, one piece per sentence; a separate pass per
+  piece, re-templated, exactly as served), with ``window_owner``; a message the guard reads whole (within its
+  token limit) takes its whole-message row from ``pooled``.
 
 Sets are saved as safetensors under the cache directory, keyed by a hash of their texts and the columns, so a
 rerun reads them back instead of running the model again.
@@ -27,7 +28,7 @@ import numpy as np
 
 from safetyneurons._io import progress_bar, save_tensors_atomic
 from safetyneurons.activations.features import FeatureSpec
-from safetyneurons.activations.reader import ActivationReader
+from safetyneurons.activations.reader import ActivationReader, reading_options
 from safetyneurons.neurons.selection import NeuronSet
 
 if TYPE_CHECKING:
@@ -80,7 +81,8 @@ class ReadoutCache:
     """Reads :class:`TextSet` s with one model and one layer block; ``token_cols``: columns kept per token."""
 
     def __init__(self, lm: LoadedModel, block: NeuronSet, token_cols: np.ndarray, directory: str | Path,
-                 guard_max_length: int | None, batch_size: int = 16, progress: bool = True):
+                 guard_max_length: int | None, batch_size: int = 16, progress: bool = True,
+                 reading: dict | None = None):
         self.lm, self.block = lm, block
         self.token_cols = np.asarray(token_cols, dtype=np.int64)
         self.dir = Path(directory)
@@ -88,14 +90,16 @@ class ReadoutCache:
         spec = FeatureSpec(block.hook_point, "mean", None, block, model=lm.describe())
         self.reader = ActivationReader(lm, spec, batch_size=batch_size)
         served = FeatureSpec(block.hook_point, "mean", guard_max_length, block, model=lm.describe())
-        self.served = ActivationReader(lm, served, batch_size=batch_size, windows=True)
+        # the pieces the guard reads, as its guard.json's ``reading`` says (windows, sentence pieces)
+        self.reading = reading_options(reading)
+        self.served = ActivationReader(lm, served, batch_size=batch_size, **self.reading)
 
     def key(self, name: str, texts: Sequence[str], windows: bool) -> Path:
         h = hashlib.sha256()
         for t in texts:
             h.update(t.encode("utf-8") + b"\0")
         h.update(self.token_cols.tobytes() + str((len(self.block), self.reader.plan.layers, windows,
-                                                  self.served.room)).encode())
+                                                  self.served.room, sorted(self.reading.items()))).encode())
         return self.dir / f"{name}-{h.hexdigest()[:16]}.safetensors"
 
     def read(self, name: str, texts: Sequence[str], windows: bool = False) -> TextSet:
@@ -139,7 +143,8 @@ class ReadoutCache:
         return TextSet(pooled, stacked, offsets, content)
 
     def _windows(self, name: str, texts: Sequence[str], single: TextSet) -> tuple[np.ndarray, np.ndarray]:
-        """Pieces the guard reads, as it reads them: whole-message pieces from ``single``, windows read here."""
+        """Pieces the guard reads, as it reads them: whole-message pieces from ``single``, windows and sentence
+        pieces read here."""
         whole = self.reader.pieces(list(texts))
         served = self.served.pieces(list(texts))
         is_whole = np.asarray([len(p.ids) == len(whole[p.owner].ids) and p.start == whole[p.owner].start
@@ -149,7 +154,7 @@ class ReadoutCache:
         owner = np.asarray([p.owner for p in served], dtype=np.int64)
         feats[is_whole] = single.pooled[owner[is_whole], MEAN]
         if wins:
-            with progress_bar(len(wins), f"{name}: 32-token windows", "window", self.progress) as bar:
+            with progress_bar(len(wins), f"{name}: windows and sentences", "piece", self.progress) as bar:
                 out = np.zeros((len(wins), len(self.block)), dtype=np.float32)
                 for a in range(0, len(wins), CHUNK):
                     out[a:a + CHUNK], _ = self.served.read_pieces(wins[a:a + CHUNK])

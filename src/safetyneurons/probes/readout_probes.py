@@ -4,7 +4,7 @@ A **variant** is a neuron set (columns of a :func:`~safetyneurons.probes.readout
 readout:
 
 - ``mean_windows``: logistic regression on the mean over content tokens; a text scores its most unsafe piece
-  (the whole message and its 32-token windows, as the guard serves);
+  (the whole message, its 32-token windows and the sentence pieces its guard records, as the guard serves);
 - ``mean``: the same probe on the whole message only;
 - ``last``: a probe trained on the last content token;
 - ``post``: a probe trained on the mean over the post-instruction template tokens;

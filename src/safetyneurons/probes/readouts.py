@@ -281,7 +281,8 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
     recs = _records(splits_dir, lm.tokenizer, bool(settings.get("augment", True)), seed, n_compose)
     block, fsets = feature_sets(ns, random_draws, seed)
     token_cols = np.unique(np.concatenate([c for n, c in fsets.items() if n != "all"]))
-    cache = ReadoutCache(lm, block, token_cols, Path(out_dir) / "cache", guard.max_length, batch_size, progress)
+    cache = ReadoutCache(lm, block, token_cols, Path(out_dir) / "cache", guard.max_length, batch_size, progress,
+                         reading=guard.meta.get("reading"))
     orig, rules, reph = rephrase_set(recs["heldout"], n_rephrase, seed)
     texts = {name: [r["prompt"] for r in rs] for name, rs in recs.items()}
     texts.update(rephrase=reph, examples=list(EXAMPLES))

@@ -78,7 +78,7 @@ def guard_section(run: RunSource) -> list[str]:
             lines += calibration_table(run.report["guard_calibration"]) + [""]
         if run.report.get("overrefusal"):
             lines += ["Held-out sources (never trained on; each probe at its threshold set on validation; the guard "
-                      "as served reads each prompt whole and in windows):", ""]
+                      "as served reads each prompt as guard.json's reading says, its most unsafe piece):", ""]
             lines += heldout_table(run.report["overrefusal"]) + [""]
     return lines + [run_source(run, "probes/report.json")]
 
