@@ -156,6 +156,62 @@ def bench_latency(guard_dir: Path, prompts: list[str], repeats: int, device: str
     return res
 
 
+# -------------------------------------------------------------------------------------------- report
+def benchmark_rows(out: dict) -> list[list]:
+    """``[measure, guard, full forward pass, guard / full]`` rows of the latency and server results."""
+    rows = []
+    lat = out.get("latency")
+    if lat:
+        for q in ("p50", "p95"):
+            rows.append([f"one-prompt latency {q} (ms)", round(lat[f"guard_{q}_ms"], 1),
+                         round(lat[f"full_{q}_ms"], 1), round(lat[f"ratio_{q}"], 3)])
+    srv = out.get("server")
+    if srv:
+        rows += [["server: requests/s", round(srv["rps"], 1), None, None],
+                 ["server: p50 / p99 latency (ms)", f"{srv['p50_ms']:.0f} / {srv['p99_ms']:.0f}", None, None],
+                 ["server: errors (valid requests)", srv["errors"], None, None],
+                 ["server: bad inputs not answered with a 4xx JSON error", srv["bad_not_4xx_json"], None, None],
+                 ["server: mean batch (largest)", f"{srv['mean_batch']:.1f} ({srv['largest_batch']})", None, None]]
+    return rows
+
+
+def write_benchmark(directory: Path, out: dict, args, guard_id: str | None, guard_path: str) -> None:
+    """guard_speed.json (the project's benchmark schema) and guard_speed.md in ``directory``."""
+    import datetime
+
+    from safetyneurons._io import atomic_write_json, atomic_write_text
+    from safetyneurons.results.machine import code_version, cpu_model
+
+    columns = ["measure", "guard", "full forward pass", "guard / full"]
+    notes = []
+    lat = out.get("latency")
+    if lat:
+        notes.append(f"Latency: {lat['n_timings']} one-prompt calls each, interleaved; the guard runs "
+                     f"{lat['layers_run']} of {lat['num_layers']} layers ({lat['neurons']} neurons, "
+                     f"{lat['classifier']} probe), the full pass every layer and the LM head.")
+    if out.get("server"):
+        srv = out["server"]
+        notes.append(f"Server: `safetyneurons serve`, {args.clients} concurrent clients for {srv['wall_s']:.0f} s, "
+                     f"max batch {args.max_batch_size}, max wait {args.max_wait_ms:g} ms; {args.bad_share:.0%} of "
+                     f"requests are bad inputs ({srv['bad_requests']} sent).")
+    notes.append(f"Load average at the start: {' '.join(f'{x:.1f}' for x in out['load_average'])}.")
+    command = " ".join(["python", "benchmarks/bench_guard.py", *sys.argv[1:]])
+    bench = {"benchmark": "guard_speed", "title": "Guard latency against a full forward pass, and the server",
+             "command": command, "code_version": code_version(),
+             "machine": {"cpu": cpu_model(), "threads": out["torch_threads"], "gpu": None},
+             "artifact": {"guard_id": guard_id, "path": guard_path},
+             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+             "columns": columns, "rows": benchmark_rows(out), "notes": notes, "details": out}
+    md = [f"# {bench['title']}", "", f"`{command}` (code {bench['code_version']}, {bench['date']}, "
+          f"{bench['machine']['cpu']})", "", "| " + " | ".join(columns) + " |", "|---|---:|---:|---:|"]
+    md += ["| " + " | ".join("—" if v is None else str(v) for v in r) + " |" for r in bench["rows"]]
+    md += [""] + [f"- {n}" for n in notes]
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / "guard_speed.json", json.loads(json.dumps(bench, default=str)))
+    atomic_write_text(directory / "guard_speed.md", "\n".join(md) + "\n")
+    print(f"wrote {directory / 'guard_speed.json'} and {directory / 'guard_speed.md'}")
+
+
 # -------------------------------------------------------------------------------------------- server
 def free_port() -> int:
     with socket.socket() as s:
@@ -277,7 +333,10 @@ def main() -> None:
                     help="torch CPU threads, for both the latency run and the server (default: torch's).")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-server", action="store_true")
-    ap.add_argument("--json", dest="json_out", default=None, help="Also write the results to this JSON file.")
+    ap.add_argument("--json", dest="json_out", default=None, help="Also write the raw results to this JSON file.")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="Write guard_speed.json (the project's benchmark schema, rendered by `safetyneurons "
+                         "report`) and guard_speed.md here, e.g. docs/benchmarks.")
     args = ap.parse_args()
 
     tmp = None
@@ -324,6 +383,10 @@ def main() -> None:
               f"{dict(sorted(srv['bad_statuses'].items()))}, not a 4xx JSON error: {srv['bad_not_4xx_json']}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+    if args.out:
+        guard_id = None if args.throwaway else json.loads((guard_dir / "guard.json").read_text())[
+            "integrity"]["content_sha256"][:12]
+        write_benchmark(Path(args.out), out, args, guard_id, str(guard_dir) if not args.throwaway else source)
     if tmp is not None:
         tmp.cleanup()
 
