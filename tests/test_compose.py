@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tiny import tiny_tokenizer
 
-from safetyneurons.data.compose import augment_training, benign_windows, compositions
+from safetyneurons.data.compose import augment_training, benign_sentences, benign_windows, compositions, sentences
 
 LONG = "Please write a friendly paragraph about gardening, tomatoes, herbs, watering and the summer sun. " * 4
 RECORDS = ([{"id": f"b{k}", "prompt": p, "label": 0, "source": "bfcl"}
@@ -25,6 +25,19 @@ def test_benign_windows_are_short_fragments_of_long_benign_prompts_only():
     assert LONG.startswith(wins[0]["prompt"]) and (LONG + " Thanks!").endswith(wins[3]["prompt"])
 
 
+def test_benign_sentences_are_the_guards_sentence_pieces_of_benign_prompts_only():
+    out = benign_sentences(RECORDS, seed=0)
+    # one piece of each benign prompt read in several sentence pieces; none of the others (b0 repeats one
+    # sentence: one piece) or of harmful prompts
+    assert [r["id"].split("#")[0] for r in out] == ["b3"]
+    for r in out:
+        parent = next(p for p in RECORDS if p["id"] == r["id"].split("#")[0])
+        assert r["label"] == 0 and r["source"] == "bfcl+sentence"
+        assert r["prompt"] in sentences(parent["prompt"]) and r["prompt"] != parent["prompt"]
+    assert out == benign_sentences(RECORDS, seed=0)
+    assert len(benign_sentences(RECORDS, seed=0, per_prompt=2)) == 2
+
+
 def test_compositions_put_the_request_anywhere_and_are_seeded():
     comp = compositions(RECORDS, share=1.0, seed=3)
     harmful = [c for c in comp if c["label"] == 1]
@@ -41,4 +54,4 @@ def test_augment_keeps_the_split_first_and_adds_only_what_it_says():
     assert out[:len(RECORDS)] == RECORDS
     added = out[len(RECORDS):]
     assert len({r["id"] for r in out}) == len(out)
-    assert {r["source"].split("+")[1] for r in added} == {"window", "composed"}
+    assert {r["source"].split("+")[1] for r in added} == {"window", "sentence", "composed"}

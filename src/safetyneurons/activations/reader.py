@@ -33,8 +33,6 @@ Pieces are batched longest first; results come back in input order.
 
 from __future__ import annotations
 
-import bisect
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
@@ -44,6 +42,7 @@ from safetyneurons._io import progress_bar
 from safetyneurons.activations.features import FeatureSpec
 from safetyneurons.activations.writer import HostBatch, to_host
 from safetyneurons.checks import check_batch_size, check_positive_int, check_prompts, check_text, normalise_text
+from safetyneurons.data.compose import SENTENCE_MIN_WORDS, sentences
 from safetyneurons.errors import UserError
 from safetyneurons.model.hooks import forward_with_hooks, hook_width, num_layers
 from safetyneurons.model.positions import EncodedConversation
@@ -58,40 +57,9 @@ if TYPE_CHECKING:
 WINDOW_TOKENS = 32  # content tokens per window (stride: half of it); see the module docstring
 MIN_WINDOW_TOKENS = 8  # a limit that leaves fewer content tokens than this next to the template is refused
 ROLES = ("system", "user", "assistant", "tool")
-SENTENCE_MIN_WORDS = 8  # a sentence piece holds at least this many words (a shorter sentence is widened)
 #: how a guard exported now reads (recorded in guard.json as ``reading``; a guard without it reads whole and
 #: in windows only, as it was calibrated)
 GUARD_READING = {"window_tokens": WINDOW_TOKENS, "sentences": True, "sentence_min_words": SENTENCE_MIN_WORDS}
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|\n+")
-
-
-def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
-    """One text per sentence of ``text`` (cut after ``. ! ? ; :`` before a space and at line breaks). A
-    sentence of fewer than ``min_words`` words is read with the words right after it (the last sentence: right
-    before it) up to ``min_words``, so a short request stays the larger part of its piece. A sentence that the
-    piece before holds whole is not read again, and a piece equal to the one before is read once, so the pieces
-    hold about as many tokens as the text plus one template per piece, however short its sentences."""
-    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
-    starts, ends = [w[0] for w in words], [w[1] for w in words]
-    bounds, a = [], 0
-    for m in _SENTENCE_BREAK.finditer(text):
-        bounds.append((a, m.start()))
-        a = m.end()
-    bounds.append((a, len(text)))
-    out: list[str] = []
-    covered = -1  # the last word the pieces so far read
-    for a, b in bounds:
-        first, last = bisect.bisect_left(starts, a), bisect.bisect_right(ends, b) - 1
-        if first > last or last <= covered:  # no words, or read whole by the piece before (a widened one)
-            continue
-        if last - first + 1 < min_words:  # extend forwards, then backwards, to min_words words
-            last = min(len(words) - 1, first + min_words - 1)
-            first = max(0, last - min_words + 1)
-        piece = text[words[first][0]:words[last][1]]
-        covered = max(covered, last)
-        if not out or out[-1] != piece:
-            out.append(piece)
-    return out
 
 
 def reading_options(reading: Any) -> dict:

@@ -1,24 +1,30 @@
 """Training data shaped like what the guard reads: benign windows and compositions, built from training prompts only.
 
 The guard reads a long message whole *and* in 32-token windows (and sentence by sentence), and flags its most
-unsafe piece (:mod:`safetyneurons.activations.reader`). In the default training split almost every harmful prompt is short
-(median 14 tokens, 1% over 32) while a quarter of the benign ones are longer, so a probe trained on whole
+unsafe piece (:mod:`safetyneurons.activations.reader`). In the default training split almost every harmful prompt
+is short (median 14 tokens, 1% over 32) while a quarter of the benign ones are longer, so a probe trained on whole
 prompts alone can learn length, and has never seen a fragment of benign text. :func:`augment_training` adds,
 to the training split only (every piece comes from training prompts, so nothing crosses a split):
 
 - **benign windows**: of each benign prompt longer than 32 tokens, its first and last 32-token window (the
   guard's windows start every 16 tokens; two per prompt keep the classes near balance), cut at the tokenizer's
   token boundaries, labelled benign (a fragment of a benign prompt is benign);
+- **benign sentences**: of each benign prompt of several sentences, one of its sentence pieces (:func:`sentences`,
+  the pieces a guard that records sentence reading scores alone), drawn with a seeded generator, labelled benign:
+  the probe meets short benign fragments, so a benign sentence read alone is not flagged for being short;
 - **compositions**: a harmful prompt placed before, inside or after a benign one (labelled harmful: the request
   is there, wherever it sits), and two benign prompts joined (benign), as many of each as ``share`` times the
   harmful prompts, drawn with a seeded generator.
 
-Added records carry ``source`` ``"<source>+window"`` or ``"<source>+composed"`` and ids ``<id>#w<k>`` /
-``compose:<k>``, so reports can tell them apart. Nothing here reaches validation, test or held-out data.
+Added records carry ``source`` ``"<source>+window"``, ``"<source>+sentence"`` or ``"<source>+composed"`` and
+ids ``<id>#w<k>`` / ``<id>#s<k>`` / ``compose:<k>``, so reports can tell them apart. Nothing here reaches
+validation, test or held-out data.
 """
 
 from __future__ import annotations
 
+import bisect
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,6 +32,55 @@ import numpy as np
 from safetyneurons.data.records import check_records
 
 WINDOW_TOKENS = 32
+SENTENCE_MIN_WORDS = 8  # a sentence piece holds at least this many words (a shorter sentence is widened)
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|\n+")
+
+
+def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
+    """One text per sentence of ``text`` (cut after ``. ! ? ; :`` before a space and at line breaks). A
+    sentence of fewer than ``min_words`` words is read with the words right after it (the last sentence: right
+    before it) up to ``min_words``, so a short request stays the larger part of its piece. A sentence that the
+    piece before holds whole is not read again, and a piece equal to the one before is read once, so the pieces
+    hold about as many tokens as the text plus one template per piece, however short its sentences."""
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    starts, ends = [w[0] for w in words], [w[1] for w in words]
+    bounds, a = [], 0
+    for m in _SENTENCE_BREAK.finditer(text):
+        bounds.append((a, m.start()))
+        a = m.end()
+    bounds.append((a, len(text)))
+    out: list[str] = []
+    covered = -1  # the last word the pieces so far read
+    for a, b in bounds:
+        first, last = bisect.bisect_left(starts, a), bisect.bisect_right(ends, b) - 1
+        if first > last or last <= covered:  # no words, or read whole by the piece before (a widened one)
+            continue
+        if last - first + 1 < min_words:  # extend forwards, then backwards, to min_words words
+            last = min(len(words) - 1, first + min_words - 1)
+            first = max(0, last - min_words + 1)
+        piece = text[words[first][0]:words[last][1]]
+        covered = max(covered, last)
+        if not out or out[-1] != piece:
+            out.append(piece)
+    return out
+
+
+def benign_sentences(records: Sequence[dict], seed: int, per_prompt: int = 1,
+                     min_words: int = SENTENCE_MIN_WORDS) -> list[dict]:
+    """Up to ``per_prompt`` sentence pieces (:func:`sentences`, as the guard reads them) of each benign prompt of
+    several sentences, drawn with a seeded generator, labelled benign."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in records:
+        if int(r["label"]) != 0:
+            continue
+        found = sentences(r["prompt"], min_words)
+        if len(found) < 2:
+            continue
+        for k in sorted(rng.choice(len(found), size=min(per_prompt, len(found)), replace=False).tolist()):
+            out.append({"id": f"{r['id']}#s{k}", "prompt": found[k], "label": 0,
+                        "source": f"{r.get('source', '')}+sentence"})
+    return out
 
 
 def benign_windows(records: Sequence[dict], tokenizer: Any, window_tokens: int = WINDOW_TOKENS) -> list[dict]:
@@ -83,7 +138,8 @@ def augment_training(records: Sequence[dict], tokenizer: Any, seed: int, share: 
                      window_tokens: int = WINDOW_TOKENS) -> list[dict]:
     """``records`` followed by their benign windows and compositions (see the module docstring)."""
     records = check_records(records)
-    added = benign_windows(records, tokenizer, window_tokens) + compositions(records, share, seed)
+    added = (benign_windows(records, tokenizer, window_tokens) + benign_sentences(records, seed)
+             + compositions(records, share, seed))
     return records + check_records(added)
 
 
@@ -109,5 +165,6 @@ def long_benign(records: Sequence[dict], n: int, seed: int, min_chars: int = 800
             if len(text) >= min_chars:
                 break
         if len(parts) >= 2 and len(text) >= min_chars:
-            out.append({"id": f"long:{k}", "prompt": text, "label": 0, "source": f"{parts[0].get('source', '')}+composed"})
+            out.append({"id": f"long:{k}", "prompt": text, "label": 0,
+                        "source": f"{parts[0].get('source', '')}+composed"})
     return out
