@@ -119,7 +119,10 @@ def table_rows(result: dict, borrowed_direction: dict | None = None) -> tuple[li
         baselines = dict(r["baselines"])
         tests = dict(r["tests"])
         if "direction" not in baselines and borrowed_direction and direction in borrowed_direction:
-            baselines["direction"], tests["direction"] = borrowed_direction[direction]
+            # the rates of the run that computed the direction; its paired test compared it with that run's
+            # safety set on that run's prompts, not with this one's, so no test is shown here
+            baselines["direction"] = borrowed_direction[direction][0]
+            tests.pop("direction", None)
         metrics = {"safety": r["safety"], "safety_matched": r.get("safety_matched"), **r["controls"], **baselines}
         metrics["change_scaled"] = r["controls"].get("change_matched")
         counts = {"safety": r["n_neurons"], "safety_matched": r["n_matched"], "layer_matched": r["n_matched"],
@@ -193,7 +196,8 @@ def write_table(paths, command=None) -> None:
                  "two-sided p.")
     if not any("direction" in r["baselines"] for res in results for r in res["results"]) or len(results) > 1:
         notes.append("The refusal-direction rows come from the run that computed the direction (it acts on the "
-                     "residual stream and does not depend on the hook point).")
+                     "residual stream and does not depend on the hook point); in the other runs they show its rates "
+                     "only: a paired test needs the same prompts.")
     where = provenance()  # patch runs record where they ran; older ones did not, and the table's code stands in
     unrecorded = sum(not r.get("code_version") for r in results)
     if unrecorded:
