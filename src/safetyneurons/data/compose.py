@@ -33,16 +33,37 @@ from safetyneurons.data.records import check_records
 
 WINDOW_TOKENS = 32
 SENTENCE_MIN_WORDS = 8  # a sentence piece holds at least this many words (a shorter sentence is widened)
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|\n+")
+_END = ".!?;:\u2026"  # . ! ? ; : and the ellipsis
+_WIDE_END = "\u3002\uff01\uff1f\uff1b\uff1a"  # the CJK / full-width ones, written without a space after
+_UPPER = "A-Z\u00c0-\u00de\u0391-\u03a9\u0410-\u042f"  # Latin, Greek and Cyrillic capitals
+# a sentence ends at an end mark with a space after it, or with a capital right after it ("fun.Then", not
+# "E.coli" or "example.com"), after a CJK / full-width end mark, or at a line break
+_SENTENCE_BREAK = re.compile(rf"(?<=[{_END}{_WIDE_END}])\s+|(?<=[{_END}])(?=[{_UPPER}])"
+                             rf"|(?<=[{_WIDE_END}])(?=\S)|\n+")
+
+
+def _words(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of non-space characters, cut where a sentence ends inside it."""
+    cuts = [m.start() for m in _SENTENCE_BREAK.finditer(text) if m.start() == m.end()]
+    words = []
+    for m in re.finditer(r"\S+", text):
+        a, b = m.span()
+        i = bisect.bisect_right(cuts, a)
+        while i < len(cuts) and cuts[i] < b:
+            words.append((a, cuts[i]))
+            a, i = cuts[i], i + 1
+        words.append((a, b))
+    return words
 
 
 def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
-    """One text per sentence of ``text`` (cut after ``. ! ? ; :`` before a space and at line breaks). A
-    sentence of fewer than ``min_words`` words is read with the words right after it (the last sentence: right
-    before it) up to ``min_words``, so a short request stays the larger part of its piece. A sentence that the
+    """One text per sentence of ``text`` (cut after ``. ! ? ; :`` or an ellipsis before a space or a capital,
+    after a CJK / full-width end mark, and at line breaks). A sentence of fewer than ``min_words`` words is read with the
+    words right after it (the last sentence: right before it) up to ``min_words``, so a short request stays the
+    larger part of its piece. A sentence that the
     piece before holds whole is not read again, and a piece equal to the one before is read once, so the pieces
     hold about as many tokens as the text plus one template per piece, however short its sentences."""
-    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    words = _words(text)
     starts, ends = [w[0] for w in words], [w[1] for w in words]
     bounds, a = [], 0
     for m in _SENTENCE_BREAK.finditer(text):
