@@ -180,7 +180,8 @@ def write_benchmark(directory: Path, out: dict, args, guard_id: str | None, guar
     import datetime
 
     from safetyneurons._io import atomic_write_json, atomic_write_text
-    from safetyneurons.results.machine import code_version, cpu_model
+    from safetyneurons.results.machine import provenance
+    from safetyneurons.results.tables import markdown_table
 
     columns = ["measure", "guard", "full forward pass", "guard / full"]
     notes = []
@@ -197,14 +198,14 @@ def write_benchmark(directory: Path, out: dict, args, guard_id: str | None, guar
     notes.append(f"Load average at the start: {' '.join(f'{x:.1f}' for x in out['load_average'])}.")
     command = " ".join(["python", "benchmarks/bench_guard.py", *sys.argv[1:]])
     bench = {"benchmark": "guard_speed", "title": "Guard latency against a full forward pass, and the server",
-             "command": command, "code_version": code_version(),
-             "machine": {"cpu": cpu_model(), "threads": out["torch_threads"], "gpu": None},
+             "command": command, **provenance(),  # code version; CPU, torch threads and the GPU card, if any
              "artifact": {"guard_id": guard_id, "path": guard_path},
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
              "columns": columns, "rows": benchmark_rows(out), "notes": notes, "details": out}
     md = [f"# {bench['title']}", "", f"`{command}` (code {bench['code_version']}, {bench['date']}, "
-          f"{bench['machine']['cpu']})", "", "| " + " | ".join(columns) + " |", "|---|---:|---:|---:|"]
-    md += ["| " + " | ".join("—" if v is None else str(v) for v in r) + " |" for r in bench["rows"]]
+          f"{bench['machine']['cpu']})", ""]
+    md += markdown_table(columns, [["—" if v is None else str(v) for v in r] for r in bench["rows"]],
+                         numeric=[False, True, True, True])
     md += [""] + [f"- {n}" for n in notes]
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / "guard_speed.json", json.loads(json.dumps(bench, default=str)))
