@@ -42,9 +42,9 @@ _SENTENCE_BREAK = re.compile(rf"(?<=[{_END}{_WIDE_END}])\s+|(?<=[{_END}])(?=[{_U
                              rf"|(?<=[{_WIDE_END}])(?=\S)|\n+")
 
 
-def _words(text: str) -> list[tuple[int, int]]:
-    """``(start, end)`` of each run of non-space characters, cut where a sentence ends inside it."""
-    cuts = [m.start() for m in _SENTENCE_BREAK.finditer(text) if m.start() == m.end()]
+def _words(text: str, cuts: Sequence[int]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of non-space characters, cut at the positions ``cuts`` (sorted: where a
+    sentence ends inside a run)."""
     words = []
     for m in re.finditer(r"\S+", text):
         a, b = m.span()
@@ -58,15 +58,16 @@ def _words(text: str) -> list[tuple[int, int]]:
 
 def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
     """One text per sentence of ``text`` (cut after ``. ! ? ; :`` or an ellipsis before a space or a capital,
-    after a CJK / full-width end mark, and at line breaks). A sentence of fewer than ``min_words`` words is read with the
-    words right after it (the last sentence: right before it) up to ``min_words``, so a short request stays the
-    larger part of its piece. A sentence that the
-    piece before holds whole is not read again, and a piece equal to the one before is read once, so the pieces
-    hold about as many tokens as the text plus one template per piece, however short its sentences."""
-    words = _words(text)
+    after a CJK / full-width end mark, and at line breaks). A sentence of fewer than ``min_words`` words is read
+    with the words right after it (the last sentence: right before it) up to ``min_words``, so a short request
+    stays the larger part of its piece. A sentence that the piece before holds whole is not read again, and a
+    piece equal to the one before is read once, so the pieces hold about as many tokens as the text plus one
+    template per piece, however short its sentences."""
+    breaks = list(_SENTENCE_BREAK.finditer(text))
+    words = _words(text, [m.start() for m in breaks if m.start() == m.end()])
     starts, ends = [w[0] for w in words], [w[1] for w in words]
     bounds, a = [], 0
-    for m in _SENTENCE_BREAK.finditer(text):
+    for m in breaks:
         bounds.append((a, m.start()))
         a = m.end()
     bounds.append((a, len(text)))
