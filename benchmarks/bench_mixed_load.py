@@ -66,6 +66,7 @@ def serve(guard_dir: str, port: int, ready_file: str, device: str, slice_tokens:
 
     from safetyneurons.guard.chat import GuardedChat
     from safetyneurons.guard.guard import Guard
+    from safetyneurons.results.machine import machine_info
     from safetyneurons.serve.routes import create_service
     from safetyneurons.serve.server import bind_socket, run_server
 
@@ -78,7 +79,7 @@ def serve(guard_dir: str, port: int, ready_file: str, device: str, slice_tokens:
     Path(ready_file).write_text(json.dumps({"context_length": chat.context_length, "guard": guard.name,
                                             "guard_id": guard.id, "layers_run": guard.layers_run,
                                             "num_layers": int(guard.lm.info["num_layers"]),
-                                            "threads": torch.get_num_threads(),
+                                            "threads": torch.get_num_threads(), "machine": machine_info(),
                                             "settings": app.state.settings.public()}))
     run_server(app, sock, log_level="warning")
 
@@ -321,25 +322,25 @@ def notes(report: dict) -> list[str]:
 
 
 def markdown(bench: dict) -> str:
-    def cell(v):
-        return "—" if v is None else str(v)
+    from safetyneurons.results.machine import describe_machine
+    from safetyneurons.results.tables import cell, markdown_table
 
-    lines = [f"# {bench['title']}", "", f"`{bench['command']}` (code {bench['code_version']}, {bench['date']})", "",
-             "| " + " | ".join(bench["columns"]) + " |", "|---|" + "---:|" * (len(bench["columns"]) - 1)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in bench["rows"]]
+    lines = [f"# {bench['title']}", "", f"`{bench['command']}` (code {bench['code_version']}, {bench['date']}, "
+             f"{describe_machine(bench['machine'])})", ""]
+    lines += markdown_table(bench["columns"], [[cell(v) for v in row] for row in bench["rows"]],
+                            [False] + [True] * (len(bench["columns"]) - 1))
     return "\n".join(lines + [""] + [f"- {n}" for n in bench["notes"]]) + "\n"
 
 
-def benchmark_json(report: dict, guard_id: str | None, guard_path: str, threads: int | None) -> dict:
+def benchmark_json(report: dict, guard_id: str | None, guard_path: str, machine: dict) -> dict:
     """The report in the project's benchmark schema (docs/benchmarks), the whole report under ``details``."""
     import datetime
 
-    from safetyneurons.results.machine import code_version, cpu_model
+    from safetyneurons.results.machine import code_version
 
     command = " ".join(["python", "benchmarks/bench_mixed_load.py", *sys.argv[1:]])
     return {"benchmark": "mixed_load", "title": "Moderation latency beside guarded-chat traffic (issue 22)",
-            "command": command, "code_version": code_version(),
-            "machine": {"cpu": cpu_model(), "threads": threads, "gpu": None},
+            "command": command, "code_version": code_version(), "machine": machine,  # the server's machine
             "artifact": {"guard_id": guard_id, "path": guard_path},
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
             "columns": COLUMNS, "rows": table_rows(report), "readme": readme_table(table_rows(report)),
@@ -403,7 +404,7 @@ def main() -> None:
               "bad_share": args.bad_share, "load_average": load, "settings": info["settings"],
               "moderation_only": without, "with_chat": with_chat, "p99_ratio": ratio,
               "server_tracebacks": server_log.count("Traceback")}
-    bench = benchmark_json(report, None if args.throwaway else info["guard_id"], shown, info["threads"])
+    bench = benchmark_json(report, None if args.throwaway else info["guard_id"], shown, info["machine"])
     md = markdown(bench)
     print(md)
     from safetyneurons._io import atomic_write_json, atomic_write_text

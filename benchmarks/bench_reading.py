@@ -62,7 +62,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"), metavar="DIR")
     args = ap.parse_args()
 
-    import torch
     from sklearn.metrics import roc_auc_score
 
     from safetyneurons._io import atomic_write_json, atomic_write_text
@@ -70,7 +69,8 @@ def main() -> None:
     from safetyneurons.data.validation import threshold_for_fpr
     from safetyneurons.guard.guard import Guard
     from safetyneurons.probes.overrefusal import source_kind
-    from safetyneurons.results.machine import code_version, cpu_model
+    from safetyneurons.results.machine import describe_machine, provenance
+    from safetyneurons.results.tables import cell, markdown_table
 
     g = Guard.load(args.guard)
     splits = Path(args.splits).expanduser()
@@ -117,8 +117,7 @@ def main() -> None:
                              for j, n in enumerate(LENGTHS) for i, w in enumerate(POSITIONS)}}
     command = " ".join(["python", "benchmarks/bench_reading.py", *sys.argv[1:]])
     bench = {"benchmark": "reading", "title": "How the guard reads: sentence pieces beside whole and windows",
-             "command": command, "code_version": code_version(),
-             "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "gpu": None},
+             "command": command, **provenance(),
              "artifact": {"guard_id": g.id[:12], "path": args.guard},
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
              "columns": COLUMNS, "rows": rows,
@@ -135,9 +134,8 @@ def main() -> None:
     out = Path(args.out)
     atomic_write_json(out / "reading.json", bench)
     md = [f"# {bench['title']}", "", f"`{command}` (code {bench['code_version']}, {bench['date']}, "
-          f"{bench['machine']['cpu']})", "", "| " + " | ".join(COLUMNS) + " |",
-          "|---|" + "---:|" * (len(COLUMNS) - 1)]
-    md += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+          f"{describe_machine(bench['machine'])})", ""]
+    md += markdown_table(COLUMNS, [[cell(v) for v in r] for r in rows], [False] + [True] * (len(COLUMNS) - 1))
     atomic_write_text(out / "reading.md", "\n".join(md + [""] + [f"- {x}" for x in bench["notes"]]) + "\n")
     print("\n".join(md))
 
