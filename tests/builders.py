@@ -237,6 +237,19 @@ def run_cli(*args, cache=None, timeout=180, stdin=None):
                           env=env, timeout=timeout, input=stdin)
 
 
+def cli_in_process(args, capsys):
+    """``safetyneurons ARGS`` run in this process: (exit code, stdout, stderr) as ``capsys`` caught them."""
+    from safetyneurons.cli import main
+
+    try:
+        main(list(map(str, args)))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 class Served:
     """uvicorn serving an app in a background thread, on a socket bound to a free loopback port."""
 

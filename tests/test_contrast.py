@@ -7,14 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from safetyneurons.neurons import selection as neurons_lib
-from safetyneurons.cli import main
+from builders import cli_in_process as run_cli
 from safetyneurons.neurons.contrast import ChangeScores, completion_batch, contrast
 from safetyneurons.errors import UserError
 from safetyneurons.model.hooks import HOOK_POINTS, capture
@@ -305,15 +304,6 @@ def test_mismatched_pair_is_refused():
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def run_cli(args, capsys):
-    """In-process `safetyneurons ARGS`: (exit code, stdout, stderr)."""
-    try:
-        main(list(map(str, args)))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

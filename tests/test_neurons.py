@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from safetyneurons.neurons import selection as lib
-from safetyneurons.cli import main
+from builders import cli_in_process as run_cli
 from safetyneurons.neurons.contrast import ChangeScores
 from safetyneurons.errors import UserError
 from safetyneurons.neurons.selection import NeuronSet, gini, neuron_stats, select, top_share
@@ -238,14 +238,6 @@ def test_write_report(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def run_cli(args, capsys):
-    try:
-        main(list(map(str, args)))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture
