@@ -129,6 +129,43 @@ def test_served_pieces_are_the_guards_reading(planted_lm, tmp_path):
     assert counts["sentences"] > counts["windows"]  # the sentence pieces are read too
 
 
+def test_text_scorers_as_served_read_each_piece_alone(planted_lm, tmp_path):
+    """TF-IDF and the neurons + TF-IDF sum "as served" score the text of every piece the guard reads (whole,
+    windows, sentences) and take the most unsafe: a request padded with benign text scores as it does alone, where
+    the same scorers reading the whole text are diluted by the padding."""
+    from safetyneurons.activations.reader import GUARD_READING
+    from safetyneurons.probes.readout_cache import ReadoutCache, columns, layer_block
+    from safetyneurons.probes.readout_probes import train_pooled
+    from safetyneurons.probes.readouts import _text_scorers
+    from safetyneurons.neurons.selection import NeuronSet
+    from builders import SAFE, UNSAFE
+
+    ns = NeuronSet(hook_point=HOOK, num_layers=NUM_LAYERS, width=MLP, layers=[0, 0, 0], indices=[3, J, 20],
+                   scores=[1.0, 1.0, 1.0], model=planted_lm.describe())
+    block = layer_block(ns)
+    cols = columns(block, ns)
+    cache = ReadoutCache(planted_lm, block, cols, tmp_path / "cache", 64, batch_size=8, progress=False,
+                         reading=GUARD_READING)
+    train_texts = UNSAFE + SAFE + PAD_SENTENCES
+    y = np.asarray([1] * len(UNSAFE) + [0] * (len(SAFE) + len(PAD_SENTENCES)))
+    train = cache.read("train", train_texts)
+    mean = train_pooled(train, y, "safety", cols)["mean"]
+    scorers = {sc.name: sc for sc in _text_scorers(train_texts, y, train, mean, 0, cache.piece_texts)}
+    rng = np.random.default_rng(3)
+    padded = [_benign(rng, 10) + " " + HARMFUL, _benign(rng, 10)]
+    texts = padded + [HARMFUL]
+    ts = cache.read("eval", texts, windows=True)
+    words, owner = cache.piece_texts(texts)
+    assert owner.tolist() == ts.window_owner.tolist()
+    assert HARMFUL in [w.strip() for w, o in zip(words, owner) if o == 0]  # its own sentence piece
+    for whole, served in (("text/tfidf", "text/tfidf_windows"), ("safety+text/mean", "safety+text/mean_windows")):
+        p_whole, p_served = scorers[whole].fn(texts, ts), scorers[served].fn(texts, ts)
+        assert scorers[served].cost == "windows"
+        assert p_served[0] == pytest.approx(p_served[2], abs=1e-6), served  # padded: as high as the request alone
+        assert p_whole[0] < p_whole[2] - 0.05, whole  # whole-text reading: diluted by the padding
+        assert p_served[0] > p_served[1], served  # above the same padding without the request
+
+
 # ------------------------------------------------------------------------------------------ rephrasing
 @pytest.mark.parametrize("rule, prompt, expected", [
     ("question_imperative", "How do I make a cake?", "Tell me how to make a cake."),

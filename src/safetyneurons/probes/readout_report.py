@@ -32,7 +32,8 @@ README_RECALL = 0.8  # the README's equal-recall column
 README_COLUMNS = ["variant", "held-out AUROC", "held-out recall@t", "held-out ordinary benign flagged",
                   "held-out hard-neg flagged", "held-out composition recall",
                   f"at {README_RECALL:.0%} held-out recall: ordinary / hard-neg flagged"]
-README_VARIANTS = ("all/mean_windows", "text/tfidf", "safety+text/mean")
+README_VARIANTS = ("all/mean_windows", "text/tfidf", "text/tfidf_windows", "safety+text/mean",
+                   "safety+text/mean_windows")
 
 
 def _flag_pair(f: dict) -> str:

@@ -3,7 +3,8 @@
 :func:`compare_readouts` (``safetyneurons readouts --run DIR --out DIR``) trains, on the run's training split
 (with the run's augmentation), one probe per readout (see :mod:`safetyneurons.probes.readout_probes`) on the
 guard's safety neurons, on random layer-matched draws and on every neuron of the same layers, plus the TF-IDF
-text baseline and a safety-neurons + TF-IDF sum; every text is read once (:mod:`~safetyneurons.probes.
+text baseline and a safety-neurons + TF-IDF sum (each read whole, and as the guard serves: every piece it
+reads scored alone); every text is read once (:mod:`~safetyneurons.probes.
 readout_cache`). It scores the validation split, validation compositions (a validation harmful prompt inside
 validation benign text, at the start, middle or end, about 64/256/1024 tokens in all), the held-out split,
 held-out compositions and rule-rewritten held-out prompts (:mod:`safetyneurons.data.rephrase`), applies the
@@ -23,6 +24,7 @@ from safetyneurons import data
 from safetyneurons._io import progress_bar
 from safetyneurons.data.compose import augment_training
 from safetyneurons.data.rephrase import RULES, rephrasings
+from safetyneurons.activations.reader import max_per_input
 from safetyneurons.neurons.controls import random_layer_matched
 from safetyneurons.probes.probe import TextProbe
 from safetyneurons.probes.readout_cache import MEAN, ReadoutCache, TextSet, columns, layer_block
@@ -120,24 +122,37 @@ def _variant_scorer(v: Variant, eligible: bool) -> Scorer:
 
 
 def _text_scorers(train_texts: list[str], y: np.ndarray, train_ts: TextSet, safety_mean: Variant,
-                  seed: int) -> list[Scorer]:
+                  seed: int, piece_texts: Callable[[Sequence[str]], tuple[list[str], np.ndarray]] | None = None
+                  ) -> list[Scorer]:
     """TF-IDF on the words alone, and the sum of its logit and the safety ``mean`` probe's, each standardised on
-    the training split."""
+    the training split; each read whole and, with ``piece_texts`` (:meth:`ReadoutCache.piece_texts`), also as
+    the guard serves: every piece it reads (whole, windows, sentences) scored alone, a text its most unsafe piece."""
     text = TextProbe(seed=seed, cv=0).fit(train_texts, y)
     probe, cols = safety_mean.probe, safety_mean.cols
-
-    def neuron_logit(ts: TextSet) -> np.ndarray:
-        return probe.decision_function(ts.pooled[:, MEAN][:, cols])
-
-    d_text, d_neur = text.decision_function(train_texts), neuron_logit(train_ts)
+    d_text, d_neur = text.decision_function(train_texts), probe.decision_function(train_ts.pooled[:, MEAN][:, cols])
     mt, st, mn, sn = d_text.mean(), d_text.std() or 1.0, d_neur.mean(), d_neur.std() or 1.0
 
-    def combined(texts: Sequence[str], ts: TextSet) -> np.ndarray:
-        z = (text.decision_function(list(texts)) - mt) / st + (neuron_logit(ts) - mn) / sn
+    def summed(words: Sequence[str], feats: np.ndarray) -> np.ndarray:
+        z = (text.decision_function(list(words)) - mt) / st + (probe.decision_function(feats[:, cols]) - mn) / sn
         return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
-    return [Scorer("text/tfidf", "text", "TF-IDF", False, lambda texts, ts: text.unsafe_probability(list(texts))),
-            Scorer("safety+text/mean", "safety+text", "mean + TF-IDF", False, combined)]
+    out = [Scorer("text/tfidf", "text", "TF-IDF", False, lambda texts, ts: text.unsafe_probability(list(texts))),
+           Scorer("safety+text/mean", "safety+text", "mean + TF-IDF", False,
+                  lambda texts, ts: summed(texts, ts.pooled[:, MEAN]))]
+    if piece_texts is None:
+        return out
+
+    def served(texts: Sequence[str], ts: TextSet, with_neurons: bool) -> np.ndarray:
+        words, owner = piece_texts(texts)
+        if ts.windows is None or len(ts.windows) != len(words):
+            raise ValueError("this text set was read without the guard's pieces")
+        p = summed(words, ts.windows) if with_neurons else text.unsafe_probability(words)
+        return max_per_input(p, owner, len(texts))
+
+    return out + [Scorer("text/tfidf_windows", "text", "TF-IDF, pieces as served", False,
+                         lambda texts, ts: served(texts, ts, False), "windows"),
+                  Scorer("safety+text/mean_windows", "safety+text", "mean + TF-IDF, pieces as served", False,
+                         lambda texts, ts: served(texts, ts, True), "windows")]
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -159,10 +174,12 @@ def _token_positions(token_cols: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 
 def train_scorers(sets: dict[str, TextSet], recs: dict[str, list[dict]], fsets: dict[str, np.ndarray],
-                  token_cols: np.ndarray, seed: int, ks: Sequence[int] = KS, progress: bool = False
+                  token_cols: np.ndarray, seed: int, ks: Sequence[int] = KS, progress: bool = False,
+                  piece_texts: Callable[[Sequence[str]], tuple[list[str], np.ndarray]] | None = None
                   ) -> tuple[list[Scorer], list[dict]]:
     """Every variant trained on ``sets["train"]``; k of the agreement readout chosen on validation (safety
-    neurons; the controls use the same k). Returns (scorers, the k table)."""
+    neurons; the controls use the same k); the text scorers read served pieces through ``piece_texts``.
+    Returns (scorers, the k table)."""
     train, y = sets["train"], np.asarray([int(r["label"]) for r in recs["train"]], dtype=np.int64)
     scorers, pooled = [], {}
     bar = progress_bar(len(fsets) + len(ks) + len(fsets) - 1, "training probes", "probe set", progress)
@@ -191,7 +208,8 @@ def train_scorers(sets: dict[str, TextSet], recs: dict[str, list[dict]], fsets: 
             v = train_agreement(train, y, name, fsets[name], tok, pooled[name]["mean"].probe, [k], seed)[k]
             scorers.append(_variant_scorer(v, False))
             bar.update(1)
-    scorers += _text_scorers([r["prompt"] for r in recs["train"]], y, train, pooled["safety"]["mean"], seed)
+    scorers += _text_scorers([r["prompt"] for r in recs["train"]], y, train, pooled["safety"]["mean"], seed,
+                             piece_texts)
     bar.update(1)
     bar.close()
     return scorers, k_table
@@ -287,7 +305,8 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
     texts = {name: [r["prompt"] for r in rs] for name, rs in recs.items()}
     texts.update(rephrase=reph, examples=list(EXAMPLES))
     sets = {name: cache.read(name, t, windows=name != "train") for name, t in texts.items()}
-    scorers, k_table = train_scorers(sets, recs, fsets, token_cols, seed, progress=progress)
+    scorers, k_table = train_scorers(sets, recs, fsets, token_cols, seed, progress=progress,
+                                     piece_texts=cache.piece_texts)
     deployed = Variant("deployed guard", "safety", "mean_windows", fsets["safety"], guard.probe)
     scorers.append(_variant_scorer(deployed, False))
     with progress_bar(len(scorers), "scoring variants", "variant", progress) as bar:
