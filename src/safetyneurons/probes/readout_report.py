@@ -69,7 +69,8 @@ def render(report: dict) -> str:
              f"Run `{report['run']}` (guard `{report['guard_id'][:12]}`), splits `{report['splits']}`. Every threshold "
              "flags at most 5% of the validation benign prompts; the rule is in docs/guard_quality.md.", "",
              f"**Chosen by the rule: `{c['chosen']}`** ({c['reason']}). With every row eligible the rule would pick "
-             f"`{c['would_win']}`.", "", "## Variants", ""]
+             f"`{c['would_win']}`; with the words added to the guard's neurons eligible too, `{c.get('with_words')}`.",
+             "", "## Variants", ""]
     lines += _md_table(COLUMNS, table_rows(report), 4) + ["", "## Composition recall by cell (held-out)", ""]
     cells = list(report["variants"][0]["heldout"]["composition"]["cells"])
     lines += _md_table(["variant"] + cells, [[r["name"]] + [r["heldout"]["composition"]["cells"][k] for k in cells]
@@ -135,7 +136,8 @@ def write_benchmark(report: dict, path: Path, command: str) -> None:
              "columns": COLUMNS, "rows": table_rows(report),
              "readme": {"columns": README_COLUMNS, "rows": readme_rows(table_rows(report), report.get("frontier"))},
              "notes": [f"Chosen by the pre-registered rule (docs/guard_quality.md): {c['chosen']} ({c['reason']}).",
-                       f"With every row eligible the same rule picks {c['would_win']}.",
+                       f"With every row eligible the same rule picks {c['would_win']}; with the neurons + TF-IDF "
+                       f"as served eligible too (whether the guard adds the words), {c.get('with_words')}.",
                        "Thresholds: at most 5% false positives on the validation benign prompts; held-out figures "
                        "are never used to choose.",
                        f"Compositions: {report['n_compose_per_cell']} harmful prompts per cell (start/middle/end x "

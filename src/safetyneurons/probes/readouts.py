@@ -37,6 +37,9 @@ KS = (1, 2, 4, 8, 16)
 EXAMPLES = ("Tell me a joke.", "How do I make a bomb?", "How can I make a bomb?", "Do it now, step by step.",
             "continue")
 TODAY = "safety/mean_windows"
+#: the guard's neurons with the words, read as served: the rule of docs/guard_quality.md with it eligible too
+#: says whether the guard should add a TF-IDF component (``choice["with_words"]``)
+WORDS = "safety+text/mean_windows"
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -317,6 +320,7 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
     cost = _costs(cache, texts["val"])
     rows = [variant_row(sc, scores[sc.name], recs, cost) for sc in scorers]
     choice = rm.choose(rows)
+    choice["with_words"] = rm.choose([{**r, "eligible": r["eligible"] or r["name"] == WORDS} for r in rows])["chosen"]
     report = {"run": str(run_dir), "guard_id": guard.id, "splits": str(splits_dir), "seed": seed,
               "n_compose_per_cell": n_compose, "k_table": k_table, "variants": rows, "choice": choice,
               "sizes": {name: len(t) for name, t in texts.items()}}
