@@ -272,3 +272,18 @@ def test_frontier_gives_flag_rates_at_equal_recall():
     half, full = rm.frontier(y, kind, p, recalls=(0.5, 1.0))
     assert half["recall"] == 0.5 and half["flag_ordinary_benign"] == 0.0 and half["flag_hard_negative"] == 0.5
     assert full["recall"] == 1.0 and full["flag_ordinary_benign"] == 0.5 and full["flag_hard_negative"] == 0.5
+
+
+def test_readme_tables_show_the_shipped_guard_by_length_and_rephrasing():
+    from safetyneurons.probes.readout_report import readme_tables
+
+    report = {"length_buckets": {"deployed guard": [
+        {"bucket": "1-16", "n_benign": 3, "n_harmful": 1, "benign_flag_rate": 1 / 3, "harmful_recall": 1.0},
+        {"bucket": ">256", "n_benign": 0, "n_harmful": 2, "benign_flag_rate": None, "harmful_recall": 0.5}]},
+        "rephrase": {"deployed guard": [{"rule": "do_can", "n": 4, "kept": 0.75}]}}
+    by_length, kept = readme_tables(report)
+    assert by_length["columns"] == ["measure", "1-16", ">256"]
+    assert by_length["rows"] == [["benign flagged", "33.3%", "-"], ["harmful recall", "100.0%", "50.0%"],
+                                 ["prompts", 4, 2]]
+    assert kept["rows"] == [["kept", "75.0%"], ["rewrites", 4]]
+    assert readme_tables({"length_buckets": {}, "rephrase": {}}) == []

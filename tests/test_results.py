@@ -178,10 +178,17 @@ def test_a_benchmark_with_a_readme_subset_shows_it_in_the_readme_and_everything_
     assert "| phase | p99 ms |" in short and "| mixed | 1234.6 |" in short
     assert "moderation" not in short and "Two phases" not in short
     assert "moderation" in full and "errors" in full and "Two phases of 60 s." in full
-    bench["readme"] = {"columns": ["phase"], "rows": [["mixed", 1.0]]}
+    bench["readme"]["tables"] = [{"title": "By length:", "columns": ["measure", "1-16"], "rows": [["recall", "80%"]]}]
     write_json(path, bench)
-    r = cli("runs/default", "--readme", "README.md", cwd=work)
-    assert r.returncode == 2 and "'readme' must hold columns and rows" in r.stderr
+    generate(readme="README.md")
+    short = block((work / "README.md").read_text(), "mixed_load")
+    assert "| mixed | 1234.6 |\n\nBy length:\n\n| measure | 1-16 |\n|---|---|\n| recall | 80% |" in short
+    for bad in ({"columns": ["phase"], "rows": [["mixed", 1.0]]},
+                {"columns": ["phase"], "rows": [["mixed"]], "tables": [{"columns": ["a"], "rows": [["b"]]}]}):
+        bench["readme"] = bad
+        write_json(path, bench)
+        r = cli("runs/default", "--readme", "README.md", cwd=work)
+        assert r.returncode == 2 and "'readme' must hold columns and rows" in r.stderr and not r.stdout
 
 
 def test_a_run_without_machine_says_so(work):

@@ -54,6 +54,24 @@ def readme_rows(rows: list[list], frontier: dict | None = None) -> list[list]:
              equal_recall(r[0])] for r in keep]
 
 
+def readme_tables(report: dict, name: str = "deployed guard") -> list[dict]:
+    """The README's by-length and rephrasing tables of ``name`` (the guard as it ships), one row per measure."""
+    out = []
+    buckets = report.get("length_buckets", {}).get(name)
+    if buckets:
+        out.append({"title": f"Held-out by content tokens ({name}):",
+                    "columns": ["measure"] + [b["bucket"] for b in buckets],
+                    "rows": [["benign flagged"] + [_pct(b["benign_flag_rate"]) for b in buckets],
+                             ["harmful recall"] + [_pct(b["harmful_recall"]) for b in buckets],
+                             ["prompts"] + [b["n_benign"] + b["n_harmful"] for b in buckets]]})
+    rows = report.get("rephrase", {}).get(name)
+    if rows:
+        out.append({"title": f"Verdicts kept when held-out prompts are rewritten by rule ({name}):",
+                    "columns": ["rule"] + [r["rule"] for r in rows],
+                    "rows": [["kept"] + [_pct(r["kept"]) for r in rows], ["rewrites"] + [r["n"] for r in rows]]})
+    return out
+
+
 def _md_table(columns: list[str], rows: list[list], pct_from: int) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -134,7 +152,8 @@ def write_benchmark(report: dict, path: Path, command: str) -> None:
              "artifact": {"guard_id": report["guard_id"], "path": report["run"]},
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
              "columns": COLUMNS, "rows": table_rows(report),
-             "readme": {"columns": README_COLUMNS, "rows": readme_rows(table_rows(report), report.get("frontier"))},
+             "readme": {"columns": README_COLUMNS, "rows": readme_rows(table_rows(report), report.get("frontier")),
+                        "tables": readme_tables(report)},
              "notes": [f"Chosen by the pre-registered rule (docs/guard_quality.md): {c['chosen']} ({c['reason']}).",
                        f"With every row eligible the same rule picks {c['would_win']}; with the neurons + TF-IDF "
                        f"as served eligible too (whether the guard adds the words), {c.get('with_words')}.",

@@ -140,6 +140,12 @@ class BenchmarkSource:
         return str(artifact["path"]) if isinstance(artifact, dict) and artifact.get("path") else None
 
 
+def _table(t: dict) -> bool:
+    """``{"columns": [...], "rows": [[...], ...]}`` with as many cells in each row as columns."""
+    return isinstance(t.get("columns"), list) and isinstance(t.get("rows"), list) and \
+        all(isinstance(r, list) and len(r) == len(t["columns"]) for r in t["rows"])
+
+
 def load_benchmark(path: str | os.PathLike) -> BenchmarkSource:
     """A benchmark JSON file, checked against the schema (title, columns, rows of as many cells, command)."""
     path = Path(path)
@@ -154,12 +160,13 @@ def load_benchmark(path: str | os.PathLike) -> BenchmarkSource:
     for i, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != len(cols):
             raise UserError(f"{shown(path)}: row {i} does not have {len(cols)} cells (one per column); {fix}")
-    short = data.get("readme")  # optional: the few columns and rows the README shows (results.md shows all)
-    if short is not None and not (isinstance(short, dict) and isinstance(short.get("columns"), list)
-                                  and isinstance(short.get("rows"), list)
-                                  and all(isinstance(r, list) and len(r) == len(short["columns"])
-                                          for r in short["rows"])):
-        raise UserError(f"{shown(path)}: 'readme' must hold columns and rows of as many cells; {fix}")
+    # optional: the few columns and rows the README shows (results.md shows all), and small tables after them
+    short = data.get("readme")
+    if short is not None and not (isinstance(short, dict) and _table(short)
+                                  and all(isinstance(t, dict) and isinstance(t.get("title"), str) and _table(t)
+                                          for t in short.get("tables", []))):
+        raise UserError(f"{shown(path)}: 'readme' must hold columns and rows of as many cells (and its 'tables' "
+                        f"a title each); {fix}")
     return BenchmarkSource(path, data)
 
 

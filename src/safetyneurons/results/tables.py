@@ -183,16 +183,23 @@ def twin_table(twin: dict) -> list[str]:
                f"{(ev.get('judge') or {}).get('kind', 'refusal phrases')}."]
 
 
-def benchmark_table(b: BenchmarkSource, short: bool = False) -> list[str]:
-    """A benchmark's rows and its notes; ``short``: its ``readme`` subset when it has one (no notes)."""
-    d = b.data
-    if short and d.get("readme"):
-        d = {"columns": d["readme"]["columns"], "rows": d["readme"]["rows"]}
+def _benchmark_rows(d: dict) -> list[str]:
     numeric = [bool(d["rows"]) and all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool)
                                        for r in d["rows"]) for k in range(len(d["columns"]))]
-    lines = markdown_table([cell(c) for c in d["columns"]], [[cell(v) for v in r] for r in d["rows"]], numeric)
+    return markdown_table([cell(c) for c in d["columns"]], [[cell(v) for v in r] for r in d["rows"]], numeric)
+
+
+def benchmark_table(b: BenchmarkSource, short: bool = False) -> list[str]:
+    """A benchmark's rows and its notes; ``short``: its ``readme`` subset when it has one (no notes), and the
+    small tables it adds (``readme.tables``: a title line, then the table)."""
+    d = b.data
+    if short and d.get("readme"):
+        lines = _benchmark_rows(d["readme"])
+        for t in d["readme"].get("tables", []):
+            lines += ["", cell(t["title"]), ""] + _benchmark_rows(t)
+        return lines
     notes = [f"- {cell(n)}" for n in d.get("notes") or []]
-    return lines + ([""] + notes if notes else [])
+    return _benchmark_rows(d) + ([""] + notes if notes else [])
 
 
 def benchmark_source(b: BenchmarkSource) -> str:
