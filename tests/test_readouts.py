@@ -282,8 +282,7 @@ def test_readme_tables_show_the_shipped_guard_by_length_and_rephrasing():
         {"bucket": ">256", "n_benign": 0, "n_harmful": 2, "benign_flag_rate": None, "harmful_recall": 0.5}]},
         "rephrase": {"deployed guard": [{"rule": "do_can", "n": 4, "kept": 0.75}]}}
     by_length, kept = readme_tables(report)
-    assert by_length["columns"] == ["measure", "1-16", ">256"]
-    assert by_length["rows"] == [["benign flagged", "33.3%", "-"], ["harmful recall", "100.0%", "50.0%"],
-                                 ["prompts", 4, 2]]
-    assert kept["rows"] == [["kept", "75.0%"], ["rewrites", 4]]
+    assert by_length["columns"] == ["tokens", "1-16 (3 / 1)", ">256 (0 / 2)"]
+    assert by_length["rows"] == [["benign flagged", "33.3%", "-"], ["harmful recall", "100.0%", "50.0%"]]
+    assert kept["columns"] == ["rule", "do_can (4)"] and kept["rows"] == [["kept", "75.0%"]]
     assert readme_tables({"length_buckets": {}, "rephrase": {}}) == []

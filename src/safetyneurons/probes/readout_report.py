@@ -59,16 +59,15 @@ def readme_tables(report: dict, name: str = "deployed guard") -> list[dict]:
     out = []
     buckets = report.get("length_buckets", {}).get(name)
     if buckets:
-        out.append({"title": f"Held-out by content tokens ({name}):",
-                    "columns": ["measure"] + [b["bucket"] for b in buckets],
+        out.append({"title": f"Held-out by content tokens ({name}; benign / harmful prompts in each):",
+                    "columns": ["tokens"] + [f"{b['bucket']} ({b['n_benign']} / {b['n_harmful']})" for b in buckets],
                     "rows": [["benign flagged"] + [_pct(b["benign_flag_rate"]) for b in buckets],
-                             ["harmful recall"] + [_pct(b["harmful_recall"]) for b in buckets],
-                             ["prompts"] + [b["n_benign"] + b["n_harmful"] for b in buckets]]})
+                             ["harmful recall"] + [_pct(b["harmful_recall"]) for b in buckets]]})
     rows = report.get("rephrase", {}).get(name)
     if rows:
-        out.append({"title": f"Verdicts kept when held-out prompts are rewritten by rule ({name}):",
-                    "columns": ["rule"] + [r["rule"] for r in rows],
-                    "rows": [["kept"] + [_pct(r["kept"]) for r in rows], ["rewrites"] + [r["n"] for r in rows]]})
+        out.append({"title": f"Verdicts kept when held-out prompts are rewritten by rule ({name}; rewrites):",
+                    "columns": ["rule"] + [f"{r['rule']} ({r['n']})" for r in rows],
+                    "rows": [["kept"] + [_pct(r["kept"]) for r in rows]]})
     return out
 
 
