@@ -84,7 +84,7 @@ def main() -> None:
     known = {key(p) for p in pieces}
     extra = [p for p in more.pieces(texts) if key(p) not in known]
     X, owner = base.read_pieces(pieces + extra, progress=True)
-    p, m = g.probability(X), len(pieces)
+    p, m = g.probability(X, pieces + extra), len(pieces)
     scores = {"whole + windows": max_per_input(p[:m], owner[:m], len(texts)),
               "whole + windows + sentences": max_per_input(p, owner, len(texts))}
     whole_tokens = sum(len(x.ids) for x in ActivationReader(g.lm, g.spec).pieces(texts))

@@ -54,9 +54,10 @@ def _random_neuron_set(lm, deepest: int, n: int = 12, seed: int = 0):
 
 
 def build_guard(root: Path, classifier: str = "logreg", deepest: int = 1, neuron_set: bool = True,
-                pooling: str = "mean", seed: int = 0, max_length: int = 64):
+                pooling: str = "mean", seed: int = 0, max_length: int = 64, words=None):
     """Tiny llama saved to disk (so it has a real weights fingerprint), a neuron set in layers <= deepest,
-    a probe fitted on its pooled activations of 16 labelled prompts, exported as a guard.
+    a probe fitted on its pooled activations of 16 labelled prompts, exported as a guard; ``words``: True for
+    words fitted on the same prompts, or a :class:`~safetyneurons.guard.words.Words` to ship.
     Returns (guard_dir, lm, neuron_set, probe)."""
     from safetyneurons.activations.reader import pooled_features
     from safetyneurons.guard.guard import export_guard
@@ -72,12 +73,18 @@ def build_guard(root: Path, classifier: str = "logreg", deepest: int = 1, neuron
     prompts, y = UNSAFE + SAFE, np.array([1] * len(UNSAFE) + [0] * len(SAFE))
     X = pooled_features(lm, prompts, HOOK, pooling=pooling, neuron_set=ns, max_length=max_length)
     probe = Probe(classifier, cv=3, seed=0).fit(X, y)
-    out = root / f"guard-{classifier}-{deepest}-{int(neuron_set)}-{pooling}-{max_length}"
+    if words is True:
+        from safetyneurons.guard.words import Words
+
+        words = Words.fit(prompts, y, probe.decision_function(X))
+    out = root / (f"guard-{classifier}-{deepest}-{int(neuron_set)}-{pooling}-{max_length}"
+                  + ("-words" if words is not None else ""))
     export_guard(out, lm_ref=str(model_dir), lm_fingerprint=lm.fingerprint,
                  lm_tokenizer_fingerprint=lm.tokenizer_fingerprint, neuron_set=ns, probe=probe, hook_point=HOOK,
                  pooling=pooling, max_length=max_length, feature_set="safety" if neuron_set else "all",
                  metrics={"auroc": 0.75, "f1": float("nan")},
-                 data={"train": {"records_sha256": "ab" * 32}, "test": {"records_sha256": "cd" * 32}})
+                 data={"train": {"records_sha256": "ab" * 32}, "test": {"records_sha256": "cd" * 32}},
+                 words=words or None)
     return out, lm, ns, probe
 
 

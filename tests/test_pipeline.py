@@ -309,3 +309,32 @@ def test_default_pair_quick_pipeline(tmp_path, user_cache):
     assert summary["neurons"]["count"] == count_for_percent(5.0, 30 * 576)
     safety = [r for r in summary["results"] if r["feature_set"] == "safety"]
     assert safety and all(r["metrics"]["auroc"] > 0.5 for r in safety)
+
+
+def test_train_guard_words_ships_words_calibrated_as_the_guard_scores(tiny_run, capsys, tmp_path):
+    """`train --guard-words` (as `run --guard-words`): the guard reads each piece's words beside its neurons, its
+    thresholds are set on validation scored that way, and the words ship hashed inside the guard."""
+    from builders import cli_in_process
+
+    root, settings, _ = tiny_run
+    run, out = Path(settings.out), tmp_path / "words"
+    store = run / "store"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFETYNEURONS_CACHE", str(root / "cache"))
+        code, _, err = cli_in_process(
+            ["train", "--train", store / "train", "--test", store / "test", "--val", store / "val",
+             "--neurons", run / "contrast" / "neuron_set.json", "--feature-sets", "safety", "--classifiers", "logreg",
+             "--guard-max-layer", "none", "--bootstrap", "0", "--target-fpr", "0.1", "--guard-words",
+             "--out", out / "probes", "--export-guard", out / "guard"], capsys)
+        assert code == 0, err
+        meta = json.loads((out / "guard" / "guard.json").read_text())
+        assert meta["words"]["combine"].startswith("sigmoid((text_logit")
+        assert {"words.json", "words.safetensors"} <= set(meta["files"])
+        assert "words" in meta["calibration"]["scoring"]
+        g = Guard.load(out / "guard")
+    assert g.words is not None and len(g.words.text.vocabulary) > 0
+    val = [json.loads(line) for line in (store / "val" / "records.jsonl").read_text().splitlines() if line.strip()]
+    p = g.unsafe_probability([r["prompt"] for r in val])
+    y = np.array([r["label"] for r in val])
+    strict = meta["calibration"]["operating_points"]["strict"]
+    assert strict["validation"]["fpr_benign"] == pytest.approx(float((p[y == 0] >= g.threshold).mean()))

@@ -213,10 +213,12 @@ def test_a_non_finite_probability_is_flagged(planted, monkeypatch):
 
 
 # ------------------------------------------------------------------------------- one path, all routes
-@pytest.fixture(scope="module")
-def served_guard(tmp_path_factory, cache):
-    path, lm, _, _ = build_guard(tmp_path_factory.mktemp("g"), max_length=256)
-    return Guard.load(path, lm=lm)
+@pytest.fixture(scope="module", params=[False, True], ids=["neurons", "neurons+words"])
+def served_guard(tmp_path_factory, cache, request):
+    path, lm, _, _ = build_guard(tmp_path_factory.mktemp("g"), max_length=256, words=request.param)
+    g = Guard.load(path, lm=lm)
+    assert (g.words is not None) == request.param
+    return g
 
 
 def test_every_route_gives_the_same_probability_at_any_length(served_guard):

@@ -18,6 +18,7 @@ import numpy as np
 from safetyneurons.activations.features import FeatureSpec
 from safetyneurons.guard.artifact import export_run_guard
 from safetyneurons.guard.calibrate import calibrate_guard, guard_probe, guard_validation_scores
+from safetyneurons.guard.words import Words
 from safetyneurons.probes.budget import guard_neuron_set
 from safetyneurons.probes.categories import evaluate_on_store, fit_for_store
 from safetyneurons.probes.compare import compare_feature_sets, score_store
@@ -78,6 +79,7 @@ class GuardChoice:
     key: str  # its entry in the report's calibration runs
     budgeted: bool  # its own probe on a budgeted set (calibrated on val)
     calibration: dict | None = None
+    words: Words | None = None  # the guard also reads each piece's text (settings.guard_words)
 
 
 def _no_step(name: str) -> ContextManager[None]:
@@ -114,6 +116,7 @@ def train_and_guard(s: RunSettings, inputs: Inputs, probes_out: Path, guard_out:
         guard = None  # no guard when its probe was not trained (`train --feature-sets` without it)
         if any((r.feature_set, r.classifier) == (guard_feature_set, s.guard_classifier) for r in result.runs):
             guard = _guard_choice(s, result, inputs, calibration, guard_feature_set)
+            guard.words = _guard_words(s, inputs, guard) if s.guard_words else None
             guard.calibration = _guard_thresholds(s, inputs, result, guard, calibration.get(guard.key), progress)
     # held-out benchmark (whole sources never seen in training), with over-refusal side by side
     with step("heldout benchmark"):
@@ -183,6 +186,14 @@ def _guard_choice(s: RunSettings, result: CompareResult, inputs: Inputs, calibra
     return GuardChoice(guard_run, guard_set, budget, key, budgeted)
 
 
+def _guard_words(s: RunSettings, inputs: Inputs, guard: GuardChoice) -> Words:
+    """The guard's words: a TF-IDF probe on the training split's prompts, standardised with the guard probe's
+    logits on the same prompts (:class:`safetyneurons.guard.words.Words`)."""
+    train = inputs.stores["train"]
+    X = train.select(guard.neuron_set) if guard.neuron_set is not None else train.features
+    return Words.fit(train.prompts, train.labels, guard.run.probes[0].decision_function(X), seed=s.seed)
+
+
 def _guard_thresholds(s: RunSettings, inputs: Inputs, result: CompareResult, guard: GuardChoice,
                       calibration: dict | None, progress: bool) -> dict | None:
     """The guard's thresholds (operating points strict and loose), set on the validation split read as the guard
@@ -193,7 +204,7 @@ def _guard_thresholds(s: RunSettings, inputs: Inputs, result: CompareResult, gua
     result.report["guard_calibration"] = calibrate_guard(
         inputs.lm(), spec, guard.run.probes[0], inputs.records["val"],
         points={"strict": s.target_fpr, "loose": min(s.target_fpr, 0.01)}, batch_size=s.batch_size,
-        progress=progress)
+        progress=progress, words=guard.words)
     return result.report["guard_calibration"]
 
 
@@ -205,7 +216,7 @@ def _served_rows(s: RunSettings, inputs: Inputs, guard: GuardChoice, progress: b
         return {}
     spec = FeatureSpec.from_meta(inputs.stores["train"].manifest, neuron_set=guard.neuron_set)
     p = guard_validation_scores(inputs.lm(), spec, guard.run.probes[0], inputs.stores["heldout"].prompts,
-                                s.batch_size, progress)
+                                s.batch_size, progress, words=guard.words)
     return {f"guard as served ({name})": (p, float(fig["threshold"])) for name, fig in points.items()}
 
 
@@ -239,4 +250,4 @@ def _category_heads_and_guard(s: RunSettings, inputs: Inputs, result: CompareRes
         guard_run = replace(guard_run, probes=[guard_probe(guard_run.probes[0], guard.calibration)])
     export_run_guard(guard_out, guard_run, stores["train"],
                      data={n: f for n, f in inputs.files.items() if n in GUARD_DATA},
-                     category_heads=heads, calibration=guard.calibration, budget=guard.budget)
+                     category_heads=heads, calibration=guard.calibration, budget=guard.budget, words=guard.words)

@@ -33,7 +33,7 @@ SETTINGS_FILE = "settings.json"  # written first into a run directory: which set
 _NOT_IDENTITY = ("out", "preset", "patch")  # --patch adds a step to the same run
 # optional settings added later: left out of the identity while unset, so earlier runs keep theirs
 # (name -> the value that leaves it out)
-_IDENTITY_IF_SET = {"max_layer": None, "guard_max_layer": AUTO}
+_IDENTITY_IF_SET = {"max_layer": None, "guard_max_layer": AUTO, "guard_words": False}
 
 
 def identity_of(settings: dict) -> dict:
@@ -62,6 +62,8 @@ class RunSettings:
     guard_classifier: str = "logreg"
     # the guard's layer budget (safetyneurons.probes.budget): auto = chosen on the validation split; None: no budget
     guard_max_layer: str | int | None = AUTO
+    # the guard also reads each piece's text: a TF-IDF logit summed with the probe's (safetyneurons.guard.words)
+    guard_words: bool = False
     quick: bool = False
     quick_train: int = 300  # --quick: prompts per split (stratified subsample)
     quick_test: int = 150

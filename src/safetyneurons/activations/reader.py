@@ -207,6 +207,11 @@ class ActivationReader:
                 out.append(Piece(owner, pre + enc.ids[a + s:a + e] + post, len(pre), len(pre) + e - s))
         return out
 
+    def piece_texts(self, pieces: Sequence[Piece]) -> list[str]:
+        """The text of each piece's content tokens, as the model reads it (decoded; a guard with words reads it)."""
+        tok = self.lm.tokenizer
+        return [tok.decode(list(p.ids[p.start:p.end])) for p in pieces]
+
     def cost(self, inputs: Sequence[Any]) -> list[int]:
         """Tokens the forward passes read for each input (over all its pieces); tokenisation only."""
         out = [0] * len(inputs)

@@ -26,6 +26,7 @@ from safetyneurons.probes.probe import Probe
 
 if TYPE_CHECKING:
     from safetyneurons.activations.store import Store
+    from safetyneurons.guard.words import Words
     from safetyneurons.probes.compare import ProbeRun
 
 GUARD_FORMAT = "safetyneurons.guard/2"  # 2: mean pooling over the content tokens only
@@ -57,7 +58,8 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
                  probe: Probe, hook_point: str, pooling: str, max_length: int | None, feature_set: str,
                  metrics: dict, data: dict, category_heads: CategoryHeads | None = None,
                  calibration: dict | None = None,
-                 lm_tokenizer_fingerprint: str = "", layer_budget: dict | None = None) -> Path:
+                 lm_tokenizer_fingerprint: str = "", layer_budget: dict | None = None,
+                 words: Words | None = None) -> Path:
     """Write a guard directory (atomically: a failed export leaves no directory behind).
 
     ``neuron_set`` None means the probe reads every neuron at the hook point (layer-major), as for the
@@ -68,6 +70,8 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
     ``calibration`` (how the threshold was set, with its validation figures, and how it read them:
     ``reading``, by default :data:`~safetyneurons.activations.reader.GUARD_READING`) goes into guard.json, and so
     does ``layer_budget`` (how the guard's deepest layer was chosen, :mod:`safetyneurons.probes.budget`) when given.
+    ``words`` (:class:`safetyneurons.guard.words.Words`): the guard also reads each piece's text; its TF-IDF probe
+    is saved beside the probe and guard.json's ``words`` says how the logits combine.
     """
     out = check_out_dir(out_dir)
     max_length = check_max_length(max_length)
@@ -97,6 +101,8 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
                 raise UserError(f"The category heads read {category_heads.n_features} features but the probe reads "
                                 f"{probe.n_features}; train them on the same features.")
             category_heads.save(tmp)  # categories.json + categories.safetensors
+        if words is not None:
+            words.save(tmp)  # words.json + words.safetensors
         files = guard_files(tmp)
         meta = {
             "format": GUARD_FORMAT,
@@ -120,6 +126,8 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
         }
         if layer_budget is not None:
             meta["layer_budget"] = json_safe(layer_budget)
+        if words is not None:
+            meta["words"] = json_safe(words.describe())
         meta["integrity"] = {"algorithm": "sha256", "content_sha256": content_sha256(meta),
                              "covers": "canonical JSON (sorted keys, no whitespace) of guard.json without "
                                        "this field"}
@@ -129,7 +137,7 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
 
 def export_run_guard(out_dir: str | os.PathLike, run: ProbeRun, train_store: Store, *, data: dict,
                      category_heads: CategoryHeads | None = None, calibration: dict | None = None,
-                     budget: dict | None = None) -> Path:
+                     budget: dict | None = None, words: Words | None = None) -> Path:
     """Export the guard of a trained probe run (a :class:`safetyneurons.probes.compare.ProbeRun` of the safety, all or
     PCA feature set: its first probe) whose features were read from ``train_store``: model, hook point, pooling
     and max length come from the store's :class:`~safetyneurons.activations.features.FeatureSpec`, the metrics from the run;
@@ -139,7 +147,8 @@ def export_run_guard(out_dir: str | os.PathLike, run: ProbeRun, train_store: Sto
                         neuron_set=run.neuron_sets[0], probe=run.probes[0], hook_point=spec.hook_point,
                         pooling=spec.pooling, max_length=spec.max_length, feature_set=run.feature_set,
                         metrics=run.metrics, data=data, category_heads=category_heads, calibration=calibration,
-                        lm_tokenizer_fingerprint=spec.model.get("tokenizer_sha256") or "", layer_budget=budget)
+                        lm_tokenizer_fingerprint=spec.model.get("tokenizer_sha256") or "", layer_budget=budget,
+                        words=words)
 
 
 def _model_entry(ref: str, fingerprint: str, tokenizer_fingerprint: str) -> dict:

@@ -25,7 +25,10 @@ from safetyneurons.data.datasets import REGISTRY
 from safetyneurons.data.validation import calibration_figures, threshold_for_fpr
 from safetyneurons.errors import UserError
 
+from safetyneurons.guard.words import piece_probability
+
 if TYPE_CHECKING:
+    from safetyneurons.guard.words import Words
     from safetyneurons.model.pair import LoadedModel
     from safetyneurons.probes.probe import Probe
 
@@ -51,18 +54,21 @@ def check_operating_point(asked: str | None, served: str = DEFAULT_POINT, thresh
 
 def guard_validation_scores(lm: LoadedModel, spec: FeatureSpec, probe: Probe, prompts: Sequence[str],
                             batch_size: int = 16, progress: bool = False,
-                            reading: Mapping | None = None) -> np.ndarray:
-    """Unsafe probability of each validation prompt as the guard scores it (its most unsafe piece), read as
-    ``reading`` says (default :data:`~safetyneurons.activations.reader.GUARD_READING`, how guards read)."""
+                            reading: Mapping | None = None, words: Words | None = None) -> np.ndarray:
+    """Unsafe probability of each validation prompt as the guard scores it (its most unsafe piece, with
+    ``words`` its text too), read as ``reading`` says (default
+    :data:`~safetyneurons.activations.reader.GUARD_READING`, how guards read)."""
     reader = ActivationReader(lm, spec, batch_size=batch_size,
                               **reading_options(GUARD_READING if reading is None else reading))
-    X, owner = reader.read(list(prompts), progress=progress)
-    return max_per_input(probe.unsafe_probability(X), owner, len(prompts))
+    pieces = reader.pieces(list(prompts))
+    X, owner = reader.read_pieces(pieces, progress=progress)
+    texts = reader.piece_texts(pieces) if words is not None else None
+    return max_per_input(piece_probability(probe, words, X, texts), owner, len(prompts))
 
 
 def calibrate_guard(lm: LoadedModel, spec: FeatureSpec, probe: Probe, val_records: Sequence[dict],
                     points: Mapping[str, float] = OPERATING_POINTS, batch_size: int = 16,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, words: Words | None = None) -> dict:
     """Thresholds of every operating point on the validation records, read as the guard reads them.
 
     Returns ``{"scoring", "default": DEFAULT_POINT, "operating_points": {point: calibration figures}}`` for
@@ -71,13 +77,15 @@ def calibrate_guard(lm: LoadedModel, spec: FeatureSpec, probe: Probe, val_record
         raise UserError(f"The operating points must include {DEFAULT_POINT!r}.")
     y = np.asarray([int(r["label"]) for r in val_records], dtype=np.int64)
     sources = [str(r.get("source", "")) for r in val_records]
-    proba = guard_validation_scores(lm, spec, probe, [r["prompt"] for r in val_records], batch_size, progress)
+    proba = guard_validation_scores(lm, spec, probe, [r["prompt"] for r in val_records], batch_size, progress,
+                                    words=words)
     hard = sorted({s for s in sources if s in REGISTRY and REGISTRY[s].hard_negative})
     figures = {}
     for name, fpr in points.items():
         t = threshold_for_fpr(y, proba, fpr)
         figures[name] = calibration_figures(y, proba, sources, t, fpr, hard)
-    return {"scoring": "the guard's own: each prompt's most unsafe piece (whole, 32-token windows, sentences)",
+    scoring = "the guard's own: each prompt's most unsafe piece (whole, 32-token windows, sentences)"
+    return {"scoring": scoring + ("; each piece by its neurons and its words" if words is not None else ""),
             "reading": dict(GUARD_READING), "default": DEFAULT_POINT, "operating_points": figures}
 
 

@@ -276,7 +276,7 @@ class GuardedChat:
         """The guard's verdict on the pieces in one go: (probability of the most unsafe piece, milliseconds)."""
         t0 = time.perf_counter()
         X, owner = self.guard.reader.read_pieces(pieces)  # pieces already made: nothing is tokenised again
-        p = float(max_per_input(self.guard.probability(X), owner, 1)[0])
+        p = float(max_per_input(self.guard.probability(X, pieces), owner, 1)[0])
         return p, (time.perf_counter() - t0) * 1000.0
 
     def refused(self, enc: Encoded, p: float, guard_ms: float) -> Prefill:
@@ -351,7 +351,7 @@ class GuardedChat:
             pooled[layer] = rows.float().sum(1) / rows.shape[1]
             if layer == deepest:
                 x = torch.cat([pooled[i].to(t.device) for i in plan.layers], -1)
-                verdict["p"] = float(g.probability(x.cpu().numpy())[0])
+                verdict["p"] = float(g.probability(x.cpu().numpy(), [piece])[0])
             verdict["s"] += time.perf_counter() - t0
             if layer == deepest and self.mode == "block" and _flags(verdict["p"], g.threshold):
                 raise EarlyExit  # stop the prefill here: later layers and the LM head never run

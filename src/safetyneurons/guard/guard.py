@@ -11,6 +11,8 @@ A guard is a directory that anyone can load without running foreign code (no pic
     probe.safetensors     the probe's arrays (scaler, SVM support vectors / LR weights, ...)
     categories.json       optional category heads on the same neurons (:mod:`safetyneurons.probes.categories`)
     categories.safetensors
+    words.json            optional words: a TF-IDF probe on each piece's text, its logit summed with the probe's
+    words.safetensors     (:mod:`safetyneurons.guard.words`; guard.json's ``words``)
 
 Loading (:meth:`Guard.load`) refuses, with a :class:`~safetyneurons.errors.UserError`, a guard whose
 guard.json was edited (integrity hash), whose other files changed, went missing or were added (file
@@ -26,7 +28,8 @@ each piece with the chat template; its score is its most unsafe piece, and a sco
 flags. Nothing is silently cut off.
 
 Scoring runs the decoder only up to the deepest layer holding a safety neuron (early exit: later layers and the
-LM head never run), pools the safety neurons' activations and applies the probe. The thresholds are the guard's
+LM head never run), pools the safety neurons' activations and applies the probe (with words, also to each piece's
+text). The thresholds are the guard's
 operating points (:mod:`safetyneurons.guard.calibrate`): ``strict`` (the default) and ``loose``, set on the
 validation split read as the guard reads it; a guard exported without a validation split has its probe's threshold
 (the rule guard.json records). A caller may pick a stricter point, never a looser one.
@@ -56,7 +59,8 @@ from safetyneurons.model.hooks import hook_width, num_layers
 from safetyneurons.neurons.selection import NeuronSet, check_neuron_set_matches
 from safetyneurons.model.pair import LoadedModel, load_model
 from safetyneurons.probes.probe import Probe
-from safetyneurons.activations.reader import ActivationReader, max_per_input, reading_options
+from safetyneurons.activations.reader import ActivationReader, Piece, max_per_input, reading_options
+from safetyneurons.guard.words import Words, piece_probability
 
 
 __all__ = ["GUARD_FILE", "GUARD_FORMAT", "Guard", "GuardResult", "content_sha256", "export_guard",
@@ -85,9 +89,11 @@ class Guard:
     """A loaded guard: a model (run up to the deepest safety neuron) plus a probe on the safety neurons."""
 
     def __init__(self, path: Path, meta: dict, lm: LoadedModel, probe: Probe, neuron_set: NeuronSet | None,
-                 threshold: float, batch_size: int = 16, category_heads: CategoryHeads | None = None):
+                 threshold: float, batch_size: int = 16, category_heads: CategoryHeads | None = None,
+                 words: Words | None = None):
         self.path = Path(path)
         self.category_heads = category_heads
+        self.words = words
         self.meta = meta
         self.lm = lm
         self.probe = probe
@@ -201,6 +207,8 @@ class Guard:
                 raise UserError(f"{path}: the category heads do not match guard.json (features or names). "
                                 f"Re-export the guard.")
 
+        words = Words.load(path, meta["words"]) if meta.get("words") is not None else None  # files checked above
+
         want_tok = meta["model"].get("tokenizer_sha256") or ""
         if lm is None:
             # the weights and tokenizer hashes are checked on the local files before the model is loaded
@@ -215,7 +223,8 @@ class Guard:
             raise UserError(f"Shape mismatch: the guard reads every neuron at {meta['hook_point']} "
                             f"({n_features} features) but the model has {n_layers} x {width} = {n_layers * width}. "
                             f"Use the guard's own model.")
-        g = cls(path, meta, lm, probe, ns, default_threshold, batch_size=batch_size, category_heads=heads)
+        g = cls(path, meta, lm, probe, ns, default_threshold, batch_size=batch_size, category_heads=heads,
+                words=words)
         if operating_point is not None:
             g.operating_point = check_operating_point(operating_point, operating_point, g.thresholds)
             g.threshold = g.thresholds[g.operating_point]
@@ -240,12 +249,17 @@ class Guard:
         inputs = _check_inputs(inputs)
         if not inputs:
             return np.zeros(0, dtype=np.float64)
-        X, owner = self.reader.read(inputs, progress)
-        return max_per_input(self.probability(X), owner, len(inputs))
+        pieces = self.reader.pieces(inputs)
+        X, owner = self.reader.read_pieces(pieces, progress)
+        return max_per_input(self.probability(X, pieces), owner, len(inputs))
 
-    def probability(self, features: np.ndarray) -> np.ndarray:
-        """The probe's unsafe probability for pooled features ``[n, d]`` (as from :meth:`features`), float64 ``[n]``."""
-        return np.asarray(self.probe.unsafe_probability(features), dtype=np.float64)
+    def probability(self, features: np.ndarray, pieces: Sequence[Piece] | None = None) -> np.ndarray:
+        """Unsafe probability of pieces from their pooled features ``[n, d]`` (as :meth:`ActivationReader.read_pieces
+        <safetyneurons.activations.reader.ActivationReader.read_pieces>` gives them), float64 ``[n]``: the probe's,
+        or with words (:mod:`safetyneurons.guard.words`) the sum with the TF-IDF logit of each piece's text, for
+        which ``pieces`` (the reader's, in the same order) are needed."""
+        texts = self.reader.piece_texts(pieces) if self.words is not None and pieces is not None else None
+        return piece_probability(self.probe, self.words, features, texts)
 
     def score(self, inputs: Sequence[Any] | str, threshold: float | None = None,
               progress: bool = False, operating_point: str | None = None) -> list[GuardResult]:
@@ -260,8 +274,9 @@ class Guard:
         inputs = _check_inputs(inputs)
         if not inputs:
             return []
-        X, owner = self.reader.read(inputs, progress)
-        p_piece = self.probability(X)
+        pieces = self.reader.pieces(inputs)
+        X, owner = self.reader.read_pieces(pieces, progress)
+        p_piece = self.probability(X, pieces)
         return [self.result(float(p_piece[b]), X[b], t) for b in _best_piece(p_piece, owner, len(inputs))]
 
     def result(self, p: float, x: np.ndarray, threshold: float | None = None) -> GuardResult:

@@ -400,8 +400,9 @@ class TextProbe(_Thresholded):
         return len(self.vocabulary)
 
     @classmethod
-    def load(cls, path_dir: str | os.PathLike) -> "TextProbe":
-        obj, arrays = _load(path_dir, kind="text")
+    def load(cls, path_dir: str | os.PathLike, stem: str = "probe") -> "TextProbe":
+        """A saved text probe (``<stem>.json`` / ``<stem>.safetensors`` in ``path_dir``)."""
+        obj, arrays = _load(path_dir, kind="text", stem=stem)
         p = cls(C=obj["C"], seed=obj["seed"], cv=obj["cv"], meta=obj.get("meta", {}))
         p.vocabulary, p.arrays = list(obj["vocabulary"]), arrays
         p.platt = tuple(float(v) for v in obj["platt"])
@@ -413,39 +414,48 @@ class TextProbe(_Thresholded):
         return self.classifier
 
 
-def _save(path_dir, obj: dict, arrays: dict[str, np.ndarray]) -> Path:
+def write_probe_files(directory: Path, obj: dict, arrays: dict[str, np.ndarray], stem: str = "probe") -> None:
+    """``<stem>.json`` + ``<stem>.safetensors`` of a probe into an existing directory (:func:`_save` makes one
+    atomically; a guard export writes its words' probe into its own temporary directory)."""
     from safetensors.numpy import save
 
     if not arrays:
         raise UserError("Cannot save a probe that is not fitted.")
+    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                metadata={"safetyneurons": json.dumps({"format": PROBE_FORMAT}, sort_keys=True)})
+    (Path(directory) / f"{stem}.safetensors").write_bytes(data)
+    atomic_write_json(Path(directory) / f"{stem}.json", {**obj, "arrays_sha256": sha256_bytes(data)})
+
+
+def _save(path_dir, obj: dict, arrays: dict[str, np.ndarray]) -> Path:
+    if not arrays:
+        raise UserError("Cannot save a probe that is not fitted.")
     with atomic_dir(path_dir) as tmp:
-        data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
-                    metadata={"safetyneurons": json.dumps({"format": PROBE_FORMAT}, sort_keys=True)})
-        (tmp / "probe.safetensors").write_bytes(data)
-        atomic_write_json(tmp / "probe.json", {**obj, "arrays_sha256": sha256_bytes(data)})
+        write_probe_files(tmp, obj, arrays)
     return Path(path_dir)
 
 
-def _load(path_dir, kind: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    """A saved probe's settings and arrays (checksum verified); ``kind`` (features / text) must match if given."""
+def _load(path_dir, kind: str | None = None, stem: str = "probe") -> tuple[dict, dict[str, np.ndarray]]:
+    """A saved probe's settings and arrays (checksum verified) from ``<stem>.json`` / ``<stem>.safetensors``;
+    ``kind`` (features / text) must match if given."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
     path = Path(path_dir)
-    if not (path / "probe.json").is_file():
-        raise UserError(f"{path} is not a saved probe (no probe.json). Train one with `safetyneurons train`.")
-    obj = read_json(path / "probe.json")
+    if not (path / f"{stem}.json").is_file():
+        raise UserError(f"{path} is not a saved probe (no {stem}.json). Train one with `safetyneurons train`.")
+    obj = read_json(path / f"{stem}.json")
     if isinstance(obj, dict) and obj.get("format") == "safetyneurons.probe/1":
-        raise UserError(f"{path}/probe.json: a probe of format 1, trained on features that also pooled chat-template "
+        raise UserError(f"{path}/{stem}.json: a probe of format 1, trained on features that also pooled chat-template "
                         f"tokens; this version pools the user's message only. Retrain it (`safetyneurons train`).")
     if not isinstance(obj, dict) or obj.get("format") != PROBE_FORMAT:
-        raise UserError(f"{path}/probe.json: not a safetyneurons probe (expected format {PROBE_FORMAT}).")
+        raise UserError(f"{path}/{stem}.json: not a safetyneurons probe (expected format {PROBE_FORMAT}).")
     if kind is not None and obj.get("kind") != kind:
         what = "a text probe" if obj.get("kind") == "text" else "an activation probe"
         raise UserError(f"{path_dir} holds {what}; load it with safetyneurons.probes.probe.load_probe.")
-    spath = path / "probe.safetensors"
+    spath = path / f"{stem}.safetensors"
     if not spath.is_file():
-        raise UserError(f"{path}: probe.safetensors is missing; retrain the probe.")
+        raise UserError(f"{path}: {stem}.safetensors is missing; retrain the probe.")
     data = spath.read_bytes()
     if obj.get("arrays_sha256") and sha256_bytes(data) != obj["arrays_sha256"]:
         raise UserError(f"{spath}: checksum mismatch (corrupted file). Retrain or restore the probe.")

@@ -146,9 +146,7 @@ class ReadoutCache:
         """The content of every piece the guard reads of ``texts`` (the rows of :attr:`TextSet.windows`, in their
         order), decoded from its tokens, and the text each belongs to: what a text-only scorer reads as served."""
         served = self.served.pieces(list(texts))
-        tok = self.lm.tokenizer
-        return ([tok.decode(p.ids[p.start:p.end], skip_special_tokens=False) for p in served],
-                np.asarray([p.owner for p in served], dtype=np.int64))
+        return self.served.piece_texts(served), np.asarray([p.owner for p in served], dtype=np.int64)
 
     def _windows(self, name: str, texts: Sequence[str], single: TextSet) -> tuple[np.ndarray, np.ndarray]:
         """Pieces the guard reads, as it reads them: whole-message pieces from ``single``, windows and sentence

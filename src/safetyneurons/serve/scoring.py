@@ -131,8 +131,9 @@ class PieceReader:
         """The most unsafe piece of a slice: (probability, its pooled features); a NaN counts as most unsafe."""
         import numpy as np
 
-        feats, _ = self.guard.reader.read_pieces(list(pieces))
-        p = self.guard.probability(feats)
+        pieces = list(pieces)
+        feats, _ = self.guard.reader.read_pieces(pieces)
+        p = self.guard.probability(feats, pieces)
         k = int(np.argmax(np.where(np.isnan(p), np.inf, p)))
         return float(p[k]), feats[k]
 

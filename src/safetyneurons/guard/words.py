@@ -1,0 +1,98 @@
+"""Words beside the neurons: a guard that also reads the text of every piece it scores.
+
+A guard exported with words (guard.json ``words``) scores each piece it reads (the whole message, its windows, its
+sentences; :mod:`safetyneurons.activations.reader`) by the sum of two standardised logits::
+
+    p = sigmoid((text_logit - text_mean) / text_std + (neuron_logit - neuron_mean) / neuron_std)
+
+``text_logit``: a TF-IDF probe (:class:`~safetyneurons.probes.probe.TextProbe`) on the piece's text, decoded from
+the tokens the model reads; ``neuron_logit``: the guard's probe on the piece's safety-neuron activations. Both are
+standardised on the training split, so neither dominates by scale. The sum is the ``safety+text`` variant of the
+readout comparison (:mod:`safetyneurons.probes.readouts`); the rule that says when a guard should have words is in
+docs/guard_quality.md. The TF-IDF probe lives in ``words.json`` / ``words.safetensors``, hashed in guard.json
+like every other file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from safetyneurons.errors import UserError
+from safetyneurons.probes.probe import TextProbe, write_probe_files
+
+STEM = "words"  # words.json / words.safetensors in the guard directory
+COMBINE = "sigmoid((text_logit - text_mean) / text_std + (neuron_logit - neuron_mean) / neuron_std)"
+_KEYS = ("text_mean", "text_std", "neuron_mean", "neuron_std")
+
+
+@dataclass
+class Words:
+    """The TF-IDF probe and the training split's mean and standard deviation of both logits."""
+
+    text: TextProbe
+    text_mean: float
+    text_std: float
+    neuron_mean: float
+    neuron_std: float
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], y: Any, neuron_logit: Any, seed: int = 0) -> "Words":
+        """The TF-IDF probe trained on the training ``texts`` (labels ``y``), standardised with its logits on them
+        and the guard probe's logits ``neuron_logit`` on the same texts."""
+        texts = list(texts)
+        neuron_logit = np.asarray(neuron_logit, dtype=np.float64)
+        if len(neuron_logit) != len(texts):
+            raise UserError(f"Words need one neuron logit per training text: {len(neuron_logit)} for {len(texts)}.")
+        text = TextProbe(seed=seed, cv=0).fit(texts, y)
+        d = text.decision_function(texts)
+        return cls(text, float(d.mean()), float(d.std()) or 1.0, float(neuron_logit.mean()),
+                   float(neuron_logit.std()) or 1.0)
+
+    def probability(self, neuron_logit: Any, texts: Sequence[str]) -> np.ndarray:
+        """Unsafe probability of pieces from their neuron logits and texts, float64 ``[n]`` (NaN stays NaN)."""
+        neuron_logit = np.asarray(neuron_logit, dtype=np.float64).reshape(-1)
+        if len(texts) != len(neuron_logit):
+            raise UserError(f"Words need the text of every piece: {len(texts)} texts for {len(neuron_logit)} pieces.")
+        z = (self.text.decision_function(list(texts)) - self.text_mean) / self.text_std \
+            + (neuron_logit - self.neuron_mean) / self.neuron_std
+        with np.errstate(over="ignore", invalid="ignore"):
+            return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
+
+    def describe(self) -> dict:
+        """guard.json's ``words``: how the two logits combine and the standardisation."""
+        return {"combine": COMBINE, "files": [f"{STEM}.json", f"{STEM}.safetensors"],
+                "text_probe": self.text.classifier, "vocabulary": len(self.text.vocabulary),
+                **{k: float(getattr(self, k)) for k in _KEYS}}
+
+    def save(self, directory: str | Path) -> None:
+        write_probe_files(Path(directory), self.text.to_json(), self.text.arrays, stem=STEM)
+
+    @classmethod
+    def load(cls, directory: str | Path, meta: Any) -> "Words":
+        """The words of a guard directory, as its guard.json's ``words`` (``meta``) describes them."""
+        where = Path(directory)
+        if not isinstance(meta, dict) or meta.get("combine") != COMBINE:
+            raise UserError(f"{where}: guard.json's 'words' is not one this version reads; re-export the guard.")
+        try:
+            values = {k: float(meta[k]) for k in _KEYS}
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{where}: guard.json's 'words' lacks {', '.join(_KEYS)}; re-export the guard.") from None
+        if not all(math.isfinite(v) for v in values.values()) or values["text_std"] <= 0 or values["neuron_std"] <= 0:
+            raise UserError(f"{where}: guard.json's 'words' holds a standardisation that is not finite and positive; "
+                            f"re-export the guard.")
+        return cls(TextProbe.load(where, stem=STEM), **values)
+
+
+def piece_probability(probe: Any, words: Words | None, features: Any, texts: Sequence[str] | None) -> np.ndarray:
+    """Unsafe probability of pieces, float64 ``[n]``: ``probe`` on their features, or with ``words`` the sum with
+    the TF-IDF logit of their ``texts`` (then required). Every path that scores a guard's pieces goes through here."""
+    if words is None:
+        return np.asarray(probe.unsafe_probability(features), dtype=np.float64)
+    if texts is None:
+        raise UserError("This guard reads the words of every piece too; give the pieces with their features.")
+    return words.probability(probe.decision_function(features), texts)

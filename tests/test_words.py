@@ -1,0 +1,116 @@
+"""A guard with words: every piece it reads is scored by its safety neurons and its text (TF-IDF), the two logits
+standardised and summed; the words are read from every piece, ship hashed inside the guard and fail closed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from builders import SAFE, UNSAFE, build_guard
+from safetyneurons._io import sha256_json
+from safetyneurons.errors import UserError
+from safetyneurons.guard.chat import GuardedChat, normalize_messages
+from safetyneurons.guard.guard import Guard
+from safetyneurons.guard.words import Words
+
+PADDING = ("The garden is green in spring. We water the tomatoes every morning. The herbs grow on the balcony. "
+           "Birds sing in the old apple tree. ") * 6
+TRIGGER = "Tell me everything about the zebra crossing near the school."
+
+
+@pytest.fixture(scope="module")
+def words_guard(tmp_path_factory, cache):
+    path, lm, _, _ = build_guard(tmp_path_factory.mktemp("words"), max_length=256, words=True)
+    return Guard.load(path, lm=lm)
+
+
+def test_each_piece_is_scored_by_its_neurons_and_its_decoded_text(words_guard):
+    g = words_guard
+    texts = [UNSAFE[0], SAFE[0], PADDING + UNSAFE[1]]
+    got = g.unsafe_probability(texts)
+    for k, text in enumerate(texts):
+        pieces = g.reader.pieces([text])
+        X, _ = g.reader.read_pieces(pieces)
+        words = [g.lm.tokenizer.decode(p.ids[p.start:p.end]) for p in pieces]
+        z = (g.words.text.decision_function(words) - g.words.text_mean) / g.words.text_std \
+            + (g.probe.decision_function(X) - g.words.neuron_mean) / g.words.neuron_std
+        assert got[k] == pytest.approx(float((1 / (1 + np.exp(-z))).max()), abs=1e-9)
+    assert len(g.reader.pieces([texts[2]])) > 3  # the padded one: windows and sentences, each read alone
+    assert [r.unsafe_probability for r in g.score(texts)] == pytest.approx(got.tolist(), abs=1e-12)
+
+
+def test_planted_words_decide_where_the_neurons_do_not(tmp_path, cache):
+    """Words trained to call one phrase unsafe, with the neurons' part scaled away: the guard flags that phrase,
+    alone and as one sentence inside long benign text, and nothing else; without the words it flags neither."""
+    from safetyneurons.probes.probe import TextProbe
+
+    texts = [TRIGGER, "Where is the zebra crossing near the school?", "Zebra crossing by the school, please."] \
+        + SAFE + [PADDING]
+    y = np.array([1, 1, 1] + [0] * (len(SAFE) + 1))
+    text = TextProbe(seed=0, cv=0).fit(texts, y)
+    d = text.decision_function(texts)
+    words = Words(text, float(d.mean()), float(d.std()), neuron_mean=0.0, neuron_std=1e12)
+    path, lm, _, _ = build_guard(tmp_path, max_length=256, words=words)
+    g = Guard.load(path, lm=lm, threshold=0.5)
+    plain = Guard.load(build_guard(tmp_path, max_length=256)[0], lm=lm, threshold=0.5)
+    probe_texts = [TRIGGER, PADDING + TRIGGER + " " + PADDING, SAFE[1], PADDING, "How tall do sunflowers grow?"]
+    assert [r.flagged for r in g.score(probe_texts)] == [True, True, False, False, False]
+    assert plain.score([TRIGGER])[0].unsafe_probability != pytest.approx(g.score([TRIGGER])[0].unsafe_probability)
+    chat = GuardedChat(g, mode="block", context_length=8192)
+    assert chat.prefill(normalize_messages([{"role": "user", "content": PADDING + TRIGGER}])).blocked
+    assert not chat.prefill(normalize_messages([{"role": "user", "content": PADDING}])).blocked
+
+
+def test_features_without_their_pieces_are_refused(words_guard):
+    g = words_guard
+    X, _ = g.reader.read([SAFE[0]])
+    with pytest.raises(UserError, match="words of every piece"):
+        g.probability(X)
+
+
+def _resign(path, meta):
+    meta["integrity"]["content_sha256"] = sha256_json({k: v for k, v in meta.items() if k != "integrity"})
+    (path / "guard.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", ["edit words.safetensors", "delete words.json", "unknown combine",
+                                    "zero spread"])
+def test_damaged_words_fail_closed(words_guard, tmp_path, damage):
+    import shutil
+
+    path = tmp_path / "g"
+    shutil.copytree(words_guard.path, path)
+    meta = json.loads((path / "guard.json").read_text())
+    assert meta["words"]["files"] == ["words.json", "words.safetensors"]
+    assert {"words.json", "words.safetensors"} <= set(meta["files"])
+    if damage == "edit words.safetensors":
+        data = bytearray((path / "words.safetensors").read_bytes())
+        data[-1] ^= 1
+        (path / "words.safetensors").write_bytes(bytes(data))
+    elif damage == "delete words.json":
+        (path / "words.json").unlink()
+    elif damage == "unknown combine":
+        meta["words"]["combine"] = "max(text_logit, neuron_logit)"
+        _resign(path, meta)
+    else:
+        meta["words"]["neuron_std"] = 0.0
+        _resign(path, meta)
+    with pytest.raises(UserError):
+        Guard.load(path, lm=words_guard.lm)
+
+
+def test_words_fit_standardises_both_logits_on_training():
+    texts = UNSAFE + SAFE
+    y = np.array([1] * len(UNSAFE) + [0] * len(SAFE))
+    logit = np.linspace(-3.0, 5.0, len(texts))
+    w = Words.fit(texts, y, logit)
+    assert w.neuron_mean == pytest.approx(logit.mean()) and w.neuron_std == pytest.approx(logit.std())
+    d = w.text.decision_function(texts)
+    assert w.text_mean == pytest.approx(d.mean()) and w.text_std == pytest.approx(d.std())
+    p = w.probability(logit, texts)
+    assert p.shape == (len(texts),) and np.all((p > 0) & (p < 1))
+    assert p[:len(UNSAFE)].mean() > p[len(UNSAFE):].mean()
+    with pytest.raises(UserError, match="one neuron logit per training text"):
+        Words.fit(texts, y, logit[:-1])
