@@ -286,3 +286,24 @@ def test_readme_tables_show_the_shipped_guard_by_length_and_rephrasing():
     assert by_length["rows"] == [["benign flagged", "33.3%", "-"], ["harmful recall", "100.0%", "50.0%"]]
     assert kept["columns"] == ["rule", "do_can (4)"] and kept["rows"] == [["kept", "75.0%"]]
     assert readme_tables({"length_buckets": {}, "rephrase": {}}) == []
+
+
+def test_deployed_guard_row_scores_as_a_guard_with_words_serves(tmp_path, cache):
+    """The comparison's "deployed guard" row of a guard with words reads each piece's neurons and words, as
+    Guard.unsafe_probability does."""
+    from builders import build_guard
+    from safetyneurons.guard.guard import Guard
+    from safetyneurons.probes.readout_cache import ReadoutCache, columns, layer_block
+    from safetyneurons.probes.readout_probes import Variant
+    from safetyneurons.probes.readouts import _deployed_with_words
+
+    path, lm, ns, _ = build_guard(tmp_path, max_length=64, words=True)
+    g = Guard.load(path, lm=lm)
+    block = layer_block(ns)
+    cache = ReadoutCache(lm, block, columns(block, ns), tmp_path / "cache", g.max_length, batch_size=8,
+                         progress=False, reading=g.meta.get("reading"))
+    texts = [HARMFUL, _benign(np.random.default_rng(5), 12) + " " + HARMFUL, PAD_SENTENCES[0]]
+    ts = cache.read("t", texts, windows=True)
+    sc = _deployed_with_words(Variant("deployed guard", "safety", "mean_windows", columns(block, ns), g.probe),
+                              g.words, cache.piece_texts)
+    np.testing.assert_allclose(sc.fn(texts, ts), g.unsafe_probability(texts), atol=1e-4)
