@@ -74,7 +74,7 @@ def test_the_model_name_shows_no_local_path(served, guard):
 def nan_guard(guard):
     """The guard with a probe that gives NaN for everything (a broken probe, or a poisoned input)."""
     g = copy.copy(guard)
-    g.probability = lambda X: np.full(len(X), np.nan)
+    g.probability = lambda X, pieces=None: np.full(len(X), np.nan)
     return g
 
 
