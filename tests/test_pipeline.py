@@ -327,6 +327,11 @@ def test_train_guard_words_ships_words_calibrated_as_the_guard_scores(tiny_run, 
              "--guard-max-layer", "none", "--bootstrap", "0", "--target-fpr", "0.1", "--guard-words",
              "--out", out / "probes", "--export-guard", out / "guard"], capsys)
         assert code == 0, err
+        code, got, err = cli_in_process(
+            ["train", "--train", store / "train", "--test", store / "test", "--neurons",
+             run / "contrast" / "neuron_set.json", "--feature-sets", "safety", "--guard-words",
+             "--out", out / "no-val", "--export-guard", out / "no-val-guard"], capsys)
+        assert code == 2 and "--guard-words needs --val" in err and not got and not (out / "no-val-guard").exists()
         meta = json.loads((out / "guard" / "guard.json").read_text())
         assert meta["words"]["combine"].startswith("sigmoid((text_logit")
         assert {"words.json", "words.safetensors"} <= set(meta["files"])

@@ -75,15 +75,22 @@ def _resign(path, meta):
     (path / "guard.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("damage", ["edit words.safetensors", "delete words.json", "unknown combine",
-                                    "zero spread"])
+DAMAGE = ["edit words.safetensors", "delete words.json", "unknown combine", "zero spread", "spread as text",
+          "words entry removed", "vocabulary cut", "format 2 with words"]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
 def test_damaged_words_fail_closed(words_guard, tmp_path, damage):
+    """Each damage is refused with a UserError, also when whoever damaged it recomputed every hash."""
     import shutil
+
+    from safetyneurons._io import sha256_file
+    from safetyneurons.guard.artifact import GUARD_FORMAT, GUARD_FORMAT_WORDS
 
     path = tmp_path / "g"
     shutil.copytree(words_guard.path, path)
     meta = json.loads((path / "guard.json").read_text())
-    assert meta["words"]["files"] == ["words.json", "words.safetensors"]
+    assert meta["format"] == GUARD_FORMAT_WORDS and meta["words"]["files"] == ["words.json", "words.safetensors"]
     assert {"words.json", "words.safetensors"} <= set(meta["files"])
     if damage == "edit words.safetensors":
         data = bytearray((path / "words.safetensors").read_bytes())
@@ -93,12 +100,24 @@ def test_damaged_words_fail_closed(words_guard, tmp_path, damage):
         (path / "words.json").unlink()
     elif damage == "unknown combine":
         meta["words"]["combine"] = "max(text_logit, neuron_logit)"
-        _resign(path, meta)
-    else:
+    elif damage == "zero spread":
         meta["words"]["neuron_std"] = 0.0
+    elif damage == "spread as text":
+        meta["words"]["text_std"] = "1.0"
+    elif damage == "words entry removed":  # would leave a neuron-only guard calibrated for the sum
+        del meta["words"]
+    elif damage == "vocabulary cut":
+        obj = json.loads((path / "words.json").read_text())
+        obj["vocabulary"] = obj["vocabulary"][:-3]
+        (path / "words.json").write_text(json.dumps(obj))
+        meta["files"]["words.json"] = sha256_file(path / "words.json", within=path)
+    else:  # code that reads no words would accept format 2
+        meta["format"] = GUARD_FORMAT
+    if damage not in ("edit words.safetensors", "delete words.json"):
         _resign(path, meta)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as e:
         Guard.load(path, lm=words_guard.lm)
+    assert "re-export" in str(e.value).lower() or "restore" in str(e.value).lower()
 
 
 def test_words_fit_standardises_both_logits_on_training():
@@ -114,3 +133,7 @@ def test_words_fit_standardises_both_logits_on_training():
     assert p[:len(UNSAFE)].mean() > p[len(UNSAFE):].mean()
     with pytest.raises(UserError, match="one neuron logit per training text"):
         Words.fit(texts, y, logit[:-1])
+    with pytest.raises(UserError, match="not a finite number"):
+        Words.fit(texts, y, np.where(np.arange(len(texts)) == 2, np.nan, logit))
+    flat = Words.fit(texts, y, np.full(len(texts), 3.0) + 1e-15 * np.arange(len(texts)))
+    assert flat.neuron_std == 1.0  # constant to rounding: not blown up by a near-zero spread

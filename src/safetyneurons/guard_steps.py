@@ -19,6 +19,7 @@ from safetyneurons.activations.features import FeatureSpec
 from safetyneurons.guard.artifact import export_run_guard
 from safetyneurons.guard.calibrate import calibrate_guard, guard_probe, guard_validation_scores
 from safetyneurons.guard.words import Words
+from safetyneurons.errors import UserError
 from safetyneurons.probes.budget import guard_neuron_set
 from safetyneurons.probes.categories import evaluate_on_store, fit_for_store
 from safetyneurons.probes.compare import compare_feature_sets, score_store
@@ -116,6 +117,9 @@ def train_and_guard(s: RunSettings, inputs: Inputs, probes_out: Path, guard_out:
         guard = None  # no guard when its probe was not trained (`train --feature-sets` without it)
         if any((r.feature_set, r.classifier) == (guard_feature_set, s.guard_classifier) for r in result.runs):
             guard = _guard_choice(s, result, inputs, calibration, guard_feature_set)
+            if s.guard_words and "val" not in inputs.records:
+                raise UserError("A guard with words needs the validation split: its thresholds are set on it, "
+                                "read with the words.")
             guard.words = _guard_words(s, inputs, guard) if s.guard_words else None
             guard.calibration = _guard_thresholds(s, inputs, result, guard, calibration.get(guard.key), progress)
     # held-out benchmark (whole sources never seen in training), with over-refusal side by side

@@ -159,7 +159,8 @@ def extract(model_ref, data, splits, augment, seed, hook_point, pooling, neurons
 @click.option("--guard-max-layer", default="auto", show_default=True, metavar="auto|none|L",
               help="The guard's layer budget, as `run --guard-max-layer` (needs --scores; auto also --val).")
 @click.option("--guard-words", is_flag=True,
-              help="The guard also reads the words of every piece, as `run --guard-words`.")
+              help="The guard also reads the words of every piece, as `run --guard-words` (needs --val: its "
+                   "thresholds are set on validation scored that way).")
 @click.option("--selection", type=click.Choice(list(VARIANTS)), default="rms", show_default=True,
               help="With --scores: the selection variant of the safety neurons.")
 @click.option("--top-percent", type=float, default=5.0, show_default=True,
@@ -193,6 +194,9 @@ def train(train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neu
     if not 0.0 <= target_fpr < 1.0:
         raise UserError(f"--target-fpr must be in [0, 1), got {target_fpr}.")
     guard_max_layer = check_guard_max_layer(guard_max_layer)
+    if guard_words and (val_dir is None or guard_dir is None):
+        raise UserError("--guard-words needs --val (the thresholds are set on validation read with the words) and "
+                        "--export-guard DIR.")
     if scores_dir is None and guard_max_layer not in (None, AUTO):
         raise UserError("--guard-max-layer L reselects the safety neurons from change scores: give --scores.")
     s = RunSettings(classifiers=clfs, feature_sets=sets, random_draws=random_draws, seed=seed, n_boot=n_boot,

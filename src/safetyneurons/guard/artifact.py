@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from safetyneurons.probes.compare import ProbeRun
 
 GUARD_FORMAT = "safetyneurons.guard/2"  # 2: mean pooling over the content tokens only
+#: a guard with words (:mod:`safetyneurons.guard.words`): a format of its own, so code that cannot read words
+#: refuses the guard instead of scoring it without them
+GUARD_FORMAT_WORDS = "safetyneurons.guard/3"
+GUARD_FORMATS = (GUARD_FORMAT, GUARD_FORMAT_WORDS)
 GUARD_FILE = "guard.json"
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
             words.save(tmp)  # words.json + words.safetensors
         files = guard_files(tmp)
         meta = {
-            "format": GUARD_FORMAT,
+            "format": GUARD_FORMAT if words is None else GUARD_FORMAT_WORDS,
             **spec.fields(model_keys=("ref", "sha256")),
             "model": _model_entry(lm_ref, lm_fingerprint, lm_tokenizer_fingerprint),  # + tokenizer, wheel pin
             "feature_set": feature_set,
@@ -221,8 +225,9 @@ def read_guard_meta(path: str | os.PathLike, expected_sha256: str | None = None)
         raise UserError(f"{path / GUARD_FILE}: a guard of format 1, whose features also pooled chat-template tokens; "
                         f"this version pools the user's message only. Rebuild it (`safetyneurons run`, or "
                         f"`safetyneurons train --export-guard`).")
-    if not isinstance(meta, dict) or meta.get("format") != GUARD_FORMAT:
-        raise UserError(f"{path / GUARD_FILE}: not a safetyneurons guard (expected format {GUARD_FORMAT}).")
+    if not isinstance(meta, dict) or meta.get("format") not in GUARD_FORMATS:
+        raise UserError(f"{path / GUARD_FILE}: not a safetyneurons guard this version reads (expected format "
+                        f"{' or '.join(GUARD_FORMATS)}).")
     integrity = meta.get("integrity")
     if not isinstance(integrity, dict) or not isinstance(integrity.get("content_sha256"), str):
         raise UserError(f"{path / GUARD_FILE}: the integrity hash is missing; the file was edited or is damaged. "
@@ -242,6 +247,10 @@ def read_guard_meta(path: str | os.PathLike, expected_sha256: str | None = None)
     extra = sorted(set(present) - set(files))
     if missing:
         raise UserError(f"{path}: guard file(s) missing: {', '.join(missing)}. Restore or re-export the guard.")
+    has_words = meta.get("words") is not None
+    if has_words != (meta["format"] == GUARD_FORMAT_WORDS) or has_words != any(f.startswith("words.") for f in files):
+        raise UserError(f"{path / GUARD_FILE}: its words entry, its format and its words files disagree; the guard was "
+                        f"edited or is damaged. Re-export the guard.")
     if extra:
         raise UserError(f"{path}: unexpected file(s) not covered by guard.json: {', '.join(extra)}. "
                         f"Remove them (a guard loads only files whose sha256 it records).")

@@ -48,10 +48,12 @@ class Words:
         neuron_logit = np.asarray(neuron_logit, dtype=np.float64)
         if len(neuron_logit) != len(texts):
             raise UserError(f"Words need one neuron logit per training text: {len(neuron_logit)} for {len(texts)}.")
+        if not np.all(np.isfinite(neuron_logit)):
+            raise UserError("The guard probe gives a logit that is not a finite number on the training split; "
+                            "words cannot be standardised against it. Retrain the probe.")
         text = TextProbe(seed=seed, cv=0).fit(texts, y)
         d = text.decision_function(texts)
-        return cls(text, float(d.mean()), float(d.std()) or 1.0, float(neuron_logit.mean()),
-                   float(neuron_logit.std()) or 1.0)
+        return cls(text, float(d.mean()), _spread(d), float(neuron_logit.mean()), _spread(neuron_logit))
 
     def probability(self, neuron_logit: Any, texts: Sequence[str]) -> np.ndarray:
         """Unsafe probability of pieces from their neuron logits and texts, float64 ``[n]`` (NaN stays NaN)."""
@@ -78,14 +80,30 @@ class Words:
         where = Path(directory)
         if not isinstance(meta, dict) or meta.get("combine") != COMBINE:
             raise UserError(f"{where}: guard.json's 'words' is not one this version reads; re-export the guard.")
-        try:
-            values = {k: float(meta[k]) for k in _KEYS}
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{where}: guard.json's 'words' lacks {', '.join(_KEYS)}; re-export the guard.") from None
-        if not all(math.isfinite(v) for v in values.values()) or values["text_std"] <= 0 or values["neuron_std"] <= 0:
-            raise UserError(f"{where}: guard.json's 'words' holds a standardisation that is not finite and positive; "
+        values = {k: meta.get(k) for k in _KEYS}
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in values.values()) or values["text_std"] <= 0 or values["neuron_std"] <= 0:
+            raise UserError(f"{where}: guard.json's 'words' needs finite {', '.join(_KEYS)} (spreads above 0); "
                             f"re-export the guard.")
-        return cls(TextProbe.load(where, stem=STEM), **values)
+        try:
+            text = TextProbe.load(where, stem=STEM)
+            arrays = text.arrays
+            n = len(text.vocabulary)
+            if n != meta.get("vocabulary") or any(arrays[k].shape != (n,) for k in ("idf", "coef")) \
+                    or arrays["intercept"].shape != (1,) \
+                    or not all(np.all(np.isfinite(arrays[k])) for k in ("idf", "coef", "intercept")):
+                raise ValueError("the vocabulary and the arrays do not match")
+            text.decision_function([""])  # the vectoriser rebuilds from what was saved
+        except (UserError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{where}: the guard's words ({STEM}.json / {STEM}.safetensors) cannot be read "
+                            f"({type(e).__name__}: {e}); re-export the guard.") from None
+        return cls(text, **{k: float(v) for k, v in values.items()})
+
+
+def _spread(x: np.ndarray) -> float:
+    """The standard deviation that standardises ``x``: 1 when ``x`` is (to rounding) constant."""
+    sd = float(np.std(x))
+    return sd if sd > 1e-9 * max(1.0, float(np.abs(np.mean(x)))) else 1.0
 
 
 def piece_probability(probe: Any, words: Words | None, features: Any, texts: Sequence[str] | None) -> np.ndarray:

@@ -167,7 +167,7 @@ def _deployed_with_words(v: Variant, words: Any, piece_texts: Callable) -> Score
         words_, owner = piece_texts(texts)
         return max_per_input(piece_probability(v.probe, words, ts.windows[:, v.cols], words_), owner, len(texts))
 
-    return Scorer(v.name, "safety+text", "mean_windows + words", False, fn, "windows", v)
+    return Scorer(v.name, "safety+text", "mean_windows + words", False, fn, "windows")  # no per-token explanation
 
 
 # ------------------------------------------------------------------------------------------ training
