@@ -79,3 +79,14 @@ def test_fixed_and_absent_budgets_and_bad_settings():
             check_guard_max_layer(bad)
     with pytest.raises(UserError, match="past the model's last layer"):
         check_guard_max_layer(30, num_layers=30)
+
+
+def test_budget_section_renders_figures_it_does_not_have():
+    """Without a bootstrap (--bootstrap 0) the guard probe has no AUROC CI: the report says n/a, it does not crash."""
+    from safetyneurons.probes.report import render_guard_budget
+
+    md = render_guard_budget({"max_layer": 3, "deepest_layer": 3, "rule": "r", "curve": [],
+                              "test_metrics": {"accuracy": 0.9, "auroc": 0.95, "auroc_ci": [None, None]}})
+    assert "accuracy 0.900, AUROC 0.9500 [n/a, n/a]" in md
+    md = render_guard_budget({"max_layer": 3, "deepest_layer": 3, "rule": "r", "test_metrics": {"accuracy": None}})
+    assert "accuracy n/a, AUROC n/a [n/a, n/a]" in md

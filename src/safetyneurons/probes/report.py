@@ -158,6 +158,11 @@ def render_markdown(report: dict) -> str:
     return md
 
 
+def _num(v, digits: int) -> str:
+    """A figure to ``digits`` decimals; "n/a" when there is none (e.g. no bootstrap CI with --bootstrap 0)."""
+    return "n/a" if v is None or not np.isfinite(float(v)) else f"{float(v):.{digits}f}"
+
+
 def render_guard_budget(budget: dict) -> str:
     """The guard's layer budget: how it was chosen, the validation curve, and the guard probe's test figures."""
     lines = ["## Guard layer budget", ""]
@@ -168,9 +173,9 @@ def render_guard_budget(budget: dict) -> str:
                  f"{budget['deepest_layer']} (rule: {budget['rule']}).")
     if budget.get("test_metrics"):
         m = budget["test_metrics"]
-        ci = m.get("auroc_ci") or [float("nan")] * 2
-        lines.append(f"Its probe on the test split: accuracy {m.get('accuracy', float('nan')):.3f}, AUROC "
-                     f"{m.get('auroc', float('nan')):.4f} [{ci[0]:.4f}, {ci[1]:.4f}].")
+        ci = m.get("auroc_ci") or [None, None]
+        lines.append(f"Its probe on the test split: accuracy {_num(m.get('accuracy'), 3)}, AUROC "
+                     f"{_num(m.get('auroc'), 4)} [{_num(ci[0], 4)}, {_num(ci[1], 4)}].")
     if budget.get("curve"):
         lines += ["", "| max layer | deepest layer | neurons | validation AUROC |", "|---:|---:|---:|---:|"]
         for r in budget["curve"]:
