@@ -180,7 +180,7 @@ def write_benchmark(directory: Path, out: dict, args, guard_id: str | None, guar
     import datetime
 
     from safetyneurons._io import atomic_write_json, atomic_write_text
-    from safetyneurons.results.machine import provenance
+    from safetyneurons.results.machine import describe_machine, provenance
     from safetyneurons.results.tables import markdown_table
 
     columns = ["measure", "guard", "full forward pass", "guard / full"]
@@ -203,7 +203,7 @@ def write_benchmark(directory: Path, out: dict, args, guard_id: str | None, guar
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
              "columns": columns, "rows": benchmark_rows(out), "notes": notes, "details": out}
     md = [f"# {bench['title']}", "", f"`{command}` (code {bench['code_version']}, {bench['date']}, "
-          f"{bench['machine']['cpu']})", ""]
+          f"{describe_machine(bench['machine'])})", ""]
     md += markdown_table(columns, [["—" if v is None else str(v) for v in r] for r in bench["rows"]],
                          numeric=[False, True, True, True])
     md += [""] + [f"- {n}" for n in notes]

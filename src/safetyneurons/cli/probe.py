@@ -175,8 +175,8 @@ def extract(model_ref, data, splits, augment, seed, hook_point, pooling, neurons
               help="Prompts per forward pass when the guard reads the validation and held-out prompts.")
 def train(train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neurons_file, out, classifiers,
           feature_sets, random_draws, seed, n_boot, cv, control_cv, save_probes, guard_dir, guard_feature_set,
-          guard_classifier, guard_max_layer, guard_words, selection, top_percent, max_layer, target_fpr, category_min_examples,
-          batch_size):
+          guard_classifier, guard_max_layer, guard_words, selection, top_percent, max_layer, target_fpr,
+          category_min_examples, batch_size):
     """Train probes on safety neurons and controls, and report test metrics (report.json/.md, curves).
 
     With --val, --heldout and --scores it takes every step `run` takes after its stores (thresholds, layer
@@ -201,8 +201,8 @@ def train(train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neu
         raise UserError("--guard-max-layer L reselects the safety neurons from change scores: give --scores.")
     s = RunSettings(classifiers=clfs, feature_sets=sets, random_draws=random_draws, seed=seed, n_boot=n_boot,
                     target_fpr=target_fpr, guard_classifier=guard_classifier, guard_max_layer=guard_max_layer,
-                    guard_words=guard_words, selection=selection, top_percent=top_percent, max_layer=max_layer, batch_size=batch_size,
-                    category_min_examples=category_min_examples)
+                    guard_words=guard_words, selection=selection, top_percent=top_percent, max_layer=max_layer,
+                    batch_size=batch_size, category_min_examples=category_min_examples)
     inputs = _training_inputs(s, train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neurons_file)
     with atomic_dir(out) as tmp:
         _, report = train_and_guard(s, inputs, tmp, Path(guard_dir) if guard_dir else None, cv=cv,

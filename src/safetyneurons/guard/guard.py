@@ -249,9 +249,14 @@ class Guard:
         inputs = _check_inputs(inputs)
         if not inputs:
             return np.zeros(0, dtype=np.float64)
+        p_piece, _, owner = self._read(inputs, progress)
+        return max_per_input(p_piece, owner, len(inputs))
+
+    def _read(self, inputs: list[Any], progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every piece of ``inputs`` read: (its unsafe probability, its features, the input it belongs to)."""
         pieces = self.reader.pieces(inputs)
         X, owner = self.reader.read_pieces(pieces, progress)
-        return max_per_input(self.probability(X, pieces), owner, len(inputs))
+        return self.probability(X, pieces), X, owner
 
     def probability(self, features: np.ndarray, pieces: Sequence[Piece] | None = None) -> np.ndarray:
         """Unsafe probability of pieces from their pooled features ``[n, d]`` (as :meth:`ActivationReader.read_pieces
@@ -274,9 +279,7 @@ class Guard:
         inputs = _check_inputs(inputs)
         if not inputs:
             return []
-        pieces = self.reader.pieces(inputs)
-        X, owner = self.reader.read_pieces(pieces, progress)
-        p_piece = self.probability(X, pieces)
+        p_piece, X, owner = self._read(inputs, progress)
         return [self.result(float(p_piece[b]), X[b], t) for b in _best_piece(p_piece, owner, len(inputs))]
 
     def result(self, p: float, x: np.ndarray, threshold: float | None = None) -> GuardResult:

@@ -26,7 +26,6 @@ from safetyneurons.data.compose import augment_training
 from safetyneurons.data.rephrase import RULES, rephrasings
 from safetyneurons.activations.reader import max_per_input
 from safetyneurons.neurons.controls import random_layer_matched
-from safetyneurons.probes.probe import TextProbe
 from safetyneurons.probes.readout_cache import MEAN, ReadoutCache, TextSet, columns, layer_block
 from safetyneurons.probes import readout_metrics as rm
 from safetyneurons.probes.readout_probes import Variant, train_agreement, train_pooled
@@ -130,14 +129,14 @@ def _text_scorers(train_texts: list[str], y: np.ndarray, train_ts: TextSet, safe
     """TF-IDF on the words alone, and the sum of its logit and the safety ``mean`` probe's, each standardised on
     the training split; each read whole and, with ``piece_texts`` (:meth:`ReadoutCache.piece_texts`), also as
     the guard serves: every piece it reads (whole, windows, sentences) scored alone, a text its most unsafe piece."""
-    text = TextProbe(seed=seed, cv=0).fit(train_texts, y)
+    from safetyneurons.guard.words import Words  # the sum exactly as a guard with words computes it
+
     probe, cols = safety_mean.probe, safety_mean.cols
-    d_text, d_neur = text.decision_function(train_texts), probe.decision_function(train_ts.pooled[:, MEAN][:, cols])
-    mt, st, mn, sn = d_text.mean(), d_text.std() or 1.0, d_neur.mean(), d_neur.std() or 1.0
+    fitted = Words.fit(train_texts, y, probe.decision_function(train_ts.pooled[:, MEAN][:, cols]), seed=seed)
+    text = fitted.text
 
     def summed(words: Sequence[str], feats: np.ndarray) -> np.ndarray:
-        z = (text.decision_function(list(words)) - mt) / st + (probe.decision_function(feats[:, cols]) - mn) / sn
-        return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+        return fitted.probability(probe.decision_function(feats[:, cols]), list(words))
 
     out = [Scorer("text/tfidf", "text", "TF-IDF", False, lambda texts, ts: text.unsafe_probability(list(texts))),
            Scorer("safety+text/mean", "safety+text", "mean + TF-IDF", False,
