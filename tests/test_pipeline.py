@@ -72,6 +72,9 @@ def test_run_calibrates_on_val_and_reports_overrefusal_and_categories(tiny_run):
     assert point["target_fpr"] == 0.1 and meta["threshold"] == point["threshold"]
     assert point["validation"]["n"] == 20 and point["validation"]["fpr_benign"] <= 0.1
     assert "validation split" in meta["threshold_rule"]
+    # by default the guard reads each piece's words beside its neurons (docs/guard_quality.md's rule picks it)
+    assert meta["format"] == "safetyneurons.guard/3" and meta["words"] is not None
+    assert {"words.json", "words.safetensors"} <= set(meta["files"])
     # category heads ship inside the guard, hashed like every other file
     assert meta["categories"]["names"] == ["violent_crimes", "nonviolent_crimes"]
     assert {"categories.json", "categories.safetensors"} <= set(meta["files"])
@@ -156,8 +159,10 @@ def test_exported_guard_agrees_with_the_trained_safety_probe(tiny_run):
     from safetyneurons.probes.probe import Probe
 
     probe = Probe.load(Path(settings.out) / "guard")
-    whole = probe.unsafe_probability(held.select(guard.neuron_set))
-    # a prompt read whole scores as its stored features do; a longer one as its most unsafe piece (whole or window)
+    # the default guard adds its words' logit (safetyneurons.guard.words) to the probe's
+    assert guard.words is not None
+    whole = guard.words.probability(probe.decision_function(held.select(guard.neuron_set)), held.prompts)
+    # a prompt read whole scores as its stored features and its text do; a longer one as its most unsafe piece
     pieces = np.bincount([p.owner for p in guard.reader.pieces(held.prompts)], minlength=len(held.prompts))
     assert (pieces == 1).any()
     np.testing.assert_allclose(probs[pieces == 1], whole[pieces == 1], atol=1e-5)
@@ -184,6 +189,19 @@ def test_run_bad_input_exits_2_without_traceback(tmp_path, args, message):
     assert not (out / "run.json").exists()
 
 
+def test_run_without_val_split_refuses_the_default_words_guard_before_any_work(tmp_path):
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for name in ("contrast", "train", "test"):
+        write_jsonl(splits / f"{name}.jsonl", _records(4, 0))
+    out = tmp_path / "out"
+    r = _cli("--out", str(out), "--no-progress", "--splits", str(splits), "--base", "/nonexistent/base",
+             "--aligned", "/nonexistent/aligned", env_extra={"SAFETYNEURONS_CACHE": str(tmp_path / "c")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "lacks val.jsonl" in r.stderr and "--no-guard-words" in r.stderr and not r.stdout.strip()
+    assert not (out / "run.json").exists() and not (out / "store").exists()
+
+
 def test_each_preset_gets_its_own_default_directory():
     from safetyneurons.pipeline import RunSettings
 
@@ -194,6 +212,15 @@ def test_each_preset_gets_its_own_default_directory():
     assert changed.parent == Path("runs") and changed.name.startswith("default-") and changed.name != "default"
     assert RunSettings.for_preset("default", top_percent=3.0).out_dir != changed
     assert RunSettings.for_preset("default", out="x/y").out_dir == Path("x/y")
+    # the guard reads words by default; without them is another setting, and so is a run recorded before that
+    # default (its settings.json has no guard_words): reusing its directory is refused, not silently mixed
+    from safetyneurons.run_settings import identity_of
+
+    assert RunSettings().guard_words is True and RunSettings.for_preset("default").identity()["guard_words"] is True
+    no_words = RunSettings.for_preset("default", guard_words=False)
+    assert no_words.out_dir.name.startswith("default-") and "guard_words" not in no_words.identity()
+    recorded_before = {k: v for k, v in no_words.identity().items()}
+    assert identity_of(recorded_before) != RunSettings.for_preset("default").identity()
 
 
 def _file_hashes(d: Path) -> dict:

@@ -32,8 +32,13 @@ SETTINGS_FILE = "settings.json"  # written first into a run directory: which set
 # settings that do not change what a run computes, so they never make two runs clash
 _NOT_IDENTITY = ("out", "preset", "patch")  # --patch adds a step to the same run
 # optional settings added later: left out of the identity while unset, so earlier runs keep theirs
-# (name -> the value that leaves it out)
+# (name -> the value earlier runs had, which leaves it out; guard_words now defaults to True, so it is set)
 _IDENTITY_IF_SET = {"max_layer": None, "guard_max_layer": AUTO, "guard_words": False}
+
+
+def _setting(identity: dict, name: str) -> Any:
+    """One setting's value in an identity; a setting left out of it has its leave-out value."""
+    return identity.get(name, _IDENTITY_IF_SET.get(name))
 
 
 def identity_of(settings: dict) -> dict:
@@ -62,8 +67,9 @@ class RunSettings:
     guard_classifier: str = "logreg"
     # the guard's layer budget (safetyneurons.probes.budget): auto = chosen on the validation split; None: no budget
     guard_max_layer: str | int | None = AUTO
-    # the guard also reads each piece's text: a TF-IDF logit summed with the probe's (safetyneurons.guard.words)
-    guard_words: bool = False
+    # the guard also reads each piece's text: a TF-IDF logit summed with the probe's (safetyneurons.guard.words);
+    # on by default: the pre-registered validation rule of docs/guard_quality.md picks it
+    guard_words: bool = True
     quick: bool = False
     quick_train: int = 300  # --quick: prompts per split (stratified subsample)
     quick_test: int = 150
@@ -98,7 +104,8 @@ class RunSettings:
         """``runs/<preset>``; ``-quick`` for a quick run; ``-<8 hex>`` when other settings differ from the preset."""
         preset = RunSettings.for_preset(self.preset, quick=self.quick).identity()
         mine = self.identity()
-        changed = {k: v for k, v in mine.items() if preset.get(k) != v}
+        changed = {k: _setting(mine, k) for k in sorted(set(preset) | set(mine))
+                   if _setting(preset, k) != _setting(mine, k)}
         name = self.preset + ("-quick" if self.quick else "")
         if changed:
             name += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]

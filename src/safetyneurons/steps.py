@@ -50,6 +50,10 @@ def read_splits(s: RunSettings) -> tuple[Path, dict[str, list[dict]]]:
     missing = [n for n in need if not (splits / n).is_file()]
     if missing:
         raise UserError(f"--splits {splits} lacks {', '.join(missing)}; build it with `safetyneurons data build`.")
+    if s.guard_words and not (splits / "val.jsonl").is_file():  # refused before any work, not after extraction
+        raise UserError(f"--splits {splits} lacks val.jsonl, which a guard with words needs (its thresholds are set "
+                        f"on it, read with the words); build it with `safetyneurons data build`, or add "
+                        f"--no-guard-words.")
     split_records = {name: data.read_records(splits / f"{name}.jsonl")
                      for name in ("contrast", "train", "val", "test", "heldout")
                      if (splits / f"{name}.jsonl").is_file()}

@@ -52,9 +52,10 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
               help="The guard's layer budget (it stops after that layer): auto = the smallest budget whose "
                    "validation AUROC is within 0.005 of the best budget's (safetyneurons.probes.budget); none = the "
                    "safety set as it is; or a layer index.")
-@click.option("--guard-words", is_flag=True,
+@click.option("--guard-words/--no-guard-words", default=None,
               help="The guard also reads the words of every piece: a TF-IDF logit summed with the safety-neuron "
-                   "probe's (docs/guard.md).")
+                   "probe's (docs/guard.md). On by default (the validation rule of docs/guard_quality.md picks "
+                   "it); --no-guard-words ships the neurons alone.  [default: guard-words]")
 @click.option("--random-draws", type=int, default=20, show_default=True,
               help="Seeded draws of each random neuron control (layer-matched and global).")
 @click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True,
@@ -91,7 +92,7 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
                                       top_percent=top_percent, max_layer=max_layer, base=base,
                                       aligned=aligned, splits=splits, features_from=features_from,
                                       guard_classifier=guard_classifier, guard_max_layer=guard_max_layer,
-                                      guard_words=guard_words or None, random_draws=random_draws, n_boot=n_boot,
+                                      guard_words=guard_words, random_draws=random_draws, n_boot=n_boot,
                                       batch_size=batch_size, max_length=max_length, seed=seed, target_fpr=target_fpr,
                                       patch=patch, augment=False if no_augment else None)
     click.echo(f"Run directory: {settings.out_dir}", err=True)
