@@ -5,6 +5,7 @@ and the one causal table of the project from patch runs.
                                      [--directions sufficiency,necessity] [--threads 2]
     python benchmarks/bench_patch.py --table runs/causal-default/patch.json runs/causal-paper/patch/patch.json
                                      [--command "..."]   # writes docs/benchmarks/causal.json and causal.md
+    python benchmarks/bench_patch.py --readme   # recomputes only causal.json's README table from its rows
 
 The table: one row per set x hook point x direction (the unpatched receiver and donor, the safety set, its part
 outside saturated layers, the layer- and change-matched random sets as the mean of their draws, the refusal
@@ -152,17 +153,54 @@ def table_rows(result: dict, borrowed_direction: dict | None = None) -> tuple[li
 
 
 README_SETS = ("safety neurons", "safety neurons outside saturated layers", "layer-matched random (mean of draws)",
-               "change-matched random (mean of draws)", "refusal direction")
-README_COLUMNS = ("hook point", "direction", "set", "refuses harmful (judge) %", "degenerate %",
-                  "safety - this: judge refusal D", "95% CI (judge)", "p (judge)")
+               "change-matched random (mean of draws)", "change-matched random, effect / change ratio",
+               "refusal direction", "mean patching of the safety set", "zero ablation of the safety set")
+README_COLUMNS = ("hook point", "direction", "set", "refuses harmful (judge) %", "effect on refusal (judge)",
+                  "refusal score (harmful)", "degenerate %", "perplexity ratio", "safety - this, judge: D [95% CI] p",
+                  "safety - this, refusal score: D [95% CI] p")
+
+
+def _test_text(d, ci, p) -> str | None:
+    """One cell for a paired test: ``D [lo, hi] p``; None where the row has no test."""
+    return None if d is None else f"{d:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] p {p:.2g}"
 
 
 def readme_table(rows: list[list]) -> dict:
-    """The README's short table: the safety set, its part outside saturated layers, the matched controls and the
-    refusal direction, with the judge's refusal rate, degenerate share and the paired test against each control."""
-    index = [TABLE_COLUMNS.index(c) for c in README_COLUMNS]
-    keep = [r for r in rows if r[TABLE_COLUMNS.index("set")] in README_SETS]
-    return {"columns": list(README_COLUMNS), "rows": [[r[i] for i in index] for r in keep]}
+    """The README's table: per hook point and direction, the safety set, its part outside saturated layers, the
+    matched controls (the change-matched one also scaled by its change ratio), the refusal direction (once per
+    direction: it does not depend on the hook point) and the mean / zero baselines; both refusal measures, the
+    causal effect (share of the receiver-donor gap closed), the degenerate share, the perplexity ratio and the paired test of safety - each control on both measures."""
+    col = {c: TABLE_COLUMNS.index(c) for c in TABLE_COLUMNS}
+    out, directions_shown = [], set()
+    for r in rows:
+        label = r[col["set"]]
+        if label not in README_SETS:
+            continue
+        judge = _test_text(r[col["safety - this: judge refusal D"]], r[col["95% CI (judge)"]], r[col["p (judge)"]])
+        score = _test_text(r[col["safety - this: refusal score D"]], r[col["95% CI (score)"]], r[col["p (score)"]])
+        if label == "refusal direction":
+            if r[col["direction"]] in directions_shown:
+                continue  # the direction does not depend on the hook point: shown once per direction
+            directions_shown.add(r[col["direction"]])
+        out.append([r[col["hook point"]], r[col["direction"]], label, r[col["refuses harmful (judge) %"]],
+                    r[col["effect on refusal (judge)"]], r[col["refusal score (harmful)"]], r[col["degenerate %"]], r[col["perplexity ratio"]], judge,
+                    score])
+    return {"columns": list(README_COLUMNS), "rows": out}
+
+
+def rewrite_readme(path: str = "docs/benchmarks/causal.json") -> None:
+    """Recompute the ``readme`` table of an existing causal.json from its rows (nothing else changes)."""
+    import json
+    from pathlib import Path
+
+    from safetyneurons._io import atomic_write_json
+
+    doc = json.loads(Path(path).read_text())
+    if doc.get("columns") != TABLE_COLUMNS:
+        raise SystemExit(f"{path}: its columns are not this script's table columns; rebuild it with --table.")
+    doc["readme"] = readme_table(doc["rows"])
+    atomic_write_json(path, doc)
+    print(f"rewrote the readme table of {path} ({len(doc['readme']['rows'])} rows)")
 
 
 def write_table(paths, command=None) -> None:
@@ -230,6 +268,8 @@ def main() -> None:
     ap.add_argument("--random-sets", type=int, default=5)
     ap.add_argument("--table", nargs="+", default=None, metavar="PATCH_JSON")
     ap.add_argument("--command", default=None, help="the command(s) that produced the patch runs (--table)")
+    ap.add_argument("--readme", action="store_true",
+                    help="only recompute the README table of docs/benchmarks/causal.json from its rows")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--directions", default="sufficiency,necessity")
     ap.add_argument("--scores", default=None)
@@ -237,6 +277,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.table:
         write_table(args.table, args.command)
+        return
+    if args.readme:
+        rewrite_readme()
         return
     if args.threads:
         torch.set_num_threads(args.threads)

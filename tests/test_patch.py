@@ -740,3 +740,49 @@ def test_a_saturated_layer_is_named_and_left_out_of_both_matched_controls():
     for control in group["layer_matched"] + group["change_matched"]:
         assert control.per_layer_counts().tolist() == [0, 5, 0]  # no spill into layers 0 or 2
     assert [p.name for p in causal._patches(group, False)][:2] == ["safety", "safety_matched"]
+
+
+def test_the_readme_causal_table_holds_every_control_both_measures_and_the_direction_once():
+    """benchmarks/bench_patch.py's README table: per hook point and direction the safety set, the matched controls,
+    the mean / zero baselines (the unpatched models stay in causal.md), both refusal measures, perplexity and the
+    paired test on both measures; the refusal direction once per direction (it is the same for every hook point)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_patch.py"
+    spec = importlib.util.spec_from_file_location("bench_patch_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cols = bench.TABLE_COLUMNS
+
+    def row(hp, direction, label, test=None):
+        r = dict.fromkeys(cols)
+        r.update({"hook point": hp, "direction": direction, "set": label, "refuses harmful (judge) %": 50.0,
+                  "effect on refusal (judge)": 0.25, "refusal score (harmful)": -1.5, "degenerate %": 2.0,
+                  "perplexity ratio": 1.3})
+        if test:
+            r.update({"safety - this: judge refusal D": test, "95% CI (judge)": [test - 0.1, test + 0.1],
+                      "p (judge)": 0.011, "safety - this: refusal score D": -test, "95% CI (score)": [-1.0, 0.5],
+                      "p (score)": 0.5})
+        return [r[c] for c in cols]
+
+    rows = []
+    for hp in ("mlp_out", "mlp_neurons"):
+        for direction in ("sufficiency", "necessity"):
+            rows.append(row(hp, direction, "aligned unpatched (receiver)"))
+            for k, (_, label) in enumerate(bench.TABLE_SETS):
+                rows.append(row(hp, direction, label, None if label.startswith("safety") else 0.1 * k))
+    table = bench.readme_table(rows)
+    assert table["columns"] == list(bench.README_COLUMNS)
+    labels = [(r[0], r[1], r[2]) for r in table["rows"]]
+    for hp in ("mlp_out", "mlp_neurons"):
+        for direction in ("sufficiency", "necessity"):
+            got = {label for h, d, label in labels if (h, d) == (hp, direction)}
+            want = {label for _, label in bench.TABLE_SETS} - ({"refusal direction"} if hp == "mlp_neurons" else set())
+            assert got == want, (hp, direction)
+    assert not any("unpatched" in label for *_, label in labels)
+    judge = table["columns"].index("safety - this, judge: D [95% CI] p")
+    layer = next(r for r in table["rows"] if r[2] == "layer-matched random (mean of draws)")
+    assert layer[judge] == "+0.200 [+0.100, +0.300] p 0.011" and layer[judge + 1] == "-0.200 [-1.000, +0.500] p 0.5"
+    assert next(r for r in table["rows"] if r[2] == "safety neurons")[judge] is None
+    assert "perplexity ratio" in table["columns"] and "refusal score (harmful)" in table["columns"]
