@@ -219,8 +219,22 @@ def test_each_preset_gets_its_own_default_directory():
     assert RunSettings().guard_words is True and RunSettings.for_preset("default").identity()["guard_words"] is True
     no_words = RunSettings.for_preset("default", guard_words=False)
     assert no_words.out_dir.name.startswith("default-") and "guard_words" not in no_words.identity()
-    recorded_before = {k: v for k, v in no_words.identity().items()}
-    assert identity_of(recorded_before) != RunSettings.for_preset("default").identity()
+    assert identity_of(no_words.identity()) != RunSettings.for_preset("default").identity()
+
+
+def test_a_run_recorded_before_words_were_the_default_is_refused_naming_the_setting(tmp_path):
+    from safetyneurons.errors import UserError
+    from safetyneurons.pipeline import RunSettings, claim_out_dir
+    from safetyneurons.run_settings import SETTINGS_FILE
+
+    old = tmp_path / "old"
+    old.mkdir()
+    recorded = RunSettings.for_preset("default", guard_words=False).identity()
+    assert "guard_words" not in recorded  # as settings.json was written before the default changed
+    (old / SETTINGS_FILE).write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match=r"guard_words: False there, True now.*--force"):
+        claim_out_dir(RunSettings.for_preset("default", out=str(old)))
+    assert claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_words=False)) == (old, None)
 
 
 def _file_hashes(d: Path) -> dict:

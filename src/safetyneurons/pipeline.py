@@ -23,7 +23,7 @@ from safetyneurons.neurons.selection import neuron_stats
 from safetyneurons.probes.overrefusal import render_overrefusal
 from safetyneurons.probes.report import controls_section, results_table
 from safetyneurons.results.machine import provenance
-from safetyneurons.run_settings import RunSettings, SETTINGS_FILE, identity_of
+from safetyneurons.run_settings import RunSettings, SETTINGS_FILE, identity_of, setting_of
 from safetyneurons.steps import (change_scores, extract_split, load_pair, pair_refs, read_splits, safety_neurons,
                                  split_data_info, split_file, write_safety_neurons)
 
@@ -55,8 +55,8 @@ def claim_out_dir(s: RunSettings, force: bool = False) -> tuple[Path, Path | Non
         if recorded is None:
             raise UserError(f"--out {out} is not empty and holds no safetyneurons run. Give a new or empty "
                             f"directory, or add --force to replace its contents.")
-        diff = "; ".join(f"{k}: {recorded.get(k)!r} there, {mine.get(k)!r} now"
-                         for k in sorted(set(recorded) | set(mine)) if recorded.get(k) != mine.get(k))
+        diff = "; ".join(f"{k}: {setting_of(recorded, k)!r} there, {setting_of(mine, k)!r} now"
+                         for k in sorted(set(recorded) | set(mine)) if setting_of(recorded, k) != setting_of(mine, k))
         raise UserError(f"--out {out} holds a run with other settings ({diff}). Give another --out, leave --out "
                         f"unset (each setting gets its own runs/ directory), or add --force to replace that run.")
     backup = out.with_name(f".{out.name}.replaced-{int(time.time())}")

@@ -36,7 +36,7 @@ _NOT_IDENTITY = ("out", "preset", "patch")  # --patch adds a step to the same ru
 _IDENTITY_IF_SET = {"max_layer": None, "guard_max_layer": AUTO, "guard_words": False}
 
 
-def _setting(identity: dict, name: str) -> Any:
+def setting_of(identity: dict, name: str) -> Any:
     """One setting's value in an identity; a setting left out of it has its leave-out value."""
     return identity.get(name, _IDENTITY_IF_SET.get(name))
 
@@ -104,8 +104,8 @@ class RunSettings:
         """``runs/<preset>``; ``-quick`` for a quick run; ``-<8 hex>`` when other settings differ from the preset."""
         preset = RunSettings.for_preset(self.preset, quick=self.quick).identity()
         mine = self.identity()
-        changed = {k: _setting(mine, k) for k in sorted(set(preset) | set(mine))
-                   if _setting(preset, k) != _setting(mine, k)}
+        changed = {k: setting_of(mine, k) for k in sorted(set(preset) | set(mine))
+                   if setting_of(preset, k) != setting_of(mine, k)}
         name = self.preset + ("-quick" if self.quick else "")
         if changed:
             name += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
