@@ -155,6 +155,7 @@ def table_rows(result: dict, borrowed_direction: dict | None = None) -> tuple[li
 README_SETS = ("safety neurons", "safety neurons outside saturated layers", "layer-matched random (mean of draws)",
                "change-matched random (mean of draws)", "change-matched random, effect / change ratio",
                "refusal direction", "mean patching of the safety set", "zero ablation of the safety set")
+SCALED = "change-matched random, effect / change ratio"
 README_COLUMNS = ("hook point", "direction", "set", "refuses harmful (judge) %", "effect on refusal (judge)",
                   "refusal score (harmful)", "degenerate %", "perplexity ratio", "safety - this, judge: D [95% CI] p",
                   "safety - this, refusal score: D [95% CI] p")
@@ -162,29 +163,35 @@ README_COLUMNS = ("hook point", "direction", "set", "refuses harmful (judge) %",
 
 def _test_text(d, ci, p) -> str | None:
     """One cell for a paired test: ``D [lo, hi] p``; None where the row has no test."""
-    return None if d is None else f"{d:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] p {p:.2g}"
+    return None if d is None else f"{d:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] p {p:.3g}"
 
 
 def readme_table(rows: list[list]) -> dict:
     """The README's table: per hook point and direction, the safety set, its part outside saturated layers, the
-    matched controls (the change-matched one also scaled by its change ratio), the refusal direction (once per
-    direction: it does not depend on the hook point) and the mean / zero baselines; both refusal measures, the
-    causal effect (share of the receiver-donor gap closed), the degenerate share, the perplexity ratio and the paired test of safety - each control on both measures."""
+    matched controls, the change-matched test with effects scaled by the change ratio (its own D only: the draws'
+    measured cells are in the row above), the refusal direction once per direction (the row that carries a paired
+    test: it does not depend on the hook point) and the mean / zero baselines; both refusal measures, the causal
+    effect (share of the receiver-donor gap closed), the degenerate share, the perplexity ratio and the paired test
+    of safety - each control on both measures."""
     col = {c: TABLE_COLUMNS.index(c) for c in TABLE_COLUMNS}
-    out, directions_shown = [], set()
+    measured = ("refuses harmful (judge) %", "effect on refusal (judge)", "refusal score (harmful)", "degenerate %",
+                "perplexity ratio")
+    out = []
     for r in rows:
         label = r[col["set"]]
         if label not in README_SETS:
             continue
-        judge = _test_text(r[col["safety - this: judge refusal D"]], r[col["95% CI (judge)"]], r[col["p (judge)"]])
-        score = _test_text(r[col["safety - this: refusal score D"]], r[col["95% CI (score)"]], r[col["p (score)"]])
-        if label == "refusal direction":
-            if r[col["direction"]] in directions_shown:
-                continue  # the direction does not depend on the hook point: shown once per direction
-            directions_shown.add(r[col["direction"]])
-        out.append([r[col["hook point"]], r[col["direction"]], label, r[col["refuses harmful (judge) %"]],
-                    r[col["effect on refusal (judge)"]], r[col["refusal score (harmful)"]], r[col["degenerate %"]], r[col["perplexity ratio"]], judge,
-                    score])
+        tests = [_test_text(r[col[f"safety - this: {m} D"]], r[col[f"95% CI ({short})"]], r[col[f"p ({short})"]])
+                 for m, short in (("judge refusal", "judge"), ("refusal score", "score"))]
+        cells = [None if label == SCALED else r[col[c]] for c in measured]
+        out.append([r[col["hook point"]], r[col["direction"]], label, *cells, *tests])
+    keep = {}  # direction -> the index of its one refusal-direction row: the first with a test, else the first
+    for i, row in enumerate(out):
+        if row[2] == "refusal direction":
+            j = keep.setdefault(row[1], i)
+            if out[j][-2:] == [None, None] and row[-2:] != [None, None]:
+                keep[row[1]] = i
+    out = [row for i, row in enumerate(out) if row[2] != "refusal direction" or keep[row[1]] == i]
     return {"columns": list(README_COLUMNS), "rows": out}
 
 

@@ -742,10 +742,7 @@ def test_a_saturated_layer_is_named_and_left_out_of_both_matched_controls():
     assert [p.name for p in causal._patches(group, False)][:2] == ["safety", "safety_matched"]
 
 
-def test_the_readme_causal_table_holds_every_control_both_measures_and_the_direction_once():
-    """benchmarks/bench_patch.py's README table: per hook point and direction the safety set, the matched controls,
-    the mean / zero baselines (the unpatched models stay in causal.md), both refusal measures, perplexity and the
-    paired test on both measures; the refusal direction once per direction (it is the same for every hook point)."""
+def _bench_patch():
     import importlib.util
     from pathlib import Path
 
@@ -753,36 +750,65 @@ def test_the_readme_causal_table_holds_every_control_both_measures_and_the_direc
     spec = importlib.util.spec_from_file_location("bench_patch_under_test", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    cols = bench.TABLE_COLUMNS
+    return bench
 
-    def row(hp, direction, label, test=None):
-        r = dict.fromkeys(cols)
-        r.update({"hook point": hp, "direction": direction, "set": label, "refuses harmful (judge) %": 50.0,
-                  "effect on refusal (judge)": 0.25, "refusal score (harmful)": -1.5, "degenerate %": 2.0,
-                  "perplexity ratio": 1.3})
-        if test:
-            r.update({"safety - this: judge refusal D": test, "95% CI (judge)": [test - 0.1, test + 0.1],
-                      "p (judge)": 0.011, "safety - this: refusal score D": -test, "95% CI (score)": [-1.0, 0.5],
-                      "p (score)": 0.5})
-        return [r[c] for c in cols]
 
+def _table_row(bench, hp, direction, label, test=None, **cells):
+    r = dict.fromkeys(bench.TABLE_COLUMNS)
+    r.update({"hook point": hp, "direction": direction, "k %": 5.0, "set": label, "neurons": 10,
+              "refuses harmful (judge) %": 50.0, "answers benign (judge) %": 70.0, "effect on refusal (judge)": 0.25,
+              "refusal score (harmful)": -1.5, "degenerate %": 2.0, "perplexity ratio": 1.3, **cells})
+    if test is not None:
+        r.update({"safety - this: judge refusal D": test, "95% CI (judge)": [test - 0.1, test + 0.1],
+                  "p (judge)": 0.011, "safety - this: refusal score D": -test, "95% CI (score)": [-1.0, 0.5],
+                  "p (score)": 0.5})
+    return [r[c] for c in bench.TABLE_COLUMNS]
+
+
+def test_the_readme_causal_table_holds_every_control_both_measures_and_the_direction_once(tmp_path):
+    """benchmarks/bench_patch.py's README table: per hook point and direction the safety set, the matched controls,
+    the mean / zero baselines (the unpatched models stay in causal.md), both refusal measures, perplexity and the
+    paired test on both measures; the refusal direction once per direction, the row that carries its test."""
+    bench = _bench_patch()
     rows = []
-    for hp in ("mlp_out", "mlp_neurons"):
+    for hp in ("mlp_neurons", "mlp_out"):  # the borrowed direction rows (no test) come first
         for direction in ("sufficiency", "necessity"):
-            rows.append(row(hp, direction, "aligned unpatched (receiver)"))
+            rows.append(_table_row(bench, hp, direction, "aligned unpatched (receiver)"))
             for k, (_, label) in enumerate(bench.TABLE_SETS):
-                rows.append(row(hp, direction, label, None if label.startswith("safety") else 0.1 * k))
+                own = label != "refusal direction" or hp == "mlp_out"
+                test = None if label.startswith("safety") or not own else round(0.1 * k, 3)
+                rows.append(_table_row(bench, hp, direction, label, test, **{"degenerate %": float(k)}))
     table = bench.readme_table(rows)
-    assert table["columns"] == list(bench.README_COLUMNS)
-    labels = [(r[0], r[1], r[2]) for r in table["rows"]]
+    got = {}
+    for r in table["rows"]:
+        got.setdefault((r[0], r[1]), []).append(r[2])
     for hp in ("mlp_out", "mlp_neurons"):
         for direction in ("sufficiency", "necessity"):
-            got = {label for h, d, label in labels if (h, d) == (hp, direction)}
-            want = {label for _, label in bench.TABLE_SETS} - ({"refusal direction"} if hp == "mlp_neurons" else set())
-            assert got == want, (hp, direction)
-    assert not any("unpatched" in label for *_, label in labels)
-    judge = table["columns"].index("safety - this, judge: D [95% CI] p")
+            want = [label for _, label in bench.TABLE_SETS if label != "refusal direction" or hp == "mlp_out"]
+            assert got[hp, direction] == want, (hp, direction)
+    assert not any("unpatched" in r[2] for r in table["rows"])
+    cols = table["columns"]
+    assert cols == ["hook point", "direction", "set", "refuses harmful (judge) %", "effect on refusal (judge)",
+                    "refusal score (harmful)", "degenerate %", "perplexity ratio",
+                    "safety - this, judge: D [95% CI] p", "safety - this, refusal score: D [95% CI] p"]
     layer = next(r for r in table["rows"] if r[2] == "layer-matched random (mean of draws)")
-    assert layer[judge] == "+0.200 [+0.100, +0.300] p 0.011" and layer[judge + 1] == "-0.200 [-1.000, +0.500] p 0.5"
-    assert next(r for r in table["rows"] if r[2] == "safety neurons")[judge] is None
-    assert "perplexity ratio" in table["columns"] and "refusal score (harmful)" in table["columns"]
+    assert layer == ["mlp_neurons", "sufficiency", "layer-matched random (mean of draws)", 50.0, 0.25, -1.5, 2.0, 1.3,
+                     "+0.200 [+0.100, +0.300] p 0.011", "-0.200 [-1.000, +0.500] p 0.5"]
+    direction = next(r for r in table["rows"] if r[2] == "refusal direction")
+    assert direction[-2] == "+0.500 [+0.400, +0.600] p 0.011"  # the mlp_out run's own row, with its test
+    scaled = next(r for r in table["rows"] if r[2] == bench.SCALED)
+    assert scaled[3:8] == [None] * 5 and scaled[-2] == "+0.400 [+0.300, +0.500] p 0.011"  # its own D only
+    assert next(r for r in table["rows"] if r[2] == "safety neurons")[-2:] == [None, None]
+
+    # --readme recomputes only the `readme` field of an existing causal.json
+    doc = {"benchmark": "causal", "title": "t", "columns": bench.TABLE_COLUMNS, "rows": rows, "notes": ["n"],
+           "code_version": "abc1234", "readme": {"columns": ["old"], "rows": [["old"]]}}
+    path = tmp_path / "causal.json"
+    path.write_text(json.dumps(doc))
+    bench.rewrite_readme(str(path))
+    new = json.loads(path.read_text())
+    assert new["readme"] == table and {k: v for k, v in new.items() if k != "readme"} == \
+        {k: v for k, v in doc.items() if k != "readme"}
+    path.write_text(json.dumps(dict(doc, columns=bench.TABLE_COLUMNS[:-1])))
+    with pytest.raises(SystemExit, match="rebuild it with --table"):
+        bench.rewrite_readme(str(path))

@@ -161,9 +161,14 @@ def test_exported_guard_agrees_with_the_trained_safety_probe(tiny_run):
     probe = Probe.load(Path(settings.out) / "guard")
     # the default guard adds its words' logit (safetyneurons.guard.words) to the probe's
     assert guard.words is not None
-    whole = guard.words.probability(probe.decision_function(held.select(guard.neuron_set)), held.prompts)
+    first: dict[int, str] = {}  # each prompt's first piece, its whole message when it fits, as the guard decodes it
+    read = guard.reader.pieces(held.prompts)
+    for piece, text in zip(read, guard.reader.piece_texts(read)):
+        first.setdefault(piece.owner, text)
+    texts = [first[i] for i in range(len(held.prompts))]
+    whole = guard.words.probability(probe.decision_function(held.select(guard.neuron_set)), texts)
     # a prompt read whole scores as its stored features and its text do; a longer one as its most unsafe piece
-    pieces = np.bincount([p.owner for p in guard.reader.pieces(held.prompts)], minlength=len(held.prompts))
+    pieces = np.bincount([p.owner for p in read], minlength=len(held.prompts))
     assert (pieces == 1).any()
     np.testing.assert_allclose(probs[pieces == 1], whole[pieces == 1], atol=1e-5)
     assert (probs >= whole - 1e-5).all()
@@ -199,7 +204,7 @@ def test_run_without_val_split_refuses_the_default_words_guard_before_any_work(t
              "--aligned", "/nonexistent/aligned", env_extra={"SAFETYNEURONS_CACHE": str(tmp_path / "c")})
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "lacks val.jsonl" in r.stderr and "--no-guard-words" in r.stderr and not r.stdout.strip()
-    assert not (out / "run.json").exists() and not (out / "store").exists()
+    assert not out.exists()  # refused before the directory was claimed: the advice works with the same --out
 
 
 def test_each_preset_gets_its_own_default_directory():
@@ -232,7 +237,7 @@ def test_a_run_recorded_before_words_were_the_default_is_refused_naming_the_sett
     recorded = RunSettings.for_preset("default", guard_words=False).identity()
     assert "guard_words" not in recorded  # as settings.json was written before the default changed
     (old / SETTINGS_FILE).write_text(json.dumps(recorded))
-    with pytest.raises(UserError, match=r"guard_words: False there, True now.*--force"):
+    with pytest.raises(UserError, match=r"guard_words: False there, True now.*--force.*add --no-guard-words"):
         claim_out_dir(RunSettings.for_preset("default", out=str(old)))
     assert claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_words=False)) == (old, None)
 
@@ -257,8 +262,8 @@ def two_runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFETYNEURONS_CACHE", str(root / "cache"))
         mp.chdir(root)
-        for preset in ("default", "paper"):
-            s = RunSettings.for_preset(preset, **small)
+        for preset, extra in (("default", {}), ("paper", {"guard_words": False})):  # with and without words
+            s = RunSettings.for_preset(preset, **small, **extra)
             run(s, progress=False)
             runs[preset] = (s, root / s.out_dir, _file_hashes(root / s.out_dir))
     return root, small, runs
@@ -275,6 +280,13 @@ def test_two_presets_into_the_default_location_both_survive(two_runs):
         recorded = json.loads((d / "run.json").read_text())["settings"]
         assert (recorded["hook_point"], recorded["pooling"]) == (s.hook_point, s.pooling)
         assert (d / "guard" / "guard.json").is_file()
+    # the default guard reads words; `--no-guard-words` ships the neurons alone, in a directory of its own
+    ref_guard = json.loads((ref_dir / "guard" / "guard.json").read_text())
+    pap_guard = json.loads((pap_dir / "guard" / "guard.json").read_text())
+    assert ref_guard["format"] == "safetyneurons.guard/3" and "words.json" in ref_guard["files"]
+    assert pap_guard["format"] == "safetyneurons.guard/2" and pap_guard.get("words") is None
+    assert not any(f.startswith("words.") for f in pap_guard["files"]) and not (pap_dir / "guard" / "words.json").exists()
+    assert pap_dir.name.startswith("paper-") and ref_dir.name == "default"
 
 
 def test_clashing_out_without_force_exits_2_and_keeps_the_old_run(two_runs, tmp_path):
@@ -337,7 +349,7 @@ def test_default_pair_quick_pipeline(tmp_path, user_cache):
     d = data.default_splits_dir()
     splits = tmp_path / "splits"
     splits.mkdir()
-    for name, n in (("contrast", 24), ("train", 60), ("test", 30), ("heldout", 30)):
+    for name, n in (("contrast", 24), ("train", 60), ("val", 30), ("test", 30), ("heldout", 30)):
         recs = data.read_records(d / f"{name}.jsonl")
         if name != "contrast":
             recs = [r for r in recs if r["label"] == 1][: n // 2] + [r for r in recs if r["label"] == 0][: n // 2]
@@ -353,7 +365,7 @@ def test_default_pair_quick_pipeline(tmp_path, user_cache):
 
 
 def test_train_guard_words_ships_words_calibrated_as_the_guard_scores(tiny_run, capsys, tmp_path):
-    """`train --guard-words` (as `run --guard-words`): the guard reads each piece's words beside its neurons, its
+    """`train --guard-words` (as `run` does by default): the guard reads each piece's words beside its neurons, its
     thresholds are set on validation scored that way, and the words ship hashed inside the guard."""
     from builders import cli_in_process
 

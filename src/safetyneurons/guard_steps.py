@@ -119,7 +119,8 @@ def train_and_guard(s: RunSettings, inputs: Inputs, probes_out: Path, guard_out:
             guard = _guard_choice(s, result, inputs, calibration, guard_feature_set)
             if s.guard_words and "val" not in inputs.records:
                 raise UserError("A guard with words needs the validation split: its thresholds are set on it, "
-                                "read with the words. Give splits with a val split, or add --no-guard-words.")
+                                "read with the words. Give a val split, or train without words (guard_words=False, "
+                                "`run --no-guard-words`).")
             guard.words = _guard_words(s, inputs, guard) if s.guard_words else None
             guard.calibration = _guard_thresholds(s, inputs, result, guard, calibration.get(guard.key), progress)
     # held-out benchmark (whole sources never seen in training), with over-refusal side by side

@@ -24,8 +24,8 @@ from safetyneurons.probes.overrefusal import render_overrefusal
 from safetyneurons.probes.report import controls_section, results_table
 from safetyneurons.results.machine import provenance
 from safetyneurons.run_settings import RunSettings, SETTINGS_FILE, identity_of, setting_of
-from safetyneurons.steps import (change_scores, extract_split, load_pair, pair_refs, read_splits, safety_neurons,
-                                 split_data_info, split_file, write_safety_neurons)
+from safetyneurons.steps import (change_scores, check_splits, extract_split, load_pair, pair_refs, read_splits,
+                                 safety_neurons, split_data_info, split_file, write_safety_neurons)
 
 
 def _recorded_settings(out: Path) -> dict | None:
@@ -55,10 +55,12 @@ def claim_out_dir(s: RunSettings, force: bool = False) -> tuple[Path, Path | Non
         if recorded is None:
             raise UserError(f"--out {out} is not empty and holds no safetyneurons run. Give a new or empty "
                             f"directory, or add --force to replace its contents.")
-        diff = "; ".join(f"{k}: {setting_of(recorded, k)!r} there, {setting_of(mine, k)!r} now"
-                         for k in sorted(set(recorded) | set(mine)) if setting_of(recorded, k) != setting_of(mine, k))
+        differ = [k for k in sorted(set(recorded) | set(mine)) if setting_of(recorded, k) != setting_of(mine, k)]
+        diff = "; ".join(f"{k}: {setting_of(recorded, k)!r} there, {setting_of(mine, k)!r} now" for k in differ)
+        keep = (" To resume that run as it is (its guard reads no words), add --no-guard-words."
+                if differ == ["guard_words"] and setting_of(recorded, "guard_words") is False else "")
         raise UserError(f"--out {out} holds a run with other settings ({diff}). Give another --out, leave --out "
-                        f"unset (each setting gets its own runs/ directory), or add --force to replace that run.")
+                        f"unset (each setting gets its own runs/ directory), or add --force to replace that run.{keep}")
     backup = out.with_name(f".{out.name}.replaced-{int(time.time())}")
     out.rename(backup)
     return out, backup
@@ -106,6 +108,7 @@ def run(settings: RunSettings | None = None, progress: bool = True, force: bool 
     replaced only once the new one has finished (it is restored if the new run fails).
     """
     s = (settings or RunSettings()).validate()
+    check_splits(s)  # before the directory is claimed: a refused run leaves nothing behind
     out, backup = claim_out_dir(s, force=force)
     try:
         summary = _run(s, out, progress)

@@ -135,6 +135,8 @@ class RunSettings:
                             f"({', '.join(self.classifiers)}).")
         if "safety" not in self.feature_sets:
             raise UserError("The run needs the `safety` feature set (the guard is built from it).")
+        if not isinstance(self.guard_words, bool):
+            raise UserError(f"guard_words must be True or False, got {self.guard_words!r}.")
         if int(self.n_boot) < 0:
             raise UserError(f"--bootstrap must be >= 0, got {self.n_boot}.")
         if not 0.0 <= float(self.target_fpr) < 1.0:

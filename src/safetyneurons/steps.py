@@ -43,17 +43,26 @@ def splits_dir(splits: str | Path | None, seed: int = 0) -> Path:
     return Path(splits) if splits else data.default_splits_dir(seed=seed)
 
 
-def read_splits(s: RunSettings) -> tuple[Path, dict[str, list[dict]]]:
-    """The splits directory and its records per split (stratified subsamples for a quick run)."""
-    splits = splits_dir(s.splits, s.seed)
-    need = ["contrast.jsonl", "train.jsonl", "test.jsonl"]
-    missing = [n for n in need if not (splits / n).is_file()]
+def check_splits(s: RunSettings) -> None:
+    """Refuse a ``--splits`` directory the run cannot use, before anything is written: it lacks a file every run
+    reads, or val.jsonl when the guard reads words (its thresholds are set on val read with the words). The default
+    splits hold every file."""
+    if not s.splits:
+        return
+    splits = Path(s.splits)
+    missing = [n for n in ("contrast.jsonl", "train.jsonl", "test.jsonl") if not (splits / n).is_file()]
     if missing:
         raise UserError(f"--splits {splits} lacks {', '.join(missing)}; build it with `safetyneurons data build`.")
-    if s.guard_words and not (splits / "val.jsonl").is_file():  # refused before any work, not after extraction
+    if s.guard_words and not (splits / "val.jsonl").is_file():
         raise UserError(f"--splits {splits} lacks val.jsonl, which a guard with words needs (its thresholds are set "
                         f"on it, read with the words); build it with `safetyneurons data build`, or add "
                         f"--no-guard-words.")
+
+
+def read_splits(s: RunSettings) -> tuple[Path, dict[str, list[dict]]]:
+    """The splits directory and its records per split (stratified subsamples for a quick run)."""
+    check_splits(s)
+    splits = splits_dir(s.splits, s.seed)
     split_records = {name: data.read_records(splits / f"{name}.jsonl")
                      for name in ("contrast", "train", "val", "test", "heldout")
                      if (splits / f"{name}.jsonl").is_file()}

@@ -159,7 +159,7 @@ def extract(model_ref, data, splits, augment, seed, hook_point, pooling, neurons
 @click.option("--guard-max-layer", default="auto", show_default=True, metavar="auto|none|L",
               help="The guard's layer budget, as `run --guard-max-layer` (needs --scores; auto also --val).")
 @click.option("--guard-words", is_flag=True,
-              help="The guard also reads the words of every piece, as `run --guard-words` (needs --val: its "
+              help="The guard also reads the words of every piece, as `run` does by default (needs --val: its "
                    "thresholds are set on validation scored that way).")
 @click.option("--selection", type=click.Choice(list(VARIANTS)), default="rms", show_default=True,
               help="With --scores: the selection variant of the safety neurons.")

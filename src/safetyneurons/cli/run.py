@@ -52,10 +52,10 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
               help="The guard's layer budget (it stops after that layer): auto = the smallest budget whose "
                    "validation AUROC is within 0.005 of the best budget's (safetyneurons.probes.budget); none = the "
                    "safety set as it is; or a layer index.")
-@click.option("--guard-words/--no-guard-words", default=None,
+@click.option("--guard-words/--no-guard-words", default=True, show_default=True,
               help="The guard also reads the words of every piece: a TF-IDF logit summed with the safety-neuron "
-                   "probe's (docs/guard.md). On by default (the validation rule of docs/guard_quality.md picks "
-                   "it); --no-guard-words ships the neurons alone.  [default: guard-words]")
+                   "probe's (docs/guard.md); the validation rule of docs/guard_quality.md picks it. "
+                   "--no-guard-words ships the neurons alone.")
 @click.option("--random-draws", type=int, default=20, show_default=True,
               help="Seeded draws of each random neuron control (layer-matched and global).")
 @click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True,

@@ -80,7 +80,8 @@ class RunSource:
         """The `safetyneurons run` command line that names this run (its full settings: settings.json)."""
         s = self.run.get("settings") or {}
         flags = "".join(f" {flag}" for flag, on in (("--paper", s.get("preset") == "paper"),
-                                                    ("--quick", s.get("quick")), ("--patch", s.get("patch"))) if on)
+                                                    ("--quick", s.get("quick")), ("--patch", s.get("patch")),
+                                                    ("--no-guard-words", not s.get("guard_words", False))) if on)
         inputs = "".join(f" --{k} {shown(Path(s[k])) if k == 'splits' else s[k]}" for k in ("base", "aligned", "splits")
                          if s.get(k))
         default_name = f"{s.get('preset', 'default')}{'-quick' if s.get('quick') else ''}"
