@@ -270,7 +270,7 @@ def two_runs(tmp_path_factory):
 
 
 def test_two_presets_into_the_default_location_both_survive(two_runs):
-    root, _, runs = two_runs
+    root, small, runs = two_runs
     (s_ref, ref_dir, ref_before), (s_pap, pap_dir, _) = runs["default"], runs["paper"]
     assert ref_dir != pap_dir
     assert ref_dir.parent == pap_dir.parent == root / "runs"
@@ -286,7 +286,10 @@ def test_two_presets_into_the_default_location_both_survive(two_runs):
     assert ref_guard["format"] == "safetyneurons.guard/3" and "words.json" in ref_guard["files"]
     assert pap_guard["format"] == "safetyneurons.guard/2" and pap_guard.get("words") is None
     assert not any(f.startswith("words.") for f in pap_guard["files"]) and not (pap_dir / "guard" / "words.json").exists()
-    assert pap_dir.name.startswith("paper-") and ref_dir.name == "default"
+    from safetyneurons.pipeline import RunSettings
+
+    s_pap_words = RunSettings.for_preset("paper", **small)  # the same settings with words: another directory
+    assert root / s_pap_words.out_dir != pap_dir and s_pap.guard_words is False and s_ref.guard_words is True
 
 
 def test_clashing_out_without_force_exits_2_and_keeps_the_old_run(two_runs, tmp_path):
