@@ -102,6 +102,9 @@ def test_results_name_the_run_figures_file_code_and_machine(work):
     source = (f"_Source: `runs/default/probes/report.json`; code {run['code_version']}; {machine}; guard {guard_id}; "
               f"command `{command}`._")
     assert source in text.splitlines()
+    # the run's guard reads words (run's default), and both files say so
+    assert "It also reads each piece's words" in text
+    assert "it also reads each piece's words" in (work / "README.md").read_text()
     for r in report["overrefusal"]["summary"]:  # the guard table: every probe of the held-out summary
         assert any(line.startswith(f"| {r['probe']} | {100 * r['flag_rate_ordinary_benign']:.1f}% | ")
                    for line in text.splitlines())

@@ -68,10 +68,16 @@ def run_section(run: RunSource) -> list[str]:
     return lines
 
 
+def words_clause(run: RunSource) -> str:
+    """Whether the run's guard also reads each piece's words (guard.json ``words``)."""
+    return ("it also reads each piece's words (a TF-IDF logit summed with the probe's)"
+            if (run.guard or {}).get("words") else "it reads no words (neurons only)")
+
+
 def guard_section(run: RunSource) -> list[str]:
     """The guard's tables: its layer budget, its operating points on validation, and the held-out flag rates and
     recall of the guard as served next to every probe and the baselines."""
-    lines = [budget_line(run.report), ""]
+    lines = [f"{budget_line(run.report)} {words_clause(run).capitalize()}.", ""]
     with reading(run.dir / "probes" / "report.json", RUN_FIX):
         if run.report.get("guard_calibration"):
             lines += ["Thresholds on the validation split (read as the guard reads):", ""]
@@ -135,8 +141,8 @@ def _guard_block(run: RunSource) -> list[str]:
     over = run.report["overrefusal"]
     points = ((run.report.get("guard_calibration") or {}).get("operating_points") or {})
     rules = "; ".join(f"{name}: {pct(p['target_fpr'])} false positives on validation" for name, p in sorted(points.items()))
-    return [f"Guard {run.guard_id or 'n/a'}: {budget_line(run.report, short=True)}" + (f" ({rules})" if rules else "")
-            + ".", ""] + heldout_table(over, headline_probes(over), short=True)
+    return [f"Guard {run.guard_id or 'n/a'}: {budget_line(run.report, short=True)}; {words_clause(run)}"
+            + (f" ({rules})" if rules else "") + ".", ""] + heldout_table(over, headline_probes(over), short=True)
 
 
 def _run_block(runs: Sequence[RunSource], build: Callable[[RunSource], list[str]]) -> str:
