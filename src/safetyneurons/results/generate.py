@@ -141,8 +141,8 @@ def _guard_block(run: RunSource) -> list[str]:
     over = run.report["overrefusal"]
     points = ((run.report.get("guard_calibration") or {}).get("operating_points") or {})
     rules = "; ".join(f"{name}: {pct(p['target_fpr'])} false positives on validation" for name, p in sorted(points.items()))
-    return [f"Guard {run.guard_id or 'n/a'}: {budget_line(run.report, short=True)}; {words_clause(run)}"
-            + (f" ({rules})" if rules else "") + ".", ""] + heldout_table(over, headline_probes(over), short=True)
+    return [f"Guard {run.guard_id or 'n/a'}: {budget_line(run.report, short=True)}; {words_clause(run)}."
+            + (f" Thresholds: {rules}." if rules else ""), ""] + heldout_table(over, headline_probes(over), short=True)
 
 
 def _run_block(runs: Sequence[RunSource], build: Callable[[RunSource], list[str]]) -> str:

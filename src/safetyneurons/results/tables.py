@@ -184,8 +184,12 @@ def twin_table(twin: dict) -> list[str]:
 
 
 def _benchmark_rows(d: dict) -> list[str]:
-    numeric = [bool(d["rows"]) and all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool)
-                                       for r in d["rows"]) for k in range(len(d["columns"]))]
+    def is_number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    # a column of numbers is right-aligned; its empty cells (None, shown "n/a") do not change that
+    numeric = [any(is_number(r[k]) for r in d["rows"]) and all(r[k] is None or is_number(r[k]) for r in d["rows"])
+               for k in range(len(d["columns"]))]
     return markdown_table([cell(c) for c in d["columns"]], [[cell(v) for v in r] for r in d["rows"]], numeric)
 
 
