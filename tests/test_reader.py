@@ -301,15 +301,18 @@ def is_quick_run_guard(g: Guard) -> bool:
 @pytest.mark.e2e
 @real_guard_built
 def test_real_guard_reads_dilution_unicode_roles_and_injection(real):
-    """Any real guard reads a harmful request behind benign padding (it scores above 0.5 while the padding alone
-    scores below, within the token limit and far beyond it). That the padded request is also *flagged* at the
-    guard's operating threshold is a claim about the full default run's guard only: the --quick guard (CI's)
-    trains on 300 prompts and calibrates a higher threshold on 150, and the 6-paragraph case stays under it."""
+    """Any real guard reads a harmful request behind benign padding (it scores above 0.5 and above the padding alone,
+    which the guard does not flag, within the token limit and far beyond it). The padding alone is judged at the
+    guard's own threshold, not at 0.5: a guard with words scores the sum of two standardised logits, so 0.5 is the
+    training split's average piece, not a boundary. That the padded request is also *flagged* at the guard's
+    operating threshold is a claim about the full default run's guard only: the --quick guard (CI's) trains on 300
+    prompts and calibrates its threshold on 150, and the 6-paragraph case may stay under it."""
     assert real.score(REAL_HARMFUL)[0].flagged, "precondition: the bare request is flagged"
     full = not is_quick_run_guard(real)
     for before in (2, 6, 40):  # within the token limit and far beyond it
         padded, alone = real.score([REAL_BENIGN * before + REAL_HARMFUL, REAL_BENIGN * before])
-        assert padded.unsafe_probability > 0.5 > alone.unsafe_probability, (before, padded, alone)
+        assert padded.unsafe_probability > max(0.5, alone.unsafe_probability) and not alone.flagged, \
+            (before, padded, alone)
         assert padded.flagged or not full, (before, padded)
     zw = "\u200b".join(REAL_HARMFUL)
     fullwidth = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in REAL_HARMFUL)
