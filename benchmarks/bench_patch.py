@@ -152,10 +152,8 @@ def table_rows(result: dict, borrowed_direction: dict | None = None) -> tuple[li
     return rows, notes
 
 
-README_SETS = ("safety neurons", "safety neurons outside saturated layers", "layer-matched random (mean of draws)",
-               "change-matched random (mean of draws)", "change-matched random, effect / change ratio",
-               "refusal direction", "mean patching of the safety set", "zero ablation of the safety set")
-SCALED = "change-matched random, effect / change ratio"
+README_SETS = tuple(label for _, label in TABLE_SETS)  # every patched set; the unpatched models stay in causal.md
+SCALED = dict(TABLE_SETS)["change_scaled"]
 README_COLUMNS = ("hook point", "direction", "set", "refuses harmful (judge) %", "effect on refusal (judge)",
                   "refusal score (harmful)", "degenerate %", "perplexity ratio", "safety - this, judge: D [95% CI] p",
                   "safety - this, refusal score: D [95% CI] p")
