@@ -257,7 +257,8 @@ def two_runs(tmp_path_factory):
     from safetyneurons.pipeline import RunSettings, run
 
     small = dict(base=str(base), aligned=str(aligned), splits=str(splits), random_draws=1, n_boot=20,
-                 store_dtype="float32", batch_size=8, feature_sets=("safety",), classifiers=("logreg",))
+                 store_dtype="float32", batch_size=8, feature_sets=("safety",), classifiers=("logreg",),
+                 guard_classifier="logreg")
     runs = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFETYNEURONS_CACHE", str(root / "cache"))

@@ -42,7 +42,7 @@ def tiny_run(tmp_path_factory):
 
     settings = RunSettings(out=str(root / "run"), base=str(base), aligned=str(aligned), splits=str(splits),
                            random_draws=2, n_boot=50, store_dtype="float32", batch_size=4, target_fpr=0.1,
-                           category_min_examples=5, classifiers=["logreg"])
+                           category_min_examples=5, classifiers=["logreg"], guard_classifier="logreg")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFETYNEURONS_CACHE", str(root / "cache"))
         run(settings, progress=False)

@@ -38,6 +38,11 @@ def _recorded_settings(out: Path) -> dict | None:
     return None
 
 
+#: the flags that give a setting back the value an earlier run recorded (settings whose default changed)
+_RESUME_FLAGS = {"guard_words": lambda v: "--guard-words" if v else "--no-guard-words",
+                 "guard_classifier": lambda v: f"--guard-classifier {v}"}
+
+
 def claim_out_dir(s: RunSettings, force: bool = False) -> tuple[Path, Path | None]:
     """Check that ``s.out_dir`` may take this run; returns (out, backup of a replaced run or None).
 
@@ -57,8 +62,9 @@ def claim_out_dir(s: RunSettings, force: bool = False) -> tuple[Path, Path | Non
                             f"directory, or add --force to replace its contents.")
         differ = [k for k in sorted(set(recorded) | set(mine)) if setting_of(recorded, k) != setting_of(mine, k)]
         diff = "; ".join(f"{k}: {setting_of(recorded, k)!r} there, {setting_of(mine, k)!r} now" for k in differ)
-        keep = (" To resume that run as it is (its guard reads no words), add --no-guard-words."
-                if differ == ["guard_words"] and setting_of(recorded, "guard_words") is False else "")
+        flags = [_RESUME_FLAGS[k](setting_of(recorded, k)) for k in differ if k in _RESUME_FLAGS]
+        keep = (f" To resume that run as it is, add {' '.join(flags)}." if flags and len(flags) == len(differ)
+                else "")
         raise UserError(f"--out {out} holds a run with other settings ({diff}). Give another --out, leave --out "
                         f"unset (each setting gets its own runs/ directory), or add --force to replace that run.{keep}")
     backup = out.with_name(f".{out.name}.replaced-{int(time.time())}")

@@ -25,7 +25,9 @@ from safetyneurons.probes.variants import check_variant
 REFERENCE = {"hook_point": "mlp_out", "positions": "content", "pooling": "mean", "completion_from": "base"}
 # Chen et al. 2025 (arXiv 2406.14144): FFN neurons, change scores on completion tokens (token_type='completion')
 # written by the not-yet-aligned (base) model and read by both, last-token features for the probes
-PAPER = {"hook_point": "mlp_neurons", "positions": "completion", "pooling": "last", "completion_from": "base"}
+# and their probe, logistic regression, as the guard's classifier
+PAPER = {"hook_point": "mlp_neurons", "positions": "completion", "pooling": "last", "completion_from": "base",
+         "guard_classifier": "logreg"}
 PRESETS: dict[str, dict] = {"default": REFERENCE, "paper": PAPER}  # name -> settings; each gets runs/<name>
 RUNS_DIR = "runs"
 SETTINGS_FILE = "settings.json"  # written first into a run directory: which settings own it
@@ -64,7 +66,8 @@ class RunSettings:
     classifiers: Sequence[str] = ("svm", "logreg")
     feature_sets: Sequence[str] = ("safety", "pca", "all", "random", "random_global", "magnitude", "text", "length")
     random_draws: int = 20  # per random control (layer-matched and global)
-    guard_classifier: str = "logreg"
+    # the RBF SVM: the pre-registered validation rule of docs/guard_quality.md picks it for the guard with words
+    guard_classifier: str = "svm"
     # the guard's layer budget (safetyneurons.probes.budget): auto = chosen on the validation split; None: no budget
     guard_max_layer: str | int | None = AUTO
     # the guard also reads each piece's text: a TF-IDF logit summed with the probe's (safetyneurons.guard.words);

@@ -46,8 +46,9 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
               help="A splits directory from `safetyneurons data build` [default: the default mix].")
 @click.option("--features-from", type=click.Choice(FEATURES_FROM), default="base", show_default=True,
               help="Which model's activations the probes read (the reference project used the base model).")
-@click.option("--guard-classifier", type=click.Choice(CLASSIFIERS), default="logreg", show_default=True,
-              help="Classifier of the exported guard (always on the safety neurons).")
+@click.option("--guard-classifier", type=click.Choice(CLASSIFIERS), default=None,
+              help="Classifier of the exported guard (always on the safety neurons) [default: svm, which the "
+                   "validation rule of docs/guard_quality.md picks; logreg with --paper, the paper's probe].")
 @click.option("--guard-max-layer", default="auto", show_default=True, metavar="auto|none|L",
               help="The guard's layer budget (it stops after that layer): auto = the smallest budget whose "
                    "validation AUROC is within 0.005 of the best budget's (safetyneurons.probes.budget); none = the "

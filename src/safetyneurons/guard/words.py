@@ -55,13 +55,17 @@ class Words:
         d = text.decision_function(texts)
         return cls(text, float(d.mean()), _spread(d), float(neuron_logit.mean()), _spread(neuron_logit))
 
-    def probability(self, neuron_logit: Any, texts: Sequence[str]) -> np.ndarray:
-        """Unsafe probability of pieces from their neuron logits and texts, float64 ``[n]`` (NaN stays NaN)."""
+    def logit(self, neuron_logit: Any, texts: Sequence[str]) -> np.ndarray:
+        """The summed standardised logit of pieces from their neuron logits and texts, float64 ``[n]``."""
         neuron_logit = np.asarray(neuron_logit, dtype=np.float64).reshape(-1)
         if len(texts) != len(neuron_logit):
             raise UserError(f"Words need the text of every piece: {len(texts)} texts for {len(neuron_logit)} pieces.")
-        z = (self.text.decision_function(list(texts)) - self.text_mean) / self.text_std \
+        return (self.text.decision_function(list(texts)) - self.text_mean) / self.text_std \
             + (neuron_logit - self.neuron_mean) / self.neuron_std
+
+    def probability(self, neuron_logit: Any, texts: Sequence[str]) -> np.ndarray:
+        """Unsafe probability of pieces from their neuron logits and texts, float64 ``[n]`` (NaN stays NaN)."""
+        z = self.logit(neuron_logit, texts)
         with np.errstate(over="ignore", invalid="ignore"):
             return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
 

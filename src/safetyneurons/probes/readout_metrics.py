@@ -55,6 +55,22 @@ def threshold(y_val: np.ndarray, p_val: np.ndarray) -> float:
     return float(threshold_for_fpr(y_val, p_val, TARGET_FPR))
 
 
+def choose_margin(rows: Sequence[dict], min_composition: float = MIN_COMPOSITION_RECALL, tie: float = TIE) -> dict:
+    """The piece margin's rule (docs/guard_quality.md) on rows ``{"margin", "val_composition_recall",
+    "val_recall"}``: among the margins whose validation composition recall is at least ``min_composition``, the
+    highest validation recall; ties (within ``tie``) to the larger margin; none passes: 0. Returns
+    ``{"chosen", "passed", "reason"}``."""
+    passed = [r for r in rows if (r["val_composition_recall"] or 0.0) >= min_composition]
+    if not passed:
+        return {"chosen": 0.0, "passed": [], "reason": f"no margin reaches {min_composition:.0%} composition "
+                                                       f"recall: 0"}
+    top = max(r["val_recall"] for r in passed)
+    best = max((r for r in passed if r["val_recall"] >= top - tie), key=lambda r: r["margin"])
+    return {"chosen": float(best["margin"]), "passed": [float(r["margin"]) for r in passed],
+            "reason": f"{len(passed)} of {len(rows)} margins reach {min_composition:.0%} composition recall; highest "
+                      f"validation recall {top:.3f}, ties within {tie:.0%} to the larger margin"}
+
+
 def choose(rows: Sequence[dict], min_composition: float = MIN_COMPOSITION_RECALL, tie: float = TIE) -> dict:
     """The pre-registered rule on rows ``{"name", "eligible", "val_composition_recall", "val_recall",
     "val_hard_negative", "cost"}``. Returns ``{"chosen", "passed", "reason", "would_win"}``: ``would_win`` is

@@ -33,7 +33,10 @@ README_COLUMNS = ["variant", "held-out AUROC", "held-out recall@t", "held-out or
                   "held-out hard-neg flagged", "held-out composition recall",
                   f"at {README_RECALL:.0%} held-out recall: ordinary / hard-neg flagged"]
 README_VARIANTS = ("all/mean_windows", "text/tfidf", "text/tfidf_windows", "safety+text/mean",
-                   "safety+text/mean_windows")
+                   "safety+text/mean_windows", "safety+text/mean_windows/svm")
+MARGIN_COLUMNS = ["piece margin", "val recall@t", "val composition recall", "val hard-neg flagged",
+                  "held-out AUROC", "held-out recall@t", "held-out ordinary benign flagged",
+                  "held-out hard-neg flagged", "held-out composition recall"]
 
 
 def _flag_pair(f: dict) -> str:
@@ -80,6 +83,28 @@ def _md_table(columns: list[str], rows: list[list], pct_from: int) -> list[str]:
     return lines
 
 
+def choice_notes(report: dict) -> list[str]:
+    """What the rules of docs/guard_quality.md picked beyond the readout: the guard's classifier and its piece
+    margin (each a sentence; none when the report has no such figures)."""
+    c, out = report["choice"], []
+    if c.get("classifier"):
+        out.append(f"Between logistic regression and the RBF SVM as the neuron probe of the guard with words, read as "
+                   f"served, the rule picks `{c['classifier']}`.")
+    if "piece_margin" in c:
+        out.append(f"Piece margin of the deployed guard: the rule picks {c['piece_margin']:g} "
+                   f"({report['piece_margin']['reason']}).")
+    return out
+
+
+def margin_rows(report: dict) -> list[list]:
+    out = []
+    for r in report.get("piece_margin", {}).get("rows", []):
+        v, h = r["val"], r["heldout"]
+        out.append([f"{r['margin']:g}", v["recall"], v["composition"]["recall"], v["flag_hard_negative"], h["auroc"],
+                    h["recall"], h["flag_ordinary_benign"], h["flag_hard_negative"], h["composition"]["recall"]])
+    return out
+
+
 def render(report: dict) -> str:
     c = report["choice"]
     lines = ["# Readout comparison", "",
@@ -87,7 +112,7 @@ def render(report: dict) -> str:
              "flags at most 5% of the validation benign prompts; the rule is in docs/guard_quality.md.", "",
              f"**Chosen by the rule: `{c['chosen']}`** ({c['reason']}). With every row eligible the rule would pick "
              f"`{c['would_win']}`; with the words added to the guard's neurons eligible too, `{c.get('with_words')}`.",
-             "", "## Variants", ""]
+             *(["", *choice_notes(report)] if choice_notes(report) else []), "", "## Variants", ""]
     lines += _md_table(COLUMNS, table_rows(report), 4) + ["", "## Composition recall by cell (held-out)", ""]
     cells = list(report["variants"][0]["heldout"]["composition"]["cells"])
     lines += _md_table(["variant"] + cells, [[r["name"]] + [r["heldout"]["composition"]["cells"][k] for k in cells]
@@ -95,6 +120,12 @@ def render(report: dict) -> str:
     lines += ["", "## Composition recall by cell (validation)", ""]
     lines += _md_table(["variant"] + cells, [[r["name"]] + [r["val"]["composition"]["cells"][k] for k in cells]
                                             for r in report["variants"]], 1)
+    if report.get("piece_margin"):
+        lines += ["", "## Piece margin of the deployed guard", "",
+                  "A piece other than the whole message (a window, a sentence) decides only when its summed logit "
+                  "less the margin is the highest; each margin gets its own threshold (5% validation FPR). The "
+                  "rule (docs/guard_quality.md) reads the validation columns only.", ""]
+        lines += _md_table(MARGIN_COLUMNS, margin_rows(report), 1)
     lines += ["", "## k of the agreement readout (validation)", ""]
     lines += _md_table(["k", "val recall@t", "val composition recall"],
                        [[r["k"], r["val_recall"], r["val_composition_recall"]] for r in report["k_table"]], 1)
@@ -156,6 +187,7 @@ def write_benchmark(report: dict, path: Path, command: str) -> None:
              "notes": [f"Chosen by the pre-registered rule (docs/guard_quality.md): {c['chosen']} ({c['reason']}).",
                        f"With every row eligible the same rule picks {c['would_win']}; with the neurons + TF-IDF "
                        f"as served eligible too (whether the guard adds the words), {c.get('with_words')}.",
+                       *choice_notes(report),
                        "Thresholds: at most 5% false positives on the validation benign prompts; held-out figures "
                        "are never used to choose.",
                        f"Compositions: {report['n_compose_per_cell']} harmful prompts per cell (start/middle/end x "

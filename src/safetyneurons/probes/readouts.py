@@ -39,6 +39,12 @@ TODAY = "safety/mean_windows"
 #: the guard's neurons with the words, read as served: the rule of docs/guard_quality.md with it eligible too
 #: says whether the guard should add a TF-IDF component (``choice["with_words"]``)
 WORDS = "safety+text/mean_windows"
+#: the same with the RBF SVM as the neuron probe: the rule of docs/guard_quality.md between the two picks the
+#: guard's classifier (``choice["classifier"]``)
+WORDS_SVM = "safety+text/mean_windows/svm"
+CLASSIFIER_OF = {WORDS: "logreg", WORDS_SVM: "svm"}
+#: the piece margins the rule of docs/guard_quality.md chooses from (``choice["piece_margin"]``)
+MARGINS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -144,17 +150,47 @@ def _text_scorers(train_texts: list[str], y: np.ndarray, train_ts: TextSet, safe
     if piece_texts is None:
         return out
 
-    def served(texts: Sequence[str], ts: TextSet, with_neurons: bool) -> np.ndarray:
-        words, owner = piece_texts(texts)
-        if ts.windows is None or len(ts.windows) != len(words):
-            raise ValueError("this text set was read without the guard's pieces")
-        p = summed(words, ts.windows) if with_neurons else text.unsafe_probability(words)
-        return max_per_input(p, owner, len(texts))
+    def served(texts: Sequence[str], ts: TextSet) -> np.ndarray:
+        words, owner = _served_pieces(piece_texts, texts, ts)
+        return max_per_input(text.unsafe_probability(words), owner, len(texts))
 
-    return out + [Scorer("text/tfidf_windows", "text", "TF-IDF, pieces as served", False,
-                         lambda texts, ts: served(texts, ts, False), "windows"),
-                  Scorer("safety+text/mean_windows", "safety+text", "mean + TF-IDF, pieces as served", False,
-                         lambda texts, ts: served(texts, ts, True), "windows")]
+    return out + [Scorer("text/tfidf_windows", "text", "TF-IDF, pieces as served", False, served, "windows"),
+                  _words_served(WORDS, "mean + TF-IDF, pieces as served", probe, cols, fitted, piece_texts)]
+
+
+def _served_pieces(piece_texts: Callable, texts: Sequence[str], ts: TextSet) -> tuple[list[str], np.ndarray]:
+    words, owner = piece_texts(texts)
+    if ts.windows is None or len(ts.windows) != len(words):
+        raise ValueError("this text set was read without the guard's pieces")
+    return words, owner
+
+
+def _words_served(name: str, readout: str, probe: Any, cols: np.ndarray, words: Any, piece_texts: Callable,
+                  ) -> Scorer:
+    """Neurons (``probe`` on ``cols``) + ``words`` (:class:`~safetyneurons.guard.words.Words`) on every piece
+    the guard reads, a text its most unsafe piece: how a guard with words serves."""
+    def fn(texts: Sequence[str], ts: TextSet) -> np.ndarray:
+        pieces, owner = _served_pieces(piece_texts, texts, ts)
+        return max_per_input(words.probability(probe.decision_function(ts.windows[:, cols]), pieces), owner,
+                             len(texts))
+
+    return Scorer(name, "safety+text", readout, False, fn, "windows")
+
+
+def _svm_scorers(train_texts: list[str], y: np.ndarray, train_ts: TextSet, cols: np.ndarray, seed: int,
+                 piece_texts: Callable) -> list[Scorer]:
+    """The guard's readout as served with the RBF SVM as the neuron probe (the probes' other classifier), alone
+    and with the words; trained on the same augmented training split."""
+    from safetyneurons.guard.words import Words
+    from safetyneurons.probes.probe import Probe
+
+    X = train_ts.pooled[:, MEAN][:, cols]
+    svm = Probe("svm", C=1.0, seed=seed, cv=0).fit(X, y)
+    words = Words.fit(train_texts, y, svm.decision_function(X), seed=seed)
+    alone = Variant("safety/mean_windows/svm", "safety", "mean_windows", cols, svm)
+    return [Scorer(alone.name, "safety", "mean_windows (svm)", False, lambda texts, ts: alone.score(ts), "windows",
+                   alone),
+            _words_served(WORDS_SVM, "mean (svm) + TF-IDF, pieces as served", svm, cols, words, piece_texts)]
 
 
 def _deployed_with_words(v: Variant, words: Any, piece_texts: Callable) -> Scorer:
@@ -222,8 +258,10 @@ def train_scorers(sets: dict[str, TextSet], recs: dict[str, list[dict]], fsets: 
             v = train_agreement(train, y, name, fsets[name], tok, pooled[name]["mean"].probe, [k], seed)[k]
             scorers.append(_variant_scorer(v, False))
             bar.update(1)
-    scorers += _text_scorers([r["prompt"] for r in recs["train"]], y, train, pooled["safety"]["mean"], seed,
-                             piece_texts)
+    train_texts = [r["prompt"] for r in recs["train"]]
+    scorers += _text_scorers(train_texts, y, train, pooled["safety"]["mean"], seed, piece_texts)
+    if piece_texts is not None:
+        scorers += _svm_scorers(train_texts, y, train, fsets["safety"], seed, piece_texts)
     bar.update(1)
     bar.close()
     return scorers, k_table
@@ -333,12 +371,38 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
     rows = [variant_row(sc, scores[sc.name], recs, cost) for sc in scorers]
     choice = rm.choose(rows)
     choice["with_words"] = rm.choose([{**r, "eligible": r["eligible"] or r["name"] == WORDS} for r in rows])["chosen"]
+    choice["classifier"] = CLASSIFIER_OF.get(rm.choose([{**r, "eligible": r["name"] in CLASSIFIER_OF}
+                                                        for r in rows])["chosen"])
     report = {"run": str(run_dir), "guard_id": guard.id, "splits": str(splits_dir), "seed": seed,
               "n_compose_per_cell": n_compose, "k_table": k_table, "variants": rows, "choice": choice,
               "sizes": {name: len(t) for name, t in texts.items()}}
+    if guard.words is not None:
+        report["piece_margin"] = margin_table(deployed, guard.words, cache, texts, sets, recs, cost)
+        choice["piece_margin"] = report["piece_margin"]["chosen"]
     _extras(report, scores, recs, orig, rules, sets, scorers, token_cols, lm, block.width)
     write_readouts(report, Path(out_dir))
     return report
+
+
+def margin_table(v: Variant, words: Any, cache: ReadoutCache, texts: dict[str, list[str]], sets: dict[str, TextSet],
+                 recs: dict[str, list[dict]], cost: dict[str, float], margins: Sequence[float] = MARGINS) -> dict:
+    """The deployed guard with words when a piece other than the whole message must beat the threshold by a
+    margin (in the summed logit) to decide: one row per margin (:func:`variant_row`), and the margin the rule of
+    docs/guard_quality.md picks (:func:`~safetyneurons.probes.readout_metrics.choose_margin`)."""
+    logits = {}
+    for name in ("val", "val_comp", "heldout", "held_comp"):
+        pieces, owner = cache.piece_texts(texts[name])
+        z = words.logit(v.probe.decision_function(sets[name].windows[:, v.cols]), pieces)
+        logits[name] = (z, owner, ~cache.whole_pieces(texts[name]))
+    rows = []
+    for m in margins:
+        p = {}
+        for name, (z, owner, part) in logits.items():
+            top = max_per_input(z - m * part, owner, len(texts[name]))
+            p[name] = 1.0 / (1.0 + np.exp(-np.clip(top, -60.0, 60.0)))
+        sc = Scorer(f"margin {m:g}", "safety+text", "mean_windows + words", False, lambda t, ts: None, "windows")
+        rows.append({**variant_row(sc, p, recs, cost), "margin": float(m)})
+    return {"rows": rows, **rm.choose_margin(rows)}
 
 
 def _extras(report: dict, scores: dict, recs: dict, orig: list[int], rules: list[str], sets: dict,
