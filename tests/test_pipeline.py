@@ -242,6 +242,29 @@ def test_a_run_recorded_before_words_were_the_default_is_refused_naming_the_sett
     assert claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_words=False)) == (old, None)
 
 
+def test_a_run_recorded_before_the_svm_guard_is_refused_naming_every_flag_that_resumes_it(tmp_path):
+    from safetyneurons.errors import UserError
+    from safetyneurons.pipeline import RunSettings, claim_out_dir
+    from safetyneurons.run_settings import SETTINGS_FILE
+
+    # the default guard is the RBF SVM; the paper preset keeps the paper's logistic regression
+    assert RunSettings().guard_classifier == "svm" and RunSettings.for_preset("default").guard_classifier == "svm"
+    assert RunSettings.for_preset("paper").guard_classifier == "logreg"
+    assert RunSettings.for_preset("paper", guard_classifier="svm").guard_classifier == "svm"
+    old = tmp_path / "old"
+    old.mkdir()
+    recorded = RunSettings.for_preset("default", guard_words=False, guard_classifier="logreg").identity()
+    (old / SETTINGS_FILE).write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match=r"guard_classifier: 'logreg' there, 'svm' now; guard_words: False there, "
+                                        r"True now.*add --guard-classifier logreg --no-guard-words\."):
+        claim_out_dir(RunSettings.for_preset("default", out=str(old)))
+    # a setting without a flag that gives it back: no resume hint
+    (old / SETTINGS_FILE).write_text(json.dumps({**recorded, "top_percent": 2.0}))
+    with pytest.raises(UserError, match=r"replace that run\.$"):
+        claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_words=False, guard_classifier="logreg"))
+    assert RunSettings.for_preset("default", guard_classifier="logreg").out_dir.name.startswith("default-")
+
+
 def _file_hashes(d: Path) -> dict:
     import hashlib
 

@@ -307,3 +307,97 @@ def test_deployed_guard_row_scores_as_a_guard_with_words_serves(tmp_path, cache)
     sc = _deployed_with_words(Variant("deployed guard", "safety", "mean_windows", columns(block, ns), g.probe),
                               g.words, cache.piece_texts)
     np.testing.assert_allclose(sc.fn(texts, ts), g.unsafe_probability(texts), atol=1e-4)
+
+
+def test_margin_rule_keeps_composition_then_recall_and_ties_go_to_the_larger_margin():
+    def row(m, comp, recall):
+        return {"margin": m, "val_composition_recall": comp, "val_recall": recall}
+
+    rows = [row(0.0, 0.95, 0.850), row(0.5, 0.93, 0.858), row(1.0, 0.91, 0.862), row(2.0, 0.80, 0.95)]
+    out = rm.choose_margin(rows)
+    assert out["chosen"] == 1.0 and out["passed"] == [0.0, 0.5, 1.0]  # 0.5 and 1 within a point: the larger
+    assert rm.choose_margin([row(0.0, 0.95, 0.80), row(0.5, 0.92, 0.85)])["chosen"] == 0.5
+    assert rm.choose_margin([row(0.0, 0.95, 0.86), row(0.5, 0.92, 0.80)])["chosen"] == 0.0  # recall first
+    none = rm.choose_margin([row(0.0, 0.5, 0.9), row(1.0, 0.4, 0.95)])
+    assert none["chosen"] == 0.0 and none["passed"] == [] and "no margin" in none["reason"]
+
+
+def test_classifier_rule_reads_the_two_guards_with_words_as_served():
+    from safetyneurons.probes.readouts import WORDS, WORDS_SVM, choose_classifier
+
+    rows = [_row(WORDS, 0.92, 0.870, 0.08), _row(WORDS_SVM, 0.92, 0.885, 0.09),
+            _row("safety/mean_windows/svm", 0.99, 0.99, 0.0, eligible=False)]  # not a candidate, however good
+    assert choose_classifier(rows) == "svm"
+    rows[1] = _row(WORDS_SVM, 0.92, 0.875, 0.09)  # within a point: the lower hard-negative rate
+    assert choose_classifier(rows) == "logreg"
+    rows[1] = _row(WORDS_SVM, 0.92, 0.875, 0.08)  # a full tie: the cheaper, logistic regression
+    assert choose_classifier(rows) == "logreg"
+    rows[0] = _row(WORDS, 0.85, 0.95, 0.0)  # below 90% composition recall
+    assert choose_classifier(rows) == "svm"
+    assert choose_classifier([_row("text/tfidf", 0.1, 0.5, 0.0)]) is None
+
+
+def test_svm_guard_as_served_reads_each_piece_alone(planted_lm, tmp_path):
+    """The SVM rows of the comparison (the neurons alone and with words) score every piece the guard reads and take
+    the most unsafe, as the logistic-regression rows do: a padded request scores at least as it does alone."""
+    from safetyneurons.activations.reader import GUARD_READING
+    from safetyneurons.guard.words import Words
+    from safetyneurons.probes.probe import Probe
+    from safetyneurons.probes.readout_cache import MEAN, ReadoutCache, columns, layer_block
+    from safetyneurons.probes.readouts import WORDS_SVM, _svm_scorers
+    from safetyneurons.neurons.selection import NeuronSet
+    from builders import SAFE, UNSAFE
+
+    ns = NeuronSet(hook_point=HOOK, num_layers=NUM_LAYERS, width=MLP, layers=[0, 0, 0], indices=[3, J, 20],
+                   scores=[1.0, 1.0, 1.0], model=planted_lm.describe())
+    block = layer_block(ns)
+    cols = columns(block, ns)
+    cache = ReadoutCache(planted_lm, block, cols, tmp_path / "cache", 64, batch_size=8, progress=False,
+                         reading=GUARD_READING)
+    train_texts = UNSAFE + SAFE + PAD_SENTENCES
+    y = np.asarray([1] * len(UNSAFE) + [0] * (len(SAFE) + len(PAD_SENTENCES)))
+    train = cache.read("train", train_texts)
+    scorers = {sc.name: sc for sc in _svm_scorers(train_texts, y, train, cols, 0, cache.piece_texts)}
+    assert set(scorers) == {"safety/mean_windows/svm", WORDS_SVM}
+    rng = np.random.default_rng(3)
+    texts = [_benign(rng, 10) + " " + HARMFUL, _benign(rng, 10), HARMFUL]
+    ts = cache.read("eval", texts, windows=True)
+    for sc in scorers.values():
+        p = sc.fn(texts, ts)
+        assert sc.cost == "windows" and p[0] >= p[2] - 1e-6 and p[0] > p[1], sc.name  # its piece is read alone
+    # the words row is the Words sum on the SVM's decision values, exactly as a guard with words computes it
+    X = train.pooled[:, MEAN][:, cols]
+    svm = Probe("svm", C=1.0, seed=0, cv=0).fit(X, y)
+    words = Words.fit(train_texts, y, svm.decision_function(X), seed=0)
+    pieces, owner = cache.piece_texts(texts)
+    expect = words.probability(svm.decision_function(ts.windows[:, cols]), pieces)
+    got = np.full(len(texts), -np.inf)
+    np.maximum.at(got, owner, expect)
+    np.testing.assert_allclose(scorers[WORDS_SVM].fn(texts, ts), got, atol=1e-9)
+
+
+def test_piece_margin_scores_pieces_less_the_margin_and_the_whole_message_as_it_is(tmp_path, cache):
+    """Margin 0 is the guard as it serves; a margin larger than any logit leaves each text its whole message's
+    score; a text over the token limit has no whole piece and scores its pieces less the margin."""
+    from builders import build_guard
+    from safetyneurons.guard.guard import Guard
+    from safetyneurons.probes.readout_cache import MEAN, ReadoutCache, columns, layer_block
+    from safetyneurons.probes.readout_probes import Variant
+    from safetyneurons.probes.readouts import margin_scorer
+
+    path, lm, ns, _ = build_guard(tmp_path, max_length=64, words=True)
+    g = Guard.load(path, lm=lm)
+    block = layer_block(ns)
+    cache = ReadoutCache(lm, block, columns(block, ns), tmp_path / "cache", g.max_length, batch_size=8,
+                         progress=False, reading=g.meta.get("reading"))
+    rng = np.random.default_rng(5)
+    texts = [HARMFUL, _benign(rng, 1) + " " + HARMFUL, PAD_SENTENCES[0], _benign(rng, 40)]
+    ts = cache.read("t", texts, windows=True)
+    at = margin_scorer(Variant("deployed guard", "safety", "mean_windows", columns(block, ns), g.probe), g.words,
+                       cache, texts, ts)
+    np.testing.assert_allclose(at(0.0), g.unsafe_probability(texts), atol=1e-4)
+    whole = g.words.probability(g.probe.decision_function(ts.pooled[:3, MEAN][:, columns(block, ns)]), texts[:3])
+    assert cache.whole_pieces(texts[:3]).sum() == 3 and len(cache.whole_pieces(texts[1:2])) > 1  # it has pieces
+    np.testing.assert_allclose(at(1e3)[:3], whole, atol=1e-4)
+    assert cache.whole_pieces(texts[3:]).sum() == 0  # over the limit: windows only
+    assert at(1e3)[3] < 1e-6 and at(0.0)[3] > at(1.0)[3]

@@ -98,7 +98,9 @@ def test_results_name_the_run_figures_file_code_and_machine(work):
     guard_id = json.loads((work / "runs/default/guard/guard.json").read_text())["integrity"]["content_sha256"][:12]
     machine = f"{cpu_model()}, {run['machine']['threads']} threads, no GPU" if not run["machine"]["gpu"] else None
     s = run["settings"]
-    command = f"safetyneurons run --base {s['base']} --aligned {s['aligned']} --splits {s['splits']}"
+    # this run's guard is logistic regression, not the default's SVM: the command says so
+    command = (f"safetyneurons run --guard-classifier logreg --base {s['base']} --aligned {s['aligned']} "
+               f"--splits {s['splits']}")
     source = (f"_Source: `runs/default/probes/report.json`; code {run['code_version']}; {machine}; guard {guard_id}; "
               f"command `{command}`._")
     assert source in text.splitlines()

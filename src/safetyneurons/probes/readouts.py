@@ -371,8 +371,7 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
     rows = [variant_row(sc, scores[sc.name], recs, cost) for sc in scorers]
     choice = rm.choose(rows)
     choice["with_words"] = rm.choose([{**r, "eligible": r["eligible"] or r["name"] == WORDS} for r in rows])["chosen"]
-    choice["classifier"] = CLASSIFIER_OF.get(rm.choose([{**r, "eligible": r["name"] in CLASSIFIER_OF}
-                                                        for r in rows])["chosen"])
+    choice["classifier"] = choose_classifier(rows)
     report = {"run": str(run_dir), "guard_id": guard.id, "splits": str(splits_dir), "seed": seed,
               "n_compose_per_cell": n_compose, "k_table": k_table, "variants": rows, "choice": choice,
               "sizes": {name: len(t) for name, t in texts.items()}}
@@ -384,25 +383,41 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
     return report
 
 
+def choose_classifier(rows: Sequence[dict]) -> str | None:
+    """The guard's classifier by the rule of docs/guard_quality.md: the readout rule between the guard with words
+    read as served with logistic regression and with the RBF SVM (logistic regression first: the cheaper on a
+    tie); None when the comparison has neither."""
+    pool = sorted((r for r in rows if r["name"] in CLASSIFIER_OF), key=lambda r: list(CLASSIFIER_OF).index(r["name"]))
+    return CLASSIFIER_OF[rm.choose([{**r, "eligible": True} for r in pool])["chosen"]] if pool else None
+
+
 def margin_table(v: Variant, words: Any, cache: ReadoutCache, texts: dict[str, list[str]], sets: dict[str, TextSet],
                  recs: dict[str, list[dict]], cost: dict[str, float], margins: Sequence[float] = MARGINS) -> dict:
     """The deployed guard with words when a piece other than the whole message must beat the threshold by a
     margin (in the summed logit) to decide: one row per margin (:func:`variant_row`), and the margin the rule of
     docs/guard_quality.md picks (:func:`~safetyneurons.probes.readout_metrics.choose_margin`)."""
-    logits = {}
-    for name in ("val", "val_comp", "heldout", "held_comp"):
-        pieces, owner = cache.piece_texts(texts[name])
-        z = words.logit(v.probe.decision_function(sets[name].windows[:, v.cols]), pieces)
-        logits[name] = (z, owner, ~cache.whole_pieces(texts[name]))
+    names = ("val", "val_comp", "heldout", "held_comp")
+    scored = {name: margin_scorer(v, words, cache, texts[name], sets[name]) for name in names}
     rows = []
     for m in margins:
-        p = {}
-        for name, (z, owner, part) in logits.items():
-            top = max_per_input(z - m * part, owner, len(texts[name]))
-            p[name] = 1.0 / (1.0 + np.exp(-np.clip(top, -60.0, 60.0)))
         sc = Scorer(f"margin {m:g}", "safety+text", "mean_windows + words", False, lambda t, ts: None, "windows")
-        rows.append({**variant_row(sc, p, recs, cost), "margin": float(m)})
+        rows.append({**variant_row(sc, {name: scored[name](m) for name in names}, recs, cost), "margin": float(m)})
     return {"rows": rows, **rm.choose_margin(rows)}
+
+
+def margin_scorer(v: Variant, words: Any, cache: ReadoutCache, texts: Sequence[str], ts: TextSet
+                  ) -> Callable[[float], np.ndarray]:
+    """Unsafe probability of ``texts`` under the guard with words for any piece margin: each piece's summed logit
+    is computed once; a piece that is not a whole message loses the margin before the most unsafe is taken."""
+    pieces, owner = cache.piece_texts(texts)
+    z = words.logit(v.probe.decision_function(ts.windows[:, v.cols]), pieces)
+    part = ~cache.whole_pieces(texts)
+
+    def at(margin: float) -> np.ndarray:
+        top = max_per_input(z - margin * part, owner, len(texts))
+        return 1.0 / (1.0 + np.exp(-np.clip(top, -60.0, 60.0)))
+
+    return at
 
 
 def _extras(report: dict, scores: dict, recs: dict, orig: list[int], rules: list[str], sets: dict,
