@@ -154,9 +154,9 @@ def test_the_commands_write_runs_neurons_and_guard_byte_for_byte(three_ways):
                  "guard/guard.json", "guard/probe.safetensors", "guard/probe.json", "guard/categories.safetensors"):
         assert name in run and cmd.get(name) == run[name], name
     guard = json.loads(run["guard/guard.json"])
-    # what makes this run's guard: validation operating points, logreg, category heads, the layer budget
+    # what makes this run's guard: validation operating points, the SVM, category heads, the layer budget
     assert set(guard["calibration"]["operating_points"]) == {"strict", "loose"}
-    assert guard["classifier"] == "logreg" and guard["categories"]["names"]
+    assert guard["classifier"] == "svm" and guard["categories"]["names"]
     assert guard["layer_budget"]["setting"] == "auto" and guard["layer_budget"]["curve"]
     assert sorted(json.loads(run["contrast/neuron_set.json"])["settings"]["aligned"]) and \
         json.loads(run["contrast/neuron_set.json"])["settings"]["variant"] == "rms"

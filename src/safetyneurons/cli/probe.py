@@ -155,7 +155,7 @@ def extract(model_ref, data, splits, augment, seed, hook_point, pooling, neurons
 @click.option("--guard-feature-set", type=click.Choice(GUARD_FEATURE_SETS), default="safety",
               show_default=True, help="Which probe --export-guard ships.")
 @click.option("--guard-classifier", type=click.Choice(CLASSIFIERS), default=None,
-              help="Classifier of the guard [default: logreg, as `run`; the first of --classifiers without it].")
+              help="Classifier of the guard [default: svm, as `run`; the first of --classifiers without it].")
 @click.option("--guard-max-layer", default="auto", show_default=True, metavar="auto|none|L",
               help="The guard's layer budget, as `run --guard-max-layer` (needs --scores; auto also --val).")
 @click.option("--guard-words", is_flag=True,
@@ -187,7 +187,7 @@ def train(train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neu
     clfs = parse_list(classifiers, CLASSIFIERS, "classifier")
     sets = parse_list(feature_sets, FEATURE_SETS, "feature set")
     keep = parse_list(save_probes, FEATURE_SETS, "feature set to save") if save_probes.strip() else []
-    guard_classifier = guard_classifier or ("logreg" if "logreg" in clfs else clfs[0])
+    guard_classifier = guard_classifier or ("svm" if "svm" in clfs else clfs[0])
     if guard_dir and (guard_classifier not in clfs or guard_feature_set not in sets):
         raise UserError(f"--export-guard ships the {guard_feature_set}/{guard_classifier} probe, which is not "
                         f"trained: add it to --feature-sets and --classifiers.")
