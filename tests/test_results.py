@@ -105,8 +105,8 @@ def test_results_name_the_run_figures_file_code_and_machine(work):
               f"command `{command}`._")
     assert source in text.splitlines()
     # the run's guard reads words (run's default), and both files say so
-    assert "It also reads each piece's words" in text
-    assert "it also reads each piece's words" in (work / "README.md").read_text()
+    assert "Its probe is logistic regression; it also reads each piece's words" in text
+    assert "its probe is logistic regression; it also reads each piece's words" in (work / "README.md").read_text()
     for r in report["overrefusal"]["summary"]:  # the guard table: every probe of the held-out summary
         assert any(line.startswith(f"| {r['probe']} | {100 * r['flag_rate_ordinary_benign']:.1f}% | ")
                    for line in text.splitlines())
@@ -237,3 +237,13 @@ def test_guard_table_script_prints_the_guard_section_of_results(work):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and r.stdout.strip() in (work / "docs/results.md").read_text()
+
+
+def test_probe_clause_names_the_guards_classifier():
+    from types import SimpleNamespace
+
+    from safetyneurons.results.generate import probe_clause
+
+    assert probe_clause(SimpleNamespace(guard={"classifier": "svm"})) == "its probe is an RBF SVM"
+    assert probe_clause(SimpleNamespace(guard={"classifier": "logreg"})) == "its probe is logistic regression"
+    assert probe_clause(SimpleNamespace(guard=None)) == "its probe is not recorded"

@@ -74,10 +74,19 @@ def words_clause(run: RunSource) -> str:
             if (run.guard or {}).get("words") else "it reads no words (neurons only)")
 
 
+def probe_clause(run: RunSource) -> str:
+    """Which classifier reads the guard's neurons (guard.json ``classifier``)."""
+    c = (run.guard or {}).get("classifier")
+    return f"its probe is {PROBE_NAMES.get(c, c)}" if c else "its probe is not recorded"
+
+
+PROBE_NAMES = {"svm": "an RBF SVM", "logreg": "logistic regression"}
+
+
 def guard_section(run: RunSource) -> list[str]:
     """The guard's tables: its layer budget, its operating points on validation, and the held-out flag rates and
     recall of the guard as served next to every probe and the baselines."""
-    lines = [f"{budget_line(run.report)} {words_clause(run).capitalize()}.", ""]
+    lines = [f"{budget_line(run.report)} {probe_clause(run).capitalize()}; {words_clause(run)}.", ""]
     with reading(run.dir / "probes" / "report.json", RUN_FIX):
         if run.report.get("guard_calibration"):
             lines += ["Thresholds on the validation split (read as the guard reads):", ""]
@@ -141,7 +150,8 @@ def _guard_block(run: RunSource) -> list[str]:
     over = run.report["overrefusal"]
     points = ((run.report.get("guard_calibration") or {}).get("operating_points") or {})
     rules = "; ".join(f"{name}: {pct(p['target_fpr'])} false positives on validation" for name, p in sorted(points.items()))
-    return [f"Guard {run.guard_id or 'n/a'}: {budget_line(run.report, short=True)}; {words_clause(run)}."
+    return [f"Guard {run.guard_id or 'n/a'}: {budget_line(run.report, short=True)}; {probe_clause(run)}; "
+            f"{words_clause(run)}."
             + (f" Thresholds: {rules}." if rules else ""), ""] + heldout_table(over, headline_probes(over), short=True)
 
 
