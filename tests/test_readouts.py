@@ -344,7 +344,7 @@ def test_svm_guard_as_served_reads_each_piece_alone(planted_lm, tmp_path):
     from safetyneurons.guard.words import Words
     from safetyneurons.probes.probe import Probe
     from safetyneurons.probes.readout_cache import MEAN, ReadoutCache, columns, layer_block
-    from safetyneurons.probes.readouts import WORDS_SVM, _svm_scorers
+    from safetyneurons.probes.readouts import WORDS_CONTENT, WORDS_SVM, _svm_scorers
     from safetyneurons.neurons.selection import NeuronSet
     from builders import SAFE, UNSAFE
 
@@ -358,7 +358,7 @@ def test_svm_guard_as_served_reads_each_piece_alone(planted_lm, tmp_path):
     y = np.asarray([1] * len(UNSAFE) + [0] * (len(SAFE) + len(PAD_SENTENCES)))
     train = cache.read("train", train_texts)
     scorers = {sc.name: sc for sc in _svm_scorers(train_texts, y, train, cols, 0, cache.piece_texts)}
-    assert set(scorers) == {"safety/mean_windows/svm", WORDS_SVM}
+    assert set(scorers) == {"safety/mean_windows/svm", WORDS_SVM, WORDS_CONTENT}
     rng = np.random.default_rng(3)
     texts = [_benign(rng, 10) + " " + HARMFUL, _benign(rng, 10), HARMFUL]
     ts = cache.read("eval", texts, windows=True)
@@ -401,3 +401,15 @@ def test_piece_margin_scores_pieces_less_the_margin_and_the_whole_message_as_it_
     np.testing.assert_allclose(at(1e3)[:3], whole, atol=1e-4)
     assert cache.whole_pieces(texts[3:]).sum() == 0  # over the limit: windows only
     assert at(1e3)[3] < 1e-6 and at(0.0)[3] > at(1.0)[3]
+
+
+def test_content_word_rule_prefers_all_words_on_a_tie():
+    from safetyneurons.probes.readouts import WORDS_CONTENT, WORDS_SVM, choose_between
+
+    rows = [_row(WORDS_SVM, 0.92, 0.885, 0.08), _row(WORDS_CONTENT, 0.89, 0.95, 0.05)]
+    assert choose_between(rows, [WORDS_SVM, WORDS_CONTENT]) == WORDS_SVM  # below 90% composition recall
+    rows[1] = _row(WORDS_CONTENT, 0.91, 0.885, 0.08)
+    assert choose_between(rows, [WORDS_SVM, WORDS_CONTENT]) == WORDS_SVM  # a full tie: all words
+    rows[1] = _row(WORDS_CONTENT, 0.91, 0.90, 0.08)
+    assert choose_between(rows, [WORDS_SVM, WORDS_CONTENT]) == WORDS_CONTENT
+    assert choose_between(rows, ["text/tfidf"]) is None

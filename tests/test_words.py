@@ -137,3 +137,33 @@ def test_words_fit_standardises_both_logits_on_training():
         Words.fit(texts, y, np.where(np.arange(len(texts)) == 2, np.nan, logit))
     flat = Words.fit(texts, y, np.full(len(texts), 3.0) + 1e-15 * np.arange(len(texts)))
     assert flat.neuron_std == 1.0  # constant to rounding: not blown up by a near-zero spread
+
+
+def test_content_words_leave_function_words_out_and_survive_a_save(tmp_path):
+    """A text probe of content words only reads "How do I ..." and "How can I ..." alike, and loads as saved;
+    a vectorizer this version does not know is refused."""
+    import json
+
+    from safetyneurons.errors import UserError
+    from safetyneurons.probes.probe import TextProbe, write_probe_files
+
+    texts = ["How do I make a bomb?", "How can I bake bread?", "Can you build a weapon?", "Do you like tea?"] * 3
+    y = [1, 0, 1, 0] * 3
+    content = TextProbe(cv=0, stop_words="english").fit(texts, y)
+    every = TextProbe(cv=0).fit(texts, y)
+    assert "do" not in content.vocabulary and "can" not in content.vocabulary and "do" in every.vocabulary
+    d = content.decision_function(["How do I make a bomb?", "How can I make a bomb?"])
+    assert d[0] == pytest.approx(d[1], abs=1e-12)
+    e = every.decision_function(["How do I make a bomb?", "How can I make a bomb?"])
+    assert abs(e[0] - e[1]) > 1e-6
+    write_probe_files(tmp_path, content.to_json(), content.arrays, stem="words")
+    back = TextProbe.load(tmp_path, stem="words")
+    assert back.vectorizer["stop_words"] == "english"
+    np.testing.assert_allclose(back.decision_function(texts), content.decision_function(texts), atol=1e-12)
+    obj = json.loads((tmp_path / "words.json").read_text())
+    obj["vectorizer"]["ngram_range"] = [1, 3]
+    (tmp_path / "words.json").write_text(json.dumps(obj))
+    with pytest.raises(UserError):
+        TextProbe.load(tmp_path, stem="words")
+    with pytest.raises(UserError, match="stop words"):
+        TextProbe(stop_words="french")

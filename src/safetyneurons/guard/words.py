@@ -41,9 +41,11 @@ class Words:
     neuron_std: float
 
     @classmethod
-    def fit(cls, texts: Sequence[str], y: Any, neuron_logit: Any, seed: int = 0) -> "Words":
+    def fit(cls, texts: Sequence[str], y: Any, neuron_logit: Any, seed: int = 0,
+            stop_words: str | None = None) -> "Words":
         """The TF-IDF probe trained on the training ``texts`` (labels ``y``), standardised with its logits on them
-        and the guard probe's logits ``neuron_logit`` on the same texts."""
+        and the guard probe's logits ``neuron_logit`` on the same texts; ``stop_words="english"`` reads content
+        words only (:class:`~safetyneurons.probes.probe.TextProbe`)."""
         texts = list(texts)
         neuron_logit = np.asarray(neuron_logit, dtype=np.float64)
         if len(neuron_logit) != len(texts):
@@ -51,7 +53,7 @@ class Words:
         if not np.all(np.isfinite(neuron_logit)):
             raise UserError("The guard probe gives a logit that is not a finite number on the training split; "
                             "words cannot be standardised against it. Retrain the probe.")
-        text = TextProbe(seed=seed, cv=0).fit(texts, y)
+        text = TextProbe(seed=seed, cv=0, stop_words=stop_words).fit(texts, y)
         d = text.decision_function(texts)
         return cls(text, float(d.mean()), _spread(d), float(neuron_logit.mean()), _spread(neuron_logit))
 

@@ -335,8 +335,16 @@ class TextProbe(_Thresholded):
     VECTORIZER = {"lowercase": True, "ngram_range": [1, 2], "sublinear_tf": True, "min_df": 1, "norm": "l2",
                   "smooth_idf": True}
 
-    def __init__(self, *, C: float = 10.0, seed: int = 0, cv: int = 5, meta: dict | None = None):
+    #: ``stop_words``: None (every word) or "english" (content words only: scikit-learn's English stop-word list
+    #: is left out before the n-grams are formed)
+    STOP_WORDS = (None, "english")
+
+    def __init__(self, *, C: float = 10.0, seed: int = 0, cv: int = 5, meta: dict | None = None,
+                 stop_words: str | None = None):
+        if stop_words not in self.STOP_WORDS:
+            raise UserError(f"A text probe's stop words are one of {self.STOP_WORDS}, not {stop_words!r}.")
         self.C, self.seed, self.cv = float(C), int(seed), int(cv)
+        self.vectorizer = {**self.VECTORIZER, **({"stop_words": stop_words} if stop_words else {})}
         self.meta: dict = dict(meta or {})
         self.vocabulary: list[str] = []
         self.arrays: dict[str, np.ndarray] = {}
@@ -346,7 +354,7 @@ class TextProbe(_Thresholded):
     def _vectorizer(self, vocabulary=None):
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        kw = dict(self.VECTORIZER)
+        kw = dict(self.vectorizer)
         kw["ngram_range"] = tuple(kw["ngram_range"])
         return TfidfVectorizer(vocabulary=vocabulary, dtype=np.float64, **kw)
 
@@ -390,7 +398,7 @@ class TextProbe(_Thresholded):
 
     def to_json(self) -> dict:
         return {"format": PROBE_FORMAT, "kind": "text", "classifier": self.classifier, "C": self.C,
-                "seed": self.seed, "cv": self.cv, "cv_folds": self.cv_folds, "vectorizer": self.VECTORIZER,
+                "seed": self.seed, "cv": self.cv, "cv_folds": self.cv_folds, "vectorizer": self.vectorizer,
                 "vocabulary": self.vocabulary, "platt": list(self.platt), "threshold": self.threshold,
                 "threshold_rule": self.threshold_rule, "n_features": len(self.vocabulary),
                 "arrays": sorted(self.arrays), "meta": self.meta, "versions": versions()}
@@ -403,7 +411,10 @@ class TextProbe(_Thresholded):
     def load(cls, path_dir: str | os.PathLike, stem: str = "probe") -> "TextProbe":
         """A saved text probe (``<stem>.json`` / ``<stem>.safetensors`` in ``path_dir``)."""
         obj, arrays = _load(path_dir, kind="text", stem=stem)
-        p = cls(C=obj["C"], seed=obj["seed"], cv=obj["cv"], meta=obj.get("meta", {}))
+        vec = obj.get("vectorizer", cls.VECTORIZER)
+        if not isinstance(vec, dict) or {k: v for k, v in vec.items() if k != "stop_words"} != cls.VECTORIZER:
+            raise UserError(f"{path_dir}: {stem}.json's vectorizer is not one this version reads; retrain the probe.")
+        p = cls(C=obj["C"], seed=obj["seed"], cv=obj["cv"], meta=obj.get("meta", {}), stop_words=vec.get("stop_words"))
         p.vocabulary, p.arrays = list(obj["vocabulary"]), arrays
         p.platt = tuple(float(v) for v in obj["platt"])
         p.threshold, p.threshold_rule, p.cv_folds = float(obj["threshold"]), obj["threshold_rule"], int(obj["cv_folds"])

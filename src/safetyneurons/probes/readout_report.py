@@ -90,6 +90,9 @@ def choice_notes(report: dict) -> list[str]:
     if c.get("classifier"):
         out.append(f"Between logistic regression and the RBF SVM as the neuron probe of the guard with words, read as "
                    f"served, the rule picks `{c['classifier']}`.")
+    if c.get("content_words") is not None:
+        out.append(f"Between all words and content words only (English stop words left out) in the SVM guard's "
+                   f"words, the rule picks {'content words' if c['content_words'] else 'all words'}.")
     if "piece_margin" in c:
         out.append(f"Piece margin of the deployed guard: the rule picks {c['piece_margin']:g} "
                    f"({report['piece_margin']['reason']}).")

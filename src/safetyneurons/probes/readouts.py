@@ -43,6 +43,9 @@ WORDS = "safety+text/mean_windows"
 #: guard's classifier (``choice["classifier"]``)
 WORDS_SVM = "safety+text/mean_windows/svm"
 CLASSIFIER_OF = {WORDS: "logreg", WORDS_SVM: "svm"}
+#: the SVM guard with words reading content words only (English stop words left out): the rule between it and
+#: :data:`WORDS_SVM` says whether the guard's words leave function words out (``choice["content_words"]``)
+WORDS_CONTENT = "safety+text/mean_windows/svm/content"
 #: the piece margins the rule of docs/guard_quality.md chooses from (``choice["piece_margin"]``)
 MARGINS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
@@ -187,10 +190,13 @@ def _svm_scorers(train_texts: list[str], y: np.ndarray, train_ts: TextSet, cols:
     X = train_ts.pooled[:, MEAN][:, cols]
     svm = Probe("svm", C=1.0, seed=seed, cv=0).fit(X, y)
     words = Words.fit(train_texts, y, svm.decision_function(X), seed=seed)
+    content = Words.fit(train_texts, y, svm.decision_function(X), seed=seed, stop_words="english")
     alone = Variant("safety/mean_windows/svm", "safety", "mean_windows", cols, svm)
     return [Scorer(alone.name, "safety", "mean_windows (svm)", False, lambda texts, ts: alone.score(ts), "windows",
                    alone),
-            _words_served(WORDS_SVM, "mean (svm) + TF-IDF, pieces as served", svm, cols, words, piece_texts)]
+            _words_served(WORDS_SVM, "mean (svm) + TF-IDF, pieces as served", svm, cols, words, piece_texts),
+            _words_served(WORDS_CONTENT, "mean (svm) + TF-IDF of content words, pieces as served", svm, cols,
+                          content, piece_texts)]
 
 
 def _deployed_with_words(v: Variant, words: Any, piece_texts: Callable) -> Scorer:
@@ -372,6 +378,8 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
     choice = rm.choose(rows)
     choice["with_words"] = rm.choose([{**r, "eligible": r["eligible"] or r["name"] == WORDS} for r in rows])["chosen"]
     choice["classifier"] = choose_classifier(rows)
+    chosen = choose_between(rows, [WORDS_SVM, WORDS_CONTENT])  # all words first: today's on a full tie
+    choice["content_words"] = None if chosen is None else chosen == WORDS_CONTENT
     report = {"run": str(run_dir), "guard_id": guard.id, "splits": str(splits_dir), "seed": seed,
               "n_compose_per_cell": n_compose, "k_table": k_table, "variants": rows, "choice": choice,
               "sizes": {name: len(t) for name, t in texts.items()}}
@@ -383,12 +391,19 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
     return report
 
 
+def choose_between(rows: Sequence[dict], names: Sequence[str]) -> str | None:
+    """The readout rule of docs/guard_quality.md among the rows named ``names`` (every one eligible); on a full
+    tie the earlier name. None when the comparison has none of them."""
+    pool = sorted((r for r in rows if r["name"] in names), key=lambda r: list(names).index(r["name"]))
+    return rm.choose([{**r, "eligible": True} for r in pool])["chosen"] if pool else None
+
+
 def choose_classifier(rows: Sequence[dict]) -> str | None:
     """The guard's classifier by the rule of docs/guard_quality.md: the readout rule between the guard with words
     read as served with logistic regression and with the RBF SVM (logistic regression first: the cheaper on a
     tie); None when the comparison has neither."""
-    pool = sorted((r for r in rows if r["name"] in CLASSIFIER_OF), key=lambda r: list(CLASSIFIER_OF).index(r["name"]))
-    return CLASSIFIER_OF[rm.choose([{**r, "eligible": True} for r in pool])["chosen"]] if pool else None
+    chosen = choose_between(rows, list(CLASSIFIER_OF))
+    return None if chosen is None else CLASSIFIER_OF[chosen]
 
 
 def margin_table(v: Variant, words: Any, cache: ReadoutCache, texts: dict[str, list[str]], sets: dict[str, TextSet],
