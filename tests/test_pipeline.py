@@ -237,12 +237,12 @@ def test_a_run_recorded_before_words_were_the_default_is_refused_naming_the_sett
     recorded = RunSettings.for_preset("default", guard_words=False).identity()
     assert "guard_words" not in recorded  # as settings.json was written before the default changed
     (old / SETTINGS_FILE).write_text(json.dumps(recorded))
-    with pytest.raises(UserError, match=r"guard_words: False there, True now.*--force.*add --no-guard-words"):
+    with pytest.raises(UserError, match=r"guard_words: False there, True now.*--force.*add --no-guard-words\."):
         claim_out_dir(RunSettings.for_preset("default", out=str(old)))
     assert claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_words=False)) == (old, None)
 
 
-def test_a_run_recorded_before_the_svm_guard_is_refused_naming_every_flag_that_resumes_it(tmp_path):
+def test_a_run_recorded_before_the_svm_guard_is_refused_naming_every_flag_that_resumes_it(tmp_path, monkeypatch):
     from safetyneurons.errors import UserError
     from safetyneurons.pipeline import RunSettings, claim_out_dir
     from safetyneurons.run_settings import SETTINGS_FILE
@@ -262,7 +262,18 @@ def test_a_run_recorded_before_the_svm_guard_is_refused_naming_every_flag_that_r
     (old / SETTINGS_FILE).write_text(json.dumps({**recorded, "top_percent": 2.0}))
     with pytest.raises(UserError, match=r"replace that run\.$"):
         claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_words=False, guard_classifier="logreg"))
-    assert RunSettings.for_preset("default", guard_classifier="logreg").out_dir.name.startswith("default-")
+    # without --out the run lands in runs/default; the flags alone would name another directory, so the hint
+    # names the directory too, and following it resumes that run
+    logreg = RunSettings.for_preset("default", guard_classifier="logreg", guard_words=False)
+    assert logreg.out_dir.name.startswith("default-")
+    (old / SETTINGS_FILE).write_text(json.dumps(recorded))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    old.rename(tmp_path / "runs" / "default")
+    with pytest.raises(UserError, match=r"add --out runs/default --guard-classifier logreg --no-guard-words\."):
+        claim_out_dir(RunSettings.for_preset("default"))
+    again = RunSettings.for_preset("default", out="runs/default", guard_classifier="logreg", guard_words=False)
+    assert claim_out_dir(again) == (Path("runs/default"), None)
 
 
 def _file_hashes(d: Path) -> dict:

@@ -313,9 +313,10 @@ def test_margin_rule_keeps_composition_then_recall_and_ties_go_to_the_larger_mar
     def row(m, comp, recall):
         return {"margin": m, "val_composition_recall": comp, "val_recall": recall}
 
-    rows = [row(0.0, 0.95, 0.850), row(0.5, 0.93, 0.858), row(1.0, 0.91, 0.862), row(2.0, 0.80, 0.95)]
+    rows = [row(0.0, 0.95, 0.850), row(0.5, 0.93, 0.862), row(1.0, 0.91, 0.856), row(2.0, 0.80, 0.95)]
     out = rm.choose_margin(rows)
-    assert out["chosen"] == 1.0 and out["passed"] == [0.0, 0.5, 1.0]  # 0.5 and 1 within a point: the larger
+    # 0.5 has the highest recall, 1 is within a point of it: the larger margin; 0 is not within a point
+    assert out["chosen"] == 1.0 and out["passed"] == [0.0, 0.5, 1.0]
     assert rm.choose_margin([row(0.0, 0.95, 0.80), row(0.5, 0.92, 0.85)])["chosen"] == 0.5
     assert rm.choose_margin([row(0.0, 0.95, 0.86), row(0.5, 0.92, 0.80)])["chosen"] == 0.0  # recall first
     none = rm.choose_margin([row(0.0, 0.5, 0.9), row(1.0, 0.4, 0.95)])
@@ -330,8 +331,8 @@ def test_classifier_rule_reads_the_two_guards_with_words_as_served():
     assert choose_classifier(rows) == "svm"
     rows[1] = _row(WORDS_SVM, 0.92, 0.875, 0.09)  # within a point: the lower hard-negative rate
     assert choose_classifier(rows) == "logreg"
-    rows[1] = _row(WORDS_SVM, 0.92, 0.875, 0.08)  # a full tie: the cheaper, logistic regression
-    assert choose_classifier(rows) == "logreg"
+    rows[1] = _row(WORDS_SVM, 0.92, 0.875, 0.08)  # a full tie: the cheaper, logistic regression, in any order
+    assert choose_classifier(rows) == "logreg" and choose_classifier(rows[::-1]) == "logreg"
     rows[0] = _row(WORDS, 0.85, 0.95, 0.0)  # below 90% composition recall
     assert choose_classifier(rows) == "svm"
     assert choose_classifier([_row("text/tfidf", 0.1, 0.5, 0.0)]) is None
@@ -409,7 +410,24 @@ def test_content_word_rule_prefers_all_words_on_a_tie():
     rows = [_row(WORDS_SVM, 0.92, 0.885, 0.08), _row(WORDS_CONTENT, 0.89, 0.95, 0.05)]
     assert choose_between(rows, [WORDS_SVM, WORDS_CONTENT]) == WORDS_SVM  # below 90% composition recall
     rows[1] = _row(WORDS_CONTENT, 0.91, 0.885, 0.08)
-    assert choose_between(rows, [WORDS_SVM, WORDS_CONTENT]) == WORDS_SVM  # a full tie: all words
+    assert choose_between(rows[::-1], [WORDS_SVM, WORDS_CONTENT]) == WORDS_SVM  # a full tie: all words
     rows[1] = _row(WORDS_CONTENT, 0.91, 0.90, 0.08)
     assert choose_between(rows, [WORDS_SVM, WORDS_CONTENT]) == WORDS_CONTENT
     assert choose_between(rows, ["text/tfidf"]) is None
+
+
+def test_only_linear_probes_are_explained_token_by_token():
+    """Per-token logits exist for a linear probe only: an SVM guard (without words) is scored and reported, but
+    the comparison does not try to explain it token by token (it has no coefficients to read)."""
+    from safetyneurons.probes.probe import Probe
+    from safetyneurons.probes.readouts import Scorer, explainable
+    from safetyneurons.probes.readout_probes import Variant
+
+    X = np.random.default_rng(0).normal(size=(40, 3))
+    y = (X[:, 0] > 0).astype(int)
+    for clf, expect in (("logreg", True), ("svm", False)):
+        probe = Probe(clf, cv=0).fit(X, y)
+        v = Variant("deployed guard", "safety", "mean_windows", np.arange(3), probe)
+        assert explainable(Scorer(v.name, "safety", "mean_windows", False, lambda t, ts: None, "windows", v)) is expect
+        assert ("coef" in probe.arrays) is expect  # what explain reads
+    assert not explainable(Scorer("text/tfidf", "text", "TF-IDF", False, lambda t, ts: None))

@@ -247,3 +247,16 @@ def test_probe_clause_names_the_guards_classifier():
     assert probe_clause(SimpleNamespace(guard={"classifier": "svm"})) == "its probe is an RBF SVM"
     assert probe_clause(SimpleNamespace(guard={"classifier": "logreg"})) == "its probe is logistic regression"
     assert probe_clause(SimpleNamespace(guard=None)) == "its probe is not recorded"
+
+
+def test_guard_section_keeps_the_case_of_what_it_names(monkeypatch):
+    from types import SimpleNamespace
+
+    from safetyneurons.results import generate
+
+    monkeypatch.setattr(generate, "reading", lambda *a: __import__("contextlib").nullcontext())
+    run = SimpleNamespace(guard={"classifier": "svm", "words": {"combine": "x"}}, report={}, dir=Path("."),
+                          file=lambda name: name)
+    monkeypatch.setattr(generate, "run_source", lambda run, name: "source")
+    first = generate.guard_section(run)[0]
+    assert "Its probe is an RBF SVM; it also reads each piece's words (a TF-IDF logit" in first

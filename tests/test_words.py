@@ -160,10 +160,19 @@ def test_content_words_leave_function_words_out_and_survive_a_save(tmp_path):
     back = TextProbe.load(tmp_path, stem="words")
     assert back.vectorizer["stop_words"] == "english"
     np.testing.assert_allclose(back.decision_function(texts), content.decision_function(texts), atol=1e-12)
-    obj = json.loads((tmp_path / "words.json").read_text())
-    obj["vectorizer"]["ngram_range"] = [1, 3]
-    (tmp_path / "words.json").write_text(json.dumps(obj))
-    with pytest.raises(UserError):
+    saved = json.loads((tmp_path / "words.json").read_text())
+    for change, says in ((lambda v: v.update(ngram_range=[1, 3]), "vectorizer is not one"),
+                         (lambda v: v.update(stop_words="french"), "vectorizer is not one"),
+                         (lambda v: v.update(stop_words_sha256="0" * 64), "another stop-word list"),
+                         (lambda v: v.clear(), "vectorizer is not one")):
+        obj = json.loads(json.dumps(saved))
+        change(obj["vectorizer"])
+        (tmp_path / "words.json").write_text(json.dumps(obj))
+        with pytest.raises(UserError, match=says):
+            TextProbe.load(tmp_path, stem="words")
+    del saved["vectorizer"]
+    (tmp_path / "words.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="vectorizer is not one"):
         TextProbe.load(tmp_path, stem="words")
     with pytest.raises(UserError, match="stop words"):
         TextProbe(stop_words="french")

@@ -29,6 +29,9 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda", "auto")
 #: Probe classifiers (see :mod:`safetyneurons.probes.probe`).
 CLASSIFIERS = ("svm", "logreg")
+#: The guard's classifier per preset (see :mod:`safetyneurons.run_settings`): the RBF SVM, which the validation rule of
+#: docs/guard_quality.md picks; the paper preset keeps the paper's logistic regression.
+GUARD_CLASSIFIER: dict[str, str] = {"default": "svm", "paper": "logreg"}
 #: Feature sets probes are compared on (see :mod:`safetyneurons.probes.compare`): the safety neurons, all neurons and
 #: their PCA, the neuron controls (layer-matched random, global random, magnitude-matched) and the baselines
 #: without activations (text, length).

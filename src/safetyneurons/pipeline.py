@@ -63,8 +63,10 @@ def claim_out_dir(s: RunSettings, force: bool = False) -> tuple[Path, Path | Non
         differ = [k for k in sorted(set(recorded) | set(mine)) if setting_of(recorded, k) != setting_of(mine, k)]
         diff = "; ".join(f"{k}: {setting_of(recorded, k)!r} there, {setting_of(mine, k)!r} now" for k in differ)
         flags = [_RESUME_FLAGS[k](setting_of(recorded, k)) for k in differ if k in _RESUME_FLAGS]
-        keep = (f" To resume that run as it is, add {' '.join(flags)}." if flags and len(flags) == len(differ)
-                else "")
+        if s.out is None:  # those settings alone would name another directory
+            flags.insert(0, f"--out {out}")
+        keep = (f" To resume that run as it is, add {' '.join(flags)}."
+                if len(flags) > (s.out is None) and len(flags) - (s.out is None) == len(differ) else "")
         raise UserError(f"--out {out} holds a run with other settings ({diff}). Give another --out, leave --out "
                         f"unset (each setting gets its own runs/ directory), or add --force to replace that run.{keep}")
     backup = out.with_name(f".{out.name}.replaced-{int(time.time())}")

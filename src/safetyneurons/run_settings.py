@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from safetyneurons.activations.features import check_pooling
 from safetyneurons.checks import check_batch_size, check_positive_int
-from safetyneurons.constants import FEATURES_FROM
+from safetyneurons.constants import FEATURES_FROM, GUARD_CLASSIFIER
 from safetyneurons.errors import UserError
 from safetyneurons.model.hooks import check_hook_point
 from safetyneurons.neurons.contrast import check_positions
@@ -27,7 +27,7 @@ REFERENCE = {"hook_point": "mlp_out", "positions": "content", "pooling": "mean",
 # written by the not-yet-aligned (base) model and read by both, last-token features for the probes
 # and their probe, logistic regression, as the guard's classifier
 PAPER = {"hook_point": "mlp_neurons", "positions": "completion", "pooling": "last", "completion_from": "base",
-         "guard_classifier": "logreg"}
+         "guard_classifier": GUARD_CLASSIFIER["paper"]}
 PRESETS: dict[str, dict] = {"default": REFERENCE, "paper": PAPER}  # name -> settings; each gets runs/<name>
 RUNS_DIR = "runs"
 SETTINGS_FILE = "settings.json"  # written first into a run directory: which settings own it
@@ -67,7 +67,7 @@ class RunSettings:
     feature_sets: Sequence[str] = ("safety", "pca", "all", "random", "random_global", "magnitude", "text", "length")
     random_draws: int = 20  # per random control (layer-matched and global)
     # the RBF SVM: the pre-registered validation rule of docs/guard_quality.md picks it for the guard with words
-    guard_classifier: str = "svm"
+    guard_classifier: str = GUARD_CLASSIFIER["default"]
     # the guard's layer budget (safetyneurons.probes.budget): auto = chosen on the validation split; None: no budget
     guard_max_layer: str | int | None = AUTO
     # the guard also reads each piece's text: a TF-IDF logit summed with the probe's (safetyneurons.guard.words);

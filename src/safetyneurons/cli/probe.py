@@ -9,8 +9,8 @@ import numpy as np
 
 from safetyneurons import distributed
 from safetyneurons._io import atomic_dir, check_out_dir, sha256_file
-from safetyneurons.constants import (CLASSIFIERS, DEVICES, FEATURE_SETS, GUARD_FEATURE_SETS, HOOK_POINTS, MODEL_DTYPES, POOLINGS,
-                         STORE_DTYPES)
+from safetyneurons.constants import (CLASSIFIERS, DEVICES, FEATURE_SETS, GUARD_CLASSIFIER, GUARD_FEATURE_SETS,
+                                     HOOK_POINTS, MODEL_DTYPES, POOLINGS, STORE_DTYPES)
 from safetyneurons.data.splits import read_records
 from safetyneurons.errors import UserError
 from safetyneurons.guard_steps import SAVED_PROBES, Inputs, train_and_guard
@@ -187,7 +187,8 @@ def train(train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neu
     clfs = parse_list(classifiers, CLASSIFIERS, "classifier")
     sets = parse_list(feature_sets, FEATURE_SETS, "feature set")
     keep = parse_list(save_probes, FEATURE_SETS, "feature set to save") if save_probes.strip() else []
-    guard_classifier = guard_classifier or ("svm" if "svm" in clfs else clfs[0])
+    default = GUARD_CLASSIFIER["default"]
+    guard_classifier = guard_classifier or (default if default in clfs else clfs[0])
     if guard_dir and (guard_classifier not in clfs or guard_feature_set not in sets):
         raise UserError(f"--export-guard ships the {guard_feature_set}/{guard_classifier} probe, which is not "
                         f"trained: add it to --feature-sets and --classifiers.")
@@ -314,7 +315,7 @@ def readouts(run_dir, out, splits, n_compose, n_rephrase, random_draws, batch_si
     import shlex
     import sys
 
-    from safetyneurons.probes.readout_report import write_benchmark
+    from safetyneurons.probes.readout_report import choice_notes, write_benchmark
     from safetyneurons.probes.readouts import compare_readouts
 
     for name, value in (("compose", n_compose), ("rephrase", n_rephrase), ("batch-size", batch_size)):
@@ -328,3 +329,5 @@ def readouts(run_dir, out, splits, n_compose, n_rephrase, random_draws, batch_si
     if benchmark_json:
         write_benchmark(report, Path(benchmark_json), "safetyneurons " + shlex.join(sys.argv[1:]))
     click.echo(f"chosen: {report['choice']['chosen']} ({report['choice']['reason']}); see {Path(out) / 'readouts.md'}")
+    for note in choice_notes(report):
+        click.echo(note)

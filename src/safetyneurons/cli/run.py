@@ -19,8 +19,8 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
               help="Subsample train/test/held-out to a few hundred prompts (about 5 minutes once the twin is cached).")
 @click.option("--paper", "paper", is_flag=True,
               help="Use the paper's setting (hook point mlp_neurons, change scores on completion tokens written by "
-                   "the base model, last prompt token for the probes) instead of the reference project's (mlp_out, "
-                   "content tokens, mean over the user's message).")
+                   "the base model, last prompt token for the probes, a logistic-regression guard) instead of the "
+                   "reference project's (mlp_out, content tokens, mean over the user's message, an SVM guard).")
 @click.option("--hook-point", type=click.Choice(tuple(HOOK_POINTS)), default=None,
               help="Hook point for contrasting and probing [default: mlp_out, or mlp_neurons with --paper].")
 @click.option("--pooling", type=click.Choice(POOLINGS), default=None,

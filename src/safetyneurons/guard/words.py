@@ -24,6 +24,7 @@ import numpy as np
 
 from safetyneurons.errors import UserError
 from safetyneurons.probes.probe import TextProbe, write_probe_files
+from safetyneurons.probes.readout_probes import sigmoid
 
 STEM = "words"  # words.json / words.safetensors in the guard directory
 COMBINE = "sigmoid((text_logit - text_mean) / text_std + (neuron_logit - neuron_mean) / neuron_std)"
@@ -67,9 +68,7 @@ class Words:
 
     def probability(self, neuron_logit: Any, texts: Sequence[str]) -> np.ndarray:
         """Unsafe probability of pieces from their neuron logits and texts, float64 ``[n]`` (NaN stays NaN)."""
-        z = self.logit(neuron_logit, texts)
-        with np.errstate(over="ignore", invalid="ignore"):
-            return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
+        return sigmoid(self.logit(neuron_logit, texts))
 
     def describe(self) -> dict:
         """guard.json's ``words``: how the two logits combine and the standardisation."""

@@ -23,6 +23,7 @@ Feature sets are compared on one split, next to their controls and baselines, in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -344,7 +345,8 @@ class TextProbe(_Thresholded):
         if stop_words not in self.STOP_WORDS:
             raise UserError(f"A text probe's stop words are one of {self.STOP_WORDS}, not {stop_words!r}.")
         self.C, self.seed, self.cv = float(C), int(seed), int(cv)
-        self.vectorizer = {**self.VECTORIZER, **({"stop_words": stop_words} if stop_words else {})}
+        self.vectorizer = {**self.VECTORIZER, **({"stop_words": stop_words, "stop_words_sha256": _stop_words_sha256()}
+                                                 if stop_words else {})}
         self.meta: dict = dict(meta or {})
         self.vocabulary: list[str] = []
         self.arrays: dict[str, np.ndarray] = {}
@@ -354,7 +356,7 @@ class TextProbe(_Thresholded):
     def _vectorizer(self, vocabulary=None):
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        kw = dict(self.vectorizer)
+        kw = {k: v for k, v in self.vectorizer.items() if k != "stop_words_sha256"}
         kw["ngram_range"] = tuple(kw["ngram_range"])
         return TfidfVectorizer(vocabulary=vocabulary, dtype=np.float64, **kw)
 
@@ -411,10 +413,15 @@ class TextProbe(_Thresholded):
     def load(cls, path_dir: str | os.PathLike, stem: str = "probe") -> "TextProbe":
         """A saved text probe (``<stem>.json`` / ``<stem>.safetensors`` in ``path_dir``)."""
         obj, arrays = _load(path_dir, kind="text", stem=stem)
-        vec = obj.get("vectorizer", cls.VECTORIZER)
-        if not isinstance(vec, dict) or {k: v for k, v in vec.items() if k != "stop_words"} != cls.VECTORIZER:
+        vec = obj.get("vectorizer")
+        stop = vec.get("stop_words") if isinstance(vec, dict) else None
+        if not isinstance(vec, dict) or stop not in cls.STOP_WORDS \
+                or {k: v for k, v in vec.items() if not k.startswith("stop_words")} != cls.VECTORIZER:
             raise UserError(f"{path_dir}: {stem}.json's vectorizer is not one this version reads; retrain the probe.")
-        p = cls(C=obj["C"], seed=obj["seed"], cv=obj["cv"], meta=obj.get("meta", {}), stop_words=vec.get("stop_words"))
+        if stop is not None and vec.get("stop_words_sha256") != _stop_words_sha256():
+            raise UserError(f"{path_dir}: {stem}.json was trained with another stop-word list than this scikit-learn's "
+                            f"{stop!r} list; retrain the probe with this version.")
+        p = cls(C=obj["C"], seed=obj["seed"], cv=obj["cv"], meta=obj.get("meta", {}), stop_words=stop)
         p.vocabulary, p.arrays = list(obj["vocabulary"]), arrays
         p.platt = tuple(float(v) for v in obj["platt"])
         p.threshold, p.threshold_rule, p.cv_folds = float(obj["threshold"]), obj["threshold_rule"], int(obj["cv_folds"])
@@ -423,6 +430,14 @@ class TextProbe(_Thresholded):
     @property
     def name(self) -> str:
         return self.classifier
+
+
+def _stop_words_sha256() -> str:
+    """sha256 of scikit-learn's English stop-word list (sorted, one a line): a content-word text probe records it,
+    and loading refuses a list that differs (the n-grams would change without an error)."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return hashlib.sha256("\n".join(sorted(ENGLISH_STOP_WORDS)).encode()).hexdigest()
 
 
 def write_probe_files(directory: Path, obj: dict, arrays: dict[str, np.ndarray], stem: str = "probe") -> None:

@@ -68,7 +68,7 @@ def choose_margin(rows: Sequence[dict], min_composition: float = MIN_COMPOSITION
     best = max((r for r in passed if r["val_recall"] >= top - tie), key=lambda r: r["margin"])
     return {"chosen": float(best["margin"]), "passed": [float(r["margin"]) for r in passed],
             "reason": f"{len(passed)} of {len(rows)} margins reach {min_composition:.0%} composition recall; highest "
-                      f"validation recall {top:.3f}, ties within {tie:.0%} to the larger margin"}
+                      f"validation recall {top:.3f}, ties within {100 * tie:g} point{'s' if tie != 0.01 else ''} to the larger margin"}
 
 
 def choose(rows: Sequence[dict], min_composition: float = MIN_COMPOSITION_RECALL, tie: float = TIE) -> dict:

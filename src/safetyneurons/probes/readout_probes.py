@@ -35,8 +35,9 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, seed: int = 0) -> Probe:
     return Probe("logreg", C=1.0, seed=seed, cv=0).fit(X, y)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """The probability of logits ``z``, float64, clipped at +-60 (NaN stays NaN)."""
+    return 1.0 / (1.0 + np.exp(-np.clip(np.asarray(z, dtype=np.float64), -60.0, 60.0)))
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Variant:
     def score(self, ts: TextSet) -> np.ndarray:
         """Unsafe probability of every text of ``ts`` under this variant."""
         if self.readout == "agree":
-            return _sigmoid(agreement_logits(self.probe, ts, self.token_cols, self.k))
+            return sigmoid(agreement_logits(self.probe, ts, self.token_cols, self.k))
         if self.readout == "mean_windows":
             if ts.windows is None:
                 raise ValueError("this text set was read without the guard's windows")

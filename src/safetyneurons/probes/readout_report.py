@@ -115,7 +115,7 @@ def render(report: dict) -> str:
              "flags at most 5% of the validation benign prompts; the rule is in docs/guard_quality.md.", "",
              f"**Chosen by the rule: `{c['chosen']}`** ({c['reason']}). With every row eligible the rule would pick "
              f"`{c['would_win']}`; with the words added to the guard's neurons eligible too, `{c.get('with_words')}`.",
-             *(["", *choice_notes(report)] if choice_notes(report) else []), "", "## Variants", ""]
+             *[x for note in choice_notes(report) for x in ("", note)], "", "## Variants", ""]
     lines += _md_table(COLUMNS, table_rows(report), 4) + ["", "## Composition recall by cell (held-out)", ""]
     cells = list(report["variants"][0]["heldout"]["composition"]["cells"])
     lines += _md_table(["variant"] + cells, [[r["name"]] + [r["heldout"]["composition"]["cells"][k] for k in cells]

@@ -28,7 +28,7 @@ from safetyneurons.activations.reader import max_per_input
 from safetyneurons.neurons.controls import random_layer_matched
 from safetyneurons.probes.readout_cache import MEAN, ReadoutCache, TextSet, columns, layer_block
 from safetyneurons.probes import readout_metrics as rm
-from safetyneurons.probes.readout_probes import Variant, train_agreement, train_pooled
+from safetyneurons.probes.readout_probes import Variant, sigmoid, train_agreement, train_pooled
 
 COMPOSE_LENGTHS = (64, 256, 1024)
 POSITIONS = ("start", "middle", "end")
@@ -189,8 +189,9 @@ def _svm_scorers(train_texts: list[str], y: np.ndarray, train_ts: TextSet, cols:
 
     X = train_ts.pooled[:, MEAN][:, cols]
     svm = Probe("svm", C=1.0, seed=seed, cv=0).fit(X, y)
-    words = Words.fit(train_texts, y, svm.decision_function(X), seed=seed)
-    content = Words.fit(train_texts, y, svm.decision_function(X), seed=seed, stop_words="english")
+    d = svm.decision_function(X)
+    words = Words.fit(train_texts, y, d, seed=seed)
+    content = Words.fit(train_texts, y, d, seed=seed, stop_words="english")
     alone = Variant("safety/mean_windows/svm", "safety", "mean_windows", cols, svm)
     return [Scorer(alone.name, "safety", "mean_windows (svm)", False, lambda texts, ts: alone.score(ts), "windows",
                    alone),
@@ -300,6 +301,12 @@ def rephrase_table(p_held: np.ndarray, p_new: np.ndarray, orig: Sequence[int], r
             row[tag] = rm.kept(p_held[orig[sel]], p_new[sel], t)
         out.append(row)
     return out
+
+
+def explainable(sc: Scorer) -> bool:
+    """Whether :func:`explain` reads a scorer: a mean-pooled variant of a linear probe (per-token logits are a
+    linear probe's; an SVM guard has none)."""
+    return sc.variant is not None and getattr(sc.variant.probe, "classifier", None) == "logreg"
 
 
 def explain(sc: Variant, ts: TextSet, token_cols: np.ndarray, tokenizer: Any, ids: list[list[int]],
@@ -429,8 +436,7 @@ def margin_scorer(v: Variant, words: Any, cache: ReadoutCache, texts: Sequence[s
     part = ~cache.whole_pieces(texts)
 
     def at(margin: float) -> np.ndarray:
-        top = max_per_input(z - margin * part, owner, len(texts))
-        return 1.0 / (1.0 + np.exp(-np.clip(top, -60.0, 60.0)))
+        return sigmoid(max_per_input(z - margin * part, owner, len(texts)))
 
     return at
 
@@ -443,7 +449,8 @@ def _extras(report: dict, scores: dict, recs: dict, orig: list[int], rules: list
     lengths = sets["heldout"].content
     report["length_buckets"], report["rephrase"] = {}, {}
     eligible = [r["name"] for r in report["variants"] if r["eligible"]]
-    for name in dict.fromkeys([TODAY, report["choice"]["chosen"]] + eligible + ["deployed guard"]):
+    words = [n for n in (WORDS, WORDS_SVM, WORDS_CONTENT) if n in rows]  # the rules' candidates with words
+    for name in dict.fromkeys([TODAY, report["choice"]["chosen"]] + eligible + words + ["deployed guard"]):
         if name is None:
             continue
         t = rows[name]["threshold"]
@@ -460,4 +467,4 @@ def _extras(report: dict, scores: dict, recs: dict, orig: list[int], rules: list
     ids = [e.ids[e.spans[0][0]:e.spans[0][1]] for e in enc]
     report["explain"] = {sc.name: explain(sc.variant, sets["examples"], token_cols, lm.tokenizer, ids,
                                           list(EXAMPLES), width)
-                         for sc in scorers if sc.name in (TODAY, "deployed guard") and sc.variant is not None}
+                         for sc in scorers if sc.name in (TODAY, "deployed guard") and explainable(sc)}

@@ -86,7 +86,8 @@ PROBE_NAMES = {"svm": "an RBF SVM", "logreg": "logistic regression"}
 def guard_section(run: RunSource) -> list[str]:
     """The guard's tables: its layer budget, its operating points on validation, and the held-out flag rates and
     recall of the guard as served next to every probe and the baselines."""
-    lines = [f"{budget_line(run.report)} {probe_clause(run).capitalize()}; {words_clause(run)}.", ""]
+    clause = probe_clause(run)
+    lines = [f"{budget_line(run.report)} {clause[:1].upper()}{clause[1:]}; {words_clause(run)}.", ""]
     with reading(run.dir / "probes" / "report.json", RUN_FIX):
         if run.report.get("guard_calibration"):
             lines += ["Thresholds on the validation split (read as the guard reads):", ""]

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Iterator
 
 from safetyneurons._io import read_json
+from safetyneurons.constants import GUARD_CLASSIFIER
 from safetyneurons.errors import UserError
 from safetyneurons.results.machine import NOT_RECORDED, describe_machine
-from safetyneurons.run_settings import PRESETS, RunSettings
 
 DEFAULT_RUNS = ("runs/default", "runs/paper", "runs/default-quick")
 BENCHMARK_KEYS = ("title", "columns", "rows", "command")
@@ -83,8 +83,7 @@ class RunSource:
         flags = "".join(f" {flag}" for flag, on in (("--paper", s.get("preset") == "paper"),
                                                     ("--quick", s.get("quick")), ("--patch", s.get("patch")),
                                                     ("--no-guard-words", not s.get("guard_words", False))) if on)
-        preset = s.get("preset", "default")
-        preset_classifier = RunSettings.for_preset(preset).guard_classifier if preset in PRESETS else None
+        preset_classifier = GUARD_CLASSIFIER.get(s.get("preset", "default"))
         if s.get("guard_classifier", "logreg") != preset_classifier:
             flags += f" --guard-classifier {s.get('guard_classifier', 'logreg')}"
         inputs = "".join(f" --{k} {shown(Path(s[k])) if k == 'splits' else s[k]}" for k in ("base", "aligned", "splits")
