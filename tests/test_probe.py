@@ -72,7 +72,7 @@ def test_numpy_decision_function_matches_sklearn(classifier, pca):
 def test_pca_matches_sklearn_in_both_shapes(n, d):
     from sklearn.decomposition import PCA
 
-    from safetyneurons.probes.probe import pca_fit
+    from safetyneurons.probes.kernels import pca_fit
 
     rng = np.random.default_rng(n)
     Z = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))

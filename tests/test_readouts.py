@@ -48,6 +48,25 @@ def _benign(rng, n_sentences: int) -> str:
     return " ".join(PAD_SENTENCES[int(i)] for i in rng.integers(len(PAD_SENTENCES), size=n_sentences))
 
 
+def _served_training(lm, tmp_path):
+    """A readout cache that reads as a guard with sentence pieces does, on three layer-0 neurons (J planted), and
+    the training texts read through it: (cache, columns, texts, labels, their text set)."""
+    from builders import SAFE, UNSAFE
+    from safetyneurons.activations.reader import GUARD_READING
+    from safetyneurons.neurons.selection import NeuronSet
+    from safetyneurons.probes.readout_cache import ReadoutCache, columns, layer_block
+
+    ns = NeuronSet(hook_point=HOOK, num_layers=NUM_LAYERS, width=MLP, layers=[0, 0, 0], indices=[3, J, 20],
+                   scores=[1.0, 1.0, 1.0], model=lm.describe())
+    block = layer_block(ns)
+    cols = columns(block, ns)
+    cache = ReadoutCache(lm, block, cols, tmp_path / "cache", 64, batch_size=8, progress=False,
+                         reading=GUARD_READING)
+    texts = UNSAFE + SAFE + PAD_SENTENCES
+    y = np.asarray([1] * len(UNSAFE) + [0] * (len(SAFE) + len(PAD_SENTENCES)))
+    return cache, cols, texts, y, cache.read("train", texts)
+
+
 def test_agreement_finds_planted_token_at_every_position(planted_lm, tmp_path):
     from safetyneurons.probes.readout_probes import train_agreement, train_pooled
     from safetyneurons.probes.readouts import place
@@ -133,22 +152,10 @@ def test_text_scorers_as_served_read_each_piece_alone(planted_lm, tmp_path):
     """TF-IDF and the neurons + TF-IDF sum "as served" score the text of every piece the guard reads (whole,
     windows, sentences) and take the most unsafe: a request padded with benign text scores as it does alone, where
     the same scorers reading the whole text are diluted by the padding."""
-    from safetyneurons.activations.reader import GUARD_READING
-    from safetyneurons.probes.readout_cache import ReadoutCache, columns, layer_block
     from safetyneurons.probes.readout_probes import train_pooled
     from safetyneurons.probes.readouts import _text_scorers
-    from safetyneurons.neurons.selection import NeuronSet
-    from builders import SAFE, UNSAFE
 
-    ns = NeuronSet(hook_point=HOOK, num_layers=NUM_LAYERS, width=MLP, layers=[0, 0, 0], indices=[3, J, 20],
-                   scores=[1.0, 1.0, 1.0], model=planted_lm.describe())
-    block = layer_block(ns)
-    cols = columns(block, ns)
-    cache = ReadoutCache(planted_lm, block, cols, tmp_path / "cache", 64, batch_size=8, progress=False,
-                         reading=GUARD_READING)
-    train_texts = UNSAFE + SAFE + PAD_SENTENCES
-    y = np.asarray([1] * len(UNSAFE) + [0] * (len(SAFE) + len(PAD_SENTENCES)))
-    train = cache.read("train", train_texts)
+    cache, cols, train_texts, y, train = _served_training(planted_lm, tmp_path)
     mean = train_pooled(train, y, "safety", cols)["mean"]
     scorers = {sc.name: sc for sc in _text_scorers(train_texts, y, train, mean, 0, cache.piece_texts)}
     rng = np.random.default_rng(3)
@@ -341,23 +348,12 @@ def test_classifier_rule_reads_the_two_guards_with_words_as_served():
 def test_svm_guard_as_served_reads_each_piece_alone(planted_lm, tmp_path):
     """The SVM rows of the comparison (the neurons alone and with words) score every piece the guard reads and take
     the most unsafe, as the logistic-regression rows do: a padded request scores at least as it does alone."""
-    from safetyneurons.activations.reader import GUARD_READING
     from safetyneurons.guard.words import Words
     from safetyneurons.probes.probe import Probe
-    from safetyneurons.probes.readout_cache import MEAN, ReadoutCache, columns, layer_block
+    from safetyneurons.probes.readout_cache import MEAN
     from safetyneurons.probes.readouts import WORDS_CONTENT, WORDS_SVM, _svm_scorers
-    from safetyneurons.neurons.selection import NeuronSet
-    from builders import SAFE, UNSAFE
 
-    ns = NeuronSet(hook_point=HOOK, num_layers=NUM_LAYERS, width=MLP, layers=[0, 0, 0], indices=[3, J, 20],
-                   scores=[1.0, 1.0, 1.0], model=planted_lm.describe())
-    block = layer_block(ns)
-    cols = columns(block, ns)
-    cache = ReadoutCache(planted_lm, block, cols, tmp_path / "cache", 64, batch_size=8, progress=False,
-                         reading=GUARD_READING)
-    train_texts = UNSAFE + SAFE + PAD_SENTENCES
-    y = np.asarray([1] * len(UNSAFE) + [0] * (len(SAFE) + len(PAD_SENTENCES)))
-    train = cache.read("train", train_texts)
+    cache, cols, train_texts, y, train = _served_training(planted_lm, tmp_path)
     scorers = {sc.name: sc for sc in _svm_scorers(train_texts, y, train, cols, 0, cache.piece_texts)}
     assert set(scorers) == {"safety/mean_windows/svm", WORDS_SVM, WORDS_CONTENT}
     rng = np.random.default_rng(3)

@@ -34,6 +34,7 @@ import numpy as np
 from safetyneurons._io import atomic_dir, atomic_write_json, read_json, sha256_bytes, versions
 from safetyneurons.constants import CLASSIFIERS
 from safetyneurons.errors import UserError
+from safetyneurons.probes.kernels import pca_fit, rbf
 from safetyneurons.activations.features import PROBE_MODEL_KEYS, FeatureSpec
 
 from safetyneurons.neurons.selection import NeuronSet
@@ -77,48 +78,6 @@ def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
     j = tpr - fpr
     best = np.flatnonzero(j >= j.max() - 1e-12)
     return float(cuts[best[len(best) // 2]])
-
-
-def pca_fit(Z: np.ndarray, variance: float) -> tuple[np.ndarray, np.ndarray]:
-    """PCA keeping the fewest components whose explained variance share reaches ``variance`` (as
-    scikit-learn's ``PCA(n_components=variance)``); returns (mean, components [k, d]).
-
-    With fewer samples than features (the usual case: thousands of prompts, tens of thousands of neurons)
-    it eigendecomposes the n x n Gram matrix instead of running an SVD of the n x d data, which is the
-    same decomposition at a fraction of the cost. Component signs follow scikit-learn's ``svd_flip`` rule
-    (largest absolute loading positive).
-    """
-    from scipy.linalg import eigh
-
-    mean = Z.mean(0)
-    Zc = Z - mean
-    n, d = Zc.shape
-    if n <= d:
-        lam, U = eigh(Zc @ Zc.T)
-        lam, U = lam[::-1], U[:, ::-1]
-        keep = lam > lam[0] * 1e-12 if lam[0] > 0 else np.zeros(len(lam), dtype=bool)
-        lam, U = lam[keep], U[:, keep]
-        comps = (U.T @ Zc) / np.sqrt(lam)[:, None]
-    else:
-        lam, V = eigh(Zc.T @ Zc)
-        lam, V = lam[::-1], V[:, ::-1]
-        keep = lam > lam[0] * 1e-12 if lam[0] > 0 else np.zeros(len(lam), dtype=bool)
-        lam, comps = lam[keep], V[:, keep].T
-    if len(lam) == 0:
-        raise UserError("PCA: the features have no variance at all.")
-    k = len(lam) if variance >= 1 else int(np.searchsorted(np.cumsum(lam) / lam.sum(), variance, side="right") + 1)
-    comps = comps[: min(k, len(lam))]
-    signs = np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])
-    signs[signs == 0] = 1
-    return mean.astype(np.float64), np.ascontiguousarray(comps * signs[:, None], dtype=np.float64)
-
-
-def _rbf(A: np.ndarray, B: np.ndarray, gamma: float) -> np.ndarray:
-    """RBF kernel matrix exp(-gamma * ||a - b||^2), float64, via one BLAS matrix product."""
-    d2 = np.einsum("ij,ij->i", A, A)[:, None] + np.einsum("ij,ij->i", B, B)[None, :] - 2.0 * (A @ B.T)
-    np.maximum(d2, 0.0, out=d2)
-    np.multiply(d2, -gamma, out=d2)
-    return np.exp(d2, out=d2)
 
 
 class _Thresholded:
@@ -269,7 +228,7 @@ class Probe(_Thresholded):
             if self.classifier == "svm":
                 var = float(Z.var())
                 self.gamma = 1.0 / (Z.shape[1] * var) if var > 0 else 1.0
-                clf = SVC(kernel="precomputed", C=self.C, random_state=self.seed).fit(_rbf(Z, Z, self.gamma), y)
+                clf = SVC(kernel="precomputed", C=self.C, random_state=self.seed).fit(rbf(Z, Z, self.gamma), y)
                 # sklearn's public dual_coef_/intercept_ give a decision value > 0 for classes_[1] (unsafe)
                 a["support_vectors"] = np.ascontiguousarray(Z[clf.support_], dtype=np.float64)
                 a["dual_coef"] = clf.dual_coef_[0].astype(np.float64)
@@ -302,7 +261,7 @@ class Probe(_Thresholded):
             return Z @ a["coef"] + a["intercept"][0]
         out = np.empty(len(Z), dtype=np.float64)
         for st in range(0, len(Z), _CHUNK):
-            out[st:st + _CHUNK] = _rbf(Z[st:st + _CHUNK], a["support_vectors"], self.gamma) @ a["dual_coef"]
+            out[st:st + _CHUNK] = rbf(Z[st:st + _CHUNK], a["support_vectors"], self.gamma) @ a["dual_coef"]
         return out + a["intercept"][0]
 
     # ---- io
