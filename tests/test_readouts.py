@@ -301,8 +301,7 @@ def test_deployed_guard_row_scores_as_a_guard_with_words_serves(tmp_path, cache)
     from builders import build_guard
     from safetyneurons.guard.guard import Guard
     from safetyneurons.probes.readout_cache import ReadoutCache, columns, layer_block
-    from safetyneurons.probes.readout_probes import Variant
-    from safetyneurons.probes.readouts import _deployed_with_words
+    from safetyneurons.probes.readouts import _words_served
 
     path, lm, ns, _ = build_guard(tmp_path, max_length=64, words=True)
     g = Guard.load(path, lm=lm)
@@ -311,8 +310,8 @@ def test_deployed_guard_row_scores_as_a_guard_with_words_serves(tmp_path, cache)
                          progress=False, reading=g.meta.get("reading"))
     texts = [HARMFUL, _benign(np.random.default_rng(5), 12) + " " + HARMFUL, PAD_SENTENCES[0]]
     ts = cache.read("t", texts, windows=True)
-    sc = _deployed_with_words(Variant("deployed guard", "safety", "mean_windows", columns(block, ns), g.probe),
-                              g.words, cache.piece_texts)
+    sc = _words_served("deployed guard", "mean_windows + words", g.probe, columns(block, ns), g.words,
+                       cache.piece_texts)
     np.testing.assert_allclose(sc.fn(texts, ts), g.unsafe_probability(texts), atol=1e-4)
 
 

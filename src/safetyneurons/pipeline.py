@@ -62,11 +62,10 @@ def claim_out_dir(s: RunSettings, force: bool = False) -> tuple[Path, Path | Non
                             f"directory, or add --force to replace its contents.")
         differ = [k for k in sorted(set(recorded) | set(mine)) if setting_of(recorded, k) != setting_of(mine, k)]
         diff = "; ".join(f"{k}: {setting_of(recorded, k)!r} there, {setting_of(mine, k)!r} now" for k in differ)
-        flags = [_RESUME_FLAGS[k](setting_of(recorded, k)) for k in differ if k in _RESUME_FLAGS]
-        if s.out is None:  # those settings alone would name another directory
-            flags.insert(0, f"--out {out}")
-        keep = (f" To resume that run as it is, add {' '.join(flags)}."
-                if len(flags) > (s.out is None) and len(flags) - (s.out is None) == len(differ) else "")
+        keep = ""
+        if differ and all(k in _RESUME_FLAGS for k in differ):  # flags alone would name another directory
+            flags = ([] if s.out else [f"--out {out}"]) + [_RESUME_FLAGS[k](setting_of(recorded, k)) for k in differ]
+            keep = f" To resume that run as it is, add {' '.join(flags)}."
         raise UserError(f"--out {out} holds a run with other settings ({diff}). Give another --out, leave --out "
                         f"unset (each setting gets its own runs/ directory), or add --force to replace that run.{keep}")
     backup = out.with_name(f".{out.name}.replaced-{int(time.time())}")

@@ -200,18 +200,6 @@ def _svm_scorers(train_texts: list[str], y: np.ndarray, train_ts: TextSet, cols:
                           content, piece_texts)]
 
 
-def _deployed_with_words(v: Variant, words: Any, piece_texts: Callable) -> Scorer:
-    """The deployed guard when it reads words (:mod:`safetyneurons.guard.words`): every piece by its neurons and
-    its text, as it serves."""
-    from safetyneurons.guard.words import piece_probability
-
-    def fn(texts: Sequence[str], ts: TextSet) -> np.ndarray:
-        words_, owner = piece_texts(texts)
-        return max_per_input(piece_probability(v.probe, words, ts.windows[:, v.cols], words_), owner, len(texts))
-
-    return Scorer(v.name, "safety+text", "mean_windows + words", False, fn, "windows")  # no per-token explanation
-
-
 # ------------------------------------------------------------------------------------------ training
 def feature_sets(neuron_set, draws: int, seed: int) -> tuple[Any, dict[str, np.ndarray]]:
     """The layer block of ``neuron_set`` and the columns of every feature set in it: ``safety``, ``random<k>``
@@ -374,7 +362,8 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
                                      piece_texts=cache.piece_texts)
     deployed = Variant("deployed guard", "safety", "mean_windows", fsets["safety"], guard.probe)
     scorers.append(_variant_scorer(deployed, False) if guard.words is None else
-                   _deployed_with_words(deployed, guard.words, cache.piece_texts))
+                   _words_served(deployed.name, "mean_windows + words", guard.probe, deployed.cols, guard.words,
+                                 cache.piece_texts))
     with progress_bar(len(scorers), "scoring variants", "variant", progress) as bar:
         scores = {}
         for sc in scorers:
