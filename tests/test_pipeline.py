@@ -53,9 +53,10 @@ def tiny_run(tmp_path_factory):
     base, aligned, splits = _tiny_pair_and_splits(root)
     from safetyneurons.pipeline import RunSettings, run
 
+    # the layer budget chosen on validation (not the default, which reads the safety set as it is: test_steps)
     settings = RunSettings(out=str(root / "run"), base=str(base), aligned=str(aligned), splits=str(splits),
                            random_draws=2, n_boot=50, store_dtype="float32", batch_size=4, target_fpr=0.1,
-                           category_min_examples=5)
+                           category_min_examples=5, guard_max_layer="auto")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFETYNEURONS_CACHE", str(root / "cache"))
         summary = run(settings, progress=False)
@@ -274,6 +275,29 @@ def test_a_run_recorded_before_the_svm_guard_is_refused_naming_every_flag_that_r
         claim_out_dir(RunSettings.for_preset("default"))
     again = RunSettings.for_preset("default", out="runs/default", guard_classifier="logreg", guard_words=False)
     assert claim_out_dir(again) == (Path("runs/default"), None)
+
+
+def test_a_run_recorded_with_the_validation_layer_budget_is_refused_naming_the_flag_that_resumes_it(tmp_path):
+    from safetyneurons.errors import UserError
+    from safetyneurons.pipeline import RunSettings, claim_out_dir
+    from safetyneurons.run_settings import SETTINGS_FILE
+
+    # no layer budget by default (docs/guard_quality.md); runs written before recorded none, which meant auto
+    assert RunSettings().guard_max_layer is None and RunSettings.for_preset("paper").guard_max_layer is None
+    recorded = RunSettings.for_preset("default", guard_max_layer="auto").identity()
+    assert "guard_max_layer" not in recorded
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / SETTINGS_FILE).write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match=r"guard_max_layer: 'auto' there, None now.*add --guard-max-layer auto\.$"):
+        claim_out_dir(RunSettings.for_preset("default", out=str(old)))
+    assert claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_max_layer="auto")) == (old, None)
+    fixed = RunSettings.for_preset("default", guard_max_layer=7).identity()
+    (old / SETTINGS_FILE).write_text(json.dumps(fixed))
+    with pytest.raises(UserError, match=r"add --guard-max-layer 7\.$"):
+        claim_out_dir(RunSettings.for_preset("default", out=str(old)))
+    # and a run made with auto has a directory of its own, not runs/default
+    assert RunSettings.for_preset("default", guard_max_layer="auto").out_dir.name.startswith("default-")
 
 
 def _file_hashes(d: Path) -> dict:

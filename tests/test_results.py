@@ -260,3 +260,16 @@ def test_guard_section_keeps_the_case_of_what_it_names(monkeypatch):
     monkeypatch.setattr(generate, "run_source", lambda run, name: "source")
     first = generate.guard_section(run)[0]
     assert "Its probe is an RBF SVM; it also reads each piece's words (a TF-IDF logit" in first
+
+
+def test_the_reproduce_command_names_a_layer_budget_and_reads_older_runs_as_auto():
+    from safetyneurons.results.sources import RunSource
+
+    def command(settings: dict) -> str:
+        return RunSource(Path("runs/default"), {"settings": settings}, {}, None, None, None).command
+
+    base = {"preset": "default", "guard_words": True, "guard_classifier": "svm"}
+    assert command({**base, "guard_max_layer": None}) == "safetyneurons run"
+    assert command({**base, "guard_max_layer": "auto"}) == "safetyneurons run --guard-max-layer auto"
+    assert command({**base, "guard_max_layer": 7}) == "safetyneurons run --guard-max-layer 7"
+    assert command(base) == "safetyneurons run --guard-max-layer auto"  # settings.json from before the option's default changed

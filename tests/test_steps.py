@@ -157,7 +157,10 @@ def test_the_commands_write_runs_neurons_and_guard_byte_for_byte(three_ways):
     # what makes this run's guard: validation operating points, the SVM, category heads, the layer budget
     assert set(guard["calibration"]["operating_points"]) == {"strict", "loose"}
     assert guard["classifier"] == "svm" and guard["categories"]["names"]
-    assert guard["layer_budget"]["setting"] == "auto" and guard["layer_budget"]["curve"]
+    # no layer budget by default: the guard reads the safety set as it is and stops after its deepest neuron
+    neurons = json.loads(run["contrast/neuron_set.json"])
+    assert guard["layer_budget"]["setting"] is None and "curve" not in guard["layer_budget"]
+    assert guard["deepest_layer"] == guard["layer_budget"]["deepest_layer"] == max(n["layer"] for n in neurons["neurons"])
     assert sorted(json.loads(run["contrast/neuron_set.json"])["settings"]["aligned"]) and \
         json.loads(run["contrast/neuron_set.json"])["settings"]["variant"] == "rms"
 

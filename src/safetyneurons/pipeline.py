@@ -40,7 +40,8 @@ def _recorded_settings(out: Path) -> dict | None:
 
 #: the flags that give a setting back the value an earlier run recorded (settings whose default changed)
 _RESUME_FLAGS = {"guard_words": lambda v: "--guard-words" if v else "--no-guard-words",
-                 "guard_classifier": lambda v: f"--guard-classifier {v}"}
+                 "guard_classifier": lambda v: f"--guard-classifier {v}",
+                 "guard_max_layer": lambda v: f"--guard-max-layer {'none' if v is None else v}"}
 
 
 def claim_out_dir(s: RunSettings, force: bool = False) -> tuple[Path, Path | None]:

@@ -68,8 +68,9 @@ class RunSettings:
     random_draws: int = 20  # per random control (layer-matched and global)
     # the RBF SVM: the pre-registered validation rule of docs/guard_quality.md picks it for the guard with words
     guard_classifier: str = GUARD_CLASSIFIER["default"]
-    # the guard's layer budget (safetyneurons.probes.budget): auto = chosen on the validation split; None: no budget
-    guard_max_layer: str | int | None = AUTO
+    # the guard's layer budget (safetyneurons.probes.budget): None = no budget, the guard stops after its deepest
+    # safety neuron (docs/guard_quality.md says why); auto = chosen on the validation split; L = layers 0..L
+    guard_max_layer: str | int | None = None
     # the guard also reads each piece's text: a TF-IDF logit summed with the probe's (safetyneurons.guard.words);
     # on by default: the pre-registered validation rule of docs/guard_quality.md picks it
     guard_words: bool = True

@@ -156,7 +156,7 @@ def extract(model_ref, data, splits, augment, seed, hook_point, pooling, neurons
               show_default=True, help="Which probe --export-guard ships.")
 @click.option("--guard-classifier", type=click.Choice(CLASSIFIERS), default=None,
               help="Classifier of the guard [default: svm, as `run`; the first of --classifiers without it].")
-@click.option("--guard-max-layer", default="auto", show_default=True, metavar="auto|none|L",
+@click.option("--guard-max-layer", default="none", show_default=True, metavar="auto|none|L",
               help="The guard's layer budget, as `run --guard-max-layer` (needs --scores; auto also --val).")
 @click.option("--guard-words", is_flag=True,
               help="The guard also reads the words of every piece, as `run` does by default (needs --val: its "

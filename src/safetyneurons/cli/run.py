@@ -49,10 +49,11 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
 @click.option("--guard-classifier", type=click.Choice(CLASSIFIERS), default=None,
               help="Classifier of the exported guard (always on the safety neurons) [default: svm, which the "
                    "validation rule of docs/guard_quality.md picks; logreg with --paper, the paper's probe].")
-@click.option("--guard-max-layer", default="auto", show_default=True, metavar="auto|none|L",
-              help="The guard's layer budget (it stops after that layer): auto = the smallest budget whose "
-                   "validation AUROC is within 0.005 of the best budget's (safetyneurons.probes.budget); none = the "
-                   "safety set as it is; or a layer index.")
+@click.option("--guard-max-layer", default="none", show_default=True, metavar="auto|none|L",
+              help="The guard's layer budget (it stops after that layer): none = the safety set as it is, the "
+                   "guard stops after its deepest safety neuron; auto = the smallest budget whose validation AUROC "
+                   "is within 0.005 of the best budget's (safetyneurons.probes.budget), a cheaper guard; or a layer "
+                   "index.")
 @click.option("--guard-words/--no-guard-words", default=True, show_default=True,
               help="The guard also reads the words of every piece: a TF-IDF logit summed with the safety-neuron "
                    "probe's (docs/guard.md); the validation rule of docs/guard_quality.md picks it. "

@@ -1,6 +1,8 @@
-"""Layer budget of the guard: early exit that pays, chosen on validation data.
+"""Layer budget of the guard: an earlier exit, chosen on validation data when asked for.
 
-The guard runs the model only up to its deepest safety neuron (early exit). A **layer budget** L keeps the same
+The guard runs the model only up to its deepest safety neuron (early exit). By default it reads the safety set as
+it is (no budget: the validation split cannot see what an earlier exit costs on other sources, see
+docs/guard_quality.md). A **layer budget** L keeps the same
 number of safety neurons but picks them among layers 0..L only (:func:`safetyneurons.probes.variants.select_variant`
 with ``max_layer``), so the guard stops after layer L. :func:`budget_curve` fits the guard's classifier on the
 training store for every budget and scores the validation store; :func:`choose_budget` takes the **smallest
@@ -89,7 +91,9 @@ def guard_neuron_set(select_at: Callable[[int | None], "NeuronSet"], setting: st
     setting = check_guard_max_layer(setting)
     if setting is None or (setting == AUTO and val is None):
         why = "no budget asked for" if setting is None else "no validation split to choose a budget on"
-        return select_at(None), {"setting": setting, "max_layer": None, "rule": why}
+        ns = select_at(None)
+        return ns, {"setting": setting, "max_layer": None, "deepest_layer": int(ns.deepest_layer),
+                    "neurons": len(ns), "rule": why}
     if setting != AUTO:
         ns = select_at(setting)
         return ns, {"setting": setting, "max_layer": setting, "deepest_layer": int(ns.deepest_layer),

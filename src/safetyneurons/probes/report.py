@@ -167,10 +167,11 @@ def render_guard_budget(budget: dict) -> str:
     """The guard's layer budget: how it was chosen, the validation curve, and the guard probe's test figures."""
     lines = ["## Guard layer budget", ""]
     if budget.get("max_layer") is None:
-        lines.append(f"The guard uses the safety set as it is ({budget.get('rule')}).")
-        return "\n".join(lines) + "\n"
-    lines.append(f"The guard reads the top neurons among layers 0..{budget['max_layer']} only, so it stops after layer "
-                 f"{budget['deepest_layer']} (rule: {budget['rule']}).")
+        stop = f" and stops after layer {budget['deepest_layer']}" if "deepest_layer" in budget else ""
+        lines.append(f"The guard uses the safety set as it is{stop} ({budget.get('rule')}).")
+    else:
+        lines.append(f"The guard reads the top neurons among layers 0..{budget['max_layer']} only, so it stops after "
+                     f"layer {budget['deepest_layer']} (rule: {budget['rule']}).")
     if budget.get("test_metrics"):
         m = budget["test_metrics"]
         ci = m.get("auroc_ci") or [None, None]

@@ -86,6 +86,9 @@ class RunSource:
         preset_classifier = GUARD_CLASSIFIER.get(s.get("preset", "default"))
         if s.get("guard_classifier", "logreg") != preset_classifier:
             flags += f" --guard-classifier {s.get('guard_classifier', 'logreg')}"
+        budget = s.get("guard_max_layer", "auto")  # runs written before the option had auto
+        if budget is not None:
+            flags += f" --guard-max-layer {budget}"
         inputs = "".join(f" --{k} {shown(Path(s[k])) if k == 'splits' else s[k]}" for k in ("base", "aligned", "splits")
                          if s.get(k))
         default_name = f"{s.get('preset', 'default')}{'-quick' if s.get('quick') else ''}"

@@ -158,6 +158,12 @@ def headline_probes(overrefusal: dict) -> list[str]:
 def budget_line(report: dict, short: bool = False) -> str:
     """Which neurons the guard reads (its layer budget); ``short``: one clause without the rule."""
     b = report.get("guard_budget") or {}
+    if b.get("max_layer") is None and "deepest_layer" in b:
+        if short:
+            return f"reads the run's {b['neurons']} safety neurons as selected (no layer budget), so the model " \
+                   f"stops after layer {b['deepest_layer']}"
+        return (f"The guard reads the run's {b['neurons']} safety neurons as selected and stops after layer "
+                f"{b['deepest_layer']}, its deepest safety neuron (no layer budget: {b['rule']}).")
     if not b or b.get("max_layer") is None:
         return "reads the run's safety neurons as selected" if short else \
             "The guard reads the run's safety neurons as selected."
