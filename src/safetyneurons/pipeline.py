@@ -17,6 +17,7 @@ from typing import Iterator
 from safetyneurons._io import (atomic_write_json, atomic_write_text, check_out_dir, json_safe, progress_bar, read_json,
                                versions)
 from safetyneurons.causal.causal import patch_step
+from safetyneurons.constants import GUARD_RUN_FLAGS
 from safetyneurons.errors import UserError
 from safetyneurons.guard_steps import Inputs, train_and_guard
 from safetyneurons.neurons.selection import neuron_stats
@@ -37,11 +38,6 @@ def _recorded_settings(out: Path) -> dict | None:
                 return identity_of(recorded)
     return None
 
-
-#: the flags that give a setting back the value an earlier run recorded (settings whose default changed)
-_RESUME_FLAGS = {"guard_words": lambda v: "--guard-words" if v else "--no-guard-words",
-                 "guard_classifier": lambda v: f"--guard-classifier {v}",
-                 "guard_max_layer": lambda v: f"--guard-max-layer {'none' if v is None else v}"}
 
 
 def claim_out_dir(s: RunSettings, force: bool = False) -> tuple[Path, Path | None]:
@@ -64,8 +60,8 @@ def claim_out_dir(s: RunSettings, force: bool = False) -> tuple[Path, Path | Non
         differ = [k for k in sorted(set(recorded) | set(mine)) if setting_of(recorded, k) != setting_of(mine, k)]
         diff = "; ".join(f"{k}: {setting_of(recorded, k)!r} there, {setting_of(mine, k)!r} now" for k in differ)
         keep = ""
-        if differ and all(k in _RESUME_FLAGS for k in differ):  # flags alone would name another directory
-            flags = ([] if s.out else [f"--out {out}"]) + [_RESUME_FLAGS[k](setting_of(recorded, k)) for k in differ]
+        if differ and all(k in GUARD_RUN_FLAGS for k in differ):  # flags alone would name another directory
+            flags = ([] if s.out else [f"--out {out}"]) + [GUARD_RUN_FLAGS[k](setting_of(recorded, k)) for k in differ]
             keep = f" To resume that run as it is, add {' '.join(flags)}."
         raise UserError(f"--out {out} holds a run with other settings ({diff}). Give another --out, leave --out "
                         f"unset (each setting gets its own runs/ directory), or add --force to replace that run.{keep}")

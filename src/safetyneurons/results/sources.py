@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from safetyneurons._io import read_json
-from safetyneurons.constants import GUARD_CLASSIFIER
+from safetyneurons.constants import GUARD_CLASSIFIER, GUARD_RUN_FLAGS
 from safetyneurons.errors import UserError
 from safetyneurons.results.machine import NOT_RECORDED, describe_machine
 
@@ -81,14 +81,13 @@ class RunSource:
         """The `safetyneurons run` command line that names this run (its full settings: settings.json)."""
         s = self.run.get("settings") or {}
         flags = "".join(f" {flag}" for flag, on in (("--paper", s.get("preset") == "paper"),
-                                                    ("--quick", s.get("quick")), ("--patch", s.get("patch")),
-                                                    ("--no-guard-words", not s.get("guard_words", False))) if on)
-        preset_classifier = GUARD_CLASSIFIER.get(s.get("preset", "default"))
-        if s.get("guard_classifier", "logreg") != preset_classifier:
-            flags += f" --guard-classifier {s.get('guard_classifier', 'logreg')}"
-        budget = s.get("guard_max_layer", "auto")  # runs written before the option had auto
-        if budget is not None:
-            flags += f" --guard-max-layer {budget}"
+                                                    ("--quick", s.get("quick")), ("--patch", s.get("patch"))) if on)
+        # each guard setting that differs from `run`'s default (values of runs written before a setting existed)
+        recorded = {"guard_words": s.get("guard_words", False), "guard_classifier": s.get("guard_classifier", "logreg"),
+                    "guard_max_layer": s.get("guard_max_layer", "auto")}
+        default = {"guard_words": True, "guard_classifier": GUARD_CLASSIFIER.get(s.get("preset", "default")),
+                   "guard_max_layer": None}
+        flags += "".join(f" {GUARD_RUN_FLAGS[k](v)}" for k, v in recorded.items() if v != default[k])
         inputs = "".join(f" --{k} {shown(Path(s[k])) if k == 'splits' else s[k]}" for k in ("base", "aligned", "splits")
                          if s.get(k))
         default_name = f"{s.get('preset', 'default')}{'-quick' if s.get('quick') else ''}"
