@@ -273,3 +273,16 @@ def test_the_reproduce_command_names_a_layer_budget_and_reads_older_runs_as_auto
     assert command({**base, "guard_max_layer": "auto"}) == "safetyneurons run --guard-max-layer auto"
     assert command({**base, "guard_max_layer": 7}) == "safetyneurons run --guard-max-layer 7"
     assert command(base) == "safetyneurons run --guard-max-layer auto"  # settings.json from before the option's default changed
+
+
+def test_the_guard_line_says_where_a_guard_stops_with_and_without_a_layer_budget():
+    from safetyneurons.results.tables import budget_line
+
+    none = {"guard_budget": {"setting": None, "max_layer": None, "deepest_layer": 27, "neurons": 2304,
+                             "rule": "no budget asked for"}}
+    assert budget_line(none, short=True) == ("reads the run's 2304 safety neurons as selected (no layer budget), so "
+                                             "the model stops after layer 27")
+    assert "stops after layer 27, its deepest safety neuron (no layer budget: no budget asked for)" in budget_line(none)
+    auto = {"guard_budget": {"setting": "auto", "max_layer": 8, "deepest_layer": 8, "neurons": 864, "rule": "r"}}
+    assert budget_line(auto, short=True) == "reads 864 neurons in layers 0..8, so the model stops after layer 8"
+    assert budget_line({}) == "The guard reads the run's safety neurons as selected."  # a run without a budget record
