@@ -39,7 +39,6 @@ def _recorded_settings(out: Path) -> dict | None:
     return None
 
 
-
 def claim_out_dir(s: RunSettings, force: bool = False) -> tuple[Path, Path | None]:
     """Check that ``s.out_dir`` may take this run; returns (out, backup of a replaced run or None).
 
