@@ -69,6 +69,7 @@ def test_run_calibrates_on_val_and_reports_overrefusal_and_categories(tiny_run):
     meta = json.loads((out / "guard" / "guard.json").read_text())
     cal = meta["calibration"]  # operating points, set on val as the guard scores (its most unsafe piece)
     point = cal["operating_points"][cal["default"]]
+    assert meta["piece_margin"] == cal["piece_margin"] == settings.guard_piece_margin == 0.5  # set with the thresholds
     assert cal["default"] == "strict" and set(cal["operating_points"]) == {"strict", "loose"}
     assert point["target_fpr"] == 0.1 and meta["threshold"] == point["threshold"]
     assert point["validation"]["n"] == 20 and point["validation"]["fpr_benign"] <= 0.1
@@ -184,6 +185,7 @@ def _cli(*args, env_extra=None):
 @pytest.mark.parametrize("args, message", [
     (["--top-percent", "0"], "top"),
     (["--top-percent", "150"], "top"),
+    (["--guard-piece-margin", "-1"], "piece margin must be a number from 0 to 10"),
     (["--base", "/nonexistent/model"], "With a custom --base, give --aligned"),
     (["--splits", "/nonexistent/splits"], "lacks"),
 ])
@@ -191,7 +193,7 @@ def test_run_bad_input_exits_2_without_traceback(tmp_path, args, message):
     out = tmp_path / "out"
     r = _cli("--out", str(out), "--no-progress", *args, env_extra={"SAFETYNEURONS_CACHE": str(tmp_path / "c")})
     assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr and message in r.stderr
+    assert "Traceback" not in r.stderr and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (out / "run.json").exists()
 
 
@@ -298,6 +300,27 @@ def test_a_run_recorded_with_the_validation_layer_budget_is_refused_naming_the_f
         claim_out_dir(RunSettings.for_preset("default", out=str(old)))
     # and a run made with auto has a directory of its own, not runs/default
     assert RunSettings.for_preset("default", guard_max_layer="auto").out_dir.name.startswith("default-")
+
+
+def test_a_run_recorded_before_the_piece_margin_is_refused_naming_the_flag_that_resumes_it(tmp_path):
+    from safetyneurons.errors import UserError
+    from safetyneurons.pipeline import RunSettings, claim_out_dir
+    from safetyneurons.run_settings import SETTINGS_FILE
+
+    # the default guard's windows and sentences decide alone only 0.5 above the whole message (docs/guard_quality.md)
+    assert RunSettings().guard_piece_margin == 0.5 and RunSettings.for_preset("default").guard_piece_margin == 0.5
+    assert RunSettings.for_preset("paper").guard_piece_margin == 0.0
+    assert "guard_piece_margin" not in RunSettings.for_preset("paper").identity()  # paper runs keep their directory
+    recorded = RunSettings.for_preset("default", guard_piece_margin=0.0).identity()
+    assert "guard_piece_margin" not in recorded  # what runs written before the margin recorded
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / SETTINGS_FILE).write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match=r"guard_piece_margin: 0\.0 there, 0\.5 now.*add --guard-piece-margin 0\.$"):
+        claim_out_dir(RunSettings.for_preset("default", out=str(old)))
+    assert claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_piece_margin=0.0)) == (old, None)
+    assert RunSettings.for_preset("default", guard_piece_margin=0.0).out_dir.name.startswith("default-")
+    assert RunSettings.for_preset("default").out_dir.name == "default"
 
 
 def _file_hashes(d: Path) -> dict:
@@ -450,9 +473,10 @@ def test_train_guard_words_ships_words_calibrated_as_the_guard_scores(tiny_run, 
         meta = json.loads((out / "guard" / "guard.json").read_text())
         assert meta["words"]["combine"].startswith("sigmoid((text_logit")
         assert {"words.json", "words.safetensors"} <= set(meta["files"])
-        assert "words" in meta["calibration"]["scoring"]
+        assert "words" in meta["calibration"]["scoring"] and "margin of 0.5" in meta["calibration"]["scoring"]
         g = Guard.load(out / "guard")
     assert g.words is not None and len(g.words.text.vocabulary) > 0
+    assert g.piece_margin == meta["piece_margin"] == 0.5  # as `run`: the margin comes with the words
     val = [json.loads(line) for line in (store / "val" / "records.jsonl").read_text().splitlines() if line.strip()]
     p = g.unsafe_probability([r["prompt"] for r in val])
     y = np.array([r["label"] for r in val])

@@ -213,11 +213,13 @@ def test_a_non_finite_probability_is_flagged(planted, monkeypatch):
 
 
 # ------------------------------------------------------------------------------- one path, all routes
-@pytest.fixture(scope="module", params=[False, True], ids=["neurons", "neurons+words"])
+@pytest.fixture(scope="module", params=[(False, 0.0), (True, 0.0), (True, 1.0)],
+                ids=["neurons", "neurons+words", "neurons+words+margin"])
 def served_guard(tmp_path_factory, cache, request):
-    path, lm, _, _ = build_guard(tmp_path_factory.mktemp("g"), max_length=256, words=request.param)
+    words, margin = request.param
+    path, lm, _, _ = build_guard(tmp_path_factory.mktemp("g"), max_length=256, words=words, piece_margin=margin)
     g = Guard.load(path, lm=lm)
-    assert (g.words is not None) == request.param
+    assert (g.words is not None) == words and g.piece_margin == margin
     return g
 
 

@@ -379,7 +379,7 @@ def test_piece_margin_scores_pieces_less_the_margin_and_the_whole_message_as_it_
     from safetyneurons.guard.guard import Guard
     from safetyneurons.probes.readout_cache import MEAN, ReadoutCache, columns, layer_block
     from safetyneurons.probes.readout_probes import Variant
-    from safetyneurons.probes.readouts import margin_scorer
+    from safetyneurons.probes.readouts import deployed_scorer, margin_scorer
 
     path, lm, ns, _ = build_guard(tmp_path, max_length=64, words=True)
     g = Guard.load(path, lm=lm)
@@ -397,6 +397,18 @@ def test_piece_margin_scores_pieces_less_the_margin_and_the_whole_message_as_it_
     np.testing.assert_allclose(at(1e3)[:3], whole, atol=1e-4)
     assert cache.whole_pieces(texts[3:]).sum() == 0  # over the limit: windows only
     assert at(1e3)[3] < 1e-6 and at(0.0)[3] > at(1.0)[3]
+    for m in (0.5, 2.0):  # the guard that ships a margin scores as the comparison measured it
+        served = Guard.load(build_guard(tmp_path, max_length=64, words=True, piece_margin=m)[0], lm=lm)
+        assert served.piece_margin == m and served.meta["piece_margin"] == m
+        np.testing.assert_allclose(at(m), served.unsafe_probability(texts), atol=1e-4)
+        deployed = deployed_scorer(Variant("deployed guard", "safety", "mean_windows", columns(block, ns),
+                                           served.probe), served, cache)
+        assert deployed.readout == f"mean_windows + words, piece margin {m:g}"
+        np.testing.assert_allclose(deployed.fn(texts, ts), served.unsafe_probability(texts), atol=1e-4)
+    plain = Guard.load(build_guard(tmp_path, max_length=64, piece_margin=1.0)[0], lm=lm)  # no words: its probe
+    deployed = deployed_scorer(Variant("deployed guard", "safety", "mean_windows", columns(block, ns), plain.probe),
+                               plain, cache)
+    np.testing.assert_allclose(deployed.fn(texts, ts), plain.unsafe_probability(texts), atol=1e-4)
 
 
 def test_content_word_rule_prefers_all_words_on_a_tie():

@@ -260,6 +260,10 @@ def test_guard_section_keeps_the_case_of_what_it_names(monkeypatch):
     monkeypatch.setattr(generate, "run_source", lambda run, name: "source")
     first = generate.guard_section(run)[0]
     assert "Its probe is an RBF SVM; it also reads each piece's words (a TF-IDF logit" in first
+    assert "lower in the logit" not in first  # a guard that records no piece margin has none
+    run.guard["piece_margin"] = 0.5
+    assert "; a window or sentence counts 0.5 lower in the logit than the whole message." in \
+        generate.guard_section(run)[0]
 
 
 def test_the_reproduce_command_names_a_layer_budget_and_reads_older_runs_as_auto():
@@ -268,11 +272,19 @@ def test_the_reproduce_command_names_a_layer_budget_and_reads_older_runs_as_auto
     def command(settings: dict) -> str:
         return RunSource(Path("runs/default"), {"settings": settings}, {}, None, None, None).command
 
-    base = {"preset": "default", "guard_words": True, "guard_classifier": "svm"}
+    base = {"preset": "default", "guard_words": True, "guard_classifier": "svm", "guard_piece_margin": 0.5}
     assert command({**base, "guard_max_layer": None}) == "safetyneurons run"
     assert command({**base, "guard_max_layer": "auto"}) == "safetyneurons run --guard-max-layer auto"
     assert command({**base, "guard_max_layer": 7}) == "safetyneurons run --guard-max-layer 7"
     assert command(base) == "safetyneurons run --guard-max-layer auto"  # settings.json from before the option's default changed
+    # the piece margin: runs from before it scored every piece alike (margin 0)
+    none = {k: v for k, v in base.items() if k != "guard_piece_margin"}
+    assert command({**none, "guard_max_layer": None}) == "safetyneurons run --guard-piece-margin 0"
+    assert command({**base, "guard_max_layer": None, "guard_piece_margin": 1.5}) == \
+        "safetyneurons run --guard-piece-margin 1.5"
+    paper = {"preset": "paper", "guard_words": True, "guard_classifier": "logreg", "guard_max_layer": None}
+    want = "safetyneurons run --paper --out runs/default"
+    assert command({**paper, "guard_piece_margin": 0.0}) == command(paper) == want
 
 
 def test_the_guard_line_says_where_a_guard_stops_with_and_without_a_layer_budget():

@@ -63,6 +63,47 @@ def test_planted_words_decide_where_the_neurons_do_not(tmp_path, cache):
     assert not chat.prefill(normalize_messages([{"role": "user", "content": PADDING}])).blocked
 
 
+def test_a_piece_margin_lowers_windows_and_sentences_never_the_whole_message(tmp_path, cache):
+    """With margin m a text scores max(whole message's logit, every other piece's logit - m), computed here from
+    the pieces; a one-piece text scores as without a margin; every piece kind is marked as the reader made it."""
+    path, lm, _, _ = build_guard(tmp_path, max_length=256, words=True)
+    plain = Guard.load(path, lm=lm)
+    g = Guard.load(build_guard(tmp_path, max_length=256, words=True, piece_margin=1.5)[0], lm=lm)
+    texts = [UNSAFE[0], PADDING[:70] + UNSAFE[1], TRIGGER + " " + SAFE[2]]
+    for text in texts:
+        pieces = g.reader.pieces([text])
+        assert pieces[0].whole and not any(p.whole for p in pieces[1:])
+        X, _ = g.reader.read_pieces(pieces)
+        z = g.words.logit(g.probe.decision_function(X), g.reader.piece_texts(pieces))
+        want = 1 / (1 + np.exp(-max(z[0], *(z[1:] - 1.5)))) if len(z) > 1 else 1 / (1 + np.exp(-z[0]))
+        assert g.unsafe_probability([text])[0] == pytest.approx(want, abs=1e-9)
+    assert len(g.reader.pieces([texts[1]])) > 3  # whole, windows, sentences
+    p_plain, p_margin = plain.unsafe_probability(texts), g.unsafe_probability(texts)
+    assert len(g.reader.pieces([texts[0]])) == 1 and p_margin[0] == pytest.approx(p_plain[0], abs=1e-12)
+    assert np.all(p_margin <= p_plain + 1e-12)
+    over = PADDING * 3  # over the token limit: windows only, each less the margin
+    assert not any(p.whole for p in g.reader.pieces([over]))
+    assert g.unsafe_probability([over])[0] < plain.unsafe_probability([over])[0]
+
+
+@pytest.mark.parametrize("margin", [-0.5, float("nan"), 11.0, "0.5", True])
+def test_a_bad_piece_margin_is_refused_in_settings_and_in_guard_json(words_guard, tmp_path, margin):
+    import shutil
+
+    from safetyneurons.run_settings import RunSettings
+
+    with pytest.raises(UserError, match="piece margin"):
+        RunSettings(guard_piece_margin=margin).validate()
+    path = tmp_path / "g"
+    shutil.copytree(words_guard.path, path)
+    meta = json.loads((path / "guard.json").read_text())
+    assert meta["piece_margin"] == 0.0
+    meta["piece_margin"] = margin
+    _resign(path, meta)
+    with pytest.raises(UserError, match="piece margin.*Re-export"):
+        Guard.load(path, lm=words_guard.lm)
+
+
 def test_features_without_their_pieces_are_refused(words_guard):
     g = words_guard
     X, _ = g.reader.read([SAFE[0]])

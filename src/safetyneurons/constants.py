@@ -32,11 +32,16 @@ CLASSIFIERS = ("svm", "logreg")
 #: The guard's classifier per preset (see :mod:`safetyneurons.run_settings`): the RBF SVM, which the validation rule of
 #: docs/guard_quality.md picks; the paper preset keeps the paper's logistic regression.
 GUARD_CLASSIFIER: dict[str, str] = {"default": "svm", "paper": "logreg"}
+#: The guard's piece margin per preset (see :mod:`safetyneurons.guard.words`): what a window or a sentence must beat a
+#: whole message by, in the logit, to decide alone; 0.5 is what the validation rule of docs/guard_quality.md picks for
+#: the default guard; the paper preset, for which the rule was not run, has none.
+GUARD_PIECE_MARGIN: dict[str, float] = {"default": 0.5, "paper": 0.0}
 #: The `run` flag that gives each guard setting whose default changed a recorded value (the pipeline's resume hint,
 #: the reproduce command of generated results).
 GUARD_RUN_FLAGS = {"guard_words": lambda v: "--guard-words" if v else "--no-guard-words",
                    "guard_classifier": lambda v: f"--guard-classifier {v}",
-                   "guard_max_layer": lambda v: f"--guard-max-layer {'none' if v is None else v}"}
+                   "guard_max_layer": lambda v: f"--guard-max-layer {'none' if v is None else v}",
+                   "guard_piece_margin": lambda v: f"--guard-piece-margin {v:g}"}
 #: Feature sets probes are compared on (see :mod:`safetyneurons.probes.compare`): the safety neurons, all neurons and
 #: their PCA, the neuron controls (layer-matched random, global random, magnitude-matched) and the baselines
 #: without activations (text, length).

@@ -209,7 +209,7 @@ def _guard_thresholds(s: RunSettings, inputs: Inputs, result: CompareResult, gua
     result.report["guard_calibration"] = calibrate_guard(
         inputs.lm(), spec, guard.run.probes[0], inputs.records["val"],
         points={"strict": s.target_fpr, "loose": min(s.target_fpr, 0.01)}, batch_size=s.batch_size,
-        progress=progress, words=guard.words)
+        progress=progress, words=guard.words, piece_margin=s.guard_piece_margin)
     return result.report["guard_calibration"]
 
 
@@ -221,7 +221,8 @@ def _served_rows(s: RunSettings, inputs: Inputs, guard: GuardChoice, progress: b
         return {}
     spec = FeatureSpec.from_meta(inputs.stores["train"].manifest, neuron_set=guard.neuron_set)
     p = guard_validation_scores(inputs.lm(), spec, guard.run.probes[0], inputs.stores["heldout"].prompts,
-                                s.batch_size, progress, words=guard.words)
+                                s.batch_size, progress, words=guard.words,
+                                piece_margin=float(guard.calibration.get("piece_margin", 0.0)))
     return {f"guard as served ({name})": (p, float(fig["threshold"])) for name, fig in points.items()}
 
 

@@ -12,7 +12,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from safetyneurons._io import (atomic_write_json, atomic_write_text, check_out_dir, json_safe, progress_bar, read_json,
                                versions)
@@ -25,8 +25,8 @@ from safetyneurons.probes.overrefusal import render_overrefusal
 from safetyneurons.probes.report import controls_section, results_table
 from safetyneurons.results.machine import provenance
 from safetyneurons.run_settings import RunSettings, SETTINGS_FILE, identity_of, setting_of
-from safetyneurons.steps import (change_scores, check_splits, extract_split, load_pair, pair_refs, read_splits,
-                                 safety_neurons, split_data_info, split_file, write_safety_neurons)
+from safetyneurons.steps import (change_scores, check_pair_refs, check_splits, extract_split, load_pair, pair_refs,
+                                 read_splits, safety_neurons, split_data_info, split_file, write_safety_neurons)
 
 
 def _recorded_settings(out: Path) -> dict | None:
@@ -104,15 +104,20 @@ STEP_NAMES = ["data", "twin", "load pair", "contrast", "select + heatmap", "extr
               "guard", "report"]
 
 
-def run(settings: RunSettings | None = None, progress: bool = True, force: bool = False) -> dict:
+def run(settings: RunSettings | None = None, progress: bool = True, force: bool = False,
+        started: Callable[[Path], None] | None = None) -> dict:
     """Run the whole pipeline into ``settings.out_dir``; returns the summary written to ``<out>/run.json``.
 
     A directory that holds a run with other settings is refused (UserError) unless ``force``; then the old run is
-    replaced only once the new one has finished (it is restored if the new run fails).
+    replaced only once the new one has finished (it is restored if the new run fails). ``started(out)`` is called
+    once the settings, the splits and the pair's references are checked and the directory is claimed.
     """
     s = (settings or RunSettings()).validate()
     check_splits(s)  # before the directory is claimed: a refused run leaves nothing behind
+    check_pair_refs(s.base, s.aligned)
     out, backup = claim_out_dir(s, force=force)
+    if started is not None:
+        started(out)
     try:
         summary = _run(s, out, progress)
     except BaseException:

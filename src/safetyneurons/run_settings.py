@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 
 from safetyneurons.activations.features import check_pooling
-from safetyneurons.checks import check_batch_size, check_positive_int
-from safetyneurons.constants import FEATURES_FROM, GUARD_CLASSIFIER
+from safetyneurons.checks import check_batch_size, check_piece_margin, check_positive_int
+from safetyneurons.constants import FEATURES_FROM, GUARD_CLASSIFIER, GUARD_PIECE_MARGIN
 from safetyneurons.errors import UserError
 from safetyneurons.model.hooks import check_hook_point
 from safetyneurons.neurons.contrast import check_positions
@@ -27,7 +27,7 @@ REFERENCE = {"hook_point": "mlp_out", "positions": "content", "pooling": "mean",
 # written by the not-yet-aligned (base) model and read by both, last-token features for the probes
 # and their probe, logistic regression, as the guard's classifier
 PAPER = {"hook_point": "mlp_neurons", "positions": "completion", "pooling": "last", "completion_from": "base",
-         "guard_classifier": GUARD_CLASSIFIER["paper"]}
+         "guard_classifier": GUARD_CLASSIFIER["paper"], "guard_piece_margin": GUARD_PIECE_MARGIN["paper"]}
 PRESETS: dict[str, dict] = {"default": REFERENCE, "paper": PAPER}  # name -> settings; each gets runs/<name>
 RUNS_DIR = "runs"
 SETTINGS_FILE = "settings.json"  # written first into a run directory: which settings own it
@@ -35,7 +35,7 @@ SETTINGS_FILE = "settings.json"  # written first into a run directory: which set
 _NOT_IDENTITY = ("out", "preset", "patch")  # --patch adds a step to the same run
 # optional settings added later: left out of the identity while unset, so earlier runs keep theirs
 # (name -> the value earlier runs had, which leaves it out; guard_words now defaults to True, so it is set)
-_IDENTITY_IF_SET = {"max_layer": None, "guard_max_layer": AUTO, "guard_words": False}
+_IDENTITY_IF_SET = {"max_layer": None, "guard_max_layer": AUTO, "guard_words": False, "guard_piece_margin": 0.0}
 
 
 def setting_of(identity: dict, name: str) -> Any:
@@ -74,6 +74,8 @@ class RunSettings:
     # the guard also reads each piece's text: a TF-IDF logit summed with the probe's (safetyneurons.guard.words);
     # on by default: the pre-registered validation rule of docs/guard_quality.md picks it
     guard_words: bool = True
+    # what a window or sentence must beat a whole message by (in the logit) to decide alone (safetyneurons.guard.words)
+    guard_piece_margin: float = GUARD_PIECE_MARGIN["default"]
     quick: bool = False
     quick_train: int = 300  # --quick: prompts per split (stratified subsample)
     quick_test: int = 150
@@ -141,6 +143,7 @@ class RunSettings:
             raise UserError("The run needs the `safety` feature set (the guard is built from it).")
         if not isinstance(self.guard_words, bool):
             raise UserError(f"guard_words must be True or False, got {self.guard_words!r}.")
+        self.guard_piece_margin = check_piece_margin(self.guard_piece_margin)
         if int(self.n_boot) < 0:
             raise UserError(f"--bootstrap must be >= 0, got {self.n_boot}.")
         if not 0.0 <= float(self.target_fpr) < 1.0:

@@ -108,13 +108,18 @@ def split_part(records: Sequence[dict], part: str | None) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ pair
 def pair_refs(base: str | None, aligned: str | None, progress: bool = True) -> tuple[str, str]:
     """(base, aligned) model references; without ``aligned`` the default twin (built on first use)."""
+    check_pair_refs(base, aligned)
     base_ref = base or DEFAULT_BASE
     if aligned:
         return base_ref, aligned
-    if base and base != DEFAULT_BASE:
+    return base_ref, str(ensure_default_twin(progress=progress))
+
+
+def check_pair_refs(base: str | None, aligned: str | None) -> None:
+    """Refuse a custom base without its aligned model (the default twin is the default base's only)."""
+    if not aligned and base and base != DEFAULT_BASE:
         raise UserError("With a custom --base, give --aligned too (or build a twin for it with "
                         "`safetyneurons twin --base REF --out DIR` and pass --aligned DIR).")
-    return base_ref, str(ensure_default_twin(progress=progress))
 
 
 def load_pair(s: RunSettings, base_ref: str, aligned_ref: str) -> tuple[LoadedModel, LoadedModel]:

@@ -109,12 +109,15 @@ class TokenRows(NamedTuple):
 
 @dataclass(frozen=True)
 class Piece:
-    """One sequence the model reads: token ids, the pooled content span ``[start, end)``, the input it belongs to."""
+    """One sequence the model reads: token ids, the pooled content span ``[start, end)``, the input it belongs to,
+    and whether it is a whole message (False: a window or a sentence of one, or the head of a message cut to the
+    token limit)."""
 
     owner: int
     ids: list[int]
     start: int
     end: int
+    whole: bool = True
 
     def encoded(self) -> EncodedConversation:
         return EncodedConversation(self.ids, [(self.start, self.end)])
@@ -180,7 +183,7 @@ class ActivationReader:
             for part in (next(encoded_parts) for _ in p):
                 (a, b), = part.spans
                 if self.room is None or b - a <= self.room:  # a longer sentence: the message's windows read it
-                    out.append(Piece(owner, part.ids, a, b))
+                    out.append(Piece(owner, part.ids, a, b, whole=False))
         return out
 
     def _sentences(self, text: str) -> list[str]:
@@ -198,13 +201,13 @@ class ActivationReader:
             if not fits:
                 enc = self.lm.template.head(enc, self.spec.max_length)
                 (a, b), = enc.spans
-            return [Piece(owner, enc.ids, a, b)]
+            return [Piece(owner, enc.ids, a, b, whole=fits)]
         size = self.window_tokens if self.room is None else min(self.window_tokens, self.room)
         out = [Piece(owner, enc.ids, a, b)] if fits else []
         if n > size:
             pre, post = enc.ids[:a], enc.ids[b:]
             for s, e in window_ranges(n, size):
-                out.append(Piece(owner, pre + enc.ids[a + s:a + e] + post, len(pre), len(pre) + e - s))
+                out.append(Piece(owner, pre + enc.ids[a + s:a + e] + post, len(pre), len(pre) + e - s, whole=False))
         return out
 
     def piece_texts(self, pieces: Sequence[Piece]) -> list[str]:

@@ -10,8 +10,9 @@ import numpy as np
 from safetyneurons import distributed
 from safetyneurons._io import atomic_dir, check_out_dir, sha256_file
 from safetyneurons.constants import (CLASSIFIERS, DEVICES, FEATURE_SETS, GUARD_CLASSIFIER, GUARD_FEATURE_SETS,
-                                     HOOK_POINTS, MODEL_DTYPES, POOLINGS, STORE_DTYPES)
+                                     GUARD_PIECE_MARGIN, HOOK_POINTS, MODEL_DTYPES, POOLINGS, STORE_DTYPES)
 from safetyneurons.data.splits import read_records
+from safetyneurons.checks import check_piece_margin
 from safetyneurons.errors import UserError
 from safetyneurons.guard_steps import SAVED_PROBES, Inputs, train_and_guard
 from safetyneurons.probes.budget import AUTO, check_guard_max_layer
@@ -161,6 +162,9 @@ def extract(model_ref, data, splits, augment, seed, hook_point, pooling, neurons
 @click.option("--guard-words", is_flag=True,
               help="The guard also reads the words of every piece, as `run` does by default (needs --val: its "
                    "thresholds are set on validation scored that way).")
+@click.option("--guard-piece-margin", type=float, default=None, metavar="LOGIT",
+              help="What a window or a sentence must beat the whole message by, in the logit, to flag it alone, as "
+                   "`run --guard-piece-margin` (needs --val) [default: 0.5 with --guard-words, as `run`; else 0].")
 @click.option("--selection", type=click.Choice(list(VARIANTS)), default="rms", show_default=True,
               help="With --scores: the selection variant of the safety neurons.")
 @click.option("--top-percent", type=float, default=5.0, show_default=True,
@@ -175,8 +179,8 @@ def extract(model_ref, data, splits, augment, seed, hook_point, pooling, neurons
               help="Prompts per forward pass when the guard reads the validation and held-out prompts.")
 def train(train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neurons_file, out, classifiers,
           feature_sets, random_draws, seed, n_boot, cv, control_cv, save_probes, guard_dir, guard_feature_set,
-          guard_classifier, guard_max_layer, guard_words, selection, top_percent, max_layer, target_fpr,
-          category_min_examples, batch_size):
+          guard_classifier, guard_max_layer, guard_words, guard_piece_margin, selection, top_percent, max_layer,
+          target_fpr, category_min_examples, batch_size):
     """Train probes on safety neurons and controls, and report test metrics (report.json/.md, curves).
 
     With --val, --heldout and --scores it takes every step `run` takes after its stores (thresholds, layer
@@ -198,11 +202,16 @@ def train(train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neu
     if guard_words and (val_dir is None or guard_dir is None):
         raise UserError("--guard-words needs --val (the thresholds are set on validation read with the words) and "
                         "--export-guard DIR.")
+    if guard_piece_margin is None:
+        guard_piece_margin = GUARD_PIECE_MARGIN["default"] if guard_words else 0.0
+    elif check_piece_margin(guard_piece_margin) and val_dir is None:
+        raise UserError("--guard-piece-margin needs --val: the thresholds are set on validation scored with it.")
     if scores_dir is None and guard_max_layer not in (None, AUTO):
         raise UserError("--guard-max-layer L reselects the safety neurons from change scores: give --scores.")
     s = RunSettings(classifiers=clfs, feature_sets=sets, random_draws=random_draws, seed=seed, n_boot=n_boot,
                     target_fpr=target_fpr, guard_classifier=guard_classifier, guard_max_layer=guard_max_layer,
-                    guard_words=guard_words, selection=selection, top_percent=top_percent, max_layer=max_layer,
+                    guard_words=guard_words, guard_piece_margin=guard_piece_margin, selection=selection,
+                    top_percent=top_percent, max_layer=max_layer,
                     batch_size=batch_size, category_min_examples=category_min_examples)
     inputs = _training_inputs(s, train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neurons_file)
     with atomic_dir(out) as tmp:

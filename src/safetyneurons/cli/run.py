@@ -58,6 +58,10 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
               help="The guard also reads the words of every piece: a TF-IDF logit summed with the safety-neuron "
                    "probe's (docs/guard.md); the validation rule of docs/guard_quality.md picks it. "
                    "--no-guard-words ships the neurons alone.")
+@click.option("--guard-piece-margin", type=float, default=None, metavar="LOGIT",
+              help="What a window or a sentence of a message must beat the whole message by, in the logit, to flag "
+                   "it alone; the thresholds are set with it [default: 0.5, which the validation rule of "
+                   "docs/guard_quality.md picks; 0 with --paper].")
 @click.option("--random-draws", type=int, default=20, show_default=True,
               help="Seeded draws of each random neuron control (layer-matched and global).")
 @click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True,
@@ -77,8 +81,8 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
                    "baselines, on 200 + 100 test prompts (20 + 20 with --quick), written to <out>/patch.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def run(out, force, quick, paper, hook_point, pooling, positions, completion_from, selection, top_percent, max_layer,
-        base, aligned, splits, features_from, guard_classifier, guard_max_layer, guard_words, random_draws, n_boot,
-        batch_size,
+        base, aligned, splits, features_from, guard_classifier, guard_max_layer, guard_words, guard_piece_margin,
+        random_draws, n_boot, batch_size,
         max_length, seed, target_fpr, no_augment, patch, no_progress):
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
     controls (random layer-matched and global neurons, largest-magnitude neurons, PCA, all features, text-only,
@@ -94,11 +98,12 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
                                       top_percent=top_percent, max_layer=max_layer, base=base,
                                       aligned=aligned, splits=splits, features_from=features_from,
                                       guard_classifier=guard_classifier, guard_max_layer=guard_max_layer,
-                                      guard_words=guard_words, random_draws=random_draws, n_boot=n_boot,
+                                      guard_words=guard_words, guard_piece_margin=guard_piece_margin,
+                                      random_draws=random_draws, n_boot=n_boot,
                                       batch_size=batch_size, max_length=max_length, seed=seed, target_fpr=target_fpr,
                                       patch=patch, augment=False if no_augment else None)
-    click.echo(f"Run directory: {settings.out_dir}", err=True)
-    summary = run_pipeline(settings, progress=not no_progress, force=force)
+    summary = run_pipeline(settings, progress=not no_progress, force=force,
+                           started=lambda out: click.echo(f"Run directory: {out}", err=True))
     click.echo("\nTest split:\n" + results_table(summary["results"]) + "\n" + controls_markdown(summary, "test"))
     if summary.get("heldout"):
         click.echo("Held-out benchmark:\n" + results_table(summary["heldout"]) + "\n"

@@ -18,7 +18,7 @@ from safetyneurons._io import (atomic_dir, atomic_write_json, check_out_dir, jso
                                sha256_json, versions)
 from safetyneurons.activations.features import FeatureSpec
 from safetyneurons.activations.reader import GUARD_READING
-from safetyneurons.checks import check_max_length, check_threshold
+from safetyneurons.checks import check_max_length, check_piece_margin, check_threshold
 from safetyneurons.errors import UserError
 from safetyneurons.neurons.selection import NeuronSet
 from safetyneurons.probes.categories import CategoryHeads
@@ -71,8 +71,8 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
     ``metrics`` are the probe's metrics on the test split, ``data`` the data provenance (hashes of the
     training and test data); both are stored as given (NaN becomes null). ``category_heads``
     (:class:`safetyneurons.probes.categories.CategoryHeads` on the same features) are saved next to the probe;
-    ``calibration`` (how the threshold was set, with its validation figures, and how it read them:
-    ``reading``, by default :data:`~safetyneurons.activations.reader.GUARD_READING`) goes into guard.json, and so
+    ``calibration`` (how the threshold was set, its validation figures, how it read them: ``reading``, default
+    :data:`~safetyneurons.activations.reader.GUARD_READING`; ``piece_margin``, default 0) goes to guard.json, and so
     does ``layer_budget`` (how the guard's deepest layer was chosen, :mod:`safetyneurons.probes.budget`) when given.
     ``words`` (:class:`safetyneurons.guard.words.Words`): the guard also reads each piece's text; its TF-IDF probe
     is saved beside the probe and guard.json's ``words`` says how the logits combine.
@@ -122,6 +122,7 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
                            "decisions)" if probe.classifier == "svm" else "logistic regression sigmoid",
             "calibration": json_safe(calibration) if calibration else None,
             "reading": json_safe((calibration or {}).get("reading") or GUARD_READING),
+            "piece_margin": check_piece_margin((calibration or {}).get("piece_margin", 0.0)),  # set with thresholds
             "categories": category_heads.describe() if category_heads is not None else None,
             "metrics": json_safe(metrics or {}),
             "data": json_safe(data or {}),

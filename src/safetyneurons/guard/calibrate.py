@@ -25,6 +25,7 @@ from safetyneurons.data.datasets import REGISTRY
 from safetyneurons.data.validation import calibration_figures, threshold_for_fpr
 from safetyneurons.errors import UserError
 
+from safetyneurons.checks import check_piece_margin
 from safetyneurons.guard.words import piece_probability
 
 if TYPE_CHECKING:
@@ -54,39 +55,46 @@ def check_operating_point(asked: str | None, served: str = DEFAULT_POINT, thresh
 
 def guard_validation_scores(lm: LoadedModel, spec: FeatureSpec, probe: Probe, prompts: Sequence[str],
                             batch_size: int = 16, progress: bool = False,
-                            reading: Mapping | None = None, words: Words | None = None) -> np.ndarray:
+                            reading: Mapping | None = None, words: Words | None = None,
+                            piece_margin: float = 0.0) -> np.ndarray:
     """Unsafe probability of each validation prompt as the guard scores it (its most unsafe piece, with
-    ``words`` its text too), read as ``reading`` says (default
-    :data:`~safetyneurons.activations.reader.GUARD_READING`, how guards read)."""
+    ``words`` its text too, a piece that is not a whole message less ``piece_margin``), read as ``reading`` says
+    (default :data:`~safetyneurons.activations.reader.GUARD_READING`, how guards read)."""
     reader = ActivationReader(lm, spec, batch_size=batch_size,
                               **reading_options(GUARD_READING if reading is None else reading))
     pieces = reader.pieces(list(prompts))
     X, owner = reader.read_pieces(pieces, progress=progress)
     texts = reader.piece_texts(pieces) if words is not None else None
-    return max_per_input(piece_probability(probe, words, X, texts), owner, len(prompts))
+    p = piece_probability(probe, words, X, texts, [q.whole for q in pieces], piece_margin)
+    return max_per_input(p, owner, len(prompts))
 
 
 def calibrate_guard(lm: LoadedModel, spec: FeatureSpec, probe: Probe, val_records: Sequence[dict],
                     points: Mapping[str, float] = OPERATING_POINTS, batch_size: int = 16,
-                    progress: bool = False, words: Words | None = None) -> dict:
-    """Thresholds of every operating point on the validation records, read as the guard reads them.
+                    progress: bool = False, words: Words | None = None, piece_margin: float = 0.0) -> dict:
+    """Thresholds of every operating point on the validation records, read as the guard reads them (with
+    ``piece_margin``, :func:`~safetyneurons.guard.words.piece_probability`).
 
-    Returns ``{"scoring", "default": DEFAULT_POINT, "operating_points": {point: calibration figures}}`` for
-    guard.json; :func:`guard_probe` gives the probe with the default point's threshold."""
+    Returns ``{"scoring", "reading", "piece_margin", "default": DEFAULT_POINT, "operating_points": {point:
+    calibration figures}}`` for guard.json; :func:`guard_probe` gives the probe with the default point's
+    threshold."""
     if DEFAULT_POINT not in points:
         raise UserError(f"The operating points must include {DEFAULT_POINT!r}.")
     y = np.asarray([int(r["label"]) for r in val_records], dtype=np.int64)
     sources = [str(r.get("source", "")) for r in val_records]
+    piece_margin = check_piece_margin(piece_margin)
     proba = guard_validation_scores(lm, spec, probe, [r["prompt"] for r in val_records], batch_size, progress,
-                                    words=words)
+                                    words=words, piece_margin=piece_margin)
     hard = sorted({s for s in sources if s in REGISTRY and REGISTRY[s].hard_negative})
     figures = {}
     for name, fpr in points.items():
         t = threshold_for_fpr(y, proba, fpr)
         figures[name] = calibration_figures(y, proba, sources, t, fpr, hard)
     scoring = "the guard's own: each prompt's most unsafe piece (whole, 32-token windows, sentences)"
-    return {"scoring": scoring + ("; each piece by its neurons and its words" if words is not None else ""),
-            "reading": dict(GUARD_READING), "default": DEFAULT_POINT, "operating_points": figures}
+    scoring += "; each piece by its neurons and its words" if words is not None else ""
+    scoring += f"; a window or sentence less a margin of {piece_margin:g} in the logit" if piece_margin else ""
+    return {"scoring": scoring, "reading": dict(GUARD_READING), "piece_margin": piece_margin,
+            "default": DEFAULT_POINT, "operating_points": figures}
 
 
 def guard_probe(probe: Probe, calibration: dict) -> Probe:

@@ -24,8 +24,9 @@ know a guard is *the* guard you meant (authenticity), pin its id (the integrity 
 An input (a prompt, or a conversation whose every message is read) is read by the activation reader
 (:mod:`safetyneurons.activations.reader`): each message whole when it fits the token limit and, when it holds more
 than 32 content tokens, also in 32-token windows and, when guard.json's ``reading`` says so, sentence by sentence,
-each piece with the chat template; its score is its most unsafe piece, and a score that is not a finite number
-flags. Nothing is silently cut off.
+each piece with the chat template; its score is its most unsafe piece (a piece that is not a whole message less
+guard.json's ``piece_margin`` in the logit), and a score that is not a finite number flags. Nothing is silently cut
+off.
 
 Scoring runs the decoder only up to the deepest layer holding a safety neuron (early exit: later layers and the
 LM head never run), pools the safety neurons' activations and applies the probe (with words, also to each piece's
@@ -51,7 +52,7 @@ from safetyneurons.guard.calibrate import DEFAULT_POINT, check_operating_point
 from safetyneurons.guard.artifact import (GUARD_FILE, GUARD_FORMAT, check_model_ref, check_probe_arrays,  # noqa: F401
                                           check_model_identity, content_sha256, export_guard, export_run_guard, neuron_set_from_meta,
                                           public_metadata, read_guard_meta)
-from safetyneurons.checks import check_batch_size, check_max_length, check_threshold
+from safetyneurons.checks import check_batch_size, check_max_length, check_piece_margin, check_threshold
 from safetyneurons.probes.categories import CategoryHeads, moderation_categories
 from safetyneurons.errors import UserError
 from safetyneurons.activations.features import FeatureSpec
@@ -151,6 +152,12 @@ class Guard:
         return min(self.thresholds[point], self.threshold)
 
     @property
+    def piece_margin(self) -> float:
+        """What a window or a sentence must beat a whole message by, in the logit, to decide alone (guard.json's
+        ``piece_margin``, set with the thresholds; 0 for a guard that records none)."""
+        return float(self.meta.get("piece_margin", 0.0))
+
+    @property
     def default_threshold(self) -> float:
         return float(self.meta["threshold"])
 
@@ -189,6 +196,10 @@ class Guard:
             default_threshold = check_threshold(meta["threshold"])
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path / GUARD_FILE}: malformed guard ({type(e).__name__}: {e}). Re-export it.") from None
+        try:
+            check_piece_margin(meta.get("piece_margin", 0.0))
+        except UserError as e:
+            raise UserError(f"{path / GUARD_FILE}: {e} Re-export the guard.") from None
         ns = spec.neuron_set
 
         probe = Probe.load(path)
@@ -262,9 +273,11 @@ class Guard:
         """Unsafe probability of pieces from their pooled features ``[n, d]`` (as :meth:`ActivationReader.read_pieces
         <safetyneurons.activations.reader.ActivationReader.read_pieces>` gives them), float64 ``[n]``: the probe's,
         or with words (:mod:`safetyneurons.guard.words`) the sum with the TF-IDF logit of each piece's text, for
-        which ``pieces`` (the reader's, in the same order) are needed."""
+        which ``pieces`` (the reader's, in the same order) are needed. A piece that is not a whole message loses the
+        guard's :attr:`piece_margin` from its logit; features without ``pieces`` are read as whole messages."""
         texts = self.reader.piece_texts(pieces) if self.words is not None and pieces is not None else None
-        return piece_probability(self.probe, self.words, features, texts)
+        whole = np.ones(len(features), dtype=bool) if pieces is None else [p.whole for p in pieces]
+        return piece_probability(self.probe, self.words, features, texts, whole, self.piece_margin)
 
     def score(self, inputs: Sequence[Any] | str, threshold: float | None = None,
               progress: bool = False, operating_point: str | None = None) -> list[GuardResult]:

@@ -10,7 +10,8 @@ the tokens the model reads; ``neuron_logit``: the guard's probe on the piece's s
 standardised on the training split, so neither dominates by scale. The sum is the ``safety+text`` variant of the
 readout comparison (:mod:`safetyneurons.probes.readouts`); the rule that says when a guard should have words is in
 docs/guard_quality.md. The TF-IDF probe lives in ``words.json`` / ``words.safetensors``, hashed in guard.json
-like every other file.
+like every other file. With guard.json's ``piece_margin`` (:func:`piece_probability`) a piece that is not a whole
+message (a window, a sentence) has the margin taken from that sum before the most unsafe piece is taken.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from safetyneurons.checks import check_piece_margin
 from safetyneurons.errors import UserError
 from safetyneurons.probes.probe import TextProbe, write_probe_files
 from safetyneurons.probes.readout_probes import sigmoid
@@ -111,11 +113,27 @@ def _spread(x: np.ndarray) -> float:
     return sd if sd > 1e-9 * max(1.0, float(np.abs(np.mean(x)))) else 1.0
 
 
-def piece_probability(probe: Any, words: Words | None, features: Any, texts: Sequence[str] | None) -> np.ndarray:
+def piece_probability(probe: Any, words: Words | None, features: Any, texts: Sequence[str] | None,
+                      whole: Any = None, margin: float = 0.0) -> np.ndarray:
     """Unsafe probability of pieces, float64 ``[n]``: ``probe`` on their features, or with ``words`` the sum with
-    the TF-IDF logit of their ``texts`` (then required). Every path that scores a guard's pieces goes through here."""
-    if words is None:
+    the TF-IDF logit of their ``texts`` (then required). With a piece ``margin`` (guard.json's ``piece_margin``,
+    docs/guard_quality.md) a piece that is not a whole message (``whole``: bool ``[n]``, the reader's
+    :attr:`Piece.whole <safetyneurons.activations.reader.Piece.whole>`) loses ``margin`` from its logit, so a
+    window or a sentence flags alone only when it is that much more unsafe. Every path that scores a guard's pieces
+    goes through here."""
+    margin = check_piece_margin(margin)
+    if words is None and not margin:
         return np.asarray(probe.unsafe_probability(features), dtype=np.float64)
-    if texts is None:
+    if words is None:
+        a, b = probe.platt
+        logit = a * np.asarray(probe.decision_function(features), dtype=np.float64) + b
+    elif texts is None:
         raise UserError("This guard reads the words of every piece too; give the pieces with their features.")
-    return words.probability(probe.decision_function(features), texts)
+    else:
+        logit = words.logit(probe.decision_function(features), texts)
+    if margin:
+        if whole is None or len(whole) != len(logit):
+            raise UserError("A piece margin needs to know which pieces are whole messages; give the pieces.")
+        logit = logit - margin * ~np.asarray(whole, dtype=bool)
+    return sigmoid(logit)
+

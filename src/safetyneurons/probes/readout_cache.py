@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -151,19 +151,13 @@ class ReadoutCache:
     def whole_pieces(self, texts: Sequence[str]) -> np.ndarray:
         """Which of the pieces the guard reads of ``texts`` (the rows of :attr:`TextSet.windows`) is a whole
         message, bool ``[pieces]``; the others are its windows and sentences."""
-        return self._is_whole(self.reader.pieces(list(texts)), self.served.pieces(list(texts)))
-
-    @staticmethod
-    def _is_whole(whole: Sequence[Any], served: Sequence[Any]) -> np.ndarray:
-        return np.asarray([len(p.ids) == len(whole[p.owner].ids) and p.start == whole[p.owner].start
-                           for p in served], dtype=bool)
+        return np.asarray([p.whole for p in self.served.pieces(list(texts))], dtype=bool)
 
     def _windows(self, name: str, texts: Sequence[str], single: TextSet) -> tuple[np.ndarray, np.ndarray]:
         """Pieces the guard reads, as it reads them: whole-message pieces from ``single``, windows and sentence
         pieces read here."""
-        whole = self.reader.pieces(list(texts))
         served = self.served.pieces(list(texts))
-        is_whole = self._is_whole(whole, served)
+        is_whole = np.asarray([p.whole for p in served], dtype=bool)
         wins = [p for p, w in zip(served, is_whole) if not w]
         feats = np.zeros((len(served), len(self.block)), dtype=np.float32)
         owner = np.asarray([p.owner for p in served], dtype=np.int64)

@@ -361,9 +361,7 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
     scorers, k_table = train_scorers(sets, recs, fsets, token_cols, seed, progress=progress,
                                      piece_texts=cache.piece_texts)
     deployed = Variant("deployed guard", "safety", "mean_windows", fsets["safety"], guard.probe)
-    scorers.append(_variant_scorer(deployed, False) if guard.words is None else
-                   _words_served(deployed.name, "mean_windows + words", guard.probe, deployed.cols, guard.words,
-                                 cache.piece_texts))
+    scorers.append(deployed_scorer(deployed, guard, cache))
     with progress_bar(len(scorers), "scoring variants", "variant", progress) as bar:
         scores = {}
         for sc in scorers:
@@ -416,12 +414,23 @@ def margin_table(v: Variant, words: Any, cache: ReadoutCache, texts: dict[str, l
     return {"rows": rows, **rm.choose_margin(rows)}
 
 
+def deployed_scorer(v: Variant, guard: Any, cache: ReadoutCache) -> Scorer:
+    """The guard of the run as it serves (:class:`~safetyneurons.guard.guard.Guard`): its probe on ``v``'s columns
+    of every piece, with its words when it has them, each piece not a whole message less its piece margin."""
+    m = guard.piece_margin
+    readout = "mean_windows" + (" + words" if guard.words is not None else "") + (f", piece margin {m:g}" if m else "")
+    return Scorer(v.name, "safety+text" if guard.words is not None else v.features, readout, False,
+                  lambda texts, ts: margin_scorer(v, guard.words, cache, texts, ts)(m), "windows")
+
+
 def margin_scorer(v: Variant, words: Any, cache: ReadoutCache, texts: Sequence[str], ts: TextSet
                   ) -> Callable[[float], np.ndarray]:
-    """Unsafe probability of ``texts`` under the guard with words for any piece margin: each piece's summed logit
-    is computed once; a piece that is not a whole message loses the margin before the most unsafe is taken."""
+    """Unsafe probability of ``texts`` under the guard (with ``words``, or its probe alone for None) for any piece
+    margin: each piece's logit is computed once; a piece that is not a whole message loses the margin before the
+    most unsafe is taken."""
+    d = v.probe.decision_function(ts.windows[:, v.cols])
     pieces, owner = cache.piece_texts(texts)
-    z = words.logit(v.probe.decision_function(ts.windows[:, v.cols]), pieces)
+    z = v.probe.platt[0] * d + v.probe.platt[1] if words is None else words.logit(d, pieces)
     part = ~cache.whole_pieces(texts)
 
     def at(margin: float) -> np.ndarray:

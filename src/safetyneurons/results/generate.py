@@ -69,9 +69,12 @@ def run_section(run: RunSource) -> list[str]:
 
 
 def words_clause(run: RunSource) -> str:
-    """Whether the run's guard also reads each piece's words (guard.json ``words``)."""
-    return ("it also reads each piece's words (a TF-IDF logit summed with the probe's)"
-            if (run.guard or {}).get("words") else "it reads no words (neurons only)")
+    """Whether the run's guard also reads each piece's words (guard.json ``words``), and its piece margin."""
+    g = run.guard or {}
+    words = ("it also reads each piece's words (a TF-IDF logit summed with the probe's)" if g.get("words")
+             else "it reads no words (neurons only)")
+    m = g.get("piece_margin") or 0.0
+    return words + (f"; a window or sentence counts {m:g} lower in the logit than the whole message" if m else "")
 
 
 def probe_clause(run: RunSource) -> str:
