@@ -316,7 +316,8 @@ def test_a_run_recorded_before_the_piece_margin_is_refused_naming_the_flag_that_
     old = tmp_path / "old"
     old.mkdir()
     (old / SETTINGS_FILE).write_text(json.dumps(recorded))
-    with pytest.raises(UserError, match=r"guard_piece_margin: 0\.0 there, 0\.5 now.*add --guard-piece-margin 0\.$"):
+    want = r"guard_piece_margin: 0\.0 there, 0\.5 now.*add --guard-piece-margin 0\.0\.$"
+    with pytest.raises(UserError, match=want):
         claim_out_dir(RunSettings.for_preset("default", out=str(old)))
     assert claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_piece_margin=0.0)) == (old, None)
     assert RunSettings.for_preset("default", guard_piece_margin=0.0).out_dir.name.startswith("default-")
@@ -470,6 +471,21 @@ def test_train_guard_words_ships_words_calibrated_as_the_guard_scores(tiny_run, 
              run / "contrast" / "neuron_set.json", "--feature-sets", "safety", "--guard-words",
              "--out", out / "no-val", "--export-guard", out / "no-val-guard"], capsys)
         assert code == 2 and "--guard-words needs --val" in err and not got and not (out / "no-val-guard").exists()
+        for margin, why in (("1", "--guard-piece-margin needs --val"), ("-1", "piece margin must be a number")):
+            code, got, err = cli_in_process(
+                ["train", "--train", store / "train", "--test", store / "test", "--neurons",
+                 run / "contrast" / "neuron_set.json", "--feature-sets", "safety", "--guard-piece-margin", margin,
+                 "--out", out / "bad-margin", "--export-guard", out / "bad-margin-guard"], capsys)
+            assert code == 2 and why in err and len(err.strip().splitlines()) == 1 and not got
+            assert not (out / "bad-margin-guard").exists()
+        code, _, err = cli_in_process(  # no words, with --val: the margin of `run --no-guard-words`
+            ["train", "--train", store / "train", "--test", store / "test", "--val", store / "val",
+             "--neurons", run / "contrast" / "neuron_set.json", "--feature-sets", "safety", "--classifiers", "logreg",
+             "--bootstrap", "0", "--target-fpr", "0.1", "--out", out / "plain", "--export-guard", out / "plain-guard"],
+            capsys)
+        assert code == 0, err
+        plain = json.loads((out / "plain-guard" / "guard.json").read_text())
+        assert plain.get("words") is None and plain["piece_margin"] == plain["calibration"]["piece_margin"] == 0.5
         meta = json.loads((out / "guard" / "guard.json").read_text())
         assert meta["words"]["combine"].startswith("sigmoid((text_logit")
         assert {"words.json", "words.safetensors"} <= set(meta["files"])

@@ -212,9 +212,23 @@ def test_a_non_finite_probability_is_flagged(planted, monkeypatch):
     assert GuardedChat(g, mode="block").prefill(normalize_messages([{"role": "user", "content": "Hi"}])).blocked
 
 
+def test_a_non_finite_piece_flags_through_the_margin(tmp_path, cache, monkeypatch):
+    """A guard with words and a piece margin: one NaN window (not a whole message) still flags the input."""
+    path, lm, _, _ = build_guard(tmp_path, max_length=256, words=True, piece_margin=1.0)
+    g = Guard.load(path, lm=lm)
+    text = benign_tokens(g, 120)
+    n = len(g.reader.pieces([text]))
+    assert n > 2 and g.piece_margin == 1.0
+    real = g.probe.decision_function
+    monkeypatch.setattr(g.probe, "decision_function", lambda X: np.where(np.arange(len(X)) == n - 1, np.nan, real(X)))
+    [r] = g.score(text)
+    assert r.flagged and np.isnan(r.unsafe_probability)
+    assert GuardedChat(g, mode="block").prefill(normalize_messages([{"role": "user", "content": text}])).blocked
+
+
 # ------------------------------------------------------------------------------- one path, all routes
-@pytest.fixture(scope="module", params=[(False, 0.0), (True, 0.0), (True, 1.0)],
-                ids=["neurons", "neurons+words", "neurons+words+margin"])
+@pytest.fixture(scope="module", params=[(False, 0.0), (True, 0.0), (True, 1.0), (False, 1.0)],
+                ids=["neurons", "neurons+words", "neurons+words+margin", "neurons+margin"])
 def served_guard(tmp_path_factory, cache, request):
     words, margin = request.param
     path, lm, _, _ = build_guard(tmp_path_factory.mktemp("g"), max_length=256, words=words, piece_margin=margin)

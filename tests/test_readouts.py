@@ -401,6 +401,7 @@ def test_piece_margin_scores_pieces_less_the_margin_and_the_whole_message_as_it_
         served = Guard.load(build_guard(tmp_path, max_length=64, words=True, piece_margin=m)[0], lm=lm)
         assert served.piece_margin == m and served.meta["piece_margin"] == m
         np.testing.assert_allclose(at(m), served.unsafe_probability(texts), atol=1e-4)
+        assert np.abs(at(m) - at(0.0)).max() > 1e-2  # the margin changes what the guard scores
         deployed = deployed_scorer(Variant("deployed guard", "safety", "mean_windows", columns(block, ns),
                                            served.probe), served, cache)
         assert deployed.readout == f"mean_windows + words, piece margin {m:g}"
@@ -409,6 +410,7 @@ def test_piece_margin_scores_pieces_less_the_margin_and_the_whole_message_as_it_
     deployed = deployed_scorer(Variant("deployed guard", "safety", "mean_windows", columns(block, ns), plain.probe),
                                plain, cache)
     np.testing.assert_allclose(deployed.fn(texts, ts), plain.unsafe_probability(texts), atol=1e-4)
+    assert np.abs(deployed.fn(texts, ts) - at(0.0)).max() > 1e-2
 
 
 def test_content_word_rule_prefers_all_words_on_a_tie():

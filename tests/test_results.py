@@ -279,7 +279,7 @@ def test_the_reproduce_command_names_a_layer_budget_and_reads_older_runs_as_auto
     assert command(base) == "safetyneurons run --guard-max-layer auto"  # settings.json from before the option's default changed
     # the piece margin: runs from before it scored every piece alike (margin 0)
     none = {k: v for k, v in base.items() if k != "guard_piece_margin"}
-    assert command({**none, "guard_max_layer": None}) == "safetyneurons run --guard-piece-margin 0"
+    assert command({**none, "guard_max_layer": None}) == "safetyneurons run --guard-piece-margin 0.0"
     assert command({**base, "guard_max_layer": None, "guard_piece_margin": 1.5}) == \
         "safetyneurons run --guard-piece-margin 1.5"
     paper = {"preset": "paper", "guard_words": True, "guard_classifier": "logreg", "guard_max_layer": None}

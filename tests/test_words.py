@@ -84,6 +84,17 @@ def test_a_piece_margin_lowers_windows_and_sentences_never_the_whole_message(tmp
     over = PADDING * 3  # over the token limit: windows only, each less the margin
     assert not any(p.whole for p in g.reader.pieces([over]))
     assert g.unsafe_probability([over])[0] < plain.unsafe_probability([over])[0]
+    # a conversation: each message's whole piece as it is, its windows and sentences less the margin, on every route
+    conv = [{"role": "user", "content": texts[1]}, {"role": "assistant", "content": "Sure."},
+            {"role": "user", "content": TRIGGER + " " + SAFE[2]}]
+    pieces = g.reader.pieces([conv])
+    assert sum(p.whole for p in pieces) == 3
+    X, _ = g.reader.read_pieces(pieces)
+    z = g.words.logit(g.probe.decision_function(X), g.reader.piece_texts(pieces))
+    want = 1 / (1 + np.exp(-(z - 1.5 * ~np.array([p.whole for p in pieces])).max()))
+    assert g.score([conv])[0].unsafe_probability == pytest.approx(want, abs=1e-9)
+    chat = GuardedChat(g, mode="monitor", context_length=8192)
+    assert chat.prefill(normalize_messages(conv)).unsafe_probability == pytest.approx(want, abs=1e-6)
 
 
 @pytest.mark.parametrize("margin", [-0.5, float("nan"), 11.0, "0.5", True])

@@ -83,8 +83,7 @@ MAX_PIECE_MARGIN = 10.0  # the largest piece margin a guard takes (a logit)
 def check_piece_margin(value: Any) -> float:
     """A guard's piece margin (:func:`safetyneurons.guard.words.piece_probability`): a number from 0 to
     :data:`MAX_PIECE_MARGIN`, in the logit."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) \
-            or not 0.0 <= value <= MAX_PIECE_MARGIN:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_PIECE_MARGIN:
         raise UserError(f"The piece margin must be a number from 0 to {MAX_PIECE_MARGIN:g} (a logit), got {value!r}.")
     return float(value)
 

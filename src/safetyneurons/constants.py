@@ -41,7 +41,7 @@ GUARD_PIECE_MARGIN: dict[str, float] = {"default": 0.5, "paper": 0.0}
 GUARD_RUN_FLAGS = {"guard_words": lambda v: "--guard-words" if v else "--no-guard-words",
                    "guard_classifier": lambda v: f"--guard-classifier {v}",
                    "guard_max_layer": lambda v: f"--guard-max-layer {'none' if v is None else v}",
-                   "guard_piece_margin": lambda v: f"--guard-piece-margin {v:g}"}
+                   "guard_piece_margin": lambda v: f"--guard-piece-margin {float(v)!r}"}
 #: Feature sets probes are compared on (see :mod:`safetyneurons.probes.compare`): the safety neurons, all neurons and
 #: their PCA, the neuron controls (layer-matched random, global random, magnitude-matched) and the baselines
 #: without activations (text, length).

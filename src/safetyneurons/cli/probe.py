@@ -11,8 +11,8 @@ from safetyneurons import distributed
 from safetyneurons._io import atomic_dir, check_out_dir, sha256_file
 from safetyneurons.constants import (CLASSIFIERS, DEVICES, FEATURE_SETS, GUARD_CLASSIFIER, GUARD_FEATURE_SETS,
                                      GUARD_PIECE_MARGIN, HOOK_POINTS, MODEL_DTYPES, POOLINGS, STORE_DTYPES)
-from safetyneurons.data.splits import read_records
 from safetyneurons.checks import check_piece_margin
+from safetyneurons.data.splits import read_records
 from safetyneurons.errors import UserError
 from safetyneurons.guard_steps import SAVED_PROBES, Inputs, train_and_guard
 from safetyneurons.probes.budget import AUTO, check_guard_max_layer
@@ -164,7 +164,8 @@ def extract(model_ref, data, splits, augment, seed, hook_point, pooling, neurons
                    "thresholds are set on validation scored that way).")
 @click.option("--guard-piece-margin", type=float, default=None, metavar="LOGIT",
               help="What a window or a sentence must beat the whole message by, in the logit, to flag it alone, as "
-                   "`run --guard-piece-margin` (needs --val) [default: 0.5 with --guard-words, as `run`; else 0].")
+                   "`run --guard-piece-margin` [default: 0.5 with --val, as `run`; 0 without, whose thresholds are "
+                   "the probe's].")
 @click.option("--selection", type=click.Choice(list(VARIANTS)), default="rms", show_default=True,
               help="With --scores: the selection variant of the safety neurons.")
 @click.option("--top-percent", type=float, default=5.0, show_default=True,
@@ -202,10 +203,11 @@ def train(train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neu
     if guard_words and (val_dir is None or guard_dir is None):
         raise UserError("--guard-words needs --val (the thresholds are set on validation read with the words) and "
                         "--export-guard DIR.")
-    if guard_piece_margin is None:
-        guard_piece_margin = GUARD_PIECE_MARGIN["default"] if guard_words else 0.0
-    elif check_piece_margin(guard_piece_margin) and val_dir is None:
-        raise UserError("--guard-piece-margin needs --val: the thresholds are set on validation scored with it.")
+    if guard_piece_margin is None:  # as `run`: the thresholds are set with it on validation, so none without
+        guard_piece_margin = GUARD_PIECE_MARGIN["default"] if val_dir is not None else 0.0
+    elif check_piece_margin(guard_piece_margin) and (val_dir is None or guard_dir is None):
+        raise UserError("--guard-piece-margin needs --val (the thresholds are set on validation scored with it) and "
+                        "--export-guard DIR.")
     if scores_dir is None and guard_max_layer not in (None, AUTO):
         raise UserError("--guard-max-layer L reselects the safety neurons from change scores: give --scores.")
     s = RunSettings(classifiers=clfs, feature_sets=sets, random_draws=random_draws, seed=seed, n_boot=n_boot,

@@ -21,11 +21,10 @@ import numpy as np
 
 from safetyneurons.activations.features import FeatureSpec
 from safetyneurons.activations.reader import GUARD_READING, ActivationReader, max_per_input, reading_options
+from safetyneurons.checks import check_piece_margin
 from safetyneurons.data.datasets import REGISTRY
 from safetyneurons.data.validation import calibration_figures, threshold_for_fpr
 from safetyneurons.errors import UserError
-
-from safetyneurons.checks import check_piece_margin
 from safetyneurons.guard.words import piece_probability
 
 if TYPE_CHECKING:

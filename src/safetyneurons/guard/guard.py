@@ -104,6 +104,9 @@ class Guard:
         self.pooling: str = spec.pooling
         self.max_length: int | None = spec.max_length
         self.threshold = check_threshold(threshold)
+        # what a window or a sentence must beat a whole message by, in the logit, to decide alone (guard.json's
+        # piece_margin, set with the thresholds; 0 for a guard that records none); no caller changes it
+        self.piece_margin: float = check_piece_margin(meta.get("piece_margin", 0.0))
         self.batch_size = check_batch_size(batch_size)
         self.operating_point: str | None = DEFAULT_POINT  # the operator's (None: an explicit threshold)
         self._reader: tuple[tuple, ActivationReader] | None = None
@@ -150,12 +153,6 @@ class Guard:
         point = check_operating_point(operating_point, DEFAULT_POINT if self.operating_point not in self.thresholds
                                       else self.operating_point, self.thresholds)
         return min(self.thresholds[point], self.threshold)
-
-    @property
-    def piece_margin(self) -> float:
-        """What a window or a sentence must beat a whole message by, in the logit, to decide alone (guard.json's
-        ``piece_margin``, set with the thresholds; 0 for a guard that records none)."""
-        return float(self.meta.get("piece_margin", 0.0))
 
     @property
     def default_threshold(self) -> float:
@@ -274,9 +271,9 @@ class Guard:
         <safetyneurons.activations.reader.ActivationReader.read_pieces>` gives them), float64 ``[n]``: the probe's,
         or with words (:mod:`safetyneurons.guard.words`) the sum with the TF-IDF logit of each piece's text, for
         which ``pieces`` (the reader's, in the same order) are needed. A piece that is not a whole message loses the
-        guard's :attr:`piece_margin` from its logit; features without ``pieces`` are read as whole messages."""
+        guard's :attr:`piece_margin` from its logit (a guard with a margin needs ``pieces`` too)."""
         texts = self.reader.piece_texts(pieces) if self.words is not None and pieces is not None else None
-        whole = np.ones(len(features), dtype=bool) if pieces is None else [p.whole for p in pieces]
+        whole = None if pieces is None else [p.whole for p in pieces]
         return piece_probability(self.probe, self.words, features, texts, whole, self.piece_margin)
 
     def score(self, inputs: Sequence[Any] | str, threshold: float | None = None,

@@ -120,20 +120,29 @@ def piece_probability(probe: Any, words: Words | None, features: Any, texts: Seq
     docs/guard_quality.md) a piece that is not a whole message (``whole``: bool ``[n]``, the reader's
     :attr:`Piece.whole <safetyneurons.activations.reader.Piece.whole>`) loses ``margin`` from its logit, so a
     window or a sentence flags alone only when it is that much more unsafe. Every path that scores a guard's pieces
-    goes through here."""
+    goes through here (the readout comparison through its two parts, :func:`piece_logit` and
+    :func:`less_margin`)."""
     margin = check_piece_margin(margin)
     if words is None and not margin:
         return np.asarray(probe.unsafe_probability(features), dtype=np.float64)
+    return sigmoid(less_margin(piece_logit(probe, words, features, texts), whole, margin))
+
+
+def piece_logit(probe: Any, words: Words | None, features: Any, texts: Sequence[str] | None) -> np.ndarray:
+    """The logit of each piece before any margin, float64 ``[n]``: the probe's (its Platt map on the decision
+    value), or with ``words`` the summed standardised logit (``texts`` then required)."""
     if words is None:
         a, b = probe.platt
-        logit = a * np.asarray(probe.decision_function(features), dtype=np.float64) + b
-    elif texts is None:
+        return a * np.asarray(probe.decision_function(features), dtype=np.float64) + b
+    if texts is None:
         raise UserError("This guard reads the words of every piece too; give the pieces with their features.")
-    else:
-        logit = words.logit(probe.decision_function(features), texts)
-    if margin:
-        if whole is None or len(whole) != len(logit):
-            raise UserError("A piece margin needs to know which pieces are whole messages; give the pieces.")
-        logit = logit - margin * ~np.asarray(whole, dtype=bool)
-    return sigmoid(logit)
+    return words.logit(probe.decision_function(features), texts)
 
+
+def less_margin(logit: np.ndarray, whole: Any, margin: float) -> np.ndarray:
+    """``logit`` with ``margin`` taken from every piece that is not a whole message (``whole``: bool ``[n]``)."""
+    if not margin:
+        return logit
+    if whole is None or len(whole) != len(logit):
+        raise UserError("A piece margin needs to know which pieces are whole messages; give the pieces.")
+    return logit - margin * ~np.asarray(whole, dtype=bool)

@@ -428,13 +428,14 @@ def margin_scorer(v: Variant, words: Any, cache: ReadoutCache, texts: Sequence[s
     """Unsafe probability of ``texts`` under the guard (with ``words``, or its probe alone for None) for any piece
     margin: each piece's logit is computed once; a piece that is not a whole message loses the margin before the
     most unsafe is taken."""
-    d = v.probe.decision_function(ts.windows[:, v.cols])
+    from safetyneurons.guard.words import less_margin, piece_logit
+
     pieces, owner = cache.piece_texts(texts)
-    z = v.probe.platt[0] * d + v.probe.platt[1] if words is None else words.logit(d, pieces)
-    part = ~cache.whole_pieces(texts)
+    z = piece_logit(v.probe, words, ts.windows[:, v.cols], pieces)
+    whole = cache.whole_pieces(texts)
 
     def at(margin: float) -> np.ndarray:
-        return sigmoid(max_per_input(z - margin * part, owner, len(texts)))
+        return sigmoid(max_per_input(less_margin(z, whole, margin), owner, len(texts)))
 
     return at
 
