@@ -69,7 +69,7 @@ def test_run_calibrates_on_val_and_reports_overrefusal_and_categories(tiny_run):
     meta = json.loads((out / "guard" / "guard.json").read_text())
     cal = meta["calibration"]  # operating points, set on val as the guard scores (its most unsafe piece)
     point = cal["operating_points"][cal["default"]]
-    assert meta["piece_margin"] == cal["piece_margin"] == settings.guard_piece_margin == 0.5  # set with the thresholds
+    assert "piece_margin" not in meta and "piece_margin" not in cal  # no margin by default: every piece alike
     assert cal["default"] == "strict" and set(cal["operating_points"]) == {"strict", "loose"}
     assert point["target_fpr"] == 0.1 and meta["threshold"] == point["threshold"]
     assert point["validation"]["n"] == 20 and point["validation"]["fpr_benign"] <= 0.1
@@ -302,25 +302,22 @@ def test_a_run_recorded_with_the_validation_layer_budget_is_refused_naming_the_f
     assert RunSettings.for_preset("default", guard_max_layer="auto").out_dir.name.startswith("default-")
 
 
-def test_a_run_recorded_before_the_piece_margin_is_refused_naming_the_flag_that_resumes_it(tmp_path):
+def test_the_default_has_no_piece_margin_and_a_run_with_one_is_refused_naming_its_flag(tmp_path):
     from safetyneurons.errors import UserError
     from safetyneurons.pipeline import RunSettings, claim_out_dir
     from safetyneurons.run_settings import SETTINGS_FILE
 
-    # the default guard's windows and sentences decide alone only 0.5 above the whole message (docs/guard_quality.md)
-    assert RunSettings().guard_piece_margin == 0.5 and RunSettings.for_preset("default").guard_piece_margin == 0.5
-    assert RunSettings.for_preset("paper").guard_piece_margin == 0.0
-    assert "guard_piece_margin" not in RunSettings.for_preset("paper").identity()  # paper runs keep their directory
-    recorded = RunSettings.for_preset("default", guard_piece_margin=0.0).identity()
-    assert "guard_piece_margin" not in recorded  # what runs written before the margin recorded
+    # no margin by default: padding must not lower a request's score (docs/guard_quality.md, "Soundness first")
+    assert RunSettings().guard_piece_margin == 0.0 and RunSettings.for_preset("paper").guard_piece_margin == 0.0
+    assert "guard_piece_margin" not in RunSettings().identity()  # runs written before the margin keep their directory
     old = tmp_path / "old"
     old.mkdir()
-    (old / SETTINGS_FILE).write_text(json.dumps(recorded))
-    want = r"guard_piece_margin: 0\.0 there, 0\.5 now.*add --guard-piece-margin 0\.0\.$"
+    (old / SETTINGS_FILE).write_text(json.dumps(RunSettings.for_preset("default", guard_piece_margin=0.5).identity()))
+    want = r"guard_piece_margin: 0\.5 there, 0\.0 now.*add --guard-piece-margin 0\.5\.$"
     with pytest.raises(UserError, match=want):
         claim_out_dir(RunSettings.for_preset("default", out=str(old)))
-    assert claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_piece_margin=0.0)) == (old, None)
-    assert RunSettings.for_preset("default", guard_piece_margin=0.0).out_dir.name.startswith("default-")
+    assert claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_piece_margin=0.5)) == (old, None)
+    assert RunSettings.for_preset("default", guard_piece_margin=0.5).out_dir.name.startswith("default-")
     assert RunSettings.for_preset("default").out_dir.name == "default"
 
 
@@ -464,7 +461,7 @@ def test_train_guard_words_ships_words_calibrated_as_the_guard_scores(tiny_run, 
             ["train", "--train", store / "train", "--test", store / "test", "--val", store / "val",
              "--neurons", run / "contrast" / "neuron_set.json", "--feature-sets", "safety", "--classifiers", "logreg",
              "--guard-max-layer", "none", "--bootstrap", "0", "--target-fpr", "0.1", "--guard-words",
-             "--out", out / "probes", "--export-guard", out / "guard"], capsys)
+             "--guard-piece-margin", "0.5", "--out", out / "probes", "--export-guard", out / "guard"], capsys)
         assert code == 0, err
         code, got, err = cli_in_process(
             ["train", "--train", store / "train", "--test", store / "test", "--neurons",
@@ -478,21 +475,21 @@ def test_train_guard_words_ships_words_calibrated_as_the_guard_scores(tiny_run, 
                  "--out", out / "bad-margin", "--export-guard", out / "bad-margin-guard"], capsys)
             assert code == 2 and why in err and len(err.strip().splitlines()) == 1 and not got
             assert not (out / "bad-margin-guard").exists()
-        code, _, err = cli_in_process(  # no words, with --val: the margin of `run --no-guard-words`
+        code, _, err = cli_in_process(  # no words, no margin: what `run --no-guard-words` ships
             ["train", "--train", store / "train", "--test", store / "test", "--val", store / "val",
              "--neurons", run / "contrast" / "neuron_set.json", "--feature-sets", "safety", "--classifiers", "logreg",
              "--bootstrap", "0", "--target-fpr", "0.1", "--out", out / "plain", "--export-guard", out / "plain-guard"],
             capsys)
         assert code == 0, err
         plain = json.loads((out / "plain-guard" / "guard.json").read_text())
-        assert plain.get("words") is None and plain["piece_margin"] == plain["calibration"]["piece_margin"] == 0.5
+        assert plain.get("words") is None and "piece_margin" not in plain and "piece_margin" not in plain["calibration"]
         meta = json.loads((out / "guard" / "guard.json").read_text())
         assert meta["words"]["combine"].startswith("sigmoid((text_logit")
         assert {"words.json", "words.safetensors"} <= set(meta["files"])
         assert "words" in meta["calibration"]["scoring"] and "margin of 0.5" in meta["calibration"]["scoring"]
         g = Guard.load(out / "guard")
     assert g.words is not None and len(g.words.text.vocabulary) > 0
-    assert g.piece_margin == meta["piece_margin"] == 0.5  # as `run`: the margin comes with the words
+    assert g.piece_margin == meta["piece_margin"] == meta["calibration"]["piece_margin"] == 0.5
     val = [json.loads(line) for line in (store / "val" / "records.jsonl").read_text().splitlines() if line.strip()]
     p = g.unsafe_probability([r["prompt"] for r in val])
     y = np.array([r["label"] for r in val])

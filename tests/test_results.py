@@ -272,14 +272,13 @@ def test_the_reproduce_command_names_a_layer_budget_and_reads_older_runs_as_auto
     def command(settings: dict) -> str:
         return RunSource(Path("runs/default"), {"settings": settings}, {}, None, None, None).command
 
-    base = {"preset": "default", "guard_words": True, "guard_classifier": "svm", "guard_piece_margin": 0.5}
+    base = {"preset": "default", "guard_words": True, "guard_classifier": "svm"}
     assert command({**base, "guard_max_layer": None}) == "safetyneurons run"
     assert command({**base, "guard_max_layer": "auto"}) == "safetyneurons run --guard-max-layer auto"
     assert command({**base, "guard_max_layer": 7}) == "safetyneurons run --guard-max-layer 7"
     assert command(base) == "safetyneurons run --guard-max-layer auto"  # settings.json from before the option's default changed
-    # the piece margin: runs from before it scored every piece alike (margin 0)
-    none = {k: v for k, v in base.items() if k != "guard_piece_margin"}
-    assert command({**none, "guard_max_layer": None}) == "safetyneurons run --guard-piece-margin 0.0"
+    # the piece margin: none by default, as runs from before it (every piece alike)
+    assert command({**base, "guard_max_layer": None, "guard_piece_margin": 0.0}) == "safetyneurons run"
     assert command({**base, "guard_max_layer": None, "guard_piece_margin": 1.5}) == \
         "safetyneurons run --guard-piece-margin 1.5"
     paper = {"preset": "paper", "guard_words": True, "guard_classifier": "logreg", "guard_max_layer": None}

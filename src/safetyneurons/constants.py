@@ -32,10 +32,10 @@ CLASSIFIERS = ("svm", "logreg")
 #: The guard's classifier per preset (see :mod:`safetyneurons.run_settings`): the RBF SVM, which the validation rule of
 #: docs/guard_quality.md picks; the paper preset keeps the paper's logistic regression.
 GUARD_CLASSIFIER: dict[str, str] = {"default": "svm", "paper": "logreg"}
-#: The guard's piece margin per preset (see :mod:`safetyneurons.guard.words`): what a window or a sentence must beat a
-#: whole message by, in the logit, to decide alone; 0.5 is what the validation rule of docs/guard_quality.md picks for
-#: the default guard; the paper preset, for which the rule was not run, has none.
-GUARD_PIECE_MARGIN: dict[str, float] = {"default": 0.5, "paper": 0.0}
+#: The guard's default piece margin (see :mod:`safetyneurons.guard.words`): what a window or a sentence must beat a
+#: whole message by, in the logit, to decide alone. None by default: a margin lets benign text around a request lower
+#: the request's score, so padding hides a request near the threshold (docs/guard_quality.md, "Soundness first").
+GUARD_PIECE_MARGIN = 0.0
 #: The `run` flag that gives each guard setting whose default changed a recorded value (the pipeline's resume hint,
 #: the reproduce command of generated results).
 GUARD_RUN_FLAGS = {"guard_words": lambda v: "--guard-words" if v else "--no-guard-words",

@@ -27,7 +27,7 @@ REFERENCE = {"hook_point": "mlp_out", "positions": "content", "pooling": "mean",
 # written by the not-yet-aligned (base) model and read by both, last-token features for the probes
 # and their probe, logistic regression, as the guard's classifier
 PAPER = {"hook_point": "mlp_neurons", "positions": "completion", "pooling": "last", "completion_from": "base",
-         "guard_classifier": GUARD_CLASSIFIER["paper"], "guard_piece_margin": GUARD_PIECE_MARGIN["paper"]}
+         "guard_classifier": GUARD_CLASSIFIER["paper"]}
 PRESETS: dict[str, dict] = {"default": REFERENCE, "paper": PAPER}  # name -> settings; each gets runs/<name>
 RUNS_DIR = "runs"
 SETTINGS_FILE = "settings.json"  # written first into a run directory: which settings own it
@@ -75,7 +75,7 @@ class RunSettings:
     # on by default: the pre-registered validation rule of docs/guard_quality.md picks it
     guard_words: bool = True
     # what a window or sentence must beat a whole message by (in the logit) to decide alone (safetyneurons.guard.words)
-    guard_piece_margin: float = GUARD_PIECE_MARGIN["default"]
+    guard_piece_margin: float = GUARD_PIECE_MARGIN
     quick: bool = False
     quick_train: int = 300  # --quick: prompts per split (stratified subsample)
     quick_test: int = 150

@@ -162,10 +162,9 @@ def extract(model_ref, data, splits, augment, seed, hook_point, pooling, neurons
 @click.option("--guard-words", is_flag=True,
               help="The guard also reads the words of every piece, as `run` does by default (needs --val: its "
                    "thresholds are set on validation scored that way).")
-@click.option("--guard-piece-margin", type=float, default=None, metavar="LOGIT",
+@click.option("--guard-piece-margin", type=float, default=GUARD_PIECE_MARGIN, show_default=True, metavar="LOGIT",
               help="What a window or a sentence must beat the whole message by, in the logit, to flag it alone, as "
-                   "`run --guard-piece-margin` [default: 0.5 with --val, as `run`; 0 without, whose thresholds are "
-                   "the probe's].")
+                   "`run --guard-piece-margin` (needs --val and --export-guard).")
 @click.option("--selection", type=click.Choice(list(VARIANTS)), default="rms", show_default=True,
               help="With --scores: the selection variant of the safety neurons.")
 @click.option("--top-percent", type=float, default=5.0, show_default=True,
@@ -203,9 +202,7 @@ def train(train_dir, test_dir, val_dir, heldout_dir, scores_dir, benign_dir, neu
     if guard_words and (val_dir is None or guard_dir is None):
         raise UserError("--guard-words needs --val (the thresholds are set on validation read with the words) and "
                         "--export-guard DIR.")
-    if guard_piece_margin is None:  # as `run`: the thresholds are set with it on validation, so none without
-        guard_piece_margin = GUARD_PIECE_MARGIN["default"] if val_dir is not None else 0.0
-    elif check_piece_margin(guard_piece_margin) and (val_dir is None or guard_dir is None):
+    if check_piece_margin(guard_piece_margin) and (val_dir is None or guard_dir is None):
         raise UserError("--guard-piece-margin needs --val (the thresholds are set on validation scored with it) and "
                         "--export-guard DIR.")
     if scores_dir is None and guard_max_layer not in (None, AUTO):

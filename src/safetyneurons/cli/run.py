@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM, HOOK_POINTS, POOLINGS, POSITIONS
+from safetyneurons.constants import (CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM, GUARD_PIECE_MARGIN, HOOK_POINTS,
+                                     POOLINGS, POSITIONS)
 
 
 @click.command("run")
@@ -58,10 +59,10 @@ from safetyneurons.constants import CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM,
               help="The guard also reads the words of every piece: a TF-IDF logit summed with the safety-neuron "
                    "probe's (docs/guard.md); the validation rule of docs/guard_quality.md picks it. "
                    "--no-guard-words ships the neurons alone.")
-@click.option("--guard-piece-margin", type=float, default=None, metavar="LOGIT",
+@click.option("--guard-piece-margin", type=float, default=GUARD_PIECE_MARGIN, show_default=True, metavar="LOGIT",
               help="What a window or a sentence of a message must beat the whole message by, in the logit, to flag "
-                   "it alone; the thresholds are set with it [default: 0.5, which the validation rule of "
-                   "docs/guard_quality.md picks; 0 with --paper].")
+                   "it alone; the thresholds are set with it. Above 0 the guard flags fewer long benign prompts, "
+                   "but benign text around a request lowers its score by up to that much (docs/guard_quality.md).")
 @click.option("--random-draws", type=int, default=20, show_default=True,
               help="Seeded draws of each random neuron control (layer-matched and global).")
 @click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True,

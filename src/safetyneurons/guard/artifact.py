@@ -66,11 +66,10 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
                  words: Words | None = None) -> Path:
     """Write a guard directory (atomically: a failed export leaves no directory behind).
 
-    ``neuron_set`` None means the probe reads every neuron at the hook point (layer-major), as for the
-    ``all`` and ``pca`` feature sets; such a guard runs the whole decoder stack.
-    ``metrics`` are the probe's metrics on the test split, ``data`` the data provenance (hashes of the
-    training and test data); both are stored as given (NaN becomes null). ``category_heads``
-    (:class:`safetyneurons.probes.categories.CategoryHeads` on the same features) are saved next to the probe;
+    ``neuron_set`` None: the probe reads every neuron at the hook point (layer-major), as for the ``all`` and ``pca``
+    feature sets, and the guard runs the whole decoder stack. ``metrics`` are the probe's metrics on the test split,
+    ``data`` the data provenance (hashes of the training and test data); both stored as given (NaN becomes null).
+    ``category_heads`` (:class:`safetyneurons.probes.categories.CategoryHeads`, same features) are saved beside it;
     ``calibration`` (how the threshold was set, its validation figures, how it read them: ``reading``, default
     :data:`~safetyneurons.activations.reader.GUARD_READING`; ``piece_margin``, default 0) goes to guard.json, and so
     does ``layer_budget`` (how the guard's deepest layer was chosen, :mod:`safetyneurons.probes.budget`) when given.
@@ -122,13 +121,14 @@ def export_guard(out_dir: str | os.PathLike, *, lm_ref: str, lm_fingerprint: str
                            "decisions)" if probe.classifier == "svm" else "logistic regression sigmoid",
             "calibration": json_safe(calibration) if calibration else None,
             "reading": json_safe((calibration or {}).get("reading") or GUARD_READING),
-            "piece_margin": check_piece_margin((calibration or {}).get("piece_margin", 0.0)),  # set with thresholds
             "categories": category_heads.describe() if category_heads is not None else None,
             "metrics": json_safe(metrics or {}),
             "data": json_safe(data or {}),
             "versions": versions(),
             "files": files,
         }
+        if check_piece_margin((calibration or {}).get("piece_margin", 0.0)):  # set with the thresholds
+            meta["piece_margin"] = float(calibration["piece_margin"])
         if layer_budget is not None:
             meta["layer_budget"] = json_safe(layer_budget)
         if words is not None:

@@ -74,9 +74,9 @@ def calibrate_guard(lm: LoadedModel, spec: FeatureSpec, probe: Probe, val_record
     """Thresholds of every operating point on the validation records, read as the guard reads them (with
     ``piece_margin``, :func:`~safetyneurons.guard.words.piece_probability`).
 
-    Returns ``{"scoring", "reading", "piece_margin", "default": DEFAULT_POINT, "operating_points": {point:
-    calibration figures}}`` for guard.json; :func:`guard_probe` gives the probe with the default point's
-    threshold."""
+    Returns ``{"scoring", "reading", "default": DEFAULT_POINT, "operating_points": {point: calibration figures}}``
+    (and ``"piece_margin"`` when it is not 0) for guard.json; :func:`guard_probe` gives the probe with the default
+    point's threshold."""
     if DEFAULT_POINT not in points:
         raise UserError(f"The operating points must include {DEFAULT_POINT!r}.")
     y = np.asarray([int(r["label"]) for r in val_records], dtype=np.int64)
@@ -92,8 +92,9 @@ def calibrate_guard(lm: LoadedModel, spec: FeatureSpec, probe: Probe, val_record
     scoring = "the guard's own: each prompt's most unsafe piece (whole, 32-token windows, sentences)"
     scoring += "; each piece by its neurons and its words" if words is not None else ""
     scoring += f"; a window or sentence less a margin of {piece_margin:g} in the logit" if piece_margin else ""
-    return {"scoring": scoring, "reading": dict(GUARD_READING), "piece_margin": piece_margin,
-            "default": DEFAULT_POINT, "operating_points": figures}
+    margin = {"piece_margin": piece_margin} if piece_margin else {}
+    return {"scoring": scoring, "reading": dict(GUARD_READING), **margin, "default": DEFAULT_POINT,
+            "operating_points": figures}
 
 
 def guard_probe(probe: Probe, calibration: dict) -> Probe:

@@ -83,12 +83,11 @@ class RunSource:
         flags = "".join(f" {flag}" for flag, on in (("--paper", s.get("preset") == "paper"),
                                                     ("--quick", s.get("quick")), ("--patch", s.get("patch"))) if on)
         # each guard setting that differs from `run`'s default (values of runs written before a setting existed)
-        preset = s.get("preset", "default")
         recorded = {"guard_words": s.get("guard_words", False), "guard_classifier": s.get("guard_classifier", "logreg"),
                     "guard_max_layer": s.get("guard_max_layer", "auto"),
                     "guard_piece_margin": s.get("guard_piece_margin", 0.0)}
-        default = {"guard_words": True, "guard_classifier": GUARD_CLASSIFIER.get(preset), "guard_max_layer": None,
-                   "guard_piece_margin": GUARD_PIECE_MARGIN.get(preset)}
+        default = {"guard_words": True, "guard_classifier": GUARD_CLASSIFIER.get(s.get("preset", "default")),
+                   "guard_max_layer": None, "guard_piece_margin": GUARD_PIECE_MARGIN}
         flags += "".join(f" {GUARD_RUN_FLAGS[k](v)}" for k, v in recorded.items() if v != default[k])
         inputs = "".join(f" --{k} {shown(Path(s[k])) if k == 'splits' else s[k]}" for k in ("base", "aligned", "splits")
                          if s.get(k))
