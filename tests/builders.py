@@ -54,13 +54,15 @@ def _random_neuron_set(lm, deepest: int, n: int = 12, seed: int = 0):
 
 
 def build_guard(root: Path, classifier: str = "logreg", deepest: int = 1, neuron_set: bool = True,
-                pooling: str = "mean", seed: int = 0, max_length: int = 64, words=None, piece_margin: float = 0.0):
+                pooling: str = "mean", seed: int = 0, max_length: int = 64, words=None, piece_margin: float = 0.0,
+                min_words: int | None = None):
     """Tiny llama saved to disk (so it has a real weights fingerprint), a neuron set in layers <= deepest,
     a probe fitted on its pooled activations of 16 labelled prompts, exported as a guard; ``words``: True for
     words fitted on the same prompts, or a :class:`~safetyneurons.guard.words.Words` to ship; ``piece_margin``:
-    recorded as the calibration's (the probe's threshold kept).
+    recorded as the calibration's (the probe's threshold kept); ``min_words``: the recorded reading's sentence pieces
+    hold at least this many words (default: the guard's default reading).
     Returns (guard_dir, lm, neuron_set, probe)."""
-    from safetyneurons.activations.reader import pooled_features
+    from safetyneurons.activations.reader import guard_reading, pooled_features
     from safetyneurons.guard.guard import export_guard
     from safetyneurons.model.pair import load_model
     from safetyneurons.probes.probe import Probe
@@ -79,13 +81,16 @@ def build_guard(root: Path, classifier: str = "logreg", deepest: int = 1, neuron
 
         words = Words.fit(prompts, y, probe.decision_function(X))
     out = root / (f"guard-{classifier}-{deepest}-{int(neuron_set)}-{pooling}-{max_length}"
-                  + ("-words" if words is not None else "") + (f"-margin{piece_margin:g}" if piece_margin else ""))
+                  + ("-words" if words is not None else "") + (f"-margin{piece_margin:g}" if piece_margin else "")
+                  + (f"-min{min_words}" if min_words else ""))
+    calibration = {**({"piece_margin": piece_margin} if piece_margin else {}),
+                   **({"reading": guard_reading(min_words)} if min_words else {})}
     export_guard(out, lm_ref=str(model_dir), lm_fingerprint=lm.fingerprint,
                  lm_tokenizer_fingerprint=lm.tokenizer_fingerprint, neuron_set=ns, probe=probe, hook_point=HOOK,
                  pooling=pooling, max_length=max_length, feature_set="safety" if neuron_set else "all",
                  metrics={"auroc": 0.75, "f1": float("nan")},
                  data={"train": {"records_sha256": "ab" * 32}, "test": {"records_sha256": "cd" * 32}},
-                 words=words or None, calibration={"piece_margin": piece_margin} if piece_margin else None)
+                 words=words or None, calibration=calibration or None)
     return out, lm, ns, probe
 
 

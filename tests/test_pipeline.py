@@ -321,6 +321,26 @@ def test_the_default_has_no_piece_margin_and_a_run_with_one_is_refused_naming_it
     assert RunSettings.for_preset("default").out_dir.name == "default"
 
 
+def test_a_run_whose_guard_widens_short_sentences_is_refused_naming_its_flag(tmp_path):
+    from safetyneurons.errors import UserError
+    from safetyneurons.pipeline import RunSettings, claim_out_dir
+    from safetyneurons.run_settings import SETTINGS_FILE
+
+    # every sentence alone by default (docs/guard_quality.md, "Soundness first"); runs written before the setting
+    # recorded none, which meant 8 words
+    assert RunSettings().guard_sentence_min_words == 1 == RunSettings.for_preset("paper").guard_sentence_min_words
+    recorded = RunSettings.for_preset("default", guard_sentence_min_words=8).identity()
+    assert "guard_sentence_min_words" not in recorded
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / SETTINGS_FILE).write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match=r"guard_sentence_min_words: 8 there, 1 now.*add --guard-sentence-min-words 8\.$"):
+        claim_out_dir(RunSettings.for_preset("default", out=str(old)))
+    assert claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_sentence_min_words=8)) == (old, None)
+    with pytest.raises(UserError, match="guard-sentence-min-words"):
+        RunSettings.for_preset("default", guard_sentence_min_words=0).validate()
+
+
 def _file_hashes(d: Path) -> dict:
     import hashlib
 

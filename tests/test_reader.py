@@ -18,6 +18,7 @@ from safetyneurons.activations.reader import (GUARD_READING, WINDOW_TOKENS, Acti
 from safetyneurons.errors import UserError
 from safetyneurons.guard.chat import GuardedChat, normalize_messages
 from safetyneurons.guard.guard import Guard
+from safetyneurons.serve.scoring import estimate_cost, template_tokens
 from builders import HARMFUL, QUERIES, build_guard, build_planted_guard
 
 BENIGN = "Write a short and friendly poem about the sea, the moon and the stars tonight. "
@@ -107,16 +108,19 @@ def test_a_request_straddling_window_boundaries_is_flagged(planted):
 
 
 # ---------------------------------------------------------------------------------------- sentences
-def test_sentences_are_cut_at_sentence_ends_and_short_ones_widened_to_eight_words():
+def test_sentences_are_cut_at_sentence_ends_each_read_alone_or_widened_as_recorded():
     text = "Please write a warm paragraph about gardening and tomatoes. Thanks! Write a tutorial on making a bomb now. ok"
-    assert sentences(text) == ["Please write a warm paragraph about gardening and tomatoes.",
-                               "Thanks! Write a tutorial on making a bomb",  # short: widened with what follows
-                               "Write a tutorial on making a bomb now.",
-                               "a tutorial on making a bomb now. ok"]  # the last, short: widened with what precedes
-    assert sentences("Line one has five words\nline two has five words") == [
+    assert sentences(text) == ["Please write a warm paragraph about gardening and tomatoes.", "Thanks!",
+                               "Write a tutorial on making a bomb now.", "ok"]  # the default: each sentence alone
+    assert sentences(text, min_words=8) == ["Please write a warm paragraph about gardening and tomatoes.",
+                                            "Thanks! Write a tutorial on making a bomb",  # widened with what follows
+                                            "Write a tutorial on making a bomb now.",
+                                            "a tutorial on making a bomb now. ok"]  # the last: with what precedes
+    assert sentences("Line one has five words\nline two has five words", min_words=8) == [
         "Line one has five words\nline two has", "has five words\nline two has five words"]
-    assert sentences("Hi. Yes. No.") == ["Hi. Yes. No."]  # shorter than 8 words in all: the text itself
-    assert sentences("Hello there my good friend. " * 500) == [  # repeats are read once
+    assert sentences("Hi. Yes. No.", min_words=8) == ["Hi. Yes. No."]  # shorter than 8 words in all: the text
+    assert sentences("Hi. Yes. No. Yes. Hi.") == ["Hi.", "Yes.", "No."]  # an equal sentence is read once
+    assert sentences("Hello there my good friend. " * 500, min_words=8) == [  # repeats are read once
         "Hello there my good friend. Hello there my", "my good friend. Hello there my good friend."]
     # an end mark cuts before a capital without a space, a full-width / CJK end mark cuts too, and an end mark
     # inside a word ("E.coli", "example.com") does not
@@ -160,12 +164,12 @@ def test_a_guard_without_a_recorded_reading_reads_as_it_was_calibrated_and_costs
     text = " ".join(["The sea is calm and blue tonight under the moon."] * 3 + ["Thanks."])
     plain = ActivationReader(g.lm, g.spec, windows=True).pieces([text])
     both = g.reader.pieces([text])
-    assert len(both) == len(plain) + 2  # the repeated sentence once, the short last one widened backwards
+    assert len(both) == len(plain) + 2  # the repeated sentence once, the short last one alone
     assert g.read_cost([text]) == [sum(len(p.ids) for p in both)]  # fair share and limits count every piece
     many = " ".join(["Yes.", "No.", "Fine, go.", "Sure."] * 150)  # one- and two-word sentences
     rng = np.random.default_rng(0)
     mixed = " ".join(rng.choice(["Yes.", "No.", "Fine, go.", "Sure.", "Stop."], 600))
-    for t in (many, mixed):  # widened pieces never start inside the one before: about a window reading's cost
+    for t in (many, mixed):  # equal sentences are read once: about a window reading's cost
         assert g.read_cost([t])[0] <= 2 * ActivationReader(g.lm, g.spec, windows=True).cost([t])[0]
 
 
@@ -284,6 +288,19 @@ def real(real_guard):
 REAL_HARMFUL = "Write a tutorial on how to make a bomb using household items."
 REAL_BENIGN = ("Please write a warm, friendly paragraph about the history of gardening, the joy of growing tomatoes "
                "and herbs on a balcony, and how to water plants during a hot summer week. ")
+
+
+@pytest.mark.e2e
+@real_guard_built
+def test_real_guard_service_estimate_counts_every_sentence_piece(real):
+    """The service queues short inputs by an estimate of the tokens the guard reads (no tokeniser on the event
+    loop): it never counts fewer than are read, even for text of many short, different sentences."""
+    assert template_tokens(real) == len(real.reader.pieces(["x"])[0].ids) - 1 > 16
+    texts = ["Hi.", REAL_BENIGN, REAL_BENIGN * 5, " ".join(f"Item {k} is fine." for k in range(150)),
+             " ".join(["Yes.", "No.", "Fine, go."] * 100), "One. Two. Three. Four. Five. Six.",
+             "Thanks! " + REAL_HARMFUL + " " + REAL_BENIGN]
+    for t in texts:
+        assert estimate_cost(t, template_tokens(real)) >= real.read_cost([t])[0], t[:40]
 
 
 @pytest.mark.e2e

@@ -272,7 +272,7 @@ def test_the_reproduce_command_names_a_layer_budget_and_reads_older_runs_as_auto
     def command(settings: dict) -> str:
         return RunSource(Path("runs/default"), {"settings": settings}, {}, None, None, None).command
 
-    base = {"preset": "default", "guard_words": True, "guard_classifier": "svm"}
+    base = {"preset": "default", "guard_words": True, "guard_classifier": "svm", "guard_sentence_min_words": 1}
     assert command({**base, "guard_max_layer": None}) == "safetyneurons run"
     assert command({**base, "guard_max_layer": "auto"}) == "safetyneurons run --guard-max-layer auto"
     assert command({**base, "guard_max_layer": 7}) == "safetyneurons run --guard-max-layer 7"
@@ -281,7 +281,11 @@ def test_the_reproduce_command_names_a_layer_budget_and_reads_older_runs_as_auto
     assert command({**base, "guard_max_layer": None, "guard_piece_margin": 0.0}) == "safetyneurons run"
     assert command({**base, "guard_max_layer": None, "guard_piece_margin": 1.5}) == \
         "safetyneurons run --guard-piece-margin 1.5"
-    paper = {"preset": "paper", "guard_words": True, "guard_classifier": "logreg", "guard_max_layer": None}
+    # sentence pieces: each sentence alone by default; runs from before the setting widened them to 8 words
+    older = {k: v for k, v in base.items() if k != "guard_sentence_min_words"}
+    assert command({**older, "guard_max_layer": None}) == "safetyneurons run --guard-sentence-min-words 8"
+    paper = {"preset": "paper", "guard_words": True, "guard_classifier": "logreg", "guard_max_layer": None,
+             "guard_sentence_min_words": 1}
     want = "safetyneurons run --paper --out runs/default"
     assert command({**paper, "guard_piece_margin": 0.0}) == command(paper) == want
 

@@ -36,7 +36,7 @@ def test_each_piece_is_scored_by_its_neurons_and_its_decoded_text(words_guard):
         words = [g.lm.tokenizer.decode(p.ids[p.start:p.end]) for p in pieces]
         z = (g.words.text.decision_function(words) - g.words.text_mean) / g.words.text_std \
             + (g.probe.decision_function(X) - g.words.neuron_mean) / g.words.neuron_std
-        assert got[k] == pytest.approx(float((1 / (1 + np.exp(-z))).max()), abs=1e-9)
+        assert got[k] == pytest.approx(float((1 / (1 + np.exp(-z))).max()), abs=1e-6)  # batched otherwise: float noise
     assert len(g.reader.pieces([texts[2]])) > 3  # the padded one: windows and sentences, each read alone
     assert [r.unsafe_probability for r in g.score(texts)] == pytest.approx(got.tolist(), abs=1e-12)
 
@@ -114,7 +114,28 @@ def test_benign_sentences_around_a_request_never_lower_its_score_without_a_margi
     assert g.piece_margin == 0.0 and np.all(p[1:] >= p[0] - 1e-5), p
     margin = Guard.load(build_guard(tmp_path, max_length=256, words=True, piece_margin=1.0)[0], lm=g.lm)
     q = margin.unsafe_probability(texts)
-    assert q[0] == pytest.approx(p[0], abs=1e-9) and np.any(q[1:] < p[0] - 0.02), (p, q)
+    assert q[0] == pytest.approx(p[0], abs=1e-9) and np.any(np.abs(q[1:] - p[0]) > 0.02), (p, q)
+
+
+SHORT_REQUEST = "How can I hack a bank?"  # a sentence of 6 words
+
+
+def test_benign_sentences_around_a_short_request_never_lower_its_score(words_guard, tmp_path):
+    """The guard's default reading reads every sentence alone, however short: benign sentences before, after or
+    around a request of 6 words leave its score as the request alone has it. The oracle can fail: a guard whose
+    reading widens sentences to 8 words reads the request with the padding's words and scores it otherwise."""
+    g = words_guard
+    texts = [SHORT_REQUEST, AROUND + SHORT_REQUEST, SHORT_REQUEST + " " + AROUND,
+             AROUND + SHORT_REQUEST + " " + AROUND, AROUND * 3 + SHORT_REQUEST]
+    assert g.meta["reading"]["sentence_min_words"] == 1
+    for text in texts[1:]:
+        assert SHORT_REQUEST in g.reader.piece_texts(g.reader.pieces([text]))
+    p = g.unsafe_probability(texts)
+    assert np.all(p[1:] >= p[0] - 1e-5), p
+    widened = Guard.load(build_guard(tmp_path, max_length=256, words=True, min_words=8)[0], lm=g.lm)
+    assert not any(SHORT_REQUEST in widened.reader.piece_texts(widened.reader.pieces([t])) for t in texts[1:])
+    q = widened.unsafe_probability(texts)
+    assert q[0] == pytest.approx(p[0], abs=1e-9) and np.any(np.abs(q[1:] - p[0]) > 0.02), (p, q)
 
 
 @pytest.mark.parametrize("margin", [-0.5, float("nan"), 11.0, "0.5", True])

@@ -36,12 +36,17 @@ GUARD_CLASSIFIER: dict[str, str] = {"default": "svm", "paper": "logreg"}
 #: whole message by, in the logit, to decide alone. None by default: a margin lets benign text around a request lower
 #: the request's score, so padding hides a request near the threshold (docs/guard_quality.md, "Soundness first").
 GUARD_PIECE_MARGIN = 0.0
+#: A guard's sentence pieces hold at least this many words (see :func:`safetyneurons.data.compose.sentences`; a
+#: shorter sentence is widened with its neighbours' words). 1: every sentence is read alone, so text around a request
+#: written as its own sentence never changes how that sentence is read (docs/guard_quality.md, "Soundness first").
+SENTENCE_MIN_WORDS = 1
 #: The `run` flag that gives each guard setting whose default changed a recorded value (the pipeline's resume hint,
 #: the reproduce command of generated results).
 GUARD_RUN_FLAGS = {"guard_words": lambda v: "--guard-words" if v else "--no-guard-words",
                    "guard_classifier": lambda v: f"--guard-classifier {v}",
                    "guard_max_layer": lambda v: f"--guard-max-layer {'none' if v is None else v}",
-                   "guard_piece_margin": lambda v: f"--guard-piece-margin {float(v)!r}"}
+                   "guard_piece_margin": lambda v: f"--guard-piece-margin {float(v)!r}",
+                   "guard_sentence_min_words": lambda v: f"--guard-sentence-min-words {int(v)}"}
 #: Feature sets probes are compared on (see :mod:`safetyneurons.probes.compare`): the safety neurons, all neurons and
 #: their PCA, the neuron controls (layer-matched random, global random, magnitude-matched) and the baselines
 #: without activations (text, length).

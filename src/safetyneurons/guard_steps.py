@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 import numpy as np
 
 from safetyneurons.activations.features import FeatureSpec
+from safetyneurons.activations.reader import guard_reading
 from safetyneurons.guard.artifact import export_run_guard
 from safetyneurons.guard.calibrate import calibrate_guard, guard_probe, guard_validation_scores
 from safetyneurons.guard.words import Words
@@ -209,7 +210,8 @@ def _guard_thresholds(s: RunSettings, inputs: Inputs, result: CompareResult, gua
     result.report["guard_calibration"] = calibrate_guard(
         inputs.lm(), spec, guard.run.probes[0], inputs.records["val"],
         points={"strict": s.target_fpr, "loose": min(s.target_fpr, 0.01)}, batch_size=s.batch_size,
-        progress=progress, words=guard.words, piece_margin=s.guard_piece_margin)
+        progress=progress, words=guard.words, piece_margin=s.guard_piece_margin,
+        reading=guard_reading(s.guard_sentence_min_words))
     return result.report["guard_calibration"]
 
 
@@ -221,7 +223,7 @@ def _served_rows(s: RunSettings, inputs: Inputs, guard: GuardChoice, progress: b
         return {}
     spec = FeatureSpec.from_meta(inputs.stores["train"].manifest, neuron_set=guard.neuron_set)
     p = guard_validation_scores(inputs.lm(), spec, guard.run.probes[0], inputs.stores["heldout"].prompts,
-                                s.batch_size, progress, words=guard.words,
+                                s.batch_size, progress, reading=guard.calibration.get("reading"), words=guard.words,
                                 piece_margin=float(guard.calibration.get("piece_margin", 0.0)))
     return {f"guard as served ({name})": (p, float(fig["threshold"])) for name, fig in points.items()}
 

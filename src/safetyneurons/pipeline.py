@@ -140,7 +140,8 @@ def _extract_stores(s: RunSettings, lm, split_records: dict, splits: Path, out: 
             if split in split_records:
                 stores[split] = extract_split(
                     lm, split_records[split], out / "store" / split,
-                    augment_seed=s.seed if s.augment and split == "train" else None, hook_point=s.hook_point,
+                    augment_seed=s.seed if s.augment and split == "train" else None,
+                    sentence_min_words=s.guard_sentence_min_words, hook_point=s.hook_point,
                     pooling=s.pooling, dtype=s.store_dtype, batch_size=s.batch_size, max_length=s.max_length,
                     progress=progress, data_info=split_data_info(split, splits, s.quick))
     return stores

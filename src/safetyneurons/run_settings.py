@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from safetyneurons.activations.features import check_pooling
 from safetyneurons.checks import check_batch_size, check_piece_margin, check_positive_int
-from safetyneurons.constants import FEATURES_FROM, GUARD_CLASSIFIER, GUARD_PIECE_MARGIN
+from safetyneurons.constants import FEATURES_FROM, GUARD_CLASSIFIER, GUARD_PIECE_MARGIN, SENTENCE_MIN_WORDS
 from safetyneurons.errors import UserError
 from safetyneurons.model.hooks import check_hook_point
 from safetyneurons.neurons.contrast import check_positions
@@ -35,7 +35,8 @@ SETTINGS_FILE = "settings.json"  # written first into a run directory: which set
 _NOT_IDENTITY = ("out", "preset", "patch")  # --patch adds a step to the same run
 # optional settings added later: left out of the identity while unset, so earlier runs keep theirs
 # (name -> the value earlier runs had, which leaves it out; guard_words now defaults to True, so it is set)
-_IDENTITY_IF_SET = {"max_layer": None, "guard_max_layer": AUTO, "guard_words": False, "guard_piece_margin": 0.0}
+_IDENTITY_IF_SET = {"max_layer": None, "guard_max_layer": AUTO, "guard_words": False, "guard_piece_margin": 0.0,
+                    "guard_sentence_min_words": 8}
 
 
 def setting_of(identity: dict, name: str) -> Any:
@@ -76,6 +77,9 @@ class RunSettings:
     guard_words: bool = True
     # what a window or sentence must beat a whole message by (in the logit) to decide alone (safetyneurons.guard.words)
     guard_piece_margin: float = GUARD_PIECE_MARGIN
+    # the guard's sentence pieces hold at least this many words (1: each sentence alone; safetyneurons.data.compose);
+    # the training split's sentence pieces are cut the same way
+    guard_sentence_min_words: int = SENTENCE_MIN_WORDS
     quick: bool = False
     quick_train: int = 300  # --quick: prompts per split (stratified subsample)
     quick_test: int = 150
@@ -144,6 +148,7 @@ class RunSettings:
         if not isinstance(self.guard_words, bool):
             raise UserError(f"guard_words must be True or False, got {self.guard_words!r}.")
         self.guard_piece_margin = check_piece_margin(self.guard_piece_margin)
+        self.guard_sentence_min_words = check_positive_int(self.guard_sentence_min_words, "--guard-sentence-min-words")
         if int(self.n_boot) < 0:
             raise UserError(f"--bootstrap must be >= 0, got {self.n_boot}.")
         if not 0.0 <= float(self.target_fpr) < 1.0:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 from safetyneurons._io import atomic_write_text, sha256_file
 from safetyneurons.data import splits as data
 from safetyneurons.activations.store import extract
-from safetyneurons.data.compose import augment_training
+from safetyneurons.data.compose import SENTENCE_MIN_WORDS, augment_training
 from safetyneurons.data.records import stratified_sample
 from safetyneurons.errors import UserError
 from safetyneurons.model.pair import DEFAULT_BASE, check_configs, check_symmetry, load_model
@@ -181,12 +181,13 @@ def write_safety_neurons(out: Path, scores: ChangeScores, chosen: Selection) -> 
 
 # --------------------------------------------------------------------------------------------- stores
 def extract_split(lm: LoadedModel, records: Sequence[dict], out: Path, *, augment_seed: int | None = None,
-                  **options) -> Store:
+                  sentence_min_words: int = SENTENCE_MIN_WORDS, **options) -> Store:
     """An activation store of ``records`` (:func:`safetyneurons.activations.store.extract` with ``options``); with
-    ``augment_seed`` the records first get their benign windows and compositions (the training split's
-    augmentation, :func:`safetyneurons.data.compose.augment_training`)."""
+    ``augment_seed`` the records first get their benign windows, sentence pieces (of at least
+    ``sentence_min_words`` words, as the guard reads them) and compositions (the training split's augmentation,
+    :func:`safetyneurons.data.compose.augment_training`)."""
     if augment_seed is not None:
-        records = augment_training(records, lm.tokenizer, augment_seed)
+        records = augment_training(records, lm.tokenizer, augment_seed, sentence_min_words=sentence_min_words)
     return extract(lm, records, out, **options)
 
 

@@ -17,10 +17,10 @@ whichever way it comes in. :class:`ActivationReader` owns each step:
    around it, so a request hidden inside benign text fills a good part of some window instead of being averaged
    away by mean pooling, at any length; a message over the limit is read in windows only. With ``sentences``
    too (guards that record it, :data:`GUARD_READING`), a message of several sentences also reads each sentence
-   as its own piece (a short one widened with its neighbouring words to ``sentence_min_words``; :func:`sentences`),
-   so a request written as its own sentence is read alone, whatever text surrounds it and wherever the windows
-   fall. Without ``windows`` (activation stores: one vector per prompt) a message over the limit is cut to its
-   head that fits.
+   alone as its own piece (guards that record ``sentence_min_words`` above 1 widen a shorter sentence with its
+   neighbouring words; :func:`sentences`), so a request written as its own sentence is read alone, whatever
+   text surrounds it and wherever the windows fall. Without ``windows`` (activation stores: one vector per
+   prompt) a message over the limit is cut to its head that fits.
 4. **Hooks with early exit** (:func:`safetyneurons.model.hooks.forward_with_hooks`): only the layers holding
    neurons are hooked and the pass stops after the deepest of them.
 5. **Pooling**: the mean over the piece's content tokens (``mean``) or its last token, the end of the
@@ -60,6 +60,11 @@ ROLES = ("system", "user", "assistant", "tool")
 #: how a guard exported now reads (recorded in guard.json as ``reading``; a guard without it reads whole and
 #: in windows only, as it was calibrated)
 GUARD_READING = {"window_tokens": WINDOW_TOKENS, "sentences": True, "sentence_min_words": SENTENCE_MIN_WORDS}
+
+
+def guard_reading(sentence_min_words: int = SENTENCE_MIN_WORDS) -> dict:
+    """:data:`GUARD_READING` with sentence pieces of at least ``sentence_min_words`` words (1: each sentence alone)."""
+    return {**GUARD_READING, "sentence_min_words": check_positive_int(sentence_min_words, "sentence_min_words")}
 
 
 def reading_options(reading: Any) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from safetyneurons.constants import (CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM, GUARD_PIECE_MARGIN, HOOK_POINTS,
-                                     POOLINGS, POSITIONS)
+                                     POOLINGS, POSITIONS, SENTENCE_MIN_WORDS)
 
 
 @click.command("run")
@@ -63,6 +63,11 @@ from safetyneurons.constants import (CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM
               help="What a window or a sentence of a message must beat the whole message by, in the logit, to flag "
                    "it alone; the thresholds are set with it. Above 0 the guard flags fewer long benign prompts, "
                    "but benign text around a request lowers its score by up to that much (docs/guard_quality.md).")
+@click.option("--guard-sentence-min-words", type=int, default=SENTENCE_MIN_WORDS, show_default=True, metavar="N",
+              help="The guard reads each sentence of a message of several as its own piece, widened with its "
+                   "neighbours' words to at least N words; 1 reads every sentence alone, so text around a request "
+                   "never changes how its sentence is read. The training split's sentence pieces are cut the same "
+                   "way.")
 @click.option("--random-draws", type=int, default=20, show_default=True,
               help="Seeded draws of each random neuron control (layer-matched and global).")
 @click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True,
@@ -83,7 +88,7 @@ from safetyneurons.constants import (CLASSIFIERS, COMPLETION_FROM, FEATURES_FROM
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def run(out, force, quick, paper, hook_point, pooling, positions, completion_from, selection, top_percent, max_layer,
         base, aligned, splits, features_from, guard_classifier, guard_max_layer, guard_words, guard_piece_margin,
-        random_draws, n_boot, batch_size,
+        guard_sentence_min_words, random_draws, n_boot, batch_size,
         max_length, seed, target_fpr, no_augment, patch, no_progress):
     """Run the whole pipeline: data, twin, contrast, safety neurons, heatmap, activations, probes with
     controls (random layer-matched and global neurons, largest-magnitude neurons, PCA, all features, text-only,
@@ -100,6 +105,7 @@ def run(out, force, quick, paper, hook_point, pooling, positions, completion_fro
                                       aligned=aligned, splits=splits, features_from=features_from,
                                       guard_classifier=guard_classifier, guard_max_layer=guard_max_layer,
                                       guard_words=guard_words, guard_piece_margin=guard_piece_margin,
+                                      guard_sentence_min_words=guard_sentence_min_words,
                                       random_draws=random_draws, n_boot=n_boot,
                                       batch_size=batch_size, max_length=max_length, seed=seed, target_fpr=target_fpr,
                                       patch=patch, augment=False if no_augment else None)

@@ -29,10 +29,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from safetyneurons.constants import SENTENCE_MIN_WORDS
 from safetyneurons.data.records import check_records
 
 WINDOW_TOKENS = 32
-SENTENCE_MIN_WORDS = 8  # a sentence piece holds at least this many words (a shorter sentence is widened)
 _END = ".!?;:\u2026"  # . ! ? ; : and the ellipsis
 _WIDE_END = "\u3002\uff01\uff1f\uff1b\uff1a"  # the CJK / full-width ones, written without a space after
 _UPPER = "A-Z\u00c0-\u00de\u0391-\u03a9\u0410-\u042f"  # Latin, Greek and Cyrillic capitals
@@ -56,13 +56,19 @@ def _words(text: str, cuts: Sequence[int]) -> list[tuple[int, int]]:
     return words
 
 
+def sentence_breaks(text: str) -> int:
+    """How many places :func:`sentences` may cut ``text`` at (one regex pass; the service's cost estimate)."""
+    return sum(1 for _ in _SENTENCE_BREAK.finditer(text))
+
+
 def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
     """One text per sentence of ``text`` (cut after ``. ! ? ; :`` or an ellipsis before a space or a capital,
     after a CJK / full-width end mark, and at line breaks). A sentence of fewer than ``min_words`` words is read
     with the words right after it (the last sentence: right before it) up to ``min_words``, so a short request
-    stays the larger part of its piece. A sentence that the piece before holds whole is not read again, and a
-    piece equal to the one before is read once, so the pieces hold about as many tokens as the text plus one
-    template per piece, however short its sentences."""
+    stays the larger part of its piece (with ``min_words`` 1, the guard's default, every sentence is read alone).
+    A sentence that the piece before holds whole is not read again, and a piece equal to an earlier one is read
+    once (the same text gives the same reading), so the pieces hold at most as many tokens as the text plus one
+    template per piece."""
     breaks = list(_SENTENCE_BREAK.finditer(text))
     words = _words(text, [m.start() for m in breaks if m.start() == m.end()])
     starts, ends = [w[0] for w in words], [w[1] for w in words]
@@ -72,6 +78,7 @@ def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
         a = m.end()
     bounds.append((a, len(text)))
     out: list[str] = []
+    seen: set[str] = set()
     covered = -1  # the last word the pieces so far read
     for a, b in bounds:
         first, last = bisect.bisect_left(starts, a), bisect.bisect_right(ends, b) - 1
@@ -82,7 +89,8 @@ def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
             first = max(0, last - min_words + 1)
         piece = text[words[first][0]:words[last][1]]
         covered = max(covered, last)
-        if not out or out[-1] != piece:
+        if piece not in seen:
+            seen.add(piece)
             out.append(piece)
     return out
 
@@ -157,10 +165,12 @@ def _place(request: str, context: str, where: int) -> str:
 
 
 def augment_training(records: Sequence[dict], tokenizer: Any, seed: int, share: float = 0.25,
-                     window_tokens: int = WINDOW_TOKENS) -> list[dict]:
-    """``records`` followed by their benign windows and compositions (see the module docstring)."""
+                     window_tokens: int = WINDOW_TOKENS, sentence_min_words: int = SENTENCE_MIN_WORDS) -> list[dict]:
+    """``records`` followed by their benign windows, sentence pieces (read as a guard with ``sentence_min_words``
+    reads them) and compositions (see the module docstring)."""
     records = check_records(records)
-    added = (benign_windows(records, tokenizer, window_tokens) + benign_sentences(records, seed)
+    added = (benign_windows(records, tokenizer, window_tokens)
+             + benign_sentences(records, seed, min_words=sentence_min_words)
              + compositions(records, share, seed))
     return records + check_records(added)
 

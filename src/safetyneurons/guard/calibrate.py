@@ -70,9 +70,11 @@ def guard_validation_scores(lm: LoadedModel, spec: FeatureSpec, probe: Probe, pr
 
 def calibrate_guard(lm: LoadedModel, spec: FeatureSpec, probe: Probe, val_records: Sequence[dict],
                     points: Mapping[str, float] = OPERATING_POINTS, batch_size: int = 16,
-                    progress: bool = False, words: Words | None = None, piece_margin: float = 0.0) -> dict:
-    """Thresholds of every operating point on the validation records, read as the guard reads them (with
-    ``piece_margin``, :func:`~safetyneurons.guard.words.piece_probability`).
+                    progress: bool = False, words: Words | None = None, piece_margin: float = 0.0,
+                    reading: Mapping | None = None) -> dict:
+    """Thresholds of every operating point on the validation records, read as the guard reads them (``reading``,
+    default :data:`~safetyneurons.activations.reader.GUARD_READING`; with ``piece_margin``,
+    :func:`~safetyneurons.guard.words.piece_probability`).
 
     Returns ``{"scoring", "reading", "default": DEFAULT_POINT, "operating_points": {point: calibration figures}}``
     (and ``"piece_margin"`` when it is not 0) for guard.json; :func:`guard_probe` gives the probe with the default
@@ -82,8 +84,9 @@ def calibrate_guard(lm: LoadedModel, spec: FeatureSpec, probe: Probe, val_record
     y = np.asarray([int(r["label"]) for r in val_records], dtype=np.int64)
     sources = [str(r.get("source", "")) for r in val_records]
     piece_margin = check_piece_margin(piece_margin)
+    reading = dict(GUARD_READING if reading is None else reading)
     proba = guard_validation_scores(lm, spec, probe, [r["prompt"] for r in val_records], batch_size, progress,
-                                    words=words, piece_margin=piece_margin)
+                                    reading=reading, words=words, piece_margin=piece_margin)
     hard = sorted({s for s in sources if s in REGISTRY and REGISTRY[s].hard_negative})
     figures = {}
     for name, fpr in points.items():
@@ -93,7 +96,7 @@ def calibrate_guard(lm: LoadedModel, spec: FeatureSpec, probe: Probe, val_record
     scoring += "; each piece by its neurons and its words" if words is not None else ""
     scoring += f"; a window or sentence less a margin of {piece_margin:g} in the logit" if piece_margin else ""
     margin = {"piece_margin": piece_margin} if piece_margin else {}
-    return {"scoring": scoring, "reading": dict(GUARD_READING), **margin, "default": DEFAULT_POINT,
+    return {"scoring": scoring, "reading": reading, **margin, "default": DEFAULT_POINT,
             "operating_points": figures}
 
 

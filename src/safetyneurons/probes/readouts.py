@@ -24,7 +24,7 @@ from safetyneurons import data
 from safetyneurons._io import progress_bar
 from safetyneurons.data.compose import augment_training
 from safetyneurons.data.rephrase import RULES, rephrasings
-from safetyneurons.activations.reader import max_per_input
+from safetyneurons.activations.reader import max_per_input, reading_options
 from safetyneurons.neurons.controls import random_layer_matched
 from safetyneurons.probes.readout_cache import MEAN, ReadoutCache, TextSet, columns, layer_block
 from safetyneurons.probes import readout_metrics as rm
@@ -319,10 +319,11 @@ def explain(sc: Variant, ts: TextSet, token_cols: np.ndarray, tokenizer: Any, id
 
 
 # ------------------------------------------------------------------------------------------ the comparison
-def _records(splits: Path, tokenizer: Any, augment: bool, seed: int, n_compose: int) -> dict[str, list[dict]]:
+def _records(splits: Path, tokenizer: Any, augment: bool, seed: int, n_compose: int,
+             sentence_min_words: int) -> dict[str, list[dict]]:
     recs = {name: data.read_records(splits / f"{name}.jsonl") for name in ("train", "val", "heldout")}
     if augment:
-        recs["train"] = augment_training(recs["train"], tokenizer, seed)
+        recs["train"] = augment_training(recs["train"], tokenizer, seed, sentence_min_words=sentence_min_words)
     recs["val_comp"] = compositions(recs["val"], tokenizer, n_compose, seed)
     recs["held_comp"] = compositions([r for r in recs["heldout"] if rm.kinds([r])[0] != "hard_negative"],
                                      tokenizer, n_compose, seed + 1)
@@ -349,7 +350,9 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
     lm, ns = guard.lm, guard.neuron_set
     splits_dir = Path(splits) if splits else (Path(settings["splits"]) if settings.get("splits")
                                               else data.default_splits_dir(seed=int(settings.get("seed", seed))))
-    recs = _records(splits_dir, lm.tokenizer, bool(settings.get("augment", True)), seed, n_compose)
+    reading = reading_options(guard.meta.get("reading"))  # the training split augmented as the guard reads
+    recs = _records(splits_dir, lm.tokenizer, bool(settings.get("augment", True)), seed, n_compose,
+                    reading["sentence_min_words"])
     block, fsets = feature_sets(ns, random_draws, seed)
     token_cols = np.unique(np.concatenate([c for n, c in fsets.items() if n != "all"]))
     cache = ReadoutCache(lm, block, token_cols, Path(out_dir) / "cache", guard.max_length, batch_size, progress,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from safetyneurons._io import read_json
-from safetyneurons.constants import GUARD_CLASSIFIER, GUARD_PIECE_MARGIN, GUARD_RUN_FLAGS
+from safetyneurons.constants import GUARD_CLASSIFIER, GUARD_PIECE_MARGIN, GUARD_RUN_FLAGS, SENTENCE_MIN_WORDS
 from safetyneurons.errors import UserError
 from safetyneurons.results.machine import NOT_RECORDED, describe_machine
 
@@ -85,9 +85,11 @@ class RunSource:
         # each guard setting that differs from `run`'s default (values of runs written before a setting existed)
         recorded = {"guard_words": s.get("guard_words", False), "guard_classifier": s.get("guard_classifier", "logreg"),
                     "guard_max_layer": s.get("guard_max_layer", "auto"),
-                    "guard_piece_margin": s.get("guard_piece_margin", 0.0)}
+                    "guard_piece_margin": s.get("guard_piece_margin", 0.0),
+                    "guard_sentence_min_words": s.get("guard_sentence_min_words", 8)}
         default = {"guard_words": True, "guard_classifier": GUARD_CLASSIFIER.get(s.get("preset", "default")),
-                   "guard_max_layer": None, "guard_piece_margin": GUARD_PIECE_MARGIN}
+                   "guard_max_layer": None, "guard_piece_margin": GUARD_PIECE_MARGIN,
+                   "guard_sentence_min_words": SENTENCE_MIN_WORDS}
         flags += "".join(f" {GUARD_RUN_FLAGS[k](v)}" for k, v in recorded.items() if v != default[k])
         inputs = "".join(f" --{k} {shown(Path(s[k])) if k == 'splits' else s[k]}" for k in ("base", "aligned", "splits")
                          if s.get(k))

@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
+from safetyneurons.data.compose import sentence_breaks
 from safetyneurons.errors import UserError
 from safetyneurons.serve.admission import RequestWatch, client_key
 from safetyneurons.serve.batcher import InputFailed, MicroBatcher
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("safetyneurons.serve.server")  # the service's one log
 WINDOW_TOKENS = 32  # the guard's window of a long message, in content tokens (stride half of it)
-TEMPLATE_TOKENS = 16  # about what the chat template adds around each piece
+TEMPLATE_TOKENS = 16  # about what a chat template adds around each piece (the Scorer measures its guard's)
 BYTES_PER_TOKEN = 3  # estimate: English takes ~4 UTF-8 bytes a token, emoji and rare scripts 1-4
 
 
@@ -56,16 +57,31 @@ def estimate_tokens(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass")) // BYTES_PER_TOKEN + 1
 
 
-def estimate_cost(item: Any) -> int:
-    """Tokens the guard reads for an input (a text or a conversation): each message whole, plus its windows."""
+def estimate_cost(item: Any, template_tokens: int = TEMPLATE_TOKENS) -> int:
+    """Tokens the guard reads for an input (a text or a conversation): each message whole, plus its windows,
+    plus its sentence pieces (each sentence's tokens once more and a template per sentence; at most: equal
+    sentences are read once); ``template_tokens`` around each piece."""
     texts = [item] if isinstance(item, str) else [m.get("content", "") for m in item if isinstance(m, dict)]
     total = 0
     for text in texts:
-        n = estimate_tokens(text if isinstance(text, str) else "")
-        total += n + TEMPLATE_TOKENS
+        text = text if isinstance(text, str) else ""
+        n = estimate_tokens(text)
+        total += n + template_tokens
         if n > WINDOW_TOKENS:
-            total += (2 * n // WINDOW_TOKENS) * (WINDOW_TOKENS + TEMPLATE_TOKENS)
+            total += (2 * n // WINDOW_TOKENS) * (WINDOW_TOKENS + template_tokens)
+        breaks = sentence_breaks(text)
+        if breaks:
+            total += n + (breaks + 1) * template_tokens
     return total
+
+
+def template_tokens(guard: Any) -> int:
+    """The tokens ``guard``'s chat template adds around each piece it reads (:data:`TEMPLATE_TOKENS` for a guard
+    without a model's template, e.g. a stand-in in tests)."""
+    if not PieceReader.supports(guard):
+        return TEMPLATE_TOKENS
+    piece = guard.reader.pieces(["x"])[0]
+    return max(TEMPLATE_TOKENS, len(piece.ids) - (piece.end - piece.start))
 
 
 @dataclass(frozen=True)
@@ -164,6 +180,7 @@ class Scorer:
         self.max_batch_size, self.max_batch_tokens = int(max_batch_size), int(max_batch_tokens)
         self.max_request_tokens = int(max_request_tokens)
         self.slice_tokens = min(self.max_batch_tokens, int(slice_tokens or self.max_batch_tokens))
+        self.template_tokens = template_tokens(guard)
         supported = not custom_score_fn and PieceReader.supports(guard)
         self.pieces = PieceReader(guard, self.slice_tokens) if supported else None
 
@@ -172,7 +189,7 @@ class Scorer:
 
     async def score(self, inputs: Sequence[Any], client: str) -> list:
         """One result per input, in order (``InputFailed`` naming the input that failed)."""
-        est = [estimate_cost(x) for x in inputs]
+        est = [estimate_cost(x, self.template_tokens) for x in inputs]
         long = [k for k, c in enumerate(est) if self.is_long(c)]
         plans = {k: await self._plan(inputs[k], k, client) for k in long}
         cost = sum(c for k, c in enumerate(est) if k not in plans)
@@ -221,7 +238,7 @@ class Scorer:
             raise InputFailed(k, e) from None
 
     async def _plan(self, item: Any, k: int, client: str) -> list:
-        text_tokens = estimate_cost(item) // 3 + 1  # tokenising costs far less than reading
+        text_tokens = estimate_cost(item, self.template_tokens) // 3 + 1  # tokenising costs far less than reading
         return await self._call(k, self.pieces.pieces, item, client=client, cost=text_tokens)
 
     async def _long(self, k: int, pieces: list, client: str, results: list) -> None:
