@@ -128,8 +128,9 @@ def main() -> None:
                        f"Padding: the {len(requests)} shortest held-out harmful requests, each inside held-out "
                        f"ordinary benign text of {', '.join(map(str, LENGTHS))} characters at the start, middle and "
                        "end; counted over the requests that reading flags alone.",
-                       f"Sentence pieces: at least {GUARD_READING['sentence_min_words']} words "
-                       "(activations.reader.sentences)."],
+                       "Sentence pieces: " + ("each sentence alone" if GUARD_READING["sentence_min_words"] == 1 else
+                                              f"at least {GUARD_READING['sentence_min_words']} words")
+                       + " (data.compose.sentences)."],
              "details": details}
     out = Path(args.out)
     atomic_write_json(out / "reading.json", bench)

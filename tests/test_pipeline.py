@@ -186,6 +186,7 @@ def _cli(*args, env_extra=None):
     (["--top-percent", "0"], "top"),
     (["--top-percent", "150"], "top"),
     (["--guard-piece-margin", "-1"], "piece margin must be a number from 0 to 10"),
+    (["--guard-sentence-min-words", "0"], "--guard-sentence-min-words must be"),
     (["--base", "/nonexistent/model"], "With a custom --base, give --aligned"),
     (["--splits", "/nonexistent/splits"], "lacks"),
 ])
