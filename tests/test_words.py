@@ -114,7 +114,7 @@ def test_benign_sentences_around_a_request_never_lower_its_score_without_a_margi
     assert g.piece_margin == 0.0 and np.all(p[1:] >= p[0] - 1e-5), p
     margin = Guard.load(build_guard(tmp_path, max_length=256, words=True, piece_margin=1.0)[0], lm=g.lm)
     q = margin.unsafe_probability(texts)
-    assert q[0] == pytest.approx(p[0], abs=1e-9) and np.any(np.abs(q[1:] - p[0]) > 0.02), (p, q)
+    assert q[0] == pytest.approx(p[0], abs=1e-9) and np.any(q[1:] < p[0] - 0.02), (p, q)
 
 
 SHORT_REQUEST = "How can I hack a bank?"  # a sentence of 6 words

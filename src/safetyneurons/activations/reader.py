@@ -192,11 +192,11 @@ class ActivationReader:
         return out
 
     def _sentences(self, text: str) -> list[str]:
-        """The sentence pieces' texts of one message (none unless it holds two or more)."""
+        """The sentence pieces' texts of one message (none when its one sentence is the message itself)."""
         if not self.sentences:
             return []
         found = sentences(text, self.sentence_min_words)
-        return found if len(found) > 1 else []
+        return found if len(found) > 1 or (found and found[0] != text) else []
 
     def _split(self, owner: int, enc: EncodedConversation) -> list[Piece]:
         (a, b), = enc.spans

@@ -33,13 +33,49 @@ from safetyneurons.constants import SENTENCE_MIN_WORDS
 from safetyneurons.data.records import check_records
 
 WINDOW_TOKENS = 32
-_END = ".!?;:\u2026"  # . ! ? ; : and the ellipsis
+# . ! ? ; : the ellipsis, the Devanagari danda and double danda, the Arabic question mark, semicolon and full stop
+_END = ".!?;:\u2026\u0964\u0965\u061f\u061b\u06d4"
 _WIDE_END = "\u3002\uff01\uff1f\uff1b\uff1a"  # the CJK / full-width ones, written without a space after
 _UPPER = "A-Z\u00c0-\u00de\u0391-\u03a9\u0410-\u042f"  # Latin, Greek and Cyrillic capitals
-# a sentence ends at an end mark with a space after it, or with a capital right after it ("fun.Then", not
-# "E.coli" or "example.com"), after a CJK / full-width end mark, or at a line break
-_SENTENCE_BREAK = re.compile(rf"(?<=[{_END}{_WIDE_END}])\s+|(?<=[{_END}])(?=[{_UPPER}])"
-                             rf"|(?<=[{_WIDE_END}])(?=\S)|\n+")
+_CLOSE = "\"'\u201d\u2019\u00bb)\\]}*_\u300d\u300f\uff09\u3011"  # closing quotes, brackets, emphasis after an end mark
+# a sentence ends at an end mark (and the closing quotes or brackets right after it) with a space after it, or
+# with a capital right after it ("fun.Then", not "E.coli" or "example.com"), after a CJK / full-width end mark, or
+# at a line break (any of Unicode's)
+_SENTENCE_BREAK = re.compile(rf"(?<=[{_END}{_WIDE_END}])([{_CLOSE}]*)\s+|(?<=[{_END}])(?=[{_UPPER}])"
+                             rf"|(?<=[{_WIDE_END}])(?=\S)|[\n\r\v\f\u0085\u2028\u2029]+")
+# a period after these (or after one capital: an initial) may not end a sentence ("Dr. Smith", "e.g. this"): the text
+# is cut there and also read across it
+_ABBREVIATIONS = frozenset("dr mr mrs ms prof sr jr st mt vs cf approx inc ltd co gen col capt lt sgt rev fig vol "
+                           "ch e.g i.e a.m p.m u.s u.k".split())
+_WORD_BEFORE = re.compile(r"([^\s\"'(\[{]+)\.$")
+
+
+def _ends_sentence(text: str, m: re.Match) -> bool:
+    """Whether the break ``m`` surely ends a sentence (not a period after an abbreviation or an initial)."""
+    j = m.start()
+    if text[j - 1:j] != ".":
+        return True
+    w = _WORD_BEFORE.search(text, max(0, j - 12), j)
+    word = w.group(1) if w else ""
+    return not (word.lower() in _ABBREVIATIONS or (len(word) == 1 and word.isupper()))
+
+
+def _spans(text: str) -> tuple[list[re.Match], list[tuple[int, int]]]:
+    """The breaks of ``text`` and the spans read as sentences: the text between two breaks, and across every run
+    of breaks that may not end a sentence (after an abbreviation), the sentence they may be part of."""
+    breaks = list(_SENTENCE_BREAK.finditer(text))
+    cut = [(a, m.start() + len(m.group(1) or "")) for a, m in zip([0] + [m.end() for m in breaks], breaks)]
+    spans = cut + [(breaks[-1].end() if breaks else 0, len(text))]  # the closing quotes stay with their sentence
+    soft = [not _ends_sentence(text, m) for m in breaks]
+    i = 0
+    while i < len(spans):
+        j = i
+        while j < len(soft) and soft[j]:
+            j += 1
+        if j > i:
+            spans.append((spans[i][0], spans[j][1]))
+        i = j + 1
+    return breaks, spans
 
 
 def _words(text: str, cuts: Sequence[int]) -> list[tuple[int, int]]:
@@ -58,37 +94,35 @@ def _words(text: str, cuts: Sequence[int]) -> list[tuple[int, int]]:
 
 def sentence_breaks(text: str) -> int:
     """How many places :func:`sentences` may cut ``text`` at (one regex pass; the service's cost estimate)."""
-    return sum(1 for _ in _SENTENCE_BREAK.finditer(text))
+    return len(_spans(text)[1]) - 1
 
 
 def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
-    """One text per sentence of ``text`` (cut after ``. ! ? ; :`` or an ellipsis before a space or a capital,
-    after a CJK / full-width end mark, and at line breaks). A sentence of fewer than ``min_words`` words is read
+    """One text per sentence of ``text`` (cut after ``. ! ? ; :``, an ellipsis, a danda or an Arabic end mark, and
+    the closing quotes or brackets after it, before a space or a capital; after a CJK / full-width end mark; and at
+    line breaks; after a known abbreviation or an initial, "Dr. Smith", both cut and read across). A sentence of fewer than ``min_words`` words is read
     with the words right after it (the last sentence: right before it) up to ``min_words``, so a short request
     stays the larger part of its piece (with ``min_words`` 1, the guard's default, every sentence is read alone).
     A sentence that the piece before holds whole is not read again, and a piece equal to an earlier one is read
     once (the same text gives the same reading), so the pieces hold at most as many tokens as the text plus one
     template per piece."""
-    breaks = list(_SENTENCE_BREAK.finditer(text))
+    breaks, bounds = _spans(text)
     words = _words(text, [m.start() for m in breaks if m.start() == m.end()])
     starts, ends = [w[0] for w in words], [w[1] for w in words]
-    bounds, a = [], 0
-    for m in breaks:
-        bounds.append((a, m.start()))
-        a = m.end()
-    bounds.append((a, len(text)))
     out: list[str] = []
     seen: set[str] = set()
     covered = -1  # the last word the pieces so far read
     for a, b in bounds:
         first, last = bisect.bisect_left(starts, a), bisect.bisect_right(ends, b) - 1
-        if first > last or last <= covered:  # no words, or read whole by the piece before (a widened one)
+        if first > last:  # no words
             continue
         if last - first + 1 < min_words:  # extend forwards, then backwards, to min_words words
+            if last <= covered:  # read whole by a widened piece before
+                continue
             last = min(len(words) - 1, first + min_words - 1)
             first = max(0, last - min_words + 1)
+            covered = max(covered, last)
         piece = text[words[first][0]:words[last][1]]
-        covered = max(covered, last)
         if piece not in seen:
             seen.add(piece)
             out.append(piece)

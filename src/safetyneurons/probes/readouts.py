@@ -24,11 +24,12 @@ from safetyneurons import data
 from safetyneurons._io import progress_bar
 from safetyneurons.data.compose import augment_training
 from safetyneurons.data.rephrase import RULES, rephrasings
-from safetyneurons.activations.reader import max_per_input, reading_options
+from safetyneurons.activations.reader import max_per_input
 from safetyneurons.neurons.controls import random_layer_matched
 from safetyneurons.probes.readout_cache import MEAN, ReadoutCache, TextSet, columns, layer_block
 from safetyneurons.probes import readout_metrics as rm
 from safetyneurons.probes.readout_probes import Variant, sigmoid, train_agreement, train_pooled
+from safetyneurons.run_settings import setting_of
 
 COMPOSE_LENGTHS = (64, 256, 1024)
 POSITIONS = ("start", "middle", "end")
@@ -350,9 +351,8 @@ def compare_readouts(run_dir: str | Path, out_dir: str | Path, *, splits: str | 
     lm, ns = guard.lm, guard.neuron_set
     splits_dir = Path(splits) if splits else (Path(settings["splits"]) if settings.get("splits")
                                               else data.default_splits_dir(seed=int(settings.get("seed", seed))))
-    reading = reading_options(guard.meta.get("reading"))  # the training split augmented as the guard reads
     recs = _records(splits_dir, lm.tokenizer, bool(settings.get("augment", True)), seed, n_compose,
-                    reading["sentence_min_words"])
+                    int(setting_of(settings, "guard_sentence_min_words")))  # augmented as the run's training was
     block, fsets = feature_sets(ns, random_draws, seed)
     token_cols = np.unique(np.concatenate([c for n, c in fsets.items() if n != "all"]))
     cache = ReadoutCache(lm, block, token_cols, Path(out_dir) / "cache", guard.max_length, batch_size, progress,
