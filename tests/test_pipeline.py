@@ -280,6 +280,15 @@ def test_a_run_recorded_before_the_svm_guard_is_refused_naming_every_flag_that_r
     assert claim_out_dir(again) == (Path("runs/default"), None)
 
 
+def _recorded_run(out: Path, identity: dict) -> Path:
+    """A run directory that holds only the settings.json of a run with ``identity``."""
+    from safetyneurons.run_settings import SETTINGS_FILE
+
+    out.mkdir()
+    (out / SETTINGS_FILE).write_text(json.dumps(identity))
+    return out
+
+
 def test_a_run_recorded_with_the_validation_layer_budget_is_refused_naming_the_flag_that_resumes_it(tmp_path):
     from safetyneurons.errors import UserError
     from safetyneurons.pipeline import RunSettings, claim_out_dir
@@ -289,9 +298,7 @@ def test_a_run_recorded_with_the_validation_layer_budget_is_refused_naming_the_f
     assert RunSettings().guard_max_layer is None and RunSettings.for_preset("paper").guard_max_layer is None
     recorded = RunSettings.for_preset("default", guard_max_layer="auto").identity()
     assert "guard_max_layer" not in recorded
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / SETTINGS_FILE).write_text(json.dumps(recorded))
+    old = _recorded_run(tmp_path / "old", recorded)
     with pytest.raises(UserError, match=r"guard_max_layer: 'auto' there, None now.*add --guard-max-layer auto\.$"):
         claim_out_dir(RunSettings.for_preset("default", out=str(old)))
     assert claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_max_layer="auto")) == (old, None)
@@ -325,16 +332,13 @@ def test_the_default_has_no_piece_margin_and_a_run_with_one_is_refused_naming_it
 def test_a_run_whose_guard_widens_short_sentences_is_refused_naming_its_flag(tmp_path):
     from safetyneurons.errors import UserError
     from safetyneurons.pipeline import RunSettings, claim_out_dir
-    from safetyneurons.run_settings import SETTINGS_FILE
 
     # every sentence alone by default (docs/guard_quality.md, "Soundness first"); runs written before the setting
     # recorded none, which meant 8 words
     assert RunSettings().guard_sentence_min_words == 1 == RunSettings.for_preset("paper").guard_sentence_min_words
     recorded = RunSettings.for_preset("default", guard_sentence_min_words=8).identity()
     assert "guard_sentence_min_words" not in recorded
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / SETTINGS_FILE).write_text(json.dumps(recorded))
+    old = _recorded_run(tmp_path / "old", recorded)
     with pytest.raises(UserError, match=r"guard_sentence_min_words: 8 there, 1 now.*add --guard-sentence-min-words 8\.$"):
         claim_out_dir(RunSettings.for_preset("default", out=str(old)))
     assert claim_out_dir(RunSettings.for_preset("default", out=str(old), guard_sentence_min_words=8)) == (old, None)
