@@ -318,11 +318,13 @@ REAL_BENIGN = ("Please write a warm, friendly paragraph about the history of gar
 @real_guard_built
 def test_real_guard_service_estimate_counts_every_sentence_piece(real):
     """The service queues short inputs by an estimate of the tokens the guard reads (no tokeniser on the event
-    loop): it never counts fewer than are read, even for text of many short, different sentences."""
+    loop): for text in words it never counts fewer than are read, even for many short, different sentences. (Text
+    of digits or of one- and two-letter sentences takes up to a token a byte, more than the estimate counts.)"""
     assert template_tokens(real) == len(real.reader.pieces(["x"])[0].ids) - 1 > 16
     texts = ["Hi.", REAL_BENIGN, REAL_BENIGN * 5, " ".join(f"Item {k} is fine." for k in range(150)),
              " ".join(["Yes.", "No.", "Fine, go."] * 100), "One. Two. Three. Four. Five. Six.",
-             "Thanks! " + REAL_HARMFUL + " " + REAL_BENIGN]
+             "Thanks! " + REAL_HARMFUL + " " + REAL_BENIGN,
+             "\n".join(f"\U0001f600 ok, {w}!" for w in ("yes", "no", "maybe", "fine", "sure", "great") * 9)]
     for t in texts:
         assert estimate_cost(t, template_tokens(real)) >= real.read_cost([t])[0], t[:40]
 

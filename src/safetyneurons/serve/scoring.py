@@ -70,8 +70,8 @@ def estimate_cost(item: Any, template_tokens: int = TEMPLATE_TOKENS) -> int:
         if n > WINDOW_TOKENS:
             total += (2 * n // WINDOW_TOKENS) * (WINDOW_TOKENS + template_tokens)
         breaks = sentence_breaks(text)
-        if breaks:
-            total += n + (breaks + 1) * template_tokens
+        if breaks:  # short sentences hold more tokens per byte (digits, marks): counted at 2 bytes a token
+            total += len(text.encode("utf-8", "surrogatepass")) // 2 + (breaks + 1) * (template_tokens + 1)
     return total
 
 
