@@ -93,15 +93,16 @@ def _words(text: str, cuts: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def sentence_breaks(text: str) -> int:
-    """How many places :func:`sentences` may cut ``text`` at (one regex pass; the service's cost estimate)."""
+    """How many pieces beyond one :func:`sentences` may read of ``text`` (the service's cost estimate)."""
     return len(_spans(text)[1]) - 1
 
 
 def sentences(text: str, min_words: int = SENTENCE_MIN_WORDS) -> list[str]:
     """One text per sentence of ``text`` (cut after ``. ! ? ; :``, an ellipsis, a danda or an Arabic end mark, and
     the closing quotes or brackets after it, before a space or a capital; after a CJK / full-width end mark; and at
-    line breaks; after a known abbreviation or an initial, "Dr. Smith", both cut and read across). A sentence of fewer than ``min_words`` words is read
-    with the words right after it (the last sentence: right before it) up to ``min_words``, so a short request
+    line breaks; after a known abbreviation or an initial, "Dr. Smith", both cut and read across). A sentence of
+    fewer than ``min_words`` words is read with the words right after it (the last sentence: right before it) up
+    to ``min_words``, so a short request
     stays the larger part of its piece (with ``min_words`` 1, the guard's default, every sentence is read alone).
     A sentence that the piece before holds whole is not read again, and a piece equal to an earlier one is read
     once (the same text gives the same reading), so the pieces hold at most as many tokens as the text plus one
